@@ -1,0 +1,138 @@
+"""The RMT segment layout: the one description of a segment's attention mask.
+
+A segment's sequence is ``[read slots | token slots | write slots]``:
+
+* ``num_read`` read-memory slots, always visible as keys;
+* ``num_tokens`` token slots (a static capacity), of which only the valid ones are visible as keys:
+  either the first ``token_counts[b]`` of them (a padded segment, the fast case every backend supports),
+  or those set in ``token_mask[b]`` (an arbitrary caller mask, e.g. left padding);
+* ``num_write`` write-memory slots, always visible as keys;
+* ``causal``: a query at position i sees keys at positions j <= i; otherwise attention is bidirectional.
+
+Encoders keep their memory inside the token region (``[CLS] [MEM]*m [SEP] tokens [SEP] [PAD]*``), so they
+use ``num_read = num_write = 0`` and a per-row valid count.
+
+The Triton kernel, the SDPA fallback and the dense reference all read this object, so the mask logic
+lives here and nowhere else. Nothing here imports transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentLayout:
+    num_read: int
+    num_tokens: int
+    num_write: int
+    causal: bool
+    token_counts: Tensor | None = None
+    token_mask: Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("num_read", "num_tokens", "num_write"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"SegmentLayout: {name} must be a non-negative int, got {value!r}")
+        if self.seq_len == 0:
+            raise ValueError("SegmentLayout: the segment is empty (num_read + num_tokens + num_write == 0)")
+        if self.token_counts is not None and self.token_mask is not None:
+            raise ValueError("SegmentLayout: give token_counts or token_mask, not both")
+        if self.token_counts is not None:
+            c = self.token_counts
+            if not isinstance(c, Tensor) or c.ndim != 1 or c.dtype not in _INT_DTYPES:
+                raise ValueError(
+                    "SegmentLayout: token_counts must be a 1-D integer tensor of shape (batch,), "
+                    f"got {_describe(c)}"
+                )
+        if self.token_mask is not None:
+            m = self.token_mask
+            if not isinstance(m, Tensor) or m.ndim != 2 or m.dtype != torch.bool or m.shape[1] != self.num_tokens:
+                raise ValueError(
+                    f"SegmentLayout: token_mask must be a bool tensor of shape (batch, {self.num_tokens}), "
+                    f"got {_describe(m)}"
+                )
+
+    # ----------------------------------------------------------------------------------------------- shape
+    @property
+    def seq_len(self) -> int:
+        return self.num_read + self.num_tokens + self.num_write
+
+    @property
+    def token_start(self) -> int:
+        return self.num_read
+
+    @property
+    def write_start(self) -> int:
+        return self.num_read + self.num_tokens
+
+    @property
+    def is_padded(self) -> bool:
+        """True when some token slots may be invisible (a mask beyond plain causal/bidirectional)."""
+        return self.token_counts is not None or self.token_mask is not None
+
+    @property
+    def batch_size(self) -> int | None:
+        if self.token_counts is not None:
+            return self.token_counts.shape[0]
+        if self.token_mask is not None:
+            return self.token_mask.shape[0]
+        return None
+
+    # ------------------------------------------------------------------------------------------------ mask
+    def key_valid(self, device: torch.device | str | None = None) -> Tensor | None:
+        """(B, seq_len) bool: which key positions are visible; None when all are."""
+        if not self.is_padded:
+            return None
+        if self.token_mask is not None:
+            tok = self.token_mask.to(device) if device is not None else self.token_mask
+        else:
+            counts = self.token_counts.to(device) if device is not None else self.token_counts
+            idx = torch.arange(self.num_tokens, device=counts.device)
+            tok = idx[None, :] < counts[:, None].to(idx.dtype)
+        b = tok.shape[0]
+        ones_r = tok.new_ones(b, self.num_read)
+        ones_w = tok.new_ones(b, self.num_write)
+        return torch.cat([ones_r, tok, ones_w], dim=1)
+
+    def dense_mask(self, q_len: int | None = None, device: torch.device | str | None = None) -> Tensor:
+        """(B or 1, 1, q_len, seq_len) bool, True where a query may attend a key.
+
+        ``q_len < seq_len`` places the queries at the end of the sequence (a decode step).
+        """
+        q_len = self.seq_len if q_len is None else q_len
+        if q_len > self.seq_len:
+            raise ValueError(f"q_len ({q_len}) exceeds the segment length ({self.seq_len})")
+        if device is None:
+            device = next((t.device for t in (self.token_counts, self.token_mask) if t is not None), "cpu")
+        kv = torch.arange(self.seq_len, device=device)
+        if self.causal:
+            q = torch.arange(self.seq_len - q_len, self.seq_len, device=device)
+            mask = (kv[None, :] <= q[:, None])[None, None]
+        else:
+            mask = torch.ones(1, 1, q_len, self.seq_len, dtype=torch.bool, device=device)
+        valid = self.key_valid(device)
+        if valid is not None:
+            mask = mask & valid[:, None, None, :]
+        return mask
+
+    def to(self, device: torch.device | str) -> SegmentLayout:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return SegmentLayout(
+            self.num_read, self.num_tokens, self.num_write, self.causal,
+            move(self.token_counts), move(self.token_mask),
+        )  # fmt: skip
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
