@@ -1,0 +1,1 @@
+"""Benchmarks for rmt-fast (FLOPs scaling, latency, profiling, kernels); run them via ``rmt-fast-bench``."""

@@ -1,0 +1,182 @@
+"""Helpers shared by the benchmark modules: environment description, CSV/JSON writers, plot saving.
+
+Kept free of heavy imports at module level (matplotlib and transformers are imported lazily) so that
+``rmt-fast-bench --help`` and the analytic parts of the benchmarks start quickly.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pkg_version(name: str) -> str | None:
+    """Installed version of a distribution without importing it (None when absent)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    """CPU model from /proc/cpuinfo (Linux), else platform.processor(), else 'unknown CPU'."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    if name:
+                        return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name() -> tuple[str, str]:
+    """(kind, name): ('GPU', CUDA device name) when CUDA is usable, else ('CPU', cpu_name())."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "GPU", torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception:  # torch missing or a broken CUDA setup: describe the CPU instead
+        pass
+    return "CPU", cpu_name()
+
+
+def machine_label() -> str:
+    """Short label for plot titles, e.g. 'CPU: AMD EPYC' or 'GPU: NVIDIA H100 80GB HBM3'."""
+    kind, name = device_name()
+    return f"{kind}: {name}"
+
+
+def _git_sha_from_files(root: Path) -> str | None:
+    """Resolve HEAD by reading .git directly (no subprocess); None when that is not possible."""
+    git_dir = root / ".git"
+    if git_dir.is_file():  # worktree / submodule: the file holds "gitdir: <path>"
+        text = git_dir.read_text(encoding="utf-8").strip()
+        if not text.startswith("gitdir:"):
+            return None
+        git_dir = (root / text.split(":", 1)[1].strip()).resolve()
+    head_file = git_dir / "HEAD"
+    if not head_file.is_file():
+        return None
+    head = head_file.read_text(encoding="utf-8").strip()
+    if not head.startswith("ref:"):
+        return head or None  # detached HEAD
+    ref = head.split(":", 1)[1].strip()
+    dirs = [git_dir]
+    common = git_dir / "commondir"  # linked worktrees keep refs in the common dir
+    if common.is_file():
+        dirs.append((git_dir / common.read_text(encoding="utf-8").strip()).resolve())
+    for base in dirs:
+        ref_file = base / ref
+        if ref_file.is_file():
+            return ref_file.read_text(encoding="utf-8").strip() or None
+        packed = base / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text(encoding="utf-8").splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == ref:
+                    return parts[0]
+    return None
+
+
+def git_sha(root: Path = REPO_ROOT) -> str:
+    """Commit of the checkout: read from .git, falling back to `git rev-parse HEAD`; 'unknown' if neither."""
+    try:
+        sha = _git_sha_from_files(root)
+        if sha:
+            return sha
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_info() -> dict[str, Any]:
+    """Describe the machine and software stack a benchmark ran on (written next to its results)."""
+    kind, name = device_name()
+    try:
+        import torch
+
+        torch_version = torch.__version__
+        cuda_version = torch.version.cuda
+        num_threads = torch.get_num_threads()
+    except ImportError:
+        torch_version = cuda_version = num_threads = None
+    return {
+        "device_kind": kind,
+        "device_name": name,
+        "machine_label": f"{kind}: {name}",
+        "cpu_name": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": num_threads,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch_version,
+        "cuda": cuda_version,
+        "triton": _pkg_version("triton"),
+        "transformers": _pkg_version("transformers"),
+        "git_sha": git_sha(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write dict rows as CSV. Columns: union of keys in first-seen order; missing values stay empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in fields:
+                fields.append(key)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON (non-JSON values such as Paths are stringified)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def save_plot(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure with tight layout at 120 dpi, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def timestamp() -> str:
+    """Local time as YYYYmmdd-HHMMSS (used for default output folders)."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

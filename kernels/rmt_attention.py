@@ -1,0 +1,738 @@
+"""RMT segment attention as a FlashAttention-2 style Triton kernel.
+
+The segment mask (``[read | tokens | write]`` slots, causal or bidirectional, a per-row count of valid token
+slots) is computed inside the kernels from a handful of integers and a pointer to ``token_counts``: nothing
+dense is built, nothing is copied, and no value is read back to the host.
+
+* q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) are read in place through their four strides (typically the
+  transposed views ``x.view(B, T, H, D).transpose(1, 2)`` of projection outputs);
+* the output is written directly in the (B, Tq, Hq, D) layout that HF attention functions return;
+* grouped-query attention picks the K/V head ``hq // G`` by index (no ``repeat_kv``); the dk/dv program of a
+  K/V head loops over the G query heads of its group, so no atomics are used and results are deterministic;
+* key blocks that no query of a tile can see (above the causal diagonal, or entirely inside the padded tail
+  of the token region of that batch row) are skipped;
+* attention dropout uses Triton's Philox generator keyed by ``seed`` and the element offset
+  ``((b * Hq + h) * Tq + i) * Tk + j``; the backward pass regenerates the same keep-mask.
+
+File order: jit kernels, launch configuration, launchers, the autograd Function, the public functions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .layout import SegmentLayout
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_HEAD_DIM = 16
+_MAX_HEAD_DIM = 256
+
+
+# ============================================================================================ jit kernels
+@triton.jit
+def _keep_mask(seed, offsets, dropout_p):
+    """True where an attention probability survives dropout (probability 1 - dropout_p)."""
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED: tl.constexpr):
+    """[pad_lo, pad_hi): the invisible key positions of batch row b (the padded tail of its token region)."""
+    if PADDED:
+        count = tl.load(COUNTS + b).to(tl.int32)
+        count = tl.minimum(tl.maximum(count, 0), num_tokens)
+        pad_lo = num_read + count
+        pad_hi = num_read + num_tokens
+    else:
+        pad_lo = Tk
+        pad_hi = Tk
+    return pad_lo, pad_hi
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: query offs_m may attend key offs_n (both in range, causal, not padded)."""
+    vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+    if PADDED:
+        vis = vis & ((offs_n[None, :] < pad_lo) | (offs_n[None, :] >= pad_hi))
+    return vis
+
+
+@triton.jit
+def _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) bool: the transpose of :func:`_visible`, built directly in key-major orientation."""
+    vis = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
+    if CAUSAL:
+        vis = vis & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
+    if PADDED:
+        vis = vis & ((offs_n[:, None] < pad_lo) | (offs_n[:, None] >= pad_hi))
+    return vis
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, start, end,
+    offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    d_ok = offs_d < D
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        kt = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+        )  # fmt: skip
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep_mask(seed, drop_row + offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
+def _rmt_attn_fwd_kernel(
+    Q, K, V, O, LSE, COUNTS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    Hq, G, Tq, Tk, D, num_read, num_tokens, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    # The heaviest (last, for causal) query tiles are scheduled first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # fmt: skip
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    causal_shift = Tk - Tq
+    pad_lo, pad_hi = _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + causal_shift)
+    # Key blocks [0, end1) then [start2, hi): the blocks between lie entirely in the padded range.
+    end1 = tl.minimum(hi, tl.cdiv(pad_lo, BLOCK_N) * BLOCK_N)
+    start2 = tl.maximum(end1, (pad_hi // BLOCK_N) * BLOCK_N)
+    drop_row = ((b * Hq + h) * Tq + offs_m[:, None]) * Tk  # int64 dropout offsets
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives exp2(-inf) = 0
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, 0, end1, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, start2, hi, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+
+    empty = l_i == 0.0  # a query that sees no key at all: output 0, lse +inf (=> zero gradients)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))  # base-2, in units of qk_scale
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
+    )  # fmt: skip
+
+
+@triton.jit
+def _rmt_attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    Hq, Tq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta[b, h, i] = sum_d O[b, i, h, d] * dO[b, i, h, d] in fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    mask = m_ok[:, None] & (offs_d[None, :] < D)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=m_ok)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, k_base, v_base, start, end,
+    offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    d_ok = offs_d < D
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # fmt: skip
+        vt = tl.load(
+            v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+        )  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        if DROPOUT:
+            keep = _keep_mask(seed, drop_row + offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
+def _rmt_attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, COUNTS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Hq, G, Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    md_ok = m_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=md_ok, other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=md_ok, other=0.0,
+    ).to(q.dtype)  # fmt: skip
+    row = pid_bh.to(tl.int64) * Tq + offs_m
+    lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    causal_shift = Tk - Tq
+    pad_lo, pad_hi = _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + causal_shift)
+    end1 = tl.minimum(hi, tl.cdiv(pad_lo, BLOCK_N) * BLOCK_N)
+    start2 = tl.maximum(end1, (pad_hi // BLOCK_N) * BLOCK_N)
+    drop_row = ((b * Hq + h) * Tq + offs_m[:, None]) * Tk
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, 0, end1, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    dq = _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, start2, hi, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty), mask=md_ok,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
+def _rmt_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, COUNTS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    Hq, Hkv, G, Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """One key block of one K/V head; loops over the G query heads of its group and their query blocks.
+
+    Works in the transposed (key, query) orientation: s_t[n, m] = k[n] . q[m].
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Tk
+    d_ok = offs_d < D
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=nd_ok, other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=nd_ok, other=0.0,
+    )  # fmt: skip
+
+    causal_shift = Tk - Tq
+    pad_lo, pad_hi = _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED)
+    lo = 0
+    if CAUSAL:
+        # the first query (absolute index i + causal_shift) that can see key start_n
+        lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
+    hi = Tq
+    if PADDED:
+        if (start_n >= pad_lo) & (start_n + BLOCK_N <= pad_hi):
+            hi = lo  # every key of the block is padded: dk = dv = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Tq
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
+            do = tl.load(
+                do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0
+            ).to(q.dtype)
+            lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+            pt = tl.where(vis_t, tl.exp2(st - lse[None, :]), 0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            if DROPOUT:
+                keep_t = _keep_mask(seed, (bh * Tq + offs_m[None, :]) * Tk + offs_n[:, None], dropout_p)
+                pdt = tl.where(keep_t, pt * inv_keep, 0.0)
+                dpt = tl.where(keep_t, dpt * inv_keep, 0.0)
+            else:
+                pdt = pt
+            dv += tl.dot(pdt.to(do.dtype), do, input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty), mask=nd_ok,
+    )  # fmt: skip
+    tl.store(
+        DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty), mask=nd_ok,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
+def _rmt_dropout_mask_kernel(
+    OUT, Hq, Tq, Tk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """The keep-mask the attention kernels use, materialised as (B, Hq, Tq, Tk) bool (a debug helper)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    drop_row = (pid_bh * Tq + offs_m[:, None]) * Tk
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offsets = drop_row + offs_n[None, :]
+        keep = _keep_mask(seed, offsets, dropout_p)
+        tl.store(OUT + offsets, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ==================================================================================== launch configuration
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+class _Cfg:
+    __slots__ = ("block_m", "block_n", "num_warps", "num_stages")
+
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
+        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+
+    def kwargs(self) -> dict:
+        return {
+            "BLOCK_M": self.block_m, "BLOCK_N": self.block_n,
+            "num_warps": self.num_warps, "num_stages": self.num_stages,
+        }  # fmt: skip
+
+    def smaller(self) -> _Cfg | None:
+        """A cheaper configuration to retry with when a launch runs out of shared memory / registers."""
+        if self.num_stages > 1:
+            return _Cfg(self.block_m, self.block_n, self.num_warps, self.num_stages - 1)
+        if max(self.block_m, self.block_n) > 16:
+            if self.block_m >= self.block_n:
+                return _Cfg(self.block_m // 2, self.block_n, self.num_warps, 2)
+            return _Cfg(self.block_m, self.block_n // 2, self.num_warps, 2)
+        return None
+
+    def __repr__(self) -> str:
+        return f"_Cfg(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, warps={self.num_warps}, stages={self.num_stages})"
+
+
+# Test hook: force the interpreter block size (must be >= 16, a power of two).
+_INTERPRET_BLOCK = 16
+
+
+def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> _Cfg:
+    """Per-kernel launch configuration from the (padded) head dim and dtype. No autotuning, no sync.
+
+    kind: "fwd" (query tile M, key tile N), "dq" (query tile M, key tile N), "dkdv" (query tile M, key tile N).
+    The numbers follow the FlashAttention-2 Triton recipes for Ampere/Hopper; they are untuned guesses here.
+    """
+    if _interpreting():
+        b = _INTERPRET_BLOCK
+        return _Cfg(b, b, 4, 1)
+    d = _next_pow2(head_dim)
+    wide = dtype == torch.float32  # 4-byte tiles: half the rows fit in shared memory
+    if kind == "fwd":
+        if d <= 64:
+            cfg = _Cfg(128, 64, 4, 3)
+        elif d <= 128:
+            cfg = _Cfg(128, 64, 8, 3)
+        else:
+            cfg = _Cfg(64, 32, 8, 2)
+    elif kind == "dq":
+        if d <= 64:
+            cfg = _Cfg(128, 32, 4, 3)
+        elif d <= 128:
+            cfg = _Cfg(64, 64, 8, 2)
+        else:
+            cfg = _Cfg(32, 32, 8, 2)
+    elif kind == "dkdv":
+        if d <= 64:
+            cfg = _Cfg(32, 128, 4, 3)
+        elif d <= 128:
+            cfg = _Cfg(64, 64, 8, 2)
+        else:
+            cfg = _Cfg(32, 32, 8, 2)
+    else:
+        raise KeyError(kind)
+    if wide and d > 32:
+        cfg = _Cfg(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps, min(cfg.num_stages, 2))
+    return cfg
+
+
+# (kind, head_dim, dtype, device index) -> the configuration that compiled, after an out-of-resources retry.
+_CONFIG_CACHE: dict[tuple, _Cfg] = {}
+
+
+def _launch(kind: str, kernel, grid_fn, args: tuple, consts: dict, head_dim: int, dtype, device) -> None:
+    """Launch with the heuristic config; on a compile-time out-of-resources error step down and remember it."""
+    key = (kind, head_dim, dtype, device.index if device.type == "cuda" else -1)
+    cfg = _CONFIG_CACHE.get(key) or _heuristic_config(kind, head_dim, dtype)
+    while True:
+        try:
+            kernel[grid_fn(cfg)](*args, **consts, **cfg.kwargs())
+            _CONFIG_CACHE[key] = cfg
+            return
+        except triton.runtime.errors.OutOfResources:
+            smaller = cfg.smaller()
+            if smaller is None:
+                raise
+            cfg = smaller
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul policy: exact IEEE unless the user allowed TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ============================================================================================== launchers
+def _counts_arg(layout: SegmentLayout, device) -> tuple[Tensor, bool]:
+    if layout.token_counts is None:
+        # Never read (PADDED is a constexpr False); any device pointer will do.
+        return torch.empty(1, dtype=torch.int32, device=device), False
+    return layout.token_counts, True
+
+
+def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, seed: int, out: Tensor | None):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if out is None:
+        out = _empty((B, Tq, Hq, D), q.dtype, q.device)
+    lse = _empty((B, Hq, Tq), torch.float32, q.device)
+    counts, padded = _counts_arg(layout, q.device)
+    args = (
+        q, k, v, out, lse, counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Tq, Tk, D, layout.num_read, layout.num_tokens,
+        scale * _LOG2E, float(dropout_p), int(seed),
+    )  # fmt: skip
+    consts = dict(
+        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0,
+        BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype),
+    )  # fmt: skip
+    _launch(
+        "fwd", _rmt_attn_fwd_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * Hq), args, consts,
+        D, q.dtype, q.device,
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, need_dkv):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    block_d = max(16, _next_pow2(D))
+    counts, padded = _counts_arg(layout, q.device)
+    dot_prec = _dot_precision(q.dtype)
+
+    delta = _empty((B, Hq, Tq), torch.float32, q.device)
+    pre_m = 16 if _interpreting() else 64
+    _rmt_attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m), B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    consts = dict(CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, DOT_PREC=dot_prec)
+    common = (Tq, Tk, D, layout.num_read, layout.num_tokens, scale * _LOG2E, scale, float(dropout_p), int(seed))
+    dq = dk = dv = None
+    if need_dq:
+        # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
+        dq = _empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
+        args = (
+            q, k, v, do, dq, lse, delta, counts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            Hq, G, *common,
+        )  # fmt: skip
+        _launch(
+            "dq", _rmt_attn_bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * Hq), args, consts,
+            D, q.dtype, q.device,
+        )  # fmt: skip
+    if need_dkv:
+        dk = _empty((B, Tk, Hkv, D), k.dtype, k.device).transpose(1, 2)
+        dv = _empty((B, Tk, Hkv, D), v.dtype, v.device).transpose(1, 2)
+        args = (
+            q, k, v, do, dk, dv, lse, delta, counts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            Hq, Hkv, G, *common,
+        )  # fmt: skip
+        _launch(
+            "dkdv", _rmt_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c.block_n), B * Hkv), args, consts,
+            D, q.dtype, q.device,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ================================================================================= autograd Function
+class _RmtAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, out, layout, scale, dropout_p, seed):
+        o, lse = _forward(q, k, v, layout, scale, dropout_p, seed, out)
+        if out is not None:
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.scale, ctx.dropout_p, ctx.seed = layout, scale, dropout_p, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        need_dq = ctx.needs_input_grad[0]
+        need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dq, dk, dv = _backward(
+            q, k, v, o, lse, do, ctx.layout, ctx.scale, ctx.dropout_p, ctx.seed, need_dq, need_dkv
+        )  # fmt: skip
+        return (
+            dq,
+            dk if ctx.needs_input_grad[1] else None,
+            dv if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+# ==================================================================================== public functions
+def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
+    """(exception type, message) for a case the kernel cannot run, else None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.ndim != 4:
+            return ValueError, f"{name} must be 4-D ({'B, Hq, Tq, D' if name == 'q' else 'B, Hkv, Tk, D'}), got shape {tuple(t.shape)}"
+    if not isinstance(layout, SegmentLayout):
+        return TypeError, f"layout must be a SegmentLayout, got {type(layout).__name__}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            return TypeError, f"{name} has dtype {t.dtype}; the triton backend supports float16, bfloat16, float32"
+    if not (q.dtype == k.dtype == v.dtype):
+        return TypeError, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return ValueError, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+    if q.device.type == "cpu":
+        if not _interpreting():
+            return ValueError, "CPU tensors need TRITON_INTERPRET=1 (the triton backend runs on CUDA)"
+    elif q.device.type != "cuda":
+        return ValueError, f"the triton backend runs on CUDA, got device {q.device}"
+    B, Hq, Tq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        return ValueError, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}"
+    if k.shape != v.shape:
+        return ValueError, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        return ValueError, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})"
+    if k.shape[-1] != D:
+        return ValueError, f"head dims differ: q {D}, k/v {k.shape[-1]}"
+    if not (_MIN_HEAD_DIM <= D <= _MAX_HEAD_DIM):
+        return ValueError, f"head dim {D} is outside the triton backend's range [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]"
+    Tk = k.shape[-2]
+    if Tk != layout.seq_len:
+        return ValueError, f"k has {Tk} positions but the segment layout has seq_len {layout.seq_len}"
+    if Tq > Tk:
+        return ValueError, f"q has {Tq} positions, more than k ({Tk})"
+    if B == 0 or Hq == 0 or Tq == 0:
+        return ValueError, f"empty input: q has shape {tuple(q.shape)}"
+    if layout.token_mask is not None:
+        return ValueError, "triton backend supports token_counts padding only (got a token_mask)"
+    if layout.token_counts is not None:
+        c = layout.token_counts
+        if c.device != q.device:
+            return ValueError, f"layout.token_counts is on {c.device} but q is on {q.device}"
+        if c.shape[0] != B:
+            return ValueError, f"layout.token_counts has length {c.shape[0]} but the batch size is {B}"
+    if not (0.0 <= float(dropout_p) < 1.0):
+        return ValueError, f"dropout_p must be in [0, 1), got {dropout_p}"
+    return None
+
+
+def rmt_attention_supported(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, dropout_p: float = 0.0) -> str | None:
+    """None when :func:`rmt_attention` can run this case, else a short reason (route the call to SDPA)."""
+    problem = _problem(q, k, v, layout, dropout_p)
+    return None if problem is None else problem[1]
+
+
+def rmt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: SegmentLayout,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """RMT segment attention: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
+
+    Any strides are accepted (no copies are made). ``Tq < Tk`` places the queries at the end of the
+    segment (a decode step). ``scale`` defaults to D ** -0.5. ``dropout_p > 0`` applies inverted attention
+    dropout from the Philox stream of ``seed`` (drawn from torch's CPU generator when None); see
+    :func:`rmt_attention_dropout_mask`. ``out`` (B, Tq, Hq, D), when given, receives the result and is
+    returned. Differentiable with respect to q, k and v.
+    """
+    problem = _problem(q, k, v, layout, dropout_p)
+    if problem is not None:
+        exc, msg = problem
+        raise exc(msg)
+    B, Hq, Tq, D = q.shape
+    if out is not None:
+        if not isinstance(out, Tensor) or tuple(out.shape) != (B, Tq, Hq, D):
+            raise ValueError(f"out must have shape {(B, Tq, Hq, D)}, got {getattr(out, 'shape', type(out))}")
+        if out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {q.dtype} on {q.device}, got {out.dtype} on {out.device}")
+        if out.requires_grad:
+            raise ValueError("out must not require grad")
+    scale = D**-0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
+    else:
+        seed = 0
+    return _RmtAttentionFn.apply(q, k, v, out, layout, scale, dropout_p, int(seed))
+
+
+def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed: int, device) -> Tensor:
+    """(B, Hq, Tq, Tk) bool keep-mask that :func:`rmt_attention` applies for ``dropout_p=p`` and ``seed``."""
+    device = torch.device(device)
+    keep = torch.empty((B, Hq, Tq, Tk), dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    block = 16 if _interpreting() else 64
+    _rmt_dropout_mask_kernel[(triton.cdiv(Tq, block), B * Hq)](
+        keep, Hq, Tq, Tk, float(p), int(seed), BLOCK_M=block, BLOCK_N=block,
+    )  # fmt: skip
+    return keep.bool()
+
+
+__all__ = ["rmt_attention", "rmt_attention_supported", "rmt_attention_dropout_mask"]

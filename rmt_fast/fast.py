@@ -1,0 +1,233 @@
+"""FastRMT: the RMT wrapper for speed. Same constructor, forward and results as ReferenceRMT.
+
+What it does differently from the reference:
+* attention goes through the ``rmt_fast`` attention implementation: the segment layout travels to the backend
+  (SDPA now, the Triton kernel when available) and transformers builds no 4-D mask;
+* each segment's input is written into slices of one buffer (no ``torch.cat``), a short segment is padded to
+  the static shape with position ids that keep it equal to the reference, and only the backbone's last hidden
+  state is taken (a forward hook), never every layer's;
+* LM-head logits are computed for token slots only (``logits_to_keep``), the decoder loss accumulates segment
+  by segment so (B, T, V) is never needed for it, and ``return_logits=False`` drops the logits;
+* under ``torch.no_grad()`` nothing from earlier segments is kept alive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.layout import SegmentLayout
+
+from .attention import ATTN_NAME, active_segment
+from .base import RMTBase, RMTOutput, memory_detached_before
+from .segments import decoder_plan, encoder_plan
+
+
+class FastRMT(RMTBase):
+    def __init__(self, model, num_mem_tokens: int, segment_size: int, **kwargs):
+        super().__init__(model, num_mem_tokens, segment_size, **kwargs)
+        self._original_attn = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_NAME)
+        self._last_hidden: Tensor | None = None
+        base = self._info.base_model
+        self._hook = None if base is model else base.register_forward_hook(self._capture_hidden)
+
+    def _capture_hidden(self, module, args, output):
+        self._last_hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def unwrap(self):
+        """Give the backbone back as it was: its original attention implementation and no hook."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.model.set_attn_implementation(self._original_attn)
+        return self.model
+
+    def _backbone_for_saving(self):
+        return _WithAttn(self.model, self._original_attn)
+
+    # ----------------------------------------------------------------------------------------------- api
+    def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
+                return_logits: bool = True) -> RMTOutput:  # fmt: skip
+        self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
+        if self.is_decoder:
+            return self._decoder(input_ids, attention_mask, labels, labels_mask, memory_state, return_logits)
+        return self._encoder(input_ids, labels, memory_state, return_logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, memory_state=None, **generate_kwargs):
+        """Run every segment but the last, then generate from ``[memory ; embed(last segment)]``."""
+        if not self.is_decoder:
+            raise ValueError("generate() serves decoder RMTs only")
+        self._check_inputs(input_ids, attention_mask, None, None, memory_state)
+        plan = decoder_plan(input_ids.shape[1], self.segment_size, self.settings.segment_alignment)
+        start, _ = plan[-1]
+        memory = self.initial_memory(input_ids.shape[0], memory_state)
+        if start > 0:
+            head_mask = None if attention_mask is None else attention_mask[:, :start]
+            memory = self._decoder(input_ids[:, :start], head_mask, None, None, memory, False).memory_state
+        tail = input_ids[:, start:]
+        embeds = self.word_embeddings(tail)
+        inputs_embeds = embeds.new_empty(tail.shape[0], self.num_mem_tokens + tail.shape[1], embeds.shape[-1])
+        inputs_embeds[:, : self.num_mem_tokens] = memory
+        inputs_embeds[:, self.num_mem_tokens:] = embeds
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.int64, device=tail.device)
+        if attention_mask is not None:
+            mask[:, self.num_mem_tokens:] = attention_mask[:, start:]
+        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
+
+    # ------------------------------------------------------------------------------------------- decoder
+    def _decoder(self, input_ids, attention_mask, labels, labels_mask, memory_state, return_logits):
+        b, total = input_ids.shape
+        m, size = self.num_mem_tokens, self.segment_size
+        n = self._check_decoder_length(total)
+        plan = decoder_plan(total, size, self.settings.segment_alignment)
+        device = input_ids.device
+        targets, denom = None, None
+        if labels is not None:
+            keep = labels[:, 1:] != -100
+            if labels_mask is not None:
+                keep = keep & labels_mask[:, 1:].bool()
+            targets = F.pad(torch.where(keep, labels[:, 1:], -100), (0, 1), value=-100)
+            denom = keep.sum()
+        need_logits = return_logits or labels is not None
+        static = _DecoderStatic(b, m, size, device)
+        reuse = not torch.is_grad_enabled()
+        buf = None
+        memory = self.initial_memory(b, memory_state)
+        loss_sum, logits = None, []
+        for t, (start, length) in enumerate(plan):
+            if memory_detached_before(t, n, self.settings.bptt_depth):
+                memory = memory.detach()
+            ids = input_ids[:, start:start + length]
+            token_mask = None
+            if attention_mask is not None:
+                token_mask = F.pad(attention_mask[:, start:start + length].bool(), (0, size - length))
+            if length < size:
+                ids = F.pad(ids, (0, size - length))
+            counts = static.counts(length) if length < size and token_mask is None else None
+            if buf is None or not reuse:
+                buf = self.memory.new_empty(b, 2 * m + size, self.hidden_size)
+            seg_logits, memory = self.decoder_step(buf, ids, memory, counts, token_mask, static, need_logits)
+            if seg_logits is None:
+                continue
+            seg_logits = seg_logits[:, :length]
+            if targets is not None:
+                part = F.cross_entropy(seg_logits.float().flatten(0, 1), targets[:, start:start + length].flatten(),
+                                       ignore_index=-100, reduction="sum")  # fmt: skip
+                loss_sum = part if loss_sum is None else loss_sum + part
+            if return_logits:
+                logits.append(seg_logits)
+        loss = loss_sum / denom if loss_sum is not None else None
+        out_logits = torch.cat(logits, dim=1) if return_logits else None
+        return RMTOutput(loss=loss, logits=out_logits, memory_state=memory)
+
+    def decoder_step(self, buf, ids, memory, counts, token_mask, static, need_logits=True):
+        """One segment: [memory | tokens | memory] -> (token logits (B, L, V) or None, new memory (B, m, d))."""
+        m, size = self.num_mem_tokens, ids.shape[1]
+        buf[:, :m] = memory
+        buf[:, m:m + size] = self.word_embeddings(ids)
+        buf[:, m + size:] = memory
+        layout = SegmentLayout(m, size, m, True, token_counts=counts, token_mask=token_mask)
+        kwargs = dict(inputs_embeds=buf, attention_mask=static.key_valid(layout), use_cache=False,
+                      position_ids=static.positions(counts))  # fmt: skip
+        with active_segment(layout, self.settings.attn_backend):
+            if need_logits and self._info.accepts_logits_to_keep:
+                logits = self.model(**kwargs, logits_to_keep=static.token_index).logits
+                hidden = self._last_hidden
+            else:
+                hidden = self._info.base_model(**kwargs).last_hidden_state
+                logits = self.model.get_output_embeddings()(hidden[:, m:m + size]) if need_logits else None
+        self._last_hidden = None
+        return logits, hidden[:, m + size:]
+
+    # ------------------------------------------------------------------------------------------- encoder
+    def _encoder(self, input_ids, labels, memory_state, return_logits):
+        st, m = self.settings, self.num_mem_tokens
+        plan = encoder_plan(input_ids, labels, st, self.input_size, m)
+        memory = self.initial_memory(input_ids.shape[0], memory_state)
+        losses, logits = [], None
+        for t, seg in enumerate(plan.segments):
+            if memory_detached_before(t, plan.n_segments, st.bptt_depth):
+                memory = memory.detach()
+            if seg.rows is None:
+                out, new = self.encoder_step(seg.ids, memory, seg.counts, seg.labels)
+                memory = new
+            else:
+                out, new = self.encoder_step(seg.ids, memory[seg.rows], seg.counts, seg.labels)
+                memory = memory.index_put((seg.rows,), new)
+            if seg.labels is not None:
+                losses.append(out.loss)
+            logits = out
+        loss = None
+        if losses:
+            loss = torch.stack(losses).mean() if st.sum_loss else losses[-1]
+        out_logits = None
+        if return_logits:
+            out_logits = getattr(logits, "logits", None)
+            if out_logits is None:
+                out_logits = logits.last_hidden_state
+        return RMTOutput(loss=loss, logits=out_logits, memory_state=memory)
+
+    def encoder_step(self, ids, memory, counts, labels):
+        """One segment: [CLS] [MEM]*m [SEP] tokens [SEP] [PAD]* -> (model output, new memory (B, m, d))."""
+        m = self.num_mem_tokens
+        embeds = self.word_embeddings(ids)
+        embeds[:, 1:1 + m] = memory
+        layout = SegmentLayout(0, ids.shape[1], 0, False, token_counts=counts)
+        key_valid = layout.key_valid()
+        with active_segment(layout, self.settings.attn_backend):
+            out = self.model(inputs_embeds=embeds, attention_mask=key_valid, token_type_ids=torch.zeros_like(ids),
+                             labels=labels)  # fmt: skip
+        hidden = self._last_hidden if self._hook is not None else out.last_hidden_state
+        self._last_hidden = None
+        return out, hidden[:, 1:1 + m]
+
+
+class _DecoderStatic:
+    """Per-call-shape constants of the decoder segment: token slot indices, positions, the all-valid mask."""
+
+    def __init__(self, batch: int, m: int, size: int, device):
+        self.m, self.size = m, size
+        seq = 2 * m + size
+        self.token_index = torch.arange(m, m + size, device=device)
+        self.slot = torch.arange(seq, device=device)
+        self.full_positions = self.slot[None]
+        self.all_valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        self._counts: dict[int, Tensor] = {}
+        self.batch = batch
+
+    def counts(self, length: int) -> Tensor:
+        if length not in self._counts:
+            self._counts[length] = torch.full((self.batch,), length, dtype=torch.int32, device=self.slot.device)
+        return self._counts[length]
+
+    def positions(self, counts: Tensor | None) -> Tensor:
+        """Read slots 0..m-1, tokens m.., write slots right after the valid tokens (as in the reference's
+        unpadded short segment); padded token slots get harmless in-range positions."""
+        if counts is None:
+            return self.full_positions
+        write = self.slot >= self.m + self.size
+        shifted = self.slot[None] - self.size + counts[:, None].long()
+        return torch.where(write[None], shifted, self.slot[None])
+
+    def key_valid(self, layout: SegmentLayout) -> Tensor:
+        valid = layout.key_valid()
+        return self.all_valid if valid is None else valid
+
+
+class _WithAttn:
+    """Saves the backbone with its original attention implementation recorded, not ``rmt_fast``."""
+
+    def __init__(self, model, attn: str):
+        self.model, self.attn = model, attn
+
+    def save_pretrained(self, path, **kwargs):
+        config = self.model.config
+        current = config._attn_implementation
+        config._attn_implementation_internal = self.attn
+        try:
+            self.model.save_pretrained(path, **kwargs)
+        finally:
+            config._attn_implementation_internal = current

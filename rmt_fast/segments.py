@@ -1,0 +1,110 @@
+"""Segmentation plans for FastRMT, computed once per call.
+
+Decoders: (start, length) of each segment along the sequence, left- or right-aligned.
+
+Encoders (the published encoder's rules, vectorised): drop pad/CLS/SEP from every row, keep the first
+``segment_size * max_n_segments`` content tokens, split each row into segments (right-aligned by default: the
+first one is short), and align rows on their last segment so shorter rows start with empty segments. Each
+segment becomes ``[CLS] [MEM]*m [SEP] tokens [SEP] [PAD]*`` of static width, built for all segments at once on
+the device; one host synchronisation per call reads the row lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def decoder_plan(length: int, size: int, alignment: str) -> list[tuple[int, int]]:
+    if alignment == "left":
+        bounds = list(range(0, length, size)) + [length]
+    else:
+        bounds = (list(range(length, 0, -size)) + [0])[::-1]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class EncoderSegment:
+    ids: Tensor  # (b, input_size) ids; memory slots hold the pad id (their embeddings are replaced)
+    counts: Tensor | None  # (b,) valid prefix length; None when every row fills the input
+    labels: Tensor | None  # (b,) / (b, k) sequence labels or (b, input_size) token labels
+    rows: Tensor | None  # indices of the non-empty rows, None when all rows take part
+
+
+@dataclass
+class EncoderPlan:
+    n_segments: int
+    segments: list[EncoderSegment]
+
+
+def encoder_plan(input_ids: Tensor, labels: Tensor | None, st, input_size: int, m: int) -> EncoderPlan:
+    b, total = input_ids.shape
+    size = st.segment_size
+    device = input_ids.device
+    special = torch.tensor([st.pad_token_id, st.cls_token_id, st.sep_token_id], device=device)
+    keep = ~torch.isin(input_ids, special)
+    lengths = keep.sum(1)
+    if st.max_n_segments is not None:
+        lengths = lengths.clamp(max=size * st.max_n_segments)
+    lengths_host = lengths.tolist()  # the one host sync of the call
+    if min(lengths_host) == 0:
+        raise ValueError("input_ids: a row has no content tokens (only pad/cls/sep)")
+    n_rows = [-(-c // size) for c in lengths_host]
+    n = st.max_n_segments or max(n_rows)
+
+    # Content tokens first, in order (a stable sort moves dropped tokens to the end of each row).
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    content = input_ids.gather(1, order)
+    token_labels = labels is not None and labels.ndim == 2 and labels.shape[1] == total
+    content_labels = labels.gather(1, order) if token_labels else None
+
+    i = torch.arange(total, device=device)[None]
+    n_rows_t = torch.tensor(n_rows, device=device)[:, None]
+    right = st.segment_alignment == "right"
+    pad = (n_rows_t * size - lengths[:, None]) if right else torch.zeros_like(n_rows_t)
+    local = (i + pad) // size
+    slot = i + pad - local * size - torch.where(local == 0, pad, 0)
+    valid = i < lengths[:, None]
+    seg = n - n_rows_t + local
+    row = torch.arange(b, device=device)[:, None].expand(b, total)
+
+    ids = torch.full((n, b, input_size), st.pad_token_id, dtype=input_ids.dtype, device=device)
+    ids[:, :, 0] = st.cls_token_id
+    ids[:, :, 1 + m] = st.sep_token_id
+    where = (seg[valid], row[valid], (2 + m + slot)[valid])
+    ids.index_put_(where, content[valid])
+    seg_len = torch.zeros(n, b, dtype=torch.long, device=device)
+    seg_len.index_put_(where[:2], torch.ones_like(where[0]), accumulate=True)
+    ids.scatter_(2, (2 + m + seg_len)[..., None].clamp(max=input_size - 1), st.sep_token_id)
+    counts = torch.where(seg_len > 0, seg_len + m + 3, 0).to(torch.int32)
+    seg_labels = None
+    if token_labels:
+        seg_labels = torch.full((n, b, input_size), -100, dtype=labels.dtype, device=device)
+        seg_labels.index_put_(where, content_labels[valid])
+
+    segments = []
+    for t in range(n):
+        active = [r for r in range(b) if t >= n - n_rows[r]]
+        if not active:
+            continue
+        full = all(_segment_length(lengths_host[r], n_rows[r], t - (n - n_rows[r]), size, right) == size
+                   for r in active)  # fmt: skip
+        if labels is None:
+            lab = None
+        else:
+            lab = seg_labels[t] if token_labels else labels
+        if len(active) == b:
+            segments.append(EncoderSegment(ids[t], None if full else counts[t], lab, None))
+        else:
+            rows = torch.tensor(active, device=device)
+            segments.append(EncoderSegment(ids[t, rows], counts[t, rows], None if lab is None else lab[rows], rows))
+    return EncoderPlan(n, segments)
+
+
+def _segment_length(c: int, n_row: int, local: int, size: int, right: bool) -> int:
+    short = c - (n_row - 1) * size
+    if right:
+        return short if local == 0 else size
+    return short if local == n_row - 1 else size

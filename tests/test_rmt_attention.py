@@ -1,0 +1,334 @@
+"""The Triton RMT attention kernel against the float64 dense reference, on CPU through Triton's interpreter.
+
+Tiny shapes and 16-wide blocks keep the whole file fast; lengths are deliberately not multiples of the block.
+bf16 is not tested here: the interpreter's bf16 ``tl.dot`` is not faithful (see test_rmt_attention_gpu.py).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+import kernels.rmt_attention as ra  # noqa: E402
+from kernels.layout import SegmentLayout  # noqa: E402
+from kernels.reference import dense_rmt_attention_reference  # noqa: E402
+from kernels.rmt_attention import (  # noqa: E402
+    rmt_attention,
+    rmt_attention_dropout_mask,
+    rmt_attention_supported,
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_report with -s)
+
+
+@pytest.fixture(autouse=True)
+def _poison_buffers(monkeypatch):
+    """Every kernel-written buffer (lse, delta, dq, dk, dv, default out) starts as NaN: unwritten spots show."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ra, "_empty", nan_empty)
+    monkeypatch.setattr(ra, "_INTERPRET_BLOCK", 16)
+
+
+def rel_err(x, ref):
+    x = x.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def record(dtype, err):
+    MAX_ERR[dtype] = max(MAX_ERR.get(dtype, 0.0), err)
+
+
+def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def run_kernel(q, k, v, layout, grad_out, **kw):
+    """Forward into a NaN-filled out= buffer, then backward; returns out, dq, dk, dv."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    B, Hq, Tq, D = q.shape
+    out = torch.full((B, Tq, Hq, D), float("nan"), dtype=q.dtype)
+    o = rmt_attention(q, k, v, layout, out=out, **kw)
+    assert o is out
+    o.backward(grad_out)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def run_reference(q, k, v, layout, grad_out, **kw):
+    q, k, v = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
+    r = dense_rmt_attention_reference(q, k, v, layout, **kw)
+    r.backward(grad_out.to(torch.float64))
+    return r.detach(), q.grad, k.grad, v.grad
+
+
+def check_against_reference(q, k, v, layout, *, tol, seed=1, kernel_kw=None, ref_kw=None):
+    B, Hq, Tq, D = q.shape
+    grad_out = torch.randn(B, Tq, Hq, D, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+    got = run_kernel(q, k, v, layout, grad_out, **(kernel_kw or {}))
+    want = run_reference(q, k, v, layout, grad_out, **(ref_kw or {}))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values (unwritten?)"
+        err = rel_err(a, b)
+        record(q.dtype, err)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+    return got
+
+
+# ------------------------------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("padding", ["none", "counts"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_segment_gqa(causal, padding, dtype):
+    # 3 + 13 + 3 = 19 positions: two 16-blocks, the second mostly out of range.
+    counts = torch.tensor([0, 13]) if padding == "counts" else None  # one empty row, one full row
+    layout = SegmentLayout(3, 13, 3, causal, token_counts=counts)
+    q, k, v = make_qkv(2, 4, 2, 19, 19, 32, dtype)
+    check_against_reference(q, k, v, layout, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 4])
+def test_gqa_groups(hkv):
+    counts = torch.tensor([7, 2])
+    layout = SegmentLayout(2, 11, 4, True, token_counts=counts)
+    q, k, v = make_qkv(2, 4, hkv, 17, 17, 16, torch.float32, seed=hkv)
+    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "D,dtype",
+    [(16, torch.float32), (64, torch.float32), (80, torch.float32), (80, torch.float16), (96, torch.float16),
+     (128, torch.float32), (256, torch.float16)],
+)  # fmt: skip
+def test_head_dims(D, dtype):
+    layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([9]))
+    q, k, v = make_qkv(1, 2, 1, 19, 19, D, dtype, seed=D)
+    check_against_reference(q, k, v, layout, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_padded_blocks_are_skipped_correctly(causal):
+    # Token region [3, 38); with count 2 the padded tail [5, 38) holds the whole key block [16, 32).
+    counts = torch.tensor([2, 35, 0])
+    layout = SegmentLayout(3, 35, 2, causal, token_counts=counts)
+    q, k, v = make_qkv(3, 2, 1, 40, 40, 16, torch.float32, seed=7)
+    _, _, dk, dv = check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+    # padded keys get exactly zero gradient
+    assert (dk[0, :, 5:38] == 0).all() and (dv[0, :, 5:38] == 0).all()
+    assert (dk[2, :, 3:38] == 0).all() and (dv[2, :, 3:38] == 0).all()
+
+
+def test_counts_dtype_and_out_of_range_counts_are_clamped():
+    # int32 counts, one above the capacity (treated as full)
+    layout = SegmentLayout(1, 9, 1, False, token_counts=torch.tensor([4, 30], dtype=torch.int32))
+    ref_layout = SegmentLayout(1, 9, 1, False, token_counts=torch.tensor([4, 9]))
+    q, k, v = make_qkv(2, 2, 2, 11, 11, 16, torch.float32)
+    grad_out = torch.randn(2, 11, 2, 16)
+    got = run_kernel(q, k, v, layout, grad_out)
+    want = run_reference(q, k, v, ref_layout, grad_out)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_query_with_no_visible_key_gives_zeros():
+    # Encoder-style layout (no memory slots): a row with count 0 has no visible key at all.
+    layout = SegmentLayout(0, 8, 0, False, token_counts=torch.tensor([0, 5]))
+    q, k, v = make_qkv(2, 2, 2, 8, 8, 16, torch.float32)
+    grad_out = torch.randn(2, 8, 2, 16)
+    out, dq, dk, dv = run_kernel(q, k, v, layout, grad_out)
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    sub = SegmentLayout(0, 8, 0, False, token_counts=torch.tensor([5]))
+    want = run_reference(q[1:], k[1:], v[1:], sub, grad_out[1:])
+    for a, b in zip((out[1:], dq[1:], dk[1:], dv[1:]), want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_custom_scale():
+    layout = SegmentLayout(2, 10, 2, True)
+    q, k, v = make_qkv(1, 2, 2, 14, 14, 32, torch.float32)
+    check_against_reference(q, k, v, layout, tol=1e-5, kernel_kw={"scale": 0.37}, ref_kw={"scale": 0.37})
+
+
+# ------------------------------------------------------------------------------------------------ decode
+@pytest.mark.parametrize("tq", [1, 5, 17])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_decode_queries_at_the_end(tq, causal):
+    layout = SegmentLayout(3, 13, 3, causal, token_counts=torch.tensor([10, 4]))
+    q, k, v = make_qkv(2, 4, 2, tq, 19, 16, torch.float32, seed=tq)
+    check_against_reference(q, k, v, layout, tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- strides
+def test_strided_inputs_equal_contiguous():
+    B, T, Hq, Hkv, D = 2, 19, 4, 2, 32
+    layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([13, 6]))
+    g = torch.Generator().manual_seed(3)
+    # a fused qkv projection output (B, T, (Hq + 2 Hkv) * D), split into views: nothing is contiguous
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g)
+    q = qkv[..., : Hq * D].view(B, T, Hq, D).transpose(1, 2)
+    k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)
+    v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    grad_out = torch.randn(B, T, Hq, D, generator=g)
+    strided = run_kernel(q, k, v, layout, grad_out)
+    contig = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), layout, grad_out)
+    for a, b in zip(strided, contig):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # transposed views of (B, T, H, D) tensors and a non-contiguous upstream gradient
+    qt = torch.randn(B, T, Hq, D, generator=g).transpose(1, 2)
+    kt = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    vt = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    go = torch.randn(B, Hq, T, D, generator=g).transpose(1, 2)  # (B, T, Hq, D), not contiguous
+    strided = run_kernel(qt, kt, vt, layout, go)
+    contig = run_kernel(qt.contiguous(), kt.contiguous(), vt.contiguous(), layout, go.contiguous())
+    for a, b in zip(strided, contig):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    want = run_reference(qt, kt, vt, layout, go)
+    for a, b in zip(strided, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_output_layout_and_gradient_layout():
+    layout = SegmentLayout(1, 6, 1, False)
+    q, k, v = make_qkv(2, 2, 1, 8, 8, 16, torch.float32)
+    o = rmt_attention(q, k, v, layout)
+    assert o.shape == (2, 8, 2, 16) and o.is_contiguous()
+    q.requires_grad_()
+    rmt_attention(q, k, v, layout).sum().backward()
+    assert q.grad.shape == q.shape and torch.isfinite(q.grad).all()
+
+
+def test_no_grad_inference_and_default_out():
+    layout = SegmentLayout(2, 9, 2, True, token_counts=torch.tensor([3]))
+    q, k, v = make_qkv(1, 2, 2, 13, 13, 16, torch.float32)
+    with torch.no_grad():
+        o = rmt_attention(q, k, v, layout)
+    ref = dense_rmt_attention_reference(q, k, v, layout)
+    assert rel_err(o, ref) <= 1e-5 and o.grad_fn is None
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_dropout_matches_reference_with_kernel_mask(causal):
+    B, Hq, Hkv, T, D, p, seed = 2, 4, 2, 19, 16, 0.3, 1234
+    layout = SegmentLayout(3, 13, 3, causal, token_counts=torch.tensor([5, 13]))
+    q, k, v = make_qkv(B, Hq, Hkv, T, T, D, torch.float32, seed=11)
+    keep = rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu")
+    assert keep.dtype == torch.bool and keep.shape == (B, Hq, T, T)
+    check_against_reference(
+        q, k, v, layout, tol=1e-5,
+        kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
+    )  # fmt: skip
+
+
+def test_dropout_decode_and_gqa_offsets():
+    B, Hq, Hkv, Tq, Tk, D, p, seed = 1, 4, 1, 6, 19, 16, 0.2, 99
+    layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([9]))
+    q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=12)
+    keep = rmt_attention_dropout_mask(B, Hq, Tq, Tk, p, seed, "cpu")
+    check_against_reference(
+        q, k, v, layout, tol=1e-5,
+        kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
+    )  # fmt: skip
+
+
+def test_dropout_keep_rate():
+    p = 0.25
+    keep = rmt_attention_dropout_mask(2, 4, 64, 128, p, 2024, "cpu")  # 65536 draws
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    other = rmt_attention_dropout_mask(2, 4, 64, 128, p, 2025, "cpu")
+    assert not torch.equal(keep, other)
+    assert torch.equal(keep, rmt_attention_dropout_mask(2, 4, 64, 128, p, 2024, "cpu"))
+    assert rmt_attention_dropout_mask(1, 1, 16, 16, 0.0, 5, "cpu").all()
+
+
+def test_dropout_same_seed_is_deterministic():
+    layout = SegmentLayout(2, 12, 2, True)
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 16, torch.float32)
+    a = rmt_attention(q, k, v, layout, dropout_p=0.5, seed=7)
+    b = rmt_attention(q, k, v, layout, dropout_p=0.5, seed=7)
+    c = rmt_attention(q, k, v, layout, dropout_p=0.5, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = rmt_attention(q, k, v, layout, dropout_p=0.5)  # seed drawn from torch's CPU generator
+    assert torch.isfinite(d).all()
+
+
+# -------------------------------------------------------------------------------------------- validation
+def _good(**over):
+    q, k, v = make_qkv(1, 4, 2, 8, 8, 16, torch.float32)
+    args = {"q": q, "k": k, "v": v, "layout": SegmentLayout(1, 6, 1, True)}
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"q": torch.randn(4, 8, 16)}, "q must be 4-D"),
+        ({"k": torch.randn(1, 2, 8, 16, 1)}, "k must be 4-D"),
+        ({"v": torch.randn(1, 2, 8, 16, dtype=torch.float16)}, "share a dtype"),
+        ({"q": torch.randn(1, 4, 8, 16, dtype=torch.float64)}, "dtype"),
+        ({"q": torch.randn(1, 4, 8, 8), "k": torch.randn(1, 2, 8, 8), "v": torch.randn(1, 2, 8, 8)}, "head dim 8"),
+        (
+            {"q": torch.randn(1, 4, 8, 300), "k": torch.randn(1, 2, 8, 300), "v": torch.randn(1, 2, 8, 300)},
+            "head dim 300",
+        ),
+        ({"k": torch.randn(1, 3, 8, 16), "v": torch.randn(1, 3, 8, 16)}, "multiple of k/v heads"),
+        ({"k": torch.randn(1, 2, 9, 16), "v": torch.randn(1, 2, 9, 16)}, "seq_len 8"),
+        ({"k": torch.randn(1, 2, 8, 32), "v": torch.randn(1, 2, 8, 32)}, "head dims differ"),
+        ({"layout": SegmentLayout(1, 6, 1, True, token_counts=torch.tensor([1, 2]))}, "token_counts has length"),
+        (
+            {"layout": SegmentLayout(1, 6, 1, True, token_mask=torch.ones(1, 6, dtype=torch.bool))},
+            "triton backend supports token_counts padding only",
+        ),
+        ({"q": torch.randn(1, 4, 9, 16)}, "more than k"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_raise(over, match):
+    args = _good(**over)
+    assert rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"]) is not None
+    with pytest.raises((ValueError, TypeError), match=match):
+        rmt_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("layout"))
+
+
+def test_bad_dropout_and_out():
+    args = _good()
+    with pytest.raises(ValueError, match="dropout_p"):
+        rmt_attention(args["q"], args["k"], args["v"], args["layout"], dropout_p=1.0)
+    with pytest.raises(ValueError, match="out must have shape"):
+        rmt_attention(args["q"], args["k"], args["v"], args["layout"], out=torch.empty(1, 4, 8, 16))
+
+
+def test_supported():
+    args = _good()
+    assert rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"]) is None
+    bf = [t.to(torch.bfloat16) for t in (args["q"], args["k"], args["v"])]
+    assert rmt_attention_supported(*bf, args["layout"]) is None
+    assert "dropout_p" in rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"], 1.5)
+    masked = SegmentLayout(1, 6, 1, True, token_mask=torch.ones(1, 6, dtype=torch.bool))
+    assert "token_counts" in rmt_attention_supported(args["q"], args["k"], args["v"], masked)
+
+
+def test_cpu_without_interpreter_is_unsupported(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = _good()
+    reason = rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"])
+    assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+def test_zz_report():
+    """Prints the worst relative error per dtype over the tests above (visible with pytest -s)."""
+    for dtype, err in MAX_ERR.items():
+        print(f"\nmax relative error {dtype}: {err:.3g}")
