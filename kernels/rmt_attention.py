@@ -68,6 +68,21 @@ def _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.co
 
 
 @triton.jit
+def _block_needs_mask(start_n, m_first, m_last, Tk, causal_shift, pad_lo, pad_hi,
+                      CAUSAL: tl.constexpr, PADDED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether some (query in [m_first, m_last], key in the block at start_n) pair is invisible.
+
+    Rows past Tq need no mask: their q / dO tiles load as zeros and their results are never stored.
+    """
+    needs = start_n + BLOCK_N > Tk
+    if CAUSAL:
+        needs = needs | (start_n + BLOCK_N - 1 > m_first + causal_shift)
+    if PADDED:
+        needs = needs | ((start_n + BLOCK_N > pad_lo) & (start_n < pad_hi))
+    return needs
+
+
+@triton.jit
 def _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
     """(BLOCK_N, BLOCK_M) bool: the transpose of :func:`_visible`, built directly in key-major orientation."""
     vis = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
@@ -81,10 +96,10 @@ def _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, start, end,
-    offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+    m_first, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
@@ -95,8 +110,13 @@ def _fwd_inner(
             mask=n_ok[None, :] & d_ok[:, None], other=0.0,
         )  # fmt: skip
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
-        s = tl.where(vis, s, float("-inf"))
+        if BOUNDARY_ONLY:
+            if _block_needs_mask(start_n, m_first, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+                vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                s = tl.where(vis, s, float("-inf"))
+        else:
+            vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -123,6 +143,7 @@ def _rmt_attn_fwd_kernel(
     Hq, G, Tq, Tk, D, num_read, num_tokens, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     # The heaviest (last, for causal) query tiles are scheduled first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -156,14 +177,14 @@ def _rmt_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives exp2(-inf) = 0
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, 0, end1, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        acc, l_i, m_i, q, k_base, v_base, 0, end1, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
         pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, start2, hi, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        acc, l_i, m_i, q, k_base, v_base, start2, hi, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
         pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
 
     empty = l_i == 0.0  # a query that sees no key at all: output 0, lse +inf (=> zero gradients)
@@ -210,10 +231,10 @@ def _rmt_attn_bwd_preprocess_kernel(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, start, end,
-    offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+    m_first, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
@@ -228,8 +249,14 @@ def _dq_inner(
             mask=n_ok[None, :] & d_ok[:, None], other=0.0,
         )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if BOUNDARY_ONLY:
+            if _block_needs_mask(start_n, m_first, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+                vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                p = tl.where(vis, p, 0.0)
+        else:
+            vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+            p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         if DROPOUT:
             keep = _keep_mask(seed, drop_row + offs_n[None, :], dropout_p)
@@ -250,6 +277,7 @@ def _rmt_attn_bwd_dq_kernel(
     Hq, G, Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -286,14 +314,14 @@ def _rmt_attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, 0, end1, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        dq, q, do, lse, delta, k_base, v_base, 0, end1, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
         pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, start2, hi, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
+        dq, q, do, lse, delta, k_base, v_base, start2, hi, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
         pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC,
+        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
@@ -314,6 +342,7 @@ def _rmt_attn_bwd_dkdv_kernel(
     Hq, Hkv, G, Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     """One key block of one K/V head; loops over the G query heads of its group and their query blocks.
 
@@ -347,8 +376,8 @@ def _rmt_attn_bwd_dkdv_kernel(
         lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
     hi = Tq
     if PADDED:
-        if (start_n >= pad_lo) & (start_n + BLOCK_N <= pad_hi):
-            hi = lo  # every key of the block is padded: dk = dv = 0
+        # every key of the block is padded: run no query block, dk = dv = 0
+        hi = tl.where((start_n >= pad_lo) & (start_n + BLOCK_N <= pad_hi), lo, Tq)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -369,8 +398,14 @@ def _rmt_attn_bwd_dkdv_kernel(
             lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-            vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
-            pt = tl.where(vis_t, tl.exp2(st - lse[None, :]), 0.0)
+            pt = tl.exp2(st - lse[None, :])
+            if BOUNDARY_ONLY:
+                if _block_needs_mask(start_n, start_m, start_m, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+                    vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                    pt = tl.where(vis_t, pt, 0.0)
+            else:
+                vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                pt = tl.where(vis_t, pt, 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if DROPOUT:
                 keep_t = _keep_mask(seed, (bh * Tq + offs_m[None, :]) * Tk + offs_n[:, None], dropout_p)
@@ -443,8 +478,12 @@ class _Cfg:
         return f"_Cfg(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, warps={self.num_warps}, stages={self.num_stages})"
 
 
-# Test hook: force the interpreter block size (must be >= 16, a power of two).
-_INTERPRET_BLOCK = 16
+# Interpreter (CPU test) block sizes (BLOCK_M, BLOCK_N): powers of two >= 16; tests change them.
+_INTERPRET_BLOCKS = (16, 16)
+
+# Build the mask only for key blocks that straddle a boundary (Tk, the causal diagonal, the padded tail);
+# interior blocks skip the element-wise mask. False masks every block (for A/B timing on a GPU).
+_MASK_BOUNDARY_ONLY = True
 
 
 def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> _Cfg:
@@ -454,8 +493,7 @@ def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> _Cfg:
     The numbers follow the FlashAttention-2 Triton recipes for Ampere/Hopper; they are untuned guesses here.
     """
     if _interpreting():
-        b = _INTERPRET_BLOCK
-        return _Cfg(b, b, 4, 1)
+        return _Cfg(*_INTERPRET_BLOCKS, 4, 1)
     d = _next_pow2(head_dim)
     wide = dtype == torch.float32  # 4-byte tiles: half the rows fit in shared memory
     if kind == "fwd":
@@ -519,10 +557,9 @@ def _empty(shape, dtype, device) -> Tensor:
 
 
 # ============================================================================================== launchers
-def _counts_arg(layout: SegmentLayout, device) -> tuple[Tensor, bool]:
+def _counts_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, bool]:
     if layout.token_counts is None:
-        # Never read (PADDED is a constexpr False); any device pointer will do.
-        return torch.empty(1, dtype=torch.int32, device=device), False
+        return dummy, False  # never read (PADDED is a constexpr False): any device pointer will do
     return layout.token_counts, True
 
 
@@ -532,7 +569,7 @@ def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, see
     if out is None:
         out = _empty((B, Tq, Hq, D), q.dtype, q.device)
     lse = _empty((B, Hq, Tq), torch.float32, q.device)
-    counts, padded = _counts_arg(layout, q.device)
+    counts, padded = _counts_arg(layout, q)
     args = (
         q, k, v, out, lse, counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -541,7 +578,7 @@ def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, see
     )  # fmt: skip
     consts = dict(
         CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0,
-        BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype), BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
     )  # fmt: skip
     _launch(
         "fwd", _rmt_attn_fwd_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * Hq), args, consts,
@@ -555,7 +592,7 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     block_d = max(16, _next_pow2(D))
-    counts, padded = _counts_arg(layout, q.device)
+    counts, padded = _counts_arg(layout, q)
     dot_prec = _dot_precision(q.dtype)
 
     delta = _empty((B, Hq, Tq), torch.float32, q.device)
@@ -564,7 +601,10 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
         out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
     )  # fmt: skip
 
-    consts = dict(CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, DOT_PREC=dot_prec)
+    consts = dict(
+        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, DOT_PREC=dot_prec,
+        BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
+    )  # fmt: skip
     common = (Tq, Tk, D, layout.num_read, layout.num_tokens, scale * _LOG2E, scale, float(dropout_p), int(seed))
     dq = dk = dv = None
     if need_dq:

@@ -106,7 +106,7 @@ class FastRMT(RMTBase):
                 token_mask = F.pad(attention_mask[:, start:start + length].bool(), (0, size - length))
             if length < size:
                 ids = F.pad(ids, (0, size - length))
-            counts = static.counts(length) if length < size and token_mask is None else None
+            counts = static.counts(length) if length < size else None
             if buf is None or not reuse:
                 buf = self.memory.new_empty(b, 2 * m + size, self.hidden_size)
             seg_logits, memory = self.decoder_step(buf, ids, memory, counts, token_mask, static, need_logits)
@@ -124,12 +124,16 @@ class FastRMT(RMTBase):
         return RMTOutput(loss=loss, logits=out_logits, memory_state=memory)
 
     def decoder_step(self, buf, ids, memory, counts, token_mask, static, need_logits=True):
-        """One segment: [memory | tokens | memory] -> (token logits (B, L, V) or None, new memory (B, m, d))."""
+        """One segment: [memory | tokens | memory] -> (token logits (B, L, V) or None, new memory (B, m, d)).
+
+        ``counts`` (B,) holds the valid token slots of a short (padded) segment and sets the write slots'
+        positions; ``token_mask`` (B, L), the caller's attention mask, decides key visibility when given."""
         m, size = self.num_mem_tokens, ids.shape[1]
         buf[:, :m] = memory
         buf[:, m:m + size] = self.word_embeddings(ids)
         buf[:, m + size:] = memory
-        layout = SegmentLayout(m, size, m, True, token_counts=counts, token_mask=token_mask)
+        layout = SegmentLayout(m, size, m, True, token_counts=None if token_mask is not None else counts,
+                               token_mask=token_mask)
         kwargs = dict(inputs_embeds=buf, attention_mask=static.key_valid(layout), use_cache=False,
                       position_ids=static.positions(counts))  # fmt: skip
         with active_segment(layout, self.settings.attn_backend):

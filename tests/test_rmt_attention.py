@@ -35,7 +35,7 @@ def _poison_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ra, "_empty", nan_empty)
-    monkeypatch.setattr(ra, "_INTERPRET_BLOCK", 16)
+    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", (16, 16))
 
 
 def rel_err(x, ref):
@@ -128,6 +128,16 @@ def test_padded_blocks_are_skipped_correctly(causal):
     # padded keys get exactly zero gradient
     assert (dk[0, :, 5:38] == 0).all() and (dv[0, :, 5:38] == 0).all()
     assert (dk[2, :, 3:38] == 0).all() and (dv[2, :, 3:38] == 0).all()
+
+
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("boundary_only", [True, False], ids=["mask-boundary", "mask-all"])
+def test_block_shapes_and_mask_modes(blocks, boundary_only, monkeypatch):
+    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(ra, "_MASK_BOUNDARY_ONLY", boundary_only)
+    layout = SegmentLayout(5, 50, 3, True, token_counts=torch.tensor([1, 37]))
+    q, k, v = make_qkv(2, 2, 1, 50, 58, 16, torch.float32, seed=5)  # decode-shifted, 58 keys
+    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
 
 
 def test_counts_dtype_and_out_of_range_counts_are_clamped():

@@ -1,0 +1,103 @@
+"""`rmt-fast-bench`: run the benchmarks.
+
+    rmt-fast-bench flops   [--out DIR] [--quick]
+    rmt-fast-bench latency [--out DIR] [--quick]
+    rmt-fast-bench profile [--out DIR] [--quick]
+    rmt-fast-bench kernels [--out DIR] [--quick]
+    rmt-fast-bench all     [--out DIR] [--quick]   # every available benchmark, in DIR/<name>/
+
+Each benchmark is a module ``benchmarks.<name>`` exposing ``run(out_dir: Path, quick: bool) -> dict``
+(a flat-ish summary dict). Modules are imported lazily; one that does not exist yet is reported as
+"not available yet" and skipped. To add a benchmark, add a line to BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.common import timestamp
+
+BENCHMARKS: dict[str, str] = {
+    "flops": "benchmarks.flops",
+    "latency": "benchmarks.latency",
+    "profile": "benchmarks.profile",
+    "kernels": "benchmarks.kernels",
+}
+
+
+def _available(module_path: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_path) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def run_one(name: str, out_dir: Path, quick: bool) -> dict:
+    """Run benchmark `name`; returns {'name', 'status', 'seconds', 'summary', ...}. Never raises."""
+    module_path = BENCHMARKS[name]
+    if not _available(module_path):
+        print(f"[{name}] not available yet ({module_path} does not exist); skipping")
+        return {"name": name, "status": "not available yet", "seconds": 0.0, "summary": {}}
+    print(f"[{name}] running -> {out_dir}")
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(module_path)
+        summary = module.run(Path(out_dir), quick=quick) or {}
+        status = "ok"
+        if summary.get("crosscheck_ok") is False or summary.get("ok") is False:
+            status = "failed checks"
+    except Exception as exc:  # keep going with the other benchmarks under `all`
+        traceback.print_exc()
+        summary, status = {"error": f"{type(exc).__name__}: {exc}"}, "error"
+    return {"name": name, "status": status, "seconds": time.perf_counter() - t0, "summary": summary}
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{...}"
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def print_summary(results: list[dict]) -> None:
+    """Plain-text table: benchmark, status, seconds, and the scalar entries of each summary."""
+    print()
+    print(f"{'benchmark':10s} {'status':18s} {'seconds':>8s}  key results")
+    print("-" * 78)
+    for res in results:
+        items = [f"{k}={_short(v)}" for k, v in res["summary"].items() if not isinstance(v, (dict, list))]
+        print(f"{res['name']:10s} {res['status']:18s} {res['seconds']:8.1f}  " + (items[0] if items else ""))
+        for item in items[1:]:
+            print(f"{'':39s}{item}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rmt-fast-bench", description="Benchmarks for rmt-fast.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}")
+    for name in [*BENCHMARKS, "all"]:
+        p = sub.add_parser(name, help="run every available benchmark" if name == "all" else f"{name} benchmark")
+        p.add_argument(
+            "--out", type=Path, default=None, help="output folder (default: results-<timestamp>)"
+        )
+        p.add_argument("--quick", action="store_true", help="smaller, faster configuration")
+    args = parser.parse_args(argv)
+    out = args.out if args.out is not None else Path(f"results-{timestamp()}")
+
+    if args.command == "all":
+        results = [run_one(name, out / name, args.quick) for name in BENCHMARKS]
+    else:
+        results = [run_one(args.command, out, args.quick)]
+    print_summary(results)
+    return 1 if any(r["status"] in ("error", "failed checks") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
