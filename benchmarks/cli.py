@@ -81,12 +81,14 @@ def print_summary(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rmt-fast-bench", description="Benchmarks for rmt-fast.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}"
+    )
     for name in [*BENCHMARKS, "all"]:
-        p = sub.add_parser(name, help="run every available benchmark" if name == "all" else f"{name} benchmark")
-        p.add_argument(
-            "--out", type=Path, default=None, help="output folder (default: results-<timestamp>)"
+        p = sub.add_parser(
+            name, help="run every available benchmark" if name == "all" else f"{name} benchmark"
         )
+        p.add_argument("--out", type=Path, default=None, help="output folder (default: results-<timestamp>)")
         p.add_argument("--quick", action="store_true", help="smaller, faster configuration")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else Path(f"results-{timestamp()}")

@@ -243,7 +243,9 @@ def crosscheck_plan(quick: bool) -> list[tuple[str, int]]:
     OPT-125M/350M/1.3B/175B; bert-base and OPT-125M also at a few intermediate lengths (~20 s in all).
     """
     if quick:
-        plan = [(m, n) for m in ("bert-base", "opt-125m", "opt-350m") for n in (SEGMENT_POSITIONS, MAX_TOKENS)]
+        plan = [
+            (m, n) for m in ("bert-base", "opt-125m", "opt-350m") for n in (SEGMENT_POSITIONS, MAX_TOKENS)
+        ]
         return plan + [("opt-125m", 64000)]
     plan = [(m, SEGMENT_POSITIONS) for m in MODELS]
     plan += [(m, MAX_TOKENS) for m in FULL_CHECK_MODELS]
@@ -440,8 +442,16 @@ def make_plots(out_dir: Path) -> list[Path]:
         c, (ls, mk) = colors[i % len(colors)], styles[i % len(styles)]
         ax.loglog(xs, [ratio(spec, t, True) for t in xs], ls=ls, marker=mk, ms=3.5, color=c, label=spec.name)
     for j, (name, ref) in enumerate(PAPER_RATIOS.items()):
-        ax.plot([MAX_TOKENS], [ref], marker="*", ms=13, ls="none", color="k", mfc="none" if j else "k",
-                label=f"paper {name}: ~x{ref:g}")
+        ax.plot(
+            [MAX_TOKENS],
+            [ref],
+            marker="*",
+            ms=13,
+            ls="none",
+            color="k",
+            mfc="none" if j else "k",
+            label=f"paper {name}: ~x{ref:g}",
+        )
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("input length (tokens)")
     ax.set_ylabel("full-attention FLOPs / RMT FLOPs (x)")
@@ -489,8 +499,10 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_dir / "flops_env.json", {"env": env_info(), "summary": summary})
 
-    print(f"FLOPs cross-check: {n_checked} points, max |rel_diff| = {100 * max_rel:.3g}% "
-          f"({'OK' if summary['crosscheck_ok'] else 'FAILED'}, tolerance {100 * CROSSCHECK_TOL:g}%)")
+    print(
+        f"FLOPs cross-check: {n_checked} points, max |rel_diff| = {100 * max_rel:.3g}% "
+        f"({'OK' if summary['crosscheck_ok'] else 'FAILED'}, tolerance {100 * CROSSCHECK_TOL:g}%)"
+    )
     print(f"full/RMT FLOPs at {MAX_TOKENS:,} tokens ({PRIMARY.name}, with LM head):")
     for name, r in ratios.items():
         ref = PAPER_RATIOS.get(name)

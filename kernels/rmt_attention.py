@@ -68,9 +68,9 @@ def _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.co
 
 
 @triton.jit
-def _block_needs_mask(start_n, m_first, m_last, Tk, causal_shift, pad_lo, pad_hi,
+def _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi,
                       CAUSAL: tl.constexpr, PADDED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Whether some (query in [m_first, m_last], key in the block at start_n) pair is invisible.
+    """Whether some (query tile starting at m_first, key block at start_n) pair is invisible.
 
     Rows past Tq need no mask: their q / dO tiles load as zeros and their results are never stored.
     """
@@ -96,7 +96,7 @@ def _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, start, end,
-    m_first, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, pad_lo, pad_hi,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
@@ -111,7 +111,7 @@ def _fwd_inner(
         )  # fmt: skip
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if BOUNDARY_ONLY:
-            if _block_needs_mask(start_n, m_first, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+            if _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
                 vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
                 s = tl.where(vis, s, float("-inf"))
         else:
@@ -140,7 +140,7 @@ def _rmt_attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    Hq, G, Tq, Tk, D, num_read, num_tokens, qk_scale, dropout_p, seed,
+    Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr,
@@ -205,7 +205,7 @@ def _rmt_attn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
-    Hq, Tq, D,
+    Hq, Tq, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta[b, h, i] = sum_d O[b, i, h, d] * dO[b, i, h, d] in fp32."""
@@ -231,7 +231,7 @@ def _rmt_attn_bwd_preprocess_kernel(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, start, end,
-    m_first, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, pad_lo, pad_hi,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
@@ -251,7 +251,7 @@ def _dq_inner(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if BOUNDARY_ONLY:
-            if _block_needs_mask(start_n, m_first, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+            if _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
                 vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
                 p = tl.where(vis, p, 0.0)
         else:
@@ -274,7 +274,7 @@ def _rmt_attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, G, Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+    Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr,
@@ -339,7 +339,7 @@ def _rmt_attn_bwd_dkdv_kernel(
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, G, Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+    Hq, Hkv, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr,
@@ -400,7 +400,7 @@ def _rmt_attn_bwd_dkdv_kernel(
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.exp2(st - lse[None, :])
             if BOUNDARY_ONLY:
-                if _block_needs_mask(start_n, start_m, start_m, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+                if _block_needs_mask(start_n, start_m, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
                     vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
                     pt = tl.where(vis_t, pt, 0.0)
             else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,10 +101,9 @@ _FALLBACK_LOGGED: set[str] = set()
 
 def _triton():
     try:
-        from kernels import rmt_attention as mod
-    except ImportError:  # triton not installed
+        return importlib.import_module("kernels.rmt_attention")
+    except ImportError:  # triton is not installed
         return None
-    return mod
 
 
 def choose_backend(requested: str, q, k, v, layout: SegmentLayout, dropout_p: float) -> str:

@@ -8,13 +8,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-import kernels.rmt_attention as ra  # noqa: E402
 from kernels.layout import SegmentLayout  # noqa: E402
 from kernels.reference import dense_rmt_attention_reference  # noqa: E402
 from kernels.rmt_attention import (  # noqa: E402
@@ -22,6 +23,9 @@ from kernels.rmt_attention import (  # noqa: E402
     rmt_attention_dropout_mask,
     rmt_attention_supported,
 )
+
+# the module (``kernels.rmt_attention`` the attribute is the function, re-exported by kernels/__init__)
+ra = importlib.import_module("kernels.rmt_attention")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_report with -s)
