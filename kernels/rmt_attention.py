@@ -19,7 +19,6 @@ File order: jit kernels, launch configuration, launchers, the autograd Function,
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -57,7 +56,9 @@ def _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+def _visible(
+    offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr
+):
     """(BLOCK_M, BLOCK_N) bool: query offs_m may attend key offs_n (both in range, causal, not padded)."""
     vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
     if CAUSAL:
@@ -68,8 +69,17 @@ def _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.co
 
 
 @triton.jit
-def _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi,
-                      CAUSAL: tl.constexpr, PADDED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _block_needs_mask(
+    start_n,
+    m_first,
+    Tk,
+    causal_shift,
+    pad_lo,
+    pad_hi,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Whether some (query tile starting at m_first, key block at start_n) pair is invisible.
 
     Rows past Tq need no mask: their q / dO tiles load as zeros and their results are never stored.
@@ -83,7 +93,9 @@ def _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi,
 
 
 @triton.jit
-def _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+def _visible_t(
+    offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr
+):
     """(BLOCK_N, BLOCK_M) bool: the transpose of :func:`_visible`, built directly in key-major orientation."""
     vis = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
     if CAUSAL:
@@ -111,7 +123,10 @@ def _fwd_inner(
         )  # fmt: skip
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if BOUNDARY_ONLY:
-            if _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+            needs = _block_needs_mask(
+                start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N
+            )
+            if needs:
                 vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
                 s = tl.where(vis, s, float("-inf"))
         else:
@@ -135,7 +150,7 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_fwd_kernel(
-    Q, K, V, O, LSE, COUNTS,
+    Q, K, V, Out, LSE, COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -177,13 +192,15 @@ def _rmt_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives exp2(-inf) = 0
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, 0, end1, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
-        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        acc, l_i, m_i, q, k_base, v_base, 0, end1, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
         CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, start2, hi, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
-        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        acc, l_i, m_i, q, k_base, v_base, start2, hi, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
         CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
 
@@ -195,14 +212,14 @@ def _rmt_attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))  # base-2, in units of qk_scale
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
     tl.store(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
     )  # fmt: skip
 
 
 @triton.jit
 def _rmt_attn_bwd_preprocess_kernel(
-    O, DO, DELTA,
+    Out, DO, DELTA,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
     Hq, Tq, D: tl.constexpr,
@@ -218,7 +235,7 @@ def _rmt_attn_bwd_preprocess_kernel(
     m_ok = offs_m < Tq
     mask = m_ok[:, None] & (offs_d[None, :] < D)
     o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
         mask=mask, other=0.0,
     ).to(tl.float32)  # fmt: skip
     do = tl.load(
@@ -251,7 +268,10 @@ def _dq_inner(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if BOUNDARY_ONLY:
-            if _block_needs_mask(start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+            needs = _block_needs_mask(
+                start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N
+            )
+            if needs:
                 vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
                 p = tl.where(vis, p, 0.0)
         else:
@@ -314,13 +334,15 @@ def _rmt_attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, 0, end1, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
-        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        dq, q, do, lse, delta, k_base, v_base, 0, end1, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
         CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, start2, hi, pid_m * BLOCK_M, offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift,
-        pad_lo, pad_hi, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+        dq, q, do, lse, delta, k_base, v_base, start2, hi, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
         CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     dq = dq * sm_scale
@@ -391,7 +413,9 @@ def _rmt_attn_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Tq
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
+            q = tl.load(
+                q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0
+            )
             do = tl.load(
                 do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0
             ).to(q.dtype)
@@ -400,7 +424,10 @@ def _rmt_attn_bwd_dkdv_kernel(
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.exp2(st - lse[None, :])
             if BOUNDARY_ONLY:
-                if _block_needs_mask(start_n, start_m, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N):
+                needs = _block_needs_mask(
+                    start_n, start_m, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N
+                )
+                if needs:
                     vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
                     pt = tl.where(vis_t, pt, 0.0)
             else:
@@ -475,7 +502,10 @@ class _Cfg:
         return None
 
     def __repr__(self) -> str:
-        return f"_Cfg(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, warps={self.num_warps}, stages={self.num_stages})"
+        return (
+            f"_Cfg(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
+            f"warps={self.num_warps}, stages={self.num_stages})"
+        )
 
 
 # Interpreter (CPU test) block sizes (BLOCK_M, BLOCK_N): powers of two >= 16; tests change them.
@@ -486,42 +516,30 @@ _INTERPRET_BLOCKS = (16, 16)
 _MASK_BOUNDARY_ONLY = True
 
 
-def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> _Cfg:
-    """Per-kernel launch configuration from the (padded) head dim and dtype. No autotuning, no sync.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim (<= 64, <= 128, <= 256).
+# 2-byte dtypes: FlashAttention-2 Triton recipes for Ampere/Hopper, checked offline to compile for sm_80 and
+# sm_90 without register spills (bf16, causal + padded); not timed on hardware. fp32 runs its dots on FMA
+# units (exact IEEE) or TF32, so it gets small tiles and 8 warps.
+_CONFIGS = {
+    ("fwd", False): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+    ("dq", False): ((128, 32, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
+    ("dkdv", False): ((32, 128, 8, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
+    ("fwd", True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 16, 8, 2)),
+    ("dq", True): ((64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),
+    ("dkdv", True): ((16, 64, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
+}
 
-    kind: "fwd" (query tile M, key tile N), "dq" (query tile M, key tile N), "dkdv" (query tile M, key tile N).
-    The numbers follow the FlashAttention-2 Triton recipes for Ampere/Hopper; they are untuned guesses here.
+
+def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> _Cfg:
+    """Per-kernel launch configuration from the head dim and dtype: a table look-up, no autotuning, no sync.
+
+    kind: "fwd", "dq" or "dkdv"; BLOCK_M always tiles queries and BLOCK_N keys.
     """
     if _interpreting():
         return _Cfg(*_INTERPRET_BLOCKS, 4, 1)
     d = _next_pow2(head_dim)
-    wide = dtype == torch.float32  # 4-byte tiles: half the rows fit in shared memory
-    if kind == "fwd":
-        if d <= 64:
-            cfg = _Cfg(128, 64, 4, 3)
-        elif d <= 128:
-            cfg = _Cfg(128, 64, 8, 3)
-        else:
-            cfg = _Cfg(64, 32, 8, 2)
-    elif kind == "dq":
-        if d <= 64:
-            cfg = _Cfg(128, 32, 4, 3)
-        elif d <= 128:
-            cfg = _Cfg(64, 64, 8, 2)
-        else:
-            cfg = _Cfg(32, 32, 8, 2)
-    elif kind == "dkdv":
-        if d <= 64:
-            cfg = _Cfg(32, 128, 4, 3)
-        elif d <= 128:
-            cfg = _Cfg(64, 64, 8, 2)
-        else:
-            cfg = _Cfg(32, 32, 8, 2)
-    else:
-        raise KeyError(kind)
-    if wide and d > 32:
-        cfg = _Cfg(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps, min(cfg.num_stages, 2))
-    return cfg
+    table = _CONFIGS[(kind, dtype == torch.float32)]
+    return _Cfg(*table[0 if d <= 64 else 1 if d <= 128 else 2])
 
 
 # (kind, head_dim, dtype, device index) -> the configuration that compiled, after an out-of-resources retry.
@@ -529,7 +547,7 @@ _CONFIG_CACHE: dict[tuple, _Cfg] = {}
 
 
 def _launch(kind: str, kernel, grid_fn, args: tuple, consts: dict, head_dim: int, dtype, device) -> None:
-    """Launch with the heuristic config; on a compile-time out-of-resources error step down and remember it."""
+    """Launch with the heuristic config; on a compile-time out-of-resources error, step down and remember."""
     key = (kind, head_dim, dtype, device.index if device.type == "cuda" else -1)
     cfg = _CONFIG_CACHE.get(key) or _heuristic_config(kind, head_dim, dtype)
     while True:
@@ -552,7 +570,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _empty(shape, dtype, device) -> Tensor:
-    """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison with NaN)."""
+    """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -605,7 +623,17 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
         CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, DOT_PREC=dot_prec,
         BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
     )  # fmt: skip
-    common = (Tq, Tk, D, layout.num_read, layout.num_tokens, scale * _LOG2E, scale, float(dropout_p), int(seed))
+    common = (
+        Tq,
+        Tk,
+        D,
+        layout.num_read,
+        layout.num_tokens,
+        scale * _LOG2E,
+        scale,
+        float(dropout_p),
+        int(seed),
+    )
     dq = dk = dv = None
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
@@ -668,12 +696,16 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
         if not isinstance(t, Tensor):
             return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
         if t.ndim != 4:
-            return ValueError, f"{name} must be 4-D ({'B, Hq, Tq, D' if name == 'q' else 'B, Hkv, Tk, D'}), got shape {tuple(t.shape)}"
+            dims = "B, Hq, Tq, D" if name == "q" else "B, Hkv, Tk, D"
+            return ValueError, f"{name} must be 4-D ({dims}), got shape {tuple(t.shape)}"
     if not isinstance(layout, SegmentLayout):
         return TypeError, f"layout must be a SegmentLayout, got {type(layout).__name__}"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _SUPPORTED_DTYPES:
-            return TypeError, f"{name} has dtype {t.dtype}; the triton backend supports float16, bfloat16, float32"
+            return (
+                TypeError,
+                f"{name} has dtype {t.dtype}; the triton backend supports float16, bfloat16, float32",
+            )
     if not (q.dtype == k.dtype == v.dtype):
         return TypeError, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
@@ -694,7 +726,10 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
     if k.shape[-1] != D:
         return ValueError, f"head dims differ: q {D}, k/v {k.shape[-1]}"
     if not (_MIN_HEAD_DIM <= D <= _MAX_HEAD_DIM):
-        return ValueError, f"head dim {D} is outside the triton backend's range [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]"
+        return (
+            ValueError,
+            f"head dim {D} is outside the triton backend's range [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]",
+        )
     Tk = k.shape[-2]
     if Tk != layout.seq_len:
         return ValueError, f"k has {Tk} positions but the segment layout has seq_len {layout.seq_len}"
@@ -715,7 +750,9 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
     return None
 
 
-def rmt_attention_supported(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, dropout_p: float = 0.0) -> str | None:
+def rmt_attention_supported(
+    q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, dropout_p: float = 0.0
+) -> str | None:
     """None when :func:`rmt_attention` can run this case, else a short reason (route the call to SDPA)."""
     problem = _problem(q, k, v, layout, dropout_p)
     return None if problem is None else problem[1]

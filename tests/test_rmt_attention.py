@@ -33,7 +33,7 @@ MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_rep
 
 @pytest.fixture(autouse=True)
 def _poison_buffers(monkeypatch):
-    """Every kernel-written buffer (lse, delta, dq, dk, dv, default out) starts as NaN: unwritten spots show."""
+    """Every kernel-written buffer (lse, delta, dq, dk, dv, default out) starts as NaN: gaps show."""
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -83,7 +83,7 @@ def check_against_reference(q, k, v, layout, *, tol, seed=1, kernel_kw=None, ref
     grad_out = torch.randn(B, Tq, Hq, D, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
     got = run_kernel(q, k, v, layout, grad_out, **(kernel_kw or {}))
     want = run_reference(q, k, v, layout, grad_out, **(ref_kw or {}))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
         assert torch.isfinite(a).all(), f"{name} has non-finite values (unwritten?)"
         err = rel_err(a, b)
         record(q.dtype, err)
@@ -152,7 +152,7 @@ def test_counts_dtype_and_out_of_range_counts_are_clamped():
     grad_out = torch.randn(2, 11, 2, 16)
     got = run_kernel(q, k, v, layout, grad_out)
     want = run_reference(q, k, v, ref_layout, grad_out)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -165,7 +165,7 @@ def test_query_with_no_visible_key_gives_zeros():
     assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
     sub = SegmentLayout(0, 8, 0, False, token_counts=torch.tensor([5]))
     want = run_reference(q[1:], k[1:], v[1:], sub, grad_out[1:])
-    for a, b in zip((out[1:], dq[1:], dk[1:], dv[1:]), want):
+    for a, b in zip((out[1:], dq[1:], dk[1:], dv[1:]), want, strict=False):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -198,7 +198,7 @@ def test_strided_inputs_equal_contiguous():
     grad_out = torch.randn(B, T, Hq, D, generator=g)
     strided = run_kernel(q, k, v, layout, grad_out)
     contig = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), layout, grad_out)
-    for a, b in zip(strided, contig):
+    for a, b in zip(strided, contig, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # transposed views of (B, T, H, D) tensors and a non-contiguous upstream gradient
     qt = torch.randn(B, T, Hq, D, generator=g).transpose(1, 2)
@@ -207,10 +207,10 @@ def test_strided_inputs_equal_contiguous():
     go = torch.randn(B, Hq, T, D, generator=g).transpose(1, 2)  # (B, T, Hq, D), not contiguous
     strided = run_kernel(qt, kt, vt, layout, go)
     contig = run_kernel(qt.contiguous(), kt.contiguous(), vt.contiguous(), layout, go.contiguous())
-    for a, b in zip(strided, contig):
+    for a, b in zip(strided, contig, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     want = run_reference(qt, kt, vt, layout, go)
-    for a, b in zip(strided, want):
+    for a, b in zip(strided, want, strict=False):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -294,7 +294,10 @@ def _good(**over):
         ({"k": torch.randn(1, 2, 8, 16, 1)}, "k must be 4-D"),
         ({"v": torch.randn(1, 2, 8, 16, dtype=torch.float16)}, "share a dtype"),
         ({"q": torch.randn(1, 4, 8, 16, dtype=torch.float64)}, "dtype"),
-        ({"q": torch.randn(1, 4, 8, 8), "k": torch.randn(1, 2, 8, 8), "v": torch.randn(1, 2, 8, 8)}, "head dim 8"),
+        (
+            {"q": torch.randn(1, 4, 8, 8), "k": torch.randn(1, 2, 8, 8), "v": torch.randn(1, 2, 8, 8)},
+            "head dim 8",
+        ),
         (
             {"q": torch.randn(1, 4, 8, 300), "k": torch.randn(1, 2, 8, 300), "v": torch.randn(1, 2, 8, 300)},
             "head dim 300",
@@ -302,7 +305,10 @@ def _good(**over):
         ({"k": torch.randn(1, 3, 8, 16), "v": torch.randn(1, 3, 8, 16)}, "multiple of k/v heads"),
         ({"k": torch.randn(1, 2, 9, 16), "v": torch.randn(1, 2, 9, 16)}, "seq_len 8"),
         ({"k": torch.randn(1, 2, 8, 32), "v": torch.randn(1, 2, 8, 32)}, "head dims differ"),
-        ({"layout": SegmentLayout(1, 6, 1, True, token_counts=torch.tensor([1, 2]))}, "token_counts has length"),
+        (
+            {"layout": SegmentLayout(1, 6, 1, True, token_counts=torch.tensor([1, 2]))},
+            "token_counts has length",
+        ),
         (
             {"layout": SegmentLayout(1, 6, 1, True, token_mask=torch.ones(1, 6, dtype=torch.bool))},
             "triton backend supports token_counts padding only",
