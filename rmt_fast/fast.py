@@ -21,12 +21,28 @@ from kernels.layout import SegmentLayout
 
 from .attention import ATTN_NAME, active_segment
 from .base import RMTBase, RMTOutput, memory_detached_before
-from .segments import decoder_plan, encoder_plan
+from .segments import decoder_plan, decoder_targets, encoder_plan
 
 
 class FastRMT(RMTBase):
-    def __init__(self, model, num_mem_tokens: int, segment_size: int, **kwargs):
+    """See the module docstring and the README. FastRMT-only options:
+
+    * ``gradient_checkpointing``: keep only each segment's input memory and recompute the segment in
+      backward, so activation memory grows by N x m x d plus one segment (use with ``return_logits=False``
+      for long decoder inputs, so the logits are not kept either);
+    * ``cuda_graph``: run inference segments through one captured CUDA graph per call shape
+      (:mod:`rmt_fast.cuda_graph`); training with it is refused with a clear error.
+    """
+
+    def __init__(self, model, num_mem_tokens: int, segment_size: int, *, gradient_checkpointing: bool = False,
+                 cuda_graph: bool = False, **kwargs):  # fmt: skip
         super().__init__(model, num_mem_tokens, segment_size, **kwargs)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self._graphs = None
+        if cuda_graph:
+            from .cuda_graph import SegmentGraphRunner
+
+            self._graphs = SegmentGraphRunner(self)
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
         self._last_hidden: Tensor | None = None
@@ -80,55 +96,43 @@ class FastRMT(RMTBase):
     # ------------------------------------------------------------------------------------------- decoder
     def _decoder(self, input_ids, attention_mask, labels, labels_mask, memory_state, return_logits):
         b, total = input_ids.shape
-        m, size = self.num_mem_tokens, self.segment_size
         n = self._check_decoder_length(total)
-        plan = decoder_plan(total, size, self.settings.segment_alignment)
-        device = input_ids.device
-        targets, denom = None, None
-        if labels is not None:
-            keep = labels[:, 1:] != -100
-            if labels_mask is not None:
-                keep = keep & labels_mask[:, 1:].bool()
-            targets = F.pad(torch.where(keep, labels[:, 1:], -100), (0, 1), value=-100)
-            denom = keep.sum()
+        plan = decoder_plan(total, self.segment_size, self.settings.segment_alignment)
+        targets, denom = decoder_targets(labels, labels_mask)
         need_logits = return_logits or labels is not None
-        static = _DecoderStatic(b, m, size, device)
-        reuse = not torch.is_grad_enabled()
-        buf = None
         memory = self.initial_memory(b, memory_state)
+        if self._graphs is not None and self._graphs.supports_decoder(attention_mask):
+            return self._graphs.run_decoder(input_ids, targets, denom, memory, plan, return_logits)
+        static = DecoderStatic(b, self.num_mem_tokens, self.segment_size, input_ids.device)
         loss_sum, logits = None, []
         for t, (start, length) in enumerate(plan):
             if memory_detached_before(t, n, self.settings.bptt_depth):
                 memory = memory.detach()
-            ids = input_ids[:, start:start + length]
-            token_mask = None
-            if attention_mask is not None:
-                token_mask = F.pad(attention_mask[:, start:start + length].bool(), (0, size - length))
-            if length < size:
-                ids = F.pad(ids, (0, size - length))
-            counts = static.counts(length) if length < size else None
-            if buf is None or not reuse:
-                buf = self.memory.new_empty(b, 2 * m + size, self.hidden_size)
-            seg_logits, memory = self.decoder_step(buf, ids, memory, counts, token_mask, static, need_logits)
-            if seg_logits is None:
-                continue
-            seg_logits = seg_logits[:, :length]
-            if targets is not None:
-                part = F.cross_entropy(seg_logits.float().flatten(0, 1), targets[:, start:start + length].flatten(),
-                                       ignore_index=-100, reduction="sum")  # fmt: skip
+            ids, counts, token_mask, seg_targets = static.segment(input_ids, attention_mask, targets, start, length)
+            seg_logits, memory, part = self._call(self.decoder_step, ids, memory, counts, token_mask, static,
+                                                  need_logits, seg_targets)  # fmt: skip
+            if part is not None:
                 loss_sum = part if loss_sum is None else loss_sum + part
             if return_logits:
-                logits.append(seg_logits)
+                logits.append(seg_logits[:, :length])
         loss = loss_sum / denom if loss_sum is not None else None
         out_logits = torch.cat(logits, dim=1) if return_logits else None
         return RMTOutput(loss=loss, logits=out_logits, memory_state=memory)
 
-    def decoder_step(self, buf, ids, memory, counts, token_mask, static, need_logits=True):
-        """One segment: [memory | tokens | memory] -> (token logits (B, L, V) or None, new memory (B, m, d)).
+    def _call(self, step, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Keep only the segment's inputs (its memory); recompute the segment in backward.
+            return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+        return step(*args)
+
+    def decoder_step(self, ids, memory, counts, token_mask, static, need_logits=True, targets=None):
+        """One segment: [memory | tokens | memory] -> (token logits (B, L, V) or None, new memory (B, m, d),
+        summed cross-entropy over ``targets`` (B, L) or None).
 
         ``counts`` (B,) holds the valid token slots of a short (padded) segment and sets the write slots'
         positions; ``token_mask`` (B, L), the caller's attention mask, decides key visibility when given."""
         m, size = self.num_mem_tokens, ids.shape[1]
+        buf = static.embeds_buffer(self.memory.dtype, self.hidden_size)
         buf[:, :m] = memory
         buf[:, m:m + size] = self.word_embeddings(ids)
         buf[:, m + size:] = memory
@@ -136,6 +140,7 @@ class FastRMT(RMTBase):
                                token_mask=token_mask)
         kwargs = dict(inputs_embeds=buf, attention_mask=static.key_valid(layout), use_cache=False,
                       position_ids=static.positions(counts))  # fmt: skip
+        need_logits = need_logits or targets is not None
         with active_segment(layout, self.settings.attn_backend):
             if need_logits and self._info.accepts_logits_to_keep:
                 logits = self.model(**kwargs, logits_to_keep=static.token_index).logits
@@ -144,22 +149,29 @@ class FastRMT(RMTBase):
                 hidden = self._info.base_model(**kwargs).last_hidden_state
                 logits = self.model.get_output_embeddings()(hidden[:, m:m + size]) if need_logits else None
         self._last_hidden = None
-        return logits, hidden[:, m + size:]
+        loss_sum = None
+        if targets is not None:
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                       reduction="sum")  # fmt: skip
+        return logits, hidden[:, m + size:], loss_sum
 
     # ------------------------------------------------------------------------------------------- encoder
     def _encoder(self, input_ids, labels, memory_state, return_logits):
         st, m = self.settings, self.num_mem_tokens
         plan = encoder_plan(input_ids, labels, st, self.input_size, m)
         memory = self.initial_memory(input_ids.shape[0], memory_state)
+        if self._graphs is not None:
+            graphed = self._graphs.run_encoder(plan, memory, return_logits)
+            if graphed is not None:
+                return graphed
         losses, logits = [], None
         for t, seg in enumerate(plan.segments):
             if memory_detached_before(t, plan.n_segments, st.bptt_depth):
                 memory = memory.detach()
             if seg.rows is None:
-                out, new = self.encoder_step(seg.ids, memory, seg.counts, seg.labels)
-                memory = new
+                out, memory = self._call(self.encoder_step, seg.ids, memory, seg.counts, seg.labels)
             else:
-                out, new = self.encoder_step(seg.ids, memory[seg.rows], seg.counts, seg.labels)
+                out, new = self._call(self.encoder_step, seg.ids, memory[seg.rows], seg.counts, seg.labels)
                 memory = memory.index_put((seg.rows,), new)
             if seg.labels is not None:
                 losses.append(out.loss)
@@ -189,7 +201,7 @@ class FastRMT(RMTBase):
         return out, hidden[:, 1:1 + m]
 
 
-class _DecoderStatic:
+class DecoderStatic:
     """Per-call-shape constants of the decoder segment: token slot indices, positions, the all-valid mask."""
 
     def __init__(self, batch: int, m: int, size: int, device):
@@ -200,7 +212,31 @@ class _DecoderStatic:
         self.full_positions = self.slot[None]
         self.all_valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
         self._counts: dict[int, Tensor] = {}
+        self._buffer: Tensor | None = None
         self.batch = batch
+
+    def segment(self, input_ids, attention_mask, targets, start: int, length: int):
+        """A segment's inputs padded to the static width: ids, counts (None when full), token mask, targets."""
+        pad = self.size - length
+        ids = F.pad(input_ids[:, start:start + length], (0, pad))
+        counts = self.counts(length) if pad else None
+        token_mask = None
+        if attention_mask is not None:
+            token_mask = F.pad(attention_mask[:, start:start + length].bool(), (0, pad))
+        seg_targets = None
+        if targets is not None:
+            seg_targets = F.pad(targets[:, start:start + length], (0, pad), value=-100)
+        return ids, counts, token_mask, seg_targets
+
+    def embeds_buffer(self, dtype, hidden: int) -> Tensor:
+        """The segment input buffer: one per call shape under no_grad, a fresh one per segment with autograd
+        (a reused buffer would be overwritten while the graph still needs it)."""
+        shape = (self.batch, 2 * self.m + self.size, hidden)
+        if torch.is_grad_enabled():
+            return torch.empty(shape, dtype=dtype, device=self.slot.device)
+        if self._buffer is None or self._buffer.dtype != dtype:
+            self._buffer = torch.empty(shape, dtype=dtype, device=self.slot.device)
+        return self._buffer
 
     def counts(self, length: int) -> Tensor:
         if length not in self._counts:

@@ -25,6 +25,18 @@ def decoder_plan(length: int, size: int, alignment: str) -> list[tuple[int, int]
     return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
+def decoder_targets(labels: Tensor | None, labels_mask: Tensor | None):
+    """(B, T) targets where position p holds the label it predicts (p + 1), -100 where nothing counts,
+    and the number of counted positions (the loss denominator)."""
+    if labels is None:
+        return None, None
+    keep = labels[:, 1:] != -100
+    if labels_mask is not None:
+        keep = keep & labels_mask[:, 1:].bool()
+    targets = torch.nn.functional.pad(torch.where(keep, labels[:, 1:], -100), (0, 1), value=-100)
+    return targets, keep.sum()
+
+
 @dataclass
 class EncoderSegment:
     ids: Tensor  # (b, input_size) ids; memory slots hold the pad id (their embeddings are replaced)

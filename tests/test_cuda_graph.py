@@ -1,0 +1,133 @@
+"""The CUDA-graph runner: its static-buffer logic on the CPU (no-capture mode), and replay on a GPU."""
+
+import pytest
+import torch
+from models import CLS, PAD, SEP, VOCAB, bert_cls, bert_bare, gpt2, llama
+
+from rmt_fast import FastRMT
+
+
+def _ids(b, t, seed=11):
+    return torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(factory, *args, device="cpu", dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    eager = FastRMT(factory(), *args, **kw).to(device, dtype).eval()
+    torch.manual_seed(0)
+    graphed = FastRMT(factory(), *args, cuda_graph=True, **kw).to(device, dtype).eval()
+    graphed.load_state_dict(eager.state_dict())
+    return eager, graphed
+
+
+@pytest.mark.parametrize("factory", [gpt2, llama])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_decoder_static_buffers_equal_eager(factory, with_labels):
+    eager, graphed = _pair(factory, 3, 6)
+    ids = _ids(2, 23)  # 4 segments, the last one short
+    labels = ids if with_labels else None
+    with torch.no_grad():
+        a, b = eager(ids, labels=labels), graphed(ids, labels=labels)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert torch.allclose(a.memory_state, b.memory_state, atol=1e-5)
+    if with_labels:
+        assert torch.allclose(a.loss, b.loss, atol=1e-5)
+    with torch.no_grad():
+        c = graphed(ids, labels=labels, return_logits=False)
+    assert c.logits is None and torch.allclose(c.memory_state, a.memory_state, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [bert_cls, bert_bare])
+def test_encoder_static_buffers_equal_eager(factory):
+    eager, graphed = _pair(factory, 2, 5, cls_token_id=CLS, sep_token_id=SEP)
+    ids = _ids(3, 24)
+    ids[1, 9:] = PAD  # a shorter row: its first segments are empty
+    with torch.no_grad():
+        a, b = eager(ids), graphed(ids)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert torch.allclose(a.memory_state, b.memory_state, atol=1e-5)
+
+
+def test_outputs_are_not_overwritten_by_later_calls():
+    eager, graphed = _pair(gpt2, 3, 6)
+    with torch.no_grad():
+        first = graphed(_ids(2, 12, seed=1))
+        kept = first.logits.clone(), first.memory_state.clone()
+        graphed(_ids(2, 12, seed=2))
+    assert torch.equal(first.logits, kept[0]) and torch.equal(first.memory_state, kept[1])
+
+
+def test_new_batch_size_builds_a_new_step_and_instances_are_separate():
+    eager, graphed = _pair(gpt2, 3, 6)
+    other = FastRMT(gpt2(), 3, 6, cuda_graph=True).eval()
+    with torch.no_grad():
+        graphed(_ids(2, 12))
+        graphed(_ids(2, 18))
+        assert len(graphed._graphs.steps) == 1
+        graphed(_ids(3, 12))
+        assert len(graphed._graphs.steps) == 2
+        other(_ids(2, 12))
+    assert len(other._graphs.steps) == 1 and other._graphs.steps.keys().isdisjoint(graphed._graphs.steps.keys())
+
+
+def test_training_with_cuda_graph_is_refused():
+    _, graphed = _pair(gpt2, 3, 6)
+    with pytest.raises(RuntimeError, match="inference only"):
+        graphed(_ids(1, 12))
+
+
+def test_capture_failure_warns_once_and_runs_eagerly():
+    eager, graphed = _pair(gpt2, 3, 6)
+    graphed._graphs.capture = True  # on the CPU, capture fails (no CUDA streams)
+    ids = _ids(2, 15)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="capture failed"):
+        b = graphed(ids)
+    with torch.no_grad():
+        a = eager(ids)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", [gpt2, llama])
+def test_gpu_replay_equals_eager_bf16(factory):
+    eager, graphed = _pair(factory, 4, 16, device="cuda", dtype=torch.bfloat16)
+    ids = _ids(2, 16 * 12 + 5).cuda()  # 13 segments, the last one short
+    with torch.inference_mode():
+        a, b = eager(ids), graphed(ids)
+    assert graphed._graphs.captures == 1
+    rel = (a.logits.float() - b.logits.float()).norm() / a.logits.float().norm()
+    assert rel < 1e-2
+    rel_m = (a.memory_state.float() - b.memory_state.float()).norm() / a.memory_state.float().norm()
+    assert rel_m < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_recapture_on_batch_change_and_no_memory_growth():
+    _, graphed = _pair(gpt2, 4, 16, device="cuda")
+    with torch.no_grad():
+        graphed(_ids(2, 64).cuda())
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(5):
+            graphed(_ids(2, 16 * 20).cuda(), return_logits=False)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before + 1024 * 1024
+        graphed(_ids(4, 64).cuda())
+    assert graphed._graphs.captures == 2
+
+
+@pytest.mark.gpu
+def test_gpu_capture_failure_falls_back(monkeypatch):
+    eager, graphed = _pair(gpt2, 4, 16, device="cuda")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated capture failure")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", broken)
+    ids = _ids(2, 40).cuda()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="capture failed"):
+        b = graphed(ids)
+    with torch.no_grad():
+        a = eager(ids)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
