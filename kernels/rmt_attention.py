@@ -32,6 +32,7 @@ _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM = 16
 _MAX_HEAD_DIM = 256
+_MAX_GRID_Y = 65535  # (batch, head) pairs run on the second grid axis
 
 
 # ============================================================================================ jit kernels
@@ -39,6 +40,19 @@ _MAX_HEAD_DIM = 256
 def _keep_mask(seed, offsets, dropout_p):
     """True where an attention probability survives dropout (probability 1 - dropout_p)."""
     return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _dropout_row_offsets(bh, rows, Tq, Tk, DROP_I64: tl.constexpr):
+    """Philox offsets (bh * Tq + i) * Tk of the elements (bh, i, 0), i in ``rows`` (any shape); add j.
+
+    Offsets below 2**31 give the same random numbers in int32 as in int64 (the high counter word is 0), so
+    the int32 form (cheaper) is used whenever B * Hq * Tq * Tk fits.
+    """
+    if DROP_I64:
+        return (bh.to(tl.int64) * Tq + rows) * Tk
+    else:
+        return (bh * Tq + rows) * Tk
 
 
 @triton.jit
@@ -158,7 +172,7 @@ def _rmt_attn_fwd_kernel(
     Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
     # The heaviest (last, for causal) query tiles are scheduled first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -186,7 +200,7 @@ def _rmt_attn_fwd_kernel(
     # Key blocks [0, end1) then [start2, hi): the blocks between lie entirely in the padded range.
     end1 = tl.minimum(hi, tl.cdiv(pad_lo, BLOCK_N) * BLOCK_N)
     start2 = tl.maximum(end1, (pad_hi // BLOCK_N) * BLOCK_N)
-    drop_row = ((b * Hq + h) * Tq + offs_m[:, None]) * Tk  # int64 dropout offsets
+    drop_row = _dropout_row_offsets(pid_bh, offs_m[:, None], Tq, Tk, DROP_I64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -297,7 +311,7 @@ def _rmt_attn_bwd_dq_kernel(
     Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -330,7 +344,7 @@ def _rmt_attn_bwd_dq_kernel(
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + causal_shift)
     end1 = tl.minimum(hi, tl.cdiv(pad_lo, BLOCK_N) * BLOCK_N)
     start2 = tl.maximum(end1, (pad_hi // BLOCK_N) * BLOCK_N)
-    drop_row = ((b * Hq + h) * Tq + offs_m[:, None]) * Tk
+    drop_row = _dropout_row_offsets(pid_bh, offs_m[:, None], Tq, Tk, DROP_I64)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(
@@ -364,7 +378,7 @@ def _rmt_attn_bwd_dkdv_kernel(
     Hq, Hkv, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
     """One key block of one K/V head; loops over the G query heads of its group and their query blocks.
 
@@ -407,6 +421,7 @@ def _rmt_attn_bwd_dkdv_kernel(
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
+        bh32 = (pid_bh // Hkv) * Hq + (pid_bh % Hkv) * G + g  # == bh, in int32 for the dropout offsets
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         for start_m in range(lo, hi, BLOCK_M):
@@ -435,7 +450,8 @@ def _rmt_attn_bwd_dkdv_kernel(
                 pt = tl.where(vis_t, pt, 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if DROPOUT:
-                keep_t = _keep_mask(seed, (bh * Tq + offs_m[None, :]) * Tk + offs_n[:, None], dropout_p)
+                drop_col = _dropout_row_offsets(bh32, offs_m[None, :], Tq, Tk, DROP_I64)  # (1, BLOCK_M)
+                keep_t = _keep_mask(seed, drop_col + offs_n[:, None], dropout_p)
                 pdt = tl.where(keep_t, pt * inv_keep, 0.0)
                 dpt = tl.where(keep_t, dpt * inv_keep, 0.0)
             else:
@@ -456,13 +472,13 @@ def _rmt_attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_dropout_mask_kernel(
-    OUT, Hq, Tq, Tk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    OUT, Tq, Tk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_I64: tl.constexpr
 ):  # fmt: skip
     """The keep-mask the attention kernels use, materialised as (B, Hq, Tq, Tk) bool (a debug helper)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    drop_row = (pid_bh * Tq + offs_m[:, None]) * Tk
+    drop_row = _dropout_row_offsets(pid_bh, offs_m[:, None], Tq, Tk, DROP_I64)
     for start_n in range(0, Tk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offsets = drop_row + offs_n[None, :]
@@ -524,7 +540,7 @@ _CONFIGS = {
     ("fwd", False): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
     ("dq", False): ((128, 32, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
     ("dkdv", False): ((32, 128, 8, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
-    ("fwd", True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 16, 8, 2)),
+    ("fwd", True): ((64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
     ("dq", True): ((64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),
     ("dkdv", True): ((16, 64, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
 }
@@ -569,6 +585,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+# Test hook: force 64-bit dropout offsets even when B * Hq * Tq * Tk < 2**31.
+_FORCE_DROPOUT_I64 = False
+
+
+def _needs_i64(B: int, Hq: int, Tq: int, Tk: int) -> bool:
+    return _FORCE_DROPOUT_I64 or B * Hq * Tq * Tk >= 2**31
+
+
 def _empty(shape, dtype, device) -> Tensor:
     """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -595,7 +619,7 @@ def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, see
         scale * _LOG2E, float(dropout_p), int(seed),
     )  # fmt: skip
     consts = dict(
-        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0,
+        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
         BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype), BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
     )  # fmt: skip
     _launch(
@@ -620,20 +644,12 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
     )  # fmt: skip
 
     consts = dict(
-        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, DOT_PREC=dot_prec,
-        BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
+        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
+        BLOCK_D=block_d, DOT_PREC=dot_prec, BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
     )  # fmt: skip
     common = (
-        Tq,
-        Tk,
-        D,
-        layout.num_read,
-        layout.num_tokens,
-        scale * _LOG2E,
-        scale,
-        float(dropout_p),
-        int(seed),
-    )
+        Tq, Tk, D, layout.num_read, layout.num_tokens, scale * _LOG2E, scale, float(dropout_p), int(seed),
+    )  # fmt: skip
     dq = dk = dv = None
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
@@ -737,6 +753,8 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
         return ValueError, f"q has {Tq} positions, more than k ({Tk})"
     if B == 0 or Hq == 0 or Tq == 0:
         return ValueError, f"empty input: q has shape {tuple(q.shape)}"
+    if B * Hq > _MAX_GRID_Y:
+        return ValueError, f"batch * query heads = {B * Hq} exceeds the launch grid limit {_MAX_GRID_Y}"
     if layout.token_mask is not None:
         return ValueError, "triton backend supports token_counts padding only (got a token_mask)"
     if layout.token_counts is not None:
@@ -776,6 +794,11 @@ def rmt_attention(
     dropout from the Philox stream of ``seed`` (drawn from torch's CPU generator when None); see
     :func:`rmt_attention_dropout_mask`. ``out`` (B, Tq, Hq, D), when given, receives the result and is
     returned. Differentiable with respect to q, k and v.
+
+    Padding comes from ``layout.token_counts`` only (clamped to [0, num_tokens] in the kernel); a
+    ``token_mask`` layout is refused (use :func:`rmt_attention_supported` to route it to SDPA). A query that
+    sees no key at all (possible only without read/write slots) gets a zero output and zero gradients,
+    where the dense reference gives NaN.
     """
     problem = _problem(q, k, v, layout, dropout_p)
     if problem is not None:
@@ -805,9 +828,9 @@ def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed
     keep = torch.empty((B, Hq, Tq, Tk), dtype=torch.int8, device=device)
     if keep.numel() == 0:
         return keep.bool()
-    block = 16 if _interpreting() else 64
+    block = 16 if _interpreting() else 32
     _rmt_dropout_mask_kernel[(triton.cdiv(Tq, block), B * Hq)](
-        keep, Hq, Tq, Tk, float(p), int(seed), BLOCK_M=block, BLOCK_N=block,
+        keep, Tq, Tk, float(p), int(seed), BLOCK_M=block, BLOCK_N=block, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
     )  # fmt: skip
     return keep.bool()
 

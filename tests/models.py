@@ -19,8 +19,8 @@ def _quiet(cfg):
 
 
 def gpt2(**kw):
-    cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)  # fmt: skip
+    kw = {**dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0), **kw}
+    cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128, **kw)
     return tf.GPT2LMHeadModel(_quiet(cfg))
 
 

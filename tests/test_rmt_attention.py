@@ -5,27 +5,46 @@ bf16 is not tested here: the interpreter's bf16 ``tl.dot`` is not faithful (see 
 """
 
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # On a GPU machine the interpreter would leak into the whole pytest process; the GPU file covers it.
+    pytest.skip(
+        "interpreter tests run on CPU-only machines (or with TRITON_INTERPRET=1 set by the caller); "
+        "tests/test_rmt_attention_gpu.py covers the GPU",
+        allow_module_level=True,
+    )
+os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if not isinstance(tl.cdiv, InterpretedFunction):
+    # Triton decides at import time: something imported it (e.g. via ``import kernels``) before this module
+    # could switch the interpreter on. tests/conftest.py should set TRITON_INTERPRET=1 on CPU-only machines.
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set: run this file on its own, or set the "
+        "variable in conftest.py / the environment",
+        allow_module_level=True,
+    )
 
 from kernels.layout import SegmentLayout  # noqa: E402
 from kernels.reference import dense_rmt_attention_reference  # noqa: E402
-from kernels.rmt_attention import (  # noqa: E402
-    rmt_attention,
-    rmt_attention_dropout_mask,
-    rmt_attention_supported,
-)
 
-# the module (``kernels.rmt_attention`` the attribute is the function, re-exported by kernels/__init__)
+# The module (the package attribute ``kernels.rmt_attention`` is the re-exported function).
 ra = importlib.import_module("kernels.rmt_attention")
+rmt_attention = ra.rmt_attention
+rmt_attention_dropout_mask = ra.rmt_attention_dropout_mask
+rmt_attention_supported = ra.rmt_attention_supported
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_report with -s)
@@ -252,6 +271,23 @@ def test_dropout_decode_and_gqa_offsets():
     layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([9]))
     q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=12)
     keep = rmt_attention_dropout_mask(B, Hq, Tq, Tk, p, seed, "cpu")
+    check_against_reference(
+        q, k, v, layout, tol=1e-5,
+        kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("i64", [False, True], ids=["offsets-i32", "offsets-i64"])
+def test_dropout_offset_width_gives_the_same_stream(i64, monkeypatch):
+    # The kernels use int32 Philox offsets when B*Hq*Tq*Tk < 2**31 and int64 otherwise: same numbers.
+    monkeypatch.setattr(ra, "_FORCE_DROPOUT_I64", i64)
+    B, Hq, Hkv, T, D, p, seed = 1, 2, 1, 19, 16, 0.3, 77
+    layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([8]))
+    q, k, v = make_qkv(B, Hq, Hkv, T, T, D, torch.float32, seed=13)
+    keep = rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu")
+    monkeypatch.setattr(ra, "_FORCE_DROPOUT_I64", not i64)
+    assert torch.equal(keep, rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu"))
+    monkeypatch.setattr(ra, "_FORCE_DROPOUT_I64", i64)
     check_against_reference(
         q, k, v, layout, tol=1e-5,
         kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},

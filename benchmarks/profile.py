@@ -1,0 +1,522 @@
+"""Where the time goes: FastRMT against ReferenceRMT under ``torch.profiler``, on the same input.
+
+CPU: a small BERT (2 layers, hidden 64) and a small GPT-2 (2 layers, hidden 64), 4 segments each of 128
+model positions, batch 1, fp32, one intra-op thread. GPU: bert-base and GPT-2 small (``BertConfig()`` /
+``GPT2Config()`` defaults), fp16, batch 1, 512 model positions, 4 segments. Inference (``no_grad``), eval
+mode.
+
+Per wrapper and backbone, from one profiled forward after two warm-up calls:
+
+* ``ops_per_segment``: aten operators the Python code dispatched (top-level ``aten::`` events: those with no
+  ``aten::`` ancestor) per segment; ``all_ops_per_segment`` counts nested ones too; on CUDA
+  ``kernels_per_segment``: device kernels launched per segment;
+* CPU time (and device time on CUDA) per category. Every ``aten::`` event's *self* time goes to one category,
+  decided by its ancestry:
+    - ``mask``: its Python stack passes through ``transformers/masking_utils.py`` (the reference's 4-D masks)
+      or ``kernels/layout.py`` (FastRMT's per-row key mask);
+    - ``attention``: inside ``scaled_dot_product_attention`` / a flash, efficient or math attention kernel /
+      the Triton kernel, or a softmax / bmm / matmul called from an attention function;
+    - ``matmul``: inside addmm, mm, linear, bmm, matmul, baddbmm (outside attention);
+    - ``norms``: inside layer_norm / rms_norm;
+    - ``copies & cat``: inside copy_, cat, stack, contiguous, clone, index / gather / scatter / index_put, to;
+    - ``other``: everything else (embedding, GELU, adds, sorting, ...).
+  The category of an event is the one of its outermost ``aten::`` ancestor (so the empty_strided and
+  copy_ inside ``aten::to`` count as copies, the addmm inside ``aten::linear`` as matmul).
+* ``python overhead`` = wall time of the profiled call minus the total CPU time spent inside operators
+  (the sum of the top-level operators' CPU time): the time spent in Python, in module dispatch and in the
+  profiler's own bookkeeping, outside any aten operator. ``wall_ms_unprofiled`` is the median of 5 calls
+  without the profiler.
+
+Outputs: ``profile.csv`` (one row per backbone x wrapper x category), ``profile.md`` (side-by-side tables and
+a few sentences computed from the numbers), ``profile.png`` (stacked bars per category), Chrome traces
+``profile_fast.json`` / ``profile_reference.json`` (BERT; GPT-2's as ``profile_*_gpt2.json``).
+
+    rmt-fast-bench profile --out results/profile [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import env_info, machine_label, save_plot, write_csv, write_json
+
+CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
+ATTENTION_OPS = (
+    "scaled_dot_product",
+    "flash_attention",
+    "efficient_attention",
+    "_fused_attention",
+    "_flash_attention",
+    "_efficient_attention",
+)
+MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::linear", "aten::bmm", "aten::matmul", "aten::baddbmm"}
+NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm", "aten::_fused_rms_norm"}
+COPY_OPS = {
+    "aten::copy_",
+    "aten::cat",
+    "aten::stack",
+    "aten::contiguous",
+    "aten::clone",
+    "aten::index",
+    "aten::index_select",
+    "aten::gather",
+    "aten::scatter",
+    "aten::scatter_",
+    "aten::index_put",
+    "aten::index_put_",
+    "aten::_index_put_impl_",
+    "aten::to",
+    "aten::_to_copy",
+    "aten::slice_scatter",
+    "aten::select_scatter",
+    "aten::masked_scatter",
+    "aten::index_copy",
+}
+MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
+ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "rmt_attention.py", "sdpa_attention.py")
+
+
+@dataclass
+class ProfileSetup:
+    backbones: tuple[str, ...]
+    layers: int | None  # None: the config's default
+    hidden: int | None
+    heads: int | None
+    ffn: int | None
+    positions: int
+    mem: int
+    segments: int
+    dtype: str
+    cpu_threads: int = 1
+    timing_calls: int = 3  # calls averaged in the timing profile
+
+
+def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> ProfileSetup:
+    if cuda:
+        return ProfileSetup(
+            ("bert",) if quick else ("bert", "gpt2"), None, None, None, None, 512, 10, 4, "float16"
+        )
+    if tiny:
+        return ProfileSetup(("bert",), 1, 32, 2, 64, 32, 4, 2, "float32")
+    return ProfileSetup(("bert",) if quick else ("bert", "gpt2"), 2, 64, 2, 256, 128, 10, 4, "float32")
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _build(backbone: str, s: ProfileSetup, wrapper: str, device, dtype):
+    import torch
+    import transformers as tf
+
+    from rmt_fast import FastRMT, ReferenceRMT
+
+    torch.manual_seed(0)
+    dims = {}
+    if backbone == "bert":
+        if s.layers is not None:
+            dims = dict(
+                num_hidden_layers=s.layers,
+                hidden_size=s.hidden,
+                num_attention_heads=s.heads,
+                intermediate_size=s.ffn,
+                vocab_size=1000,
+            )
+        cfg = tf.BertConfig(
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+            attn_implementation="sdpa",
+            **dims,
+        )
+        model = tf.BertModel(cfg, add_pooling_layer=False)
+        size = s.positions - s.mem - 3
+        kwargs = dict(cls_token_id=101, sep_token_id=102, pad_token_id=0)
+    else:
+        if s.layers is not None:
+            dims = dict(
+                n_layer=s.layers,
+                n_embd=s.hidden,
+                n_head=s.heads,
+                n_inner=s.ffn,
+                vocab_size=1000,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        cfg = tf.GPT2Config(
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa", **dims
+        )
+        cfg.bos_token_id = cfg.eos_token_id = None
+        model = tf.GPT2LMHeadModel(cfg)
+        size = s.positions - 2 * s.mem
+        kwargs = {}
+    cls = FastRMT if wrapper == "fast" else ReferenceRMT
+    rmt = cls(model, s.mem, size, **kwargs).to(device=device, dtype=dtype).eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(103, vocab, (1, size * s.segments), generator=g).to(device)
+    return rmt, ids
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def _category_of_op(name: str) -> str:
+    if any(a in name for a in ATTENTION_OPS):
+        return "attention"
+    if name in MATMUL_OPS:
+        return "matmul"
+    if name in NORM_OPS:
+        return "norms"
+    if name in COPY_OPS:
+        return "copies & cat"
+    return "other"
+
+
+def _classify(evt) -> tuple[str, bool]:
+    """(category, is_top_level) of an aten event, from its ancestry (Python frames included)."""
+    top = evt
+    in_attention_frame = False
+    in_mask = False
+    p = evt.cpu_parent
+    while p is not None:
+        name = p.name
+        if name.startswith("aten::"):
+            top = p
+        elif any(f in name for f in MASK_FILES):
+            in_mask = True
+        elif any(f in name for f in ATTENTION_FRAMES):
+            in_attention_frame = True
+        p = p.cpu_parent
+    is_top = top is evt
+    if in_mask:
+        return "mask", is_top
+    cat = _category_of_op(top.name)
+    if (
+        cat != "attention"
+        and in_attention_frame
+        and (top.name in ("aten::softmax", "aten::_softmax", "aten::bmm", "aten::matmul", "aten::baddbmm"))
+    ):
+        cat = "attention"
+    return cat, is_top
+
+
+def _aten_events(events) -> list:
+    out = [
+        e
+        for e in events
+        if e.name.startswith("aten::")
+        and not getattr(e, "is_python_function", False)
+        and not str(getattr(e, "device_type", "CPU")).endswith("CUDA")
+    ]
+    return sorted(out, key=lambda e: (e.time_range.start, -e.time_range.end))
+
+
+def _is_top(evt) -> bool:
+    p = evt.cpu_parent
+    while p is not None:
+        if p.name.startswith("aten::"):
+            return False
+        p = p.cpu_parent
+    return True
+
+
+def analyse(stack_events, timing_events, wall_ms: float, n_segments: int, calls: int, cuda: bool) -> dict:
+    """Categories come from the with_stack profile; times (per call) from the lighter timing profile when its
+    operator sequence matches, else from the with_stack profile itself."""
+    labelled = [(e, *_classify(e)) for e in _aten_events(stack_events)]
+    timed = _aten_events(timing_events) if timing_events is not None else []
+    per_call = len(labelled)
+    matched = (
+        bool(timed)
+        and len(timed) == calls * per_call
+        and all(timed[i].name == labelled[i % per_call][0].name for i in range(len(timed)))
+    )
+    if matched:
+        pairs = [(t, labelled[i % per_call][1], labelled[i % per_call][2]) for i, t in enumerate(timed)]
+        div = calls
+    else:
+        pairs, div = labelled, 1
+    cpu_ms = dict.fromkeys(CATEGORIES, 0.0)
+    dev_ms = dict.fromkeys(CATEGORIES, 0.0)
+    ops = dict.fromkeys(CATEGORIES, 0)
+    kernels = dict.fromkeys(CATEGORIES, 0)
+    top_cpu_total = 0.0
+    for e, cat, is_top in pairs:
+        cpu_ms[cat] += e.self_cpu_time_total / 1e3 / div
+        if is_top:
+            top_cpu_total += e.cpu_time_total / 1e3 / div
+        if cuda:
+            dev_ms[cat] += getattr(e, "self_device_time_total", 0.0) / 1e3 / div
+            kernels[cat] += len(getattr(e, "kernels", []) or [])
+    for _, cat, is_top in labelled:
+        ops[cat] += int(is_top)
+    if cuda and matched:
+        kernels = {k: v / calls for k, v in kernels.items()}
+    cpu_ms["python overhead"] = max(wall_ms - top_cpu_total, 0.0)
+    top_level = sum(ops.values())
+    out = {
+        "wall_ms_profiled": wall_ms,
+        "op_cpu_ms": top_cpu_total,
+        "ops_per_segment": top_level / n_segments,
+        "all_ops_per_segment": per_call / n_segments,
+        "cpu_ms": cpu_ms,
+        "ops_per_segment_by_category": {k: v / n_segments for k, v in ops.items()},
+        "times_from": "timing profile (no stacks)" if matched else "with_stack profile",
+    }
+    if cuda:
+        out["device_ms"] = dev_ms
+        out["kernels_per_segment_by_category"] = {k: v / n_segments for k, v in kernels.items()}
+        out["kernels_per_segment"] = sum(kernels.values()) / n_segments
+    return out
+
+
+def _profile_one(backbone, s: ProfileSetup, wrapper, device, dtype, trace_path: Path) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    rmt, ids = _build(backbone, s, wrapper, device, dtype)
+    cuda = device.type == "cuda"
+
+    def call():
+        rmt(ids, return_logits=False)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    calls = s.timing_calls
+    with torch.no_grad():
+        for _ in range(2):
+            call()
+        sync()
+        walls = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            call()
+            sync()
+            walls.append((time.perf_counter() - t0) * 1e3)
+        # Pass 1: Python stacks, for the categories (mask building) and the Chrome trace.
+        with profile(activities=acts, with_stack=True) as prof_stack:
+            call()
+            sync()
+        # Pass 2: no stacks (far less profiler overhead), for the times.
+        with profile(activities=acts) as prof_time:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            sync()
+            wall = (time.perf_counter() - t0) * 1e3 / calls
+    prof_stack.export_chrome_trace(str(trace_path))
+    res = analyse(prof_stack.events(), prof_time.events(), wall, s.segments, calls, cuda)
+    res["wall_ms_unprofiled"] = statistics.median(walls)
+    return res
+
+
+def run(out_dir: Path, quick: bool = False, *, tiny: bool = False, setup: ProfileSetup | None = None) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    s = setup or default_setup(cuda, quick, tiny)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if not cuda and s.cpu_threads:
+        torch.set_num_threads(s.cpu_threads)
+    try:
+        results = {}
+        for backbone in s.backbones:
+            for wrapper, label in (("reference", "ReferenceRMT"), ("fast", "FastRMT")):
+                suffix = "" if backbone == "bert" else f"_{backbone}"
+                trace = out_dir / f"profile_{wrapper}{suffix}.json"
+                results[(backbone, label)] = _profile_one(
+                    backbone,
+                    s,
+                    "fast" if wrapper == "fast" else "ref",
+                    device,
+                    getattr(torch, s.dtype),
+                    trace,
+                )
+    finally:
+        torch.set_num_threads(threads)
+
+    rows = []
+    for (backbone, label), r in results.items():
+        for cat in CATEGORIES:
+            row = dict(
+                backbone=backbone,
+                wrapper=label,
+                category=cat,
+                cpu_ms=round(r["cpu_ms"][cat], 3),
+                ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2)
+                if cat != "python overhead"
+                else "",
+                ops_per_segment=round(r["ops_per_segment"], 1),
+                wall_ms_profiled=round(r["wall_ms_profiled"], 3),
+                wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3),
+            )
+            if cuda:
+                row.update(
+                    device_ms=round(r["device_ms"][cat], 3),
+                    kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
+                    if cat != "python overhead"
+                    else "",
+                    kernels_per_segment=round(r["kernels_per_segment"], 1),
+                )
+            rows.append(row)
+    write_csv(out_dir / "profile.csv", rows)
+    md = _markdown(results, s, cuda)
+    (out_dir / "profile.md").write_text(md, encoding="utf-8")
+    write_json(
+        out_dir / "profile.json",
+        {"env": env_info(), "setup": asdict(s), "results": {f"{b}/{w}": r for (b, w), r in results.items()}},
+    )
+    _plot(results, s, cuda, out_dir / "profile.png")
+    summary = {}
+    for (backbone, label), r in results.items():
+        key = f"{backbone}/{label}"
+        summary[f"{key} ops/segment"] = round(r["ops_per_segment"], 1)
+        if cuda:
+            summary[f"{key} kernels/segment"] = round(r["kernels_per_segment"], 1)
+        summary[f"{key} wall ms"] = round(r["wall_ms_unprofiled"], 2)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _markdown(results: dict, s: ProfileSetup, cuda: bool) -> str:
+    lines = [
+        f"# FastRMT vs ReferenceRMT profile ({machine_label()})",
+        "",
+        f"{s.segments} segments of {s.positions} model positions (m = {s.mem}), batch 1, {s.dtype}, "
+        "inference (no_grad). Times in ms for one forward; categories as defined in "
+        "`benchmarks/profile.py`. CPU times per category are the operators' self times from a profile "
+        "without "
+        "Python stacks (averaged over a few calls); categories and op counts come from a with_stack profile "
+        "of the same call. *python overhead* = profiled wall time minus the CPU time inside top-level aten "
+        "operators (it includes the profiler's own bookkeeping).",
+        "",
+    ]
+    for backbone in s.backbones:
+        ref, fast = results[(backbone, "ReferenceRMT")], results[(backbone, "FastRMT")]
+        lines += [f"## {backbone}", ""]
+        head = "| | ReferenceRMT | FastRMT | ratio ref/fast |"
+        lines += [head, "|---|---:|---:|---:|"]
+
+        def line(name, a, b, fmt="{:.2f}", lines=lines):
+            ratio = f"{a / b:.2f}" if b else "-"
+            lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+
+        line("wall ms (unprofiled, median of 5)", ref["wall_ms_unprofiled"], fast["wall_ms_unprofiled"])
+        line("wall ms (profiled)", ref["wall_ms_profiled"], fast["wall_ms_profiled"])
+        line("aten ops dispatched per segment", ref["ops_per_segment"], fast["ops_per_segment"], "{:.1f}")
+        line(
+            "aten ops incl. nested per segment",
+            ref["all_ops_per_segment"],
+            fast["all_ops_per_segment"],
+            "{:.1f}",
+        )
+        if cuda:
+            line(
+                "device kernels per segment",
+                ref["kernels_per_segment"],
+                fast["kernels_per_segment"],
+                "{:.1f}",
+            )
+        for cat in CATEGORIES:
+            line(f"CPU ms: {cat}", ref["cpu_ms"][cat], fast["cpu_ms"][cat])
+        if cuda:
+            for cat in CATEGORIES[:-1]:
+                line(f"device ms: {cat}", ref["device_ms"][cat], fast["device_ms"][cat])
+        for cat in CATEGORIES[:-1]:
+            line(
+                f"ops dispatched per segment: {cat}",
+                ref["ops_per_segment_by_category"][cat],
+                fast["ops_per_segment_by_category"][cat],
+                "{:.1f}",
+            )
+        if cuda:
+            for cat in CATEGORIES[:-1]:
+                line(
+                    f"kernels per segment: {cat}",
+                    ref["kernels_per_segment_by_category"][cat],
+                    fast["kernels_per_segment_by_category"][cat],
+                    "{:.1f}",
+                )
+        lines += ["", _sentences(backbone, ref, fast, cuda), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _sentences(backbone: str, ref: dict, fast: dict, cuda: bool) -> str:
+    total_ref = sum(ref["cpu_ms"].values())
+    order = sorted(ref["cpu_ms"].items(), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{k} {v:.1f} ms ({100 * v / total_ref:.0f}%)" for k, v in order[:3])
+    saved = {k: ref["cpu_ms"][k] - fast["cpu_ms"][k] for k in CATEGORIES}
+    best = sorted(saved.items(), key=lambda kv: -kv[1])
+    gained = ", ".join(f"{k} -{v:.1f} ms" for k, v in best[:3] if v > 0)
+    speed = ref["wall_ms_unprofiled"] / max(fast["wall_ms_unprofiled"], 1e-9)
+    text = (
+        f"{backbone}: the reference's profiled time goes mostly to {parts}. FastRMT dispatches "
+        f"{fast['ops_per_segment']:.0f} aten ops per segment instead of {ref['ops_per_segment']:.0f} "
+        f"(per segment: {ref['ops_per_segment_by_category']['copies & cat']:.1f} -> "
+        f"{fast['ops_per_segment_by_category']['copies & cat']:.1f} copy/cat ops, "
+        f"{ref['ops_per_segment_by_category']['mask']:.1f} -> "
+        f"{fast['ops_per_segment_by_category']['mask']:.1f} "
+        "mask-building ops); the largest CPU-time savings "
+        f"are {gained or 'none'}; unprofiled it is x{speed:.2f} "
+        f"{'faster' if speed >= 1 else 'slower'} than the reference."
+    )
+    if cuda:
+        text += (
+            f" On the device it launches {fast['kernels_per_segment']:.0f} kernels per segment instead of "
+            f"{ref['kernels_per_segment']:.0f}."
+        )
+    return text
+
+
+def _plot(results: dict, s: ProfileSetup, cuda: bool, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("cpu_ms", "CPU time (ms)")] + ([("device_ms", "device time (ms)")] if cuda else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 4.5), squeeze=False)
+    keys = list(results)
+    labels = [f"{b}\n{w}" for b, w in keys]
+    for ax, (field, unit) in zip(axes[0], panels, strict=True):
+        bottom = [0.0] * len(keys)
+        cats = CATEGORIES if field == "cpu_ms" else CATEGORIES[:-1]
+        for i, cat in enumerate(cats):
+            vals = [results[k][field][cat] for k in keys]
+            ax.bar(range(len(keys)), vals, bottom=bottom, color=f"C{i}", label=cat)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        for x, k in enumerate(keys):
+            r = results[k]
+            per = r["kernels_per_segment"] if field == "device_ms" else r["ops_per_segment"]
+            what = "kernels" if field == "device_ms" else "ops"
+            ax.text(x, bottom[x], f"{per:.0f} {what}/seg", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(keys)), labels, fontsize=8)
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Profiled forward, {s.segments} segments x {s.positions} positions, {s.dtype} ({machine_label()})",
+        fontsize=9,
+    )
+    save_plot(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("results/profile"))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args(argv)
+    print(json.dumps(run(args.out, quick=args.quick, tiny=args.tiny), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
