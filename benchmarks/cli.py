@@ -31,9 +31,12 @@ BENCHMARKS: dict[str, str] = {
     "profile": "benchmarks.profile",
     "kernels": "benchmarks.kernels",
     "compare": "benchmarks.compare_cpu",
+    "train-memory": "benchmarks.train_memory",
+    "cuda-graph": "benchmarks.cuda_graph",
 }
-# Run only when asked for by name: too long for `all` (compare_cpu takes ~10 minutes on a 2-core CPU).
-NOT_IN_ALL: frozenset[str] = frozenset({"compare"})
+# Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
+# or GPU-only (cuda-graph).
+NOT_IN_ALL: frozenset[str] = frozenset({"compare", "train-memory", "cuda-graph"})
 
 
 def _available(module_path: str) -> bool:

@@ -180,3 +180,49 @@ def save_plot(fig, path: str | os.PathLike) -> Path:
 def timestamp() -> str:
     """Local time as YYYYmmdd-HHMMSS (used for default output folders)."""
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# ------------------------------------------------------------------------------------------- peak memory
+def _proc_status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory added while some code runs: ``token = pm.start(); ...; pm.mb(token)``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: growth of the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) over the resident set at ``start``; memory the allocator
+    already holds is not counted again, so it is a lower bound. None where /proc is not writable."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def start(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return None
+        return _proc_status_kb("VmRSS")
+
+    def mb(self, token) -> float | None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        hwm = _proc_status_kb("VmHWM")
+        return None if token is None or hwm is None else max(hwm - token, 0) / 1024

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import env_info, machine_label, save_plot, write_csv, write_json
+from .common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
 
 DEFAULTS = dict(layers=4, hidden=256, heads=4, segments=16, segment_size=128, mem=8, batch=2)
 MODES = ("forward_no_grad", "forward_backward")
@@ -55,14 +55,6 @@ def step(rmt, ids, mode):
         rmt(ids, labels=ids).loss.backward()
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_peak(wrapper: str, mode: str, cfg: dict) -> float:
     """Run in a subprocess: MB of resident memory added at the peak of one call."""
     rmt = build(wrapper, **cfg)
@@ -72,11 +64,10 @@ def measure_peak(wrapper: str, mode: str, cfg: dict) -> float:
     import gc
 
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = _rss_kb("VmRSS")
+    peak = PeakMemory(cuda=False)
+    token = peak.start()
     step(rmt, ids, mode)
-    return (_rss_kb("VmHWM") - before) / 1024
+    return peak.mb(token)
 
 
 def _peak_in_subprocess(wrapper, mode, cfg) -> float:

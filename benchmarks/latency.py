@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from benchmarks.common import env_info, machine_label, save_plot, write_csv, write_json
+from benchmarks.common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
 
 RMT_SLOPE_RANGE = (0.8, 1.2)
 FULL_SLOPE_MIN = 1.3
@@ -244,26 +244,6 @@ def _xformers_problem() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def _rss_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -278,6 +258,7 @@ class _Timer:
 
         self.torch = torch
         self.cuda = device.type == "cuda"
+        self.peak = PeakMemory(self.cuda)
 
     def once(self, fn) -> float:
         c0 = time.process_time()
@@ -300,21 +281,10 @@ class _Timer:
         return time.perf_counter() - t0
 
     def peak_start(self):
-        torch = self.torch
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return None
-        return _rss_kb("VmRSS") if _reset_hwm() else None
+        return self.peak.start()
 
     def peak_mb(self, token) -> float | None:
-        torch = self.torch
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        if token is None:
-            return None
-        hwm = _rss_kb("VmHWM")
-        return None if hwm is None else max(hwm - token, 0) / 1024
+        return self.peak.mb(token)
 
 
 def _inference_ctx(fn):
