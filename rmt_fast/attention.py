@@ -111,7 +111,12 @@ def choose_backend(requested: str, q, k, v, layout: SegmentLayout, dropout_p: fl
     if requested == "sdpa":
         return "sdpa"
     mod = _triton()
-    reason = "triton is not installed" if mod is None else mod.rmt_attention_supported(q, k, v, layout, dropout_p)
+    if mod is None:
+        reason = "triton is not installed"
+    elif requested == "auto" and not q.is_cuda:
+        reason = "the inputs are not on a CUDA device"  # 'auto' never picks Triton's CPU interpreter
+    else:
+        reason = mod.rmt_attention_supported(q, k, v, layout, dropout_p)
     if reason is None:
         return "triton"
     if requested == "triton":

@@ -2,7 +2,19 @@ import os
 import sys
 
 import pytest
-import torch
+
+# Triton decides at decoration time whether to interpret: set this before anything imports the kernels.
+# Without CUDA, Triton kernels run in its interpreter (attn_backend='auto' still uses SDPA on the CPU).
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -124,7 +124,10 @@ def assert_equivalent(ref, fast, inputs, tol=1e-5, grad=True):
                 assert p.grad is None or p.grad.abs().max() == 0, name
                 continue
             assert p.grad is not None, f"no gradient for {name}"
-            assert rel(p.grad, q.grad) <= tol, (name, rel(p.grad, q.grad))
+            # Gradients that are zero in exact arithmetic (e.g. a key bias under softmax) are rounding noise:
+            # an absolute floor keeps them from dominating.
+            err = (p.grad.double() - q.grad.double()).norm().item()
+            assert err <= tol * max(q.grad.double().norm().item(), 1e-6), (name, rel(p.grad, q.grad))
             n_checked += 1
         assert n_checked > 0
     return a, b
