@@ -105,18 +105,41 @@ def _ddp_worker(rank, world, port, state, ids, result_dir):
     dist.destroy_process_group()
 
 
-def test_ddp_gloo_two_processes_match_single_process(tmp_path):
+def _fsdp_worker(rank, world, port, state, ids, result_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rmt = FastRMT(gpt2(), 2, 6)
+    rmt.load_state_dict(state)
+    for block in rmt.model.transformer.h:
+        fully_shard(block)
+    fully_shard(rmt)
+    shard = ids.chunk(world)[rank]
+    rmt(shard, labels=shard).loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in rmt.named_parameters()}  # a collective: every rank
+    if rank == 0:
+        torch.save(grads, os.path.join(result_dir, "grads.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("worker", [_ddp_worker, _fsdp_worker], ids=["ddp", "fsdp2"])
+def test_distributed_gloo_two_processes_match_single_process(tmp_path, worker):
     torch.manual_seed(0)
     rmt = FastRMT(gpt2(), 2, 6)
     ids = _ids(4, 20)
     rmt(ids, labels=ids).loss.backward()
     expected = {n: p.grad for n, p in rmt.named_parameters()}
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, rmt.state_dict(), ids, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, _free_port(), rmt.state_dict(), ids, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "grads.pt")
     for name, grad in expected.items():
         assert rel(got[name], grad) < 1e-5, name
