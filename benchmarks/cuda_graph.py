@@ -71,7 +71,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         try:
             rmt = _build(kind, dtype)
 
-            def call():
+            def call(rmt=rmt, ids=ids):
                 with torch.inference_mode():
                     rmt(ids)
 

@@ -45,7 +45,8 @@ def main(argv=None):
     elif args.model == "gpt2":
         model = GPT2LMHeadModel(GPT2Config())
     else:
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1024, bos_token_id=0, eos_token_id=0))
+        tiny = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1024, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(tiny)
     rmt = FastRMT(model, args.num_mem_tokens, args.segment_size,
                   gradient_checkpointing=args.gradient_checkpointing).to(device)  # fmt: skip
     ddp = DistributedDataParallel(rmt, device_ids=[local_rank] if cuda else None)

@@ -7,7 +7,6 @@ from the layout. Grouped-query attention uses SDPA's ``enable_gqa`` rather than 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import CLS, PAD, SEP, VOCAB, bert_cls, bert_bare, gpt2, llama
+from models import CLS, PAD, SEP, VOCAB, bert_bare, bert_cls, gpt2, llama
 
 from rmt_fast import FastRMT
 

@@ -77,7 +77,7 @@ def test_structure(task, n, decoder):
         if task == "memorize":
             assert ex.fact_spans == [(0, 6)] and mt.decode(ids[:6]).split()[0] in mt.PEOPLE
         if task in ("memorize", "detect"):
-            (s, e), = ex.fact_spans
+            ((s, e),) = ex.fact_spans
             fact = mt.decode(ids[s:e]).split()
             assert fact[-2] == ex.answer and ids[q0 + 2] == mt.WORD_TO_ID[fact[0]]
         if task == "reasoning":
@@ -103,8 +103,9 @@ def test_too_small_segments_raise():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_memory_task", os.path.join(ROOT, "examples",
-                                                                                    "train_memory_task.py"))
+    spec = importlib.util.spec_from_file_location(
+        "train_memory_task", os.path.join(ROOT, "examples", "train_memory_task.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -114,11 +115,37 @@ def _script():
 def test_training_script_smoke(tmp_path, decoder):
     script = _script()
     out = tmp_path / ("dec" if decoder else "enc")
-    argv = ["--task", "memorize", "--out", str(out), "--curriculum", "1,2", "--eval-segments", "1,3",
-            "--steps-per-stage", "3", "--val-every", "2", "--val-samples", "8", "--eval-samples", "8",
-            "--batch-size", "4", "--hidden", "32", "--segment-size", "16", "--no-progress"]
-    if decoder:
-        argv.append("--decoder")
+    argv = [
+        "--task",
+        "memorize",
+        "--out",
+        str(out),
+        "--curriculum",
+        "1,2",
+        "--eval-segments",
+        "1,3",
+        "--steps-per-stage",
+        "2",
+        "--final-steps",
+        "2",
+        "--val-every",
+        "2",
+        "--val-samples",
+        "8",
+        "--eval-samples",
+        "8",
+        "--batch-size",
+        "4",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--segment-size",
+        "16",
+        "--no-progress",
+    ]
+    if decoder:  # the decoder and the single-call path (no memory noise); the encoder runs segment by segment
+        argv += ["--decoder", "--memory-noise", "0"]
     results = script.main(argv)
     with open(out / "results.json") as f:
         saved = json.load(f)

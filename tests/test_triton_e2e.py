@@ -1,13 +1,12 @@
 """End to end: FastRMT(attn_backend='triton') equals ReferenceRMT on tiny models, in Triton's interpreter on
 the CPU (tests/conftest.py sets TRITON_INTERPRET=1 there) and on the GPU as it is."""
 
+import copy
 import os
 
 import pytest
 import torch
 import transformers as tf
-import copy
-
 from models import CLS, SEP, VOCAB, assert_equivalent, pair, rel, run
 
 pytest.importorskip("triton")

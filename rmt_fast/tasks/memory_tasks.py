@@ -4,9 +4,9 @@ Three tasks, each a sequence of ``n_segments * segment_size`` content tokens tha
 
 * ``memorize``: one fact ("mary went to the kitchen .") at the very start, distractor text after it, and
   "where is mary ?" at the end.
-* ``detect`` (Detect & Memorize): the same fact at a uniformly random token position. Placement rule: for
-  ``n_segments >= 2`` the whole fact lies in segments ``0 .. n_segments - 2`` (never in the last segment, so the
-  answer has to come through the memory); for ``n_segments == 1`` it lies anywhere before the question.
+* ``detect`` (Detect & Memorize): the same fact at a uniformly random token position. Placement rule:
+  for ``n_segments >= 2`` the whole fact lies in segments ``0 .. n_segments - 2`` (never in the last segment,
+  so the answer has to come through the memory); for ``n_segments == 1`` it lies anywhere before the question.
 * ``reasoning``: two supporting facts ("mary picked up the apple .", "mary went to the garden .") plus one
   distractor fact about someone else going to a different place ("john went to the office ."), in random
   order at random positions, all before the last segment (same rule as ``detect``); the question is
@@ -54,7 +54,9 @@ DISTRACTOR_WORDS = (
     "cold", "warm", "long",
 )  # fmt: skip
 
-FACT_CONTENT_WORDS = tuple(sorted({*PEOPLE, *PLACES, *OBJECTS, *(w for v in MOVE_VERBS + TAKE_VERBS for w in v)}))
+FACT_CONTENT_WORDS = tuple(
+    sorted({*PEOPLE, *PLACES, *OBJECTS, *(w for v in MOVE_VERBS + TAKE_VERBS for w in v)})
+)
 
 
 def _build_vocab() -> tuple[str, ...]:
@@ -134,9 +136,9 @@ class Example:
 
 def make_example(task: str, n_segments: int, segment_size: int, rng: random.Random, *, decoder: bool = False,
                  return_example: bool = False):  # fmt: skip
-    """One example of ``task`` filling ``n_segments * segment_size`` tokens. Returns (input_ids, label), or the
-    full :class:`Example` with ``return_example=True``. ``decoder=True`` makes the last token the answer word
-    (the question ends one token earlier)."""
+    """One example of ``task`` filling ``n_segments * segment_size`` tokens. Returns (input_ids, label), or
+    the full :class:`Example` with ``return_example=True``. ``decoder=True`` makes the last token the answer
+    word (the question ends one token earlier)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if n_segments < 1 or segment_size < 1:
@@ -148,7 +150,11 @@ def make_example(task: str, n_segments: int, segment_size: int, rng: random.Rand
         obj = rng.choice(OBJECTS)
         other = rng.choice([p for p in PEOPLE if p != person])
         other_place = rng.choice([p for p in PLACES if p != place])
-        facts = [_take_fact(rng, person, obj), _move_fact(rng, person, place), _move_fact(rng, other, other_place)]
+        facts = [
+            _take_fact(rng, person, obj),
+            _move_fact(rng, person, place),
+            _move_fact(rng, other, other_place),
+        ]
         rng.shuffle(facts)
         question = ["where", "is", "the", obj, "?"]
     else:
@@ -175,7 +181,7 @@ def make_example(task: str, n_segments: int, segment_size: int, rng: random.Rand
     tokens: list[str] = []
     spans = []
     prev = 0
-    for cut, fact in zip(cuts, facts):
+    for cut, fact in zip(cuts, facts, strict=True):
         tokens.extend(filler[prev:cut])
         spans.append((len(tokens), len(tokens) + len(fact)))
         tokens.extend(fact)
