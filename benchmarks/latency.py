@@ -125,24 +125,7 @@ def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> Setup:
             sweep_budget_s=40.0 if quick else 150.0,
             repeats=3,
         )
-    if quick:
-        return Setup(
-            layers=2,
-            hidden=64,
-            heads=2,
-            ffn=256,
-            vocab=1000,
-            mem=10,
-            positions=128,
-            dtype="float32",
-            rmt_lengths=_doubling(512, 8192),
-            full_lengths=_doubling(512, 8192),
-            per_call_budget_s=3.0,
-            sweep_budget_s=8.0,
-            repeats=1,
-            flex_per_call_budget_s=0.5,
-        )
-    return Setup(
+    cpu = Setup(
         layers=2,
         hidden=64,
         heads=2,
@@ -158,6 +141,10 @@ def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> Setup:
         repeats=3,
         flex_per_call_budget_s=2.0,
     )
+    if quick:
+        return replace(cpu, rmt_lengths=_doubling(512, 8192), full_lengths=_doubling(512, 8192),
+                       per_call_budget_s=3.0, sweep_budget_s=8.0, repeats=1, flex_per_call_budget_s=0.5)
+    return cpu
 
 
 # ------------------------------------------------------------------------------------------------ models

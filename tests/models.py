@@ -131,3 +131,24 @@ def assert_equivalent(ref, fast, inputs, tol=1e-5, grad=True):
             n_checked += 1
         assert n_checked > 0
     return a, b
+
+
+def check_padding_and_causality(rmt, ids):
+    """Perturbation checks on a decoder RMT over one (1, 12) row in segments of 6: a token masked by
+    attention_mask is invisible to every other position and to the memory; inside a segment, changing token 9
+    changes no earlier logit but changes the later ones and the memory (write slots see every token)."""
+    mask = torch.ones_like(ids)
+    mask[0, 7] = 0
+    base = rmt(ids, attention_mask=mask)
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 1) % VOCAB
+    out = rmt(changed, attention_mask=mask)
+    keep = torch.arange(ids.shape[1]) != 7
+    assert torch.allclose(out.logits[:, keep], base.logits[:, keep], atol=1e-6)
+    assert torch.allclose(out.memory_state, base.memory_state, atol=1e-6)
+    changed = ids.clone()
+    changed[0, 9] = (ids[0, 9] + 1) % VOCAB
+    plain, out = rmt(ids), rmt(changed)
+    assert torch.allclose(out.logits[:, :9], plain.logits[:, :9], atol=1e-6)
+    assert not torch.allclose(out.logits[:, 9:], plain.logits[:, 9:], atol=1e-6)
+    assert not torch.allclose(out.memory_state, plain.memory_state, atol=1e-6)

@@ -4,7 +4,7 @@ backbone still works on its own."""
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, gpt2, llama, mistral
+from models import VOCAB, check_padding_and_causality, gpt2, llama, mistral
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from kernels.layout import SegmentLayout
@@ -60,22 +60,7 @@ def test_sdpa_gets_is_causal_or_a_layout_mask(monkeypatch):
 
 def test_padding_and_causality_hold_in_fastrmt():
     torch.manual_seed(0)
-    rmt = FastRMT(llama(), 2, 6).eval()
-    ids = _ids(1, 12)
-    mask = torch.ones_like(ids)
-    mask[0, 7] = 0
-    base = rmt(ids, attention_mask=mask)
-    changed = ids.clone()
-    changed[0, 7] = (ids[0, 7] + 1) % VOCAB
-    out = rmt(changed, attention_mask=mask)
-    keep = torch.arange(12) != 7
-    assert torch.allclose(out.logits[:, keep], base.logits[:, keep], atol=1e-6)
-    assert torch.allclose(out.memory_state, base.memory_state, atol=1e-6)
-    changed = ids.clone()
-    changed[0, 9] = (ids[0, 9] + 1) % VOCAB
-    plain, out = rmt(ids), rmt(changed)
-    assert torch.allclose(out.logits[:, :9], plain.logits[:, :9], atol=1e-6)
-    assert not torch.allclose(out.logits[:, 9:], plain.logits[:, 9:], atol=1e-6)
+    check_padding_and_causality(FastRMT(llama(), 2, 6).eval(), _ids(1, 12))
 
 
 def test_a_mask_built_outside_the_interface_is_refused():

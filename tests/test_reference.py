@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import CLS, PAD, SEP, VOCAB, bert_cls, gpt2, llama
+from models import CLS, PAD, SEP, VOCAB, bert_cls, check_padding_and_causality, gpt2, llama
 
 from rmt_fast import ReferenceRMT, memory_detached_before
 
@@ -69,25 +69,7 @@ def test_decoder_new_memory_is_after_final_norm():
 
 def test_decoder_attention_mask_memory_visible_padding_masked_causal():
     torch.manual_seed(0)
-    rmt = ReferenceRMT(llama(), 2, 6).eval()
-    ids = _ids(1, 12)
-    mask = torch.ones_like(ids)
-    mask[0, 7] = 0
-    base = rmt(ids, attention_mask=mask)
-    changed = ids.clone()
-    changed[0, 7] = (ids[0, 7] + 1) % VOCAB
-    out = rmt(changed, attention_mask=mask)
-    keep = torch.ones(12, dtype=torch.bool)
-    keep[7] = False
-    assert torch.allclose(out.logits[:, keep], base.logits[:, keep], atol=1e-6)  # the padded token is invisible
-    assert torch.allclose(out.memory_state, base.memory_state, atol=1e-6)
-    changed = ids.clone()
-    changed[0, 9] = (ids[0, 9] + 1) % VOCAB
-    out = rmt(changed)
-    plain = rmt(ids)
-    assert torch.allclose(out.logits[:, :9], plain.logits[:, :9], atol=1e-6)  # causal inside the segment
-    assert not torch.allclose(out.logits[:, 9:], plain.logits[:, 9:], atol=1e-6)
-    assert not torch.allclose(out.memory_state, plain.memory_state, atol=1e-6)  # write slots see every token
+    check_padding_and_causality(ReferenceRMT(llama(), 2, 6).eval(), _ids(1, 12))
 
 
 def test_decoder_loss_counts_boundary_token_and_labels_mask():
