@@ -166,6 +166,15 @@ class RMTBase(nn.Module):
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if attention_mask is not None and not self.is_decoder:
+            # Encoders build their mask from the pad tokens, as the reference does; a mask that hides a content
+            # token cannot be honoured, so it is an error rather than silently dropped.
+            hidden_content = (attention_mask == 0) & (input_ids != self.settings.pad_token_id)
+            if bool(hidden_content.any()):
+                raise ValueError(
+                    "attention_mask masks non-pad tokens, but an encoder RMT derives its mask from the pad tokens "
+                    "(pad, CLS and SEP are dropped from input_ids): replace masked tokens by the pad id"
+                )
         if labels is not None:
             if not isinstance(labels, Tensor):
                 raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")

@@ -107,6 +107,18 @@ def test_encoder_rejects_rows_without_content():
         rmt(ids)
 
 
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_encoder_attention_mask_cannot_hide_content_tokens(cls):
+    rmt = cls(bert_cls(), 2, 5, cls_token_id=CLS, sep_token_id=SEP)
+    ids = torch.randint(3, 90, (2, 8))
+    ids[1, 6:] = 0
+    mask = (ids != 0).long()
+    rmt(ids, attention_mask=mask)  # a mask that agrees with the padding is fine
+    mask[0, 2] = 0
+    with pytest.raises(ValueError, match="attention_mask masks non-pad tokens"):
+        rmt(ids, attention_mask=mask)
+
+
 def test_generate_is_for_decoders():
     rmt = FastRMT(bert_cls(), 2, 5, cls_token_id=CLS, sep_token_id=SEP)
     with pytest.raises(ValueError, match="decoder"):
