@@ -42,6 +42,19 @@ def measure(n_segments: int, checkpointing: bool, cfg: dict, device: str) -> dic
         rmt.zero_grad(set_to_none=False)
         rmt(ids, labels=ids, return_logits=False).loss.backward()
 
+    cuda = device == "cuda"
+    if cuda:
+        step()  # warm-up; max_memory_allocated is exact
+    # CPU: the measured step is the process's first, so no allocator cache from an earlier step hides growth.
+    peak = PeakMemory(cuda=cuda)
+    token = peak.start()
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak_mb = peak.mb(token)
+
     # Exact: bytes of activations saved for backward (parameters excluded) at the end of the forward pass.
     params = {p.data_ptr() for p in rmt.parameters()}
     saved = []
@@ -54,19 +67,8 @@ def measure(n_segments: int, checkpointing: bool, cfg: dict, device: str) -> dic
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = rmt(ids, labels=ids, return_logits=False).loss
     loss.backward()
-    del loss
-    if device == "cuda":
-        step()  # warm-up; max_memory_allocated is exact. On the CPU the measured step is the process's first
-        # full step after the one above, whose buffers the allocator may keep: a lower bound.
-    peak = PeakMemory(cuda=device == "cuda")
-    token = peak.start()
-    t0 = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
     return {"segments": n_segments, "tokens": ids.numel() // cfg["batch"], "checkpointing": checkpointing,
-            "saved_activations_mb": sum(saved) / 2**20, "peak_mb": peak.mb(token), "seconds": seconds}  # fmt: skip
+            "saved_activations_mb": sum(saved) / 2**20, "peak_mb": peak_mb, "seconds": seconds}  # fmt: skip
 
 
 def run(out_dir: Path, quick: bool = False) -> dict:
