@@ -510,35 +510,13 @@ def _sweep(method: Method, lengths: list[int], s: Setup, device, timer: _Timer, 
         t = statistics.median(ts)
         extra = {"cpu_seconds": statistics.median(cpu)}
         times.append(t)
+        over = None
         if t > budget:
-            rows.append(
-                _row(
-                    method,
-                    n,
-                    "over_budget",
-                    t,
-                    peak,
-                    reps,
-                    f"measured {t:.2f} s > per-call budget {budget} s",
-                    state["mode"],
-                    **extra,
-                )
-            )
-            break
-        if s.memory_budget_mb is not None and peak is not None and peak > s.memory_budget_mb:
-            rows.append(
-                _row(
-                    method,
-                    n,
-                    "over_budget",
-                    t,
-                    peak,
-                    reps,
-                    f"peak {peak:.1f} MB > memory budget {s.memory_budget_mb} MB",
-                    state["mode"],
-                    **extra,
-                )
-            )
+            over = f"measured {t:.2f} s > per-call budget {budget} s"
+        elif s.memory_budget_mb is not None and peak is not None and peak > s.memory_budget_mb:
+            over = f"peak {peak:.1f} MB > memory budget {s.memory_budget_mb} MB"
+        if over is not None:
+            rows.append(_row(method, n, "over_budget", t, peak, reps, over, state["mode"], **extra))
             break
         rows.append(_row(method, n, "ok", t, peak, reps, method.note, state["mode"], **extra))
     if device.type == "cuda":
