@@ -128,3 +128,28 @@ def test_inference_without_logits():
     assert b.logits is None and c.logits is None
     assert abs(a.loss.item() - b.loss.item()) < 1e-5
     assert torch.allclose(c.memory_state, a.memory_state, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert_cls"])
+def test_inference_keeps_no_activations_from_earlier_segments(name):
+    """Under no_grad, when segment t runs, at most the previous segment's last hidden state (whose write slots
+    are the memory) is still alive: memory use does not grow with the number of segments."""
+    import gc
+    import weakref
+
+    from rmt_fast import FastRMT
+
+    factory = DECODERS.get(name) or ENCODERS[name]
+    rmt = FastRMT(factory(), 2, 6, **(encoder_ids(name) if name in ENCODERS else {})).eval()
+    outputs, alive = [], []
+
+    def hook(module, args, output):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in outputs))
+        outputs.append(weakref.ref(output[0] if isinstance(output, tuple) else output.last_hidden_state))
+
+    rmt._info.base_model.register_forward_hook(hook)
+    with torch.no_grad():
+        rmt(_ids(2, 6 * 8), return_logits=False)
+    assert len(alive) == 8
+    assert max(alive) <= 1, alive
