@@ -45,6 +45,10 @@ class FastRMT(RMTBase):
             self._graphs = SegmentGraphRunner(self)
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
+        if model.config._attn_implementation != ATTN_NAME:  # transformers only warns when it cannot switch
+            model.set_attn_implementation(self._original_attn)
+            raise ValueError(f"model: {type(model).__name__} cannot switch its attention implementation to "
+                             f"{ATTN_NAME!r}, so FastRMT cannot give it the segment layout")  # fmt: skip
         self._last_hidden: Tensor | None = None
         base = self._info.base_model
         self._hook = None if base is model else base.register_forward_hook(self._capture_hidden)
