@@ -83,3 +83,12 @@ def test_triton_backend_on_unsupported_case_is_an_error():
     rmt = FastRMT(gpt2(), 2, 6, attn_backend="triton")
     with pytest.raises(ValueError, match="attn_backend='triton' cannot run this case"):
         rmt(_ids(1, 12))
+
+
+def test_kernels_never_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, kernels, kernels.layout, kernels.sdpa_attention; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
