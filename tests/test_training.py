@@ -2,6 +2,7 @@
 
 import copy
 import os
+import time
 
 import pytest
 import torch
@@ -100,9 +101,16 @@ def _ddp_worker(rank, world, port, state, ids, result_dir):
     ddp = torch.nn.parallel.DistributedDataParallel(rmt)
     shard = ids.chunk(world)[rank]
     ddp(shard, labels=shard).loss.backward()
+    _finish(rank, result_dir, {n: p.grad for n, p in rmt.named_parameters()})
+
+
+def _finish(rank, result_dir, grads):
     if rank == 0:
-        torch.save({n: p.grad for n, p in rmt.named_parameters()}, os.path.join(result_dir, "grads.pt"))
-    dist.destroy_process_group()
+        torch.save(grads, os.path.join(result_dir, "grads.pt"))
+    dist.barrier()
+    # Leave without running the gloo process group's and DDP reducer's destructors: at teardown they can
+    # deadlock on the GIL (a gloo worker thread freeing a finished work item while the main thread joins it).
+    os._exit(0)
 
 
 def _fsdp_worker(rank, world, port, state, ids, result_dir):
@@ -119,9 +127,7 @@ def _fsdp_worker(rank, world, port, state, ids, result_dir):
     shard = ids.chunk(world)[rank]
     rmt(shard, labels=shard).loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in rmt.named_parameters()}  # a collective: every rank
-    if rank == 0:
-        torch.save(grads, os.path.join(result_dir, "grads.pt"))
-    dist.destroy_process_group()
+    _finish(rank, result_dir, grads)
 
 
 def _free_port():
@@ -139,7 +145,14 @@ def test_distributed_gloo_two_processes_match_single_process(tmp_path, worker):
     ids = _ids(4, 20)
     rmt(ids, labels=ids).loss.backward()
     expected = {n: p.grad for n, p in rmt.named_parameters()}
-    mp.spawn(worker, args=(2, _free_port(), rmt.state_dict(), ids, str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.start_processes(worker, args=(2, _free_port(), rmt.state_dict(), ids, str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("distributed workers did not finish within 240 s")
     got = torch.load(tmp_path / "grads.pt")
     for name, grad in expected.items():
         assert rel(got[name], grad) < 1e-5, name
