@@ -65,10 +65,6 @@ class SegmentLayout:
         return self.num_read + self.num_tokens + self.num_write
 
     @property
-    def token_start(self) -> int:
-        return self.num_read
-
-    @property
     def write_start(self) -> int:
         return self.num_read + self.num_tokens
 
@@ -121,15 +117,6 @@ class SegmentLayout:
         if valid is not None:
             mask = mask & valid[:, None, None, :]
         return mask
-
-    def to(self, device: torch.device | str) -> SegmentLayout:
-        def move(t):
-            return None if t is None else t.to(device)
-
-        return SegmentLayout(
-            self.num_read, self.num_tokens, self.num_write, self.causal,
-            move(self.token_counts), move(self.token_mask),
-        )  # fmt: skip
 
 
 def _describe(x) -> str:
