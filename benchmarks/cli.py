@@ -8,7 +8,8 @@
     rmt-fast-bench all     [--out DIR] [--quick]   # every available benchmark but those in NOT_IN_ALL,
                                                    # each in DIR/<name>/
 
-Each benchmark is a module ``benchmarks.<name>`` exposing ``run(out_dir: Path, quick: bool) -> dict``
+Each benchmark is a module ``rmt_fast.bench.<name>`` (the ``benchmarks/`` folder) exposing
+``run(out_dir: Path, quick: bool) -> dict``
 (a flat-ish summary dict). Modules are imported lazily; one that does not exist yet is reported as
 "not available yet" and skipped. To add a benchmark, add a line to BENCHMARKS.
 """
@@ -23,16 +24,16 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import timestamp
+from rmt_fast.bench.common import timestamp
 
 BENCHMARKS: dict[str, str] = {
-    "flops": "benchmarks.flops",
-    "latency": "benchmarks.latency",
-    "profile": "benchmarks.profile",
-    "kernels": "benchmarks.kernels",
-    "compare": "benchmarks.compare_cpu",
-    "train-memory": "benchmarks.train_memory",
-    "cuda-graph": "benchmarks.cuda_graph",
+    "flops": "rmt_fast.bench.flops",
+    "latency": "rmt_fast.bench.latency",
+    "profile": "rmt_fast.bench.profile",
+    "kernels": "rmt_fast.bench.kernels",
+    "compare": "rmt_fast.bench.compare_cpu",
+    "train-memory": "rmt_fast.bench.train_memory",
+    "cuda-graph": "rmt_fast.bench.cuda_graph",
 }
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
 # or GPU-only (cuda-graph).

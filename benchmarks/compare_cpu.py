@@ -5,7 +5,7 @@ Default: GPT-2 with 4 layers, hidden 256, 4 heads (GPT-2 vocabulary), 16 segment
 batch 2. Peak memory is the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) while one call runs, measured in a fresh subprocess per (wrapper, mode).
 
-    python -m benchmarks.compare_cpu --out results/compare_cpu
+    python -m rmt_fast.bench.compare_cpu --out results/compare_cpu
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def measure_peak(wrapper: str, mode: str, cfg: dict) -> float:
 
 
 def _peak_in_subprocess(wrapper, mode, cfg) -> float:
-    cmd = [sys.executable, "-m", "benchmarks.compare_cpu", "--measure-peak", wrapper, mode, "--cfg", json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "rmt_fast.bench.compare_cpu", "--measure-peak", wrapper, mode,
+           "--cfg", json.dumps(cfg)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

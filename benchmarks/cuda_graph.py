@@ -4,7 +4,7 @@ bert-base from its config, 512-position model input (499 content tokens + 10 mem
 inference. Reports ms per segment and tokens per second at batch 1 and batch 32, and the time to pass
 1,048,576 tokens through graphed FastRMT. Baselines are measured in the same run. Without CUDA it says so.
 
-    python -m benchmarks.cuda_graph --out results/cuda_graph [--quick]
+    python -m rmt_fast.bench.cuda_graph --out results/cuda_graph [--quick]
 """
 
 from __future__ import annotations

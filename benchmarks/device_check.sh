@@ -14,7 +14,7 @@ START=$(date +%s)
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' /' '__')
 gpu=${gpu:-nogpu}
-sha=$($PY -c "from benchmarks.common import git_sha; print(git_sha()[:10])" 2>/dev/null || echo unknown)
+sha=$($PY -c "from rmt_fast.bench.common import git_sha; print(git_sha()[:10])" 2>/dev/null || echo unknown)
 OUT=${1:-benchmarks/results/${gpu}-$(date +%Y%m%d-%H%M)-${sha}}
 mkdir -p "$OUT"
 echo "results -> $OUT"
@@ -37,7 +37,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 {
     echo "date: $(date -Is)"; echo "git sha: $sha"; echo "host: $(hostname)"
     nvidia-smi 2>&1
-    $PY -c "import json; from benchmarks.common import env_info; print(json.dumps(env_info(), indent=2))" 2>&1
+    $PY -c "import json; from rmt_fast.bench.common import env_info; print(json.dumps(env_info(), indent=2))" 2>&1
     $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|xformers|numpy|pytest) "
 } >"$OUT/env.txt"
 
@@ -49,11 +49,11 @@ fi
 
 # --- GPU tests and quick benchmarks
 step tests 120 $PY -m pytest -m gpu -q -p no:cacheprovider
-step kernels 90 $PY -m benchmarks.cli kernels --quick --out "$OUT/kernels"
-step latency 120 $PY -m benchmarks.cli latency --quick --out "$OUT/latency"
-step profile 45 $PY -m benchmarks.cli profile --quick --out "$OUT/profile"
+step kernels 90 $PY -m rmt_fast.bench.cli kernels --quick --out "$OUT/kernels"
+step latency 120 $PY -m rmt_fast.bench.cli latency --quick --out "$OUT/latency"
+step profile 45 $PY -m rmt_fast.bench.cli profile --quick --out "$OUT/profile"
 if [ -f benchmarks/cuda_graph.py ]; then
-    step cuda_graph 45 $PY -m benchmarks.cuda_graph --quick --out "$OUT/cuda_graph"
+    step cuda_graph 45 $PY -m rmt_fast.bench.cuda_graph --quick --out "$OUT/cuda_graph"
 fi
 
 # --- summary (last)

@@ -43,9 +43,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmt_fast.bench.common import env_info, machine_label, save_plot, timestamp, write_csv, write_json
 from tqdm.auto import tqdm
-
-from benchmarks.common import env_info, machine_label, save_plot, timestamp, write_csv, write_json
 
 SEGMENT_POSITIONS = 512
 MEMORY_TOKENS = 10

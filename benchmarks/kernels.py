@@ -10,7 +10,7 @@ the shapes.
 Methods, each on the same q, k, v (B, H, T, D) and the same decoder segment layout
 ``[10 read | T - 20 tokens | 10 write]``, causal, with per-row valid token counts (rows short by up to 25%):
 
-* ``triton``: :func:`kernels.rmt_attention.rmt_attention` (the mask is computed in the kernel);
+* ``triton``: :func:`rmt_fast.kernels.rmt_attention.rmt_attention` (the mask is computed in the kernel);
 * ``sdpa_flash_nomask``: SDPA with ``is_causal=True`` and no mask (flash kernel) - the upper bound, it ignores
   the padding;
 * ``sdpa_dense_mask``: SDPA with the layout's mask materialized (``layout.dense_mask()``);
@@ -30,7 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import env_info, machine_label, save_plot, write_csv, write_json
+from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
 
 MEM = 10
 
@@ -42,8 +42,7 @@ def _shapes(quick: bool) -> list[tuple[int, int]]:
 
 def _layout(B: int, T: int, device):
     import torch
-
-    from kernels.layout import SegmentLayout
+    from rmt_fast.kernels.layout import SegmentLayout
 
     tokens = T - 2 * MEM
     g = torch.Generator().manual_seed(0)
@@ -59,7 +58,7 @@ def _methods(layout, T: int, H: int, device):
 
     out = {}
     try:
-        from kernels.rmt_attention import rmt_attention, rmt_attention_supported
+        from rmt_fast.kernels.rmt_attention import rmt_attention, rmt_attention_supported
 
         probe = torch.zeros(layout.batch_size, H, T, 64, device=device, dtype=torch.float16)
         reason = rmt_attention_supported(probe, probe, probe, layout)

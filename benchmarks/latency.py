@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from benchmarks.common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
+from rmt_fast.bench.common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
 
 RMT_SLOPE_RANGE = (0.8, 1.2)
 FULL_SLOPE_MIN = 1.3
@@ -411,8 +411,8 @@ def _flex_probe(device, dtype) -> str | None:
 def _auto_backend_note(s: Setup, device, dtype) -> str:
     """Which backend attn_backend='auto' picks for a segment of this shape."""
     import torch
+    from rmt_fast.kernels.layout import SegmentLayout
 
-    from kernels.layout import SegmentLayout
     from rmt_fast.attention import choose_backend
 
     d = s.hidden // s.heads

@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import env_info, machine_label, save_plot, write_csv, write_json
+from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
 
 CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
 ATTENTION_OPS = (

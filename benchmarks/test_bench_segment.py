@@ -97,8 +97,8 @@ def test_segment_forward(benchmark, backbone, wrapper):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["triton", "sdpa"])
 def test_attention_kernel(benchmark, method):
-    from kernels.layout import SegmentLayout
-    from kernels.sdpa_attention import sdpa_rmt_attention
+    from rmt_fast.kernels.layout import SegmentLayout
+    from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
 
     B, H, T, D = 8, 12, 532, 64
     device = torch.device("cuda")
@@ -107,7 +107,7 @@ def test_attention_kernel(benchmark, method):
     layout = SegmentLayout(MEM, T - 2 * MEM, MEM, True, token_counts=counts)
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.float16) for _ in range(3))
     if method == "triton":
-        from kernels.rmt_attention import rmt_attention, rmt_attention_supported
+        from rmt_fast.kernels.rmt_attention import rmt_attention, rmt_attention_supported
 
         reason = rmt_attention_supported(q, k, v, layout)
         if reason:

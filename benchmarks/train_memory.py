@@ -10,7 +10,7 @@ resident set) and reports the growth of the peak resident set during its first t
 bytes of activations saved for backward are reported beside it.
 GPU: ``torch.cuda.max_memory_allocated`` in process.
 
-    python -m benchmarks.train_memory --out results/train_memory [--quick]
+    python -m rmt_fast.bench.train_memory --out results/train_memory [--quick]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                     rows.append({"segments": n, "checkpointing": ckpt, "status": "oom"})
                 torch.cuda.empty_cache()
                 continue
-            cmd = [sys.executable, "-m", "benchmarks.train_memory", "--point", str(n), str(int(ckpt)),
+            cmd = [sys.executable, "-m", "rmt_fast.bench.train_memory", "--point", str(n), str(int(ckpt)),
                    "--cfg", json.dumps(cfg)]  # fmt: skip
             # Freed blocks of 64 KiB and more go back to the OS at once, so the resident-set peak follows live
             # tensors rather than glibc's heap fragmentation.

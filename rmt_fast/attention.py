@@ -2,7 +2,7 @@
 
 rmt-fast registers one attention implementation and one mask function with transformers under the name
 ``"rmt_fast"``; no model class is patched. While FastRMT runs a segment, the segment's
-:class:`~kernels.layout.SegmentLayout` is *active* (a context variable):
+:class:`~rmt_fast.kernels.layout.SegmentLayout` is *active* (a context variable):
 
 * the mask function returns the active segment instead of building a 4-D mask, so transformers builds none;
 * the attention function receives it as ``attention_mask`` and calls the chosen backend (SDPA or Triton),
@@ -35,8 +35,8 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from kernels.layout import SegmentLayout
-from kernels.sdpa_attention import sdpa_rmt_attention
+from .kernels.layout import SegmentLayout
+from .kernels.sdpa_attention import sdpa_rmt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ _FALLBACK_LOGGED: set[str] = set()
 
 def _triton():
     try:
-        return importlib.import_module("kernels.rmt_attention")
+        return importlib.import_module("rmt_fast.kernels.rmt_attention")
     except ImportError:  # triton is not installed
         return None
 

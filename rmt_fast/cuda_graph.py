@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import RMTOutput
+from .segments import DecoderStatic
 
 
 class StaticStep:
@@ -97,8 +98,6 @@ class SegmentGraphRunner:
         return attention_mask is None  # a caller mask takes the eager path
 
     def run_decoder(self, input_ids, targets, denom, memory, plan, return_logits) -> RMTOutput:
-        from .fast import DecoderStatic
-
         self._check_inference()
         rmt = self.rmt
         b, size = input_ids.shape[0], rmt.segment_size

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.layout import SegmentLayout
-
 from .attention import ATTN_NAME, active_segment
 from .base import RMTBase, RMTOutput, memory_detached_before
-from .segments import decoder_plan, decoder_targets, encoder_plan
+from .cuda_graph import SegmentGraphRunner
+from .kernels.layout import SegmentLayout
+from .segments import DecoderStatic, decoder_plan, decoder_targets, encoder_plan
 
 
 class FastRMT(RMTBase):
@@ -40,8 +40,6 @@ class FastRMT(RMTBase):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._graphs = None
         if cuda_graph:
-            from .cuda_graph import SegmentGraphRunner
-
             self._graphs = SegmentGraphRunner(self)
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
@@ -203,62 +201,6 @@ class FastRMT(RMTBase):
         hidden = self._last_hidden if self._hook is not None else out.last_hidden_state
         self._last_hidden = None
         return out, hidden[:, 1:1 + m]
-
-
-class DecoderStatic:
-    """Per-call-shape constants of the decoder segment: token slot indices, positions, the all-valid mask."""
-
-    def __init__(self, batch: int, m: int, size: int, device):
-        self.m, self.size = m, size
-        seq = 2 * m + size
-        self.token_index = torch.arange(m, m + size, device=device)
-        self.slot = torch.arange(seq, device=device)
-        self.full_positions = self.slot[None]
-        self.all_valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        self._counts: dict[int, Tensor] = {}
-        self._buffer: Tensor | None = None
-        self.batch = batch
-
-    def segment(self, input_ids, attention_mask, targets, start: int, length: int):
-        """A segment's inputs padded to the static width: ids, counts (None when full), token mask, targets."""
-        pad = self.size - length
-        ids = F.pad(input_ids[:, start:start + length], (0, pad))
-        counts = self.counts(length) if pad else None
-        token_mask = None
-        if attention_mask is not None:
-            token_mask = F.pad(attention_mask[:, start:start + length].bool(), (0, pad))
-        seg_targets = None
-        if targets is not None:
-            seg_targets = F.pad(targets[:, start:start + length], (0, pad), value=-100)
-        return ids, counts, token_mask, seg_targets
-
-    def embeds_buffer(self, dtype, hidden: int) -> Tensor:
-        """The segment input buffer: one per call shape under no_grad, a fresh one per segment with autograd
-        (a reused buffer would be overwritten while the graph still needs it)."""
-        shape = (self.batch, 2 * self.m + self.size, hidden)
-        if torch.is_grad_enabled():
-            return torch.empty(shape, dtype=dtype, device=self.slot.device)
-        if self._buffer is None or self._buffer.dtype != dtype:
-            self._buffer = torch.empty(shape, dtype=dtype, device=self.slot.device)
-        return self._buffer
-
-    def counts(self, length: int) -> Tensor:
-        if length not in self._counts:
-            self._counts[length] = torch.full((self.batch,), length, dtype=torch.int32, device=self.slot.device)
-        return self._counts[length]
-
-    def positions(self, counts: Tensor | None) -> Tensor:
-        """Read slots 0..m-1, tokens m.., write slots right after the valid tokens (as in the reference's
-        unpadded short segment); padded token slots get harmless in-range positions."""
-        if counts is None:
-            return self.full_positions
-        write = self.slot >= self.m + self.size
-        shifted = self.slot[None] - self.size + counts[:, None].long()
-        return torch.where(write[None], shifted, self.slot[None])
-
-    def key_valid(self, layout: SegmentLayout) -> Tensor:
-        valid = layout.key_valid()
-        return self.all_valid if valid is None else valid
 
 
 class _WithAttn:

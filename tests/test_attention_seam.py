@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import VOCAB, check_padding_and_causality, gpt2, llama, mistral
+from rmt_fast.kernels.layout import SegmentLayout
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from kernels.layout import SegmentLayout
 from rmt_fast import FastRMT
 from rmt_fast.attention import ATTN_NAME, active_segment, rmt_attention_forward
 
@@ -89,6 +89,7 @@ def test_kernels_never_import_transformers():
     import subprocess
     import sys
 
-    code = "import sys, kernels, kernels.layout, kernels.sdpa_attention; print('transformers' in sys.modules)"
+    code = ("import sys, rmt_fast.kernels, rmt_fast.kernels.layout, rmt_fast.kernels.sdpa_attention; "
+            "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

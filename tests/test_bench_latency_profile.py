@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from benchmarks import latency, profile  # noqa: E402
+from rmt_fast.bench import latency, profile  # noqa: E402
 
 LATENCY_COLUMNS = {
     "method",

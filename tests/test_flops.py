@@ -5,8 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
-
-from benchmarks import flops as F
+from rmt_fast.bench import flops as F
 
 TOL = 0.01
 
@@ -71,7 +70,7 @@ def test_content_per_segment():
 
 
 def test_cli_flops_writes_outputs(tmp_path, monkeypatch):
-    from benchmarks import cli
+    from rmt_fast.bench import cli
 
     # Keep the test fast: a reduced cross-check plan (the CLI still goes through flops.run).
     monkeypatch.setattr(F, "crosscheck_plan", lambda quick: [("opt-125m", 512), ("opt-125m", 4000)])
@@ -91,9 +90,9 @@ def test_cli_flops_writes_outputs(tmp_path, monkeypatch):
 
 
 def test_cli_unavailable_benchmark(tmp_path, capsys, monkeypatch):
-    from benchmarks import cli
+    from rmt_fast.bench import cli
 
-    monkeypatch.setitem(cli.BENCHMARKS, "nonexistent", "benchmarks._no_such_module")
+    monkeypatch.setitem(cli.BENCHMARKS, "nonexistent", "rmt_fast.bench._no_such_module")
     res = cli.run_one("nonexistent", tmp_path, quick=True)
     assert res["status"] == "not available yet"
     assert "not available yet" in capsys.readouterr().out

@@ -37,11 +37,11 @@ if not isinstance(tl.cdiv, InterpretedFunction):
         allow_module_level=True,
     )
 
-from kernels.layout import SegmentLayout  # noqa: E402
-from kernels.reference import dense_rmt_attention_reference  # noqa: E402
+from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
+from rmt_fast.kernels.reference import dense_rmt_attention_reference  # noqa: E402
 
-# The module (the package attribute ``kernels.rmt_attention`` is the re-exported function).
-ra = importlib.import_module("kernels.rmt_attention")
+# The module (the package attribute ``rmt_fast.kernels.rmt_attention`` is the re-exported function).
+ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
 rmt_attention = ra.rmt_attention
 rmt_attention_dropout_mask = ra.rmt_attention_dropout_mask
 rmt_attention_supported = ra.rmt_attention_supported
