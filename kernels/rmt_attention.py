@@ -14,12 +14,34 @@ dense is built, nothing is copied, and no value is read back to the host.
 * attention dropout uses Triton's Philox generator keyed by ``seed`` and the element offset
   ``((b * Hq + h) * Tq + i) * Tk + j``; the backward pass regenerates the same keep-mask.
 
+Interface for callers (the runtime's dispatch, tuners):
+
+* ``rmt_attention(q, k, v, layout, *, scale=None, dropout_p=0.0, seed=None, out=None, check=True)``;
+  ``check=False`` skips all validation, for a caller that already called ``rmt_attention_supported`` for this
+  segment (it returns None or a reason; the reason is what ``check=True`` would raise).
+* Launch configurations (``LaunchConfig(BLOCK_M, BLOCK_N, num_warps, num_stages)``; a 4-tuple is accepted
+  wherever one is expected), per kernel kind ``"fwd"``, ``"dq"`` (backward dQ) and ``"dkdv"`` (backward dK/dV),
+  resolved in this order at each launch:
+
+  1. ``with override_configs(fwd=..., dq=..., dkdv=...):`` the given config, used exactly (no out-of-resources
+     step-down; the error propagates), not cached: for a tuner's sweep;
+  2. the cache of resolved configs, keyed (kind, head_dim, dtype, device index): one dict look-up;
+  3. on a cache miss ``launch_config(kind, head_dim, dtype)``: the table installed by
+     ``set_launch_configs({(kind, head_dim, dtype): (BLOCK_M, BLOCK_N, num_warps, num_stages), ...})`` (a
+     measured dispatch table), else the built-in heuristic. A caller that replaces or extends
+     ``launch_config`` calls ``clear_launch_cache()`` afterwards (``set_launch_configs`` does it itself).
+
+  A launch that fails to compile for lack of shared memory / registers steps down (``LaunchConfig.smaller``)
+  and the cache remembers the config that compiled. In Triton's interpreter the cache is bypassed.
+
 File order: jit kernels, launch configuration, launchers, the autograd Function, the public functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -487,42 +509,74 @@ def _rmt_dropout_mask_kernel(
 
 
 # ==================================================================================== launch configuration
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton reads it once, at decoration time too
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def _next_pow2(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
 
-class _Cfg:
-    __slots__ = ("block_m", "block_n", "num_warps", "num_stages")
+class LaunchConfig:
+    """One kernel's launch configuration: BLOCK_M (query tile), BLOCK_N (key tile), num_warps, num_stages.
+
+    Immutable by convention; ``kwargs`` is built once (the launch passes it as is: no dict per call).
+    """
+
+    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "kwargs")
 
     def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
+        for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
+                            ("num_stages", num_stages)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LaunchConfig: {name} must be a positive int, got {value!r}")
+        for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"LaunchConfig: {name} must be a power of two >= 16, got {value}")
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+        self.kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
-    def kwargs(self) -> dict:
-        return {
-            "BLOCK_M": self.block_m, "BLOCK_N": self.block_n,
-            "num_warps": self.num_warps, "num_stages": self.num_stages,
-        }  # fmt: skip
+    @classmethod
+    def of(cls, cfg) -> LaunchConfig:
+        """A LaunchConfig from a LaunchConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple."""
+        if isinstance(cfg, LaunchConfig):
+            return cfg
+        if isinstance(cfg, (tuple, list)) and len(cfg) == 4:
+            return cls(*cfg)
+        raise ValueError(f"a launch config must be (BLOCK_M, BLOCK_N, num_warps, num_stages), got {cfg!r}")
 
-    def smaller(self) -> _Cfg | None:
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LaunchConfig) and self.as_tuple() == other.as_tuple()
+
+    def __hash__(self) -> int:
+        return hash(self.as_tuple())
+
+    def smaller(self) -> LaunchConfig | None:
         """A cheaper configuration to retry with when a launch runs out of shared memory / registers."""
         if self.num_stages > 1:
-            return _Cfg(self.block_m, self.block_n, self.num_warps, self.num_stages - 1)
+            return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages - 1)
         if max(self.block_m, self.block_n) > 16:
             if self.block_m >= self.block_n:
-                return _Cfg(self.block_m // 2, self.block_n, self.num_warps, 2)
-            return _Cfg(self.block_m, self.block_n // 2, self.num_warps, 2)
+                return LaunchConfig(self.block_m // 2, self.block_n, self.num_warps, 2)
+            return LaunchConfig(self.block_m, self.block_n // 2, self.num_warps, 2)
         return None
 
     def __repr__(self) -> str:
         return (
-            f"_Cfg(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
-            f"warps={self.num_warps}, stages={self.num_stages})"
+            f"LaunchConfig(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
+            f"num_warps={self.num_warps}, num_stages={self.num_stages})"
         )
 
+
+_Cfg = LaunchConfig  # the old private name
+
+KINDS = ("fwd", "dq", "dkdv")
 
 # Interpreter (CPU test) block sizes (BLOCK_M, BLOCK_N): powers of two >= 16; tests change them.
 _INTERPRET_BLOCKS = (16, 16)
@@ -546,29 +600,90 @@ _CONFIGS = {
 }
 
 
-def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> _Cfg:
+def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """Per-kernel launch configuration from the head dim and dtype: a table look-up, no autotuning, no sync.
 
     kind: "fwd", "dq" or "dkdv"; BLOCK_M always tiles queries and BLOCK_N keys.
     """
     if _interpreting():
-        return _Cfg(*_INTERPRET_BLOCKS, 4, 1)
+        return LaunchConfig(*_INTERPRET_BLOCKS, 4, 1)
     d = _next_pow2(head_dim)
     table = _CONFIGS[(kind, dtype == torch.float32)]
-    return _Cfg(*table[0 if d <= 64 else 1 if d <= 128 else 2])
+    return LaunchConfig(*table[0 if d <= 64 else 1 if d <= 128 else 2])
 
 
-# (kind, head_dim, dtype, device index) -> the configuration that compiled, after an out-of-resources retry.
-_CONFIG_CACHE: dict[tuple, _Cfg] = {}
+# Configurations supplied by set_launch_configs: (kind, head_dim, dtype) -> LaunchConfig.
+_TABLE: dict[tuple, LaunchConfig] = {}
+# Active override_configs block: kind -> LaunchConfig (None outside any block).
+_OVERRIDE: dict[str, LaunchConfig] | None = None
+# (kind, head_dim, dtype, device index) -> the configuration resolved (and, after an out-of-resources retry,
+# stepped down) for it: one dict look-up per launch after the first.
+_CONFIG_CACHE: dict[tuple, LaunchConfig] = {}
+
+
+def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration a launch of kernel ``kind`` ("fwd", "dq", "dkdv") uses for this head dim and dtype:
+    the :func:`set_launch_configs` table entry if there is one, else the built-in heuristic table.
+
+    This is the look-up hook: it runs once per (kind, head_dim, dtype, device) and its answer is cached; a
+    caller that replaces or extends it must call :func:`clear_launch_cache` afterwards.
+    """
+    cfg = _TABLE.get((kind, head_dim, dtype))
+    return cfg if cfg is not None else _heuristic_config(kind, head_dim, dtype)
+
+
+def set_launch_configs(table: dict | None) -> None:
+    """Replace the measured configuration table: ``{(kind, head_dim, dtype): (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) or LaunchConfig}``; entries not in it use the heuristic. ``None`` or ``{}`` clears it.
+    Validates every entry before changing anything."""
+    new = {}
+    for key, cfg in (table or {}).items():
+        if not (isinstance(key, tuple) and len(key) == 3 and key[0] in KINDS and isinstance(key[1], int)
+                and isinstance(key[2], torch.dtype)):  # fmt: skip
+            raise ValueError(f"set_launch_configs: keys must be (kind in {KINDS}, head_dim: int, dtype), got {key!r}")
+        new[key] = LaunchConfig.of(cfg)
+    _TABLE.clear()
+    _TABLE.update(new)
+    clear_launch_cache()
+
+
+def clear_launch_cache() -> None:
+    """Forget the resolved configurations (the next launch of each kind asks :func:`launch_config` again)."""
+    _CONFIG_CACHE.clear()
+
+
+@contextlib.contextmanager
+def override_configs(fwd=None, dq=None, dkdv=None) -> Iterator[None]:
+    """Inside the block, every launch of a given kernel uses the given configuration (a LaunchConfig or a
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple) instead of :func:`launch_config` (None: unchanged).
+
+    For a tuner's sweep: the configuration is used exactly, without the out-of-resources step-down (the
+    ``triton.runtime.errors.OutOfResources`` error propagates) and without touching the cache. Blocks nest;
+    the state is process-global (not per thread).
+    """
+    global _OVERRIDE
+    given = {k: LaunchConfig.of(c) for k, c in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv)) if c is not None}
+    previous = _OVERRIDE
+    _OVERRIDE = {**(previous or {}), **given}
+    try:
+        yield
+    finally:
+        _OVERRIDE = previous
 
 
 def _launch(kind: str, kernel, grid_fn, args: tuple, consts: dict, head_dim: int, dtype, device) -> None:
-    """Launch with the heuristic config; on a compile-time out-of-resources error, step down and remember."""
+    """Launch with the resolved config; on a compile-time out-of-resources error, step down and remember."""
+    if _OVERRIDE is not None and kind in _OVERRIDE:
+        cfg = _OVERRIDE[kind]
+        kernel[grid_fn(cfg)](*args, **consts, **cfg.kwargs)
+        return
     key = (kind, head_dim, dtype, device.index if device.type == "cuda" else -1)
-    cfg = _CONFIG_CACHE.get(key) or _heuristic_config(kind, head_dim, dtype)
+    cfg = None if _interpreting() else _CONFIG_CACHE.get(key)
+    if cfg is None:
+        cfg = launch_config(kind, head_dim, dtype)
     while True:
         try:
-            kernel[grid_fn(cfg)](*args, **consts, **cfg.kwargs())
+            kernel[grid_fn(cfg)](*args, **consts, **cfg.kwargs)
             _CONFIG_CACHE[key] = cfg
             return
         except triton.runtime.errors.OutOfResources:
@@ -786,6 +901,7 @@ def rmt_attention(
     dropout_p: float = 0.0,
     seed: int | None = None,
     out: Tensor | None = None,
+    check: bool = True,
 ) -> Tensor:
     """RMT segment attention: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
 
@@ -799,13 +915,17 @@ def rmt_attention(
     ``token_mask`` layout is refused (use :func:`rmt_attention_supported` to route it to SDPA). A query that
     sees no key at all (possible only without read/write slots) gets a zero output and zero gradients,
     where the dense reference gives NaN.
+
+    ``check=False`` skips every validation (of q, k, v, layout, dropout_p and out): for a caller that already
+    got None from :func:`rmt_attention_supported` for this segment's shapes, dtypes, device and layout.
     """
-    problem = _problem(q, k, v, layout, dropout_p)
-    if problem is not None:
-        exc, msg = problem
-        raise exc(msg)
+    if check:
+        problem = _problem(q, k, v, layout, dropout_p)
+        if problem is not None:
+            exc, msg = problem
+            raise exc(msg)
     B, Hq, Tq, D = q.shape
-    if out is not None:
+    if check and out is not None:
         if not isinstance(out, Tensor) or tuple(out.shape) != (B, Tq, Hq, D):
             raise ValueError(f"out must have shape {(B, Tq, Hq, D)}, got {getattr(out, 'shape', type(out))}")
         if out.dtype != q.dtype or out.device != q.device:
@@ -835,4 +955,7 @@ def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed
     return keep.bool()
 
 
-__all__ = ["rmt_attention", "rmt_attention_supported", "rmt_attention_dropout_mask"]
+__all__ = [
+    "rmt_attention", "rmt_attention_supported", "rmt_attention_dropout_mask",
+    "LaunchConfig", "launch_config", "set_launch_configs", "clear_launch_cache", "override_configs", "KINDS",
+]  # fmt: skip

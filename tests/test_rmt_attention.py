@@ -378,10 +378,100 @@ def test_supported():
 
 
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ra, "_INTERPRET", False)  # read once at import, as triton does
     args = _good()
     reason = rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"])
     assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+# ----------------------------------------------------------------------------- launch configuration hooks
+class _Recorder:
+    """Stands in for a jit kernel: records the launch kwargs, then launches the real kernel."""
+
+    def __init__(self, kernel, log, kind):
+        self.kernel, self.log, self.kind = kernel, log, kind
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.kind, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _record_launches(monkeypatch):
+    log = []
+    for kind, name in (("fwd", "_rmt_attn_fwd_kernel"), ("dq", "_rmt_attn_bwd_dq_kernel"),
+                       ("dkdv", "_rmt_attn_bwd_dkdv_kernel")):  # fmt: skip
+        monkeypatch.setattr(ra, name, _Recorder(getattr(ra, name), log, kind))
+    return log
+
+
+def test_override_configs_sets_every_launch_inside_the_block(monkeypatch):
+    log = _record_launches(monkeypatch)
+    layout = SegmentLayout(2, 30, 2, True, token_counts=torch.tensor([7, 30]))
+    q, k, v = make_qkv(2, 2, 1, 34, 34, 16, torch.float32, seed=3)
+    with ra.override_configs(fwd=(32, 16, 2, 1), dkdv=ra.LaunchConfig(16, 32, 2, 1)):
+        with ra.override_configs(dq=(16, 32, 2, 1)):  # nests: fwd and dkdv still overridden
+            check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+    assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 32, 2), ("fwd", 32, 16, 2)]
+    log.clear()
+    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])  # outside: the heuristic again
+    assert {entry[1:] for entry in log} == {(16, 16, 4)}
+    assert ra._OVERRIDE is None
+
+
+def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
+    log = _record_launches(monkeypatch)
+    layout = SegmentLayout(1, 20, 1, False)
+    q, k, v = make_qkv(1, 2, 2, 22, 22, 16, torch.float32, seed=4)
+    try:
+        ra.set_launch_configs({("fwd", 16, torch.float32): (32, 32, 2, 1), ("dkdv", 16, torch.float32): (16, 32, 2, 1)})
+        assert ra.launch_config("fwd", 16, torch.float32) == ra.LaunchConfig(32, 32, 2, 1)
+        assert ra.launch_config("fwd", 16, torch.float16) == ra._heuristic_config("fwd", 16, torch.float16)
+        check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+        assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 16, 4), ("fwd", 32, 32, 2)]
+    finally:
+        ra.set_launch_configs(None)
+    assert ra.launch_config("fwd", 16, torch.float32) == ra._heuristic_config("fwd", 16, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "table,match",
+    [
+        ({("bwd", 16, torch.float32): (16, 16, 4, 1)}, "keys must be"),
+        ({("fwd", 16): (16, 16, 4, 1)}, "keys must be"),
+        ({("fwd", 16, torch.float32): (16, 16, 4)}, "BLOCK_M, BLOCK_N, num_warps, num_stages"),
+        ({("fwd", 16, torch.float32): (24, 16, 4, 1)}, "BLOCK_M must be a power of two"),
+        ({("fwd", 16, torch.float32): (16, 16, 0, 1)}, "num_warps must be a positive int"),
+    ],
+)
+def test_set_launch_configs_rejects_bad_entries_and_keeps_the_old_table(table, match):
+    ra.set_launch_configs({("dq", 32, torch.float16): (16, 16, 4, 1)})
+    try:
+        with pytest.raises(ValueError, match=match):
+            ra.set_launch_configs(table)
+        assert ra.launch_config("dq", 32, torch.float16) == ra.LaunchConfig(16, 16, 4, 1)
+    finally:
+        ra.set_launch_configs(None)
+
+
+def test_check_false_skips_validation_and_gives_the_same_result():
+    layout = SegmentLayout(2, 12, 2, True, token_counts=torch.tensor([5, 12]))
+    q, k, v = make_qkv(2, 4, 2, 16, 16, 16, torch.float32, seed=8)
+    a = rmt_attention(q, k, v, layout)
+    b = rmt_attention(q, k, v, layout, check=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="dropout_p"):
+        rmt_attention(q, k, v, layout, dropout_p=2.0)
+    calls = []
+    real = ra._problem
+    try:
+        ra._problem = lambda *a, **k: calls.append(1) or real(*a, **k)
+        rmt_attention(q, k, v, layout, check=False)
+    finally:
+        ra._problem = real
+    assert calls == []
 
 
 def test_zz_report():
