@@ -226,3 +226,19 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated() / 2**20
         hwm = _proc_status_kb("VmHWM")
         return None if token is None or hwm is None else max(hwm - token, 0) / 1024
+
+
+def run_point_in_subprocess(module: str, args: list[str], timeout: float | None = None) -> dict:
+    """Run ``python -m module *args`` in a fresh process and return the JSON object on its last stdout line.
+
+    For CPU peak-memory points: a fresh process has no allocator cache from earlier work, and glibc's mmap
+    threshold is set to 64 KiB so that freed tensors leave the resident set at once and the resident-set peak
+    follows live tensors rather than heap fragmentation. Raises RuntimeError with the tail of stderr on failure.
+    """
+    cmd = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed: {done.stderr[-400:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+

@@ -3,7 +3,9 @@ memory, for each and as ratios (reference / FastRMT, so > 1 means FastRMT is bet
 
 Default: GPT-2 with 4 layers, hidden 256, 4 heads (GPT-2 vocabulary), 16 segments of 128 tokens, m = 8,
 batch 2. Peak memory is the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) while one call runs, measured in a fresh subprocess per (wrapper, mode).
+/proc/self/clear_refs) during the first call of a fresh subprocess per (wrapper, mode), with glibc's mmap
+threshold at 64 KiB (``common.run_point_in_subprocess``, the method of ``train_memory``), so the peak follows
+live tensors and no allocator cache from an earlier call hides growth.
 
     python -m rmt_fast.bench.compare_cpu --out results/compare_cpu
 """
@@ -13,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
+from .common import PeakMemory, env_info, machine_label, run_point_in_subprocess, save_plot, write_csv, write_json
 
 DEFAULTS = dict(layers=4, hidden=256, heads=4, segments=16, segment_size=128, mem=8, batch=2)
 MODES = ("forward_no_grad", "forward_backward")
@@ -55,26 +56,20 @@ def step(rmt, ids, mode):
         rmt(ids, labels=ids).loss.backward()
 
 
-def measure_peak(wrapper: str, mode: str, cfg: dict) -> float:
-    """Run in a subprocess: MB of resident memory added at the peak of one call."""
+def measure_peak(wrapper: str, mode: str, cfg: dict) -> dict:
+    """Run in a fresh subprocess: MB of resident memory added at the peak of the process's first call."""
     rmt = build(wrapper, **cfg)
     ids = inputs(**cfg)
-    step(rmt, ids, mode)  # warm-up: allocator pools, lazy inits, gradient buffers
-    rmt.zero_grad(set_to_none=True)
-    import gc
-
-    gc.collect()
     peak = PeakMemory(cuda=False)
     token = peak.start()
     step(rmt, ids, mode)
-    return peak.mb(token)
+    return {"peak_mb": peak.mb(token)}
 
 
 def _peak_in_subprocess(wrapper, mode, cfg) -> float:
-    cmd = [sys.executable, "-m", "rmt_fast.bench.compare_cpu", "--measure-peak", wrapper, mode,
-           "--cfg", json.dumps(cfg)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    point = run_point_in_subprocess("rmt_fast.bench.compare_cpu",
+                                    ["--measure-peak", wrapper, mode, "--cfg", json.dumps(cfg)])
+    return float(point["peak_mb"])
 
 
 def run(out_dir: Path, quick: bool = False, repeats: int = 3, **overrides) -> dict:
@@ -151,7 +146,7 @@ def main(argv=None):
     p.add_argument("--cfg", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure_peak:
-        print(measure_peak(*args.measure_peak, json.loads(args.cfg)))
+        print(json.dumps(measure_peak(*args.measure_peak, json.loads(args.cfg))))
         return 0
     summary = run(Path(args.out), quick=args.quick, repeats=args.repeats)
     print(json.dumps(summary, indent=2))

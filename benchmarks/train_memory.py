@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
+from .common import PeakMemory, env_info, machine_label, run_point_in_subprocess, save_plot, write_csv, write_json
 
 CPU_CFG = dict(layers=4, hidden=256, heads=4, vocab=8192, segment_size=128, mem=8, batch=1)
 GPU_CFG = dict(layers=12, hidden=768, heads=12, vocab=50257, segment_size=496, mem=8, batch=4)
@@ -93,16 +91,12 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                     rows.append({"segments": n, "checkpointing": ckpt, "status": "oom"})
                 torch.cuda.empty_cache()
                 continue
-            cmd = [sys.executable, "-m", "rmt_fast.bench.train_memory", "--point", str(n), str(int(ckpt)),
-                   "--cfg", json.dumps(cfg)]  # fmt: skip
-            # Freed blocks of 64 KiB and more go back to the OS at once, so the resident-set peak follows live
-            # tensors rather than glibc's heap fragmentation.
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode == 0:
-                rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "status": "ok"})
-            else:
-                rows.append({"segments": n, "checkpointing": ckpt, "status": f"error: {done.stderr[-200:]}"})
+            try:  # a fresh process per point (see run_point_in_subprocess)
+                point = run_point_in_subprocess("rmt_fast.bench.train_memory",
+                                                ["--point", str(n), str(int(ckpt)), "--cfg", json.dumps(cfg)])
+                rows.append({**point, "status": "ok"})
+            except RuntimeError as exc:
+                rows.append({"segments": n, "checkpointing": ckpt, "status": f"error: {str(exc)[-200:]}"})
     write_csv(out_dir / "train_memory.csv", rows)
     growth = _growth_per_segment(rows)
     write_json(out_dir / "train_memory.json", {"config": cfg, "device": device, "rows": rows,
