@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from .backbone import config_token_id, decoder_initial_memory, encoder_initial_memory, inspect_backbone
+from .input_checks import check_encoder_mask, check_values, label_classes
 
 RMT_CONFIG_NAME = "rmt_config.json"
 RMT_MEMORY_NAME = "rmt_memory.pt"
@@ -40,6 +41,7 @@ class RMTSettings:
     sep_token_id: int | None = None
     pad_token_id: int | None = None
     attn_backend: str = "auto"
+    check_inputs: bool = True
 
 
 def memory_detached_before(segment: int, n_segments: int, bptt_depth: int) -> bool:
@@ -72,6 +74,7 @@ class RMTBase(nn.Module):
         sep_token_id: int | None = None,
         pad_token_id: int | None = None,
         attn_backend: str = "auto",
+        check_inputs: bool = True,
     ):
         super().__init__()
         # --- every check first: nothing is touched before an error
@@ -87,6 +90,8 @@ class RMTBase(nn.Module):
 
         if attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"check_inputs must be True or False, got {check_inputs!r}")
         info = inspect_backbone(model)
         if segment_alignment is None:
             segment_alignment = "left" if info.kind == "decoder" else "right"
@@ -106,6 +111,11 @@ class RMTBase(nn.Module):
                     f"an encoder RMT needs {', '.join(missing)}: pass them (e.g. from the tokenizer); "
                     f"{type(model).__name__}'s config does not define them"
                 )
+            vocab = info.word_embeddings.num_embeddings
+            for name, value in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
+                                ("pad_token_id", pad_token_id)):  # fmt: skip
+                if not isinstance(value, int) or not 0 <= value < vocab:
+                    raise ValueError(f"{name} must be an id in the model's vocabulary [0, {vocab}), got {value!r}")
             input_size = segment_size + num_mem_tokens + 3
             if info.max_positions is not None and input_size > info.max_positions:
                 raise ValueError(
@@ -119,7 +129,8 @@ class RMTBase(nn.Module):
             )
         # --- then build
         self.settings = RMTSettings(num_mem_tokens, segment_size, max_n_segments, bptt_depth, segment_alignment,
-                                    sum_loss, cls_token_id, sep_token_id, pad_token_id, attn_backend)  # fmt: skip
+                                    sum_loss, cls_token_id, sep_token_id, pad_token_id, attn_backend,
+                                    check_inputs)  # fmt: skip
         self.model = model
         self.kind = info.kind
         self.hidden_size = info.hidden_size
@@ -152,55 +163,76 @@ class RMTBase(nn.Module):
 
     # ------------------------------------------------------------------------------------------- checks
     def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, memory_state) -> int:
+        """Shapes, dtypes and devices (host-side, free), then the values (:mod:`rmt_fast.input_checks`: one
+        host sync; skipped with ``check_inputs=False``). Raises before anything runs on the device."""
         if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
             raise ValueError(f"input_ids must be a 2-D (batch, length) tensor, got {_shape(input_ids)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an int64 or int32 tensor, got dtype {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids has batch size 0 (shape {tuple(input_ids.shape)}): pass at least one row")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty (length 0)")
-        if input_ids.device != self.memory.device:
-            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.memory.device}")
+        device = self.memory.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
         b = input_ids.shape[0]
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask is not None and not self.is_decoder:
-            # Encoders build their mask from the pad tokens, as the reference does; a mask that hides a content
-            # token cannot be honoured, so it is an error rather than silently dropped.
-            hidden_content = (attention_mask == 0) & (input_ids != self.settings.pad_token_id)
-            if bool(hidden_content.any()):
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
                 raise ValueError(
-                    "attention_mask masks non-pad tokens, but an encoder RMT derives its mask from the pad tokens "
-                    "(pad, CLS and SEP are dropped from input_ids): replace masked tokens by the pad id"
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {_shape(attention_mask)}"
                 )
+            if attention_mask.device != device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
         if labels is not None:
             if not isinstance(labels, Tensor):
                 raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")
             if self.is_decoder:
                 ok = tuple(labels.shape) == tuple(input_ids.shape)
             else:  # (B,) classes, (B, num_labels) multi-label/regression, or (B, T) token labels (masked LM)
-                ok = labels.shape[0] == b and labels.ndim in (1, 2)
+                ok = labels.ndim in (1, 2) and labels.shape[0] == b
             if not ok:
                 raise ValueError(
                     f"labels of shape {tuple(labels.shape)} do not match input_ids {tuple(input_ids.shape)}"
                 )
+            if self.is_decoder and labels.dtype != torch.int64:
+                raise ValueError(f"labels must be an int64 tensor of token ids (or -100), got dtype {labels.dtype}")
+            if labels.device != device:
+                raise ValueError(f"labels is on {labels.device} but the model is on {device}")
         if labels_mask is not None:
-            if labels is None or tuple(labels_mask.shape) != tuple(labels.shape):
+            if labels is None:
                 raise ValueError(
-                    f"labels_mask must have the shape of labels {_shape(labels)}, got {_shape(labels_mask)}"
+                    "labels_mask was given without labels: it selects which labels count in the loss, so pass "
+                    "labels as well (or drop labels_mask)"
                 )
             if not self.is_decoder:
                 raise ValueError("labels_mask is a decoder option; encoders take per-segment labels")
+            if not isinstance(labels_mask, Tensor) or tuple(labels_mask.shape) != tuple(labels.shape):
+                raise ValueError(
+                    f"labels_mask must have the shape of labels {_shape(labels)}, got {_shape(labels_mask)}"
+                )
+            if labels_mask.device != device:
+                raise ValueError(f"labels_mask is on {labels_mask.device} but the model is on {device}")
         if memory_state is not None:
             want = (b, self.num_mem_tokens, self.hidden_size)
             if not isinstance(memory_state, Tensor) or tuple(memory_state.shape) != want:
                 raise ValueError(f"memory_state must have shape {want}, got {_shape(memory_state)}")
             if memory_state.dtype != self.memory.dtype:
                 raise ValueError(f"memory_state must have dtype {self.memory.dtype}, got {memory_state.dtype}")
-            if memory_state.device != self.memory.device:
-                raise ValueError(f"memory_state must be on {self.memory.device}, got {memory_state.device}")
+            if memory_state.device != device:
+                raise ValueError(f"memory_state must be on {device}, got {memory_state.device}")
+        # Encoders build their mask from the pad tokens, as the reference does; a mask that hides a content token
+        # cannot be honoured, so it is an error rather than silently dropped (checked even without check_inputs).
+        pad_id = None if self.is_decoder or attention_mask is None else self.settings.pad_token_id
+        classes = None if labels is None else label_classes(self.model, self.kind, input_ids, labels)
+        if classes is not None and labels.dtype != torch.int64:
+            raise ValueError(f"labels must be an int64 tensor of class ids (or -100), got dtype {labels.dtype}")
+        if self.settings.check_inputs:
+            check_values(input_ids, self.word_embeddings.num_embeddings, attention_mask, labels, classes,
+                         labels_mask, memory_state, encoder_pad_id=pad_id)  # fmt: skip
+        elif pad_id is not None:
+            check_encoder_mask(input_ids, attention_mask, pad_id)
         return b
 
     def _check_decoder_length(self, length: int) -> int:
