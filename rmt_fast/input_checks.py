@@ -72,13 +72,11 @@ def check_values(
     labels_mask: Tensor | None = None,
     memory_state: Tensor | None = None,
     encoder_pad_id: int | None = None,
-    fetch: Callable[[Tensor], list[int]] = Tensor.tolist,
 ) -> None:
     """Raise a ValueError naming the first bad argument, its offending value and where it sits.
 
     ``classes``: (n, description) when ``labels`` are class ids (see :func:`label_classes`). ``encoder_pad_id``:
-    the encoder's pad id, to refuse an ``attention_mask`` that hides a non-pad token. ``fetch`` reads the stacked
-    scalars to the host: the one synchronisation of the call."""
+    the encoder's pad id, to refuse an ``attention_mask`` that hides a non-pad token."""
     checks = [_ids_check(input_ids, vocab)]
     if attention_mask is not None:
         checks += _binary_checks("attention_mask", attention_mask)
@@ -90,18 +88,17 @@ def check_values(
         checks += _binary_checks("labels_mask", labels_mask)
     if memory_state is not None:
         checks.append(_finite_check(memory_state))
-    _run(checks, fetch)
+    _run(checks)
 
 
-def check_encoder_mask(input_ids: Tensor, attention_mask: Tensor, pad_id: int,
-                       fetch: Callable[[Tensor], list[int]] = Tensor.tolist) -> None:  # fmt: skip
+def check_encoder_mask(input_ids: Tensor, attention_mask: Tensor, pad_id: int) -> None:
     """Only the encoder's "attention_mask hides a content token" check (used when value checks are off)."""
-    _run([_hidden_content_check(input_ids, attention_mask, pad_id)], fetch)
+    _run([_hidden_content_check(input_ids, attention_mask, pad_id)])
 
 
-def _run(checks: list[_Check], fetch) -> None:
+def _run(checks: list[_Check]) -> None:
     values = [v for c in checks for v in c.values]
-    host = fetch(torch.stack([v.to(torch.int64) for v in values]))  # the one host sync of the check
+    host = torch.stack([v.to(torch.int64) for v in values]).tolist()  # the one host sync of the check
     at = 0
     for c in checks:
         part = host[at:at + len(c.values)]

@@ -1,0 +1,350 @@
+"""Bad values in the inputs (issue 12): out-of-vocabulary ids, labels outside their classes, masks that are not
+0/1, an empty batch, a non-finite memory_state. Each is a ValueError naming the argument, the value and where
+it sits, raised before anything runs on the device (the backbone's embedding is never called) and leaving the
+model unchanged; the checks cost one host synchronisation per call, and ``check_inputs=False`` skips them."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from models import CLS, PAD, SEP, VOCAB, _bert_cfg, bert_cls, bert_mlm, gpt2
+
+import rmt_fast.base
+from rmt_fast import FastRMT, ReferenceRMT
+
+WRAPPERS = [FastRMT, ReferenceRMT]
+ENC = dict(cls_token_id=CLS, sep_token_id=SEP)
+
+
+def _ids(b=2, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (b, t), generator=g)
+
+
+def _with(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _expect_error(rmt, call, match):
+    """call() raises ValueError(match), the embedding never ran, parameters and memory are unchanged."""
+    params = copy.deepcopy(rmt.state_dict())
+    calls = []
+    hook = rmt.word_embeddings.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            call()
+    finally:
+        hook.remove()
+    assert calls == [], "the backbone ran before the error"
+    after = rmt.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in params.items())
+
+
+@pytest.fixture(params=WRAPPERS, ids=lambda c: c.__name__)
+def decoder(request):
+    torch.manual_seed(0)
+    return request.param(gpt2(), 2, 6)
+
+
+@pytest.fixture(params=WRAPPERS, ids=lambda c: c.__name__)
+def encoder(request):
+    torch.manual_seed(0)
+    return request.param(bert_cls(), 2, 5, **ENC)
+
+
+# -------------------------------------------------------------------------------------------- decoders
+def _decoder_cases():
+    ids = _ids()
+    nan_memory = torch.zeros(2, 2, 32)
+    nan_memory[1, 0, 5] = float("nan")
+    inf_memory = torch.zeros(2, 2, 32)
+    inf_memory[0, 1, 3] = -float("inf")
+    return {
+        "id >= vocab": (dict(input_ids=_with(ids, (1, 5), 120)), r"input_ids holds 120 at row 1, position 5"),
+        "id == vocab": (dict(input_ids=_with(ids, (0, 11), VOCAB)),
+                        rf"input_ids holds {VOCAB} at row 0, position 11.*\[0, {VOCAB}\)"),
+        "negative id": (dict(input_ids=_with(ids, (0, 7), -3)), r"input_ids holds -3 at row 0, position 7"),
+        "int32 id >= vocab": (dict(input_ids=_with(ids, (1, 2), 500).int()),
+                              r"input_ids holds 500 at row 1, position 2"),
+        "label >= vocab": (dict(input_ids=ids, labels=_with(ids, (0, 3), 120)),
+                           r"labels holds 120 at row 0, position 3.*-100"),
+        "label -1": (dict(input_ids=ids, labels=_with(ids, (1, 0), -1)), r"labels holds -1 at row 1, position 0"),
+        "label int32": (dict(input_ids=ids, labels=ids.int()), "labels must be an int64"),
+        "label float": (dict(input_ids=ids, labels=ids.float()), "labels must be an int64"),
+        "batch size 0": (dict(input_ids=ids[:0]), r"input_ids has batch size 0 \(shape \(0, 12\)\)"),
+        "attention_mask 2s": (dict(input_ids=ids, attention_mask=_with(torch.ones_like(ids), (1, 4), 2)),
+                              r"attention_mask holds 2 at row 1, position 4: expected only 0 and 1"),
+        "attention_mask -1": (dict(input_ids=ids, attention_mask=_with(torch.ones_like(ids), (0, 2), -1)),
+                              r"attention_mask holds -1 at row 0, position 2"),
+        "attention_mask 0.5": (dict(input_ids=ids, attention_mask=_with(torch.ones(2, 12), (0, 9), 0.5)),
+                               r"attention_mask holds 0.5 at row 0, position 9"),
+        "attention_mask nan": (dict(input_ids=ids, attention_mask=_with(torch.ones(2, 12), (1, 1), float("nan"))),
+                               r"attention_mask holds nan at row 1, position 1"),
+        "attention_mask list": (dict(input_ids=ids, attention_mask=[[1] * 12] * 2),
+                                "attention_mask must have the shape"),
+        "attention_mask on meta": (dict(input_ids=ids, attention_mask=torch.ones(2, 12, device="meta")),
+                                   "attention_mask is on meta"),
+        "labels on meta": (dict(input_ids=ids, labels=torch.ones(2, 12, dtype=torch.long, device="meta")),
+                           "labels is on meta"),
+        "labels_mask without labels": (dict(input_ids=ids, labels_mask=torch.ones_like(ids)),
+                                       "labels_mask was given without labels"),
+        "labels_mask 3s": (dict(input_ids=ids, labels=ids, labels_mask=_with(torch.ones_like(ids), (1, 6), 3)),
+                           r"labels_mask holds 3 at row 1, position 6"),
+        "memory_state nan": (dict(input_ids=ids, memory_state=nan_memory),
+                             r"memory_state holds nan at row 1, memory slot 0 \(feature 5\)"),
+        "memory_state inf": (dict(input_ids=ids, memory_state=inf_memory),
+                             r"memory_state holds -inf at row 0, memory slot 1 \(feature 3\)"),
+    }  # fmt: skip
+
+
+DECODER_CASES = _decoder_cases()
+
+
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_decoder_forward_rejects(decoder, case):
+    inputs, match = DECODER_CASES[case]
+    _expect_error(decoder, lambda: decoder(**inputs), match)
+
+
+@pytest.mark.parametrize("case", ["id >= vocab", "negative id", "batch size 0", "attention_mask 2s",
+                                  "attention_mask 0.5", "memory_state nan"])  # fmt: skip
+def test_decoder_generate_rejects(decoder, case):
+    inputs, match = DECODER_CASES[case]
+    kw = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    _expect_error(decoder, lambda: decoder.generate(**inputs, **kw), match)
+
+
+def test_first_offender_is_reported(decoder):
+    ids = _with(_with(_with(_ids(), (1, 2), 100), (0, 9), 101), (1, 0), -1)  # row 0 comes first
+    with pytest.raises(ValueError, match=r"holds 101 at row 0, position 9"):
+        decoder(ids)
+    labels = _with(_with(_ids(), (0, 0), -100), (1, 1), 96)
+    with pytest.raises(ValueError, match=r"input_ids holds 101"):  # arguments in order: input_ids first
+        decoder(ids, labels=labels)
+
+
+def test_decoder_accepts_edge_values(decoder):
+    ids = _with(_with(_ids(), (0, 0), 0), (1, 11), VOCAB - 1)
+    labels = _with(_with(ids, (0, 0), -100), (1, 5), -100)
+    ref = decoder(ids, attention_mask=torch.ones_like(ids), labels=labels)
+    for mask in (torch.ones(2, 12, dtype=torch.bool), torch.ones(2, 12), torch.ones(2, 12, dtype=torch.int32)):
+        out = decoder(ids, attention_mask=mask, labels=labels, labels_mask=mask)
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+    mask = _with(torch.ones_like(ids), (1, 3), 0)
+    assert torch.equal(decoder(ids, attention_mask=mask).logits, decoder(ids, attention_mask=mask.bool()).logits)
+
+
+# -------------------------------------------------------------------------------------------- encoders
+def test_encoder_rejects_out_of_vocabulary_ids(encoder):
+    ids = _ids(t=8)
+    _expect_error(encoder, lambda: encoder(_with(ids, (1, 3), VOCAB)), rf"input_ids holds {VOCAB} at row 1, position 3")
+    _expect_error(encoder, lambda: encoder(_with(ids, (0, 0), -1)), r"input_ids holds -1 at row 0, position 0")
+    _expect_error(encoder, lambda: encoder(ids[:0]), "batch size 0")
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_encoder_special_ids_are_dropped_not_errors(cls):
+    """pad, CLS and SEP in input_ids are removed by value (as the reference does): no error, same result."""
+    torch.manual_seed(0)
+    rmt = cls(bert_cls(), 2, 5, **ENC)
+    content = _ids(1, 9)
+    noisy = torch.cat([content[:, :2], torch.tensor([[PAD, CLS]]), content[:, 2:7], torch.tensor([[SEP, PAD]]),
+                       content[:, 7:]], dim=1)  # fmt: skip
+    a, b = rmt(content), rmt(noisy)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.memory_state, b.memory_state)
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+@pytest.mark.parametrize("name", ["cls_token_id", "sep_token_id", "pad_token_id"])
+@pytest.mark.parametrize("value", [VOCAB, -1])
+def test_encoder_special_ids_must_be_in_the_vocabulary(cls, name, value):
+    model = bert_cls()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"{name} must be an id in the model's vocabulary \[0, {VOCAB}\)"):
+        cls(model, 2, 5, **{**ENC, name: value})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_encoder_classification_labels(encoder):
+    ids = _ids(t=8)
+    _expect_error(encoder, lambda: encoder(ids, labels=torch.tensor([0, 3])),
+                  r"labels holds 3 at row 1: expected class ids in \[0, 3\) \(num_labels\)")  # fmt: skip
+    _expect_error(encoder, lambda: encoder(ids, labels=torch.tensor([-1, 0])), r"labels holds -1 at row 0")
+    _expect_error(encoder, lambda: encoder(ids, labels=torch.tensor([0, 1], dtype=torch.int32)),
+                  "labels must be an int64 tensor of class ids")  # fmt: skip
+    assert torch.isfinite(encoder(ids, labels=torch.tensor([2, -100])).loss)
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_encoder_float_targets_are_not_ids(cls):
+    """Regression and multi-label targets are not class ids: no range check."""
+    ids = _ids(t=8)
+    reg = cls(tf.BertForSequenceClassification(_bert_cfg(num_labels=1)), 2, 5, **ENC)
+    assert torch.isfinite(reg(ids, labels=torch.tensor([7.5, -3.0])).loss)
+    multi = cls(bert_cls(problem_type="multi_label_classification"), 2, 5, **ENC)
+    assert torch.isfinite(multi(ids, labels=torch.tensor([[0.3, 1.0, 0.0], [1.0, 0.0, 0.7]])).loss)
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_encoder_token_labels(cls):
+    torch.manual_seed(0)
+    rmt = cls(bert_mlm(), 2, 5, **ENC)
+    ids = _ids(t=8)
+    labels = torch.full((2, 8), -100)
+    labels[0, 6] = VOCAB - 1  # in the last segment, whose loss is the output
+    assert torch.isfinite(rmt(ids, labels=labels).loss)
+    match = rf"labels holds {VOCAB} at row 1, position 4: expected class ids in \[0, {VOCAB}\) \(the vocabulary\)"
+    _expect_error(rmt, lambda: rmt(ids, labels=_with(labels, (1, 4), VOCAB)), match)
+
+
+def test_encoder_masks_and_memory(encoder):
+    ids = _with(_ids(t=8), (1, 7), PAD)
+    mask = (ids != PAD).long()
+    encoder(ids, attention_mask=mask)
+    _expect_error(encoder, lambda: encoder(ids, attention_mask=_with(mask, (0, 1), 2)),
+                  r"attention_mask holds 2 at row 0, position 1")  # fmt: skip
+    _expect_error(encoder, lambda: encoder(ids, attention_mask=_with(mask, (0, 1), 0)),
+                  r"attention_mask masks non-pad tokens \(row 0, position 1")  # fmt: skip
+    memory = _with(torch.zeros(2, 2, 32), (0, 1, 0), float("inf"))
+    _expect_error(encoder, lambda: encoder(ids, memory_state=memory), r"memory_state holds inf at row 0, memory slot 1")
+
+
+# ------------------------------------------------------------------------------------ check_inputs=False
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_check_inputs_false_skips_value_checks(cls):
+    torch.manual_seed(0)
+    rmt = cls(gpt2(), 2, 6, check_inputs=False)
+    ids = _ids()
+    rmt(ids, attention_mask=torch.full_like(ids, 2))  # runs unchecked, as before issue 12
+    # NaN memory with the checks off: documented propagation. The NaN row's memory, and so every later
+    # segment and call, is NaN; the other row is untouched by it.
+    memory = _with(rmt.memory.detach().expand(2, -1, -1).clone(), (1, 0, 5), float("nan"))
+    out = rmt(ids, memory_state=memory)
+    assert out.memory_state[1].isnan().all() and out.logits[1].isnan().all()
+    clean = rmt(ids)
+    assert torch.equal(out.memory_state[0], clean.memory_state[0])
+    # shape, dtype and device checks still run, and so does the encoder's hidden-content check
+    with pytest.raises(ValueError, match="batch size 0"):
+        rmt(ids[:0])
+    enc = cls(bert_cls(), 2, 5, check_inputs=False, **ENC)
+    ids = _ids(t=8)
+    with pytest.raises(ValueError, match="attention_mask masks non-pad tokens"):
+        enc(ids, attention_mask=_with(torch.ones_like(ids), (1, 2), 0))
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_check_inputs_option(cls, tmp_path):
+    with pytest.raises(ValueError, match="check_inputs must be True or False"):
+        cls(gpt2(), 2, 6, check_inputs="no")
+    assert cls(gpt2(), 2, 6).settings.check_inputs is True
+    rmt = cls(gpt2(), 2, 6, check_inputs=False)
+    rmt.save_pretrained(tmp_path)
+    assert cls.from_pretrained(tmp_path).settings.check_inputs is False
+
+
+# ----------------------------------------------------------------------------------------- one host sync
+class _SyncCounter:
+    """Counts the Tensor methods that read a device value to the host (a sync on CUDA)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(original))
+
+    def _wrap(self, original):
+        def wrapper(t, *args, **kwargs):
+            self.count += 1
+            return original(t, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+@pytest.mark.parametrize("length", [6, 60])
+def test_checks_read_the_device_once_per_call(cls, length, monkeypatch):
+    """All value checks of a call (ids, mask, labels, labels_mask, memory) share one host read, whatever the
+    number of segments; and forward / generate run the checks once per call, not once per segment."""
+    torch.manual_seed(0)
+    rmt = cls(gpt2(), 2, 6)
+    ids = _ids(2, length)
+    mask = torch.ones_like(ids)
+    memory = rmt.memory.detach().expand(2, -1, -1).clone()
+    counter = _SyncCounter(monkeypatch)
+    rmt._check_inputs(ids, mask, ids, mask, memory)
+    assert counter.count == 1
+    monkeypatch.undo()
+
+    calls = []
+    original = rmt_fast.base.check_values
+    monkeypatch.setattr(rmt_fast.base, "check_values", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    rmt(ids, attention_mask=mask, labels=ids, memory_state=memory)
+    rmt.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert len(calls) == 2
+
+
+def test_encoder_checks_read_the_device_once(monkeypatch):
+    rmt = FastRMT(bert_mlm(), 2, 5, **ENC)
+    ids = _with(_ids(t=40), (1, 39), PAD)
+    labels = _with(torch.full((2, 40), -100), (0, 3), 7)
+    counter = _SyncCounter(monkeypatch)
+    rmt._check_inputs(ids, (ids != PAD).long(), labels, None, None)
+    assert counter.count == 1  # ids, mask values and the hidden-content check together
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+def _cuda_syncs(fn) -> int:
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_cuda_context_survives_rejected_batch(cls):
+    """On CUDA an out-of-range id would fire a device-side assert and poison the context; the check refuses
+    the batch first, and the same process then runs a good batch."""
+    torch.manual_seed(0)
+    rmt = cls(gpt2(), 2, 6)
+    cpu_ids = _ids()
+    with torch.no_grad():
+        cpu_loss = rmt(cpu_ids, labels=cpu_ids).loss.item()
+    rmt = rmt.cuda()
+    ids = cpu_ids.cuda()
+    for bad in (dict(input_ids=_with(ids, (1, 5), 120)), dict(input_ids=_with(ids, (0, 0), -5)),
+                dict(input_ids=ids, labels=_with(ids, (0, 3), 120))):  # fmt: skip
+        with pytest.raises(ValueError, match=r"holds (120|-5) at row"):
+            rmt(**bad)
+    out = rmt(ids, labels=ids)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.logits).all()
+    assert abs(out.loss.item() - cpu_loss) <= 1e-4 * max(1.0, abs(cpu_loss)), (out.loss.item(), cpu_loss)
+
+
+@pytest.mark.gpu
+def test_cuda_one_sync_per_check():
+    torch.manual_seed(0)
+    rmt = FastRMT(gpt2(), 2, 6).cuda()
+    one = torch.zeros(3, device="cuda")
+    baseline = _cuda_syncs(lambda: one.tolist())
+    assert baseline >= 1
+    for length in (6, 96):
+        ids = _ids(2, length).cuda()
+        mask = torch.ones_like(ids)
+        memory = rmt.memory.detach().expand(2, -1, -1).clone()
+        n = _cuda_syncs(lambda ids=ids, mask=mask, memory=memory: rmt._check_inputs(ids, mask, ids, mask, memory))
+        assert n == baseline, (length, n, baseline)
