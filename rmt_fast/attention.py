@@ -11,6 +11,10 @@ rmt-fast registers one attention implementation and one mask function with trans
 With no active segment (the backbone used on its own, or inside ``generate``) both functions delegate to
 transformers' SDPA implementations, so the wrapped model keeps working unchanged.
 
+The backend is decided once per segment (the first layer's call: support check, then for ``"auto"`` the measured
+dispatch table of :mod:`rmt_fast.kernels.dispatch`) and cached on the :class:`ActiveSegment`; later layers
+compare one key tuple and call the kernel with ``check=False``.
+
 Guards against a silently dropped mask: the mask function refuses mask patterns it cannot express (sliding
 windows shorter than the segment, extra mask functions, a causality mismatch), and the attention function
 refuses to run while a segment is active if the mask it received is not that segment.
@@ -23,7 +27,6 @@ import contextvars
 import importlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -35,6 +38,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from .kernels import dispatch
 from .kernels.layout import SegmentLayout
 from .kernels.sdpa_attention import sdpa_rmt_attention
 
@@ -44,15 +48,26 @@ ATTN_NAME = "rmt_fast"
 BACKENDS = ("auto", "sdpa", "triton")
 
 
-@dataclass(frozen=True, eq=False)
 class ActiveSegment:
-    """What the mask function hands to every attention layer while a segment runs."""
+    """What the mask function hands to every attention layer while a segment runs.
 
-    layout: SegmentLayout
-    backend: str
+    It also carries the segment's backend decision: the first attention call of the segment checks support and
+    consults the dispatch table; later layers with the same (shapes, dtypes, devices, needs_grad, dropout) key
+    reuse the decision after one tuple comparison, and run the kernel without validating again.
+    """
+
+    __slots__ = ("layout", "backend", "decision_key", "decision")
+
+    def __init__(self, layout: SegmentLayout, backend: str):
+        self.layout = layout
+        self.backend = backend
+        self.decision_key: tuple | None = None
+        self.decision: str | None = None
 
 
 _ACTIVE: contextvars.ContextVar[ActiveSegment | None] = contextvars.ContextVar("rmt_fast_segment", default=None)
+# True while a CUDA-graph runner warms up or captures a step: 'auto' then uses the table's graphed measurements.
+_GRAPHED: contextvars.ContextVar[bool] = contextvars.ContextVar("rmt_fast_graphed", default=False)
 
 
 @contextlib.contextmanager
@@ -63,6 +78,17 @@ def active_segment(layout: SegmentLayout, backend: str) -> Iterator[ActiveSegmen
         yield seg
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def graphed_step(graphed: bool = True) -> Iterator[None]:
+    """Mark the code inside as a step that runs under a CUDA graph (set by :mod:`rmt_fast.cuda_graph` while it
+    warms up and captures), so 'auto' picks from the graphed (device-time) measurements."""
+    token = _GRAPHED.set(bool(graphed))
+    try:
+        yield
+    finally:
+        _GRAPHED.reset(token)
 
 
 # --------------------------------------------------------------------------------------------- mask function
@@ -99,24 +125,54 @@ def rmt_mask(*, q_length: int, kv_length: int, mask_function=None, **kwargs):
 _FALLBACK_LOGGED: set[str] = set()
 
 
+_TRITON_MODULE: list = []  # [module or None] once imported
+
+
 def _triton():
-    try:
-        return importlib.import_module("rmt_fast.kernels.rmt_attention")
-    except ImportError:  # triton is not installed
-        return None
+    if not _TRITON_MODULE:
+        try:
+            _TRITON_MODULE.append(importlib.import_module("rmt_fast.kernels.rmt_attention"))
+        except ImportError:  # triton is not installed
+            _TRITON_MODULE.append(None)
+    return _TRITON_MODULE[0]
 
 
-def choose_backend(requested: str, q, k, v, layout: SegmentLayout, dropout_p: float) -> str:
-    """The backend to run for this call: decided per call; 'triton' never falls back silently."""
+def _auto_device_ok(q) -> bool:
+    return q.is_cuda  # 'auto' never picks Triton's CPU interpreter
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def choose_backend(
+    requested: str, q, k, v, layout: SegmentLayout, dropout_p: float, *, needs_grad: bool | None = None,
+    graphed: bool | None = None,
+) -> str:  # fmt: skip
+    """The backend to run for this case; 'triton' never falls back silently.
+
+    'auto' runs Triton only on CUDA, where the kernel supports the case and the measured dispatch table
+    (:mod:`rmt_fast.kernels.dispatch`) says it is faster for this architecture, dtype, head dim, shape class,
+    ``needs_grad`` and graphed/eager mode; SDPA everywhere else (each reason is logged once).
+    ``needs_grad`` and ``graphed`` default to the current autograd state and :func:`graphed_step` flag.
+    """
     if requested == "sdpa":
         return "sdpa"
     mod = _triton()
     if mod is None:
         reason = "triton is not installed"
-    elif requested == "auto" and not q.is_cuda:
-        reason = "the inputs are not on a CUDA device"  # 'auto' never picks Triton's CPU interpreter
+    elif requested == "auto" and not _auto_device_ok(q):
+        reason = "the inputs are not on a CUDA device"
     else:
         reason = mod.rmt_attention_supported(q, k, v, layout, dropout_p)
+    if reason is None and requested == "auto":
+        decision = dispatch.decide(
+            q, k, layout,
+            needs_grad=_needs_grad(q, k, v) if needs_grad is None else needs_grad,
+            graphed=_GRAPHED.get() if graphed is None else graphed,
+        )  # fmt: skip
+        if decision.backend != "triton":
+            reason = decision.reason
     if reason is None:
         return "triton"
     if requested == "triton":
@@ -127,10 +183,24 @@ def choose_backend(requested: str, q, k, v, layout: SegmentLayout, dropout_p: fl
     return "sdpa"
 
 
-def run_backend(backend: str, q, k, v, layout: SegmentLayout, *, scale, dropout_p: float) -> torch.Tensor:
-    chosen = choose_backend(backend, q, k, v, layout, dropout_p)
+def run_backend(
+    backend: str, q, k, v, layout: SegmentLayout, *, scale, dropout_p: float, segment: ActiveSegment | None = None
+) -> torch.Tensor:
+    """Run the chosen backend. With ``segment`` the decision (support check + table look-up) is made once per
+    segment and reused by later calls with the same key; the kernel then runs without validating again."""
+    needs_grad = _needs_grad(q, k, v)
+    if segment is None:
+        chosen = choose_backend(backend, q, k, v, layout, dropout_p, needs_grad=needs_grad)
+    else:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, needs_grad,
+               dropout_p)  # fmt: skip
+        if key == segment.decision_key:
+            chosen = segment.decision
+        else:
+            chosen = choose_backend(backend, q, k, v, layout, dropout_p, needs_grad=needs_grad)
+            segment.decision_key, segment.decision = key, chosen
     if chosen == "triton":
-        return _triton().rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p)
+        return _triton().rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, check=False)
     return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p)
 
 
@@ -146,7 +216,7 @@ def rmt_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         )
     if getattr(module, "is_causal", seg.layout.causal) != seg.layout.causal:
         raise RuntimeError("rmt_fast: the attention module's causality disagrees with the segment layout")
-    out = run_backend(seg.backend, query, key, value, seg.layout, scale=scaling, dropout_p=dropout)
+    out = run_backend(seg.backend, query, key, value, seg.layout, scale=scaling, dropout_p=dropout, segment=seg)
     return out, None
 
 

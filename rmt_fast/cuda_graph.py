@@ -9,8 +9,13 @@ is bound by launch overhead. The runner captures the whole step once and replays
   so N segments are N rounds of "copy ids in, replay";
 * every segment runs with per-row counts, so one graph serves every segment, the padded last one included;
 * graphs are keyed by batch size, dtype, device, backbone and FastRMT settings; a new key captures anew;
-* warm-up runs on a side stream before capture (Triton autotuning finishes there); each graph has its own
-  private memory pool; outputs a later replay would overwrite are cloned before they reach the caller;
+* at most ``max_graphs`` steps are kept (least recently used first out): an evicted graph is reset and its
+  static buffers and private memory pool are released, so alternating batch sizes do not grow memory;
+* warm-up runs on one side stream per device, shared by every capture (a new stream per capture would make
+  cuBLAS allocate a new workspace, 32 MiB on Hopper, that lives as long as the process); each graph has its
+  own private memory pool; outputs a later replay would overwrite are cloned before they reach the caller;
+* warm-up and capture run inside :func:`rmt_fast.attention.graphed_step`, so ``attn_backend="auto"`` picks
+  from the dispatch table's graphed (device-time) measurements;
 * if capture fails, a warning is given once and that key runs eagerly, with the same static-buffer logic.
 
 On a machine without CUDA (or with ``capture=False``) the same static-buffer logic runs eagerly, which is how
@@ -25,8 +30,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .attention import graphed_step
 from .base import RMTOutput
 from .segments import DecoderStatic
+
+DEFAULT_MAX_GRAPHS = 4
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up (and so one cuBLAS workspace for all of them)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _WARMUP_STREAMS.get(index)
+    if stream is None:
+        stream = _WARMUP_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 class StaticStep:
@@ -36,16 +54,24 @@ class StaticStep:
         self.fn, self.inputs, self.graph = fn, inputs, None
         self.outputs: dict = {}
         if capture:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    fn(**inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # a private memory pool per graph
-                self.outputs = fn(**inputs)
+            device = next(t.device for t in inputs.values() if isinstance(t, Tensor))
+            stream = _warmup_stream(device)
+            with graphed_step():
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        fn(**inputs)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # a private memory pool per graph
+                    self.outputs = fn(**inputs)
             self.graph = graph
+
+    def release(self) -> None:
+        """Drop the graph, its outputs and its input buffers (the private pool is freed with them)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.outputs, self.inputs = None, {}, {}
 
     def __call__(self) -> dict:
         if self.graph is None:
@@ -56,11 +82,15 @@ class StaticStep:
 
 
 class SegmentGraphRunner:
-    def __init__(self, rmt, capture: bool | None = None):
+    def __init__(self, rmt, capture: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS):
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         self.rmt = rmt
         self.capture = capture
-        self.steps: dict[tuple, StaticStep] = {}
+        self.max_graphs = max_graphs
+        self.steps: dict[tuple, StaticStep] = {}  # insertion order = least recently used first
         self.captures = 0
+        self.evictions = 0
         self._warned = False
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -77,7 +107,21 @@ class SegmentGraphRunner:
                 "torch.inference_mode(); training through CUDA graphs is not supported (use cuda_graph=False)"
             )
 
+    def _get(self, key) -> StaticStep | None:
+        """The cached step for key, marked most recently used."""
+        step = self.steps.pop(key, None)
+        if step is not None:
+            self.steps[key] = step
+        return step
+
+    def _evict_for_one_more(self) -> None:
+        while len(self.steps) >= self.max_graphs:
+            old = self.steps.pop(next(iter(self.steps)))
+            old.release()
+            self.evictions += 1
+
     def _build(self, key, fn, inputs) -> StaticStep:
+        self._evict_for_one_more()  # before capturing, so the freed pool can serve the new graph
         capture = self.capture if self.capture is not None else inputs["memory"].is_cuda
         try:
             step = StaticStep(fn, inputs, capture)
@@ -103,7 +147,7 @@ class SegmentGraphRunner:
         b, size = input_ids.shape[0], rmt.segment_size
         need_logits = return_logits or targets is not None
         key = self._key("decoder", b, need_logits, targets is not None)
-        step = self.steps.get(key)
+        step = self._get(key)
         if step is None:
             device = input_ids.device
             static = DecoderStatic(b, rmt.num_mem_tokens, size, device)
@@ -148,7 +192,7 @@ class SegmentGraphRunner:
         if has_labels:  # labels at inference: rare, shapes vary by head; run eagerly
             return None
         key = self._key("encoder", b)
-        step = self.steps.get(key)
+        step = self._get(key)
         width = rmt.input_size
         if step is None:
             device = memory.device

@@ -5,6 +5,7 @@ import torch
 from models import CLS, PAD, SEP, VOCAB, bert_bare, bert_cls, gpt2, llama
 
 from rmt_fast import FastRMT
+from rmt_fast.cuda_graph import SegmentGraphRunner, StaticStep
 
 
 def _ids(b, t, seed=11):
@@ -76,6 +77,27 @@ def test_training_with_cuda_graph_is_refused():
         graphed(_ids(1, 12))
 
 
+def test_cache_is_bounded_least_recently_used_first_out():
+    eager, graphed = _pair(gpt2, 3, 6)
+    graphed._graphs = SegmentGraphRunner(graphed, max_graphs=2)
+    runner = graphed._graphs
+    with torch.no_grad():
+        for b in (2, 3, 2, 4):  # batch 2 is used again before batch 4 arrives: batch 3 goes
+            out = graphed(_ids(b, 12, seed=b))
+            assert torch.allclose(out.logits, eager(_ids(b, 12, seed=b)).logits, atol=1e-5)
+    assert [key[1] for key in runner.steps] == [2, 4]
+    assert runner.evictions == 1 and len(runner.steps) == 2
+    with pytest.raises(ValueError, match="max_graphs"):
+        SegmentGraphRunner(graphed, max_graphs=0)
+
+
+def test_released_step_drops_its_buffers():
+    step = StaticStep(lambda x: {"y": x * 2}, {"x": torch.ones(3)}, capture=False)
+    assert torch.equal(step()["y"], torch.full((3,), 2.0))
+    step.release()
+    assert step.graph is None and step.inputs == {} and step.outputs == {}
+
+
 def test_capture_failure_warns_once_and_runs_eagerly():
     eager, graphed = _pair(gpt2, 3, 6)
     graphed._graphs.capture = True  # on the CPU, capture fails (no CUDA streams)
@@ -104,9 +126,14 @@ def test_gpu_replay_equals_eager_bf16(factory):
 
 @pytest.mark.gpu
 def test_gpu_recapture_on_batch_change_and_no_memory_growth():
+    # Graphs are keyed by (batch, logits wanted, labels given, ...): the first call with return_logits=False is
+    # a new key and captures a second graph. The first GPU run measured `before` ahead of that capture, so the
+    # new graph's buffers plus a new warm-up stream's cuBLAS workspace (32 MiB on Hopper; warm-up now shares
+    # one stream per device) read as growth: 207.2 MB against 172.5 MB. Replays of captured keys must not grow.
     _, graphed = _pair(gpt2, 4, 16, device="cuda")
     with torch.no_grad():
         graphed(_ids(2, 64).cuda())
+        graphed(_ids(2, 16 * 20).cuda(), return_logits=False)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         for _ in range(5):
@@ -114,7 +141,22 @@ def test_gpu_recapture_on_batch_change_and_no_memory_growth():
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() <= before + 1024 * 1024
         graphed(_ids(4, 64).cuda())
-    assert graphed._graphs.captures == 2
+    assert graphed._graphs.captures == 3
+
+
+@pytest.mark.gpu
+def test_gpu_bounded_cache_frees_replaced_graphs():
+    _, graphed = _pair(gpt2, 4, 16, device="cuda")
+    graphed._graphs = SegmentGraphRunner(graphed, max_graphs=1)
+    seen = []
+    with torch.no_grad():
+        for i in range(6):  # batch sizes 2, 3, 2, 3, ...: every call replaces the one cached graph
+            graphed(_ids(2 + i % 2, 64).cuda())
+            torch.cuda.synchronize()
+            seen.append(torch.cuda.memory_allocated())
+    assert graphed._graphs.captures == 6 and graphed._graphs.evictions == 5 and len(graphed._graphs.steps) == 1
+    # after one full cycle (the process-wide warm-up stream and capture workspace exist), no growth
+    assert max(seen[2:]) <= seen[1] + 1024 * 1024, seen
 
 
 @pytest.mark.gpu
