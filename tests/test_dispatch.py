@@ -1,0 +1,280 @@
+"""The measured dispatch table (rmt_fast.kernels.dispatch) and how attn_backend='auto' uses it.
+
+On the CPU, 'auto' never runs Triton; the tests that follow the table's Triton answer pretend the inputs are on
+CUDA (the one check patched) and run the kernel in Triton's interpreter."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import transformers as tf
+from models import VOCAB
+from rmt_fast.kernels import dispatch
+from rmt_fast.kernels.layout import SegmentLayout
+
+from rmt_fast import FastRMT
+from rmt_fast import attention as seam
+
+HAS_KERNEL = (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") and seam._triton() is not None
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="needs triton (CUDA or TRITON_INTERPRET=1)")
+
+
+def _entry(dtype="float16", head_dim=64, t="T<=768", bh="BH<=192", causal=True, padded=False, needs_grad=False,
+           mode="eager", backend="triton", **extra):  # fmt: skip
+    return dict(dtype=dtype, head_dim=head_dim, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
+                needs_grad=needs_grad, mode=mode, backend=backend, triton_ms=0.1, sdpa_ms=0.2, **extra)  # fmt: skip
+
+
+def _table(entries, configs=(), arch="sm90", measured=True):
+    return dict(format=dispatch.FORMAT, arch=arch, measured=measured, devices=["fake"], margin=0.03,
+                provenance={"tool": "tests"}, configs=list(configs), entries=list(entries))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _clean_state():
+    dispatch.reset_cache()
+    seam._FALLBACK_LOGGED.clear()
+    yield
+    dispatch.reset_cache()
+    mod = seam._triton()
+    if mod is not None and hasattr(mod, "set_launch_configs"):
+        mod.set_launch_configs(None)
+
+
+# ------------------------------------------------------------------------------------------------ buckets
+def test_buckets():
+    assert [dispatch.t_bucket(t) for t in (16, 532, 768, 769, 1044, 2068, 3072, 4096, 10**6)] == [
+        "T<=768", "T<=768", "T<=768", "T<=1536", "T<=1536", "T<=3072", "T<=3072", "T>3072", "T>3072"]  # fmt: skip
+    assert [dispatch.bh_bucket(b * 12) for b in (1, 2, 4, 6, 8, 16, 32)] == [
+        "BH<=24", "BH<=24", "BH<=72", "BH<=72", "BH<=192", "BH<=192", "BH>192"]  # fmt: skip
+    assert dispatch.T_BUCKETS == ("T<=768", "T<=1536", "T<=3072", "T>3072")
+    cls = dispatch.ShapeClass.of(1, 532, 96, True, False)
+    assert cls.decode and cls.t == "T<=768" and "decode" in cls.describe()
+
+
+# ------------------------------------------------------------------------------------------------- lookup
+def test_lookup_against_a_fake_table():
+    configs = [dict(dtype="float16", head_dim=64, fwd=[128, 64, 4, 3], dq=[64, 32, 4, 2], dkdv=[32, 128, 8, 2])]
+    table = dispatch.DispatchTable(_table([
+        _entry(),  # inference, eager: triton
+        _entry(mode="graphed", backend="sdpa"),
+        _entry(needs_grad=True, backend="sdpa"),
+        _entry(padded=True, bh="BH>192"),
+    ], configs))  # fmt: skip
+    cls = dispatch.ShapeClass.of(532, 532, 8 * 12, True, False)
+    d = table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=False)
+    assert d.backend == "triton" and d.configs["fwd"] == (128, 64, 4, 3) and "Triton measured faster" in d.reason
+    assert table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=True).backend == "sdpa"
+    assert table.lookup(torch.float16, 64, cls, needs_grad=True, graphed=False).backend == "sdpa"
+    big = dispatch.ShapeClass.of(532, 532, 32 * 12, True, True)
+    assert table.lookup("float16", 64, big, False, False).backend == "triton"
+    # anything not measured is SDPA, with the case named
+    unmeasured = [
+        (torch.bfloat16, 64, cls),
+        (torch.float16, 128, cls),
+        (torch.float16, 64, dispatch.ShapeClass(big.t, big.bh, False, True)),  # bidirectional
+        (torch.float16, 64, dispatch.ShapeClass.of(1, 532, 96, True, False)),  # decode
+        (torch.float16, 64, dispatch.ShapeClass.of(4096, 4096, 96, True, False)),
+    ]
+    for dtype, d_head, c in unmeasured:
+        d = table.lookup(dtype, d_head, c, False, False)
+        assert d.backend == "sdpa" and d.configs is None and d.reason.startswith("no measured entry"), d
+    assert table.launch_configs()[("dq", 64, torch.float16)] == (64, 32, 4, 2)
+
+
+def test_choose_rule_needs_a_margin():
+    assert dispatch.choose(0.9, 1.0, margin=0.03) == "triton"
+    assert dispatch.choose(0.98, 1.0, margin=0.03) == "sdpa"
+    assert dispatch.choose(None, 1.0) == "sdpa" and dispatch.choose(0.5, float("nan")) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda t: t.update(format="other/1"), "format must be"),
+        (lambda t: t.pop("arch"), "lacks the field 'arch'"),
+        (lambda t: t.update(measured="yes"), "measured must be bool"),
+        (lambda t: t.update(margin=1.5), "margin"),
+        (lambda t: t["entries"][0].update(t_bucket="T<=500"), "t_bucket must be one of"),
+        (lambda t: t["entries"][0].update(mode="compiled"), "mode must be one of"),
+        (lambda t: t["entries"][0].update(backend="flex"), "backend must be one of"),
+        (lambda t: t["entries"][0].update(head_dim="64"), "head_dim must be int"),
+        (lambda t: t["entries"].append(copy.deepcopy(t["entries"][0])), "repeats the case"),
+        (lambda t: t["configs"].append(dict(dtype="float16", head_dim=64, fwd=[100, 64, 4, 3])), "powers of two"),
+        (lambda t: t["configs"].append(dict(dtype="float16", head_dim=64, dq=[64, 64, 4])), r"\[BLOCK_M"),
+    ],
+)
+def test_bad_tables_are_refused_with_the_field_named(mutate, match):
+    data = _table([_entry()])
+    mutate(data)
+    with pytest.raises(ValueError, match=match):
+        dispatch.DispatchTable(data)
+
+
+def test_load_table_file_and_bad_json(tmp_path):
+    path = tmp_path / "sm90.json"
+    path.write_text(json.dumps(_table([_entry()])))
+    assert dispatch.load_table(path).arch == "sm90"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        dispatch.load_table(path)
+
+
+def test_the_committed_tables_are_valid_and_measured():
+    for path in sorted(dispatch.TUNED_DIR.glob("*.json")):
+        table = dispatch.load_table(path)
+        assert table.measured and table.arch == path.stem, path
+        assert table.provenance.get("git_sha") and table.devices, f"{path}: provenance missing"
+
+
+def test_read_for_arch_skips_unmeasured_and_foreign_tables(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(path))
+    path.write_text(json.dumps(_table([_entry()], measured=False)))
+    with pytest.warns(RuntimeWarning, match="unmeasured example"):
+        assert dispatch._read_for_arch("sm90") is None
+    path.write_text(json.dumps(_table([_entry()], arch="sm80")))
+    with pytest.warns(RuntimeWarning, match="is for sm80"):
+        assert dispatch._read_for_arch("sm90") is None
+    path.write_text(json.dumps(_table([_entry()])))
+    assert dispatch._read_for_arch("sm90").entries
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "missing.json"))
+    with pytest.warns(RuntimeWarning, match="is not a file"):
+        assert dispatch._read_for_arch("sm90") is None
+
+
+# ----------------------------------------------------------------------------------------- choose_backend
+def _qkv(b=2, h=4, t=10, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, t, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def _small_entries(**kw):
+    base = dict(dtype="float32", head_dim=16, t="T<=768", bh="BH<=24")
+    return [_entry(**{**base, "causal": c, "padded": p, "needs_grad": g, **kw})
+            for c in (True, False) for p in (True, False) for g in (True, False)]  # fmt: skip
+
+
+def test_auto_on_cpu_is_sdpa_whatever_the_table():
+    q, k, v = _qkv()
+    layout = SegmentLayout(2, 6, 2, True)
+    with dispatch.use_table(_table(_small_entries())):
+        assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "sdpa"
+
+
+@needs_kernel
+def test_auto_follows_the_table_and_falls_back_without_one(monkeypatch, caplog):
+    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
+    q, k, v = _qkv()
+    layout = SegmentLayout(2, 6, 2, True)
+    with dispatch.use_table(None), caplog.at_level("INFO", logger="rmt_fast.attention"):
+        assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "sdpa"
+    assert "no measured dispatch table" in caplog.text
+    with dispatch.use_table(_table(_small_entries())):
+        assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "triton"
+    with dispatch.use_table(_table(_small_entries(backend="sdpa"))):
+        assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "sdpa"
+    with dispatch.use_table(_table(_small_entries())):  # measured in float32 only
+        assert seam.choose_backend("auto", *_qkv(dtype=torch.float64), layout, 0.0) == "sdpa"
+    # the forced backend ignores the table, and still refuses what the kernel cannot run
+    with dispatch.use_table(None):
+        assert seam.choose_backend("triton", q, k, v, layout, 0.0) == "triton"
+        with pytest.raises(ValueError, match="attn_backend='triton' cannot run this case: head dim 8"):
+            seam.choose_backend("triton", *_qkv(d=8), layout, 0.0)
+
+
+@needs_kernel
+def test_graphed_and_grad_flags_pick_their_measurements(monkeypatch):
+    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
+    q, k, v = _qkv()
+    layout = SegmentLayout(2, 6, 2, True)
+    entries = [_entry(dtype="float32", head_dim=16, bh="BH<=24", mode="graphed"),
+               _entry(dtype="float32", head_dim=16, bh="BH<=24", mode="eager", backend="sdpa"),
+               _entry(dtype="float32", head_dim=16, bh="BH<=24", needs_grad=True)]  # fmt: skip
+    with dispatch.use_table(_table(entries)):
+        assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "sdpa"
+        with seam.graphed_step():
+            assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "triton"
+        qg = q.clone().requires_grad_(True)
+        assert seam.choose_backend("auto", qg, k, v, layout, 0.0) == "triton"  # the training entry
+        with torch.no_grad():
+            assert seam.choose_backend("auto", qg, k, v, layout, 0.0) == "sdpa"
+
+
+@needs_kernel
+def test_table_installs_its_launch_configs(monkeypatch):
+    mod = seam._triton()
+    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
+    cfg = dict(dtype="float32", head_dim=16, fwd=[32, 16, 4, 2], dq=[16, 16, 4, 2], dkdv=[16, 32, 4, 2])
+    with dispatch.use_table(_table(_small_entries(), [cfg])):
+        assert seam.choose_backend("auto", *_qkv(), SegmentLayout(2, 6, 2, True), 0.0) == "triton"
+    assert mod.launch_config("fwd", 16, torch.float32).as_tuple() == (32, 16, 4, 2)
+    assert mod.launch_config("dkdv", 16, torch.float32).as_tuple() == (16, 32, 4, 2)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def _gpt2_d16():
+    cfg = tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return tf.GPT2LMHeadModel(cfg)
+
+
+@needs_kernel
+def test_fastrmt_auto_runs_the_table_choice_deciding_once_per_segment(monkeypatch):
+    mod = seam._triton()
+    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
+    calls = {"supported": 0, "kernel": []}
+    real_supported, real_kernel = mod.rmt_attention_supported, mod.rmt_attention
+
+    def supported(*a, **kw):
+        calls["supported"] += 1
+        return real_supported(*a, **kw)
+
+    def kernel(*a, **kw):
+        calls["kernel"].append(kw.get("check", True))
+        return real_kernel(*a, **kw)
+
+    monkeypatch.setattr(mod, "rmt_attention_supported", supported)
+    monkeypatch.setattr(mod, "rmt_attention", kernel)
+    torch.manual_seed(0)
+    model = _gpt2_d16()
+    auto = FastRMT(copy.deepcopy(model), 2, 6, attn_backend="auto").eval()
+    sdpa = FastRMT(copy.deepcopy(model), 2, 6, attn_backend="sdpa").eval()
+    sdpa.load_state_dict(auto.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 15), generator=torch.Generator().manual_seed(4))  # 3 segments
+    with torch.no_grad(), dispatch.use_table(_table(_small_entries())):
+        a = auto(ids, labels=ids)
+    b = sdpa(ids, labels=ids)
+    assert calls["supported"] == 3  # once per segment, not once per layer (3 layers)
+    assert calls["kernel"] == [False] * 9  # every layer ran the kernel, unvalidated
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.loss, b.loss, atol=1e-6)
+
+    calls["supported"], calls["kernel"] = 0, []
+    with torch.no_grad(), dispatch.use_table(_table(_small_entries(backend="sdpa"))):
+        c = auto(ids, labels=ids)
+    assert calls["kernel"] == [] and calls["supported"] == 3
+    assert torch.allclose(c.logits, b.logits, atol=1e-5)
+
+
+@needs_kernel
+def test_training_decision_uses_the_grad_entries(monkeypatch):
+    mod = seam._triton()
+    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
+    used = []
+    real_kernel = mod.rmt_attention
+    monkeypatch.setattr(mod, "rmt_attention", lambda *a, **kw: used.append(1) or real_kernel(*a, **kw))
+    torch.manual_seed(0)
+    rmt = FastRMT(_gpt2_d16(), 2, 6, attn_backend="auto")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    entries = [e for e in _small_entries() if not e["needs_grad"]] + [
+        e for e in _small_entries(backend="sdpa") if e["needs_grad"]]  # fmt: skip
+    with dispatch.use_table(_table(entries)):
+        rmt(ids, labels=ids).loss.backward()
+        assert used == []  # training: SDPA measured faster
+        with torch.no_grad():
+            rmt(ids, labels=ids)
+        assert len(used) == 6  # inference: Triton, 2 segments x 3 layers
