@@ -4,10 +4,15 @@ A segment's sequence is ``[read slots | token slots | write slots]``:
 
 * ``num_read`` read-memory slots, always visible as keys;
 * ``num_tokens`` token slots (a static capacity), of which only the valid ones are visible as keys:
-  either the first ``token_counts[b]`` of them (a padded segment, the fast case every backend supports),
-  or those set in ``token_mask[b]`` (an arbitrary caller mask, e.g. left padding);
+  either one contiguous run per row, ``[token_starts[b], token_counts[b])`` (``token_starts`` omitted: from
+  0, i.e. the first ``token_counts[b]`` slots: a right-padded segment), the case every backend runs,
+  or those set in ``token_mask[b]`` (an arbitrary caller mask with holes; the Triton kernel refuses it);
 * ``num_write`` write-memory slots, always visible as keys;
 * ``causal``: a query at position i sees keys at positions j <= i; otherwise attention is bidirectional.
+
+``token_counts[b]`` is thus the END (exclusive) of row b's visible run; both are clamped to
+``[0, num_tokens]`` and an end at or before the start gives an empty run. :func:`mask_runs` turns a 0/1 token
+mask into starts, ends and a per-row "has holes" verdict.
 
 Encoders keep their memory inside the token region (``[CLS] [MEM]*m [SEP] tokens [SEP] [PAD]*``), so they
 use ``num_read = num_write = 0`` and a per-row valid count.
@@ -34,6 +39,7 @@ class SegmentLayout:
     causal: bool
     token_counts: Tensor | None = None
     token_mask: Tensor | None = None
+    token_starts: Tensor | None = None
 
     def __post_init__(self):
         for name in ("num_read", "num_tokens", "num_write"):
@@ -50,6 +56,20 @@ class SegmentLayout:
                 raise ValueError(
                     "SegmentLayout: token_counts must be a 1-D integer tensor of shape (batch,), "
                     f"got {_describe(c)}"
+                )
+        if self.token_starts is not None:
+            s = self.token_starts
+            if self.token_counts is None:
+                raise ValueError("SegmentLayout: token_starts needs token_counts (the ends of the visible runs)")
+            if not isinstance(s, Tensor) or s.ndim != 1 or s.dtype not in _INT_DTYPES:
+                raise ValueError(
+                    "SegmentLayout: token_starts must be a 1-D integer tensor of shape (batch,), "
+                    f"got {_describe(s)}"
+                )
+            if s.shape != self.token_counts.shape or s.device != self.token_counts.device:
+                raise ValueError(
+                    "SegmentLayout: token_starts and token_counts must have one shape and device, got "
+                    f"{tuple(s.shape)} on {s.device} and {tuple(self.token_counts.shape)} on {self.token_counts.device}"
                 )
         if self.token_mask is not None:
             m = self.token_mask
@@ -92,6 +112,9 @@ class SegmentLayout:
             counts = self.token_counts.to(device) if device is not None else self.token_counts
             idx = torch.arange(self.num_tokens, device=counts.device)
             tok = idx[None, :] < counts[:, None].to(idx.dtype)
+            if self.token_starts is not None:
+                starts = self.token_starts.to(counts.device)
+                tok = tok & (idx[None, :] >= starts[:, None].to(idx.dtype))
         b = tok.shape[0]
         ones_r = tok.new_ones(b, self.num_read)
         ones_w = tok.new_ones(b, self.num_write)
@@ -117,6 +140,26 @@ class SegmentLayout:
         if valid is not None:
             mask = mask & valid[:, None, None, :]
         return mask
+
+
+def mask_runs(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A (..., L) 0/1 or bool token mask -> ``(starts, ends, holes)``, each of shape (...,).
+
+    ``[starts, ends)`` spans the row's visible tokens, from its first to its last (int32; 0, 0 for a row with
+    none); ``holes`` (bool) is True where some token inside that span is hidden, i.e. the row is not one
+    contiguous run and needs the general ``token_mask`` layout. Vectorised, on the mask's device, no sync.
+    """
+    if not isinstance(mask, Tensor) or mask.ndim < 1:
+        raise ValueError(f"mask_runs: mask must be a tensor of shape (..., L), got {_describe(mask)}")
+    m = mask.bool()
+    length = m.shape[-1]
+    any_visible = m.any(-1)
+    first = m.to(torch.uint8).argmax(-1)  # the first maximal index
+    last = length - 1 - m.flip(-1).to(torch.uint8).argmax(-1)
+    starts = torch.where(any_visible, first, 0).to(torch.int32)
+    ends = torch.where(any_visible, last + 1, 0).to(torch.int32)
+    holes = m.sum(-1, dtype=torch.int32) != ends - starts
+    return starts, ends, holes
 
 
 def _describe(x) -> str:

@@ -78,44 +78,79 @@ def _dropout_row_offsets(bh, rows, Tq, Tk, DROP_I64: tl.constexpr):
 
 
 @triton.jit
-def _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED: tl.constexpr):
-    """[pad_lo, pad_hi): the invisible key positions of batch row b (the padded tail of its token region)."""
+def _hidden_ranges(
+    STARTS, ENDS, b, num_read, num_tokens, Tk, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr
+):  # fmt: skip
+    """[lo1, hi1) and [lo2, hi2): the invisible key positions of batch row b.
+
+    Its visible token run is [start, end) (start 0 without STARTS), both clamped to [0, num_tokens]: the token
+    slots before it, [num_read, num_read + start), and after it, [num_read + end, num_read + num_tokens), are
+    hidden. An empty run gives one merged range (and an empty second one), so fully hidden key blocks are
+    recognised as such. Without STARTS the first range is [0, 0) (so :func:`_key_block_ranges` gives an empty
+    first range, which the kernels then skip); without PADDED nothing is hidden.
+    """
     if PADDED:
-        count = tl.load(COUNTS + b).to(tl.int32)
-        count = tl.minimum(tl.maximum(count, 0), num_tokens)
-        pad_lo = num_read + count
-        pad_hi = num_read + num_tokens
+        end = tl.load(ENDS + b).to(tl.int32)
+        end = tl.minimum(tl.maximum(end, 0), num_tokens)
+        lo2 = num_read + end
+        hi2 = num_read + num_tokens
+        if HAS_STARTS:
+            start = tl.load(STARTS + b).to(tl.int32)
+            start = tl.minimum(tl.maximum(start, 0), num_tokens)
+            empty = end <= start
+            lo1 = num_read + tl.zeros_like(start)
+            hi1 = tl.where(empty, hi2, num_read + start)
+            lo2 = tl.where(empty, hi2, lo2)
+        else:
+            lo1 = 0
+            hi1 = 0
     else:
-        pad_lo = Tk
-        pad_hi = Tk
-    return pad_lo, pad_hi
+        lo1 = 0
+        hi1 = 0
+        lo2 = Tk
+        hi2 = Tk
+    return lo1, hi1, lo2, hi2
+
+
+@triton.jit
+def _key_block_ranges(lo1, hi1, lo2, hi2, hi, BLOCK_N: tl.constexpr):
+    """Key blocks [0, r1_end), [r2_start, r2_end), [r3_start, hi) cover every block below ``hi`` that holds a
+    visible key, in order and without overlap; the blocks between lie entirely in a hidden range."""
+    r1_end = tl.minimum(hi, tl.cdiv(lo1, BLOCK_N) * BLOCK_N)
+    r2_start = tl.maximum(r1_end, (hi1 // BLOCK_N) * BLOCK_N)
+    r2_end = tl.minimum(hi, tl.maximum(r2_start, tl.cdiv(lo2, BLOCK_N) * BLOCK_N))
+    r3_start = tl.maximum(r2_end, (hi2 // BLOCK_N) * BLOCK_N)
+    return r1_end, r2_start, r2_end, r3_start
+
+
+@triton.jit
+def _key_visible(offs, lo1, hi1, lo2, hi2, HAS_STARTS: tl.constexpr):
+    """Keys ``offs`` (any shape) outside both hidden ranges."""
+    vis = (offs < lo2) | (offs >= hi2)
+    if HAS_STARTS:
+        vis = vis & ((offs < lo1) | (offs >= hi1))
+    return vis
 
 
 @triton.jit
 def _visible(
-    offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr
-):
-    """(BLOCK_M, BLOCK_N) bool: query offs_m may attend key offs_n (both in range, causal, not padded)."""
+    offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) bool: query offs_m may attend key offs_n (both in range, causal, not hidden)."""
     vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
     if CAUSAL:
         vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
     if PADDED:
-        vis = vis & ((offs_n[None, :] < pad_lo) | (offs_n[None, :] >= pad_hi))
+        vis = vis & _key_visible(offs_n[None, :], lo1, hi1, lo2, hi2, HAS_STARTS)
     return vis
 
 
 @triton.jit
 def _block_needs_mask(
-    start_n,
-    m_first,
-    Tk,
-    causal_shift,
-    pad_lo,
-    pad_hi,
-    CAUSAL: tl.constexpr,
-    PADDED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    start_n, m_first, Tk, causal_shift, lo1, hi1, lo2, hi2,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Whether some (query tile starting at m_first, key block at start_n) pair is invisible.
 
     Rows past Tq need no mask: their q / dO tiles load as zeros and their results are never stored.
@@ -124,29 +159,32 @@ def _block_needs_mask(
     if CAUSAL:
         needs = needs | (start_n + BLOCK_N - 1 > m_first + causal_shift)
     if PADDED:
-        needs = needs | ((start_n + BLOCK_N > pad_lo) & (start_n < pad_hi))
+        needs = needs | ((start_n + BLOCK_N > lo2) & (start_n < hi2))
+        if HAS_STARTS:
+            needs = needs | ((start_n + BLOCK_N > lo1) & (start_n < hi1))
     return needs
 
 
 @triton.jit
 def _visible_t(
-    offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL: tl.constexpr, PADDED: tl.constexpr
-):
+    offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr,
+):  # fmt: skip
     """(BLOCK_N, BLOCK_M) bool: the transpose of :func:`_visible`, built directly in key-major orientation."""
     vis = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
     if CAUSAL:
         vis = vis & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
     if PADDED:
-        vis = vis & ((offs_n[:, None] < pad_lo) | (offs_n[:, None] >= pad_hi))
+        vis = vis & _key_visible(offs_n[:, None], lo1, hi1, lo2, hi2, HAS_STARTS)
     return vis
 
 
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, start, end,
-    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, pad_lo, pad_hi,
+    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, lo1, hi1, lo2, hi2,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     d_ok = offs_d < D
@@ -160,13 +198,13 @@ def _fwd_inner(
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if BOUNDARY_ONLY:
             needs = _block_needs_mask(
-                start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N
+                start_n, m_first, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS, BLOCK_N
             )
             if needs:
-                vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS)
                 s = tl.where(vis, s, float("-inf"))
         else:
-            vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+            vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS)
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -186,13 +224,13 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_fwd_kernel(
-    Q, K, V, Out, LSE, COUNTS,
+    Q, K, V, Out, LSE, STARTS, COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
@@ -215,29 +253,34 @@ def _rmt_attn_fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
 
     causal_shift = Tk - Tq
-    pad_lo, pad_hi = _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED)
+    lo1, hi1, lo2, hi2 = _hidden_ranges(STARTS, COUNTS, b, num_read, num_tokens, Tk, PADDED, HAS_STARTS)
     hi = Tk
     if CAUSAL:
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + causal_shift)
-    # Key blocks [0, end1) then [start2, hi): the blocks between lie entirely in the padded range.
-    end1 = tl.minimum(hi, tl.cdiv(pad_lo, BLOCK_N) * BLOCK_N)
-    start2 = tl.maximum(end1, (pad_hi // BLOCK_N) * BLOCK_N)
+    r1_end, r2_start, r2_end, r3_start = _key_block_ranges(lo1, hi1, lo2, hi2, hi, BLOCK_N)
     drop_row = _dropout_row_offsets(pid_bh, offs_m[:, None], Tq, Tk, DROP_I64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives exp2(-inf) = 0
+    if HAS_STARTS:  # without starts r1_end == 0: the first range is empty
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, 0, r1_end, pid_m * BLOCK_M,
+            offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+            CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
+        )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, 0, end1, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        acc, l_i, m_i, q, k_base, v_base, r2_start, r2_end, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
+        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, start2, hi, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        acc, l_i, m_i, q, k_base, v_base, r3_start, hi, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
+        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
 
     empty = l_i == 0.0  # a query that sees no key at all: output 0, lse +inf (=> zero gradients)
@@ -284,9 +327,9 @@ def _rmt_attn_bwd_preprocess_kernel(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, start, end,
-    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, pad_lo, pad_hi,
+    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, lo1, hi1, lo2, hi2,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
 ):  # fmt: skip
     d_ok = offs_d < D
@@ -305,13 +348,13 @@ def _dq_inner(
         p = tl.exp2(s - lse[:, None])
         if BOUNDARY_ONLY:
             needs = _block_needs_mask(
-                start_n, m_first, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N
+                start_n, m_first, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS, BLOCK_N
             )
             if needs:
-                vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS)
                 p = tl.where(vis, p, 0.0)
         else:
-            vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+            vis = _visible(offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         if DROPOUT:
@@ -324,14 +367,14 @@ def _dq_inner(
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, COUNTS,
+    Q, K, V, DO, DQ, LSE, DELTA, STARTS, COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
@@ -360,26 +403,32 @@ def _rmt_attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
 
     causal_shift = Tk - Tq
-    pad_lo, pad_hi = _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED)
+    lo1, hi1, lo2, hi2 = _hidden_ranges(STARTS, COUNTS, b, num_read, num_tokens, Tk, PADDED, HAS_STARTS)
     hi = Tk
     if CAUSAL:
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + causal_shift)
-    end1 = tl.minimum(hi, tl.cdiv(pad_lo, BLOCK_N) * BLOCK_N)
-    start2 = tl.maximum(end1, (pad_hi // BLOCK_N) * BLOCK_N)
+    r1_end, r2_start, r2_end, r3_start = _key_block_ranges(lo1, hi1, lo2, hi2, hi, BLOCK_N)
     drop_row = _dropout_row_offsets(pid_bh, offs_m[:, None], Tq, Tk, DROP_I64)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_STARTS:
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, 0, r1_end, pid_m * BLOCK_M,
+            offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
+            CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
+        )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, 0, end1, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        dq, q, do, lse, delta, k_base, v_base, r2_start, r2_end, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
+        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, start2, hi, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, pad_lo, pad_hi,
+        dq, q, do, lse, delta, k_base, v_base, r3_start, hi, pid_m * BLOCK_M,
+        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
+        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
@@ -390,7 +439,7 @@ def _rmt_attn_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COUNTS,
+    Q, K, V, DO, DK, DV, LSE, DELTA, STARTS, COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -398,7 +447,7 @@ def _rmt_attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hq, Hkv, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
@@ -427,15 +476,18 @@ def _rmt_attn_bwd_dkdv_kernel(
     )  # fmt: skip
 
     causal_shift = Tk - Tq
-    pad_lo, pad_hi = _padded_range(COUNTS, b, num_read, num_tokens, Tk, PADDED)
+    lo1, hi1, lo2, hi2 = _hidden_ranges(STARTS, COUNTS, b, num_read, num_tokens, Tk, PADDED, HAS_STARTS)
     lo = 0
     if CAUSAL:
         # the first query (absolute index i + causal_shift) that can see key start_n
         lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
     hi = Tq
     if PADDED:
-        # every key of the block is padded: run no query block, dk = dv = 0
-        hi = tl.where((start_n >= pad_lo) & (start_n + BLOCK_N <= pad_hi), lo, Tq)
+        # every key of the block is hidden: run no query block, dk = dv = 0
+        hidden = (start_n >= lo2) & (start_n + BLOCK_N <= hi2)
+        if HAS_STARTS:
+            hidden = hidden | ((start_n >= lo1) & (start_n + BLOCK_N <= hi1))
+        hi = tl.where(hidden, lo, Tq)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -462,13 +514,17 @@ def _rmt_attn_bwd_dkdv_kernel(
             pt = tl.exp2(st - lse[None, :])
             if BOUNDARY_ONLY:
                 needs = _block_needs_mask(
-                    start_n, start_m, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED, BLOCK_N
+                    start_n, start_m, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS, BLOCK_N
                 )
                 if needs:
-                    vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                    vis_t = _visible_t(
+                        offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS
+                    )
                     pt = tl.where(vis_t, pt, 0.0)
             else:
-                vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, pad_lo, pad_hi, CAUSAL, PADDED)
+                vis_t = _visible_t(
+                    offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS
+                )
                 pt = tl.where(vis_t, pt, 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if DROPOUT:
@@ -714,10 +770,13 @@ def _empty(shape, dtype, device) -> Tensor:
 
 
 # ============================================================================================== launchers
-def _counts_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, bool]:
+def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, bool, bool]:
+    """(starts, ends, PADDED, HAS_STARTS); tensors the kernel never reads are replaced by any device pointer."""
     if layout.token_counts is None:
-        return dummy, False  # never read (PADDED is a constexpr False): any device pointer will do
-    return layout.token_counts, True
+        return dummy, dummy, False, False
+    if layout.token_starts is None:
+        return dummy, layout.token_counts, True, False
+    return layout.token_starts, layout.token_counts, True, True
 
 
 def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, seed: int, out: Tensor | None):
@@ -726,16 +785,17 @@ def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, see
     if out is None:
         out = _empty((B, Tq, Hq, D), q.dtype, q.device)
     lse = _empty((B, Hq, Tq), torch.float32, q.device)
-    counts, padded = _counts_arg(layout, q)
+    starts, counts, padded, has_starts = _runs_arg(layout, q)
     args = (
-        q, k, v, out, lse, counts,
+        q, k, v, out, lse, starts, counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Tq, Tk, D, layout.num_read, layout.num_tokens,
         scale * _LOG2E, float(dropout_p), int(seed),
     )  # fmt: skip
     consts = dict(
-        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
-        BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype), BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
+        CAUSAL=layout.causal, PADDED=padded, HAS_STARTS=has_starts, DROPOUT=dropout_p > 0.0,
+        DROP_I64=_needs_i64(B, Hq, Tq, Tk), BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype),
+        BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
     )  # fmt: skip
     _launch(
         "fwd", _rmt_attn_fwd_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * Hq), args, consts,
@@ -749,7 +809,7 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     block_d = max(16, _next_pow2(D))
-    counts, padded = _counts_arg(layout, q)
+    starts, counts, padded, has_starts = _runs_arg(layout, q)
     dot_prec = _dot_precision(q.dtype)
 
     delta = _empty((B, Hq, Tq), torch.float32, q.device)
@@ -759,8 +819,8 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
     )  # fmt: skip
 
     consts = dict(
-        CAUSAL=layout.causal, PADDED=padded, DROPOUT=dropout_p > 0.0, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
-        BLOCK_D=block_d, DOT_PREC=dot_prec, BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
+        CAUSAL=layout.causal, PADDED=padded, HAS_STARTS=has_starts, DROPOUT=dropout_p > 0.0,
+        DROP_I64=_needs_i64(B, Hq, Tq, Tk), BLOCK_D=block_d, DOT_PREC=dot_prec, BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
     )  # fmt: skip
     common = (
         Tq, Tk, D, layout.num_read, layout.num_tokens, scale * _LOG2E, scale, float(dropout_p), int(seed),
@@ -770,7 +830,7 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
         dq = _empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
         args = (
-            q, k, v, do, dq, lse, delta, counts,
+            q, k, v, do, dq, lse, delta, starts, counts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             Hq, G, *common,
         )  # fmt: skip
@@ -782,7 +842,7 @@ def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, ne
         dk = _empty((B, Tk, Hkv, D), k.dtype, k.device).transpose(1, 2)
         dv = _empty((B, Tk, Hkv, D), v.dtype, v.device).transpose(1, 2)
         args = (
-            q, k, v, do, dk, dv, lse, delta, counts,
+            q, k, v, do, dk, dv, lse, delta, starts, counts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             Hq, Hkv, G, *common,
         )  # fmt: skip
@@ -871,13 +931,17 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
     if B * Hq > _MAX_GRID_Y:
         return ValueError, f"batch * query heads = {B * Hq} exceeds the launch grid limit {_MAX_GRID_Y}"
     if layout.token_mask is not None:
-        return ValueError, "triton backend supports token_counts padding only (got a token_mask)"
+        return ValueError, (
+            "the triton kernel runs one contiguous visible token run per row (token_starts/token_counts); this "
+            "segment's token_mask has holes (a hidden token between visible ones), which only SDPA supports"
+        )
     if layout.token_counts is not None:
         c = layout.token_counts
         if c.device != q.device:
             return ValueError, f"layout.token_counts is on {c.device} but q is on {q.device}"
         if c.shape[0] != B:
             return ValueError, f"layout.token_counts has length {c.shape[0]} but the batch size is {B}"
+        # token_starts shares the shape and device of token_counts (SegmentLayout checks it)
     if not (0.0 <= float(dropout_p) < 1.0):
         return ValueError, f"dropout_p must be in [0, 1), got {dropout_p}"
     return None

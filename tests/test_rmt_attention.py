@@ -37,7 +37,7 @@ if not isinstance(tl.cdiv, InterpretedFunction):
         allow_module_level=True,
     )
 
-from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
+from rmt_fast.kernels.layout import SegmentLayout, mask_runs  # noqa: E402
 from rmt_fast.kernels.reference import dense_rmt_attention_reference  # noqa: E402
 
 # The module (the package attribute ``rmt_fast.kernels.rmt_attention`` is the re-exported function).
@@ -161,6 +161,120 @@ def test_block_shapes_and_mask_modes(blocks, boundary_only, monkeypatch):
     layout = SegmentLayout(5, 50, 3, True, token_counts=torch.tensor([1, 37]))
     q, k, v = make_qkv(2, 2, 1, 50, 58, 16, torch.float32, seed=5)  # decode-shifted, 58 keys
     check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------- visible runs [start, end) per row
+def _random_runs(B, num_tokens, seed):
+    """Random per-row runs, always including an empty run (start == end), a run ending at the capacity and
+    one starting at 0; an empty run with start > end too."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, num_tokens + 1, (B,), generator=g)
+    b = torch.randint(0, num_tokens + 1, (B,), generator=g)
+    starts, ends = torch.minimum(a, b), torch.maximum(a, b)
+    starts[0], ends[0] = 5, 5  # empty
+    if B > 1:
+        starts[1], ends[1] = 3, num_tokens  # left padding
+    if B > 2:
+        starts[2], ends[2] = 0, num_tokens - 4  # right padding
+    if B > 3:
+        starts[3], ends[3] = 7, 2  # end before start: empty
+    return starts.to(torch.int32), ends
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("hkv", [1, 4])
+def test_visible_runs_against_reference(causal, dtype, hkv):
+    num_read, num_tokens, num_write = 3, 45, 3  # token slots [3, 48): several 16-blocks, some fully hidden
+    starts, ends = _random_runs(5, num_tokens, seed=hkv + 10 * causal)
+    layout = SegmentLayout(num_read, num_tokens, num_write, causal, token_counts=ends, token_starts=starts)
+    q, k, v = make_qkv(5, 4, hkv, 51, 51, 32, dtype, seed=hkv)
+    _, _, dk, dv = check_against_reference(q, k, v, layout, tol=TOL[dtype])
+    # hidden keys get exactly zero gradient
+    valid = layout.key_valid()
+    for b in range(5):
+        hidden = ~valid[b]
+        assert (dk[b][:, hidden] == 0).all() and (dv[b][:, hidden] == 0).all()
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)])
+@pytest.mark.parametrize("boundary_only", [True, False], ids=["mask-boundary", "mask-all"])
+@pytest.mark.parametrize("tq", [70, 9])
+def test_visible_runs_block_shapes_and_decode(blocks, boundary_only, tq, monkeypatch):
+    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(ra, "_MASK_BOUNDARY_ONLY", boundary_only)
+    # runs that start/end on and off block boundaries (token slot j is key 2 + j)
+    starts = torch.tensor([14, 0, 30, 62, 5])
+    ends = torch.tensor([46, 31, 30, 64, 64])
+    layout = SegmentLayout(2, 64, 4, True, token_counts=ends, token_starts=starts)
+    q, k, v = make_qkv(5, 2, 1, tq, 70, 16, torch.float32, seed=tq)
+    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+
+
+def test_visible_runs_out_of_range_are_clamped():
+    starts = torch.tensor([-4, 2, 9, 6])
+    ends = torch.tensor([3, 40, 12, 1])
+    layout = SegmentLayout(1, 9, 1, False, token_counts=ends, token_starts=starts)
+    ref_layout = SegmentLayout(1, 9, 1, False, token_counts=torch.tensor([3, 9, 9, 0]),
+                               token_starts=torch.tensor([0, 2, 9, 0]))  # fmt: skip
+    q, k, v = make_qkv(4, 2, 2, 11, 11, 16, torch.float32)
+    grad_out = torch.randn(4, 11, 2, 16)
+    got = run_kernel(q, k, v, layout, grad_out)
+    want = run_reference(q, k, v, ref_layout, grad_out)
+    assert torch.equal(layout.key_valid(), ref_layout.key_valid())
+    for a, b in zip(got, want, strict=False):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_visible_runs_equal_the_same_token_mask_through_the_reference():
+    """A run layout and the equivalent token_mask layout give one dense mask (SDPA and the reference read it)."""
+    starts, ends = _random_runs(6, 20, seed=3)
+    runs = SegmentLayout(2, 20, 2, True, token_counts=ends, token_starts=starts)
+    idx = torch.arange(20)
+    tok = (idx >= starts[:, None]) & (idx < ends[:, None])
+    masked = SegmentLayout(2, 20, 2, True, token_mask=tok)
+    assert torch.equal(runs.dense_mask(), masked.dense_mask())
+    q, k, v = make_qkv(6, 2, 1, 24, 24, 16, torch.float32, seed=2)
+    a = rmt_attention(q, k, v, runs)
+    b = dense_rmt_attention_reference(q, k, v, masked)
+    assert rel_err(a, b) <= 1e-5
+
+
+def test_mask_runs():
+    mask = torch.tensor([
+        [0, 0, 1, 1, 1, 0],  # a run in the middle
+        [1, 1, 1, 1, 1, 1],  # all ones
+        [0, 0, 0, 0, 0, 0],  # nothing visible
+        [1, 0, 1, 0, 0, 0],  # a hole
+        [0, 0, 0, 0, 0, 1],  # the last only
+        [1, 1, 0, 0, 0, 0],  # right padding
+    ])  # fmt: skip
+    starts, ends, holes = mask_runs(mask)
+    assert starts.tolist() == [2, 0, 0, 0, 5, 0]
+    assert ends.tolist() == [5, 6, 0, 3, 6, 2]
+    assert holes.tolist() == [False, False, False, True, False, False]
+    assert starts.dtype == ends.dtype == torch.int32
+    # any leading shape; bool input
+    s3, e3, h3 = mask_runs(mask.bool().reshape(2, 3, 6))
+    assert torch.equal(s3.flatten(), starts) and torch.equal(e3.flatten(), ends) and torch.equal(h3.flatten(), holes)
+    # random masks: a row without holes is exactly its run
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.rand(200, 9, generator=g) < 0.6
+    s, e, h = mask_runs(rnd)
+    idx = torch.arange(9)
+    run = (idx >= s[:, None]) & (idx < e[:, None])
+    assert torch.equal(run[~h], rnd[~h])
+    assert (rnd & ~run).sum() == 0  # the span covers every visible token
+    assert ((run != rnd).any(1) == h).all()
+
+
+def test_layout_token_starts_validation():
+    with pytest.raises(ValueError, match="token_starts needs token_counts"):
+        SegmentLayout(1, 4, 1, True, token_starts=torch.tensor([0]))
+    with pytest.raises(ValueError, match="token_starts must be a 1-D integer tensor"):
+        SegmentLayout(1, 4, 1, True, token_counts=torch.tensor([2]), token_starts=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="one shape and device"):
+        SegmentLayout(1, 4, 1, True, token_counts=torch.tensor([2, 3]), token_starts=torch.tensor([0]))
 
 
 def test_counts_dtype_and_out_of_range_counts_are_clamped():
@@ -347,7 +461,7 @@ def _good(**over):
         ),
         (
             {"layout": SegmentLayout(1, 6, 1, True, token_mask=torch.ones(1, 6, dtype=torch.bool))},
-            "triton backend supports token_counts padding only",
+            "token_mask has holes",
         ),
         ({"q": torch.randn(1, 4, 9, 16)}, "more than k"),
     ],
@@ -374,7 +488,7 @@ def test_supported():
     assert rmt_attention_supported(*bf, args["layout"]) is None
     assert "dropout_p" in rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"], 1.5)
     masked = SegmentLayout(1, 6, 1, True, token_mask=torch.ones(1, 6, dtype=torch.bool))
-    assert "token_counts" in rmt_attention_supported(args["q"], args["k"], args["v"], masked)
+    assert "holes" in rmt_attention_supported(args["q"], args["k"], args["v"], masked)
 
 
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):
