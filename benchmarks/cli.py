@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "compare": "rmt_fast.bench.compare_cpu",
     "train-memory": "rmt_fast.bench.train_memory",
     "cuda-graph": "rmt_fast.bench.cuda_graph",
+    "input-checks": "rmt_fast.bench.input_checks",
 }
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
 # or GPU-only (cuda-graph).
