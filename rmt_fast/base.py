@@ -3,6 +3,7 @@ checkpoint loading and saving. The two differ only in how they run segments."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -135,6 +136,7 @@ class RMTBase(nn.Module):
         self.kind = info.kind
         self.hidden_size = info.hidden_size
         self._info = info
+        self._takes_labels = "labels" in inspect.signature(model.forward).parameters
         init = encoder_initial_memory if info.kind == "encoder" else decoder_initial_memory
         self.memory = nn.Parameter(init(info.word_embeddings, num_mem_tokens))
 
@@ -196,6 +198,9 @@ class RMTBase(nn.Module):
                 raise ValueError(
                     f"labels of shape {tuple(labels.shape)} do not match input_ids {tuple(input_ids.shape)}"
                 )
+            if not self.is_decoder and not self._takes_labels:
+                raise ValueError(f"labels were given, but {type(self.model).__name__} has no head that takes labels: "
+                                 "drop them, or wrap a model with a head (e.g. *ForSequenceClassification)")
             if self.is_decoder and labels.dtype != torch.int64:
                 raise ValueError(f"labels must be an int64 tensor of token ids (or -100), got dtype {labels.dtype}")
             if labels.device != device:

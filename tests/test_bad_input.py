@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from models import CLS, PAD, SEP, VOCAB, _bert_cfg, bert_cls, bert_mlm, gpt2
+from models import CLS, PAD, SEP, VOCAB, _bert_cfg, bert_bare, bert_cls, bert_mlm, gpt2
 
 import rmt_fast.base
 from rmt_fast import FastRMT, ReferenceRMT
@@ -348,3 +348,20 @@ def test_cuda_one_sync_per_check():
         memory = rmt.memory.detach().expand(2, -1, -1).clone()
         n = _cuda_syncs(lambda ids=ids, mask=mask, memory=memory: rmt._check_inputs(ids, mask, ids, mask, memory))
         assert n == baseline, (length, n, baseline)
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_bare_encoder_takes_no_labels(cls):
+    rmt = cls(bert_bare(), 2, 5, **ENC)
+    for labels in (torch.tensor([0, 1]), torch.zeros(2, 8, dtype=torch.long)):
+        _expect_error(rmt, lambda labels=labels: rmt(_ids(t=8), labels=labels), "BertModel has no head that takes")
+
+
+def test_benchmark_measures_one_read_per_call():
+    from rmt_fast.bench.input_checks import measure
+
+    torch.manual_seed(0)
+    rmt = FastRMT(gpt2(), 2, 6).eval()
+    row = measure(rmt, 2, 24, dict(vocab=VOCAB, segment_size=6, check_reps=2, forward_reps=1), "cpu")
+    assert row["host_reads_per_call"] == 1 and row["segments"] == 4
+    assert row["check_on_us"] > 0 and row["forward_ms"] > 0 and rmt.settings.check_inputs is True
