@@ -5,6 +5,7 @@
     rmt-fast-bench profile [--out DIR] [--quick]
     rmt-fast-bench kernels [--out DIR] [--quick]
     rmt-fast-bench compare [--out DIR] [--quick]   # FastRMT vs ReferenceRMT on the CPU (~10 minutes)
+    rmt-fast-bench tune    [--out DIR] [--quick] [--budget-s S] [--dry-run]   # the dispatch table (GPU)
     rmt-fast-bench all     [--out DIR] [--quick]   # every available benchmark but those in NOT_IN_ALL,
                                                    # each in DIR/<name>/
 
@@ -35,10 +36,11 @@ BENCHMARKS: dict[str, str] = {
     "train-memory": "rmt_fast.bench.train_memory",
     "cuda-graph": "rmt_fast.bench.cuda_graph",
     "input-checks": "rmt_fast.bench.input_checks",
+    "tune": "rmt_fast.bench.tune",
 }
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
-# or GPU-only (cuda-graph).
-NOT_IN_ALL: frozenset[str] = frozenset({"compare", "train-memory", "cuda-graph"})
+# or GPU-only (cuda-graph, tune).
+NOT_IN_ALL: frozenset[str] = frozenset({"tune", "compare", "train-memory", "cuda-graph"})
 
 
 def _available(module_path: str) -> bool:
@@ -48,8 +50,10 @@ def _available(module_path: str) -> bool:
         return False
 
 
-def run_one(name: str, out_dir: Path, quick: bool) -> dict:
-    """Run benchmark `name`; returns {'name', 'status', 'seconds', 'summary', ...}. Never raises."""
+def run_one(name: str, out_dir: Path, quick: bool, extra: list[str] | None = None) -> dict:
+    """Run benchmark `name`; returns {'name', 'status', 'seconds', 'summary', ...}. Never raises, but for bad
+    options: ``extra`` (options beyond --out/--quick) go to the module's ``add_arguments(parser)`` and then
+    ``run_args(out_dir, quick, namespace)``; a module without them refuses extra options."""
     module_path = BENCHMARKS[name]
     if not _available(module_path):
         print(f"[{name}] not available yet ({module_path} does not exist); skipping")
@@ -58,7 +62,14 @@ def run_one(name: str, out_dir: Path, quick: bool) -> dict:
     t0 = time.perf_counter()
     try:
         module = importlib.import_module(module_path)
-        summary = module.run(Path(out_dir), quick=quick) or {}
+        if extra:
+            if not hasattr(module, "add_arguments"):
+                raise SystemExit(f"rmt-fast-bench {name}: unrecognized arguments: {' '.join(extra)}")
+            options = argparse.ArgumentParser(prog=f"rmt-fast-bench {name}")
+            module.add_arguments(options)
+            summary = module.run_args(Path(out_dir), quick, options.parse_args(extra)) or {}
+        else:
+            summary = module.run(Path(out_dir), quick=quick) or {}
         status = "ok"
         if summary.get("crosscheck_ok") is False or summary.get("ok") is False:
             status = "failed checks"
@@ -102,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--out", type=Path, default=None, help="output folder (default: results-<timestamp>)")
         p.add_argument("--quick", action="store_true", help="smaller, faster configuration")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # benchmark-specific options go to the module
+    if extra and args.command == "all":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     out = args.out if args.out is not None else Path(f"results-{timestamp()}")
 
     if args.command == "all":
         results = [run_one(name, out / name, args.quick) for name in BENCHMARKS if name not in NOT_IN_ALL]
     else:
-        results = [run_one(args.command, out, args.quick)]
+        results = [run_one(args.command, out, args.quick, extra)]
     print_summary(results)
     return 1 if any(r["status"] in ("error", "failed checks") for r in results) else 0
 

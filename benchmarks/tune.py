@@ -1,0 +1,655 @@
+"""`rmt-fast-bench tune`: tune the Triton kernel's launch configurations, measure it against SDPA on the RMT
+shapes, and write the dispatch table that ``attn_backend="auto"`` reads (GPU only).
+
+    rmt-fast-bench tune --out DIR [--quick] [--budget-s 240] [--workers N] [--margin 0.03]
+    rmt-fast-bench tune --out DIR --dry-run [--arch sm90]   # any machine: the plan, no timing
+
+Phase 1, configurations. For each head dim (64, 128) the three kernels (``fwd``, backward ``dq``, backward
+``dkdv``) are swept over a small grid of (BLOCK_M, BLOCK_N, num_warps, num_stages), filtered by an estimate of
+shared memory and accumulator registers for that head dim, plus the kernel's built-in heuristic config, on one
+representative shape (float16, B = 8, T = 1044 (532 with --quick), 12 heads, causal, padded). A dq candidate
+is timed as forward + the dq backward (gradients for q only), a dkdv one as forward + the dk/dv backward. The
+winner per kernel is the fastest under a CUDA graph (configurations change device time; the host time of a
+call does not depend on them); it is used for float16 and bfloat16 alike. Each candidate is also timed
+eagerly, for the record.
+
+Phase 2, Triton against SDPA. With the winners installed (``set_launch_configs``, as the runtime does), every
+shape class is measured: T = 532, 1044, 2068 (--quick: 532); B = 8, 32, 1, 4 (--quick: 8, 32, 1) at 12 heads;
+D = 64, 128; float16, bfloat16; causal (the decoder layout ``[10 read | tokens | 10 write]``) and bidirectional
+(the encoder layout, tokens only); full and padded (rows short by up to 25 %). The candidates are exactly what
+the runtime would call: ``rmt_attention(..., check=False)`` and ``sdpa_rmt_attention`` (SDPA with ``is_causal``
+and no mask for a full segment, with the layout's dense mask for a padded one). Three measurements per
+candidate: the forward under a CUDA graph (``triton.testing.do_bench_cudagraph``: device time alone), the
+forward eagerly and forward + backward eagerly (wall time of back-to-back calls: host time included). Each
+gives one table entry (graphed inference, eager inference, eager training); Triton wins an entry only when it
+is faster than SDPA by ``--margin``.
+
+Budget. ``--budget-s`` is a hard wall-clock limit on the whole run, Triton compilation included: phase 1 gets
+at most 45 % of it, and at the limit the run stops cleanly and writes what it has (unmeasured cases stay SDPA;
+``complete`` is false in the table's provenance). Compilation is the slow part (the first GPU run spent 120 s
+compiling), so ``--workers`` processes compile every variant in parallel ahead of the timing (they fill
+Triton's on-disk cache; the timing process then loads the binaries).
+
+Hopper paths (TMA tensor descriptors, warp specialization) are not swept: the kernel has no such variant to
+switch to. ``tune_env.json`` records what the installed Triton offers (``hopper_paths``).
+
+Outputs in DIR: ``tune.csv`` (every candidate, both timings), ``<arch>.json`` (the dispatch table; commit it as
+``kernels/tuned/<arch>.json``), ``tune_env.json`` (card, versions, git sha, budget, phases), ``tune.png``
+(SDPA time / Triton time per shape class and mode). ``--dry-run`` writes ``tune_candidates.csv``,
+``tune_plan.json`` and an unmeasured ``<arch>.example.json`` (``measured: false``: the runtime refuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
+from rmt_fast.kernels import dispatch
+
+H, MEM = 12, 10
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (64, 128)
+DEFAULT_BUDGET_S = 240.0
+SWEEP_SHARE = 0.45  # phase 1 may use this fraction of the budget
+ASSUMED_SMEM = {"sm80": 166912, "sm86": 101376, "sm89": 101376, "sm90": 232448}  # opt-in bytes per block
+
+GRID = {
+    "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8), stages=(2, 3)),
+    "dq": dict(block_m=(64, 128), block_n=(32, 64), warps=(4, 8), stages=(2, 3)),
+    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(4, 8), stages=(2, 3)),
+}
+QUICK_GRID = {
+    "fwd": dict(block_m=(64, 128), block_n=(64,), warps=(4, 8), stages=(2, 3)),
+    "dq": dict(block_m=(64, 128), block_n=(32,), warps=(4, 8), stages=(2,)),
+    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(8,), stages=(2,)),
+}
+
+
+# ============================================================================================ the plan
+@dataclass(frozen=True)
+class Case:
+    """One measured shape: the tensors (B, H, T, D), dtype, layout kind."""
+
+    dtype: str
+    head_dim: int
+    B: int
+    T: int
+    causal: bool
+    padded: bool
+
+    @property
+    def shape_class(self) -> dispatch.ShapeClass:
+        return dispatch.ShapeClass.of(self.T, self.T, self.B * H, self.causal, self.padded)
+
+    def label(self) -> str:
+        return (f"{'fp16' if self.dtype == 'float16' else 'bf16'} D{self.head_dim} B{self.B} T{self.T} "
+                f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}")  # fmt: skip
+
+
+def _pow2(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: int = 2) -> str | None:
+    """Why a candidate cannot run well (an estimate: shared memory for the pipelined tiles, fp32 accumulator
+    registers per thread), or None. Triton's own out-of-resources error still decides at compile time."""
+    bm, bn, warps, stages = cfg
+    d = max(16, _pow2(head_dim))
+    if kind == "fwd":
+        smem = itemsize * (bm * d + stages * 2 * bn * d)
+        acc = (bm * d + bm * bn) * 4
+    elif kind == "dq":
+        smem = itemsize * (2 * bm * d + stages * 2 * bn * d)
+        acc = (bm * d + 2 * bm * bn) * 4
+    else:
+        smem = itemsize * (2 * bn * d + stages * 2 * bm * d)
+        acc = (2 * bn * d + 2 * bn * bm) * 4
+    if smem > smem_limit:
+        return f"shared memory ~{smem} B > {smem_limit} B"
+    per_thread = acc / (32 * warps)
+    if per_thread > 768:
+        return f"fp32 accumulators ~{per_thread:.0f} B per thread (> 192 registers)"
+    return None
+
+
+def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
+    """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
+    try:
+        import torch
+        from rmt_fast.kernels.rmt_attention import _heuristic_config
+    except ImportError:
+        return None
+    cfg = _heuristic_config(kind, head_dim, getattr(torch, dtype_name))
+    return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int) -> tuple[list[tuple], list[dict]]:
+    """(the configs to time, heuristic first; a row per grid point with its feasibility)."""
+    grid = (QUICK_GRID if quick else GRID)[kind]
+    heuristic = heuristic_config(kind, head_dim, "float16")
+    points = list(itertools.product(grid["block_m"], grid["block_n"], grid["warps"], grid["stages"]))
+    if heuristic is not None and heuristic not in points:
+        points.insert(0, heuristic)
+    keep, rows = [], []
+    for cfg in points:
+        reason = None if cfg == heuristic else infeasible(kind, cfg, head_dim, smem_limit)
+        rows.append(dict(kind=kind, head_dim=head_dim, config=_cfg_text(cfg), heuristic=cfg == heuristic,
+                         feasible=reason is None, reason=reason or ""))  # fmt: skip
+        if reason is None:
+            keep.append(cfg)
+    if heuristic in keep:
+        keep.remove(heuristic)
+        keep.insert(0, heuristic)
+    return keep, rows
+
+
+def sweep_case(head_dim: int, quick: bool) -> Case:
+    return Case("float16", head_dim, 8, 532 if quick else 1044, True, True)
+
+
+def cases(quick: bool) -> list[Case]:
+    """Every measured shape, most important first (a budget cut loses the tail)."""
+    ts = (532,) if quick else (532, 1044, 2068)
+    bs = (8, 32, 1) if quick else (8, 32, 1, 4)
+    return [Case(dt, d, b, t, c, p) for t in ts for b in bs for d in HEAD_DIMS for dt in DTYPES
+            for c in (True, False) for p in (True, False)]  # fmt: skip
+
+
+def _cfg_text(cfg) -> str:
+    bm, bn, w, s = cfg
+    return f"{bm}x{bn} w{w} s{s}"
+
+
+# ================================================================================================ table
+MEASUREMENTS = (("fwd", "graph_ms", False, "graphed"), ("fwd", "eager_ms", False, "eager"),
+                ("fwd+bwd", "eager_ms", True, "eager"))  # fmt: skip
+
+
+def build_table(arch: str, devices: list[str], configs: dict, compare_rows: list[dict], margin: float,
+                provenance: dict, measured: bool = True) -> dict:  # fmt: skip
+    """The dispatch table (file format of :mod:`rmt_fast.kernels.dispatch`) from phase 2's rows: one entry per
+    shape class x measurement where SDPA has a number (an unmeasured example: every case, as SDPA, no
+    numbers); the winner by :func:`dispatch.choose`."""
+    times: dict[tuple, dict[str, float | None]] = {}
+    shape: dict[tuple, dict] = {}
+    for r in compare_rows:
+        for mode_name, column, needs_grad, mode in MEASUREMENTS:
+            if r["mode"] != mode_name:
+                continue
+            key = (r["dtype"], r["head_dim"], r["t_bucket"], r["bh_bucket"], r["causal"], r["padded"], needs_grad,
+                   mode)  # fmt: skip
+            value = r.get(column)
+            times.setdefault(key, {})[r["candidate"]] = value if r["status"] == "ok" else None
+            shape[key] = dict(B=r["B"], H=r["H"], T=r["T"])
+    entries = []
+    for key, got in times.items():
+        if measured and got.get("sdpa") is None:
+            continue  # no SDPA number: nothing to compare against
+        dt, d, t, bh, causal, padded, needs_grad, mode = key
+        tri = got.get("triton")
+        entries.append(dict(dtype=dt, head_dim=d, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
+                            needs_grad=needs_grad, mode=mode, backend=dispatch.choose(tri, got.get("sdpa"), margin),
+                            triton_ms=_round(tri), sdpa_ms=_round(got.get("sdpa")), **shape[key]))  # fmt: skip
+    cfg_list = [dict(dtype=dt, head_dim=d, **{k: list(v) for k, v in kinds.items()})
+                for (dt, d), kinds in sorted(configs.items())]  # fmt: skip
+    return dict(format=dispatch.FORMAT, arch=arch, measured=measured, devices=devices, margin=margin,
+                provenance=provenance, configs=cfg_list, entries=entries)  # fmt: skip
+
+
+def _round(x):
+    return None if x is None else round(float(x), 6)
+
+
+# ============================================================================================= measuring
+def _layout(c: Case, device):
+    import torch
+    from rmt_fast.kernels.layout import SegmentLayout
+
+    read, tokens, write = (MEM, c.T - 2 * MEM, MEM) if c.causal else (0, c.T, 0)
+    counts = None
+    if c.padded:
+        g = torch.Generator().manual_seed(c.B * 1000 + c.T)
+        counts = torch.randint(int(tokens * 0.75), tokens + 1, (c.B,), generator=g)
+        counts[0] = tokens
+        counts = counts.to(device=device, dtype=torch.int32)
+    return SegmentLayout(read, tokens, write, c.causal, token_counts=counts)
+
+
+def _tensors(c: Case, device, seed: int = 0):
+    """q, k, v as (B, H, T, D) views of (B, T, H, D) storage (the projections' layout), the output grad."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, c.dtype)
+    q, k, v, do = (torch.randn(c.B, c.T, H, c.head_dim, device=device, dtype=dtype, generator=g) for _ in range(4))
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do
+
+
+def _impl(name: str, layout):
+    if name == "triton":
+        from rmt_fast.kernels.rmt_attention import rmt_attention
+
+        return lambda q, k, v: rmt_attention(q, k, v, layout, check=False)
+    from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
+
+    return lambda q, k, v: sdpa_rmt_attention(q, k, v, layout)
+
+
+def _step(mode: str, impl, q, k, v, do):
+    """A zero-argument call: 'fwd' (no grad), 'fwd+bwd' (all grads), 'dq' / 'dkdv' (forward + that backward)."""
+    import torch
+
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return impl(q, k, v)
+
+        return fwd
+    grads = (mode != "dkdv", mode != "dq", mode != "dq")  # q, k, v
+    qg, kg, vg = (t.detach().requires_grad_(r) for t, r in zip((q, k, v), grads))
+    wrt = [t for t in (qg, kg, vg) if t.requires_grad]
+    return lambda: torch.autograd.grad(impl(qg, kg, vg), wrt, do)
+
+
+def graph_ms(fn, rep_ms: float) -> float:
+    """Device time of one call, replayed from a CUDA graph (host time excluded)."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
+def eager_ms(fn, target_ms: float) -> float:
+    """Wall time of one call among back-to-back eager calls (host time included): median of 3 runs."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    n = int(min(200, max(3, target_ms / est)))
+    runs = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        runs.append((time.perf_counter() - t0) * 1e3 / n)
+    return statistics.median(runs)
+
+
+def _error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return "error: " + text[:160]
+
+
+# --------------------------------------------------------------------------------- parallel compilation
+def _warm_job(job: dict) -> str:
+    """Worker: run one variant once so Triton compiles it into the on-disk cache the timing process reads."""
+    import torch
+    from rmt_fast.kernels import rmt_attention as ka
+
+    try:
+        c = Case(**job["case"])
+        q, k, v, do = _tensors(c, torch.device("cuda"))
+        layout = _layout(c, q.device)
+        if job.get("configs"):  # phase 2: the tuned configs of this dtype and head dim, as the runtime installs
+            dtype = getattr(torch, c.dtype)
+            ka.set_launch_configs({(kd, c.head_dim, dtype): tuple(cfg) for kd, cfg in job["configs"].items()})
+        override = {job["kind"]: tuple(job["config"])} if job.get("config") else {}
+        with ka.override_configs(**override):
+            for mode in job["modes"]:
+                _step(mode, _impl("triton", layout), q, k, v, do)()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # the timing process meets (and records) the same error
+        return _error(exc)
+
+
+class Precompiler:
+    """A pool of spawned worker processes that compile variants ahead of the timing (0 workers: none)."""
+
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 0:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(workers)
+
+    def run(self, jobs: list[dict], deadline: float, desc: str) -> dict:
+        stats = {"jobs": len(jobs), "done": 0, "errors": 0, "seconds": 0.0, "stopped_at_deadline": False}
+        if self.pool is None or not jobs:
+            return stats
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        it = self.pool.imap_unordered(_warm_job, jobs)
+        with tqdm(total=len(jobs), desc=desc, unit="variant", disable=None) as bar:
+            for _ in jobs:
+                left = deadline - time.perf_counter()
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    status = it.next(timeout=left)
+                except TimeoutError:
+                    stats["stopped_at_deadline"] = True
+                    self.close()  # a worker stuck compiling must not hold the run past its budget
+                    break
+                except Exception:  # a broken pool: the timing process compiles for itself
+                    stats["errors"] += 1
+                    break
+                stats["done"] += 1
+                stats["errors"] += int(status != "ok")
+                bar.update()
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+        return stats
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+# ======================================================================================== the two phases
+def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler):
+    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
+    import torch
+    from rmt_fast.kernels import rmt_attention as ka
+    from tqdm.auto import tqdm
+
+    plan = []
+    for d in HEAD_DIMS:
+        for kind in dispatch.KINDS:
+            cands, _ = candidates(kind, d, quick, smem_limit)
+            plan += [(d, kind, cfg) for cfg in cands]
+    modes = {"fwd": ["fwd"], "dq": ["dq"], "dkdv": ["dkdv"]}
+    jobs = [dict(case=asdict(sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind])
+            for d, kind, cfg in plan]  # fmt: skip
+    pre_stats = pre.run(jobs, deadline, "tune: compiling candidates")
+    rows, best = [], {}
+    device = torch.device("cuda")
+    for d, kind, cfg in tqdm(plan, desc="tune: configs", unit="config", disable=None):
+        case = sweep_case(d, quick)
+        row = dict(phase="sweep", mode=kind, candidate="triton", config=_cfg_text(cfg),
+                   heuristic=cfg == heuristic_config(kind, d, case.dtype), **_case_cols(case))  # fmt: skip
+        if time.perf_counter() > deadline:
+            rows.append({**row, "status": "skipped: budget"})
+            continue
+        try:
+            q, k, v, do = _tensors(case, device)
+            fn = _step(kind, _impl("triton", _layout(case, device)), q, k, v, do)
+            with ka.override_configs(**{kind: cfg}):
+                row["graph_ms"] = graph_ms(fn, rep_ms)
+                row["eager_ms"] = eager_ms(fn, rep_ms / 2)
+            row["status"] = "ok"
+            if row["graph_ms"] < best.get((d, kind), (math.inf, None))[0]:
+                best[(d, kind)] = (row["graph_ms"], cfg)
+        except Exception as exc:
+            row["status"] = _error(exc)
+            torch.cuda.synchronize()
+        rows.append(row)
+    configs = {}
+    for (d, kind), (_, cfg) in best.items():
+        for dt in DTYPES:
+            configs.setdefault((dt, d), {})[kind] = tuple(cfg)
+    winners = {(d, kind, _cfg_text(cfg)) for (d, kind), (_, cfg) in best.items()}
+    for r in rows:
+        r["winner"] = (r["head_dim"], r["mode"], r["config"]) in winners
+    return configs, rows, pre_stats
+
+
+def _case_cols(c: Case) -> dict:
+    cls = c.shape_class
+    return dict(dtype=c.dtype, head_dim=c.head_dim, B=c.B, H=H, T=c.T, causal=c.causal, padded=c.padded,
+                t_bucket=cls.t, bh_bucket=cls.bh)  # fmt: skip
+
+
+def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler) -> tuple[list, dict]:
+    """Phase 2: Triton (with the tuned configs installed) against SDPA on every case."""
+    import torch
+    from rmt_fast.kernels import rmt_attention as ka
+    from tqdm.auto import tqdm
+
+    ka.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
+                           for kind, cfg in kinds.items()})  # fmt: skip
+    variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in cases(quick)})
+    jobs = [dict(case=asdict(Case(dt, d, 2, 532, causal, padded)), modes=["fwd", "fwd+bwd"],
+                 configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()})
+            for dt, d, causal, padded in variants]  # fmt: skip
+    pre_stats = pre.run(jobs, deadline, "tune: compiling variants")
+    device = torch.device("cuda")
+    rows = []
+    for c in tqdm(cases(quick), desc="tune: triton vs sdpa", unit="case", disable=None):
+        if time.perf_counter() > deadline:
+            break
+        try:
+            q, k, v, do = _tensors(c, device)
+            layout = _layout(c, device)
+        except Exception as exc:  # e.g. out of memory for the largest shapes
+            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), status=_error(exc)))
+            torch.cuda.empty_cache()
+            continue
+        reason = ka.rmt_attention_supported(q, k, v, layout)
+        for mode in ("fwd", "fwd+bwd"):
+            for name in ("triton", "sdpa"):
+                row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="", **_case_cols(c))
+                if name == "triton":
+                    kinds = configs.get((c.dtype, c.head_dim), {})
+                    row["config"] = " / ".join(f"{k}={_cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
+                    if reason is not None:
+                        rows.append({**row, "status": f"unsupported: {reason}"})
+                        continue
+                try:
+                    fn = _step(mode, _impl(name, layout), q, k, v, do)
+                    if mode == "fwd":
+                        row["graph_ms"] = graph_ms(fn, rep_ms)
+                    row["eager_ms"] = eager_ms(fn, rep_ms / 2)
+                    row["status"] = "ok"
+                except Exception as exc:
+                    row["status"] = _error(exc)
+                    torch.cuda.synchronize()
+                rows.append(row)
+        del q, k, v, do, layout
+    return rows, pre_stats
+
+
+# ================================================================================================ outputs
+def hopper_paths() -> dict:
+    """What the installed Triton offers for Hopper (recorded; the kernel has no variant using them)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return {"triton": None}
+    ws = False
+    try:
+        ws = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+    except (TypeError, ValueError):
+        pass
+    return {
+        "triton": triton.__version__,
+        "tl.make_tensor_descriptor": hasattr(tl, "make_tensor_descriptor"),
+        "tl.range(warp_specialize=...)": ws,
+        "swept": False,
+        "why": "rmt_attention.py has no tensor-descriptor (TMA) or warp-specialized kernel variant to switch to",
+    }
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("fwd", "graph_ms", "forward, CUDA graph (device time)"), ("fwd", "eager_ms", "forward, eager"),
+              ("fwd+bwd", "eager_ms", "forward + backward, eager")]  # fmt: skip
+    labels = list(dict.fromkeys(r["label"] for r in rows if r.get("label")))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.22 * len(labels) + 2), 10), sharex=True)
+    for ax, (mode, col, name) in zip(axes, panels):
+        ratios = []
+        for lab in labels:
+            t = next((r.get(col) for r in rows if r["label"] == lab and r["mode"] == mode
+                      and r["candidate"] == "triton" and r["status"] == "ok"), None)  # fmt: skip
+            s = next((r.get(col) for r in rows if r["label"] == lab and r["mode"] == mode
+                      and r["candidate"] == "sdpa" and r["status"] == "ok"), None)  # fmt: skip
+            ratios.append(s / t if t and s else math.nan)
+        colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
+        ax.bar(range(len(labels)), [0 if math.isnan(x) else x for x in ratios], color=colors)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_ylabel("SDPA ms / Triton ms")
+        ax.set_title(name, fontsize=9)
+    axes[-1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    save_plot(fig, path)
+
+
+def _provenance(env: dict, args: dict, complete: bool) -> dict:
+    keep = ("device_name", "torch", "cuda", "triton", "git_sha", "timestamp", "python")
+    return {"tool": "rmt-fast-bench tune", **{k: env.get(k) for k in keep}, **args, "complete": complete}
+
+
+def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float = dispatch.DEFAULT_MARGIN) -> dict:
+    """The plan without timing (any machine): candidates, cases and an unmeasured example table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    smem = None
+    if arch is None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                arch = dispatch.arch_of(0)
+                smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+        except Exception:
+            arch = None
+    arch = arch or "sm90"
+    smem = smem or ASSUMED_SMEM.get(arch, 101376)
+    cand_rows, configs = [], {}
+    for d in HEAD_DIMS:
+        for kind in dispatch.KINDS:
+            keep, rows = candidates(kind, d, quick, smem)
+            cand_rows += rows
+            if keep:
+                for dt in DTYPES:
+                    configs.setdefault((dt, d), {})[kind] = keep[0]  # the heuristic (or the first feasible)
+    write_csv(out_dir / "tune_candidates.csv", cand_rows)
+    plan = [dict(label=c.label(), **_case_cols(c)) for c in cases(quick)]
+    example_rows = []
+    for p in plan:  # no numbers: an example of the format, every entry SDPA
+        for mode in ("fwd", "fwd+bwd"):
+            for name in ("triton", "sdpa"):
+                example_rows.append(dict(phase="compare", mode=mode, candidate=name, status="ok", **p))
+    env = env_info()
+    prov = {"tool": "rmt-fast-bench tune --dry-run", "git_sha": env["git_sha"], "timestamp": env["timestamp"],
+            "note": "example of the format: nothing was measured; the runtime refuses unmeasured tables"}  # fmt: skip
+    table = build_table(arch, [], configs, example_rows, margin, prov, measured=False)
+    write_json(out_dir / f"{arch}.example.json", table)
+    n_feasible = sum(r["feasible"] for r in cand_rows)
+    write_json(out_dir / "tune_plan.json", {"arch": arch, "smem_limit": smem, "quick": quick,
+                                            "candidates_feasible": n_feasible, "candidates_total": len(cand_rows),
+                                            "cases": plan, "hopper_paths": hopper_paths(), "env": env})  # fmt: skip
+    print(f"tune --dry-run ({arch}, shared memory limit {smem} B): {n_feasible} feasible of {len(cand_rows)} "
+          f"candidate configs, {len(plan)} cases -> {out_dir}")  # fmt: skip
+    return {"dry_run": True, "arch": arch, "candidates_feasible": n_feasible, "cases": len(plan),
+            "table": str(out_dir / f"{arch}.example.json")}  # fmt: skip
+
+
+def run(out_dir: Path, quick: bool = False, *, budget_s: float = DEFAULT_BUDGET_S, dry: bool = False,
+        workers: int | None = None, margin: float = dispatch.DEFAULT_MARGIN, arch: str | None = None,
+        rep_ms: float = 10.0) -> dict:  # fmt: skip
+    import torch
+
+    if dry:
+        return dry_run(out_dir, quick, arch, margin)
+    if not torch.cuda.is_available():
+        print("no GPU: `rmt-fast-bench tune` needs CUDA (use --dry-run to see the plan)")
+        return {"skipped": "no CUDA"}
+    t_start = time.perf_counter()
+    deadline = t_start + budget_s
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arch = dispatch.arch_of(0)
+    props = torch.cuda.get_device_properties(0)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or ASSUMED_SMEM.get(arch, 101376)
+    if workers is None:
+        workers = max(0, min(12, (os.cpu_count() or 2) - 2))
+    pre = Precompiler(workers)
+    try:
+        sweep_deadline = t_start + SWEEP_SHARE * budget_s
+        configs, sweep_rows, pre1 = _sweep(quick, smem, sweep_deadline, rep_ms, pre)
+        t_sweep = time.perf_counter() - t_start
+        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre)
+    finally:
+        pre.close()
+    n_cases = len(cases(quick))
+    measured_cases = len({(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"])
+                          for r in compare_rows if r["status"] == "ok"})  # fmt: skip
+    complete = measured_cases == n_cases and not any(str(r.get("status", "")).startswith("skipped")
+                                                      for r in sweep_rows)  # fmt: skip
+    for r in compare_rows:
+        r["label"] = Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
+    env = env_info()
+    env.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)), arch=arch,
+               smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s, quick=quick, workers=workers,
+               margin=margin, rep_ms=rep_ms, seconds=round(time.perf_counter() - t_start, 1),
+               sweep_seconds=round(t_sweep, 1), precompile=[pre1, pre2], complete=complete,
+               cases_measured=measured_cases, cases_planned=n_cases)  # fmt: skip
+    prov = _provenance(env, dict(budget_s=budget_s, quick=quick, margin=margin,
+                                 configs_tuned_on=sweep_case(64, quick).label().replace("D64 ", "")), complete)
+    table = build_table(arch, [env["gpu"]], configs, compare_rows, margin, prov)
+    dispatch.DispatchTable(table)  # validate what is written
+    write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
+    write_json(out_dir / f"{arch}.json", table)
+    write_json(out_dir / "tune_env.json", env)
+    _plot(compare_rows, out_dir / "tune.png",
+          f"Triton RMT attention vs SDPA, H={H} - {machine_label()} (torch {env['torch']}, triton {env['triton']})")
+    summary = {"arch": arch, "seconds": env["seconds"], "complete": complete, "cases_measured": measured_cases,
+               "cases_planned": n_cases, "table": str(out_dir / f"{arch}.json")}  # fmt: skip
+    for _, _, needs_grad, mode in MEASUREMENTS:
+        sel = [e for e in table["entries"] if e["mode"] == mode and e["needs_grad"] == needs_grad]
+        name = f"{mode} {'training' if needs_grad else 'inference'}"
+        summary[f"triton entries ({name})"] = f"{sum(e['backend'] == 'triton' for e in sel)}/{len(sel)}"
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="hard wall-clock limit (seconds)")
+    p.add_argument("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)")
+    p.add_argument("--margin", type=float, default=dispatch.DEFAULT_MARGIN,
+                   help="Triton wins an entry only when faster than SDPA by this fraction")  # fmt: skip
+    p.add_argument("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)")
+    p.add_argument("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement")
+
+
+def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:
+    return run(out_dir, quick, budget_s=args.budget_s, dry=args.dry_run, workers=args.workers, margin=args.margin,
+               arch=args.arch, rep_ms=args.rep_ms)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("results/tune"))
+    p.add_argument("--quick", action="store_true")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    print(json.dumps(run_args(args.out, args.quick, args), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""`rmt-fast-bench tune` without a GPU: the dry run (plan, candidates, an unmeasured example table), the
+candidate filter, and the table built from (synthetic) measurement rows. The timing itself is GPU-only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import pytest
+import torch
+from rmt_fast.bench import cli, tune
+from rmt_fast.kernels import dispatch
+
+
+def test_dry_run_through_the_cli_writes_the_plan_and_an_unmeasured_example(tmp_path, capsys, monkeypatch):
+    assert cli.main(["tune", "--out", str(tmp_path), "--dry-run", "--quick", "--arch", "sm90"]) == 0
+    assert "feasible" in capsys.readouterr().out
+    with open(tmp_path / "tune_candidates.csv") as fh:
+        cand = list(csv.DictReader(fh))
+    assert {r["kind"] for r in cand} == {"fwd", "dq", "dkdv"} and {r["head_dim"] for r in cand} == {"64", "128"}
+    assert any(r["heuristic"] == "True" for r in cand)
+    plan = json.loads((tmp_path / "tune_plan.json").read_text())
+    assert plan["arch"] == "sm90" and len(plan["cases"]) == len(tune.cases(True)) == 48
+    assert plan["hopper_paths"]["swept"] is False
+    example = dispatch.load_table(tmp_path / "sm90.example.json")
+    assert example.measured is False and example.arch == "sm90"
+    assert all(e["backend"] == "sdpa" and e["triton_ms"] is None for e in example.entries.values())
+    assert len(example.entries) == 48 * 3  # graphed inference, eager inference, eager training per case
+    assert not (tmp_path / "sm90.json").exists()  # never a table that looks measured
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "sm90.example.json"))
+    with pytest.warns(RuntimeWarning, match="unmeasured example"):  # and the runtime refuses the example
+        assert dispatch._read_for_arch("sm90") is None
+
+
+@pytest.fixture(autouse=True)
+def _no_env_table(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_TABLE, raising=False)
+    yield
+    dispatch.reset_cache()
+
+
+def test_without_cuda_tune_says_it_needs_one(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert tune.run(tmp_path) == {"skipped": "no CUDA"}
+    assert "needs CUDA" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_options_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--out", str(tmp_path), "--budget", "x"])
+    with pytest.raises(SystemExit):
+        cli.main(["flops", "--out", str(tmp_path), "--dry-run"])
+
+
+def test_candidate_filter():
+    limit = tune.ASSUMED_SMEM["sm90"]
+    assert tune.infeasible("fwd", (128, 64, 4, 3), 64, limit) is None
+    assert "shared memory" in tune.infeasible("fwd", (128, 128, 8, 3), 256, limit)
+    assert "accumulators" in tune.infeasible("dkdv", (64, 128, 4, 2), 128, limit)
+    keep, rows = tune.candidates("fwd", 128, quick=False, smem_limit=101376)
+    assert keep and all(tune.infeasible("fwd", c, 128, 101376) is None for c in keep[1:])
+    assert len(rows) >= len(keep) and any(not r["feasible"] for r in rows)
+    heuristic = tune.heuristic_config("fwd", 128, "float16")
+    assert heuristic is None or keep[0] == heuristic  # the kernel's default is always timed, first
+
+
+def _rows(case, mode, triton, sdpa, graph=None, status="ok"):
+    out = []
+    for name, eager in (("triton", triton), ("sdpa", sdpa)):
+        r = dict(phase="compare", mode=mode, candidate=name, status=status if name == "triton" else "ok",
+                 eager_ms=eager, **tune._case_cols(case))  # fmt: skip
+        if graph is not None:
+            r["graph_ms"] = graph[0] if name == "triton" else graph[1]
+        out.append(r)
+    return out
+
+
+def test_table_from_measurements_picks_by_the_matching_measurement():
+    a = tune.Case("float16", 64, 8, 532, True, True)
+    b = tune.Case("bfloat16", 128, 32, 1044, False, False)
+    rows = (_rows(a, "fwd", triton=0.30, sdpa=0.10, graph=(0.05, 0.10))  # eager: host-bound Triton loses
+            + _rows(a, "fwd+bwd", triton=0.51, sdpa=0.52)  # within the margin: SDPA
+            + _rows(b, "fwd", triton=0.2, sdpa=0.4, graph=(0.2, 0.1))
+            + _rows(b, "fwd+bwd", triton=None, sdpa=0.9, status="error: OutOfResources"))  # fmt: skip
+    configs = {("float16", 64): {"fwd": (128, 64, 4, 3)}}
+    data = tune.build_table("sm90", ["NVIDIA H200"], configs, rows, 0.03, {"git_sha": "abc"})
+    table = dispatch.DispatchTable(data)
+    ca, cb = a.shape_class, b.shape_class
+    assert table.lookup("float16", 64, ca, needs_grad=False, graphed=True).backend == "triton"
+    assert table.lookup("float16", 64, ca, needs_grad=False, graphed=False).backend == "sdpa"
+    assert table.lookup("float16", 64, ca, needs_grad=True, graphed=False).backend == "sdpa"
+    assert table.lookup("float16", 64, ca, False, True).configs == {"fwd": (128, 64, 4, 3)}
+    assert table.lookup("bfloat16", 128, cb, False, False).backend == "triton"
+    assert table.lookup("bfloat16", 128, cb, False, True).backend == "sdpa"
+    assert table.lookup("bfloat16", 128, cb, True, False).backend == "sdpa"  # Triton failed: SDPA
+    entry = table.entries[("float16", 64, ca.t, ca.bh, True, True, False, False, "graphed")]
+    assert entry["triton_ms"] == 0.05 and entry["sdpa_ms"] == 0.1 and entry["B"] == 8
+    assert len(table.entries) == 6
+
+
+def test_cases_put_the_targets_first():
+    first = tune.cases(False)[0]
+    assert (first.T, first.B) == (532, 8)
+    assert len(tune.cases(False)) == 3 * 4 * 2 * 2 * 2 * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {c.shape_class.bh for c in tune.cases(False)} == set(dispatch.BH_BUCKETS)
+        assert {c.shape_class.t for c in tune.cases(False)} == set(dispatch.T_BUCKETS[:3])
