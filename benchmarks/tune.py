@@ -126,10 +126,11 @@ def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
     """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
     try:
         import torch
-        from rmt_fast.kernels.rmt_attention import _heuristic_config
+        from rmt_fast.kernels import rmt_attention as ka
     except ImportError:
         return None
-    cfg = _heuristic_config(kind, head_dim, getattr(torch, dtype_name))
+    default = getattr(ka, "_heuristic_config", None) or ka.launch_config  # the built-in one, not a table's
+    cfg = default(kind, head_dim, getattr(torch, dtype_name))
     return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
 
 
