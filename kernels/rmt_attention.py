@@ -942,6 +942,9 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
         if c.shape[0] != B:
             return ValueError, f"layout.token_counts has length {c.shape[0]} but the batch size is {B}"
         # token_starts shares the shape and device of token_counts (SegmentLayout checks it)
+        for name, t in (("token_counts", c), ("token_starts", layout.token_starts)):
+            if t is not None and B > 1 and t.stride(0) != 1:
+                return ValueError, f"layout.{name} must be contiguous (the kernel reads it by row index)"
     if not (0.0 <= float(dropout_p) < 1.0):
         return ValueError, f"dropout_p must be in [0, 1), got {dropout_p}"
     return None

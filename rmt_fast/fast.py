@@ -106,12 +106,13 @@ class FastRMT(RMTBase):
         if self._graphs is not None and self._graphs.supports_decoder(attention_mask):
             return self._graphs.run_decoder(input_ids, targets, denom, memory, plan, return_logits)
         static = DecoderStatic(b, self.num_mem_tokens, self.segment_size, input_ids.device)
+        visibility = static.mask_plan(attention_mask, plan)
         loss_sum, logits = None, []
         for t, (start, length) in enumerate(plan):
             if memory_detached_before(t, n, self.settings.bptt_depth):
                 memory = memory.detach()
-            ids, counts, token_mask, seg_targets = static.segment(input_ids, attention_mask, targets, start, length)
-            seg_logits, memory, part = self._call(self.decoder_step, ids, memory, counts, token_mask, static,
+            ids, counts, seg_targets = static.segment(input_ids, targets, start, length)
+            seg_logits, memory, part = self._call(self.decoder_step, ids, memory, counts, visibility[t], static,
                                                   need_logits, seg_targets)  # fmt: skip
             if part is not None:
                 loss_sum = part if loss_sum is None else loss_sum + part
@@ -132,14 +133,14 @@ class FastRMT(RMTBase):
         summed cross-entropy over ``targets`` (B, L) or None).
 
         ``counts`` (B,) holds the valid token slots of a short (padded) segment and sets the write slots'
-        positions; ``token_mask`` (B, L), the caller's attention mask, decides key visibility when given."""
+        positions; ``token_mask``, the caller's attention mask as :meth:`DecoderStatic.mask_plan` gives it (a
+        ``(starts, ends)`` pair of visible runs or a (B, L) bool mask), decides key visibility when given."""
         m, size = self.num_mem_tokens, ids.shape[1]
         buf = static.embeds_buffer(self.memory.dtype, self.hidden_size)
         buf[:, :m] = memory
         buf[:, m:m + size] = self.word_embeddings(ids)
         buf[:, m + size:] = memory
-        layout = SegmentLayout(m, size, m, True, token_counts=None if token_mask is not None else counts,
-                               token_mask=token_mask)
+        layout = static.layout(counts, token_mask)
         kwargs = dict(inputs_embeds=buf, attention_mask=static.key_valid(layout), use_cache=False,
                       position_ids=static.positions(counts))  # fmt: skip
         need_logits = need_logits or targets is not None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels.layout import SegmentLayout
+from .kernels.layout import SegmentLayout, mask_runs
 
 
 def decoder_plan(length: int, size: int, alignment: str) -> list[tuple[int, int]]:
@@ -126,7 +126,8 @@ def _segment_length(c: int, n_row: int, local: int, size: int, right: bool) -> i
 
 
 class DecoderStatic:
-    """Per-call-shape constants of the decoder segment: token slot indices, positions, the all-valid mask."""
+    """Per-call-shape constants of the decoder segment: token slot indices, positions, the all-valid mask;
+    and the conversion of a caller's attention mask into each segment's layout (:meth:`mask_plan`)."""
 
     def __init__(self, batch: int, m: int, size: int, device):
         self.m, self.size = m, size
@@ -139,18 +140,54 @@ class DecoderStatic:
         self._buffer: Tensor | None = None
         self.batch = batch
 
-    def segment(self, input_ids, attention_mask, targets, start: int, length: int):
-        """A segment's inputs padded to the static width: ids, counts (None when full), token mask, targets."""
+    def segment(self, input_ids, targets, start: int, length: int):
+        """A segment's inputs padded to the static width: ids, counts (None when full), targets."""
         pad = self.size - length
         ids = F.pad(input_ids[:, start:start + length], (0, pad))
         counts = self.counts(length) if pad else None
-        token_mask = None
-        if attention_mask is not None:
-            token_mask = F.pad(attention_mask[:, start:start + length].bool(), (0, pad))
         seg_targets = None
         if targets is not None:
             seg_targets = F.pad(targets[:, start:start + length], (0, pad), value=-100)
-        return ids, counts, token_mask, seg_targets
+        return ids, counts, seg_targets
+
+    def mask_plan(self, attention_mask: Tensor | None, plan: list[tuple[int, int]]) -> list:
+        """What the caller's (B, T) attention mask hides in each segment of ``plan``, for :meth:`layout`:
+
+        * None: nothing beyond the static padding (no mask, or all ones there);
+        * ``(starts, ends)``, each (B,) int32: every row sees one contiguous run of its token slots (left or
+          right padding): the Triton kernel runs it;
+        * a (B, size) bool token mask: some row has a hole (a hidden token between visible ones): SDPA only.
+
+        Computed for all segments at once: one host synchronisation per call, none per segment.
+        """
+        if attention_mask is None:
+            return [None] * len(plan)
+        segs = [attention_mask[:, a:a + n].bool() for a, n in plan]
+        hidden_pad = torch.stack([F.pad(x, (0, self.size - x.shape[1])) for x in segs])  # (n, B, size)
+        visible_pad = torch.stack([F.pad(x, (0, self.size - x.shape[1]), value=True) for x in segs])
+        starts, ends, holes = mask_runs(hidden_pad)  # (n, B)
+        all_ones = visible_pad.flatten(1).all(1)
+        flags = torch.stack([holes.any(1), all_ones], 1).tolist()  # the one host sync of the call
+        out = []
+        for t, (has_holes, ones) in enumerate(flags):
+            if has_holes:
+                out.append(hidden_pad[t])
+            elif ones:
+                out.append(None)
+            else:
+                out.append((starts[t], ends[t]))
+        return out
+
+    def layout(self, counts: Tensor | None, visible) -> SegmentLayout:
+        """The decoder segment's layout: ``counts`` (B,) valid token slots of a short segment (None: full),
+        ``visible`` one entry of :meth:`mask_plan` (the caller's mask, which then decides key visibility)."""
+        m, size = self.m, self.size
+        if visible is None:
+            return SegmentLayout(m, size, m, True, token_counts=counts)
+        if isinstance(visible, tuple):
+            starts, ends = visible
+            return SegmentLayout(m, size, m, True, token_counts=ends, token_starts=starts)
+        return SegmentLayout(m, size, m, True, token_mask=visible)
 
     def embeds_buffer(self, dtype, hidden: int) -> Tensor:
         """The segment input buffer: one per call shape under no_grad, a fresh one per segment with autograd

@@ -2,6 +2,7 @@
 the CPU (tests/conftest.py sets TRITON_INTERPRET=1 there) and on the GPU as it is."""
 
 import copy
+import importlib
 import os
 
 import pytest
@@ -65,3 +66,88 @@ def test_encoder_triton_backend_equals_reference():
             continue
         budget = max(1e-5, 3 * rel(grads32[name].grad, exact))
         assert rel(p.grad, exact) <= budget, (name, rel(p.grad, exact), budget)
+
+
+# ------------------------------------------------------------------------------------------ decoder masks
+def _spy_kernel(monkeypatch):
+    """Records the layout of every call that reaches the Triton kernel."""
+    ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
+    layouts = []
+    real = ra.rmt_attention
+
+    def spy(q, k, v, layout, **kw):
+        layouts.append(layout)
+        return real(q, k, v, layout, **kw)
+
+    monkeypatch.setattr(ra, "rmt_attention", spy)
+    return layouts
+
+
+def _mask(kind, b, t):
+    mask = torch.ones(b, t, dtype=torch.long)
+    if kind == "left":
+        mask[0, :4] = 0  # inside the first segments
+        mask[1, :8] = 0  # one segment with no visible token in that row
+    elif kind == "right":
+        mask[0, 12:] = 0
+        mask[1, 5:] = 0  # later segments fully hidden in that row
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["left", "right", "ones"])
+@pytest.mark.parametrize("factory", [gpt2_d16, llama_gqa_d16])
+@pytest.mark.parametrize("alignment", ["left", "right"])
+def test_decoder_mask_runs_in_the_kernel(factory, kind, alignment, monkeypatch):
+    layouts = _spy_kernel(monkeypatch)
+    ref, fast = pair(factory, 2, 6, attn_backend="triton", segment_alignment=alignment)
+    ids = _ids(2, 15)  # 6, 6, 3 (or 3, 6, 6)
+    mask = _mask(kind, 2, 15)
+    labels = ids.masked_fill(mask == 0, -100)
+    assert_equivalent(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=labels), tol=1e-5)
+    assert len(layouts) == 2 * 3  # 2 layers x 3 segments, all in the kernel
+    assert all(lay.token_mask is None for lay in layouts)
+    with_runs = sum(lay.token_starts is not None for lay in layouts)
+    assert with_runs > 0 if kind != "ones" else with_runs == 0
+
+
+def test_generate_with_a_mask_runs_the_head_in_the_kernel(monkeypatch):
+    layouts = _spy_kernel(monkeypatch)
+    ref, fast = pair(gpt2_d16, 3, 6, attn_backend="triton")
+    ids = _ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, :8] = 0  # left padding across both head segments (6, 6), the first fully hidden in row 0
+    mask[1, :2] = 0
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    a = ref.generate(ids, attention_mask=mask, **kw)
+    b = fast.generate(ids, attention_mask=mask, **kw)
+    assert a.shape == (2, 4)
+    assert torch.equal(a, b)
+    assert len(layouts) == 2 * 2 and all(lay.token_mask is None for lay in layouts), layouts
+    assert sum(lay.token_starts is not None for lay in layouts) == 2 * 2, layouts
+    # the memory the head leaves is the reference's (the generated ids could agree by chance)
+    head_ref = ref(ids[:, :12], attention_mask=mask[:, :12]).memory_state
+    head_fast = fast(ids[:, :12], attention_mask=mask[:, :12]).memory_state
+    assert rel(head_fast, head_ref) <= 1e-5
+
+
+def _holey():
+    ids = _ids(2, 15)
+    mask = torch.ones_like(ids)
+    mask[0, 7] = 0  # a hole inside the second segment
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def test_mask_with_holes_auto_equals_reference_through_sdpa(monkeypatch):
+    layouts = _spy_kernel(monkeypatch)
+    ref, fast = pair(llama_gqa_d16, 2, 6, attn_backend="auto")
+    ids, mask = _holey()
+    assert_equivalent(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=ids), tol=1e-5)
+    assert all(lay.token_mask is None for lay in layouts)  # the holey segment never reached the kernel
+
+
+def test_mask_with_holes_triton_raises_and_says_why():
+    _, fast = pair(llama_gqa_d16, 2, 6, attn_backend="triton")
+    ids, mask = _holey()
+    with pytest.raises(ValueError, match="attn_backend='triton' cannot run this case: .*holes"):
+        fast(ids, attention_mask=mask)
