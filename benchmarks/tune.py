@@ -92,8 +92,16 @@ class Case:
         return dispatch.ShapeClass.of(self.T, self.T, self.B * H, self.causal, self.padded)
 
     def label(self) -> str:
-        return (f"{'fp16' if self.dtype == 'float16' else 'bf16'} D{self.head_dim} B{self.B} T{self.T} "
+        short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(self.dtype, self.dtype)
+        return (f"{short} D{self.head_dim} B{self.B} T{self.T} "
                 f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}")  # fmt: skip
+
+
+def _kernel_module():
+    """``rmt_fast.kernels.rmt_attention`` the module (the package re-exports a function of the same name)."""
+    import importlib
+
+    return importlib.import_module("rmt_fast.kernels.rmt_attention")
 
 
 def _pow2(x: int) -> int:
@@ -126,7 +134,8 @@ def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
     """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
     try:
         import torch
-        from rmt_fast.kernels import rmt_attention as ka
+
+        ka = _kernel_module()
     except ImportError:
         return None
     default = getattr(ka, "_heuristic_config", None) or ka.launch_config  # the built-in one, not a table's
@@ -301,11 +310,11 @@ def _error(exc: BaseException) -> str:
 def _warm_job(job: dict) -> str:
     """Worker: run one variant once so Triton compiles it into the on-disk cache the timing process reads."""
     import torch
-    from rmt_fast.kernels import rmt_attention as ka
 
+    ka = _kernel_module()
     try:
         c = Case(**job["case"])
-        q, k, v, do = _tensors(c, torch.device("cuda"))
+        q, k, v, do = _tensors(c, torch.device(job.get("device", "cuda")))
         layout = _layout(c, q.device)
         if job.get("configs"):  # phase 2: the tuned configs of this dtype and head dim, as the runtime installs
             dtype = getattr(torch, c.dtype)
@@ -314,7 +323,7 @@ def _warm_job(job: dict) -> str:
         with ka.override_configs(**override):
             for mode in job["modes"]:
                 _step(mode, _impl("triton", layout), q, k, v, do)()
-        torch.cuda.synchronize()
+        _sync(q.device)
         return "ok"
     except Exception as exc:  # the timing process meets (and records) the same error
         return _error(exc)
@@ -366,11 +375,18 @@ class Precompiler:
 
 
 # ======================================================================================== the two phases
-def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler):
-    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
+def _sync(device) -> None:
     import torch
-    from rmt_fast.kernels import rmt_attention as ka
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device):
+    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
     from tqdm.auto import tqdm
+
+    ka = _kernel_module()
 
     plan = []
     for d in HEAD_DIMS:
@@ -378,11 +394,10 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
             cands, _ = candidates(kind, d, quick, smem_limit)
             plan += [(d, kind, cfg) for cfg in cands]
     modes = {"fwd": ["fwd"], "dq": ["dq"], "dkdv": ["dkdv"]}
-    jobs = [dict(case=asdict(sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind])
-            for d, kind, cfg in plan]  # fmt: skip
+    jobs = [dict(case=asdict(sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind],
+                 device=str(device)) for d, kind, cfg in plan]  # fmt: skip
     pre_stats = pre.run(jobs, deadline, "tune: compiling candidates")
     rows, best = [], {}
-    device = torch.device("cuda")
     for d, kind, cfg in tqdm(plan, desc="tune: configs", unit="config", disable=None):
         case = sweep_case(d, quick)
         row = dict(phase="sweep", mode=kind, candidate="triton", config=_cfg_text(cfg),
@@ -401,7 +416,7 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
                 best[(d, kind)] = (row["graph_ms"], cfg)
         except Exception as exc:
             row["status"] = _error(exc)
-            torch.cuda.synchronize()
+            _sync(device)
         rows.append(row)
     configs = {}
     for (d, kind), (_, cfg) in best.items():
@@ -419,20 +434,20 @@ def _case_cols(c: Case) -> dict:
                 t_bucket=cls.t, bh_bucket=cls.bh)  # fmt: skip
 
 
-def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler) -> tuple[list, dict]:
+def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device):
     """Phase 2: Triton (with the tuned configs installed) against SDPA on every case."""
     import torch
-    from rmt_fast.kernels import rmt_attention as ka
     from tqdm.auto import tqdm
 
+    ka = _kernel_module()
     ka.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
                            for kind, cfg in kinds.items()})  # fmt: skip
     variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in cases(quick)})
-    jobs = [dict(case=asdict(Case(dt, d, 2, 532, causal, padded)), modes=["fwd", "fwd+bwd"],
+    warm_t = min(c.T for c in cases(quick))
+    jobs = [dict(case=asdict(Case(dt, d, 2, warm_t, causal, padded)), modes=["fwd", "fwd+bwd"], device=str(device),
                  configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()})
             for dt, d, causal, padded in variants]  # fmt: skip
     pre_stats = pre.run(jobs, deadline, "tune: compiling variants")
-    device = torch.device("cuda")
     rows = []
     for c in tqdm(cases(quick), desc="tune: triton vs sdpa", unit="case", disable=None):
         if time.perf_counter() > deadline:
@@ -442,7 +457,8 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
             layout = _layout(c, device)
         except Exception as exc:  # e.g. out of memory for the largest shapes
             rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), status=_error(exc)))
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         reason = ka.rmt_attention_supported(q, k, v, layout)
         for mode in ("fwd", "fwd+bwd"):
@@ -462,7 +478,7 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
                     row["status"] = "ok"
                 except Exception as exc:
                     row["status"] = _error(exc)
-                    torch.cuda.synchronize()
+                    _sync(device)
                 rows.append(row)
         del q, k, v, do, layout
     return rows, pre_stats
@@ -579,21 +595,30 @@ def run(out_dir: Path, quick: bool = False, *, budget_s: float = DEFAULT_BUDGET_
     if not torch.cuda.is_available():
         print("no GPU: `rmt-fast-bench tune` needs CUDA (use --dry-run to see the plan)")
         return {"skipped": "no CUDA"}
-    t_start = time.perf_counter()
-    deadline = t_start + budget_s
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     arch = dispatch.arch_of(0)
     props = torch.cuda.get_device_properties(0)
     smem = getattr(props, "shared_memory_per_block_optin", None) or ASSUMED_SMEM.get(arch, 101376)
     if workers is None:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
+    device_info = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
+    return tune_on(torch.device("cuda", 0), out_dir, quick, arch=arch, smem=smem, device_info=device_info,
+                   budget_s=budget_s, workers=workers, margin=margin, rep_ms=rep_ms)  # fmt: skip
+
+
+def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_info: dict, budget_s: float,
+            workers: int, margin: float, rep_ms: float) -> dict:  # fmt: skip
+    """Both phases on ``device`` and the outputs (``run`` calls it on CUDA; a CPU test, in the interpreter with
+    stand-in timers)."""
+    t_start = time.perf_counter()
+    deadline = t_start + budget_s
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     pre = Precompiler(workers)
     try:
         sweep_deadline = t_start + SWEEP_SHARE * budget_s
-        configs, sweep_rows, pre1 = _sweep(quick, smem, sweep_deadline, rep_ms, pre)
+        configs, sweep_rows, pre1 = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device)
         t_sweep = time.perf_counter() - t_start
-        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre)
+        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device)
     finally:
         pre.close()
     n_cases = len(cases(quick))
@@ -604,14 +629,14 @@ def run(out_dir: Path, quick: bool = False, *, budget_s: float = DEFAULT_BUDGET_
     for r in compare_rows:
         r["label"] = Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
-    env.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)), arch=arch,
-               smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s, quick=quick, workers=workers,
+    env.update(**device_info, arch=arch, smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s,
+               quick=quick, workers=workers,
                margin=margin, rep_ms=rep_ms, seconds=round(time.perf_counter() - t_start, 1),
                sweep_seconds=round(t_sweep, 1), precompile=[pre1, pre2], complete=complete,
                cases_measured=measured_cases, cases_planned=n_cases)  # fmt: skip
     prov = _provenance(env, dict(budget_s=budget_s, quick=quick, margin=margin,
                                  configs_tuned_on=sweep_case(64, quick).label().replace("D64 ", "")), complete)
-    table = build_table(arch, [env["gpu"]], configs, compare_rows, margin, prov)
+    table = build_table(arch, [env.get("gpu") or env["device_name"]], configs, compare_rows, margin, prov)
     dispatch.DispatchTable(table)  # validate what is written
     write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
     write_json(out_dir / f"{arch}.json", table)

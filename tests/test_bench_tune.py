@@ -109,3 +109,76 @@ def test_cases_put_the_targets_first():
         warnings.simplefilter("error")
         assert {c.shape_class.bh for c in tune.cases(False)} == set(dispatch.BH_BUCKETS)
         assert {c.shape_class.t for c in tune.cases(False)} == set(dispatch.T_BUCKETS[:3])
+
+
+# ------------------------------------------------------------------ the GPU pipeline, on the CPU, in small
+needs_interpreter = pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1", reason="runs the kernel in Triton's interpreter"
+)
+
+
+def _tiny(monkeypatch, timed):
+    """Tiny shapes (fp32, D = 16, 2 heads, T = 24) and stand-in timers that run each call once (the
+    interpreter cannot time anything): the code path of a GPU run, without its numbers."""
+    cases = [tune.Case("float32", 16, 2, 24, True, True), tune.Case("float32", 16, 2, 24, False, False)]
+    monkeypatch.setattr(tune, "H", 2)
+    monkeypatch.setattr(tune, "HEAD_DIMS", (16,))
+    monkeypatch.setattr(tune, "DTYPES", ("float32",))
+    monkeypatch.setattr(tune, "cases", lambda quick: cases)
+    monkeypatch.setattr(tune, "sweep_case", lambda d, quick: cases[0])
+    grid = {k: dict(block_m=(16,), block_n=(16, 32), warps=(4,), stages=(1,)) for k in ("fwd", "dq", "dkdv")}
+    monkeypatch.setattr(tune, "QUICK_GRID", grid)
+
+    def timer(fn, rep_ms):
+        out = fn()
+        timed.append(out)
+        return 1.0 + 0.01 * len(timed)
+
+    monkeypatch.setattr(tune, "graph_ms", timer)
+    monkeypatch.setattr(tune, "eager_ms", timer)
+    return cases
+
+
+@needs_interpreter
+@pytest.mark.parametrize("workers", [0, 1])
+def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch, workers):
+    timed = []
+    _tiny(monkeypatch, timed)
+    ka = tune._kernel_module()
+    try:
+        summary = tune.tune_on(torch.device("cpu"), tmp_path, True, arch="sm90", smem=101376,
+                               device_info={"gpu": "cpu stand-in"}, budget_s=600, workers=workers, margin=0.03,
+                               rep_ms=1.0)  # fmt: skip
+    finally:
+        ka.set_launch_configs(None)
+    assert summary["complete"] and summary["cases_measured"] == 2
+    with open(tmp_path / "tune.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
+    sweep = [r for r in rows if r["phase"] == "sweep"]
+    assert {r["mode"] for r in sweep} == {"fwd", "dq", "dkdv"} and all(r["graph_ms"] and r["eager_ms"] for r in sweep)
+    assert sum(r["winner"] == "True" for r in sweep) == 3
+    table = dispatch.load_table(tmp_path / "sm90.json")
+    assert table.measured and set(table.configs) == {("float32", 16)} and len(table.configs[("float32", 16)]) == 3
+    assert len(table.entries) == 2 * 3
+    env = json.loads((tmp_path / "tune_env.json").read_text())
+    assert env["gpu"] == "cpu stand-in" and env["git_sha"] and env["precompile"][0]["jobs"] == len(sweep)
+    if workers:
+        assert env["precompile"][0]["done"] == len(sweep) and env["precompile"][0]["errors"] == 0
+        assert env["precompile"][1]["done"] == 2 and env["precompile"][1]["errors"] == 0
+    assert (tmp_path / "tune.png").stat().st_size > 0
+    # what was timed computed attention: forward outputs are finite (B, T, H, D) tensors
+    fwd = [t for t in timed if isinstance(t, torch.Tensor)]
+    assert fwd and all(t.shape == (2, 24, 2, 16) and torch.isfinite(t).all() for t in fwd)
+
+
+@needs_interpreter
+def test_tune_stops_at_the_budget_and_writes_what_it_has(tmp_path, monkeypatch):
+    _tiny(monkeypatch, [])
+    summary = tune.tune_on(torch.device("cpu"), tmp_path, True, arch="sm90", smem=101376, device_info={},
+                           budget_s=0.0, workers=0, margin=0.03, rep_ms=1.0)  # fmt: skip
+    assert summary["complete"] is False and summary["cases_measured"] == 0
+    table = dispatch.load_table(tmp_path / "sm90.json")
+    assert table.entries == {} and table.provenance["complete"] is False
+    with open(tmp_path / "tune.csv") as fh:
+        assert all(r["status"] == "skipped: budget" for r in csv.DictReader(fh))
