@@ -1,26 +1,32 @@
-"""Attention kernel throughput on the RMT segment mask (GPU only).
+"""Attention kernel throughput on the RMT segment mask (GPU only), and what ``attn_backend="auto"`` picks.
 
 Without CUDA this benchmark prints "no GPU: the kernel benchmark needs CUDA" and returns
 ``{"skipped": "no CUDA"}``.
 
-TODO (kernel issue): this GPU part was written alongside the latency/profile benchmarks and has not been
-run on a GPU yet; whoever finishes ``kernels/rmt_attention.py`` should run it, check the numbers and tune
-the shapes.
+Settings: float16 and bfloat16; head dim 64 and 128; H = 12; the decoder segment layout
+``[10 read | T - 20 tokens | 10 write]``, causal, either *full* (no padding) or *padded* (per-row valid token
+counts, rows short by up to 25 %). Shapes: B in {8, 32} at T = 532 (512 + 2 x 10) and B = 1 at T = 4096
+(--quick); the full run adds B = 1 at T = 532 and B = 1 at T = 16384.
 
-Methods, each on the same q, k, v (B, H, T, D) and the same decoder segment layout
-``[10 read | T - 20 tokens | 10 write]``, causal, with per-row valid token counts (rows short by up to 25%):
+Methods, each on the same q, k, v (B, H, T, D):
 
-* ``triton``: :func:`rmt_fast.kernels.rmt_attention.rmt_attention` (the mask is computed in the kernel);
-* ``sdpa_flash_nomask``: SDPA with ``is_causal=True`` and no mask (flash kernel) - the upper bound, it ignores
-  the padding;
-* ``sdpa_dense_mask``: SDPA with the layout's mask materialized (``layout.dense_mask()``);
-* ``flex``: FlexAttention (``torch.compile``'d) with a block mask built from the same layout;
-* ``xformers``: ``memory_efficient_attention`` with a causal bias (no padding), when xformers is importable.
+* ``triton``: :func:`rmt_fast.kernels.rmt_attention.rmt_attention` (the mask is computed in the kernel), with
+  the launch configurations of the committed dispatch table when there is one;
+* ``sdpa_flash_nomask``: SDPA with ``is_causal=True`` and no mask (flash kernel): what the runtime's SDPA path
+  runs for a full segment; for a padded one it is an upper bound (it ignores the padding);
+* ``sdpa_dense_mask`` (padded only): SDPA with the layout's mask materialized once (``layout.dense_mask()``);
+* ``flex`` (float16, D = 64, padded): FlexAttention (``torch.compile``'d) with a block mask from the layout;
+* ``xformers`` (D = 64, full): ``memory_efficient_attention`` with a causal bias, when xformers is importable.
+
+Every row carries ``auto_choice``: what the dispatch table (:mod:`rmt_fast.kernels.dispatch`) picks for that
+case eagerly (forward rows: inference; forward + backward rows: training) and, for forward rows,
+``auto_choice_graphed`` (under a CUDA graph); "sdpa" wherever no measured table covers it. The JSON adds the
+issue's targets (forward >= 1.0x flash and forward + backward >= 0.9x at B >= 8, T = 532, full; padded >= 2x
+SDPA with the dense mask; T >= 4096 forward >= 0.8x flash), met or not, from the measured rows.
 
 TFLOP/s use one FLOP count for every method: the causal attention products, 2 * 2 * B * H * T * T * D / 2
 for the forward, 2.5 times that for forward + backward (the FlashAttention-2 convention). Timing:
-``triton.testing.do_bench`` (median). Shapes: B in {1, 8, 32} at T = 532 (512 + 2 x 10), H = 12, D = 64,
-plus long T (4096, 16384) at B = 1; fp16.
+``triton.testing.do_bench`` (median).
 """
 
 from __future__ import annotations
@@ -32,67 +38,95 @@ from pathlib import Path
 
 from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
 
-MEM = 10
+MEM, H = 10, 12
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (64, 128)
 
 
 def _shapes(quick: bool) -> list[tuple[int, int]]:
-    base = [(1, 532), (8, 532), (32, 532)]
-    return base + ([(1, 4096)] if quick else [(1, 4096), (1, 16384)])
+    if quick:
+        return [(8, 532), (32, 532), (1, 4096)]
+    return [(1, 532), (8, 532), (32, 532), (1, 4096), (1, 16384)]
 
 
-def _layout(B: int, T: int, device):
+def settings(quick: bool) -> list[dict]:
+    """Every (dtype, head dim, layout, B, T) measured, in order."""
+    return [dict(dtype=dt, D=d, layout=lay, B=b, T=t) for dt in DTYPES for d in HEAD_DIMS
+            for lay in ("full", "padded") for b, t in _shapes(quick)]  # fmt: skip
+
+
+def _layout(B: int, T: int, device, padded: bool = True):
     import torch
     from rmt_fast.kernels.layout import SegmentLayout
 
     tokens = T - 2 * MEM
+    if not padded:
+        return SegmentLayout(MEM, tokens, MEM, True)
     g = torch.Generator().manual_seed(0)
     counts = torch.randint(int(tokens * 0.75), tokens + 1, (B,), generator=g)
     counts[0] = tokens
     return SegmentLayout(MEM, tokens, MEM, True, token_counts=counts.to(device=device, dtype=torch.int32))
 
 
-def _methods(layout, T: int, H: int, device):
+def _methods(layout, B: int, T: int, D: int, dtype, device):
     """name -> (callable(q, k, v) -> out) or a string saying why it is unavailable."""
     import torch
     import torch.nn.functional as F
 
     out = {}
     try:
-        from rmt_fast.kernels.rmt_attention import rmt_attention, rmt_attention_supported
+        import importlib
 
-        probe = torch.zeros(layout.batch_size, H, T, 64, device=device, dtype=torch.float16)
-        reason = rmt_attention_supported(probe, probe, probe, layout)
-        out["triton"] = reason or (lambda q, k, v: rmt_attention(q, k, v, layout))
+        ka = importlib.import_module("rmt_fast.kernels.rmt_attention")
+        probe = torch.zeros(B, H, T, D, device=device, dtype=dtype)
+        reason = ka.rmt_attention_supported(probe, probe, probe, layout)
+        out["triton"] = reason or (lambda q, k, v: ka.rmt_attention(q, k, v, layout, check=False))
     except Exception as exc:
         out["triton"] = f"{type(exc).__name__}: {exc}"
     out["sdpa_flash_nomask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    dense = layout.dense_mask(device=device)
-    out["sdpa_dense_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if layout.is_padded:
+        dense = layout.dense_mask(device=device)
+        out["sdpa_dense_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    if layout.is_padded and dtype == torch.float16 and D == 64:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        counts = layout.token_counts.long()
-        read, write_start = layout.num_read, layout.write_start
+            counts = layout.token_counts.long()
+            read, write_start = layout.num_read, layout.write_start
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            visible = (kv_idx < read + counts[b]) | (kv_idx >= write_start)
-            return (kv_idx <= q_idx) & visible
+            def mask_mod(b, h, q_idx, kv_idx):
+                visible = (kv_idx < read + counts[b]) | (kv_idx >= write_start)
+                return (kv_idx <= q_idx) & visible
 
-        block = create_block_mask(mask_mod, layout.batch_size, None, T, T, device=device)
-        flex = torch.compile(flex_attention, dynamic=False)
-        out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block)
-    except Exception as exc:
-        out["flex"] = f"{type(exc).__name__}: {str(exc)[:100]}"
-    try:
-        import xformers.ops as xops
+            block = create_block_mask(mask_mod, B, None, T, T, device=device)
+            flex = torch.compile(flex_attention, dynamic=False)
+            out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block)
+        except Exception as exc:
+            out["flex"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+    if not layout.is_padded and D == 64:
+        try:
+            import xformers.ops as xops
 
-        bias = xops.LowerTriangularMask()
-        out["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
-        )
-    except Exception as exc:
-        out["xformers"] = f"not importable ({type(exc).__name__})"
+            bias = xops.LowerTriangularMask()
+            out["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+            )
+        except Exception as exc:
+            out["xformers"] = f"not importable ({type(exc).__name__})"
     return out
+
+
+def _auto_choices(q, layout) -> dict:
+    """What the dispatch table picks for this case: eager inference, eager training, graphed inference."""
+    from rmt_fast.kernels import dispatch
+
+    def pick(needs_grad, graphed):
+        try:
+            return dispatch.decide(q, q, layout, needs_grad=needs_grad, graphed=graphed).backend
+        except Exception as exc:
+            return f"error: {type(exc).__name__}"
+
+    return {"fwd": pick(False, False), "fwd+bwd": pick(True, False), "graphed": pick(False, True)}
 
 
 def _bench(fn, q, k, v, backward: bool) -> float:
@@ -113,25 +147,63 @@ def _bench(fn, q, k, v, backward: bool) -> float:
     return do_bench(step, grad_to_none=[qg, kg, vg])
 
 
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's kernel targets, checked against the measured rows (a target without rows is "not measured")."""
+
+    def ms(r_filter):
+        return {(r["dtype"], r["D"], r["B"], r["T"], r["mode"]): r["ms"] for r in rows
+                if r.get("status") == "ok" and r_filter(r)}  # fmt: skip
+
+    tri_full = ms(lambda r: r["method"] == "triton" and r["layout"] == "full")
+    tri_pad = ms(lambda r: r["method"] == "triton" and r["layout"] == "padded")
+    flash = ms(lambda r: r["method"] == "sdpa_flash_nomask" and r["layout"] == "full")
+    dense = ms(lambda r: r["method"] == "sdpa_dense_mask")
+    checks = [
+        ("forward >= 1.0x SDPA flash (B >= 8, T = 532, full)", tri_full, flash, 1.0,
+         lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd"),
+        ("forward + backward >= 0.9x SDPA flash (B >= 8, T = 532, full)", tri_full, flash, 0.9,
+         lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd+bwd"),
+        ("padded >= 2x SDPA with the dense mask", tri_pad, dense, 2.0, lambda k: True),
+        ("forward >= 0.8x SDPA flash at T >= 4096 (full)", tri_full, flash, 0.8,
+         lambda k: k[3] >= 4096 and k[4] == "fwd"),
+    ]  # fmt: skip
+    out = []
+    for name, tri, base, need, sel in checks:
+        for key in sorted(k for k in tri if k in base and sel(k)):
+            speed = base[key] / tri[key]
+            dt, d, b, t, mode = key
+            out.append(dict(target=name, dtype=dt, D=d, B=b, T=t, mode=mode, speedup=round(speed, 3),
+                            needed=need, met=speed >= need))  # fmt: skip
+    return out
+
+
 def run(out_dir: Path, quick: bool = False) -> dict:
     import torch
 
     if not torch.cuda.is_available():
         print("no GPU: the kernel benchmark needs CUDA")
         return {"skipped": "no CUDA"}
+    from rmt_fast.kernels import dispatch
+    from tqdm.auto import tqdm
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
-    H, D, dtype = 12, 64, torch.float16
+    table = dispatch.table_for_device(device)  # installs the table's launch configurations, if any
     rows = []
-    for B, T in _shapes(quick):
-        layout = _layout(B, T, device)
+    for st in tqdm(settings(quick), desc="kernels", unit="setting", disable=None):
+        B, T, D, dtype = st["B"], st["T"], st["D"], getattr(torch, st["dtype"])
+        layout = _layout(B, T, device, padded=st["layout"] == "padded")
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g) for _ in range(3))
         flops_fwd = 2 * 2 * B * H * T * T * D / 2
-        for name, fn in _methods(layout, T, H, device).items():
+        methods = _methods(layout, B, T, D, dtype, device)
+        auto = _auto_choices(q, layout) if not isinstance(methods["triton"], str) else dict.fromkeys(
+            ("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)")  # fmt: skip
+        for name, fn in methods.items():
             for mode, backward, flops in (("fwd", False, flops_fwd), ("fwd+bwd", True, 2.5 * flops_fwd)):
-                row = dict(method=name, mode=mode, B=B, T=T, H=H, D=D, dtype=str(dtype).replace("torch.", ""))
+                row = dict(method=name, mode=mode, B=B, T=T, H=H, D=D, dtype=st["dtype"], layout=st["layout"],
+                           auto_choice=auto[mode], auto_choice_graphed=auto["graphed"] if mode == "fwd" else "")
                 if isinstance(fn, str):
                     rows.append({**row, "status": f"unavailable: {fn}"})
                     continue
@@ -146,19 +218,24 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         torch.cuda.empty_cache()
     env = env_info()
     env["gpu"] = torch.cuda.get_device_name()
+    env["dispatch_table"] = table.source if table is not None else None
     try:
         import xformers
 
         env["xformers"] = xformers.__version__
     except Exception:
         env["xformers"] = None
+    checked = targets(rows)
     write_csv(out_dir / "kernels.csv", rows)
-    write_json(out_dir / "kernels.json", {"env": env, "rows": rows})
+    write_json(out_dir / "kernels.json", {"env": env, "rows": rows, "targets": checked})
     _plot(rows, out_dir / "kernels.png", env)
-    summary = {}
+    summary = {"dispatch table": env["dispatch_table"] or "none (auto = SDPA)"}
     for r in rows:
-        if r["status"] == "ok" and r["T"] == 532 and r["B"] == 8:
-            summary[f"{r['method']} {r['mode']} TFLOP/s (B=8,T=532)"] = round(r["tflops"], 1)
+        if r["status"] == "ok" and r["T"] == 532 and r["B"] == 8 and r["method"] in ("triton", "sdpa_flash_nomask",
+                                                                                     "sdpa_dense_mask"):  # fmt: skip
+            key = f"{r['method']} {r['mode']} {r['dtype']} D{r['D']} {r['layout']} TFLOP/s (B=8,T=532)"
+            summary[key] = round(r["tflops"], 1)
+    summary["targets met"] = f"{sum(c['met'] for c in checked)}/{len(checked)}"
     return summary
 
 
@@ -168,36 +245,27 @@ def _plot(rows, path, env):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys((r["B"], r["T"]) for r in rows))
+    keys = list(dict.fromkeys((r["dtype"], r["D"], r["layout"], r["B"], r["T"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ok = {(r["method"], r["mode"], r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r for r in rows
+          if r["status"] == "ok"}  # fmt: skip
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.55 * len(keys) + 2), 9))
     width = 0.8 / max(len(methods), 1)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         for i, m in enumerate(methods):
-            vals = []
-            for B, T in shapes:
-                r = next(
-                    (
-                        r
-                        for r in rows
-                        if r["method"] == m
-                        and r["mode"] == mode
-                        and (r["B"], r["T"]) == (B, T)
-                        and r["status"] == "ok"
-                    ),
-                    None,
-                )
-                vals.append(r["tflops"] if r else 0.0)
-            ax.bar(
-                [x + (i - (len(methods) - 1) / 2) * width for x in range(len(shapes))], vals, width, label=m
-            )
-        ax.set_xticks(range(len(shapes)), [f"B={B}\nT={T}" for B, T in shapes])
+            vals = [ok[(m, mode, *key)]["tflops"] if (m, mode, *key) in ok else 0.0 for key in keys]
+            ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(keys))], vals, width, label=m)
+        auto = {(r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r["auto_choice"] for r in rows
+                if r["mode"] == mode}  # fmt: skip
+        short = {"float16": "fp16", "bfloat16": "bf16"}
+        labels = [f"{short[k[0]]} D{k[1]}\n{k[2]}\nB={k[3]} T={k[4]}\nauto: {auto.get(k, '')}" for k in keys]
+        ax.set_xticks(range(len(keys)), labels, fontsize=6)
         ax.set_ylabel("TFLOP/s (causal attention FLOPs)")
-        ax.set_title(mode)
+        ax.set_title(f"{mode} (auto: the dispatch table's eager choice)", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"RMT segment attention, H=12, D=64, fp16 - {machine_label()} (torch {env['torch']}, "
-        f"triton {env['triton']}, xformers {env.get('xformers')})",
+        f"RMT segment attention, H={H}, causal - {machine_label()} (torch {env['torch']}, triton {env['triton']}, "
+        f"xformers {env.get('xformers')}; table: {env.get('dispatch_table') or 'none'})",
         fontsize=9,
     )
     save_plot(fig, path)

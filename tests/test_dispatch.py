@@ -278,3 +278,31 @@ def test_training_decision_uses_the_grad_entries(monkeypatch):
         with torch.no_grad():
             rmt(ids, labels=ids)
         assert len(used) == 6  # inference: Triton, 2 segments x 3 layers
+
+
+# --------------------------------------------------------------------------- the kernels benchmark's report
+def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
+    from rmt_fast.bench import kernels
+
+    q = torch.zeros(8, 12, 532, 64, dtype=torch.float16)
+    layout = kernels._layout(8, 532, "cpu", padded=False)
+    table = _table([_entry(), _entry(needs_grad=True, backend="sdpa")])
+    with dispatch.use_table(table):
+        assert kernels._auto_choices(q, layout) == {"fwd": "triton", "fwd+bwd": "sdpa", "graphed": "sdpa"}
+    with dispatch.use_table(None):
+        assert set(kernels._auto_choices(q, layout).values()) == {"sdpa"}
+    assert len(kernels.settings(True)) == 2 * 2 * 2 * 3
+
+    def row(method, mode, ms, layout="full", B=8, T=532):
+        return dict(method=method, mode=mode, ms=ms, tflops=1.0, status="ok", dtype="float16", D=64, layout=layout,
+                    B=B, T=T, auto_choice="sdpa", auto_choice_graphed="")  # fmt: skip
+
+    rows = [row("triton", "fwd", 0.10), row("sdpa_flash_nomask", "fwd", 0.08),
+            row("triton", "fwd+bwd", 0.30), row("sdpa_flash_nomask", "fwd+bwd", 0.28),
+            row("triton", "fwd", 0.03, "padded"), row("sdpa_dense_mask", "fwd", 0.07, "padded"),
+            row("triton", "fwd", 0.10, B=1, T=4096), row("sdpa_flash_nomask", "fwd", 0.09, B=1, T=4096)]  # fmt: skip
+    got = {(c["target"][:12], c["mode"], c["T"]): (c["speedup"], c["met"]) for c in kernels.targets(rows)}
+    assert got == {("forward >= 1", "fwd", 532): (0.8, False), ("forward + ba", "fwd+bwd", 532): (0.933, True),
+                   ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True)}  # fmt: skip
+    kernels._plot(rows, tmp_path / "k.png", {"torch": "x", "triton": "y"})
+    assert (tmp_path / "k.png").stat().st_size > 0
