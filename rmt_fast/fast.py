@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .attention import ATTN_NAME, active_segment
 from .base import RMTBase, RMTOutput, memory_detached_before
+from .compiled import CompiledStep, compile_options
 from .cuda_graph import SegmentGraphRunner
 from .kernels.layout import SegmentLayout
 from .segments import DecoderStatic, decoder_plan, decoder_targets, encoder_plan
@@ -31,13 +32,19 @@ class FastRMT(RMTBase):
       backward, so activation memory grows by N x m x d plus one segment (use with ``return_logits=False``
       for long decoder inputs, so the logits are not kept either);
     * ``cuda_graph``: run inference segments through one captured CUDA graph per call shape
-      (:mod:`rmt_fast.cuda_graph`); training with it is refused with a clear error.
+      (:mod:`rmt_fast.cuda_graph`); training with it is refused with a clear error;
+    * ``compile_step``: False, True or a dict of ``torch.compile`` keyword arguments: the per-segment step runs
+      compiled (:mod:`rmt_fast.compiled`), in training, under checkpointing and inside CUDA graphs.
     """
 
     def __init__(self, model, num_mem_tokens: int, segment_size: int, *, gradient_checkpointing: bool = False,
-                 cuda_graph: bool = False, **kwargs):  # fmt: skip
+                 cuda_graph: bool = False, compile_step=False, **kwargs):  # fmt: skip
+        compile_kwargs = compile_options(compile_step, bool(cuda_graph))  # checked before anything is built
         super().__init__(model, num_mem_tokens, segment_size, **kwargs)
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        if compile_kwargs is not None:  # an instance attribute shadows the method: every caller gets it
+            name = "decoder_step" if self.is_decoder else "encoder_step"
+            setattr(self, name, CompiledStep(self, name, compile_kwargs))
         self._graphs = None
         if cuda_graph:
             self._graphs = SegmentGraphRunner(self)
@@ -199,7 +206,7 @@ class FastRMT(RMTBase):
         with active_segment(layout, self.settings.attn_backend):
             out = self.model(inputs_embeds=embeds, attention_mask=key_valid, token_type_ids=torch.zeros_like(ids),
                              labels=labels)  # fmt: skip
-        hidden = self._last_hidden if self._hook is not None else out.last_hidden_state
+        hidden = out.last_hidden_state if self._info.base_model is self.model else self._last_hidden
         self._last_hidden = None
         return out, hidden[:, 1:1 + m]
 
