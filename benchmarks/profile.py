@@ -14,8 +14,12 @@ Per wrapper and backbone, from one profiled forward after two warm-up calls:
   decided by its ancestry:
     - ``mask``: its Python stack passes through ``transformers/masking_utils.py`` (the reference's 4-D masks)
       or ``kernels/layout.py`` (FastRMT's per-row key mask);
-    - ``attention``: inside ``scaled_dot_product_attention`` / a flash, efficient or math attention kernel /
-      the Triton kernel, or a softmax / bmm / matmul called from an attention function;
+    - ``attention``: inside ``scaled_dot_product_attention`` / a flash, efficient or math attention kernel,
+      anything inside FastRMT's attention backend call (``rmt_fast.attention.run_backend``, marked with a
+      ``record_function`` scope while profiling), or a softmax / bmm / matmul called from an attention
+      function. The Triton kernels launch outside any aten operator: on the device they are counted by name
+      (``TRITON_ATTENTION_KERNELS``), and the CPU time of the backend call outside aten operators (the
+      Triton launcher's Python) moves from *python overhead* to *attention*;
     - ``matmul``: inside addmm, mm, linear, bmm, matmul, baddbmm (outside attention);
     - ``norms``: inside layer_norm / rms_norm;
     - ``copies & cat``: inside copy_, cat, stack, contiguous, clone, index / gather / scatter / index_put, to;
@@ -37,6 +41,7 @@ a few sentences computed from the numbers), ``profile.png`` (stacked bars per ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -80,6 +85,8 @@ COPY_OPS = {
 }
 MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
 ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "rmt_attention.py", "sdpa_attention.py")
+ATTENTION_SCOPE = "rmt_fast::attention"  # record_function around rmt_fast.attention.run_backend while profiling
+TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/rmt_attention.py
 
 
 @dataclass
@@ -178,12 +185,15 @@ def _classify(evt) -> tuple[str, bool]:
     """(category, is_top_level) of an aten event, from its ancestry (Python frames included)."""
     top = evt
     in_attention_frame = False
+    in_scope = False
     in_mask = False
     p = evt.cpu_parent
     while p is not None:
         name = p.name
         if name.startswith("aten::"):
             top = p
+        elif name == ATTENTION_SCOPE:
+            in_scope = True
         elif any(f in name for f in MASK_FILES):
             in_mask = True
         elif any(f in name for f in ATTENTION_FRAMES):
@@ -192,6 +202,8 @@ def _classify(evt) -> tuple[str, bool]:
     is_top = top is evt
     if in_mask:
         return "mask", is_top
+    if in_scope:
+        return "attention", is_top
     cat = _category_of_op(top.name)
     if (
         cat != "attention"
@@ -211,6 +223,38 @@ def _aten_events(events) -> list:
         and not str(getattr(e, "device_type", "CPU")).endswith("CUDA")
     ]
     return sorted(out, key=lambda e: (e.time_range.start, -e.time_range.end))
+
+
+def _is_attention_kernel(name: str) -> bool:
+    return name.startswith(TRITON_ATTENTION_KERNELS)
+
+
+def _triton_kernels(events) -> tuple[float, int]:
+    """(device ms, count) of the Triton attention kernels among the device events."""
+    ms, n = 0.0, 0
+    for e in events:
+        if str(getattr(e, "device_type", "CPU")).endswith("CUDA") and _is_attention_kernel(e.name):
+            ms += e.time_range.elapsed_us() / 1e3
+            n += 1
+    return ms, n
+
+
+def _scope_outside_aten_ms(events) -> float:
+    """CPU ms inside the attention scopes but outside aten operators (the Triton launcher's Python, mostly)."""
+    scopes = [e for e in events if e.name == ATTENTION_SCOPE and not str(getattr(e, "device_type", "CPU"))
+              .endswith("CUDA")]  # fmt: skip
+    total = sum(e.time_range.elapsed_us() for e in scopes)
+    for e in _aten_events(events):
+        p, inside = e.cpu_parent, False
+        while p is not None:
+            if p.name.startswith("aten::"):
+                inside = False
+                break
+            inside = inside or p.name == ATTENTION_SCOPE
+            p = p.cpu_parent
+        if inside:  # a top-level aten operator inside a scope: its time is already in a category
+            total -= e.cpu_time_total
+    return max(total, 0.0) / 1e3
 
 
 def _is_top(evt) -> bool:
@@ -248,13 +292,22 @@ def analyse(stack_events, timing_events, wall_ms: float, n_segments: int, calls:
         if is_top:
             top_cpu_total += e.cpu_time_total / 1e3 / div
         if cuda:
-            dev_ms[cat] += getattr(e, "self_device_time_total", 0.0) / 1e3 / div
-            kernels[cat] += len(getattr(e, "kernels", []) or [])
+            own = getattr(e, "kernels", []) or []
+            triton = [k for k in own if _is_attention_kernel(k.name)]  # counted below, from the device events
+            dev_ms[cat] += (getattr(e, "self_device_time_total", 0.0) - sum(k.duration for k in triton)) / 1e3 / div
+            kernels[cat] += len(own) - len(triton)
     for _, cat, is_top in labelled:
         ops[cat] += int(is_top)
+    source = timing_events if matched else stack_events
+    if cuda:
+        t_ms, t_n = _triton_kernels(source)
+        dev_ms["attention"] += t_ms / div
+        kernels["attention"] += t_n
     if cuda and matched:
         kernels = {k: v / calls for k, v in kernels.items()}
-    cpu_ms["python overhead"] = max(wall_ms - top_cpu_total, 0.0)
+    launcher_ms = _scope_outside_aten_ms(source) / div
+    cpu_ms["attention"] += launcher_ms
+    cpu_ms["python overhead"] = max(wall_ms - top_cpu_total - launcher_ms, 0.0)
     top_level = sum(ops.values())
     out = {
         "wall_ms_profiled": wall_ms,
@@ -270,6 +323,27 @@ def analyse(stack_events, timing_events, wall_ms: float, n_segments: int, calls:
         out["kernels_per_segment_by_category"] = {k: v / n_segments for k, v in kernels.items()}
         out["kernels_per_segment"] = sum(kernels.values()) / n_segments
     return out
+
+
+@contextlib.contextmanager
+def attention_scope():
+    """While profiling: every call of FastRMT's attention backend runs inside ``record_function(ATTENTION_SCOPE)``
+    (the unprofiled timings run without it)."""
+    from torch.profiler import record_function
+
+    from rmt_fast import attention as seam
+
+    original = seam.run_backend
+
+    def scoped(*args, **kwargs):
+        with record_function(ATTENTION_SCOPE):
+            return original(*args, **kwargs)
+
+    seam.run_backend = scoped
+    try:
+        yield
+    finally:
+        seam.run_backend = original
 
 
 def _profile_one(backbone, s: ProfileSetup, wrapper, device, dtype, trace_path: Path) -> dict:
@@ -299,11 +373,11 @@ def _profile_one(backbone, s: ProfileSetup, wrapper, device, dtype, trace_path: 
             sync()
             walls.append((time.perf_counter() - t0) * 1e3)
         # Pass 1: Python stacks, for the categories (mask building) and the Chrome trace.
-        with profile(activities=acts, with_stack=True) as prof_stack:
+        with attention_scope(), profile(activities=acts, with_stack=True) as prof_stack:
             call()
             sync()
         # Pass 2: no stacks (far less profiler overhead), for the times.
-        with profile(activities=acts) as prof_time:
+        with attention_scope(), profile(activities=acts) as prof_time:
             t0 = time.perf_counter()
             for _ in range(calls):
                 call()

@@ -306,3 +306,57 @@ def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
                    ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True)}  # fmt: skip
     kernels._plot(rows, tmp_path / "k.png", {"torch": "x", "triton": "y"})
     assert (tmp_path / "k.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------- the profile counts Triton as attention
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def elapsed_us(self):
+        return self.end - self.start
+
+
+class _Evt:
+    def __init__(self, name, start, end, parent=None, device_type="DeviceType.CPU", kernels=()):
+        self.name, self.time_range, self.cpu_parent, self.device_type = name, _Range(start, end), parent, device_type
+        self.cpu_time_total = self.self_cpu_time_total = end - start
+        self.self_device_time_total = sum(k.duration for k in kernels)
+        self.kernels = list(kernels)
+        self.is_python_function = False
+
+
+def test_profile_counts_triton_kernels_and_launcher_as_attention():
+    from rmt_fast.bench import profile
+    from torch.autograd.profiler_util import Kernel
+
+    scope = _Evt(profile.ATTENTION_SCOPE, 0, 300)  # 300 us in the backend call
+    empty = _Evt("aten::empty", 10, 30, parent=scope)  # 20 us of it in an aten op
+    mm = _Evt("aten::mm", 400, 450, kernels=[Kernel("gemm", 0, 40.0)])
+    kern = [_Evt("_rmt_attn_fwd_kernel", 500, 560, device_type="DeviceType.CUDA"),
+            _Evt("gemm", 400, 440, device_type="DeviceType.CUDA")]  # fmt: skip
+    events = [scope, empty, mm, *kern]
+    assert profile._classify(empty) == ("attention", True)
+    assert profile._triton_kernels(events) == (0.06, 1)
+    assert profile._scope_outside_aten_ms(events) == pytest.approx(0.28)
+    res = profile.analyse(events, None, wall_ms=1.0, n_segments=1, calls=1, cuda=True)
+    assert res["cpu_ms"]["attention"] == pytest.approx(0.02 + 0.28)
+    assert res["cpu_ms"]["python overhead"] == pytest.approx(1.0 - 0.02 - 0.05 - 0.28)
+    assert res["device_ms"]["attention"] == pytest.approx(0.06) and res["device_ms"]["matmul"] == pytest.approx(0.04)
+    assert res["kernels_per_segment_by_category"]["attention"] == 1
+
+
+def test_attention_scope_wraps_the_backend_call_and_restores_it():
+    from rmt_fast.bench import profile
+
+    original = seam.run_backend
+    with profile.attention_scope():
+        assert seam.run_backend is not original
+        with torch.profiler.profile() as prof:
+            q, k, v = _qkv()
+            seam.run_backend("sdpa", q, k, v, SegmentLayout(2, 6, 2, True), scale=None, dropout_p=0.0)
+    assert seam.run_backend is original
+    names = [e.name for e in prof.events()]
+    assert profile.ATTENTION_SCOPE in names
+    sdpa = next(e for e in prof.events() if e.name == "aten::scaled_dot_product_attention")
+    assert profile._classify(sdpa)[0] == "attention"
