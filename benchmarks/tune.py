@@ -343,6 +343,8 @@ class Precompiler:
         stats = {"jobs": len(jobs), "done": 0, "errors": 0, "seconds": 0.0, "stopped_at_deadline": False}
         if self.pool is None or not jobs:
             return stats
+        import multiprocessing as mp
+
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
@@ -354,7 +356,7 @@ class Precompiler:
                     if left <= 0:
                         raise TimeoutError
                     status = it.next(timeout=left)
-                except TimeoutError:
+                except (TimeoutError, mp.TimeoutError):
                     stats["stopped_at_deadline"] = True
                     self.close()  # a worker stuck compiling must not hold the run past its budget
                     break

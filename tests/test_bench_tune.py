@@ -182,3 +182,18 @@ def test_tune_stops_at_the_budget_and_writes_what_it_has(tmp_path, monkeypatch):
     assert table.entries == {} and table.provenance["complete"] is False
     with open(tmp_path / "tune.csv") as fh:
         assert all(r["status"] == "skipped: budget" for r in csv.DictReader(fh))
+
+
+@needs_interpreter
+def test_precompiler_stops_at_its_deadline():
+    import time
+
+    pre = tune.Precompiler(1)
+    try:
+        slow = dict(case=vars(tune.Case("float32", 64, 4, 532, True, True)), modes=["fwd+bwd"], device="cpu")
+        t0 = time.perf_counter()
+        stats = pre.run([slow, slow], deadline=t0 + 0.5, desc="test")
+        assert stats["stopped_at_deadline"] and stats["done"] == 0 and pre.pool is None
+        assert time.perf_counter() - t0 < 30
+    finally:
+        pre.close()
