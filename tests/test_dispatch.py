@@ -360,3 +360,50 @@ def test_attention_scope_wraps_the_backend_call_and_restores_it():
     assert profile.ATTENTION_SCOPE in names
     sdpa = next(e for e in prof.events() if e.name == "aten::scaled_dot_product_attention")
     assert profile._classify(sdpa)[0] == "attention"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+def _spy_kernel(monkeypatch):
+    mod = seam._triton()
+    used = []
+    real = mod.rmt_attention
+    monkeypatch.setattr(mod, "rmt_attention", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    return used
+
+
+def _gpu_entries(mode="eager", backend="triton", needs_grad=False):
+    # gpt2_d16 on CUDA, fp16, batch 2, segment 6 + 2 x 2 memory: T = 10, B x H = 8
+    return [_entry(dtype="float16", head_dim=16, t="T<=768", bh="BH<=24", causal=True, padded=p,
+                   needs_grad=needs_grad, mode=mode, backend=backend) for p in (True, False)]  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_sdpa_without_a_table_and_follows_one(monkeypatch):
+    used = _spy_kernel(monkeypatch)
+    torch.manual_seed(0)
+    rmt = FastRMT(_gpt2_d16(), 2, 6, attn_backend="auto").to("cuda", torch.float16).eval()
+    ids = torch.randint(3, VOCAB, (2, 15), generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad(), dispatch.use_table(None):
+        a = rmt(ids)
+    assert used == []
+    with torch.no_grad(), dispatch.use_table(_table(_gpu_entries())):
+        b = rmt(ids)
+    assert len(used) == 9  # 3 segments x 3 layers
+    rel = (a.logits.float() - b.logits.float()).norm() / a.logits.float().norm()
+    assert rel < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_uses_the_graphed_entries(monkeypatch):
+    used = _spy_kernel(monkeypatch)
+    torch.manual_seed(0)
+    model = _gpt2_d16()
+    graphed = FastRMT(copy.deepcopy(model), 2, 6, cuda_graph=True).to("cuda", torch.float16).eval()
+    eager = FastRMT(copy.deepcopy(model), 2, 6).to("cuda", torch.float16).eval()
+    ids = torch.randint(3, VOCAB, (2, 18), generator=torch.Generator().manual_seed(4)).cuda()
+    entries = _gpu_entries(mode="graphed") + _gpu_entries(mode="eager", backend="sdpa")
+    with torch.no_grad(), dispatch.use_table(_table(entries)):
+        eager(ids)
+        assert used == []
+        graphed(ids)
+    assert graphed._graphs.captures == 1 and len(used) > 0  # warm-up and capture ran the kernel
