@@ -129,11 +129,15 @@ def _auto_choices(q, layout) -> dict:
     return {"fwd": pick(False, False), "fwd+bwd": pick(True, False), "graphed": pick(False, True)}
 
 
-def _bench(fn, q, k, v, backward: bool) -> float:
-    """Median milliseconds of one call (forward, or forward + backward)."""
+def _bench(fn, q, k, v, backward: bool, quick: bool = False) -> float:
+    """Median milliseconds of one call (forward, or forward + backward); --quick: shorter repetitions."""
+    import functools
+
     import torch
     from triton.testing import do_bench
 
+    if quick:
+        do_bench = functools.partial(do_bench, warmup=5, rep=25)
     if not backward:
         with torch.no_grad():
             return do_bench(lambda: fn(q, k, v))
@@ -208,7 +212,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                     rows.append({**row, "status": f"unavailable: {fn}"})
                     continue
                 try:
-                    ms = _bench(fn, q, k, v, backward)
+                    ms = _bench(fn, q, k, v, backward, quick)
                     rows.append({**row, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "status": "ok"})
                 except Exception as exc:
                     if "out of memory" in str(exc).lower():
