@@ -59,6 +59,13 @@ _MAX_GRID_Y = 65535  # (batch, head) pairs run on the second grid axis
 
 # ============================================================================================ jit kernels
 @triton.jit
+def _fp32(x):
+    """A float scalar argument as fp32: torch.compile (inductor) passes Python floats as fp64, which would turn
+    the fp32 accumulators fp64 inside the loops (a compile error: loop-carried type change)."""
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _keep_mask(seed, offsets, dropout_p):
     """True where an attention probability survives dropout (probability 1 - dropout_p)."""
     return tl.rand(seed, offsets) >= dropout_p
@@ -235,6 +242,7 @@ def _rmt_attn_fwd_kernel(
     BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
     # The heaviest (last, for causal) query tiles are scheduled first.
+    qk_scale, dropout_p = _fp32(qk_scale), _fp32(dropout_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -378,6 +386,7 @@ def _rmt_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
 ):  # fmt: skip
+    qk_scale, sm_scale, dropout_p = _fp32(qk_scale), _fp32(sm_scale), _fp32(dropout_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -455,6 +464,7 @@ def _rmt_attn_bwd_dkdv_kernel(
 
     Works in the transposed (key, query) orientation: s_t[n, m] = k[n] . q[m].
     """
+    qk_scale, sm_scale, dropout_p = _fp32(qk_scale), _fp32(sm_scale), _fp32(dropout_p)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
