@@ -37,10 +37,11 @@ BENCHMARKS: dict[str, str] = {
     "cuda-graph": "rmt_fast.bench.cuda_graph",
     "input-checks": "rmt_fast.bench.input_checks",
     "tune": "rmt_fast.bench.tune",
+    "train": "rmt_fast.bench.train",
 }
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
-# or GPU-only (cuda-graph, tune).
-NOT_IN_ALL: frozenset[str] = frozenset({"tune", "compare", "train-memory", "cuda-graph"})
+# or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder).
+NOT_IN_ALL: frozenset[str] = frozenset({"train", "tune", "compare", "train-memory", "cuda-graph"})
 
 
 def _available(module_path: str) -> bool:

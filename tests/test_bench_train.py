@@ -1,0 +1,106 @@
+"""rmt-fast-bench train: the tiny CPU default writes its outputs; OOM, over-budget and error points are rows."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from rmt_fast.bench import cli, train
+
+
+def _read(out):
+    with open(out / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    return rows, json.loads((out / "train.json").read_text())
+
+
+def test_cli_tiny_default_writes_csv_json_png(tmp_path):
+    out = tmp_path / "train"
+    code = cli.main(["train", "--out", str(out), "--quick", "--segments", "1,2", "--methods",
+                     "reference,fast,fast-compiled,full"])  # fmt: skip
+    assert code == 0
+    rows, doc = _read(out)
+    assert (out / "train.png").stat().st_size > 0
+    assert {r["setting"] for r in rows} == {"tiny-encoder", "tiny-decoder"}
+    assert len(rows) == 2 * 4 * 2 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        seg = train.SETTINGS[r["setting"]].segment
+        assert int(r["tokens"]) == int(r["batch"]) * int(r["segments"]) * seg
+        assert float(r["tokens_per_s"]) > 0 and math.isfinite(float(r["loss"]))
+        assert float(r["tokens_per_s"]) == pytest.approx(int(r["tokens"]) / float(r["step_ms"]) * 1e3, rel=1e-3)
+    # the RMT wrappers see the same data and weights: their first-step losses agree
+    for setting in ("tiny-encoder", "tiny-decoder"):
+        losses = {r["method"]: float(r["loss"]) for r in rows if r["setting"] == setting and r["segments"] == "2"}
+        assert losses["fast"] == pytest.approx(losses["reference"], rel=1e-4)
+        assert losses["fast-compiled"] == pytest.approx(losses["fast"], rel=1e-4)
+    assert doc["summary"]["ok"] and doc["env"]["torch"] == torch.__version__
+    assert doc["summary"]["targets"] == {}  # the tiny settings have no target point
+
+
+def test_oom_is_a_row_and_the_sweep_goes_on(tmp_path):
+    def hook(setting, method, n):
+        if method == "fast" and n == 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    summary = train.run(tmp_path, settings=["tiny-decoder"], segments=[1, 2, 4], methods=["fast", "reference"],
+                        fail_hook=hook)  # fmt: skip
+    rows, _ = _read(tmp_path)
+    status = {(r["method"], int(r["segments"])): r["status"] for r in rows}
+    assert status == {("reference", 1): "ok", ("reference", 2): "ok", ("reference", 4): "ok",
+                      ("fast", 1): "ok", ("fast", 2): "oom", ("fast", 4): "oom"}  # fmt: skip
+    note = next(r["note"] for r in rows if r["method"] == "fast" and r["segments"] == "4")
+    assert "not run" in note and "2 segments" in note
+    assert summary["oom_points"] == 2 and summary["ok"]
+
+
+def test_over_budget_points_are_rows(tmp_path):
+    calls = []
+
+    def clock():  # the budget runs out after the first point
+        calls.append(None)
+        return 0.0 if len(calls) <= 2 else 1e6
+
+    summary = train.run(tmp_path, settings=["tiny-encoder"], segments=[1, 2], methods=["fast", "fast-ckpt"],
+                        budget_s=10.0, clock=clock)  # fmt: skip
+    rows, _ = _read(tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "over budget", "over budget", "over budget"]
+    assert rows[1]["tokens_per_s"] == "" and summary["over_budget_points"] == 3 and summary["ok"]
+    assert (tmp_path / "train.png").exists()
+
+
+def test_other_failures_are_error_rows_and_fail_the_summary(tmp_path):
+    def hook(setting, method, n):
+        raise ValueError("boom")
+
+    summary = train.run(tmp_path, settings=["tiny-encoder"], segments=[1], methods=["reference"], fail_hook=hook)
+    rows, _ = _read(tmp_path)
+    assert rows[0]["status"] == "error" and "boom" in rows[0]["note"] and summary["ok"] is False
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="--setting"):
+        train.run("unused", settings=["c"])
+    with pytest.raises(ValueError, match="--methods"):
+        train.run("unused", settings=["tiny"], methods=["fastest"])
+    with pytest.raises(ValueError, match="--segments"):
+        train.run("unused", settings=["tiny"], segments=[0])
+
+
+def test_target_ratios():
+    a, b = train.SETTINGS["a"], train.SETTINGS["b"]
+
+    def row(setting, method, n, tps, peak, base, status="ok"):
+        return dict(setting=setting, method=method, segments=n, status=status, tokens_per_s=tps, peak_mb=peak,
+                    act_peak_mb=peak - base)  # fmt: skip
+
+    rows = [row("a", "reference", 7, 100.0, 4000.0, 1000.0), row("a", "fast", 7, 160.0, 1800.0, 1000.0),
+            row("a", "fast-ckpt", 7, 120.0, 1500.0, 1000.0), row("b", "fast-ckpt", 64, 1.0, 70000.0, 20000.0)]
+    got = train.targets(rows, [a, b])
+    fast = got["a@7"]["fast"]
+    assert fast["speedup"] == 1.6 and fast["peak_ratio"] == 0.45 and fast["activation_peak_ratio"] == 0.267
+    assert fast["meets_speedup"] and fast["meets_memory"]
+    ckpt = got["a@7"]["fast-ckpt"]
+    assert not ckpt["meets_speedup"] and ckpt["meets_memory"]
+    assert got["a@7"]["fast-compiled"] is None and got["b@8"] == {m: None for m in train.FAST_METHODS}
+    assert got["b@64 fast-ckpt"] == {"status": "ok", "peak_gb": 73.4, "fits_80GB": True}
