@@ -62,7 +62,7 @@ _MAX_GRID_Y = 65535  # (batch, head) pairs run on the second grid axis
 def _fp32(x):
     """A float scalar argument as fp32: torch.compile (inductor) passes Python floats as fp64, which would turn
     the fp32 accumulators fp64 inside the loops (a compile error: loop-carried type change)."""
-    return x.to(tl.float32)
+    return tl.cast(x, tl.float32)
 
 
 @triton.jit
