@@ -104,3 +104,23 @@ def test_target_ratios():
     assert not ckpt["meets_speedup"] and ckpt["meets_memory"]
     assert got["a@7"]["fast-compiled"] is None and got["b@8"] == {m: None for m in train.FAST_METHODS}
     assert got["b@64 fast-ckpt"] == {"status": "ok", "peak_gb": 73.4, "fits_80GB": True}
+
+
+def test_million_summary_crossover():
+    from rmt_fast.bench.cuda_graph import _million_summary
+
+    lengths = [4096, 8192, 16384, 32768]
+    rmt = {4096: 0.010, 8192: 0.008, 16384: 0.016, 32768: 0.032, 2**20: 0.9}
+    full = {4096: 0.004, 8192: 0.009, 16384: 0.028}  # 32768: out of memory
+    rows = [dict(method="graphed", tokens=n, seconds=t, status="ok") for n, t in rmt.items()]
+    rows += [dict(method="full (SDPA)", tokens=n, seconds=t, status="ok") for n, t in full.items()]
+    rows += [dict(method="full (SDPA)", tokens=32768, status="oom"),
+             dict(method="graphed+compiled", status="error: no compiler")]  # fmt: skip
+    got = _million_summary(rows, 2**20, lengths)
+    assert got["seconds_graphed"] == 0.9 and got["meets_1s_graphed"] is True
+    assert got["crossover_tokens_graphed"] == 8192 and got["meets_crossover_graphed"] is True
+    assert got["seconds_graphed+compiled"] is None and got["crossover_tokens_graphed+compiled"] is None
+    assert got["meets_crossover_graphed+compiled"] is False
+    rows[1]["seconds"] = 0.0095  # slower than full attention at 8192: the crossover moves to 16384
+    assert _million_summary(rows, 2**20, lengths)["crossover_tokens_graphed"] == 16384
+    assert _million_summary(rows, 2**20, lengths, targets_apply=False)["meets_1s_graphed"] is None
