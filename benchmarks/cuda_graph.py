@@ -82,13 +82,13 @@ def run_million(out_dir: Path, quick: bool = False) -> dict:
         with torch.inference_mode():
             return statistics.median(timer.once(fn) for _ in range(reps))
 
-    for name, kw in (("graphed", {}), ("graphed+compiled", {"compile_step": compile_step})):
-        rmt = None
+    def graphed(name, kw):
         try:
             rmt = FastRMT(_backbone(s, s.positions), s.mem, seg, cls_token_id=s.cls_token_id,
                           sep_token_id=s.sep_token_id, pad_token_id=s.pad_token_id, cuda_graph=True,
                           **kw).to(device, dtype).eval()  # fmt: skip
-            def call(n, rmt=rmt):
+
+            def call(n):
                 return lambda: rmt(ids[:, :n], return_logits=False)
 
             t0 = time.perf_counter()
@@ -97,26 +97,32 @@ def run_million(out_dir: Path, quick: bool = False) -> dict:
             sec = timed(call(total), 1 if quick else 2)
             n_seg = -(-total // seg)
             rows.append(dict(method=name, tokens=total, segments=n_seg, seconds=sec, ms_per_segment=1e3 * sec / n_seg,
-                             warmup_s=warm, status="ok"))  # fmt: skip
+                             warmup_s=warm, graphs_captured=rmt._graphs.captures, status="ok"))  # fmt: skip
             for n in lengths:
-                sec = timed(call(n), 3)
-                rows.append(dict(method=name, tokens=n, segments=-(-n // seg), seconds=sec, status="ok"))
+                rows.append(dict(method=name, tokens=n, segments=-(-n // seg), seconds=timed(call(n), 3), status="ok"))
         except Exception as exc:  # an unavailable path is a row, not a crash
             rows.append(dict(method=name, status=f"error: {type(exc).__name__}: {str(exc)[:200]}"))
-        rmt = None
+
+    def full():
+        model = _backbone(s, max(lengths)).to(device, dtype).eval()
+        for n in lengths:
+            try:
+                timed(lambda n=n: model(input_ids=ids[:, :n]), 1)  # warm-up
+                sec = timed(lambda n=n: model(input_ids=ids[:, :n]), 3)
+                rows.append(dict(method="full (SDPA)", tokens=n, seconds=sec, status="ok"))
+            except Exception as exc:
+                status = "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(dict(method="full (SDPA)", tokens=n, status=status))
+                break
+
+    # the compiled method last: its compilation is the long part; rows are written after each method, so a
+    # device-check timeout keeps what was measured
+    jobs = (lambda: graphed("graphed", {}), full, lambda: graphed("graphed+compiled", {"compile_step": compile_step}))
+    for job in jobs:
+        job()
         if cuda:
             torch.cuda.empty_cache()
-    model = _backbone(s, max(lengths)).to(device, dtype).eval()
-    for n in lengths:
-        try:
-            timed(lambda n=n: model(input_ids=ids[:, :n]), 1)  # warm-up
-            rows.append(dict(method="full (SDPA)", tokens=n, seconds=timed(lambda n=n: model(input_ids=ids[:, :n]), 3),
-                             status="ok"))  # fmt: skip
-        except Exception as exc:
-            if cuda:
-                torch.cuda.empty_cache()
-            rows.append(dict(method="full (SDPA)", tokens=n, status="oom" if _is_oom(exc) else f"error: {exc}"[:200]))
-            break
+        write_csv(out_dir / "million.csv", rows)
     summary = _million_summary(rows, total, lengths, targets_apply=cuda)
     write_csv(out_dir / "million.csv", rows)
     write_json(out_dir / "million.json", {"summary": summary, "rows": rows, "tokens": total, "dtype": str(dtype),

@@ -20,6 +20,10 @@ Settings:
   FastRMT with checkpointing also at 64 segments;
 * ``tiny`` (the CPU default): a 2-layer BERT and a 2-layer Llama, segments 1, 2, 4; well under a minute.
 
+``--quick`` on CUDA (the device check, ~100 s with a 70 s budget): (a) at 1 and 7 segments, (b) at 8 and 64
+(checkpointed), without ``fast-compiled`` (its compilation alone takes about a minute; ``--methods`` adds it).
+The CSV is rewritten after every point, so a run stopped from outside keeps the rows it measured.
+
 Timing: CUDA events around the measured steps (CPU: ``time.perf_counter``). Peak memory: CUDA
 ``max_memory_allocated`` over the measured steps, which includes weights, gradients and AdamW states (``base_mb``
 is what is allocated before a step, ``act_peak_mb`` the difference); CPU: the growth of the peak resident set
@@ -52,7 +56,7 @@ METHODS = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # the ord
 FAST_METHODS = ("fast", "fast-ckpt", "fast-compiled")
 SPEEDUP_TARGET, MEMORY_TARGET = 1.5, 0.5
 CKPT_TARGET_BYTES = 80e9
-DEFAULT_BUDGET_S = {True: 150.0, False: 1800.0}  # quick / full, on CUDA
+DEFAULT_BUDGET_S = {True: 70.0, False: 1800.0}  # quick / full, on CUDA (quick: the device check, ~100 s)
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 
 
@@ -84,7 +88,7 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {
     "a": Setting("a", "encoder", 12, 768, 12, 12, 3072, 30522, 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7],
-                 target_segments=7),  # fmt: skip
+                 target_segments=7, quick_methods=("reference", "fast", "fast-ckpt", "full")),  # fmt: skip
     "b": Setting("b", "decoder", 16, 2048, 32, 8, 8192, 128256, 16, 1024, 4, [1, 2, 4, 8, 16, 32], [8],
                  target_segments=8, ckpt_segments=[64],
                  quick_methods=("reference", "fast", "fast-ckpt", "full")),  # fmt: skip
@@ -213,7 +217,8 @@ def _measure(opt, loss_fn, ids, labels, reps: int, cuda: bool) -> dict:
                 loss=float(values[-1]))  # fmt: skip
 
 
-def _sweep(s: Setting, methods, segments, device, reps, deadline, clock, fail_hook, bar) -> list[dict]:
+def _sweep(s: Setting, methods, segments, device, reps, deadline, clock, fail_hook, bar, sink) -> list[dict]:
+    """One setting's points; ``sink(rows)`` after each point (the CSV so far: a killed run keeps its rows)."""
     import torch
 
     cuda = device.type == "cuda"
@@ -242,7 +247,8 @@ def _sweep(s: Setting, methods, segments, device, reps, deadline, clock, fail_ho
                     module, loss_fn = _build(s, method, device, max(points))
                     opt = torch.optim.AdamW(module.parameters(), lr=1e-6, foreach=cuda)
                 ids, labels = _inputs(s, n, device)
-                res = _measure(opt, loss_fn, ids, labels, reps, cuda)
+                # the long checkpointed points are there for their memory: one measured step
+                res = _measure(opt, loss_fn, ids, labels, 1 if n not in segments else reps, cuda)
                 row.update(status="ok", tokens_per_s=row["tokens"] / (res["step_ms"] / 1e3), **res)
                 if res["base_mb"] is not None and res["peak_mb"] is not None:
                     row["act_peak_mb"] = res["peak_mb"] - res["base_mb"]
@@ -263,6 +269,7 @@ def _sweep(s: Setting, methods, segments, device, reps, deadline, clock, fail_ho
             for key in ("step_ms", "tokens_per_s", "peak_mb", "base_mb", "act_peak_mb", "warmup_s", "loss"):
                 if isinstance(row[key], float):
                     row[key] = round(row[key], 4)
+            sink(rows)
         module = opt = loss_fn = None
         if method == "fast-compiled":
             torch._dynamo.reset()  # frees compiled graphs; the next setting starts below dynamo's recompile limit
@@ -394,7 +401,9 @@ def run(out_dir: Path, quick: bool = False, *, settings: list[str] | None = None
     with tqdm(total=total, desc="train") as bar:
         for s, ms, segs in plan:
             bar.set_postfix_str(f"setting {s.name}")
-            rows += _sweep(s, ms, segs, device, reps, deadline, clock, fail_hook, bar)
+            done = list(rows)
+            rows += _sweep(s, ms, segs, device, reps, deadline, clock, fail_hook, bar,
+                           lambda new, done=done: write_csv(out_dir / "train.csv", done + new))  # fmt: skip
     summary = {
         "device": machine_label(),
         "seconds": round(clock() - t0, 1),
