@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "train-memory": "rmt_fast.bench.train_memory",
     "cuda-graph": "rmt_fast.bench.cuda_graph",
     "input-checks": "rmt_fast.bench.input_checks",
+    "host-overhead": "rmt_fast.bench.host_overhead",
     "tune": "rmt_fast.bench.tune",
     "train": "rmt_fast.bench.train",
 }

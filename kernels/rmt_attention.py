@@ -716,6 +716,7 @@ def set_launch_configs(table: dict | None) -> None:
 def clear_launch_cache() -> None:
     """Forget the resolved configurations (the next launch of each kind asks :func:`launch_config` again)."""
     _CONFIG_CACHE.clear()
+    _PLANS.clear()
 
 
 @contextlib.contextmanager
@@ -737,33 +738,98 @@ def override_configs(fwd=None, dq=None, dkdv=None) -> Iterator[None]:
         _OVERRIDE = previous
 
 
-def _launch(kind: str, kernel, grid_fn, args: tuple, consts: dict, head_dim: int, dtype, device) -> None:
-    """Launch with the resolved config; on a compile-time out-of-resources error, step down and remember."""
-    if _OVERRIDE is not None and kind in _OVERRIDE:
-        cfg = _OVERRIDE[kind]
-        kernel[grid_fn(cfg)](*args, **consts, **cfg.kwargs)
-        return
-    key = (kind, head_dim, dtype, device.index if device.type == "cuda" else -1)
-    cfg = None if _interpreting() else _CONFIG_CACHE.get(key)
+class _Launch:
+    """A ready launch of one kernel variant: the kernel's bound ``run``, its keyword arguments (constexprs and
+    launch config) as one dict built once, and the block sizes for the grid. Built on the first call of a
+    variant and cached: a call after that does one dict look-up, builds no dict and binds nothing."""
+
+    __slots__ = ("run", "kwargs", "block_m", "block_n", "cfg", "fixed")
+
+    def __init__(self, kernel, cfg: LaunchConfig, consts: dict, fixed: bool):
+        self.run = kernel.run
+        self.kwargs = {**consts, **cfg.kwargs}
+        self.block_m, self.block_n, self.cfg, self.fixed = cfg.block_m, cfg.block_n, cfg, fixed
+
+
+# Kernel variant key -> _Launch. Cleared with the config cache (clear_launch_cache, set_launch_configs).
+_PLANS: dict[tuple, _Launch] = {}
+_KERNEL_NAMES = {"fwd": "_rmt_attn_fwd_kernel", "dq": "_rmt_attn_bwd_dq_kernel",
+                 "dkdv": "_rmt_attn_bwd_dkdv_kernel", "pre": "_rmt_attn_bwd_preprocess_kernel"}  # fmt: skip
+
+
+def _plan(kind: str, D: int, dtype, device, causal: bool, padded: bool, has_starts: bool, dropout: bool,
+          i64: bool) -> _Launch:  # fmt: skip
+    """The launch of kernel ``kind`` for this variant (see :class:`_Launch`)."""
+    key = _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64)
+    if _OVERRIDE is None and not _INTERPRET:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan
+    return _new_plan(key)
+
+
+def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
+    kind, D, dtype, device, causal, padded, has_starts, dropout, i64, ieee, boundary_only = key
+    kernel = globals()[_KERNEL_NAMES[kind]]  # looked up now: tests and benchmarks swap kernels
+    block_d = max(16, _next_pow2(D))
+    if kind == "pre":
+        plan = _Launch(kernel, LaunchConfig(16 if _INTERPRET else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
+        if not _INTERPRET:
+            _PLANS[key] = plan
+        return plan
+    consts = {
+        "CAUSAL": causal, "PADDED": padded, "HAS_STARTS": has_starts, "DROPOUT": dropout, "DROP_I64": i64,
+        "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
+    }  # fmt: skip
+    if cfg is None and _OVERRIDE is not None and kind in _OVERRIDE:
+        return _Launch(kernel, _OVERRIDE[kind], consts, True)  # used exactly, not cached
+    cfg_key = (kind, D, dtype, device)
     if cfg is None:
-        cfg = launch_config(kind, head_dim, dtype)
+        cfg = None if _INTERPRET else _CONFIG_CACHE.get(cfg_key)
+    if cfg is None:
+        cfg = launch_config(kind, D, dtype)
+    plan = _Launch(kernel, cfg, consts, False)
+    if not _INTERPRET and _OVERRIDE is None:
+        _CONFIG_CACHE[cfg_key] = cfg
+        _PLANS[key] = plan
+    return plan
+
+
+def _run(plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple) -> None:
+    """Launch ``plan`` on the grid (cdiv(n0, BLOCK_N if by_n else BLOCK_M), grid1). A launch that fails to
+    compile for lack of shared memory or registers steps the configuration down (and the cache remembers it),
+    unless the configuration was fixed by :func:`override_configs`."""
+    block = plan.block_n if by_n else plan.block_m
+    try:
+        plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
+    except triton.runtime.errors.OutOfResources as exc:
+        if plan.fixed:
+            raise
+        _run_stepping_down(exc, plan, key_args, n0, by_n, grid1, args)
+
+
+def _run_stepping_down(exc, plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple) -> None:
+    cfg = plan.cfg
+    _PLANS.clear()
+    kind, D, dtype, device = key_args[:4]
     while True:
+        cfg = cfg.smaller()
+        if cfg is None:
+            raise exc
+        _CONFIG_CACHE[(kind, D, dtype, device)] = cfg
+        plan = _new_plan(_variant_key(*key_args), cfg)
+        block = plan.block_n if by_n else plan.block_m
         try:
-            kernel[grid_fn(cfg)](*args, **consts, **cfg.kwargs)
-            _CONFIG_CACHE[key] = cfg
+            plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
             return
-        except triton.runtime.errors.OutOfResources:
-            smaller = cfg.smaller()
-            if smaller is None:
-                raise
-            cfg = smaller
+        except triton.runtime.errors.OutOfResources as again:
+            exc = again
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul policy: exact IEEE unless the user allowed TF32.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64) -> tuple:
+    # fp32 inputs follow torch's matmul policy: exact IEEE dots unless the user allowed TF32.
+    ieee = dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return (kind, D, dtype, device, causal, padded, has_starts, dropout, i64, ieee, _MASK_BOUNDARY_ONLY)
 
 
 # Test hook: force 64-bit dropout offsets even when B * Hq * Tq * Tk < 2**31.
@@ -782,112 +848,93 @@ def _empty(shape, dtype, device) -> Tensor:
 # ============================================================================================== launchers
 def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, bool, bool]:
     """(starts, ends, PADDED, HAS_STARTS); tensors the kernel never reads are replaced by any device pointer."""
-    if layout.token_counts is None:
+    counts = layout.token_counts
+    if counts is None:
         return dummy, dummy, False, False
-    if layout.token_starts is None:
-        return dummy, layout.token_counts, True, False
-    return layout.token_starts, layout.token_counts, True, True
+    starts = layout.token_starts
+    if starts is None:
+        return dummy, counts, True, False
+    return starts, counts, True, True
 
 
-def _forward(q, k, v, layout: SegmentLayout, scale: float, dropout_p: float, seed: int, out: Tensor | None):
+def _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed,
+             out):  # fmt: skip
+    """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). Primitive arguments only (the
+    custom op for torch.compile calls it too); ``starts`` / ``counts`` are any tensor when unused."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    device = q.device
     if out is None:
-        out = _empty((B, Tq, Hq, D), q.dtype, q.device)
-    lse = _empty((B, Hq, Tq), torch.float32, q.device)
-    starts, counts, padded, has_starts = _runs_arg(layout, q)
+        out = _empty((B, Tq, Hq, D), q.dtype, device)
+    lse = _empty((B, Hq, Tq), torch.float32, device)
+    key_args = ("fwd", D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
+    plan = _plan(*key_args)
     args = (
         q, k, v, out, lse, starts, counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Tq, Tk, D, layout.num_read, layout.num_tokens,
-        scale * _LOG2E, float(dropout_p), int(seed),
+        Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, dropout_p, seed,
     )  # fmt: skip
-    consts = dict(
-        CAUSAL=layout.causal, PADDED=padded, HAS_STARTS=has_starts, DROPOUT=dropout_p > 0.0,
-        DROP_I64=_needs_i64(B, Hq, Tq, Tk), BLOCK_D=max(16, _next_pow2(D)), DOT_PREC=_dot_precision(q.dtype),
-        BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
-    )  # fmt: skip
-    _launch(
-        "fwd", _rmt_attn_fwd_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * Hq), args, consts,
-        D, q.dtype, q.device,
-    )  # fmt: skip
+    _run(plan, key_args, Tq, False, B * Hq, args)
     return out, lse
 
 
-def _backward(q, k, v, out, lse, do, layout, scale, dropout_p, seed, need_dq, need_dkv):
+def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale,
+              dropout_p, seed, need_dq, need_dkv):  # fmt: skip
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    block_d = max(16, _next_pow2(D))
-    starts, counts, padded, has_starts = _runs_arg(layout, q)
-    dot_prec = _dot_precision(q.dtype)
+    device = q.device
 
-    delta = _empty((B, Hq, Tq), torch.float32, q.device)
-    pre_m = 16 if _interpreting() else 64
-    _rmt_attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m), B * Hq)](
-        out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
-    )  # fmt: skip
+    delta = _empty((B, Hq, Tq), torch.float32, device)
+    pre = _plan("pre", D, q.dtype, device, False, False, False, False, False)
+    _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D))
 
-    consts = dict(
-        CAUSAL=layout.causal, PADDED=padded, HAS_STARTS=has_starts, DROPOUT=dropout_p > 0.0,
-        DROP_I64=_needs_i64(B, Hq, Tq, Tk), BLOCK_D=block_d, DOT_PREC=dot_prec, BOUNDARY_ONLY=_MASK_BOUNDARY_ONLY,
-    )  # fmt: skip
-    common = (
-        Tq, Tk, D, layout.num_read, layout.num_tokens, scale * _LOG2E, scale, float(dropout_p), int(seed),
-    )  # fmt: skip
+    variant = (D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
+    common = (Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, scale, dropout_p, seed)
     dq = dk = dv = None
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
-        dq = _empty((B, Tq, Hq, D), q.dtype, q.device).transpose(1, 2)
+        dq = _empty((B, Tq, Hq, D), q.dtype, device).transpose(1, 2)
         args = (
             q, k, v, do, dq, lse, delta, starts, counts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             Hq, G, *common,
         )  # fmt: skip
-        _launch(
-            "dq", _rmt_attn_bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * Hq), args, consts,
-            D, q.dtype, q.device,
-        )  # fmt: skip
+        key_args = ("dq", *variant)
+        _run(_plan(*key_args), key_args, Tq, False, B * Hq, args)
     if need_dkv:
-        dk = _empty((B, Tk, Hkv, D), k.dtype, k.device).transpose(1, 2)
-        dv = _empty((B, Tk, Hkv, D), v.dtype, v.device).transpose(1, 2)
+        dk = _empty((B, Tk, Hkv, D), k.dtype, device).transpose(1, 2)
+        dv = _empty((B, Tk, Hkv, D), v.dtype, device).transpose(1, 2)
         args = (
             q, k, v, do, dk, dv, lse, delta, starts, counts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             Hq, Hkv, G, *common,
         )  # fmt: skip
-        _launch(
-            "dkdv", _rmt_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c.block_n), B * Hkv), args, consts,
-            D, q.dtype, q.device,
-        )  # fmt: skip
+        key_args = ("dkdv", *variant)
+        _run(_plan(*key_args), key_args, Tk, True, B * Hkv, args)
     return dq, dk, dv
 
 
 # ================================================================================= autograd Function
 class _RmtAttentionFn(torch.autograd.Function):
+    """``meta`` = (padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed): one argument, as
+    every argument of ``apply`` costs host time."""
+
     @staticmethod
-    def forward(ctx, q, k, v, out, layout, scale, dropout_p, seed):
-        o, lse = _forward(q, k, v, layout, scale, dropout_p, seed, out)
+    def forward(ctx, q, k, v, out, starts, counts, meta):
+        o, lse = _forward(q, k, v, starts, counts, *meta, out)
         if out is not None:
             ctx.mark_dirty(out)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.scale, ctx.dropout_p, ctx.seed = layout, scale, dropout_p, seed
+        ctx.save_for_backward(q, k, v, o, lse, starts, counts)
+        ctx.meta = meta
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        need_dq = ctx.needs_input_grad[0]
-        need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = _backward(
-            q, k, v, o, lse, do, ctx.layout, ctx.scale, ctx.dropout_p, ctx.seed, need_dq, need_dkv
-        )  # fmt: skip
-        return (
-            dq,
-            dk if ctx.needs_input_grad[1] else None,
-            dv if ctx.needs_input_grad[2] else None,
-            None, None, None, None, None,
-        )  # fmt: skip
+        q, k, v, o, lse, starts, counts = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, *ctx.meta, need[0], need[1] or need[2])
+        return dq, dk if need[1] else None, dv if need[2] else None, None, None, None, None
 
 
 # ==================================================================================== public functions
@@ -911,11 +958,6 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
         return TypeError, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
         return ValueError, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
-    if q.device.type == "cpu":
-        if not _interpreting():
-            return ValueError, "CPU tensors need TRITON_INTERPRET=1 (the triton backend runs on CUDA)"
-    elif q.device.type != "cuda":
-        return ValueError, f"the triton backend runs on CUDA, got device {q.device}"
     B, Hq, Tq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         return ValueError, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}"
@@ -957,6 +999,11 @@ def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
                 return ValueError, f"layout.{name} must be contiguous (the kernel reads it by row index)"
     if not (0.0 <= float(dropout_p) < 1.0):
         return ValueError, f"dropout_p must be in [0, 1), got {dropout_p}"
+    if q.device.type == "cpu":  # last, so that its cost on the CPU is the full validation's (benchmarks)
+        if not _interpreting():
+            return ValueError, "CPU tensors need TRITON_INTERPRET=1 (the triton backend runs on CUDA)"
+    elif q.device.type != "cuda":
+        return ValueError, f"the triton backend runs on CUDA, got device {q.device}"
     return None
 
 
@@ -1001,22 +1048,28 @@ def rmt_attention(
         if problem is not None:
             exc, msg = problem
             raise exc(msg)
-    B, Hq, Tq, D = q.shape
-    if check and out is not None:
-        if not isinstance(out, Tensor) or tuple(out.shape) != (B, Tq, Hq, D):
-            raise ValueError(f"out must have shape {(B, Tq, Hq, D)}, got {getattr(out, 'shape', type(out))}")
-        if out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must be {q.dtype} on {q.device}, got {out.dtype} on {out.device}")
-        if out.requires_grad:
-            raise ValueError("out must not require grad")
-    scale = D**-0.5 if scale is None else float(scale)
+        if out is not None:
+            B, Hq, Tq, D = q.shape
+            if not isinstance(out, Tensor) or tuple(out.shape) != (B, Tq, Hq, D):
+                raise ValueError(f"out must have shape {(B, Tq, Hq, D)}, got {getattr(out, 'shape', type(out))}")
+            if out.dtype != q.dtype or out.device != q.device:
+                raise ValueError(f"out must be {q.dtype} on {q.device}, got {out.dtype} on {out.device}")
+            if out.requires_grad:
+                raise ValueError("out must not require grad")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
+        seed = int(seed)
     else:
         seed = 0
-    return _RmtAttentionFn.apply(q, k, v, out, layout, scale, dropout_p, int(seed))
+    starts, counts, padded, has_starts = _runs_arg(layout, q)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
+        return _RmtAttentionFn.apply(q, k, v, out, starts, counts, meta)
+    return _forward(q, k, v, starts, counts, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal,
+                    scale, dropout_p, seed, out)[0]  # fmt: skip
 
 
 def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed: int, device) -> Tensor:

@@ -505,12 +505,9 @@ class _Recorder:
     def __init__(self, kernel, log, kind):
         self.kernel, self.log, self.kind = kernel, log, kind
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.kind, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
+    def run(self, *args, grid, warmup, **kwargs):
+        self.log.append((self.kind, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+        return self.kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
 def _record_launches(monkeypatch):

@@ -1,0 +1,195 @@
+"""`rmt-fast-bench host-overhead`: host (CPU) time per attention call, Triton path against SDPA path, eager.
+
+Target (issue 9, item 3): the Triton path's host time per call is at most SDPA's plus 10 us on one machine.
+
+Two measurements:
+
+* ``stub`` (any machine): the runtime's per-layer calls, ``rmt_attention(..., check=False)`` and
+  ``sdpa_rmt_attention``, on CPU tensors with the device work replaced by stubs: every Triton kernel's launch
+  (``kernel[grid](...)`` / ``kernel.run``) is a no-op and ``F.scaled_dot_product_attention`` returns a view
+  of q (an autograd node when q requires grad, like the real op). What is left is the Python of our
+  wrappers (argument packing, config look-up, allocations, the SDPA path's dense mask, which on the CPU is
+  real compute); Triton's own launcher and SDPA's dispatch are not included. Also timed: the
+  validation the runtime does once per segment (``rmt_attention_supported``), and the autograd path (inputs
+  that require grad: the forward of ``_RmtAttentionFn``).
+* ``cuda`` (only with a GPU): the same calls for real; host time = ``time.perf_counter`` around N calls with
+  no synchronisation inside (the launch queue is far from full at N = 200), device time = CUDA events around
+  the same N calls.
+
+Cases: the decoder layout ``[m read | tokens | m write]`` full, padded by a count (a short last segment) and
+with per-row visible runs (a left-padded caller mask), B = 2, 12 heads, D = 64, float16.
+Outputs: ``host_overhead.json`` and ``host_overhead.md`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rmt_fast.bench.common import env_info, machine_label, write_json
+from rmt_fast.kernels.layout import SegmentLayout
+from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
+
+TARGET_US = 10.0
+KERNELS = ("_rmt_attn_fwd_kernel", "_rmt_attn_bwd_preprocess_kernel", "_rmt_attn_bwd_dq_kernel",
+           "_rmt_attn_bwd_dkdv_kernel")  # fmt: skip
+
+
+class _StubKernel:
+    """Stands in for a jit kernel: accepts a launch, does nothing."""
+
+    def __init__(self, real):
+        self.real = real
+        self.arg_names = getattr(real, "arg_names", None)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return None
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        return None
+
+
+def _ra():
+    return importlib.import_module("rmt_fast.kernels.rmt_attention")
+
+
+@contextlib.contextmanager
+def stubs():
+    """Kernel launches and SDPA's compute replaced by no-ops (restored on exit)."""
+    ra = _ra()
+    saved = {name: getattr(ra, name) for name in KERNELS}
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa_stub(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        # a view: no compute, but an autograd node when q requires grad, as the real op records one
+        return q.view(q.shape)
+
+    try:
+        for name, kernel in saved.items():
+            setattr(ra, name, _StubKernel(kernel))
+        F.scaled_dot_product_attention = sdpa_stub
+        ra.clear_launch_cache()
+        yield
+    finally:
+        for name, kernel in saved.items():
+            setattr(ra, name, kernel)
+        F.scaled_dot_product_attention = real_sdpa
+        ra.clear_launch_cache()
+
+
+def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    T = 2 * m + size
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(dtype).to(device).transpose(1, 2) for _ in range(3))
+    counts = torch.full((B,), size - 100, dtype=torch.int32, device=device)
+    starts = torch.tensor([37, 0][:B] + [0] * max(0, B - 2), dtype=torch.int32, device=device)
+    return {
+        "full": (q, k, v, SegmentLayout(m, size, m, True)),
+        "counts": (q, k, v, SegmentLayout(m, size, m, True, token_counts=counts)),
+        "runs": (q, k, v, SegmentLayout(m, size, m, True, token_counts=counts.clone(), token_starts=starts)),
+    }
+
+
+def _per_call_us(fn, n: int, repeats: int, sync=None) -> float:
+    fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+        if sync:
+            sync()
+    return min(times)  # the least disturbed repeat (other processes share the CPU)
+
+
+def _paths(q, k, v, layout) -> dict:
+    ra = _ra()
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    return {
+        "triton": lambda: ra.rmt_attention(q, k, v, layout, check=False),
+        "sdpa": lambda: sdpa_rmt_attention(q, k, v, layout),
+        "triton_grad": lambda: ra.rmt_attention(qg, kg, vg, layout, check=False),
+        "sdpa_grad": lambda: sdpa_rmt_attention(qg, kg, vg, layout),
+        "validate_once_per_segment": lambda: ra.rmt_attention_supported(q, k, v, layout),
+    }
+
+
+def measure_stub(n: int, repeats: int) -> list[dict]:
+    rows = []
+    with stubs():
+        for case, (q, k, v, layout) in cases("cpu").items():
+            for path, fn in _paths(q, k, v, layout).items():
+                with torch.no_grad() if not path.endswith("_grad") else contextlib.nullcontext():
+                    us = _per_call_us(fn, n, repeats)
+                rows.append({"mode": "stub", "case": case, "path": path, "host_us": round(us, 2)})
+    return rows
+
+
+def measure_cuda(n: int, repeats: int) -> list[dict]:
+    rows = []
+    for case, (q, k, v, layout) in cases("cuda").items():
+        for path, fn in _paths(q, k, v, layout).items():
+            if path.startswith("validate"):
+                continue
+            with torch.no_grad() if not path.endswith("_grad") else contextlib.nullcontext():
+                host = _per_call_us(fn, n, repeats, sync=torch.cuda.synchronize)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(n):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                device = start.elapsed_time(end) / n * 1e3
+            rows.append({"mode": "cuda", "case": case, "path": path, "host_us": round(host, 2),
+                         "device_us": round(device, 2)})  # fmt: skip
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Triton minus SDPA host time per (mode, case, grad or not), against the target."""
+    by = {(r["mode"], r["case"], r["path"]): r["host_us"] for r in rows}
+    out = []
+    for (mode, case, path), triton_us in by.items():
+        if not path.startswith("triton"):
+            continue
+        sdpa_us = by[(mode, case, path.replace("triton", "sdpa"))]
+        diff = triton_us - sdpa_us
+        out.append({"mode": mode, "case": case, "grad": path.endswith("_grad"), "triton_us": triton_us,
+                    "sdpa_us": sdpa_us, "diff_us": round(diff, 2), "target_us": TARGET_US,
+                    "meets_target": diff <= TARGET_US})  # fmt: skip
+    return out
+
+
+def run(out_dir: Path, quick: bool) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n, repeats = (50, 3) if quick else (500, 7)
+    rows = measure_stub(n, repeats)
+    if torch.cuda.is_available():
+        rows += measure_cuda(n if quick else 200, repeats)
+    summary = summarize(rows)
+    write_json(out_dir / "host_overhead.json", {"env": env_info(), "rows": rows, "summary": summary})
+    lines = [f"# Host time per attention call ({machine_label()})", "",
+             "| mode | case | grad | Triton us | SDPA us | Triton - SDPA | target <= 10 us |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in summary:
+        lines.append(f"| {s['mode']} | {s['case']} | {s['grad']} | {s['triton_us']:.1f} | {s['sdpa_us']:.1f} | "
+                     f"{s['diff_us']:+.1f} | {'yes' if s['meets_target'] else 'NO'} |")  # fmt: skip
+    lines += ["", "| mode | case | path | host us | device us |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['case']} | {r['path']} | {r['host_us']:.1f} | {r.get('device_us', '')} |")
+    (out_dir / "host_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return {"rows": len(rows), "all_meet_target": all(s["meets_target"] for s in summary),
+            "worst_diff_us": max(s["diff_us"] for s in summary)}  # fmt: skip
