@@ -23,9 +23,9 @@ refuses to run while a segment is active if the mask it received is not that seg
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import logging
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -65,9 +65,35 @@ class ActiveSegment:
         self.decision: str | None = None
 
 
-_ACTIVE: contextvars.ContextVar[ActiveSegment | None] = contextvars.ContextVar("rmt_fast_segment", default=None)
+class _ThreadVar:
+    """A per-thread variable with the ContextVar get/set/reset API, which torch.compile can trace (Dynamo
+    graph-breaks on ``ContextVar.get``, which would split a compiled segment step at every attention layer).
+    Segments run synchronously in their thread, so per-thread is the scope needed."""
+
+    def __init__(self, default):
+        default_value = default
+
+        class _Local(threading.local):
+            def __init__(self):
+                self.value = default_value
+
+        self._local = _Local()
+
+    def get(self):
+        return self._local.value
+
+    def set(self, value):
+        previous = self._local.value
+        self._local.value = value
+        return previous
+
+    def reset(self, token) -> None:
+        self._local.value = token
+
+
+_ACTIVE = _ThreadVar(None)  # the ActiveSegment while a segment runs
 # True while a CUDA-graph runner warms up or captures a step: 'auto' then uses the table's graphed measurements.
-_GRAPHED: contextvars.ContextVar[bool] = contextvars.ContextVar("rmt_fast_graphed", default=False)
+_GRAPHED = _ThreadVar(False)
 
 
 @contextlib.contextmanager

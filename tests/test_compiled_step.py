@@ -6,7 +6,6 @@ float64 one (relative), or within twice the error of eager fp32 FastRMT where fp
 CPU, SDPA backend; inductor compiles (compile_step=True) only where the compiler itself is under test."""
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -151,35 +150,11 @@ def test_copies_compile_their_own_step():
     assert torch.equal(twin(ids).logits, rmt(ids).logits)
 
 
-class _TraceableSegmentVar:
-    """ContextVar's get/set/reset over a threading.local: what torch.compile can trace (it cannot trace
-    ``ContextVar.get``, so with rmt_fast.attention's ContextVar every attention call is a graph break)."""
-
-    class _Local(threading.local):
-        def __init__(self):
-            self.seg = None
-
-    def __init__(self):
-        self._local = self._Local()
-
-    def get(self):
-        return self._local.seg
-
-    def set(self, seg):
-        prev, self._local.seg = self._local.seg, seg
-        return prev
-
-    def reset(self, token):
-        self._local.seg = token
-
-
 @pytest.mark.parametrize("factory,kw", [(gpt2, {}), (llama, {}), (bert_cls, dict(cls_token_id=CLS, sep_token_id=SEP))])
-def test_step_is_one_graph_when_the_seam_is_traceable(monkeypatch, factory, kw):
-    """With a traceable active-segment holder in rmt_fast.attention, the whole step (embeddings, every layer,
-    attention through the SDPA backend, the loss) compiles with fullgraph=True: no graph break of our own."""
-    if not all(hasattr(seam._ACTIVE, a) for a in ("get", "set", "reset")):
-        pytest.skip("rmt_fast.attention keeps the active segment differently")
-    monkeypatch.setattr(seam, "_ACTIVE", _TraceableSegmentVar())
+def test_step_is_one_graph(factory, kw):
+    """The seam is traceable (rmt_fast.attention keeps the active segment in a thread-local, not a ContextVar),
+    so the whole step (embeddings, every layer, attention through the SDPA backend, the loss) compiles with
+    fullgraph=True: no graph break of our own."""
     torch.manual_seed(0)
     eager = FastRMT(factory(), 3, 6, attn_backend="sdpa", **kw)
     compiled = copy.deepcopy(eager)
