@@ -743,10 +743,10 @@ class _Launch:
     launch config) as one dict built once, and the block sizes for the grid. Built on the first call of a
     variant and cached: a call after that does one dict look-up, builds no dict and binds nothing."""
 
-    __slots__ = ("run", "kwargs", "block_m", "block_n", "cfg", "fixed")
+    __slots__ = ("kernel", "run", "kwargs", "block_m", "block_n", "cfg", "fixed")
 
     def __init__(self, kernel, cfg: LaunchConfig, consts: dict, fixed: bool):
-        self.run = kernel.run
+        self.kernel, self.run = kernel, kernel.run
         self.kwargs = {**consts, **cfg.kwargs}
         self.block_m, self.block_n, self.cfg, self.fixed = cfg.block_m, cfg.block_n, cfg, fixed
 
@@ -774,6 +774,7 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
     block_d = max(16, _next_pow2(D))
     if kind == "pre":
         plan = _Launch(kernel, LaunchConfig(16 if _INTERPRET else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
+        del plan.kwargs["BLOCK_N"]  # the preprocess kernel tiles queries only
         if not _INTERPRET:
             _PLANS[key] = plan
         return plan
@@ -795,11 +796,15 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
     return plan
 
 
-def _run(plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple) -> None:
+def _run(plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple, wrap=None) -> None:
     """Launch ``plan`` on the grid (cdiv(n0, BLOCK_N if by_n else BLOCK_M), grid1). A launch that fails to
     compile for lack of shared memory or registers steps the configuration down (and the cache remembers it),
-    unless the configuration was fixed by :func:`override_configs`."""
+    unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
+    inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
     block = plan.block_n if by_n else plan.block_m
+    if wrap is not None:
+        wrap(plan.kernel)[(-(-n0 // block), grid1)](*args, **plan.kwargs)
+        return
     try:
         plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
     except triton.runtime.errors.OutOfResources as exc:
@@ -858,7 +863,7 @@ def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, boo
 
 
 def _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed,
-             out):  # fmt: skip
+             out, wrap=None):  # fmt: skip
     """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). Primitive arguments only (the
     custom op for torch.compile calls it too); ``starts`` / ``counts`` are any tensor when unused."""
     B, Hq, Tq, D = q.shape
@@ -874,12 +879,12 @@ def _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, 
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, dropout_p, seed,
     )  # fmt: skip
-    _run(plan, key_args, Tq, False, B * Hq, args)
+    _run(plan, key_args, Tq, False, B * Hq, args, wrap)
     return out, lse
 
 
 def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale,
-              dropout_p, seed, need_dq, need_dkv):  # fmt: skip
+              dropout_p, seed, need_dq, need_dkv, wrap=None):  # fmt: skip
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -887,7 +892,7 @@ def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_rea
 
     delta = _empty((B, Hq, Tq), torch.float32, device)
     pre = _plan("pre", D, q.dtype, device, False, False, False, False, False)
-    _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D))
+    _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D), wrap)
 
     variant = (D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
     common = (Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, scale, dropout_p, seed)
@@ -901,7 +906,7 @@ def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_rea
             Hq, G, *common,
         )  # fmt: skip
         key_args = ("dq", *variant)
-        _run(_plan(*key_args), key_args, Tq, False, B * Hq, args)
+        _run(_plan(*key_args), key_args, Tq, False, B * Hq, args, wrap)
     if need_dkv:
         dk = _empty((B, Tk, Hkv, D), k.dtype, device).transpose(1, 2)
         dv = _empty((B, Tk, Hkv, D), v.dtype, device).transpose(1, 2)
@@ -911,7 +916,7 @@ def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_rea
             Hq, Hkv, G, *common,
         )  # fmt: skip
         key_args = ("dkdv", *variant)
-        _run(_plan(*key_args), key_args, Tk, True, B * Hkv, args)
+        _run(_plan(*key_args), key_args, Tk, True, B * Hkv, args, wrap)
     return dq, dk, dv
 
 
@@ -935,6 +940,57 @@ class _RmtAttentionFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, *ctx.meta, need[0], need[1] or need[2])
         return dq, dk if need[1] else None, dv if need[2] else None, None, None, None, None
+
+
+# ============================================================================ torch.compile: custom ops
+def _register_ops():
+    """The forward and backward as ``torch.library.triton_op`` custom ops (``rmt_fast::attn_fwd``,
+    ``rmt_fast::attn_bwd``) with autograd registered: torch.compile sees the kernel launches (``wrap_triton``)
+    and compiles the kernels itself; the fake implementation is the same Python run on fake tensors. Used only
+    while compiling (:func:`rmt_attention` checks ``torch.compiler.is_compiling()``): in eager mode the custom
+    op's dispatch would only add host time. Not registered in Triton's interpreter (``wrap_triton`` takes
+    compiled kernels only)."""
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("rmt_fast::attn_fwd", mutates_args=())
+    def attn_fwd(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, counts: Tensor, padded: bool, has_starts: bool,
+                 num_read: int, num_tokens: int, causal: bool, scale: float, dropout_p: float,
+                 seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p,
+                        seed, None, wrap_triton)  # fmt: skip
+
+    @triton_op("rmt_fast::attn_bwd", mutates_args=())
+    def attn_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, starts: Tensor,
+                 counts: Tensor, padded: bool, has_starts: bool, num_read: int, num_tokens: int, causal: bool,
+                 scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        return _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal,
+                         scale, dropout_p, seed, True, True, wrap_triton)  # fmt: skip
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, starts, counts = inputs[:5]
+        ctx.save_for_backward(q, k, v, output[0], output[1], starts, counts)
+        ctx.meta = inputs[5:]
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, starts, counts = ctx.saved_tensors
+        dq, dk, dv = attn_bwd(q, k, v, out, lse, dout, starts, counts, *ctx.meta)
+        return (dq, dk, dv) + (None,) * 10
+
+    attn_fwd.register_autograd(backward, setup_context=setup_context)
+    return attn_fwd, attn_bwd
+
+
+_OPS = None
+if not _INTERPRET and hasattr(torch.library, "triton_op"):
+    _OPS = _register_ops()
+
+
+def _compiled_attention(q, k, v, out, starts, counts, meta) -> Tensor:
+    o = _OPS[0](q, k, v, starts, counts, *meta)[0]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
 
 
 # ==================================================================================== public functions
@@ -1065,6 +1121,9 @@ def rmt_attention(
     else:
         seed = 0
     starts, counts, padded, has_starts = _runs_arg(layout, q)
+    if _OPS is not None and torch.compiler.is_compiling():
+        meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
+        return _compiled_attention(q, k, v, out, starts, counts, meta)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _RmtAttentionFn.apply(q, k, v, out, starts, counts, meta)
