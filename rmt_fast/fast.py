@@ -22,6 +22,7 @@ from .base import RMTBase, RMTOutput, memory_detached_before
 from .compiled import CompiledStep, compile_options
 from .cuda_graph import SegmentGraphRunner
 from .kernels.layout import SegmentLayout
+from .loss import linear_cross_entropy, plain_head, wants_chunked_loss
 from .segments import DecoderStatic, decoder_plan, decoder_targets, encoder_plan
 
 
@@ -55,6 +56,7 @@ class FastRMT(RMTBase):
             raise ValueError(f"model: {type(model).__name__} cannot switch its attention implementation to "
                              f"{ATTN_NAME!r}, so FastRMT cannot give it the segment layout")  # fmt: skip
         self._last_hidden: Tensor | None = None
+        self._plain_head = self.is_decoder and plain_head(model) is not None
         base = self._info.base_model
         self._hook = None if base is model else base.register_forward_hook(self._capture_hidden)
 
@@ -108,7 +110,6 @@ class FastRMT(RMTBase):
         n = self._check_decoder_length(total)
         plan = decoder_plan(total, self.segment_size, self.settings.segment_alignment)
         targets, denom = decoder_targets(labels, labels_mask)
-        need_logits = return_logits or labels is not None
         memory = self.initial_memory(b, memory_state)
         if self._graphs is not None and self._graphs.supports_decoder(attention_mask):
             return self._graphs.run_decoder(input_ids, targets, denom, memory, plan, return_logits)
@@ -120,7 +121,7 @@ class FastRMT(RMTBase):
                 memory = memory.detach()
             ids, counts, seg_targets = static.segment(input_ids, targets, start, length)
             seg_logits, memory, part = self._call(self.decoder_step, ids, memory, counts, visibility[t], static,
-                                                  need_logits, seg_targets)  # fmt: skip
+                                                  return_logits, seg_targets)  # fmt: skip
             if part is not None:
                 loss_sum = part if loss_sum is None else loss_sum + part
             if return_logits:
@@ -150,7 +151,10 @@ class FastRMT(RMTBase):
         layout = static.layout(counts, token_mask)
         kwargs = dict(inputs_embeds=buf, attention_mask=static.key_valid(layout), use_cache=False,
                       position_ids=static.positions(counts))  # fmt: skip
-        need_logits = need_logits or targets is not None
+        # Loss without logits (rmt_fast.loss): the head and cross-entropy chunk by chunk, logits never stored.
+        head = self.model.get_output_embeddings() if self._plain_head else None
+        chunked = targets is not None and not need_logits and wants_chunked_loss(ids.shape[0], size, head)
+        need_logits = need_logits or (targets is not None and not chunked)
         with active_segment(layout, self.settings.attn_backend):
             if need_logits and self._info.accepts_logits_to_keep:
                 logits = self.model(**kwargs, logits_to_keep=static.token_index).logits
@@ -160,7 +164,9 @@ class FastRMT(RMTBase):
                 logits = self.model.get_output_embeddings()(hidden[:, m:m + size]) if need_logits else None
         self._last_hidden = None
         loss_sum = None
-        if targets is not None:
+        if chunked:
+            loss_sum = linear_cross_entropy(hidden[:, m:m + size], head, targets)
+        elif targets is not None:
             loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                        reduction="sum")  # fmt: skip
         return logits, hidden[:, m + size:], loss_sum
