@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (offline): install, GPU tests, quick benchmarks, one results folder.
+# One command for a GPU machine (offline): install, tune the dispatch table, GPU tests, quick benchmarks, one
+# results folder packed into one archive.
 #
 #   bash benchmarks/device_check.sh [RESULTS_DIR]
-#   XFORMERS_WHEEL=/path/to/xformers.whl bash benchmarks/device_check.sh
 #
-# Default RESULTS_DIR: benchmarks/results/<gpu>-<date>-<sha>/. Every step has its own `timeout`; the whole
-# script stays within 8 minutes (install 60 s, tests 120 s, kernels 90 s, latency 120 s, profile 45 s,
-# cuda_graph 45 s when benchmarks/cuda_graph.py exists). A failing step is recorded and the next one runs.
+# Default RESULTS_DIR: benchmarks/results/<gpu>-<date>-<sha>/. Run through the device tool, where $OUT is the
+# folder that comes back (8 files at most), the results folder is also packed into $OUT/device_check.tar.gz and
+# summary.txt is copied beside it. Every step has its own `timeout`; a failing step is recorded and the next one
+# runs. Step limits (s), in priority order: install 30, tune 120 (compilation included: it runs first and warms
+# Triton's cache for what follows), GPU tests 120 (cold Triton/inductor compiles), kernels 45, train 75, 1M tokens
+# 60, host overhead 20, input checks 15, profile 30. A step that could end past TOTAL_S (default 480 s: the
+# 8-minute budget, leaving a lent GPU's 15 minutes room for a rerun) from the start is skipped and recorded.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 START=$(date +%s)
+RETURN_DIR=${OUT:-}
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' /' '__')
 gpu=${gpu:-nogpu}
-sha=$($PY -c "from rmt_fast.bench.common import git_sha; print(git_sha()[:10])" 2>/dev/null || echo unknown)
-OUT=${1:-benchmarks/results/${gpu}-$(date +%Y%m%d-%H%M)-${sha}}
-mkdir -p "$OUT"
-echo "results -> $OUT"
+sha=$(git rev-parse --short=10 HEAD 2>/dev/null || $PY -c "from rmt_fast.bench.common import git_sha; print(git_sha()[:10])" 2>/dev/null || echo unknown)
+RES=${1:-benchmarks/results/${gpu}-$(date +%Y%m%d-%H%M)-${sha}}
+mkdir -p "$RES"
+echo "results -> $RES"
 
 declare -a NAMES STATUS SECS
 step() {  # step NAME TIMEOUT_S CMD...
     local name=$1 limit=$2
     shift 2
     local t0=$(date +%s)
+    if [ $(( t0 - START + limit )) -gt "${TOTAL_S:-480}" ]; then
+        NAMES+=("$name"); STATUS+=("skipped"); SECS+=(0); echo "=== $name skipped: the total budget is spent"
+        return
+    fi
     echo "=== $name (timeout ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$RES/$name.log" 2>&1
     local rc=$?
     local st="ok"
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then st="timeout"; elif [ $rc -ne 0 ]; then st="rc=$rc"; fi
     NAMES+=("$name"); STATUS+=("$st"); SECS+=("$(( $(date +%s) - t0 ))")
-    tail -n 5 "$OUT/$name.log"
+    tail -n 5 "$RES/$name.log"
 }
 
 # --- environment
@@ -38,23 +47,25 @@ step() {  # step NAME TIMEOUT_S CMD...
     echo "date: $(date -Is)"; echo "git sha: $sha"; echo "host: $(hostname)"
     nvidia-smi 2>&1
     $PY -c "import json; from rmt_fast.bench.common import env_info; print(json.dumps(env_info(), indent=2))" 2>&1
-    $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|xformers|numpy|pytest) "
-} >"$OUT/env.txt"
+    $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|numpy|pytest) "
+} >"$RES/env.txt"
 
 # --- install (offline, no dependency resolution)
-step install 60 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
-if [ -n "${XFORMERS_WHEEL:-}" ]; then
-    step xformers 60 $PY -m pip install --no-deps --no-index "$XFORMERS_WHEEL"
-fi
+step install 30 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+
+# --- tune first: writes the measured dispatch table; the later steps run with it
+step tune 120 $PY -m rmt_fast.bench.cli tune --quick --budget-s 100 --out "$RES/tune"
+TABLE=$(ls "$RES"/tune/sm*.json 2>/dev/null | grep -v example | head -n1)
+if [ -n "$TABLE" ]; then export RMT_FAST_DISPATCH_TABLE="$TABLE"; echo "dispatch table: $TABLE"; fi
 
 # --- GPU tests and quick benchmarks
 step tests 120 $PY -m pytest -m gpu -q -p no:cacheprovider
-step kernels 90 $PY -m rmt_fast.bench.cli kernels --quick --out "$OUT/kernels"
-step latency 120 $PY -m rmt_fast.bench.cli latency --quick --out "$OUT/latency"
-step profile 45 $PY -m rmt_fast.bench.cli profile --quick --out "$OUT/profile"
-if [ -f benchmarks/cuda_graph.py ]; then
-    step cuda_graph 45 $PY -m rmt_fast.bench.cuda_graph --quick --out "$OUT/cuda_graph"
-fi
+step kernels 45 $PY -m rmt_fast.bench.cli kernels --quick --out "$RES/kernels"
+step train 75 $PY -m rmt_fast.bench.cli train --quick --budget-s 45 --out "$RES/train"
+step million 60 $PY -m rmt_fast.bench.cli cuda-graph --quick --million --out "$RES/million"
+step host_overhead 20 $PY -m rmt_fast.bench.cli host-overhead --quick --out "$RES/host_overhead"
+step input_checks 15 $PY -m rmt_fast.bench.cli input-checks --quick --out "$RES/input_checks"
+step profile 30 $PY -m rmt_fast.bench.cli profile --quick --out "$RES/profile"
 
 # --- summary (last)
 {
@@ -62,9 +73,17 @@ fi
     printf "%-12s %-10s %6s\n" step status seconds
     printf -- "------------------------------\n"
     for i in "${!NAMES[@]}"; do printf "%-12s %-10s %6s\n" "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"; done
-    grep -hE "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 1
-    for b in kernels latency profile; do
-        [ -f "$OUT/$b.log" ] && grep -A 30 "^benchmark " "$OUT/$b.log" | sed -n '3,14p'
+    grep -hE "passed|failed|error" "$RES/tests.log" 2>/dev/null | tail -n 1
+    for b in tune kernels train million host_overhead; do
+        [ -f "$RES/$b.log" ] && { echo "--- $b"; tail -n 8 "$RES/$b.log"; }
     done
-    echo "total: $(( $(date +%s) - START )) s; results in $OUT"
-} | tee "$OUT/summary.txt"
+    echo "total: $(( $(date +%s) - START )) s; results in $RES"
+} | tee "$RES/summary.txt"
+
+# --- pack for the device tool (only 8 files come back, at most 2 folders deep)
+if [ -n "$RETURN_DIR" ] && [ -d "$RETURN_DIR" ]; then
+    tar czf "$RETURN_DIR/device_check.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
+    cp "$RES/summary.txt" "$RETURN_DIR/summary.txt"
+    [ -n "$TABLE" ] && cp "$TABLE" "$RETURN_DIR/"
+    echo "packed: $RETURN_DIR/device_check.tar.gz"
+fi
