@@ -299,17 +299,10 @@ def test_encoder_checks_read_the_device_once(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- GPU
 def _cuda_syncs(fn) -> int:
-    import warnings
+    """Synchronising CUDA operations while fn runs (the benchmark's counter: torch's sync debug mode)."""
+    from rmt_fast.bench.input_checks import count_host_reads
 
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
+    return count_host_reads(fn, "cuda")
 
 
 @pytest.mark.gpu
