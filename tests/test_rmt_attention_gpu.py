@@ -81,6 +81,19 @@ def test_segment_532(dtype, D, causal, padded):
     compare(kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_visible_runs_532(dtype, causal):
+    """Decoder attention masks as per-row runs [start, end): left padding, right padding, all visible, an empty
+    run, and a run that starts and ends inside one key block."""
+    starts = torch.tensor([0, 137, 0, 300, 20], device=DEV, dtype=torch.int32)
+    ends = torch.tensor([512, 512, 401, 300, 45], device=DEV, dtype=torch.int32)
+    layout = SegmentLayout(10, 512, 10, causal, token_counts=ends, token_starts=starts)
+    q, k, v = qkv_views(5, layout.seq_len, 8, 2, 64, dtype, seed=7)
+    grad_out = torch.randn(5, layout.seq_len, 8, 64, device=DEV, dtype=dtype)
+    compare(kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), dtype)
+
+
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
 def test_head_dims_fp16(D):
     layout = SegmentLayout(4, 200, 4, True, token_counts=torch.tensor([150, 200], device=DEV))
