@@ -1,13 +1,18 @@
 """`rmt-fast-bench`: run the benchmarks.
 
-    rmt-fast-bench flops   [--out DIR] [--quick]
-    rmt-fast-bench latency [--out DIR] [--quick]
-    rmt-fast-bench profile [--out DIR] [--quick]
-    rmt-fast-bench kernels [--out DIR] [--quick]
-    rmt-fast-bench compare [--out DIR] [--quick]   # FastRMT vs ReferenceRMT on the CPU (~10 minutes)
-    rmt-fast-bench tune    [--out DIR] [--quick] [--budget-s S] [--dry-run]   # the dispatch table (GPU)
-    rmt-fast-bench all     [--out DIR] [--quick]   # every available benchmark but those in NOT_IN_ALL,
-                                                   # each in DIR/<name>/
+    rmt-fast-bench flops          [--out DIR] [--quick]
+    rmt-fast-bench latency        [--out DIR] [--quick]
+    rmt-fast-bench profile        [--out DIR] [--quick]
+    rmt-fast-bench kernels        [--out DIR] [--quick]   # GPU: Triton vs SDPA, and what `auto` picks
+    rmt-fast-bench input-checks   [--out DIR] [--quick]   # cost of the input value checks per call
+    rmt-fast-bench host-overhead  [--out DIR] [--quick]   # host time per attention call, Triton vs SDPA
+    rmt-fast-bench tune           [--out DIR] [--quick] [--budget-s S] [--dry-run]   # GPU: the dispatch table
+    rmt-fast-bench train          [--out DIR] [--quick] [--setting a,b|tiny] [--budget-s S]
+    rmt-fast-bench cuda-graph     [--out DIR] [--quick] [--million]
+    rmt-fast-bench train-memory   [--out DIR] [--quick]
+    rmt-fast-bench compare        [--out DIR] [--quick]   # FastRMT vs ReferenceRMT on the CPU
+    rmt-fast-bench all            [--out DIR] [--quick]   # every available benchmark but those in NOT_IN_ALL,
+                                                          # each in DIR/<name>/
 
 Each benchmark is a module ``rmt_fast.bench.<name>`` (the ``benchmarks/`` folder) exposing
 ``run(out_dir: Path, quick: bool) -> dict``
