@@ -1,6 +1,6 @@
 """Training throughput and peak memory against the number of segments: ReferenceRMT, FastRMT, full attention.
 
-One point = one method at one number of segments: a warm-up training step (compilation and autotuning happen
+One point = one method at one number of segments: two warm-up training steps (compilation and autotuning happen
 there), then a few measured steps. A training step is forward, backward and an AdamW step, full BPTT, under
 bf16 autocast on CUDA (fp32 weights; fp32 on the CPU). Methods:
 
@@ -177,7 +177,8 @@ def _free(cuda: bool):
 
 
 def _measure(opt, loss_fn, ids, labels, reps: int, cuda: bool) -> dict:
-    """A warm-up step, then ``reps`` timed steps (forward, backward, AdamW)."""
+    """Two warm-up steps (the second catches one-time recompiles, e.g. transformers setting
+    ``config.problem_type`` on its first call), then ``reps`` timed steps (forward, backward, AdamW)."""
     import torch
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -191,7 +192,7 @@ def _measure(opt, loss_fn, ids, labels, reps: int, cuda: bool) -> dict:
         return loss.detach()
 
     t0 = time.perf_counter()
-    losses = [step()]
+    losses = [step(), step()]
     if cuda:
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
@@ -442,7 +443,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", type=_ints, default=None, help="segment counts, e.g. 1,2,4,8")
     p.add_argument("--methods", type=_names, default=None, help=f"some of {','.join(METHODS)}")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget; later points: 'over budget'")
-    p.add_argument("--reps", type=int, default=None, help="measured steps per point (after one warm-up step)")
+    p.add_argument("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)")
 
 
 def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:

@@ -155,12 +155,20 @@ _TRITON_MODULE: list = []  # [module or None] once imported
 
 
 def _triton():
+    """The Triton kernel module, or None without triton. Imported once, eagerly: FastRMT's constructor calls this,
+    so a compiled step never traces the import (an import inside torch.compile is a graph break)."""
     if not _TRITON_MODULE:
         try:
             _TRITON_MODULE.append(importlib.import_module("rmt_fast.kernels.rmt_attention"))
         except ImportError:  # triton is not installed
             _TRITON_MODULE.append(None)
     return _TRITON_MODULE[0]
+
+
+def preload(backend: str) -> None:
+    """Resolve what ``backend`` may need outside any compiled region (called by FastRMT's constructor)."""
+    if backend != "sdpa":
+        _triton()
 
 
 def _auto_device_ok(q) -> bool:
@@ -203,7 +211,8 @@ def choose_backend(
         return "triton"
     if requested == "triton":
         raise ValueError(f"attn_backend='triton' cannot run this case: {reason}")
-    if reason not in _FALLBACK_LOGGED:
+    # Log each reason once; not while torch.compile traces (mutating the set would fail a guard: a recompile).
+    if reason not in _FALLBACK_LOGGED and not torch.compiler.is_compiling():
         _FALLBACK_LOGGED.add(reason)
         logger.info("rmt_fast: attn_backend='auto' uses SDPA here: %s", reason)
     return "sdpa"

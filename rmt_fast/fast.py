@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import ATTN_NAME, active_segment
+from .attention import preload as preload_backend
 from .base import RMTBase, RMTOutput, memory_detached_before
 from .compiled import CompiledStep, compile_options
 from .cuda_graph import SegmentGraphRunner
@@ -50,6 +51,7 @@ class FastRMT(RMTBase):
         if cuda_graph:
             self._graphs = SegmentGraphRunner(self)
         self._original_attn = model.config._attn_implementation
+        preload_backend(self.settings.attn_backend)
         model.set_attn_implementation(ATTN_NAME)
         if model.config._attn_implementation != ATTN_NAME:  # transformers only warns when it cannot switch
             model.set_attn_implementation(self._original_attn)

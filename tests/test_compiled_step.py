@@ -150,13 +150,17 @@ def test_copies_compile_their_own_step():
     assert torch.equal(twin(ids).logits, rmt(ids).logits)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
 @pytest.mark.parametrize("factory,kw", [(gpt2, {}), (llama, {}), (bert_cls, dict(cls_token_id=CLS, sep_token_id=SEP))])
-def test_step_is_one_graph(factory, kw):
-    """The seam is traceable (rmt_fast.attention keeps the active segment in a thread-local, not a ContextVar),
-    so the whole step (embeddings, every layer, attention through the SDPA backend, the loss) compiles with
+def test_step_is_one_graph(factory, kw, backend):
+    """The seam is traceable (rmt_fast.attention keeps the active segment in a thread-local, not a ContextVar;
+    the Triton module is imported by the constructor, not inside the step; 'auto' logs its fall-back reason
+    only outside tracing), so the whole step (embeddings, every layer, attention, the loss) compiles with
     fullgraph=True: no graph break of our own."""
+    seam._TRITON_MODULE.clear()  # as in a fresh process: the constructor must resolve the backend module
     torch.manual_seed(0)
-    eager = FastRMT(factory(), 3, 6, attn_backend="sdpa", **kw)
+    eager = FastRMT(factory(), 3, 6, attn_backend=backend, **kw)
+    assert bool(seam._TRITON_MODULE) == (backend != "sdpa")  # resolved eagerly, never inside a compiled step
     compiled = copy.deepcopy(eager)
     name = _step_name(eager)
     setattr(compiled, name, CompiledStep(compiled, name, {"backend": "eager", "fullgraph": True, "dynamic": False}))
