@@ -234,6 +234,7 @@ _UNSET = object()
 _OVERRIDE: Any = _UNSET  # a table (or None) that replaces the per-architecture look-up (tests, the tuner)
 _CACHE: dict[Any, DispatchTable | None] = {}
 _INSTALLED: set[int] = set()  # id() of the tables whose launch configurations went to the kernel module
+_NO_TABLE_REASON: dict[int, str] = {}  # device index -> the fall-back reason, built once (not while tracing)
 
 
 def _read_for_arch(arch: str) -> DispatchTable | None:
@@ -269,7 +270,9 @@ def table_for_device(device: torch.device) -> DispatchTable | None:
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _CACHE:
-            _CACHE[index] = _read_for_arch(arch_of(index))
+            arch = arch_of(index)
+            _CACHE[index] = _read_for_arch(arch)
+            _NO_TABLE_REASON[index] = f"no measured dispatch table ({table_path(arch)})"
         table = _CACHE[index]
     if table is not None and id(table) not in _INSTALLED:
         _install(table)
@@ -292,6 +295,14 @@ def reset_cache() -> None:
     """Forget the loaded tables (they are read again at the next decision)."""
     _CACHE.clear()
     _INSTALLED.clear()
+    _NO_TABLE_REASON.clear()
+
+
+def preload() -> None:
+    """Read the current CUDA device's table now (file I/O and warnings), outside any compiled region: FastRMT's
+    constructor calls this, so a compiled segment step only does dictionary look-ups."""
+    if torch.cuda.is_available():
+        table_for_device(torch.device("cuda", torch.cuda.current_device()))
 
 
 @contextlib.contextmanager
@@ -317,8 +328,10 @@ def decide(q: torch.Tensor, k: torch.Tensor, layout, *, needs_grad: bool, graphe
     cls = ShapeClass.of(Tq, k.shape[-2], B * Hq, layout.causal, layout.is_padded)
     table = table_for_device(q.device)
     if table is None:
-        where = "the dispatch table override" if _OVERRIDE is not _UNSET else str(table_path(arch_of(q.device)))
-        return Decision("sdpa", None, f"no measured dispatch table ({where})")
+        if _OVERRIDE is not _UNSET:
+            return Decision("sdpa", None, "no measured dispatch table (the dispatch table override)")
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        return Decision("sdpa", None, _NO_TABLE_REASON[index])
     return table.lookup(q.dtype, D, cls, needs_grad, graphed)
 
 
@@ -331,5 +344,5 @@ def choose(triton_ms: float | None, sdpa_ms: float | None, margin: float = DEFAU
 __all__ = [
     "FORMAT", "T_EDGES", "BH_EDGES", "T_BUCKETS", "BH_BUCKETS", "MODES", "KINDS", "ShapeClass", "Decision",
     "DispatchTable", "load_table", "arch_of", "table_path", "table_for_device", "use_table", "reset_cache",
-    "decide", "choose", "t_bucket", "bh_bucket", "dtype_name",
+    "decide", "choose", "preload", "t_bucket", "bh_bucket", "dtype_name",
 ]  # fmt: skip

@@ -169,6 +169,8 @@ def preload(backend: str) -> None:
     """Resolve what ``backend`` may need outside any compiled region (called by FastRMT's constructor)."""
     if backend != "sdpa":
         _triton()
+    if backend == "auto":
+        dispatch.preload()
 
 
 def _auto_device_ok(q) -> bool:

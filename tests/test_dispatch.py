@@ -407,3 +407,33 @@ def test_gpu_graph_capture_uses_the_graphed_entries(monkeypatch):
         assert used == []
         graphed(ids)
     assert graphed._graphs.captures == 1 and len(used) > 0  # warm-up and capture ran the kernel
+
+
+# ------------------------------------------------------------------------------------- per-device table files
+def test_table_files_per_device(tmp_path, monkeypatch):
+    """The file look-up as on a GPU (device and architecture faked): no file -> SDPA with the path named, read once
+    and cached; a measured file for this architecture -> its answers; another architecture's or an unmeasured one
+    -> ignored with a warning."""
+    monkeypatch.setattr(dispatch, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(dispatch, "arch_of", lambda device=None: "sm90")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv(dispatch.ENV_TABLE, raising=False)
+    q = torch.zeros(8, 12, 532, 64, dtype=torch.float16)
+    layout = SegmentLayout(10, 512, 10, True)
+    d = dispatch.decide(q, q, layout, needs_grad=False, graphed=False)
+    assert d.backend == "sdpa" and str(tmp_path / "sm90.json") in d.reason
+    (tmp_path / "sm90.json").write_text(json.dumps(_table([_entry()])))
+    assert dispatch.decide(q, q, layout, needs_grad=False, graphed=False).backend == "sdpa"  # cached: not re-read
+    dispatch.reset_cache()
+    assert dispatch.decide(q, q, layout, needs_grad=False, graphed=False).backend == "triton"
+    for bad in (_table([_entry()], arch="sm80"), _table([_entry()], measured=False)):
+        (tmp_path / "sm90.json").write_text(json.dumps(bad))
+        dispatch.reset_cache()
+        with pytest.warns(RuntimeWarning, match="ignoring"):
+            assert dispatch.decide(q, q, layout, needs_grad=False, graphed=False).backend == "sdpa"
+    # preload() reads the file before any step runs (so a compiled step only looks up dictionaries)
+    dispatch.reset_cache()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (tmp_path / "sm90.json").write_text(json.dumps(_table([_entry()])))
+    dispatch.preload()
+    assert 0 in dispatch._CACHE and dispatch._CACHE[0] is not None
