@@ -15,12 +15,12 @@ unchanged. Options:
 The memory argument is made contiguous before the compiled call, so the first segment (whose memory is the
 broadcast parameter) and the later ones share one compiled graph.
 
-Graph breaks: dynamo cannot trace ``ContextVar.get``, so while :mod:`rmt_fast.attention` keeps the active
-segment in a ContextVar, every attention call is a graph break: the code between attention calls compiles
-(projections, bias/GELU/residual/norm epilogues, the loss) and attention runs eagerly. With a traceable holder
-(get/set/reset over a ``threading.local``) the whole step is one graph (``fullgraph=True`` works; see
-tests/test_compiled_step.py). Dynamo keeps at most ``recompile_limit`` (8) variants per step; each FastRMT
-step has two (full and padded last segment) per grad mode and batch size.
+Graph breaks: none of rmt-fast's own. :mod:`rmt_fast.attention` keeps the active segment in a per-thread holder
+that dynamo traces (a ContextVar would break the graph at every attention call), the Triton module and the
+dispatch table are resolved by FastRMT's constructor, and the once-only fall-back log is skipped while tracing,
+so the whole step is one graph (``fullgraph=True`` holds: tests/test_compiled_step.py). Dynamo keeps at most
+``recompile_limit`` (8) variants per step; each FastRMT step has two (full and padded last segment) per grad
+mode and batch size.
 """
 
 from __future__ import annotations
