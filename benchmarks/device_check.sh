@@ -51,7 +51,9 @@ step() {  # step NAME TIMEOUT_S CMD...
 } >"$RES/env.txt"
 
 # --- install (offline, no dependency resolution)
-step install 30 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+if [ -z "${DEVICE_CHECK_SKIP_INSTALL:-}" ]; then  # the CPU dry run (tests/test_device_check.py) skips it
+    step install 30 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+fi
 
 # --- tune first: writes the measured dispatch table; the later steps run with it
 step tune 120 $PY -m rmt_fast.bench.cli tune --quick --budget-s 100 --out "$RES/tune"

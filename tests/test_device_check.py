@@ -1,0 +1,51 @@
+"""benchmarks/device_check.sh, the one command a lent GPU gets, dry-run on the CPU: every step runs (the GPU
+benchmarks say they need CUDA and exit cleanly), the summary lists every step, the total-time guard skips what
+would overrun, and the results are packed into one archive for the device tool's $OUT."""
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("tune", "tests", "kernels", "train", "million", "host_overhead", "input_checks", "profile")
+
+
+def _run(tmp_path, total_s: int):
+    out, res = tmp_path / "out", tmp_path / "res" / "run"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), TOTAL_S=str(total_s), DEVICE_CHECK_SKIP_INSTALL="1")
+    env.pop("TRITON_INTERPRET", None)  # as on the GPU machine: the inner pytest decides for itself
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), str(res)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = (res / "summary.txt").read_text()
+    status = {}
+    for line in summary.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in STEPS:
+            status[parts[0]] = parts[1]
+    return out, res, summary, status
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_device_check_dry_run_on_cpu(tmp_path):
+    out, res, summary, status = _run(tmp_path, total_s=480)
+    assert set(status) == set(STEPS), summary
+    assert all(s == "ok" for s in status.values()), summary
+    for name in STEPS:
+        assert (res / f"{name}.log").is_file(), name
+    assert (res / "train" / "train.csv").is_file() and (res / "env.txt").is_file()
+    with tarfile.open(out / "device_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "run/summary.txt" in names and "run/train/train.csv" in names, names[:20]
+    assert (out / "summary.txt").is_file()
+
+
+def test_device_check_total_time_guard(tmp_path):
+    """With a 50 s total, the steps whose limits could not fit are skipped and recorded, not run."""
+    _, _, summary, status = _run(tmp_path, total_s=50)
+    assert all(status[s] == "skipped" for s in ("tune", "tests", "train", "million")), summary
+    assert status["kernels"] == "ok" and status["host_overhead"] == "ok", summary
