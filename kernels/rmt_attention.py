@@ -640,8 +640,6 @@ class LaunchConfig:
         )
 
 
-_Cfg = LaunchConfig  # the old private name
-
 KINDS = ("fwd", "dq", "dkdv")
 
 # Interpreter (CPU test) block sizes (BLOCK_M, BLOCK_N): powers of two >= 16; tests change them.
