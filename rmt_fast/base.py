@@ -201,8 +201,6 @@ class RMTBase(nn.Module):
             if not self.is_decoder and not self._takes_labels:
                 raise ValueError(f"labels were given, but {type(self.model).__name__} has no head that takes labels: "
                                  "drop them, or wrap a model with a head (e.g. *ForSequenceClassification)")
-            if self.is_decoder and labels.dtype != torch.int64:
-                raise ValueError(f"labels must be an int64 tensor of token ids (or -100), got dtype {labels.dtype}")
             if labels.device != device:
                 raise ValueError(f"labels is on {labels.device} but the model is on {device}")
         if labels_mask is not None:
@@ -231,8 +229,9 @@ class RMTBase(nn.Module):
         # cannot be honoured, so it is an error rather than silently dropped (checked even without check_inputs).
         pad_id = None if self.is_decoder or attention_mask is None else self.settings.pad_token_id
         classes = None if labels is None else label_classes(self.model, self.kind, input_ids, labels)
-        if classes is not None and labels.dtype != torch.int64:
-            raise ValueError(f"labels must be an int64 tensor of class ids (or -100), got dtype {labels.dtype}")
+        if classes is not None and labels.dtype != torch.int64:  # decoders: always (token ids)
+            what = "token" if self.is_decoder else "class"
+            raise ValueError(f"labels must be an int64 tensor of {what} ids (or -100), got dtype {labels.dtype}")
         if self.settings.check_inputs:
             check_values(input_ids, self.word_embeddings.num_embeddings, attention_mask, labels, classes,
                          labels_mask, memory_state, encoder_pad_id=pad_id)  # fmt: skip
