@@ -162,11 +162,10 @@ class DecoderStatic:
         """
         if attention_mask is None:
             return [None] * len(plan)
-        segs = [attention_mask[:, a:a + n].bool() for a, n in plan]
-        hidden_pad = torch.stack([F.pad(x, (0, self.size - x.shape[1])) for x in segs])  # (n, B, size)
-        visible_pad = torch.stack([F.pad(x, (0, self.size - x.shape[1]), value=True) for x in segs])
-        starts, ends, holes = mask_runs(hidden_pad)  # (n, B)
-        all_ones = visible_pad.flatten(1).all(1)
+        hidden_pad = torch.stack([F.pad(attention_mask[:, a:a + n].bool(), (0, self.size - n)) for a, n in plan])
+        starts, ends, holes = mask_runs(hidden_pad)  # (n, B): the padded tail is hidden, so ends <= length
+        lengths = torch.tensor([n for _, n in plan], dtype=ends.dtype).to(ends.device, non_blocking=True)
+        all_ones = ((starts == 0) & (ends == lengths[:, None])).all(1)  # with no holes: every token visible
         flags = torch.stack([holes.any(1), all_ones], 1).tolist()  # the one host sync of the call
         out = []
         for t, (has_holes, ones) in enumerate(flags):
