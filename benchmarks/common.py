@@ -242,3 +242,37 @@ def run_point_in_subprocess(module: str, args: list[str], timeout: float | None 
         raise RuntimeError(f"{module} {' '.join(args)} failed: {done.stderr[-400:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
+
+def bench_layout(B: int, T: int, *, causal: bool = True, padded: bool = True, device="cpu", seed: int = 0,
+                 mem: int = 10):  # fmt: skip
+    """The segment layout the kernel benchmarks time, T positions in all: causal is the decoder's
+    ``[mem read | T - 2 mem tokens | mem write]``, bidirectional the encoder's (tokens only); ``padded`` rows
+    hold between 75 % and all of the token slots (row 0 full), drawn from ``seed``."""
+    import torch
+    from rmt_fast.kernels.layout import SegmentLayout
+
+    read, tokens, write = (mem, T - 2 * mem, mem) if causal else (0, T, 0)
+    counts = None
+    if padded:
+        g = torch.Generator().manual_seed(seed)
+        counts = torch.randint(int(tokens * 0.75), tokens + 1, (B,), generator=g)
+        counts[0] = tokens
+        counts = counts.to(device=device, dtype=torch.int32)
+    return SegmentLayout(read, tokens, write, causal, token_counts=counts)
+
+
+def module_main(module, argv=None, *, default_out: str, ok_key: str | None = None) -> int:
+    """``python -m rmt_fast.bench.NAME`` for a benchmark with its own options: ``--out``, ``--quick`` and the
+    module's ``add_arguments(parser)``, then ``run_args(out_dir, quick, namespace)`` (the protocol ``cli`` uses);
+    prints the summary as JSON. Exit status 1 when ``ok_key`` is given and the summary's value there is false."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(default_out))
+    p.add_argument("--quick", action="store_true")
+    module.add_arguments(p)
+    args = p.parse_args(argv)
+    summary = module.run_args(args.out, args.quick, args)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0 if ok_key is None or summary.get(ok_key) else 1
+

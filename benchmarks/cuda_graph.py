@@ -19,13 +19,12 @@ capture) checks the pipeline.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from .common import env_info, machine_label, save_plot, write_csv, write_json
+from .common import env_info, machine_label, module_main, save_plot, write_csv, write_json
 
 SEGMENT, MEM = 499, 10
 
@@ -123,8 +122,7 @@ def run_million(out_dir: Path, quick: bool = False) -> dict:
         if cuda:
             torch.cuda.empty_cache()
         write_csv(out_dir / "million.csv", rows)
-    summary = _million_summary(rows, total, lengths, targets_apply=cuda)
-    write_csv(out_dir / "million.csv", rows)
+    summary = _million_summary(rows, total, lengths, targets_apply=cuda)  # million.csv: written after each job
     write_json(out_dir / "million.json", {"summary": summary, "rows": rows, "tokens": total, "dtype": str(dtype),
                                           "compile_step": compile_step, "setup": s.__dict__,
                                           "env": env_info()})  # fmt: skip
@@ -283,14 +281,8 @@ def _plot(rows, path):
     save_plot(fig, path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/cuda_graph")
-    p.add_argument("--quick", action="store_true")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    print(json.dumps(run_args(Path(args.out), args.quick, args), indent=2, default=str))
-    return 0
+def main(argv=None) -> int:
+    return module_main(sys.modules[__name__], argv, default_out="results/cuda_graph")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

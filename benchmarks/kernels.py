@@ -36,7 +36,7 @@ import json
 import sys
 from pathlib import Path
 
-from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
+from rmt_fast.bench.common import bench_layout, env_info, machine_label, save_plot, write_csv, write_json
 
 MEM, H = 10, 12
 DTYPES = ("float16", "bfloat16")
@@ -56,16 +56,7 @@ def settings(quick: bool) -> list[dict]:
 
 
 def _layout(B: int, T: int, device, padded: bool = True):
-    import torch
-    from rmt_fast.kernels.layout import SegmentLayout
-
-    tokens = T - 2 * MEM
-    if not padded:
-        return SegmentLayout(MEM, tokens, MEM, True)
-    g = torch.Generator().manual_seed(0)
-    counts = torch.randint(int(tokens * 0.75), tokens + 1, (B,), generator=g)
-    counts[0] = tokens
-    return SegmentLayout(MEM, tokens, MEM, True, token_counts=counts.to(device=device, dtype=torch.int32))
+    return bench_layout(B, T, causal=True, padded=padded, device=device, seed=0, mem=MEM)
 
 
 def _methods(layout, B: int, T: int, D: int, dtype, device):

@@ -43,14 +43,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
+from .common import PeakMemory, env_info, machine_label, module_main, save_plot, write_csv, write_json
 
 METHODS = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # the order they run in
 FAST_METHODS = ("fast", "fast-ckpt", "fast-compiled")
@@ -452,14 +451,7 @@ def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results/train"))
-    p.add_argument("--quick", action="store_true")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    summary = run_args(args.out, args.quick, args)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0 if summary["ok"] else 1
+    return module_main(sys.modules[__name__], argv, default_out="results/train", ok_key="ok")
 
 
 if __name__ == "__main__":

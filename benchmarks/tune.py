@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import itertools
-import json
 import math
 import os
 import statistics
@@ -53,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
+from rmt_fast.bench.common import bench_layout, env_info, machine_label, module_main, save_plot, write_csv, write_json
 from rmt_fast.kernels import dispatch
 
 H, MEM = 12, 10
@@ -222,17 +221,7 @@ def _round(x):
 
 # ============================================================================================= measuring
 def _layout(c: Case, device):
-    import torch
-    from rmt_fast.kernels.layout import SegmentLayout
-
-    read, tokens, write = (MEM, c.T - 2 * MEM, MEM) if c.causal else (0, c.T, 0)
-    counts = None
-    if c.padded:
-        g = torch.Generator().manual_seed(c.B * 1000 + c.T)
-        counts = torch.randint(int(tokens * 0.75), tokens + 1, (c.B,), generator=g)
-        counts[0] = tokens
-        counts = counts.to(device=device, dtype=torch.int32)
-    return SegmentLayout(read, tokens, write, c.causal, token_counts=counts)
+    return bench_layout(c.B, c.T, causal=c.causal, padded=c.padded, device=device, seed=c.B * 1000 + c.T, mem=MEM)
 
 
 def _tensors(c: Case, device, seed: int = 0):
@@ -670,13 +659,7 @@ def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results/tune"))
-    p.add_argument("--quick", action="store_true")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    print(json.dumps(run_args(args.out, args.quick, args), indent=2))
-    return 0
+    return module_main(sys.modules[__name__], argv, default_out="results/tune")
 
 
 if __name__ == "__main__":
