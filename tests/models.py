@@ -116,21 +116,26 @@ def assert_equivalent(ref, fast, inputs, tol=1e-5, grad=True):
         assert b.loss is not None
         assert abs(b.loss.item() - a.loss.item()) <= tol * max(1.0, abs(a.loss.item())), (a.loss, b.loss)
     if grad:
-        ref_params = dict(ref.named_parameters())
-        n_checked = 0
-        for name, p in fast.named_parameters():
-            q = ref_params[name]
-            if q.grad is None:
-                assert p.grad is None or p.grad.abs().max() == 0, name
-                continue
-            assert p.grad is not None, f"no gradient for {name}"
-            # Gradients that are zero in exact arithmetic (e.g. a key bias under softmax) are rounding noise:
-            # an absolute floor keeps them from dominating.
-            err = (p.grad.double() - q.grad.double()).norm().item()
-            assert err <= tol * max(q.grad.double().norm().item(), 1e-6), (name, rel(p.grad, q.grad))
-            n_checked += 1
-        assert n_checked > 0
+        assert_grads_equal(ref, fast, tol)
     return a, b
+
+
+def assert_grads_equal(ref, fast, tol=1e-5):
+    """Every parameter gradient of ``fast`` equals ``ref``'s (same parameter names) to ``tol``."""
+    ref_params = dict(ref.named_parameters())
+    n_checked = 0
+    for name, p in fast.named_parameters():
+        q = ref_params[name]
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        assert p.grad is not None, f"no gradient for {name}"
+        # Gradients that are zero in exact arithmetic (e.g. a key bias under softmax) are rounding noise:
+        # an absolute floor keeps them from dominating.
+        err = (p.grad.double() - q.grad.double()).norm().item()
+        assert err <= tol * max(q.grad.double().norm().item(), 1e-6), (name, rel(p.grad, q.grad))
+        n_checked += 1
+    assert n_checked > 0
 
 
 def check_padding_and_causality(rmt, ids):
