@@ -131,8 +131,10 @@ def test_chunked_loss_through_the_adapter(monkeypatch):
             assert rel(q.grad, grads[n]) <= 1e-5, n
 
 
-@pytest.mark.parametrize("option", [dict(cuda_graph=True), dict(compile_step={"backend": "aot_eager"})],
-                         ids=["cuda_graph", "compile_step"])  # fmt: skip
+@pytest.mark.parametrize("option", [
+    pytest.param(dict(cuda_graph=True), id="cuda_graph"),
+    pytest.param(dict(compile_step={"backend": "aot_eager"}), id="compile_step", marks=pytest.mark.slow),
+])  # fmt: skip
 def test_graph_and_compiled_steps_through_the_adapter(option):
     """cuda_graph on the CPU runs the static-buffer logic without capture; compile_step traces the LoRA layers."""
     torch._dynamo.reset()
@@ -239,6 +241,27 @@ def test_load_published_peft_decoder_checkpoint(cls):
     assert torch.equal(rmt.memory, state["memory_cell.memory"])
     inner = p.get_base_model().state_dict()
     assert all(torch.equal(v, inner[k]) for k, v in rmt.model.state_dict().items())
+
+
+@pytest.mark.parametrize("cls", WRAPPERS)
+def test_load_published_peft_encoder_checkpoint(cls):
+    """The published encoder around a PeftModel: model.base_model.model.<inner keys>, m extra embedding rows."""
+    torch.manual_seed(5)
+    published = bert_cls()
+    published.resize_token_embeddings(VOCAB + 2)
+    p = peft.get_peft_model(published, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"],
+                                                       init_lora_weights=False))  # fmt: skip
+    state = {f"model.{k}": v for k, v in p.state_dict().items()}
+    state.update(mem_token_ids=torch.arange(VOCAB, VOCAB + 2), cls_token=torch.tensor([CLS]),
+                 sep_token=torch.tensor([SEP]))  # fmt: skip
+    own = peft.get_peft_model(bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
+    rmt = cls(own, 2, 5, **ENC)
+    rmt.load_reference_state_dict(state)
+    full = state["model.base_model.model.bert.embeddings.word_embeddings.weight"]
+    assert torch.equal(rmt.memory, full[VOCAB:])
+    inner = p.get_base_model().state_dict()
+    for k, v in rmt.model.state_dict().items():
+        assert torch.equal(v, inner[k][:VOCAB] if "word_embeddings" in k else inner[k]), k
 
 
 # ------------------------------------------------------------------------------------------------ bad input
