@@ -44,7 +44,9 @@ def inspect_backbone(model) -> BackboneInfo:
     base = model.base_model
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
-        raise ValueError(f"model: {cls} has no nn.Embedding input embedding (got {type(emb).__name__})")
+        kind = f"{type(emb).__module__}.{type(emb).__qualname__}"
+        hint = "; RMT does not support adapters on the input embedding" if peft_model is not None else ""
+        raise ValueError(f"model: {cls} has no nn.Embedding input embedding (got {kind}){hint}")
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
         raise ValueError(f"model: cannot find the hidden size of {cls} (config.hidden_size / n_embd)")

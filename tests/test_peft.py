@@ -293,3 +293,6 @@ def test_peft_misuse_is_refused(cls):
         cls(p.get_base_model(), 2, 8)
     with pytest.raises(TypeError, match="PreTrainedModel \\(or a peft PeftModel of one\\), got LoraModel"):
         cls(p.base_model, 2, 8)
+    embedding = peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, target_modules=["wte"]))
+    with pytest.raises(ValueError, match="got peft.tuners.lora.layer.Embedding.* adapters on the input embedding"):
+        cls(embedding, 2, 8)
