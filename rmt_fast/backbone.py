@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .peft_support import split_peft
+
 
 @dataclass(frozen=True)
 class BackboneInfo:
@@ -18,11 +20,18 @@ class BackboneInfo:
     word_embeddings: nn.Embedding
     max_positions: int | None
     accepts_logits_to_keep: bool
+    model: nn.Module  # the transformers model RMT calls (for PEFT: the one the PeftModel wraps, adapters inside)
+    peft_model: nn.Module | None = None  # the PeftModel as given, or None
 
 
 def inspect_backbone(model) -> BackboneInfo:
+    """``model``: a transformers PreTrainedModel, or a peft PeftModel over one (:mod:`rmt_fast.peft_support`);
+    every check below applies to the transformers model, with the same errors either way."""
+    model, peft_model = split_peft(model)
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel (or a peft PeftModel of one), got {type(model).__name__}"
+        )
     cls = type(model).__name__
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
@@ -35,7 +44,9 @@ def inspect_backbone(model) -> BackboneInfo:
     base = model.base_model
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
-        raise ValueError(f"model: {cls} has no nn.Embedding input embedding (got {type(emb).__name__})")
+        kind = f"{type(emb).__module__}.{type(emb).__qualname__}"
+        hint = "; RMT does not support adapters on the input embedding" if peft_model is not None else ""
+        raise ValueError(f"model: {cls} has no nn.Embedding input embedding (got {kind}){hint}")
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
         raise ValueError(f"model: cannot find the hidden size of {cls} (config.hidden_size / n_embd)")
@@ -59,7 +70,7 @@ def inspect_backbone(model) -> BackboneInfo:
             "encoder must be a BERT-style model with embeddings.word_embeddings and is_decoder=False"
         )
     accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return BackboneInfo(kind, hidden, base, emb, max_pos, accepts)
+    return BackboneInfo(kind, hidden, base, emb, max_pos, accepts, model, peft_model)
 
 
 def config_token_id(config, *names: str) -> int | None:

@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 
 from .backbone import config_token_id, decoder_initial_memory, encoder_initial_memory, inspect_backbone
 from .input_checks import check_encoder_mask, check_values, label_classes
+from .peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, load_adapter, save_adapter
 
 RMT_CONFIG_NAME = "rmt_config.json"
 RMT_MEMORY_NAME = "rmt_memory.pt"
@@ -94,6 +95,7 @@ class RMTBase(nn.Module):
         if not isinstance(check_inputs, bool):
             raise ValueError(f"check_inputs must be True or False, got {check_inputs!r}")
         info = inspect_backbone(model)
+        model = info.model  # a PeftModel's inner transformers model: the one that is called
         if segment_alignment is None:
             segment_alignment = "left" if info.kind == "decoder" else "right"
         if segment_alignment not in ("left", "right"):
@@ -162,6 +164,12 @@ class RMTBase(nn.Module):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self._info.word_embeddings
+
+    @property
+    def peft_model(self):
+        """The peft ``PeftModel`` the wrapper was built on, or None. ``self.model`` is the transformers model
+        inside it (with the adapter layers), which is what runs; both share every parameter."""
+        return self._info.peft_model
 
     # ------------------------------------------------------------------------------------------- checks
     def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, memory_state) -> int:
@@ -257,28 +265,32 @@ class RMTBase(nn.Module):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def load_reference_state_dict(self, state_dict: dict, strict: bool = True):
-        """Load a state dict of the published RMT wrappers (see the README for the key layout)."""
+        """Load a state dict of the published RMT wrappers (see the README for the key layout). Over a PEFT
+        model the backbone keys are the published wrapper's around a PeftModel (``...model.base_model.model.``)."""
         own = self.model.state_dict()
         m = self.num_mem_tokens
         new_backbone, memory = {}, None
         unknown = []
+        peft_prefix = PEFT_KEY_PREFIX if self.peft_model is not None else ""
         if self.is_decoder:
+            prefix = "memory_cell.model." + peft_prefix
             for key, value in state_dict.items():
                 if key == "memory_cell.memory":
                     memory = value
-                elif key.startswith("memory_cell.model."):
-                    new_backbone[key[len("memory_cell.model."):]] = value
+                elif key.startswith(prefix):
+                    new_backbone[key[len(prefix):]] = value
                 else:
                     unknown.append(key)
         else:
             emb_key = next((k for k, v in own.items() if v is self.word_embeddings.weight
                             or k.endswith("word_embeddings.weight")), None)  # fmt: skip
             buffers = {"mem_token_ids", "cls_token", "sep_token"}
+            prefix = "model." + peft_prefix
             for key, value in state_dict.items():
                 if key in buffers or key == "model.embeddings.weight":
                     continue
-                if key.startswith("model.") and key[len("model."):] in own:
-                    sub = key[len("model."):]
+                if key.startswith(prefix) and key[len(prefix):] in own:
+                    sub = key[len(prefix):]
                     if sub == emb_key:
                         vocab = own[emb_key].shape[0]
                         if value.shape[0] != vocab + m:
@@ -309,31 +321,55 @@ class RMTBase(nn.Module):
         return self.model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Write ``dir/rmt_config.json`` (the settings), ``dir/rmt_memory.pt`` (the memory) and the backbone:
+        ``dir/backbone`` (transformers' ``save_pretrained``, given ``kwargs``), or over a PEFT model
+        ``dir/adapter`` (peft's ``save_pretrained``, given ``kwargs``: the adapter only, no base weights)."""
         os.makedirs(save_directory, exist_ok=True)
-        self._backbone_for_saving().save_pretrained(os.path.join(save_directory, BACKBONE_DIR), **kwargs)
+        extra = {}
+        if self.peft_model is not None:
+            save_adapter(self.peft_model, save_directory, **kwargs)
+            extra = {"peft_adapter": ADAPTER_DIR, "backbone_class": type(self.model).__name__}
+        else:
+            self._backbone_for_saving().save_pretrained(os.path.join(save_directory, BACKBONE_DIR), **kwargs)
         torch.save(self.memory.detach().cpu(), os.path.join(save_directory, RMT_MEMORY_NAME))
         with open(os.path.join(save_directory, RMT_CONFIG_NAME), "w") as f:
-            json.dump({"class": type(self).__name__, **asdict(self.settings)}, f, indent=2)
+            json.dump({"class": type(self).__name__, **asdict(self.settings), **extra}, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, save_directory: str | os.PathLike, **model_kwargs):
+    def from_pretrained(cls, save_directory: str | os.PathLike, base_model=None, is_trainable: bool = False,
+                        **model_kwargs):  # fmt: skip
+        """Load what :meth:`save_pretrained` wrote; ``model_kwargs`` go to the backbone's ``from_pretrained``.
+
+        A PEFT checkpoint (``dir/adapter``) holds no base weights: ``base_model`` is the transformers model the
+        adapter was trained on (peft injects the adapter into it, in place), or its path / hub name, or None for
+        the base that ``adapter_config.json`` names. ``is_trainable`` is peft's: False loads the adapter and the
+        memory frozen, for inference; True to train on. Both are errors for a checkpoint without an adapter."""
         import transformers
 
         with open(os.path.join(save_directory, RMT_CONFIG_NAME)) as f:
             settings = json.load(f)
         settings.pop("class", None)
-        path = os.path.join(save_directory, BACKBONE_DIR)
-        config = transformers.AutoConfig.from_pretrained(path)
-        arch = (config.architectures or [None])[0]
-        model_cls = getattr(transformers, arch, None) if arch else None
-        if model_cls is None:
-            raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
-        model = model_cls.from_pretrained(path, **model_kwargs)
+        adapter, backbone_class = settings.pop("peft_adapter", None), settings.pop("backbone_class", None)
+        if adapter is not None:
+            model = load_adapter(save_directory, base_model, backbone_class, is_trainable, model_kwargs)
+        else:
+            if base_model is not None or is_trainable:
+                raise ValueError(f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
+                                 "adapter; they apply to PEFT checkpoints only")  # fmt: skip
+            path = os.path.join(save_directory, BACKBONE_DIR)
+            config = transformers.AutoConfig.from_pretrained(path)
+            arch = (config.architectures or [None])[0]
+            model_cls = getattr(transformers, arch, None) if arch else None
+            if model_cls is None:
+                raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
+            model = model_cls.from_pretrained(path, **model_kwargs)
         num_mem_tokens, segment_size = settings.pop("num_mem_tokens"), settings.pop("segment_size")
         rmt = cls(model, num_mem_tokens, segment_size, **settings)
         memory = torch.load(os.path.join(save_directory, RMT_MEMORY_NAME), map_location="cpu", weights_only=True)
         with torch.no_grad():
             rmt.memory.copy_(memory.to(rmt.memory.dtype))
+        if adapter is not None:
+            rmt.memory.requires_grad_(is_trainable)
         return rmt
 
 

@@ -50,6 +50,7 @@ class FastRMT(RMTBase):
         self._graphs = None
         if cuda_graph:
             self._graphs = SegmentGraphRunner(self)
+        model = self.model  # the transformers model that runs (inside a PeftModel, the one it wraps)
         self._original_attn = model.config._attn_implementation
         preload_backend(self.settings.attn_backend)
         model.set_attn_implementation(ATTN_NAME)
@@ -66,12 +67,13 @@ class FastRMT(RMTBase):
         self._last_hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def unwrap(self):
-        """Give the backbone back as it was: its original attention implementation and no hook."""
+        """Give the backbone back as it was given (a PeftModel stays one): its original attention
+        implementation and no hook."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self.model.set_attn_implementation(self._original_attn)
-        return self.model
+        return self.model if self.peft_model is None else self.peft_model
 
     def _backbone_for_saving(self):
         return _WithAttn(self.model, self._original_attn)
