@@ -154,9 +154,11 @@ def _attentions(rmt: RMTBase, out) -> tuple[Tensor, ...]:
 
 
 def _keep(attentions, write_slots: range, answer: int, full: bool):
-    write = [a[:, :, write_slots.start:write_slots.stop].float().clone() for a in attentions]
-    answer_rows = [a[:, :, answer].float().clone() for a in attentions]
-    probs = [a.float().clone() for a in attentions] if full else None
+    """The kept rows, in fp32 at least (fp16/bf16 weights are widened; fp64 stays fp64)."""
+    wide = [a.to(torch.promote_types(a.dtype, torch.float32)) for a in attentions]
+    write = [a[:, :, write_slots.start:write_slots.stop].clone() for a in wide]
+    answer_rows = [a[:, :, answer].clone() for a in wide]
+    probs = [a.clone() for a in wide] if full else None
     return write, answer_rows, probs
 
 
