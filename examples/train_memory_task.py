@@ -9,7 +9,8 @@ longer than any it trained on. It writes DIR/results.json
 
     {"task": ..., "train_segments": [...], "eval": {"<n_segments>": accuracy, ...}, "chance": ..., ...}
 
-(extra fields: tokens per length, times, the configuration and the curriculum log) and DIR/accuracy.png.
+(extra fields: tokens per length, times, the configuration and the curriculum log) and DIR/accuracy.png;
+``--save-model`` also saves the trained RMT to DIR/model (``FastRMT.from_pretrained`` loads it).
 ``--decoder`` trains a tiny GPT-2 decoder RMT instead (the answer word is predicted after the question).
 
 The defaults are the tuned CPU setting (2-layer hidden-128 BERT, 24 tokens per segment, 4 memory tokens,
@@ -131,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds of training; past it training stops and evaluation still runs (<= 0: no limit)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--save-model", action="store_true",
+                   help="also save the trained RMT to DIR/model (FastRMT.save_pretrained; load it with "
+                   "FastRMT.from_pretrained, e.g. for examples/memory_attention.py --model DIR/model)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -361,7 +365,7 @@ def main(argv=None) -> dict:
         evals[str(n)] = accuracy(rmt, ids, labels, args.eval_batch_size)
         log(f"eval {n:>3} segments ({n * args.segment_size:>5} tokens): accuracy {evals[str(n)]:.3f}")
     total = time.perf_counter() - t0
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "save_model")}
     config.update(backbone=backbone, parameters=n_params, threads=torch.get_num_threads())
     results = {
         "task": args.task,
@@ -377,6 +381,9 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(os.path.join(args.out, "accuracy.png"), results, args.segment_size)
+    if args.save_model:
+        rmt.save_pretrained(os.path.join(args.out, "model"))
+        log(f"saved the model to {os.path.join(args.out, 'model')}")
     log(f"wrote {os.path.join(args.out, 'results.json')} and accuracy.png ({total:.0f} s)")
     return results
 

@@ -143,6 +143,7 @@ def test_training_script_smoke(tmp_path, decoder):
         "--segment-size",
         "16",
         "--no-progress",
+        "--save-model",
     ]
     if decoder:  # the decoder and the single-call path (no memory noise); the encoder runs segment by segment
         argv += ["--decoder", "--memory-noise", "0"]
@@ -155,3 +156,11 @@ def test_training_script_smoke(tmp_path, decoder):
     assert set(saved["eval"]) == {"1", "3"} and all(0.0 <= v <= 1.0 for v in saved["eval"].values())
     assert saved["chance"] == pytest.approx(1 / len(mt.PLACES))
     assert (out / "accuracy.png").stat().st_size > 0
+    # --save-model: the saved RMT reloads and scores what the run scored on the same evaluation set
+    from rmt_fast import FastRMT
+
+    loaded = FastRMT.from_pretrained(out / "model")
+    args = script.parse_args(argv)
+    ids, labels = script._dataset(args, 3, args.eval_samples, seed=args.seed + 10_000)
+    assert script.accuracy(loaded, ids, labels, args.eval_batch_size) == saved["eval"]["3"]
+    assert loaded.is_decoder == decoder and "save_model" not in saved["config"]
