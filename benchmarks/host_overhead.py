@@ -24,13 +24,14 @@ Outputs: ``host_overhead.json`` and ``host_overhead.md`` in the output folder.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rmt_fast.bench.common import env_info, machine_label, write_json
+from rmt_fast.kernels import launch_configs
+from rmt_fast.kernels import triton_attention as ra
 from rmt_fast.kernels.layout import SegmentLayout
 from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
 
@@ -56,14 +57,9 @@ class _StubKernel:
         return None
 
 
-def _ra():
-    return importlib.import_module("rmt_fast.kernels.rmt_attention")
-
-
 @contextlib.contextmanager
 def stubs():
     """Kernel launches and SDPA's compute replaced by no-ops (restored on exit)."""
-    ra = _ra()
     saved = {name: getattr(ra, name) for name in KERNELS}
     real_sdpa = F.scaled_dot_product_attention
 
@@ -75,13 +71,13 @@ def stubs():
         for name, kernel in saved.items():
             setattr(ra, name, _StubKernel(kernel))
         F.scaled_dot_product_attention = sdpa_stub
-        ra.clear_launch_cache()
+        launch_configs.clear_launch_cache()
         yield
     finally:
         for name, kernel in saved.items():
             setattr(ra, name, kernel)
         F.scaled_dot_product_attention = real_sdpa
-        ra.clear_launch_cache()
+        launch_configs.clear_launch_cache()
 
 
 def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:
@@ -113,7 +109,6 @@ def _per_call_us(fn, n: int, repeats: int, sync=None) -> float:
 
 
 def _paths(q, k, v, layout) -> dict:
-    ra = _ra()
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     return {
         "triton": lambda: ra.rmt_attention(q, k, v, layout, check=False),

@@ -10,7 +10,7 @@ counts, rows short by up to 25 %). Shapes: B in {8, 32} at T = 532 (512 + 2 x 10
 
 Methods, each on the same q, k, v (B, H, T, D):
 
-* ``triton``: :func:`rmt_fast.kernels.rmt_attention.rmt_attention` (the mask is computed in the kernel), with
+* ``triton``: :func:`rmt_fast.kernels.triton_attention.rmt_attention` (the mask is computed in the kernel), with
   the launch configurations of the committed dispatch table when there is one;
 * ``sdpa_flash_nomask``: SDPA with ``is_causal=True`` and no mask (flash kernel): what the runtime's SDPA path
   runs for a full segment; for a padded one it is an upper bound (it ignores the padding);
@@ -66,9 +66,8 @@ def _methods(layout, B: int, T: int, D: int, dtype, device):
 
     out = {}
     try:
-        import importlib
+        from rmt_fast.kernels import triton_attention as ka
 
-        ka = importlib.import_module("rmt_fast.kernels.rmt_attention")
         probe = torch.zeros(B, H, T, D, device=device, dtype=dtype)
         reason = ka.rmt_attention_supported(probe, probe, probe, layout)
         out["triton"] = reason or (lambda q, k, v: ka.rmt_attention(q, k, v, layout, check=False))
@@ -82,14 +81,7 @@ def _methods(layout, B: int, T: int, D: int, dtype, device):
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            counts = layout.token_counts.long()
-            read, write_start = layout.num_read, layout.write_start
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                visible = (kv_idx < read + counts[b]) | (kv_idx >= write_start)
-                return (kv_idx <= q_idx) & visible
-
-            block = create_block_mask(mask_mod, B, None, T, T, device=device)
+            block = create_block_mask(layout.mask_mod(), B, None, T, T, device=device)
             flex = torch.compile(flex_attention, dynamic=False)
             out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block)
         except Exception as exc:

@@ -84,9 +84,9 @@ COPY_OPS = {
     "aten::index_copy",
 }
 MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
-ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "rmt_attention.py", "sdpa_attention.py")
+ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "triton_attention.py", "sdpa_attention.py")
 ATTENTION_SCOPE = "rmt_fast::attention"  # record_function around rmt_fast.attention.run_backend while profiling
-TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/rmt_attention.py
+TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/triton_kernels.py
 
 
 @dataclass

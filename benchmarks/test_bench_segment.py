@@ -107,7 +107,7 @@ def test_attention_kernel(benchmark, method):
     layout = SegmentLayout(MEM, T - 2 * MEM, MEM, True, token_counts=counts)
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.float16) for _ in range(3))
     if method == "triton":
-        from rmt_fast.kernels.rmt_attention import rmt_attention, rmt_attention_supported
+        from rmt_fast.kernels.triton_attention import rmt_attention, rmt_attention_supported
 
         reason = rmt_attention_supported(q, k, v, layout)
         if reason:

@@ -53,7 +53,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rmt_fast.bench.common import bench_layout, env_info, machine_label, module_main, save_plot, write_csv, write_json
-from rmt_fast.kernels import dispatch
+from rmt_fast.kernels import dispatch, launch_configs
+from rmt_fast.kernels.launch_configs import next_pow2
 
 H, MEM = 12, 10
 DTYPES = ("float16", "bfloat16")
@@ -96,22 +97,11 @@ class Case:
                 f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}")  # fmt: skip
 
 
-def _kernel_module():
-    """``rmt_fast.kernels.rmt_attention`` the module (the package re-exports a function of the same name)."""
-    import importlib
-
-    return importlib.import_module("rmt_fast.kernels.rmt_attention")
-
-
-def _pow2(x: int) -> int:
-    return 1 << (max(int(x), 1) - 1).bit_length()
-
-
 def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: int = 2) -> str | None:
     """Why a candidate cannot run well (an estimate: shared memory for the pipelined tiles, fp32 accumulator
     registers per thread), or None. Triton's own out-of-resources error still decides at compile time."""
     bm, bn, warps, stages = cfg
-    d = max(16, _pow2(head_dim))
+    d = max(16, next_pow2(head_dim))
     if kind == "fwd":
         smem = itemsize * (bm * d + stages * 2 * bn * d)
         acc = (bm * d + bm * bn) * 4
@@ -131,14 +121,9 @@ def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: 
 
 def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
     """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
-    try:
-        import torch
+    import torch
 
-        ka = _kernel_module()
-    except ImportError:
-        return None
-    default = getattr(ka, "_heuristic_config", None) or ka.launch_config  # the built-in one, not a table's
-    cfg = default(kind, head_dim, getattr(torch, dtype_name))
+    cfg = launch_configs._heuristic_config(kind, head_dim, getattr(torch, dtype_name))  # the built-in one
     return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
 
 
@@ -236,7 +221,7 @@ def _tensors(c: Case, device, seed: int = 0):
 
 def _impl(name: str, layout):
     if name == "triton":
-        from rmt_fast.kernels.rmt_attention import rmt_attention
+        from rmt_fast.kernels.triton_attention import rmt_attention
 
         return lambda q, k, v: rmt_attention(q, k, v, layout, check=False)
     from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
@@ -300,16 +285,15 @@ def _warm_job(job: dict) -> str:
     """Worker: run one variant once so Triton compiles it into the on-disk cache the timing process reads."""
     import torch
 
-    ka = _kernel_module()
     try:
         c = Case(**job["case"])
         q, k, v, do = _tensors(c, torch.device(job.get("device", "cuda")))
         layout = _layout(c, q.device)
         if job.get("configs"):  # phase 2: the tuned configs of this dtype and head dim, as the runtime installs
             dtype = getattr(torch, c.dtype)
-            ka.set_launch_configs({(kd, c.head_dim, dtype): tuple(cfg) for kd, cfg in job["configs"].items()})
+            launch_configs.set_launch_configs({(kd, c.head_dim, dtype): tuple(cfg) for kd, cfg in job["configs"].items()})
         override = {job["kind"]: tuple(job["config"])} if job.get("config") else {}
-        with ka.override_configs(**override):
+        with launch_configs.override_configs(**override):
             for mode in job["modes"]:
                 _step(mode, _impl("triton", layout), q, k, v, do)()
         _sync(q.device)
@@ -377,8 +361,6 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
     from tqdm.auto import tqdm
 
-    ka = _kernel_module()
-
     plan = []
     for d in HEAD_DIMS:
         for kind in dispatch.KINDS:
@@ -399,7 +381,7 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
         try:
             q, k, v, do = _tensors(case, device)
             fn = _step(kind, _impl("triton", _layout(case, device)), q, k, v, do)
-            with ka.override_configs(**{kind: cfg}):
+            with launch_configs.override_configs(**{kind: cfg}):
                 row["graph_ms"] = graph_ms(fn, rep_ms)
                 row["eager_ms"] = eager_ms(fn, rep_ms / 2)
             row["status"] = "ok"
@@ -430,8 +412,9 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
     import torch
     from tqdm.auto import tqdm
 
-    ka = _kernel_module()
-    ka.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
+    from rmt_fast.kernels.triton_attention import rmt_attention_supported
+
+    launch_configs.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
                            for kind, cfg in kinds.items()})  # fmt: skip
     variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in cases(quick)})
     warm_t = min(c.T for c in cases(quick))
@@ -451,7 +434,7 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        reason = ka.rmt_attention_supported(q, k, v, layout)
+        reason = rmt_attention_supported(q, k, v, layout)
         for mode in ("fwd", "fwd+bwd"):
             for name in ("triton", "sdpa"):
                 row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="", **_case_cols(c))
@@ -493,7 +476,7 @@ def hopper_paths() -> dict:
         "tl.make_tensor_descriptor": hasattr(tl, "make_tensor_descriptor"),
         "tl.range(warp_specialize=...)": ws,
         "swept": False,
-        "why": "rmt_attention.py has no tensor-descriptor (TMA) or warp-specialized kernel variant to switch to",
+        "why": "triton_kernels.py has no tensor-descriptor (TMA) or warp-specialized kernel variant to switch to",
     }
 
 

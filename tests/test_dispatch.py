@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from models import VOCAB
-from rmt_fast.kernels import dispatch
+from rmt_fast.kernels import dispatch, launch_configs
 from rmt_fast.kernels.layout import SegmentLayout
 
 from rmt_fast import FastRMT
@@ -40,9 +40,7 @@ def _clean_state():
     seam._FALLBACK_LOGGED.clear()
     yield
     dispatch.reset_cache()
-    mod = seam._triton()
-    if mod is not None and hasattr(mod, "set_launch_configs"):
-        mod.set_launch_configs(None)
+    launch_configs.set_launch_configs(None)
 
 
 # ------------------------------------------------------------------------------------------------ buckets
@@ -212,8 +210,8 @@ def test_table_installs_its_launch_configs(monkeypatch):
     cfg = dict(dtype="float32", head_dim=16, fwd=[32, 16, 4, 2], dq=[16, 16, 4, 2], dkdv=[16, 32, 4, 2])
     with dispatch.use_table(_table(_small_entries(), [cfg])):
         assert seam.choose_backend("auto", *_qkv(), SegmentLayout(2, 6, 2, True), 0.0) == "triton"
-    assert mod.launch_config("fwd", 16, torch.float32).as_tuple() == (32, 16, 4, 2)
-    assert mod.launch_config("dkdv", 16, torch.float32).as_tuple() == (16, 32, 4, 2)
+    assert launch_configs.launch_config("fwd", 16, torch.float32).as_tuple() == (32, 16, 4, 2)
+    assert launch_configs.launch_config("dkdv", 16, torch.float32).as_tuple() == (16, 32, 4, 2)
 
 
 # ------------------------------------------------------------------------------------------- end to end
