@@ -24,7 +24,7 @@ forward eagerly and forward + backward eagerly (wall time of back-to-back calls:
 gives one table entry (graphed inference, eager inference, eager training); Triton wins an entry only when it
 is faster than SDPA by ``--margin``.
 
-Budget. ``--budget-s`` is a hard wall-clock limit on the whole run, Triton compilation included: phase 1 gets
+Budget. ``--budget-s`` (the runner's option; default 240) is a hard wall-clock limit on the whole run, Triton compilation included: phase 1 gets
 at most 45 % of it, and at the limit the run stops cleanly and writes what it has (unmeasured cases stay SDPA;
 ``complete`` is false in the table's provenance). Compilation is the slow part (the first GPU run spent 120 s
 compiling), so ``--workers`` processes compile every variant in parallel ahead of the timing (they fill
@@ -41,18 +41,17 @@ Outputs in DIR: ``tune.csv`` (every candidate, both timings), ``<arch>.json`` (t
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import itertools
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rmt_fast.bench.common import bench_layout, env_info, machine_label, module_main, save_plot, write_csv, write_json
+from .common import bench_layout, env_info, machine_label, save_plot, write_csv, write_json
+from .runner import Benchmark, Option, Timer, module_main
 from rmt_fast.kernels import dispatch, launch_configs
 from rmt_fast.kernels.launch_configs import next_pow2
 
@@ -247,37 +246,22 @@ def _step(mode: str, impl, q, k, v, do):
 
 
 def graph_ms(fn, rep_ms: float) -> float:
-    """Device time of one call, replayed from a CUDA graph (host time excluded)."""
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    """Device time of one call, replayed from a CUDA graph (host time excluded): the runner's timer, median."""
+    return Timer("cuda").graphed(fn, rep_ms=rep_ms).ms
 
 
 def eager_ms(fn, target_ms: float) -> float:
-    """Wall time of one call among back-to-back eager calls (host time included): median of 3 runs."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    n = int(min(200, max(3, target_ms / est)))
-    runs = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        runs.append((time.perf_counter() - t0) * 1e3 / n)
-    return statistics.median(runs)
+    """Wall time of one call among back-to-back eager calls (host time included): the runner's timer, median of 3
+    samples of n calls, n sized so that a sample takes about ``target_ms``."""
+    timer = Timer("cuda")
+    one = timer(fn, repeats=1, warmup=1, clock="wall").ms
+    n = int(min(200, max(3, target_ms / max(one, 1e-3))))
+    return timer(fn, repeats=3, warmup=0, inner=n, clock="wall").ms
 
 
-def _error(exc: BaseException) -> str:
+def _error(exc: BaseException) -> dict:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return "error: " + text[:160]
+    return {"status": "error", "note": text[:160]}
 
 
 # --------------------------------------------------------------------------------- parallel compilation
@@ -299,7 +283,7 @@ def _warm_job(job: dict) -> str:
         _sync(q.device)
         return "ok"
     except Exception as exc:  # the timing process meets (and records) the same error
-        return _error(exc)
+        return _error(exc)["note"]
 
 
 class Precompiler:
@@ -376,7 +360,7 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
         row = dict(phase="sweep", mode=kind, candidate="triton", config=_cfg_text(cfg),
                    heuristic=cfg == heuristic_config(kind, d, case.dtype), **_case_cols(case))  # fmt: skip
         if time.perf_counter() > deadline:
-            rows.append({**row, "status": "skipped: budget"})
+            rows.append({**row, "status": "over_budget", "note": "not run: the budget is spent"})
             continue
         try:
             q, k, v, do = _tensors(case, device)
@@ -384,11 +368,11 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
             with launch_configs.override_configs(**{kind: cfg}):
                 row["graph_ms"] = graph_ms(fn, rep_ms)
                 row["eager_ms"] = eager_ms(fn, rep_ms / 2)
-            row["status"] = "ok"
+            row.update(status="ok", note="")
             if row["graph_ms"] < best.get((d, kind), (math.inf, None))[0]:
                 best[(d, kind)] = (row["graph_ms"], cfg)
         except Exception as exc:
-            row["status"] = _error(exc)
+            row.update(_error(exc))
             _sync(device)
         rows.append(row)
     configs = {}
@@ -430,7 +414,7 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
             q, k, v, do = _tensors(c, device)
             layout = _layout(c, device)
         except Exception as exc:  # e.g. out of memory for the largest shapes
-            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), status=_error(exc)))
+            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), **_error(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -442,16 +426,16 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
                     kinds = configs.get((c.dtype, c.head_dim), {})
                     row["config"] = " / ".join(f"{k}={_cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
                     if reason is not None:
-                        rows.append({**row, "status": f"unsupported: {reason}"})
+                        rows.append({**row, "status": "unavailable", "note": f"unsupported: {reason}"})
                         continue
                 try:
                     fn = _step(mode, _impl(name, layout), q, k, v, do)
                     if mode == "fwd":
                         row["graph_ms"] = graph_ms(fn, rep_ms)
                     row["eager_ms"] = eager_ms(fn, rep_ms / 2)
-                    row["status"] = "ok"
+                    row.update(status="ok", note="")
                 except Exception as exc:
-                    row["status"] = _error(exc)
+                    row.update(_error(exc))
                     _sync(device)
                 rows.append(row)
         del q, k, v, do, layout
@@ -480,7 +464,7 @@ def hopper_paths() -> dict:
     }
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
+def _plot(rows: list[dict], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,7 +489,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(name, fontsize=9)
     axes[-1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
     fig.suptitle(title, fontsize=9)
-    save_plot(fig, path)
+    return fig
 
 
 def _provenance(env: dict, args: dict, complete: bool) -> dict:
@@ -559,24 +543,24 @@ def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float =
             "table": str(out_dir / f"{arch}.example.json")}  # fmt: skip
 
 
-def run(out_dir: Path, quick: bool = False, *, budget_s: float = DEFAULT_BUDGET_S, dry: bool = False,
-        workers: int | None = None, margin: float = dispatch.DEFAULT_MARGIN, arch: str | None = None,
-        rep_ms: float = 10.0) -> dict:  # fmt: skip
+def run(ctx) -> dict:
     import torch
 
-    if dry:
-        return dry_run(out_dir, quick, arch, margin)
-    if not torch.cuda.is_available():
+    margin = ctx.option("margin")
+    if ctx.option("dry_run"):
+        return dry_run(ctx.out_dir, ctx.quick, ctx.option("arch"), margin)
+    if not ctx.cuda:
         print("no GPU: `rmt-fast-bench tune` needs CUDA (use --dry-run to see the plan)")
         return {"skipped": "no CUDA"}
     arch = dispatch.arch_of(0)
     props = torch.cuda.get_device_properties(0)
     smem = getattr(props, "shared_memory_per_block_optin", None) or ASSUMED_SMEM.get(arch, 101376)
+    workers = ctx.option("workers")
     if workers is None:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
     device_info = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
-    return tune_on(torch.device("cuda", 0), out_dir, quick, arch=arch, smem=smem, device_info=device_info,
-                   budget_s=budget_s, workers=workers, margin=margin, rep_ms=rep_ms)  # fmt: skip
+    return tune_on(torch.device("cuda", 0), ctx.out_dir, ctx.quick, arch=arch, smem=smem, device_info=device_info,
+                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"))  # fmt: skip
 
 
 def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_info: dict, budget_s: float,
@@ -598,8 +582,7 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     n_cases = len(cases(quick))
     measured_cases = len({(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"])
                           for r in compare_rows if r["status"] == "ok"})  # fmt: skip
-    complete = measured_cases == n_cases and not any(str(r.get("status", "")).startswith("skipped")
-                                                      for r in sweep_rows)  # fmt: skip
+    complete = measured_cases == n_cases and not any(r["status"] == "over_budget" for r in sweep_rows)
     for r in compare_rows:
         r["label"] = Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
@@ -615,8 +598,8 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
     write_json(out_dir / f"{arch}.json", table)
     write_json(out_dir / "tune_env.json", env)
-    _plot(compare_rows, out_dir / "tune.png",
-          f"Triton RMT attention vs SDPA, H={H} - {machine_label()} (torch {env['torch']}, triton {env['triton']})")
+    save_plot(_plot(compare_rows, f"Triton RMT attention vs SDPA, H={H} - {machine_label()} (torch {env['torch']}, "
+                                  f"triton {env['triton']})"), out_dir / "tune.png")
     summary = {"arch": arch, "seconds": env["seconds"], "complete": complete, "cases_measured": measured_cases,
                "cases_planned": n_cases, "table": str(out_dir / f"{arch}.json")}  # fmt: skip
     for _, _, needs_grad, mode in MEASUREMENTS:
@@ -626,24 +609,14 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     return summary
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="hard wall-clock limit (seconds)")
-    p.add_argument("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table")
-    p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)")
-    p.add_argument("--margin", type=float, default=dispatch.DEFAULT_MARGIN,
-                   help="Triton wins an entry only when faster than SDPA by this fraction")  # fmt: skip
-    p.add_argument("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)")
-    p.add_argument("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement")
-
-
-def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:
-    return run(out_dir, quick, budget_s=args.budget_s, dry=args.dry_run, workers=args.workers, margin=args.margin,
-               arch=args.arch, rep_ms=args.rep_ms)  # fmt: skip
-
-
-def main(argv=None) -> int:
-    return module_main(sys.modules[__name__], argv, default_out="results/tune")
-
+BENCHMARK = Benchmark("tune", run=run, budget_s=DEFAULT_BUDGET_S, options=(
+    Option("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table"),
+    Option("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)"),
+    Option("--margin", type=float, default=dispatch.DEFAULT_MARGIN,
+           help="Triton wins an entry only when faster than SDPA by this fraction"),
+    Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
+    Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
+))  # fmt: skip
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="tune"))

@@ -302,7 +302,9 @@ def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
     got = {(c["target"][:12], c["mode"], c["T"]): (c["speedup"], c["met"]) for c in kernels.targets(rows)}
     assert got == {("forward >= 1", "fwd", 532): (0.8, False), ("forward + ba", "fwd+bwd", 532): (0.933, True),
                    ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True)}  # fmt: skip
-    kernels._plot(rows, tmp_path / "k.png", {"torch": "x", "triton": "y"})
+    from rmt_fast.bench.common import save_plot
+
+    save_plot(kernels.plot(None, rows, {"env": {"torch": "x", "triton": "y"}}), tmp_path / "k.png")
     assert (tmp_path / "k.png").stat().st_size > 0
 
 

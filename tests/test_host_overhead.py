@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-from rmt_fast.bench import host_overhead  # noqa: E402
+from rmt_fast.bench import host_overhead, runner  # noqa: E402
 from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
 
 from rmt_fast.kernels import launch_configs as lc
@@ -91,7 +91,7 @@ def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
 def test_host_overhead_benchmark_runs(tmp_path):
     real_sdpa = F.scaled_dot_product_attention
     real_kernel = ta._rmt_attn_fwd_kernel
-    summary = host_overhead.run(tmp_path, quick=True)
+    summary = runner.run(host_overhead, tmp_path, quick=True)
     assert F.scaled_dot_product_attention is real_sdpa and ta._rmt_attn_fwd_kernel is real_kernel  # restored
     data = json.loads((tmp_path / "host_overhead.json").read_text())
     stub = [r for r in data["rows"] if r["mode"] == "stub"]
