@@ -253,39 +253,17 @@ def flops_rows(counted: dict[tuple[str, int], dict[str, int]]) -> list[dict]:
                 full = full_flops(spec, tokens, lm_head)
                 full_c = counted.get((spec.name, tokens))
                 full_counted = full_c[hk] if full_c else None
-                common = {"model": spec.name, "tokens": tokens}
-                rows.append(
-                    common
-                    | {
-                        "method": "rmt",
-                        "lm_head": lm_head,
-                        "flops": rmt,
-                        "segments": nseg,
-                        "segment_positions": SEGMENT_POSITIONS,
-                        "content_per_segment": cps,
-                        "memory_tokens": MEMORY_TOKENS * PRIMARY.memory_blocks,
-                        "convention": PRIMARY.name,
-                        "counted_flops": rmt_counted,
-                        "rel_diff": rel_diff(rmt, rmt_counted) if rmt_counted else None,
-                        "full_over_rmt": full / rmt,
-                    }
-                )
-                rows.append(
-                    common
-                    | {
-                        "method": "full",
-                        "lm_head": lm_head,
-                        "flops": full,
-                        "segments": 1,
-                        "segment_positions": tokens,
-                        "content_per_segment": tokens,
-                        "memory_tokens": 0,
-                        "convention": "full",
-                        "counted_flops": full_counted,
-                        "rel_diff": rel_diff(full, full_counted) if full_counted else None,
-                        "full_over_rmt": full / rmt,
-                    }
-                )
+                mem = MEMORY_TOKENS * PRIMARY.memory_blocks
+                for method, flops, segs, positions, content, memory, conv, counted_flops in (
+                    ("rmt", rmt, nseg, SEGMENT_POSITIONS, cps, mem, PRIMARY.name, rmt_counted),
+                    ("full", full, 1, tokens, tokens, 0, "full", full_counted),
+                ):
+                    rows.append({"model": spec.name, "tokens": tokens, "method": method, "lm_head": lm_head,
+                                 "flops": flops, "segments": segs, "segment_positions": positions,
+                                 "content_per_segment": content, "memory_tokens": memory, "convention": conv,
+                                 "counted_flops": counted_flops,
+                                 "rel_diff": rel_diff(flops, counted_flops) if counted_flops else None,
+                                 "full_over_rmt": full / rmt})  # fmt: skip
     return rows
 
 

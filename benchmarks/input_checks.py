@@ -36,7 +36,8 @@ GPU_CFG = dict(model="gpt2-small", segment_size=496, mem=8, sizes=[(1, 992), (8,
 
 def _config(cuda: bool, quick: bool) -> dict:
     cfg = dict(GPU_CFG if cuda else CPU_CFG)
-    cfg["vocab"] = presets.preset(cfg["model"]).vocab
+    p = presets.preset(cfg["model"])
+    cfg.update(layers=p.layers, hidden=p.hidden, heads=p.heads, vocab=p.vocab)
     if quick:
         cfg.update(sizes=cfg["sizes"][:2], check_reps=cfg["check_reps"] // 2,
                    forward_reps=max(cfg["forward_reps"] // 2, 1))  # fmt: skip

@@ -74,7 +74,8 @@ PRESETS: dict[str, Preset] = {
 
 
 def _opt(layers: int, hidden: int, heads: int, proj_dim: int | None = None) -> Preset:
-    return Preset("opt", layers, hidden, heads, 4 * hidden, 50272, 2048, extra={"word_embed_proj_dim": proj_dim or hidden})
+    extra = {"word_embed_proj_dim": proj_dim or hidden}
+    return Preset("opt", layers, hidden, heads, 4 * hidden, 50272, 2048, extra=extra)
 
 
 # The OPT family of the FLOPs figure (OPT paper, Table 1; OPT-350M projects its 512-wide embeddings).

@@ -49,37 +49,14 @@ from .common import machine_label
 from .runner import Benchmark, Option, module_main
 
 CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
-ATTENTION_OPS = (
-    "scaled_dot_product",
-    "flash_attention",
-    "efficient_attention",
-    "_fused_attention",
-    "_flash_attention",
-    "_efficient_attention",
-)
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "_fused_attention", "_flash_attention",
+                 "_efficient_attention")  # fmt: skip
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::linear", "aten::bmm", "aten::matmul", "aten::baddbmm"}
 NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm", "aten::_fused_rms_norm"}
-COPY_OPS = {
-    "aten::copy_",
-    "aten::cat",
-    "aten::stack",
-    "aten::contiguous",
-    "aten::clone",
-    "aten::index",
-    "aten::index_select",
-    "aten::gather",
-    "aten::scatter",
-    "aten::scatter_",
-    "aten::index_put",
-    "aten::index_put_",
-    "aten::_index_put_impl_",
-    "aten::to",
-    "aten::_to_copy",
-    "aten::slice_scatter",
-    "aten::select_scatter",
-    "aten::masked_scatter",
-    "aten::index_copy",
-}
+COPY_OPS = {f"aten::{name}" for name in (
+    "copy_", "cat", "stack", "contiguous", "clone", "index", "index_select", "gather", "scatter", "scatter_",
+    "index_put", "index_put_", "_index_put_impl_", "to", "_to_copy", "slice_scatter", "select_scatter",
+    "masked_scatter", "index_copy")}  # fmt: skip
 MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
 ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "triton_attention.py", "sdpa_attention.py")
 ATTENTION_SCOPE = "rmt_fast::attention"  # record_function around rmt_fast.attention.run_backend while profiling
@@ -333,26 +310,16 @@ def run(ctx) -> dict:
     rows = []
     for (backbone, label), r in results.items():
         for cat in CATEGORIES:
-            row = dict(
-                backbone=backbone,
-                wrapper=label,
-                category=cat,
-                cpu_ms=round(r["cpu_ms"][cat], 3),
-                ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2)
-                if cat != "python overhead"
-                else "",
-                ops_per_segment=round(r["ops_per_segment"], 1),
-                wall_ms_profiled=round(r["wall_ms_profiled"], 3),
-                wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3),
-            )
+            top = cat != "python overhead"
+            row = dict(backbone=backbone, wrapper=label, category=cat, cpu_ms=round(r["cpu_ms"][cat], 3),
+                       ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2)
+                       if top else "",
+                       ops_per_segment=round(r["ops_per_segment"], 1), wall_ms_profiled=round(r["wall_ms_profiled"], 3),
+                       wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3))  # fmt: skip
             if cuda:
-                row.update(
-                    device_ms=round(r["device_ms"][cat], 3),
-                    kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
-                    if cat != "python overhead"
-                    else "",
-                    kernels_per_segment=round(r["kernels_per_segment"], 1),
-                )
+                row.update(device_ms=round(r["device_ms"][cat], 3),
+                           kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
+                           if top else "", kernels_per_segment=round(r["kernels_per_segment"], 1))  # fmt: skip
             rows.append(row)
     ctx.write_csv(rows)
     ctx.write_text(_markdown(results, s, cuda), "profile.md")
@@ -388,46 +355,24 @@ def _markdown(results: dict, s: ProfileSetup, cuda: bool) -> str:
         head = "| | ReferenceRMT | FastRMT | ratio ref/fast |"
         lines += [head, "|---|---:|---:|---:|"]
 
-        def line(name, a, b, fmt="{:.2f}", lines=lines):
+        def line(name, key, fmt="{:.2f}", cat=None, lines=lines, ref=ref, fast=fast):
+            a, b = (r[key] if cat is None else r[key][cat] for r in (ref, fast))
             ratio = f"{a / b:.2f}" if b else "-"
             lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
 
-        line("wall ms (unprofiled, median of 5)", ref["wall_ms_unprofiled"], fast["wall_ms_unprofiled"])
-        line("wall ms (profiled)", ref["wall_ms_profiled"], fast["wall_ms_profiled"])
-        line("aten ops dispatched per segment", ref["ops_per_segment"], fast["ops_per_segment"], "{:.1f}")
-        line(
-            "aten ops incl. nested per segment",
-            ref["all_ops_per_segment"],
-            fast["all_ops_per_segment"],
-            "{:.1f}",
-        )
+        line("wall ms (unprofiled, median of 5)", "wall_ms_unprofiled")
+        line("wall ms (profiled)", "wall_ms_profiled")
+        line("aten ops dispatched per segment", "ops_per_segment", "{:.1f}")
+        line("aten ops incl. nested per segment", "all_ops_per_segment", "{:.1f}")
         if cuda:
-            line(
-                "device kernels per segment",
-                ref["kernels_per_segment"],
-                fast["kernels_per_segment"],
-                "{:.1f}",
-            )
-        for cat in CATEGORIES:
-            line(f"CPU ms: {cat}", ref["cpu_ms"][cat], fast["cpu_ms"][cat])
-        if cuda:
-            for cat in CATEGORIES[:-1]:
-                line(f"device ms: {cat}", ref["device_ms"][cat], fast["device_ms"][cat])
-        for cat in CATEGORIES[:-1]:
-            line(
-                f"ops dispatched per segment: {cat}",
-                ref["ops_per_segment_by_category"][cat],
-                fast["ops_per_segment_by_category"][cat],
-                "{:.1f}",
-            )
-        if cuda:
-            for cat in CATEGORIES[:-1]:
-                line(
-                    f"kernels per segment: {cat}",
-                    ref["kernels_per_segment_by_category"][cat],
-                    fast["kernels_per_segment_by_category"][cat],
-                    "{:.1f}",
-                )
+            line("device kernels per segment", "kernels_per_segment", "{:.1f}")
+        per_category = (("CPU ms", "cpu_ms", "{:.2f}", CATEGORIES, False),
+                        ("device ms", "device_ms", "{:.2f}", CATEGORIES[:-1], True),
+                        ("ops dispatched per segment", "ops_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], False),
+                        ("kernels per segment", "kernels_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], True))
+        for label, key, fmt, cats, gpu_only in per_category:
+            for cat in cats if cuda or not gpu_only else ():
+                line(f"{label}: {cat}", key, fmt, cat)
         lines += ["", _sentences(backbone, ref, fast, cuda), ""]
     return "\n".join(lines) + "\n"
 

@@ -31,7 +31,8 @@ is what is allocated before a step, ``act_peak_mb`` the difference); CPU: the gr
 (``rmt_fast.bench.common.PeakMemory``, a lower bound). Every point is a row (the runner's status words):
 ``ok``, ``oom`` (out of memory; memory is freed and the sweep goes on with the next method), ``error`` (the note
 says why), ``skipped`` (a method's points after its failure: not run), ``over_budget`` (the ``--budget-s``
-wall-clock budget was spent before the point). The loss of every step must be finite. The JSON summary holds the issue's target ratios: FastRMT against ReferenceRMT at 7
+wall-clock budget was spent before the point). The loss of every step must be finite. The JSON summary holds the
+issue's target ratios: FastRMT against ReferenceRMT at 7
 segments of (a) and 8 of (b) (tokens/s >= 1.5x, peak memory <= 0.5x), and 64 segments of (b) with
 checkpointing (fits in 80 GB).
 
@@ -88,7 +89,8 @@ class Setting:
 
 QUICK = ("reference", "fast", "fast-ckpt", "full")
 SETTINGS: dict[str, Setting] = {
-    "a": Setting("a", "bert-base", 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7], target_segments=7, quick_methods=QUICK),
+    "a": Setting("a", "bert-base", 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7], target_segments=7,
+                 quick_methods=QUICK),
     "b": Setting("b", "llama-1.2b", 16, 1024, 4, [1, 2, 4, 8, 16, 32], [8], target_segments=8, ckpt_segments=[64],
                  quick_methods=QUICK),  # fmt: skip
     "tiny-encoder": Setting("tiny-encoder", "bert-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2],

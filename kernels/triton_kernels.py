@@ -9,6 +9,7 @@ runs (see :mod:`rmt_fast.kernels.layout`). The launchers, the autograd Function 
 import triton
 import triton.language as tl
 
+
 # ============================================================================================ jit kernels
 @triton.jit
 def _fp32(x):

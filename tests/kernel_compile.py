@@ -21,7 +21,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-
 from rmt_fast.kernels import launch_configs as lc  # noqa: E402
 from rmt_fast.kernels import triton_attention as ta  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

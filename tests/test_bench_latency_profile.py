@@ -59,7 +59,7 @@ def test_latency_over_budget_is_a_row_not_a_crash(tmp_path):
     rows = _rows(tmp_path / "latency.csv")
     assert [r["status"] for r in rows] == ["over_budget", "over_budget"]
     assert all(r["tokens"] == "128" for r in rows)
-    assert summary["ok"] is False
+    assert summary["ok"] is None  # a tiny run checks no slopes
     assert (tmp_path / "latency.png").exists()
 
 

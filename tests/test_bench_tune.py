@@ -9,9 +9,8 @@ import warnings
 
 import pytest
 import torch
-from rmt_fast.bench import cli, runner, tune
-from rmt_fast.kernels import launch_configs
-from rmt_fast.kernels import dispatch
+from rmt_fast.bench import cli, runner, tune, tune_plan
+from rmt_fast.kernels import dispatch, launch_configs
 
 
 def test_dry_run_through_the_cli_writes_the_plan_and_an_unmeasured_example(tmp_path, capsys, monkeypatch):
@@ -122,13 +121,14 @@ def _tiny(monkeypatch, timed):
     """Tiny shapes (fp32, D = 16, 2 heads, T = 24) and stand-in timers that run each call once (the
     interpreter cannot time anything): the code path of a GPU run, without its numbers."""
     cases = [tune.Case("float32", 16, 2, 24, True, True), tune.Case("float32", 16, 2, 24, False, False)]
-    monkeypatch.setattr(tune, "H", 2)
-    monkeypatch.setattr(tune, "HEAD_DIMS", (16,))
-    monkeypatch.setattr(tune, "DTYPES", ("float32",))
+    for module in (tune, tune_plan):  # the plan's constants, where each module reads them
+        monkeypatch.setattr(module, "H", 2)
+        monkeypatch.setattr(module, "HEAD_DIMS", (16,))
+        monkeypatch.setattr(module, "DTYPES", ("float32",))
     monkeypatch.setattr(tune, "cases", lambda quick: cases)
     monkeypatch.setattr(tune, "sweep_case", lambda d, quick: cases[0])
     grid = {k: dict(block_m=(16,), block_n=(16, 32), warps=(4,), stages=(1,)) for k in ("fwd", "dq", "dkdv")}
-    monkeypatch.setattr(tune, "QUICK_GRID", grid)
+    monkeypatch.setattr(tune_plan, "QUICK_GRID", grid)
 
     def timer(fn, rep_ms):
         out = fn()

@@ -205,7 +205,6 @@ def test_graphed_and_grad_flags_pick_their_measurements(monkeypatch):
 
 @needs_kernel
 def test_table_installs_its_launch_configs(monkeypatch):
-    mod = seam._triton()
     monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
     cfg = dict(dtype="float32", head_dim=16, fwd=[32, 16, 4, 2], dq=[16, 16, 4, 2], dkdv=[16, 32, 4, 2])
     with dispatch.use_table(_table(_small_entries(), [cfg])):

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 from rmt_fast.bench import host_overhead, runner  # noqa: E402
-from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
-
 from rmt_fast.kernels import launch_configs as lc
 from rmt_fast.kernels import triton_attention as ta
+from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
 
 
 @pytest.fixture

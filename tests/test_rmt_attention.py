@@ -36,11 +36,11 @@ if not isinstance(tl.cdiv, InterpretedFunction):
     )
 
 from numerics import rel_err  # noqa: E402
-from rmt_fast.kernels.layout import SegmentLayout, mask_runs  # noqa: E402
-from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference  # noqa: E402
-
 from rmt_fast.kernels import launch_configs as lc  # noqa: E402
 from rmt_fast.kernels import triton_attention as ta  # noqa: E402
+from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference  # noqa: E402
+from rmt_fast.kernels.layout import SegmentLayout, mask_runs  # noqa: E402
+
 rmt_attention = ta.rmt_attention
 rmt_attention_dropout_mask = ta.rmt_attention_dropout_mask
 rmt_attention_supported = ta.rmt_attention_supported
