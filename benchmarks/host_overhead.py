@@ -154,7 +154,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def run(ctx) -> dict:
     n, repeats = (50, 3) if ctx.quick else (500, 7)
     rows = measure_stub(Timer(torch.device("cpu")), n, repeats)
-    if torch.cuda.is_available():
+    if ctx.cuda:
         rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats)
     summary = summarize(rows)
     ctx.write_json({"rows": rows, "summary": summary})
