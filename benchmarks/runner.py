@@ -245,7 +245,6 @@ class Benchmark:
     after_failure: str = "stop"
     needs_cuda: bool = False
     budget_s: float | None = None  # the default of --budget-s (None: no budget)
-    write_rows: bool = True  # False: no <name>.csv (the record holds the rows)
     cpu_threads: int | None = None  # on the CPU: torch threads while it runs (1: robust to other load)
 
 
@@ -380,11 +379,10 @@ def _run(bench: Benchmark, ctx: Context) -> dict:
     if bench.run is not None:
         return bench.run(ctx) or {}
     rows = ctx.sweep(bench.cases(ctx), bench.measure, series=bench.series, after_failure=bench.after_failure,
-                     sink=ctx.write_csv if bench.write_rows else None)  # fmt: skip
+                     sink=ctx.write_csv)  # fmt: skip
     summary, record = bench.summarize(ctx, rows) if bench.summarize else ({}, {})
-    if bench.write_rows:
-        ctx.write_csv(rows)
-    ctx.write_json({"summary": summary, **({} if bench.write_rows else {"rows": rows}), **record})
+    ctx.write_csv(rows)
+    ctx.write_json({"summary": summary, **record})
     if bench.plot is not None:
         ctx.save_plot(bench.plot(ctx, rows, record))
     if bench.markdown is not None:
