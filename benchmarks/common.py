@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark modules: environment description, CSV/JSON writers, plot saving.
+"""Records shared by the benchmarks: the environment description, CSV/JSON writers, plot saving, peak memory,
+a point in a fresh process, the kernel benchmarks' segment layout.
 
 Kept free of heavy imports at module level (matplotlib and transformers are imported lazily) so that
 ``rmt-fast-bench --help`` and the analytic parts of the benchmarks start quickly.
@@ -228,18 +229,18 @@ class PeakMemory:
         return None if token is None or hwm is None else max(hwm - token, 0) / 1024
 
 
-def run_point_in_subprocess(module: str, args: list[str], timeout: float | None = None) -> dict:
-    """Run ``python -m module *args`` in a fresh process and return the JSON object on its last stdout line.
+def run_point_in_subprocess(fn, timeout: float | None = None, **kwargs) -> dict:
+    """``fn(**kwargs)`` (a module-level function returning a JSON-able dict) in a fresh process, one torch thread.
 
     For CPU peak-memory points: a fresh process has no allocator cache from earlier work, and glibc's mmap
     threshold is set to 64 KiB so that freed tensors leave the resident set at once and the resident-set peak
     follows live tensors rather than heap fragmentation. Raises RuntimeError with the tail of stderr on failure.
     """
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, "-m", "rmt_fast.bench.common", f"{fn.__module__}:{fn.__name__}", json.dumps(kwargs)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"{module} {' '.join(args)} failed: {done.stderr[-400:]}")
+        raise RuntimeError(f"{fn.__name__}({kwargs}) failed: {done.stderr[-400:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -261,18 +262,12 @@ def bench_layout(B: int, T: int, *, causal: bool = True, padded: bool = True, de
     return SegmentLayout(read, tokens, write, causal, token_counts=counts)
 
 
-def module_main(module, argv=None, *, default_out: str, ok_key: str | None = None) -> int:
-    """``python -m rmt_fast.bench.NAME`` for a benchmark with its own options: ``--out``, ``--quick`` and the
-    module's ``add_arguments(parser)``, then ``run_args(out_dir, quick, namespace)`` (the protocol ``cli`` uses);
-    prints the summary as JSON. Exit status 1 when ``ok_key`` is given and the summary's value there is false."""
-    import argparse
+if __name__ == "__main__":  # run_point_in_subprocess: MODULE:FUNCTION JSON-KWARGS -> the result as one JSON line
+    import importlib
 
-    p = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(default_out))
-    p.add_argument("--quick", action="store_true")
-    module.add_arguments(p)
-    args = p.parse_args(argv)
-    summary = module.run_args(args.out, args.quick, args)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0 if ok_key is None or summary.get(ok_key) else 1
+    import torch
 
+    torch.set_num_threads(1)
+    target, kwargs = sys.argv[1], json.loads(sys.argv[2])
+    module_name, _, function = target.partition(":")
+    print(json.dumps(getattr(importlib.import_module(module_name), function)(**kwargs)))

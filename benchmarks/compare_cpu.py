@@ -1,48 +1,39 @@
 """FastRMT against ReferenceRMT on the CPU, in one run: forward time (no_grad), forward+backward time and peak
 memory, for each and as ratios (reference / FastRMT, so > 1 means FastRMT is better).
 
-Default: GPT-2 with 4 layers, hidden 256, 4 heads (GPT-2 vocabulary), 16 segments of 128 tokens, m = 8,
-batch 2. Peak memory is the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) during the first call of a fresh subprocess per (wrapper, mode), with glibc's mmap
-threshold at 64 KiB (``common.run_point_in_subprocess``, the method of ``train_memory``), so the peak follows
-live tensors and no allocator cache from an earlier call hides growth.
+Default: GPT-2 with 4 layers, hidden 256, 4 heads (GPT-2 vocabulary; the ``gpt2-4l`` preset), 16 segments of 128
+tokens, m = 8, batch 2 (``--quick``: 4 segments, one timed call). Times: the runner's timer (median of
+``--repeats`` calls after a warm-up). Peak memory is the growth of the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs) during the first call of a fresh subprocess per (wrapper, mode), with glibc's
+mmap threshold at 64 KiB (``common.run_point_in_subprocess``, the method of ``train_memory``), so the peak
+follows live tensors and no allocator cache from an earlier call hides growth.
 
-    python -m rmt_fast.bench.compare_cpu --out results/compare_cpu
+    rmt-fast-bench compare --out results/compare_cpu [--quick] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
-from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, run_point_in_subprocess, save_plot, write_csv, write_json
+from . import presets
+from .common import PeakMemory, machine_label, run_point_in_subprocess
+from .runner import Benchmark, Option, module_main
 
-DEFAULTS = dict(layers=4, hidden=256, heads=4, segments=16, segment_size=128, mem=8, batch=2)
+DEFAULTS = dict(model="gpt2-4l", segments=16, segment_size=128, mem=8, batch=2)
 MODES = ("forward_no_grad", "forward_backward")
+WRAPPERS = {"ref": "ReferenceRMT", "fast": "FastRMT"}
 
 
-def build(wrapper: str, layers, hidden, heads, segment_size, mem, seed=0, **_):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from rmt_fast import FastRMT, ReferenceRMT
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=segment_size + 2 * mem,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    cls = FastRMT if wrapper == "fast" else ReferenceRMT
-    return cls(GPT2LMHeadModel(cfg), mem, segment_size)
+def build(wrapper: str, model: str, segment_size: int, mem: int, seed: int = 0, **_):
+    backbone = presets.model(model, "lm", seed=seed, max_positions=segment_size + 2 * mem)
+    return presets.rmt("fast" if wrapper == "fast" else "reference", backbone, model, mem, segment_size)
 
 
-def inputs(batch, segments, segment_size, seed=1, **_):
+def inputs(model: str, batch: int, segments: int, segment_size: int, seed: int = 1, **_):
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50257, (batch, segments * segment_size), generator=g)
+    vocab = presets.preset(model).vocab
+    return torch.randint(0, vocab, (batch, segments * segment_size), generator=torch.Generator().manual_seed(seed))
 
 
 def step(rmt, ids, mode):
@@ -66,59 +57,44 @@ def measure_peak(wrapper: str, mode: str, cfg: dict) -> dict:
     return {"peak_mb": peak.mb(token)}
 
 
-def _peak_in_subprocess(wrapper, mode, cfg) -> float:
-    point = run_point_in_subprocess("rmt_fast.bench.compare_cpu",
-                                    ["--measure-peak", wrapper, mode, "--cfg", json.dumps(cfg)])
-    return float(point["peak_mb"])
-
-
-def run(out_dir: Path, quick: bool = False, repeats: int = 3, **overrides) -> dict:
+def cases(ctx) -> list[dict]:
     import torch
-    from tqdm import tqdm
 
-    cfg = {**DEFAULTS, **overrides}
-    if quick:
-        cfg.update(segments=4)
-        repeats = 1
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    models = {w: build(w, **cfg) for w in ("fast", "ref")}
+    ctx.cfg = cfg = {**DEFAULTS, **({"segments": 4} if ctx.quick else {})}
+    ctx.models = {w: build(w, **cfg) for w in WRAPPERS}
     with torch.no_grad():
-        models["fast"].memory.copy_(models["ref"].memory)
-    ids = inputs(**cfg)
-    jobs = [(w, mode) for mode in MODES for w in ("ref", "fast")]
-    for wrapper, mode in tqdm(jobs, desc="compare_cpu"):
-        rmt = models[wrapper]
-        step(rmt, ids, mode)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step(rmt, ids, mode)
-            times.append(time.perf_counter() - t0)
-        peak = _peak_in_subprocess(wrapper, mode, cfg)
-        rows.append(dict(wrapper="FastRMT" if wrapper == "fast" else "ReferenceRMT", mode=mode,
-                         seconds=statistics.median(times), peak_mb=round(peak, 1), repeats=repeats))  # fmt: skip
+        ctx.models["fast"].memory.copy_(ctx.models["ref"].memory)
+    ctx.ids = inputs(**cfg)
+    return [dict(wrapper=WRAPPERS[w], mode=mode) for mode in MODES for w in WRAPPERS]
+
+
+def measure(ctx, case: dict, state: dict) -> dict:
+    w = next(k for k, v in WRAPPERS.items() if v == case["wrapper"])
+    repeats = 1 if ctx.quick else ctx.option("repeats")
+    t = ctx.timer(lambda: step(ctx.models[w], ctx.ids, case["mode"]), repeats=repeats, warmup=1, clock="wall")
+    peak = run_point_in_subprocess(measure_peak, wrapper=w, mode=case["mode"], cfg=ctx.cfg)["peak_mb"]
+    return dict(seconds=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, peak_mb=round(float(peak), 1), repeats=repeats)
+
+
+def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
     ratios = {}
     for mode in MODES:
         ref = next(r for r in rows if r["mode"] == mode and r["wrapper"] == "ReferenceRMT")
         fast = next(r for r in rows if r["mode"] == mode and r["wrapper"] == "FastRMT")
         ratios[f"{mode}_time"] = ref["seconds"] / fast["seconds"]
         ratios[f"{mode}_peak_memory"] = ref["peak_mb"] / max(fast["peak_mb"], 1e-9)
-    write_csv(out_dir / "compare_cpu.csv", rows)
-    summary = {"config": cfg, "rows": rows, "ratios_ref_over_fast": ratios, "env": env_info()}
-    write_json(out_dir / "compare_cpu.json", summary)
-    _plot(rows, ratios, cfg, out_dir / "compare_cpu.png")
-    return {"ratios_ref_over_fast": {k: round(v, 3) for k, v in ratios.items()}}
+    record = {"config": ctx.cfg, "rows": rows, "ratios_ref_over_fast": ratios}
+    return {"ratios_ref_over_fast": {k: round(v, 3) for k, v in ratios.items()}}, record
 
 
-def _plot(rows, ratios, cfg, path):
+def plot(ctx, rows, record):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ratios, cfg = record["ratios_ref_over_fast"], ctx.cfg
+    dims = presets.preset(cfg["model"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, unit in ((axes[0], "seconds", "time per call (s)"), (axes[1], "peak_mb", "peak memory (MB)")):
         for i, mode in enumerate(MODES):
@@ -131,27 +107,14 @@ def _plot(rows, ratios, cfg, path):
         ax.set_xticks(range(len(MODES)), ["forward (no_grad)", "forward + backward"])
         ax.set_ylabel(unit)
         ax.legend()
-    fig.suptitle(f"FastRMT vs ReferenceRMT: GPT-2 {cfg['layers']}L/{cfg['hidden']}d, {cfg['segments']}x"
+    fig.suptitle(f"FastRMT vs ReferenceRMT: GPT-2 {dims.layers}L/{dims.hidden}d, {cfg['segments']}x"
                  f"{cfg['segment_size']} tokens, m={cfg['mem']}, batch {cfg['batch']} ({machine_label()})",
                  fontsize=9)  # fmt: skip
-    save_plot(fig, path)
+    return fig
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/compare_cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--measure-peak", nargs=2, metavar=("WRAPPER", "MODE"), help=argparse.SUPPRESS)
-    p.add_argument("--cfg", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.measure_peak:
-        print(json.dumps(measure_peak(*args.measure_peak, json.loads(args.cfg))))
-        return 0
-    summary = run(Path(args.out), quick=args.quick, repeats=args.repeats)
-    print(json.dumps(summary, indent=2))
-    return 0
-
+BENCHMARK = Benchmark("compare_cpu", cases, measure, summarize=summarize, plot=plot,
+                      options=(Option("--repeats", type=int, default=3, help="timed calls per point"),))
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="compare"))

@@ -9,7 +9,7 @@
 # summary.txt is copied beside it. Every step has its own `timeout`; a failing step is recorded and the next one
 # runs. Step limits (s), in priority order: install 30, tune 100 (compilation included: it runs first and warms
 # Triton's cache for what follows), GPU tests 100 (cold Triton compiles), kernels 45, train 70, 1M tokens 50,
-# torch.compile GPU tests 75 (inductor), host overhead 20, input checks 15, profile 30. A step that could end past
+# latency 60 (45 s budget), torch.compile GPU tests 75 (inductor), host overhead 20, input checks 20, profile 30. A step that could end past
 # TOTAL_S (default 480 s: the 8-minute budget, leaving a lent GPU's 15 minutes room for a rerun) from the start is
 # skipped and recorded.
 set -u
@@ -66,9 +66,16 @@ step tests 100 $PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_c
 step kernels 45 $PY -m rmt_fast.bench.cli kernels --quick --out "$RES/kernels"
 step train 70 $PY -m rmt_fast.bench.cli train --quick --budget-s 40 --out "$RES/train"
 step million 50 $PY -m rmt_fast.bench.cli cuda-graph --quick --million --out "$RES/million"
+# latency (issue 17): bert-base fp16, batch 1 and 16, 4k-64k tokens; the CPU dry run takes the tiny BERT
+LAT_SIZE="--min-tokens 4096 --max-tokens 65536"
+[ "$gpu" = nogpu ] && LAT_SIZE="--tiny"
+step latency 60 $PY -m rmt_fast.bench.cli latency --quick --budget-s 45 --batches 1,16 $LAT_SIZE \
+    --methods "FastRMT (auto),FastRMT (SDPA),FastRMT (CUDA graph),ReferenceRMT,Full attention (SDPA)" \
+    --out "$RES/latency"
+# armt: FastARMT latency and memory (the lead adds the step here, with its own timeout)
 step compile_tests 75 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_compile.py tests/test_compiled_step.py
 step host_overhead 20 $PY -m rmt_fast.bench.cli host-overhead --quick --out "$RES/host_overhead"
-step input_checks 15 $PY -m rmt_fast.bench.cli input-checks --quick --out "$RES/input_checks"
+step input_checks 20 $PY -m rmt_fast.bench.cli input-checks --quick --out "$RES/input_checks"
 step profile 30 $PY -m rmt_fast.bench.cli profile --quick --out "$RES/profile"
 
 # --- summary (last)
@@ -78,7 +85,7 @@ step profile 30 $PY -m rmt_fast.bench.cli profile --quick --out "$RES/profile"
     printf -- "------------------------------\n"
     for i in "${!NAMES[@]}"; do printf "%-12s %-10s %6s\n" "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"; done
     for t in tests compile_tests; do grep -hE "passed|failed|error" "$RES/$t.log" 2>/dev/null | tail -n 1; done
-    for b in tune kernels train million host_overhead; do
+    for b in tune kernels train million latency host_overhead; do
         [ -f "$RES/$b.log" ] && { echo "--- $b"; tail -n 8 "$RES/$b.log"; }
     done
     echo "total: $(( $(date +%s) - START )) s; results in $RES"

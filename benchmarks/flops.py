@@ -36,15 +36,14 @@ yields both the with-head and the without-head count (minus the head module).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmt_fast.bench.common import env_info, machine_label, save_plot, timestamp, write_csv, write_json
-from tqdm.auto import tqdm
+from . import presets
+from .common import machine_label
+from .runner import Benchmark, module_main
 
 SEGMENT_POSITIONS = 512
 MEMORY_TOKENS = 10
@@ -57,7 +56,10 @@ CROSSCHECK_TOL = 0.01
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model of the FLOPs figure: the dimensions of its preset (:mod:`rmt_fast.bench.presets`)."""
+
     name: str
+    preset: str
     family: str  # "bert" or "opt"
     layers: int
     hidden: int
@@ -67,59 +69,23 @@ class ModelSpec:
     proj_dim: int | None = None  # OPT word_embed_proj_dim (None: = hidden)
     special_tokens: int = 0  # non-memory, non-content positions per segment ([CLS], [SEP], ...)
 
+    @classmethod
+    def of(cls, name: str, preset: str | None = None, special_tokens: int = 0) -> ModelSpec:
+        p = presets.preset(preset or name)
+        return cls(name, preset or name, p.family, p.layers, p.hidden, p.heads, p.ffn, p.vocab,
+                   p.extra.get("word_embed_proj_dim"), special_tokens)  # fmt: skip
+
     @property
     def p(self) -> int:
         return self.proj_dim or self.hidden
-
-    def config(self, max_positions: int = 2048):
-        """A transformers config with these dimensions (eager attention, no dropout)."""
-        if self.family == "bert":
-            from transformers import BertConfig
-
-            return BertConfig(
-                vocab_size=self.vocab,
-                hidden_size=self.hidden,
-                num_hidden_layers=self.layers,
-                num_attention_heads=self.heads,
-                intermediate_size=self.ffn,
-                max_position_embeddings=max(512, max_positions),
-                attn_implementation="eager",
-            )
-        from transformers import OPTConfig
-
-        return OPTConfig(
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            ffn_dim=self.ffn,
-            word_embed_proj_dim=self.p,
-            # OPT-350M is the only post-LN OPT; it does not change the matmul count.
-            do_layer_norm_before=self.name != "opt-350m",
-            max_position_embeddings=max(2048, max_positions),
-            attn_implementation="eager",
-        )
-
-
-def _opt(name: str, layers: int, hidden: int, heads: int, proj_dim: int | None = None) -> ModelSpec:
-    return ModelSpec(name, "opt", layers, hidden, heads, 4 * hidden, 50272, proj_dim)
 
 
 # Published dimensions (BERT paper / bert-base-cased config; OPT paper Table 1 / HF configs).
 MODELS: dict[str, ModelSpec] = {
     m.name: m
-    for m in (
-        ModelSpec("bert-base", "bert", 12, 768, 12, 3072, 28996, special_tokens=3),
-        _opt("opt-125m", 12, 768, 12),
-        _opt("opt-350m", 24, 1024, 16, proj_dim=512),  # project_in 512->1024, project_out 1024->512
-        _opt("opt-1.3b", 24, 2048, 32),
-        _opt("opt-2.7b", 32, 2560, 32),
-        _opt("opt-6.7b", 32, 4096, 32),
-        _opt("opt-13b", 40, 5120, 40),
-        _opt("opt-30b", 48, 7168, 56),
-        _opt("opt-66b", 64, 9216, 72),
-        _opt("opt-175b", 96, 12288, 96),
-    )
+    for m in [ModelSpec.of("bert-base", "bert-base-cased", special_tokens=3)]
+    + [ModelSpec.of(n) for n in ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b",
+                                 "opt-66b", "opt-175b")]  # fmt: skip
 }
 
 
@@ -182,23 +148,13 @@ _MODEL_CACHE: dict[tuple[str, int], object] = {}
 
 
 def _meta_model(spec: ModelSpec, max_positions: int):
-    """The model with its LM head, built on the meta device (cached)."""
+    """The model with its LM head, built on the meta device (cached), eager attention (explicit matmuls)."""
     key = (spec.name, max_positions)
     if key not in _MODEL_CACHE:
-        import torch
-
-        cfg = spec.config(max_positions)
-        with torch.device("meta"):
-            if spec.family == "bert":
-                from transformers import BertForMaskedLM
-
-                model = BertForMaskedLM(cfg)
-            else:
-                from transformers import OPTForCausalLM
-
-                model = OPTForCausalLM(cfg)
-        model.eval()
-        _MODEL_CACHE[key] = model
+        task = "mlm" if spec.family == "bert" else "lm"
+        model = presets.model(spec.preset, task, seed=None, device="meta", max_positions=max_positions, attn="eager",
+                              dropout=None)  # fmt: skip
+        _MODEL_CACHE[key] = model.eval()
     return _MODEL_CACHE[key]
 
 
@@ -252,33 +208,32 @@ def crosscheck_plan(quick: bool) -> list[tuple[str, int]]:
     return plan
 
 
-def run_crosscheck(quick: bool) -> tuple[list[dict], dict[tuple[str, int], dict[str, int]]]:
-    rows: list[dict] = []
+def run_crosscheck(ctx) -> tuple[list[dict], dict[tuple[str, int], dict[str, int]]]:
+    """FlopCounterMode on every (model, positions) of the plan: (the cross-check rows, the counts)."""
     counted: dict[tuple[str, int], dict[str, int]] = {}
-    plan = crosscheck_plan(quick)
-    for name, n in tqdm(plan, desc="FlopCounterMode cross-check (meta)", unit="fwd", leave=False):
-        spec = MODELS[name]
+
+    def measure(ctx, case, state):
+        spec, n = MODELS[case["model"]], case["positions"]
         _meta_model(spec, MAX_TOKENS)  # build outside the timed region
-        t0 = time.perf_counter()
-        c = counted_flops(spec, n, MAX_TOKENS)
-        dt = time.perf_counter() - t0
-        counted[(name, n)] = c
+        got = {}
+        t = ctx.timer(lambda: got.update(counted_flops(spec, n, MAX_TOKENS)), repeats=1, warmup=0, clock="wall")
+        counted[(spec.name, n)] = got
+        return {"counter_seconds": round(t.median_s, 3)}
+
+    cases = [dict(model=name, positions=n) for name, n in crosscheck_plan(ctx.quick)]
+    done = ctx.sweep(cases, measure, desc="FlopCounterMode cross-check (meta)")
+    rows: list[dict] = []
+    for r in done:
+        spec, n = MODELS[r["model"]], r["positions"]
+        c = counted.get((spec.name, n))
+        if c is None:
+            raise RuntimeError(f"FlopCounterMode failed for {spec.name} at {n}: {r['note']}")
         for lm_head in (True, False):
-            a = analytic_flops(spec, n, lm_head)
-            k = c["with_head" if lm_head else "without_head"]
-            rows.append(
-                {
-                    "model": name,
-                    "positions": n,
-                    "lm_head": lm_head,
-                    "used_for": "rmt_segment+full" if n == SEGMENT_POSITIONS else "full",
-                    "attn_implementation": "eager",
-                    "analytic_flops": a,
-                    "counted_flops": k,
-                    "rel_diff": rel_diff(a, k),
-                    "counter_seconds": round(dt, 3),
-                }
-            )
+            a, k = analytic_flops(spec, n, lm_head), c["with_head" if lm_head else "without_head"]
+            rows.append({"model": spec.name, "positions": n, "lm_head": lm_head,
+                         "used_for": "rmt_segment+full" if n == SEGMENT_POSITIONS else "full",
+                         "attn_implementation": "eager", "analytic_flops": a, "counted_flops": k,
+                         "rel_diff": rel_diff(a, k), "counter_seconds": r["counter_seconds"]})  # fmt: skip
     return rows, counted
 
 
@@ -297,39 +252,17 @@ def flops_rows(counted: dict[tuple[str, int], dict[str, int]]) -> list[dict]:
                 full = full_flops(spec, tokens, lm_head)
                 full_c = counted.get((spec.name, tokens))
                 full_counted = full_c[hk] if full_c else None
-                common = {"model": spec.name, "tokens": tokens}
-                rows.append(
-                    common
-                    | {
-                        "method": "rmt",
-                        "lm_head": lm_head,
-                        "flops": rmt,
-                        "segments": nseg,
-                        "segment_positions": SEGMENT_POSITIONS,
-                        "content_per_segment": cps,
-                        "memory_tokens": MEMORY_TOKENS * PRIMARY.memory_blocks,
-                        "convention": PRIMARY.name,
-                        "counted_flops": rmt_counted,
-                        "rel_diff": rel_diff(rmt, rmt_counted) if rmt_counted else None,
-                        "full_over_rmt": full / rmt,
-                    }
-                )
-                rows.append(
-                    common
-                    | {
-                        "method": "full",
-                        "lm_head": lm_head,
-                        "flops": full,
-                        "segments": 1,
-                        "segment_positions": tokens,
-                        "content_per_segment": tokens,
-                        "memory_tokens": 0,
-                        "convention": "full",
-                        "counted_flops": full_counted,
-                        "rel_diff": rel_diff(full, full_counted) if full_counted else None,
-                        "full_over_rmt": full / rmt,
-                    }
-                )
+                mem = MEMORY_TOKENS * PRIMARY.memory_blocks
+                for method, flops, segs, positions, content, memory, conv, counted_flops in (
+                    ("rmt", rmt, nseg, SEGMENT_POSITIONS, cps, mem, PRIMARY.name, rmt_counted),
+                    ("full", full, 1, tokens, tokens, 0, "full", full_counted),
+                ):
+                    rows.append({"model": spec.name, "tokens": tokens, "method": method, "lm_head": lm_head,
+                                 "flops": flops, "segments": segs, "segment_positions": positions,
+                                 "content_per_segment": content, "memory_tokens": memory, "convention": conv,
+                                 "counted_flops": counted_flops,
+                                 "rel_diff": rel_diff(flops, counted_flops) if counted_flops else None,
+                                 "full_over_rmt": full / rmt})  # fmt: skip
     return rows
 
 
@@ -409,7 +342,7 @@ def ratio_markdown(max_rel: float, n_checked: int) -> str:
 PLOT_MODELS = ("bert-base", "opt-125m", "opt-1.3b", "opt-13b", "opt-175b")
 
 
-def make_plots(out_dir: Path) -> list[Path]:
+def make_plots(ctx) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,7 +366,7 @@ def make_plots(out_dir: Path) -> list[Path]:
     )
     ax.grid(True, which="major", alpha=0.4)
     ax.legend(fontsize=7.5, ncol=2, loc="upper left")
-    paths = [save_plot(fig, out_dir / "flops.png")]
+    paths = [ctx.save_plot(fig, "flops.png")]
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
@@ -457,18 +390,15 @@ def make_plots(out_dir: Path) -> list[Path]:
     ax.set_title(f"FLOPs saved by RMT (incl. LM head, {PRIMARY.name} convention)\n({label})", fontsize=10)
     ax.grid(True, which="major", alpha=0.4)
     ax.legend(fontsize=7.5, ncol=2, loc="upper left")
-    paths.append(save_plot(fig, out_dir / "flops_ratio.png"))
+    paths.append(ctx.save_plot(fig, "flops_ratio.png"))
     return paths
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(out_dir: Path, quick: bool = False) -> dict:
-    """Compute, cross-check, write flops.csv / flops_crosscheck.csv / flops_ratio.md / plots / env."""
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    check_rows, counted = run_crosscheck(quick)
+def run(ctx) -> dict:
+    """Compute, cross-check, write flops.csv / flops_crosscheck.csv / flops_ratio.md / plots / flops_env.json."""
+    t0 = ctx.clock()
+    check_rows, counted = run_crosscheck(ctx)
     rows = flops_rows(counted)
     all_diffs = [abs(r["rel_diff"]) for r in check_rows] + [
         abs(r["rel_diff"]) for r in rows if r["rel_diff"] is not None
@@ -476,10 +406,10 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     max_rel = max(all_diffs) if all_diffs else float("nan")
     n_checked = len(all_diffs)
 
-    write_csv(out_dir / "flops.csv", rows)
-    write_csv(out_dir / "flops_crosscheck.csv", check_rows)
-    (out_dir / "flops_ratio.md").write_text(ratio_markdown(max_rel, n_checked), encoding="utf-8")
-    make_plots(out_dir)
+    ctx.write_csv(rows, "flops.csv")
+    ctx.write_csv(check_rows, "flops_crosscheck.csv")
+    ctx.write_text(ratio_markdown(max_rel, n_checked), "flops_ratio.md")
+    make_plots(ctx)
 
     ratios = {name: ratio(spec, MAX_TOKENS, True) for name, spec in MODELS.items()}
     summary = {
@@ -493,10 +423,10 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "paper_ratio_opt-175b": PAPER_RATIOS["opt-175b"],
         "ratios_2048000_with_lm_head": ratios,
         "ratios_2048000_without_lm_head": {n: ratio(s, MAX_TOKENS, False) for n, s in MODELS.items()},
-        "quick": quick,
+        "quick": ctx.quick,
     }
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(out_dir / "flops_env.json", {"env": env_info(), "summary": summary})
+    summary["seconds"] = round(ctx.clock() - t0, 2)
+    ctx.write_json({"summary": summary}, "flops_env.json")
 
     print(
         f"FLOPs cross-check: {n_checked} points, max |rel_diff| = {100 * max_rel:.3g}% "
@@ -506,18 +436,11 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     for name, r in ratios.items():
         ref = PAPER_RATIOS.get(name)
         print(f"  {name:10s} {_fmt_ratio(r):>8s}" + (f"   (paper ~x{ref:g}, {_dev(r, ref)})" if ref else ""))
-    print(f"wrote {out_dir} in {summary['seconds']:.1f} s")
+    print(f"wrote {ctx.out_dir} in {summary['seconds']:.1f} s")
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, default=Path(f"results-{timestamp()}"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="fewer FlopCounterMode cross-check points")
-    args = parser.parse_args(argv)
-    summary = run(args.out, quick=args.quick)
-    return 0 if summary["crosscheck_ok"] else 1
-
+BENCHMARK = Benchmark("flops", run=run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="flops"))

@@ -16,6 +16,8 @@ Two measurements:
   no synchronisation inside (the launch queue is far from full at N = 200), device time = CUDA events around
   the same N calls.
 
+Times: the runner's timer, the median over the repeats of N back-to-back calls (``clock="host"``).
+
 Cases: the decoder layout ``[m read | tokens | m write]`` full, padded by a count (a short last segment) and
 with per-row visible runs (a left-padded caller mask), B = 2, 12 heads, D = 64, float16.
 Outputs: ``host_overhead.json`` and ``host_overhead.md`` in the output folder.
@@ -24,15 +26,17 @@ Outputs: ``host_overhead.json`` and ``host_overhead.md`` in the output folder.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import time
-from pathlib import Path
+import sys
 
 import torch
 import torch.nn.functional as F
-from rmt_fast.bench.common import env_info, machine_label, write_json
+from rmt_fast.kernels import launch_configs
+from rmt_fast.kernels import triton_attention as ra
 from rmt_fast.kernels.layout import SegmentLayout
 from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
+
+from .common import machine_label
+from .runner import Benchmark, Timer, module_main
 
 TARGET_US = 10.0
 KERNELS = ("_rmt_attn_fwd_kernel", "_rmt_attn_bwd_preprocess_kernel", "_rmt_attn_bwd_dq_kernel",
@@ -56,14 +60,9 @@ class _StubKernel:
         return None
 
 
-def _ra():
-    return importlib.import_module("rmt_fast.kernels.rmt_attention")
-
-
 @contextlib.contextmanager
 def stubs():
     """Kernel launches and SDPA's compute replaced by no-ops (restored on exit)."""
-    ra = _ra()
     saved = {name: getattr(ra, name) for name in KERNELS}
     real_sdpa = F.scaled_dot_product_attention
 
@@ -75,13 +74,13 @@ def stubs():
         for name, kernel in saved.items():
             setattr(ra, name, _StubKernel(kernel))
         F.scaled_dot_product_attention = sdpa_stub
-        ra.clear_launch_cache()
+        launch_configs.clear_launch_cache()
         yield
     finally:
         for name, kernel in saved.items():
             setattr(ra, name, kernel)
         F.scaled_dot_product_attention = real_sdpa
-        ra.clear_launch_cache()
+        launch_configs.clear_launch_cache()
 
 
 def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:
@@ -97,23 +96,7 @@ def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:
     }
 
 
-def _per_call_us(fn, n: int, repeats: int, sync=None) -> float:
-    fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-        if sync:
-            sync()
-    return min(times)  # the least disturbed repeat (other processes share the CPU)
-
-
 def _paths(q, k, v, layout) -> dict:
-    ra = _ra()
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     return {
         "triton": lambda: ra.rmt_attention(q, k, v, layout, check=False),
@@ -124,33 +107,30 @@ def _paths(q, k, v, layout) -> dict:
     }
 
 
-def measure_stub(n: int, repeats: int) -> list[dict]:
+def _grad_ctx(path: str):
+    return contextlib.nullcontext() if path.endswith("_grad") else torch.no_grad()
+
+
+def measure_stub(timer: Timer, n: int, repeats: int) -> list[dict]:
     rows = []
     with stubs():
         for case, (q, k, v, layout) in cases("cpu").items():
             for path, fn in _paths(q, k, v, layout).items():
-                with torch.no_grad() if not path.endswith("_grad") else contextlib.nullcontext():
-                    us = _per_call_us(fn, n, repeats)
+                with _grad_ctx(path):
+                    us = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
                 rows.append({"mode": "stub", "case": case, "path": path, "host_us": round(us, 2)})
     return rows
 
 
-def measure_cuda(n: int, repeats: int) -> list[dict]:
+def measure_cuda(timer: Timer, n: int, repeats: int) -> list[dict]:
     rows = []
     for case, (q, k, v, layout) in cases("cuda").items():
         for path, fn in _paths(q, k, v, layout).items():
             if path.startswith("validate"):
                 continue
-            with torch.no_grad() if not path.endswith("_grad") else contextlib.nullcontext():
-                host = _per_call_us(fn, n, repeats, sync=torch.cuda.synchronize)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                for _ in range(n):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                device = start.elapsed_time(end) / n * 1e3
+            with _grad_ctx(path):
+                host = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
+                device = 1e6 * timer(fn, repeats=1, warmup=0, inner=n, clock="device").median_s
             rows.append({"mode": "cuda", "case": case, "path": path, "host_us": round(host, 2),
                          "device_us": round(device, 2)})  # fmt: skip
     return rows
@@ -171,15 +151,13 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(out_dir: Path, quick: bool) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n, repeats = (50, 3) if quick else (500, 7)
-    rows = measure_stub(n, repeats)
-    if torch.cuda.is_available():
-        rows += measure_cuda(n if quick else 200, repeats)
+def run(ctx) -> dict:
+    n, repeats = (50, 3) if ctx.quick else (500, 7)
+    rows = measure_stub(Timer(torch.device("cpu")), n, repeats)
+    if ctx.cuda:
+        rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats)
     summary = summarize(rows)
-    write_json(out_dir / "host_overhead.json", {"env": env_info(), "rows": rows, "summary": summary})
+    ctx.write_json({"rows": rows, "summary": summary})
     lines = [f"# Host time per attention call ({machine_label()})", "",
              "| mode | case | grad | Triton us | SDPA us | Triton - SDPA | target <= 10 us |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -189,7 +167,13 @@ def run(out_dir: Path, quick: bool) -> dict:
     lines += ["", "| mode | case | path | host us | device us |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['case']} | {r['path']} | {r['host_us']:.1f} | {r.get('device_us', '')} |")
-    (out_dir / "host_overhead.md").write_text("\n".join(lines) + "\n")
+    ctx.write_text("\n".join(lines) + "\n", "host_overhead.md")
     print("\n".join(lines))
     return {"rows": len(rows), "all_meet_target": all(s["meets_target"] for s in summary),
             "worst_diff_us": max(s["diff_us"] for s in summary)}  # fmt: skip
+
+
+BENCHMARK = Benchmark("host_overhead", run=run)
+
+if __name__ == "__main__":
+    sys.exit(module_main(name="host-overhead"))

@@ -13,69 +13,41 @@ FastRMT decoder (GPT-2 from its config), inference (``torch.no_grad``), every ch
   no device to wait for there, but the count is the same code path).
 
 CPU: a tiny default (2 layers, 128 hidden, vocab 8192) that finishes in seconds. GPU: GPT-2 small (12 layers,
-768 hidden, vocab 50257) in bf16. Writes input_checks.csv, input_checks.json and input_checks.png.
+768 hidden, vocab 50257) in bf16. Times: the runner's timer (median of three rounds of ``reps`` calls).
+Writes input_checks.csv, input_checks.json and input_checks.png.
 
-    python -m rmt_fast.bench.input_checks --out results/input_checks [--quick]
+    rmt-fast-bench input-checks --out results/input_checks [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 import warnings
-from pathlib import Path
 
-from .common import env_info, machine_label, save_plot, write_csv, write_json
+from . import presets
+from .common import machine_label
+from .runner import Benchmark, Timer, module_main
 
-CPU_CFG = dict(layers=2, hidden=128, heads=4, vocab=8192, segment_size=256, mem=8,
-               sizes=[(1, 256), (2, 1024), (4, 2048)], check_reps=200, forward_reps=1)  # fmt: skip
-GPU_CFG = dict(layers=12, hidden=768, heads=12, vocab=50257, segment_size=496, mem=8,
-               sizes=[(1, 992), (8, 3968), (32, 7936)], check_reps=500, forward_reps=10)  # fmt: skip
+CPU_CFG = dict(model="gpt2-checks", segment_size=256, mem=8, sizes=[(1, 256), (2, 1024), (4, 2048)], check_reps=200,
+               forward_reps=1)  # fmt: skip
+GPU_CFG = dict(model="gpt2-small", segment_size=496, mem=8, sizes=[(1, 992), (8, 3968), (32, 7936)], check_reps=500,
+               forward_reps=10)  # fmt: skip
 
 
 def _config(cuda: bool, quick: bool) -> dict:
     cfg = dict(GPU_CFG if cuda else CPU_CFG)
+    p = presets.preset(cfg["model"])
+    cfg.update(layers=p.layers, hidden=p.hidden, heads=p.heads, vocab=p.vocab)
     if quick:
         cfg.update(sizes=cfg["sizes"][:2], check_reps=cfg["check_reps"] // 2,
                    forward_reps=max(cfg["forward_reps"] // 2, 1))  # fmt: skip
     return cfg
 
 
-def _build(cfg: dict, device: str, dtype):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from rmt_fast import FastRMT
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=cfg["layers"], n_embd=cfg["hidden"], n_head=cfg["heads"],
-                                       vocab_size=cfg["vocab"], n_positions=cfg["segment_size"] + 2 * cfg["mem"],
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                       eos_token_id=0))  # fmt: skip
-    rmt = FastRMT(model, cfg["mem"], cfg["segment_size"]).to(device, dtype).eval()
-    return rmt
-
-
-def _sync(device: str):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _seconds_per_call(fn, reps: int, device: str) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(3):  # best of three rounds: the least disturbed by other work on the machine
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+def _build(cfg: dict, device, dtype):
+    backbone = presets.model(cfg["model"], "lm", max_positions=cfg["segment_size"] + 2 * cfg["mem"],
+                             bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return presets.rmt("fast", backbone, cfg["model"], cfg["mem"], cfg["segment_size"]).to(device, dtype).eval()
 
 
 def count_host_reads(fn, device: str) -> int:
@@ -126,15 +98,20 @@ def measure(rmt, batch: int, length: int, cfg: dict, device: str) -> dict:
     def forward():
         rmt(ids, attention_mask=mask, labels=ids, memory_state=memory, return_logits=False)
 
+    timer = Timer(torch.device(device))
+
+    def per_call(fn, reps: int) -> float:
+        return timer(fn, repeats=3, warmup=1, inner=reps, clock="wall").median_s
+
     st = rmt.settings
     with torch.no_grad():
         st.check_inputs = True
-        check_on = _seconds_per_call(check, cfg["check_reps"], device)
+        check_on = per_call(check, cfg["check_reps"])
         reads_check_on = count_host_reads(check, device)
-        forward_on = _seconds_per_call(forward, cfg["forward_reps"], device)
+        forward_on = per_call(forward, cfg["forward_reps"])
         reads_forward_on = count_host_reads(forward, device)
         st.check_inputs = False
-        check_off = _seconds_per_call(check, cfg["check_reps"], device)
+        check_off = per_call(check, cfg["check_reps"])
         reads_check_off = count_host_reads(check, device)
         reads_forward_off = count_host_reads(forward, device)
         st.check_inputs = True
@@ -148,66 +125,63 @@ def measure(rmt, batch: int, length: int, cfg: dict, device: str) -> dict:
     )  # fmt: skip
 
 
-def _plot(rows: list[dict], path: Path, label: str):
+def plot(ctx, rows: list[dict], record: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = [r["tokens"] for r in rows]
+    tokens = [r["tokens"] for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(tokens, [r["check_us"] for r in rows], "o-")
+    a.plot(tokens, [r["check_us"] for r in ok], "o-")
     a.set(xscale="log", xlabel="tokens per call (batch x length)", ylabel="µs per call",
           title="value checks, per forward call")  # fmt: skip
-    b.plot(tokens, [r["overhead_pct"] for r in rows], "o-")
+    b.plot(tokens, [r["overhead_pct"] for r in ok], "o-")
     b.set(xscale="log", xlabel="tokens per call (batch x length)", ylabel="% of a forward call",
           title="value checks / forward (no_grad)")  # fmt: skip
-    fig.suptitle(f"Input value checks ({label})")
-    save_plot(fig, path)
+    fig.suptitle(f"Input value checks ({machine_label()})")
+    return fig
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
+def cases(ctx) -> list[dict]:
     import torch
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = _config(cuda, quick)
-    rmt = _build(cfg, device, dtype)
+    ctx.cfg = cfg = _config(ctx.cuda, ctx.quick)
+    ctx.dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    ctx.rmt = rmt = _build(cfg, ctx.device, ctx.dtype)
     with torch.no_grad():  # first-call costs (lazy initialisation in torch and transformers) stay out of the rows
         b, t = cfg["sizes"][0]
-        rmt(torch.zeros(b, t, dtype=torch.long, device=device), return_logits=False)
-    rows = [measure(rmt, b, t, cfg, device) for b, t in cfg["sizes"]]
+        rmt(torch.zeros(b, t, dtype=torch.long, device=ctx.device), return_logits=False)
+    return [dict(batch=b, length=t) for b, t in cfg["sizes"]]
+
+
+def measure_case(ctx, case: dict, state: dict) -> dict:
+    row = measure(ctx.rmt, case["batch"], case["length"], ctx.cfg, ctx.device.type)
+    print(f"  batch {row['batch']:3d} x {row['length']:6d}: checks {row['check_us']:8.1f} µs/call, forward "
+          f"{row['forward_ms']:9.2f} ms ({row['overhead_pct']:.3f}%), host reads/call {row['host_reads_per_call']}")
+    return row
+
+
+def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
+    import torch
+
     # What one read of a small tensor counts as (sync debug mode may report a copy as more than one event).
-    one_read = count_host_reads(lambda: torch.zeros(3, device=device).tolist(), device)
-    for r in rows:
-        print(f"  batch {r['batch']:3d} x {r['length']:6d}: checks {r['check_us']:8.1f} µs/call, forward "
-              f"{r['forward_ms']:9.2f} ms ({r['overhead_pct']:.3f}%), host reads/call {r['host_reads_per_call']}")
-    write_csv(out_dir / "input_checks.csv", rows)
-    _plot(rows, out_dir / "input_checks.png", machine_label())
+    one_read = count_host_reads(lambda: torch.zeros(3, device=ctx.device).tolist(), ctx.device.type)
+    ok = [r for r in rows if r["status"] == "ok"]
     summary = {
         "device": machine_label(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "max_check_us": max(r["check_us"] for r in rows),
-        "max_overhead_pct": max(r["overhead_pct"] for r in rows),
-        "host_reads_per_call": sorted({r["host_reads_per_call"] for r in rows}),
+        "dtype": str(ctx.dtype).replace("torch.", ""),
+        "max_check_us": max((r["check_us"] for r in ok), default=None),
+        "max_overhead_pct": max((r["overhead_pct"] for r in ok), default=None),
+        "host_reads_per_call": sorted({r["host_reads_per_call"] for r in ok}),
         "one_small_read_counts_as": one_read,
-        "ok": all(r["host_reads_per_call"] == one_read for r in rows),
+        "ok": bool(ok) and len(ok) == len(rows) and all(r["host_reads_per_call"] == one_read for r in ok),
     }
-    write_json(out_dir / "input_checks.json", {"summary": summary, "config": cfg, "rows": rows, "env": env_info()})
-    return summary
+    return summary, {"config": ctx.cfg, "rows": rows}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/input_checks"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.out, args.quick), indent=2))
-    return 0
-
+BENCHMARK = Benchmark("input_checks", cases, measure_case, summarize=summarize, plot=plot)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="input-checks"))

@@ -10,7 +10,7 @@ counts, rows short by up to 25 %). Shapes: B in {8, 32} at T = 532 (512 + 2 x 10
 
 Methods, each on the same q, k, v (B, H, T, D):
 
-* ``triton``: :func:`rmt_fast.kernels.rmt_attention.rmt_attention` (the mask is computed in the kernel), with
+* ``triton``: :func:`rmt_fast.kernels.triton_attention.rmt_attention` (the mask is computed in the kernel), with
   the launch configurations of the committed dispatch table when there is one;
 * ``sdpa_flash_nomask``: SDPA with ``is_causal=True`` and no mask (flash kernel): what the runtime's SDPA path
   runs for a full segment; for a padded one it is an upper bound (it ignores the padding);
@@ -25,18 +25,16 @@ issue's targets (forward >= 1.0x flash and forward + backward >= 0.9x at B >= 8,
 SDPA with the dense mask; T >= 4096 forward >= 0.8x flash), met or not, from the measured rows.
 
 TFLOP/s use one FLOP count for every method: the causal attention products, 2 * 2 * B * H * T * T * D / 2
-for the forward, 2.5 times that for forward + backward (the FlashAttention-2 convention). Timing:
-``triton.testing.do_bench`` (median).
+for the forward, 2.5 times that for forward + backward (the FlashAttention-2 convention). Timing: the runner's
+``Timer.kernel`` (``triton.testing.do_bench``: median, p20 and p80).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-from rmt_fast.bench.common import bench_layout, env_info, machine_label, save_plot, write_csv, write_json
+from .common import bench_layout, env_info, machine_label
+from .runner import Benchmark, module_main
 
 MEM, H = 10, 12
 DTYPES = ("float16", "bfloat16")
@@ -66,9 +64,8 @@ def _methods(layout, B: int, T: int, D: int, dtype, device):
 
     out = {}
     try:
-        import importlib
+        from rmt_fast.kernels import triton_attention as ka
 
-        ka = importlib.import_module("rmt_fast.kernels.rmt_attention")
         probe = torch.zeros(B, H, T, D, device=device, dtype=dtype)
         reason = ka.rmt_attention_supported(probe, probe, probe, layout)
         out["triton"] = reason or (lambda q, k, v: ka.rmt_attention(q, k, v, layout, check=False))
@@ -82,14 +79,7 @@ def _methods(layout, B: int, T: int, D: int, dtype, device):
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            counts = layout.token_counts.long()
-            read, write_start = layout.num_read, layout.write_start
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                visible = (kv_idx < read + counts[b]) | (kv_idx >= write_start)
-                return (kv_idx <= q_idx) & visible
-
-            block = create_block_mask(mask_mod, B, None, T, T, device=device)
+            block = create_block_mask(layout.mask_mod(), B, None, T, T, device=device)
             flex = torch.compile(flex_attention, dynamic=False)
             out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block)
         except Exception as exc:
@@ -120,26 +110,19 @@ def _auto_choices(q, layout) -> dict:
     return {"fwd": pick(False, False), "fwd+bwd": pick(True, False), "graphed": pick(False, True)}
 
 
-def _bench(fn, q, k, v, backward: bool, quick: bool = False) -> float:
-    """Median milliseconds of one call (forward, or forward + backward); --quick: shorter repetitions."""
-    import functools
-
+def _step(fn, q, k, v, backward: bool):
+    """A zero-argument call: the forward (no grad), or forward + backward; and the tensors to zero the grads of."""
     import torch
-    from triton.testing import do_bench
 
-    if quick:
-        do_bench = functools.partial(do_bench, warmup=5, rep=25)
     if not backward:
-        with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v))
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        return fwd, None
     qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    probe = fn(qg, kg, vg)
-    grad = torch.randn_like(probe)
-
-    def step():
-        fn(qg, kg, vg).backward(grad)
-
-    return do_bench(step, grad_to_none=[qg, kg, vg])
+    grad = torch.randn_like(fn(qg, kg, vg))
+    return (lambda: fn(qg, kg, vg).backward(grad)), [qg, kg, vg]
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -172,58 +155,58 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
+MODES = (("fwd", False, 1.0), ("fwd+bwd", True, 2.5))  # name, backward, FLOPs relative to the forward
+
+
+def cases(ctx) -> list[dict]:
+    from rmt_fast.kernels import dispatch
+
+    ctx.table = dispatch.table_for_device(ctx.device)  # installs the table's launch configurations, if any
+    methods = ("triton", "sdpa_flash_nomask", "sdpa_dense_mask", "flex", "xformers")
+    return [dict(method=m, mode=mode, B=st["B"], T=st["T"], H=H, D=st["D"], dtype=st["dtype"], layout=st["layout"])
+            for st in settings(ctx.quick) for m in methods for mode, _, _ in MODES]  # fmt: skip
+
+
+def measure(ctx, case: dict, state: dict) -> dict:
+    """One method and mode on one setting; ``state`` (per setting) holds the tensors and the methods."""
     import torch
 
-    if not torch.cuda.is_available():
-        print("no GPU: the kernel benchmark needs CUDA")
-        return {"skipped": "no CUDA"}
-    from rmt_fast.kernels import dispatch
-    from tqdm.auto import tqdm
+    if "methods" not in state:
+        B, T, D, dtype = case["B"], case["T"], case["D"], getattr(torch, case["dtype"])
+        layout = _layout(B, T, ctx.device, padded=case["layout"] == "padded")
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        state["qkv"] = [torch.randn(B, H, T, D, device=ctx.device, dtype=dtype, generator=g) for _ in range(3)]
+        state["methods"] = _methods(layout, B, T, D, dtype, ctx.device)
+        state["auto"] = (_auto_choices(state["qkv"][0], layout) if not isinstance(state["methods"]["triton"], str)
+                         else dict.fromkeys(("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)"))  # fmt: skip
+    fn, auto = state["methods"].get(case["method"]), state["auto"]
+    mode = case["mode"]
+    row = dict(auto_choice=auto[mode], auto_choice_graphed=auto["graphed"] if mode == "fwd" else "")
+    if fn is None:
+        return {**row, "status": "skipped", "note": "not measured for this setting"}
+    if isinstance(fn, str):
+        return {**row, "status": "unavailable", "note": fn}
+    _, backward, scale = next(m for m in MODES if m[0] == mode)
+    step, grads = _step(fn, *state["qkv"], backward)
+    t = ctx.timer.kernel(step, warmup_ms=5 if ctx.quick else 25, rep_ms=25 if ctx.quick else 100, grad_to_none=grads)
+    B, T, D = case["B"], case["T"], case["D"]
+    flops = scale * 2 * 2 * B * H * T * T * D / 2
+    return {**row, "ms": t.ms, "p20_ms": 1e3 * t.p20_s, "p80_ms": 1e3 * t.p80_s, "tflops": flops / t.median_s / 1e12}
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
-    table = dispatch.table_for_device(device)  # installs the table's launch configurations, if any
-    rows = []
-    for st in tqdm(settings(quick), desc="kernels", unit="setting", disable=None):
-        B, T, D, dtype = st["B"], st["T"], st["D"], getattr(torch, st["dtype"])
-        layout = _layout(B, T, device, padded=st["layout"] == "padded")
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g) for _ in range(3))
-        flops_fwd = 2 * 2 * B * H * T * T * D / 2
-        methods = _methods(layout, B, T, D, dtype, device)
-        auto = _auto_choices(q, layout) if not isinstance(methods["triton"], str) else dict.fromkeys(
-            ("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)")  # fmt: skip
-        for name, fn in methods.items():
-            for mode, backward, flops in (("fwd", False, flops_fwd), ("fwd+bwd", True, 2.5 * flops_fwd)):
-                row = dict(method=name, mode=mode, B=B, T=T, H=H, D=D, dtype=st["dtype"], layout=st["layout"],
-                           auto_choice=auto[mode], auto_choice_graphed=auto["graphed"] if mode == "fwd" else "")
-                if isinstance(fn, str):
-                    rows.append({**row, "status": f"unavailable: {fn}"})
-                    continue
-                try:
-                    ms = _bench(fn, q, k, v, backward, quick)
-                    rows.append({**row, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "status": "ok"})
-                except Exception as exc:
-                    if "out of memory" in str(exc).lower():
-                        torch.cuda.empty_cache()
-                    rows.append({**row, "status": f"error: {type(exc).__name__}: {str(exc)[:120]}"})
-        del q, k, v
-        torch.cuda.empty_cache()
-    env = env_info()
-    env["gpu"] = torch.cuda.get_device_name()
-    env["dispatch_table"] = table.source if table is not None else None
+
+def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
+    import torch
+
+    rows[:] = [r for r in rows if r["status"] != "skipped"]  # methods that do not apply to a setting
+    env = {**env_info(), "gpu": torch.cuda.get_device_name(), "xformers": None,
+           "dispatch_table": ctx.table.source if ctx.table is not None else None}  # fmt: skip
     try:
         import xformers
 
         env["xformers"] = xformers.__version__
     except Exception:
-        env["xformers"] = None
+        pass
     checked = targets(rows)
-    write_csv(out_dir / "kernels.csv", rows)
-    write_json(out_dir / "kernels.json", {"env": env, "rows": rows, "targets": checked})
-    _plot(rows, out_dir / "kernels.png", env)
     summary = {"dispatch table": env["dispatch_table"] or "none (auto = SDPA)"}
     for r in rows:
         if r["status"] == "ok" and r["T"] == 532 and r["B"] == 8 and r["method"] in ("triton", "sdpa_flash_nomask",
@@ -231,10 +214,11 @@ def run(out_dir: Path, quick: bool = False) -> dict:
             key = f"{r['method']} {r['mode']} {r['dtype']} D{r['D']} {r['layout']} TFLOP/s (B=8,T=532)"
             summary[key] = round(r["tflops"], 1)
     summary["targets met"] = f"{sum(c['met'] for c in checked)}/{len(checked)}"
-    return summary
+    return summary, {"env": env, "rows": rows, "targets": checked}
 
 
-def _plot(rows, path, env):
+def plot(ctx, rows, record):
+    env = record["env"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,17 +247,11 @@ def _plot(rows, path, env):
         f"xformers {env.get('xformers')}; table: {env.get('dispatch_table') or 'none'})",
         fontsize=9,
     )
-    save_plot(fig, path)
+    return fig
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results/kernels"))
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    print(json.dumps(run(args.out, quick=args.quick), indent=2))
-    return 0
-
+BENCHMARK = Benchmark("kernels", cases, measure, summarize=summarize, plot=plot, needs_cuda=True,
+                      series=("dtype", "D", "layout", "B", "T"), after_failure="continue")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="kernels"))

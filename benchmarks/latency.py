@@ -18,36 +18,38 @@ xformers (when importable). Full attention runs over the content tokens only (no
 Each (method, length) is one row of ``latency.csv``; a method stops doubling at its first failure:
 ``oom`` (out of memory), ``over_budget`` (measured, or extrapolated from the last two lengths, above the
 per-call time budget; or a peak above ``memory_budget_mb``; or the method's sweep budget spent).
-Timing: inference (``torch.inference_mode`` where it works, else ``no_grad``), eval mode, no dropout;
-CPU: median of ``time.perf_counter`` over a few repeats after a warm-up (a single timed call once a call
-takes long; the model is warm by then); GPU: median of CUDA-event times after a warm-up.
-Peak memory: ``torch.cuda.max_memory_allocated`` (reset before the timed call; includes the weights) on GPU;
+Timing: inference (``torch.inference_mode`` where it works, else ``no_grad``), eval mode, no dropout; the
+runner's timer (median, p20, p80 of a few calls after a warm-up; a single timed call once a call takes long:
+the model is warm by then); CUDA events on the GPU, ``perf_counter`` and the process CPU time on the CPU.
+Peak memory: ``torch.cuda.max_memory_allocated`` (reset before the timed calls; includes the weights) on GPU;
 on CPU the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
-resident set just before the timed call - memory the allocator already holds from earlier calls is not
+resident set just before the timed calls - memory the allocator already holds from earlier calls is not
 counted again, so it is a lower bound.
 
 The slope of log(time) against log(tokens) is fitted over the upper half of each method's successful
 lengths: RMT should be ~1 (linear), full attention tends to 2 (quadratic). ``ok`` is False unless the RMT
 slopes lie in [0.8, 1.2] and full attention (SDPA)'s exceeds 1.3; on CPU the check uses the slopes of the
 process CPU time (one intra-op thread), which other load on a shared machine does not inflate, and the plot's
-legend gives both.
+legend gives both. ``--tiny`` (a smoke run) checks nothing: ``ok`` is None.
 
-    rmt-fast-bench latency --out results/latency [--quick]
+    rmt-fast-bench latency --out results/latency [--quick] [--tiny] [--methods A,B] [--per-call-budget-s S]
+                           [--memory-budget-mb MB] [--batches 1,16] [--min-tokens N] [--max-tokens N]
+
+``--batches``: each method at each batch size (a series of its own; the first batch size's series are the
+ones the checks use, the others are ``METHOD [batch B]`` in the JSON and the plot); ``batch`` x ``tokens``
+tokens per call.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
 import math
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
-from rmt_fast.bench.common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
+from . import presets
+from .common import machine_label
+from .runner import Benchmark, Option, OverBudget, module_main
 
 RMT_SLOPE_RANGE = (0.8, 1.2)
 FULL_SLOPE_MIN = 1.3
@@ -57,11 +59,7 @@ XFORMERS_NAME = "rmt_bench_xformers"
 
 @dataclass
 class Setup:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    vocab: int
+    model: str  # a BERT preset (rmt_fast.bench.presets)
     mem: int
     positions: int  # model positions per RMT segment (content + mem + 3)
     dtype: str
@@ -70,13 +68,10 @@ class Setup:
     per_call_budget_s: float
     sweep_budget_s: float  # per method
     repeats: int
-    cls_token_id: int = 101
-    sep_token_id: int = 102
-    pad_token_id: int = 0
+    batches: list[int] = field(default_factory=lambda: [1])
     memory_budget_mb: float | None = None
     flex_per_call_budget_s: float | None = None  # eager FlexAttention on CPU is slow: a tighter budget
     methods: list[str] | None = None  # None: all
-    cpu_threads: int | None = 1  # CPU runs: torch threads (1: robust to other load on a shared machine)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -94,83 +89,21 @@ def _doubling(start: int, stop: int) -> list[int]:
 
 def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> Setup:
     if tiny:  # for tests: a second or two
-        return Setup(
-            layers=1,
-            hidden=32,
-            heads=2,
-            ffn=64,
-            vocab=256,
-            mem=4,
-            positions=32,
-            dtype="float32",
-            rmt_lengths=[128, 256, 512],
-            full_lengths=[128, 256, 512],
-            per_call_budget_s=5.0,
-            sweep_budget_s=10.0,
-            repeats=1,
-        )
+        return Setup("bert-micro", mem=4, positions=32, dtype="float32", rmt_lengths=[128, 256, 512],
+                     full_lengths=[128, 256, 512], per_call_budget_s=5.0, sweep_budget_s=10.0, repeats=1)  # fmt: skip
     if cuda:
-        return Setup(
-            layers=12,
-            hidden=768,
-            heads=12,
-            ffn=3072,
-            vocab=30522,
-            mem=10,
-            positions=512,
-            dtype="float16",
-            rmt_lengths=_doubling(512, 2**16 if quick else 2**20),
-            full_lengths=_doubling(512, 2**15 if quick else 2**20),
-            per_call_budget_s=5.0 if quick else 30.0,
-            sweep_budget_s=40.0 if quick else 150.0,
-            repeats=3,
-        )
-    cpu = Setup(
-        layers=2,
-        hidden=64,
-        heads=2,
-        ffn=256,
-        vocab=1000,
-        mem=10,
-        positions=128,
-        dtype="float32",
-        rmt_lengths=_doubling(512, 2**16),
-        full_lengths=_doubling(512, 2**15),
-        per_call_budget_s=8.0,
-        sweep_budget_s=22.0,
-        repeats=3,
-        flex_per_call_budget_s=2.0,
-    )
+        return Setup("bert-base", mem=10, positions=512, dtype="float16",
+                     rmt_lengths=_doubling(512, 2**16 if quick else 2**20),
+                     full_lengths=_doubling(512, 2**15 if quick else 2**20),
+                     per_call_budget_s=5.0 if quick else 30.0, sweep_budget_s=40.0 if quick else 150.0,
+                     repeats=3)  # fmt: skip
+    cpu = Setup("bert-cpu", mem=10, positions=128, dtype="float32", rmt_lengths=_doubling(512, 2**16),
+                full_lengths=_doubling(512, 2**15), per_call_budget_s=8.0, sweep_budget_s=22.0, repeats=3,
+                flex_per_call_budget_s=2.0)  # fmt: skip
     if quick:
         return replace(cpu, rmt_lengths=_doubling(512, 8192), full_lengths=_doubling(512, 8192),
                        per_call_budget_s=3.0, sweep_budget_s=8.0, repeats=1, flex_per_call_budget_s=0.5)
     return cpu
-
-
-# ------------------------------------------------------------------------------------------------ models
-def _bert_config(s: Setup, max_positions: int, attn: str):
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=s.vocab,
-        hidden_size=s.hidden,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        intermediate_size=s.ffn,
-        max_position_embeddings=max(max_positions, s.positions),
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=s.pad_token_id,
-        attn_implementation=attn,
-    )
-
-
-def _backbone(s: Setup, max_positions: int, seed: int = 0):
-    import torch
-    from transformers import BertModel
-
-    torch.manual_seed(seed)  # every method gets the same weights (full attention: a longer position table)
-    return BertModel(_bert_config(s, max_positions, "sdpa"), add_pooling_layer=False).eval()
 
 
 def _accepts_cuda_graph() -> bool:
@@ -231,49 +164,6 @@ def _xformers_problem() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-class _Timer:
-    def __init__(self, device):
-        import torch
-
-        self.torch = torch
-        self.cuda = device.type == "cuda"
-        self.peak = PeakMemory(self.cuda)
-
-    def once(self, fn) -> float:
-        c0 = time.process_time()
-        try:
-            return self._once(fn)
-        finally:
-            self.last_cpu = time.process_time() - c0
-
-    def _once(self, fn) -> float:
-        torch = self.torch
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    def peak_start(self):
-        return self.peak.start()
-
-    def peak_mb(self, token) -> float | None:
-        return self.peak.mb(token)
-
-
 def _inference_ctx(fn):
     """inference_mode when the method runs under it, else no_grad (decided by the first call)."""
     import torch
@@ -309,58 +199,45 @@ class Method:
 
 
 def _methods(s: Setup, device, dtype) -> list[Method]:
-    import torch
-
-    from rmt_fast import FastRMT, ReferenceRMT
-
     cuda = device.type == "cuda"
-    g = torch.Generator().manual_seed(1)
-    ids_cache: dict[int, torch.Tensor] = {}
+    ids_cache: dict = {}
 
-    def ids_of(n):  # content ids avoid pad/cls/sep (all < 103 here or given explicitly)
-        if n not in ids_cache:
-            low = max(s.cls_token_id, s.sep_token_id, s.pad_token_id) + 1
+    def ids_of(n, batch):  # content ids avoid pad/cls/sep
+        if (n, batch) not in ids_cache:
             ids_cache.clear()
-            ids_cache[n] = torch.randint(low, s.vocab, (1, n), generator=g).to(device)
-        return ids_cache[n]
+            ids_cache[(n, batch)] = presets.content_ids(batch, n, presets.preset(s.model).vocab, seed=1, device=device)
+        return ids_cache[(n, batch)]
 
-    def rmt_maker(cls, **kwargs):
+    def rmt_maker(wrapper, **kwargs):
         def make():
-            rmt = cls(
-                _backbone(s, s.positions),
-                s.mem,
-                s.segment_size,
-                cls_token_id=s.cls_token_id,
-                sep_token_id=s.sep_token_id,
-                pad_token_id=s.pad_token_id,
-                **kwargs,
-            )
+            backbone = presets.model(s.model, "bare", max_positions=s.positions)
+            rmt = presets.rmt(wrapper, backbone, s.model, s.mem, s.segment_size, **kwargs)
             rmt = rmt.to(device=device, dtype=dtype).eval()
-            return lambda n: lambda: rmt(ids_of(n), return_logits=False)
+            return lambda n, b: lambda: rmt(ids_of(n, b), return_logits=False)
 
         return make
 
     full_max = max(s.full_lengths)
 
     def full_maker(attn):
-        def make():
-            model = _backbone(s, full_max).to(device=device, dtype=dtype).eval()
+        def make():  # the same weights, the position table extended to the longest length
+            model = presets.model(s.model, "bare", max_positions=full_max).to(device=device, dtype=dtype).eval()
             model.set_attn_implementation(attn)
-            return lambda n: lambda: model(input_ids=ids_of(n))
+            return lambda n, b: lambda: model(input_ids=ids_of(n, b))
 
         return make
 
     auto_note = _auto_backend_note(s, device, dtype)
     methods = [
-        Method("FastRMT (auto)", "rmt", rmt_maker(FastRMT, attn_backend="auto"), note=auto_note),
-        Method("FastRMT (SDPA)", "rmt", rmt_maker(FastRMT, attn_backend="sdpa")),
+        Method("FastRMT (auto)", "rmt", rmt_maker("fast", attn_backend="auto"), note=auto_note),
+        Method("FastRMT (SDPA)", "rmt", rmt_maker("fast", attn_backend="sdpa")),
     ]
-    graph = Method("FastRMT (CUDA graph)", "rmt", rmt_maker(FastRMT, attn_backend="auto", cuda_graph=True))
+    graph = Method("FastRMT (CUDA graph)", "rmt", rmt_maker("fast", attn_backend="auto", cuda_graph=True))
     if not cuda:
         graph.problem = "skipped: needs CUDA"
     elif not _accepts_cuda_graph():
         graph.problem = "skipped: FastRMT has no cuda_graph option yet"
-    methods += [graph, Method("ReferenceRMT", "rmt", rmt_maker(ReferenceRMT))]
+    methods += [graph, Method("ReferenceRMT", "rmt", rmt_maker("reference"))]
     methods.append(Method("Full attention (SDPA)", "full", full_maker("sdpa")))
     flex = Method(
         "Full attention (FlexAttention)",
@@ -415,8 +292,8 @@ def _auto_backend_note(s: Setup, device, dtype) -> str:
 
     from rmt_fast.attention import choose_backend
 
-    d = s.hidden // s.heads
-    q = torch.zeros(1, s.heads, s.positions, d, device=device, dtype=dtype)
+    p = presets.preset(s.model)
+    q = torch.zeros(1, p.heads, s.positions, p.hidden // p.heads, device=device, dtype=dtype)
     layout = SegmentLayout(
         0, s.positions, 0, False, token_counts=torch.full((1,), s.positions, dtype=torch.int32, device=device)
     )
@@ -427,101 +304,87 @@ def _auto_backend_note(s: Setup, device, dtype) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sweep
-def _row(
-    method: Method,
-    n: int,
-    status: str,
-    seconds=None,
-    peak_mb=None,
-    repeats=0,
-    note="",
-    mode="",
-    cpu_seconds=None,
-):
-    return dict(
-        method=method.name,
-        family=method.family,
-        tokens=n,
-        seconds=seconds,
-        cpu_seconds=cpu_seconds,
-        ms_per_token=None if seconds is None else 1e3 * seconds / n,
-        tokens_per_s=None if seconds is None else n / seconds,
-        peak_mb=None if peak_mb is None else round(peak_mb, 1),
-        status=status,
-        repeats=repeats,
-        grad_mode=mode,
-        note=note,
-    )
+def _setup(ctx) -> Setup:
+    s = default_setup(ctx.cuda, quick=ctx.quick, tiny=ctx.option("tiny", False))
+    overrides = {k: ctx.option(k) for k in ("methods", "per_call_budget_s", "memory_budget_mb", "batches")}
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    low, high = ctx.option("min_tokens") or 0, ctx.option("max_tokens") or float("inf")
+    return replace(s, rmt_lengths=[n for n in s.rmt_lengths if low <= n <= high],
+                   full_lengths=[n for n in s.full_lengths if low <= n <= high])  # fmt: skip
 
 
-def _sweep(method: Method, lengths: list[int], s: Setup, device, timer: _Timer, bar) -> list[dict]:
+def cases(ctx) -> list[dict]:
+    """Every (method, length): a method that cannot run here is one row (tokens 0) saying why."""
     import torch
 
-    budget = method.per_call_budget_s or s.per_call_budget_s
-    rows: list[dict] = []
-    runner = method.make()
-    sweep_t0 = time.perf_counter()
-    times: list[float] = []
-    for n in lengths:
-        predicted = None
-        if len(times) >= 2:
-            predicted = times[-1] * min(max(times[-1] / max(times[-2], 1e-9), 1.5), 5.0)
-        elif times:
-            predicted = times[-1] * 2
-        if predicted is not None and predicted > budget:
-            rows.append(
-                _row(
-                    method,
-                    n,
-                    "over_budget",
-                    note=f"extrapolated {predicted:.2f} s > per-call budget {budget} s",
-                )
-            )
-            break
-        spent = time.perf_counter() - sweep_t0
-        if predicted is not None and spent + predicted * 2 > s.sweep_budget_s:
-            rows.append(
-                _row(
-                    method, n, "over_budget", note=f"sweep budget {s.sweep_budget_s} s (spent {spent:.1f} s)"
-                )
-            )
-            break
-        call, state = _inference_ctx(runner(n))
-        try:
-            if predicted is None or predicted < 1.0:
-                timer.once(call)  # warm-up (first length: lazy init; later: allocator at the new size)
-            reps = s.repeats if (predicted is None or predicted < 0.5) else 1
-            ts, cpu = [], []
-            for i in range(reps):
-                token = timer.peak_start() if i == reps - 1 else None
-                ts.append(timer.once(call))
-                cpu.append(timer.last_cpu)
-            peak = timer.peak_mb(token)
-        except Exception as exc:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if _is_oom(exc):
-                rows.append(_row(method, n, "oom", note=f"{type(exc).__name__}"))
-            else:
-                rows.append(_row(method, n, "error", note=f"{type(exc).__name__}: {str(exc)[:160]}"))
-            break
-        finally:
-            bar.update(1)
-        t = statistics.median(ts)
-        extra = {"cpu_seconds": statistics.median(cpu)}
-        times.append(t)
-        over = None
-        if t > budget:
-            over = f"measured {t:.2f} s > per-call budget {budget} s"
-        elif s.memory_budget_mb is not None and peak is not None and peak > s.memory_budget_mb:
-            over = f"peak {peak:.1f} MB > memory budget {s.memory_budget_mb} MB"
-        if over is not None:
-            rows.append(_row(method, n, "over_budget", t, peak, reps, over, state["mode"], **extra))
-            break
-        rows.append(_row(method, n, "ok", t, peak, reps, method.note, state["mode"], **extra))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    ctx.setup = s = _setup(ctx)
+    ctx.methods = {m.name: m for m in _methods(s, ctx.device, getattr(torch, s.dtype))}
+    out = []
+    for m in ctx.methods.values():
+        if m.problem:
+            out.append(dict(method=m.name, family=m.family, batch=s.batches[0], tokens=0))
+            continue
+        lengths = s.rmt_lengths if m.family == "rmt" else s.full_lengths
+        out += [dict(method=m.name, family=m.family, batch=b, tokens=n) for b in s.batches for n in lengths]
+    return out
+
+
+def series_name(row: dict, s: Setup) -> str:
+    """A method at the first batch size is its name; at another, ``name [batch B]``."""
+    return row["method"] if row["batch"] == s.batches[0] else f"{row['method']} [batch {row['batch']}]"
+
+
+def measure(ctx, case: dict, state: dict) -> dict:
+    """One (method, length); ``state`` holds the method's model and its earlier times (to extrapolate)."""
+    s, m, n, batch = ctx.setup, ctx.methods[case["method"]], case["tokens"], case["batch"]
+    if m.problem:
+        return {"status": m.problem.split(":")[0], "note": m.problem}
+    budget = m.per_call_budget_s or s.per_call_budget_s
+    if "runner" not in state:
+        state.update(runner=m.make(), times=[], t0=ctx.clock())
+    times = state["times"]
+    predicted = None
+    if len(times) >= 2:
+        predicted = times[-1] * min(max(times[-1] / max(times[-2], 1e-9), 1.5), 5.0)
+    elif times:
+        predicted = times[-1] * 2
+    if predicted is not None and predicted > budget:
+        raise OverBudget(f"extrapolated {predicted:.2f} s > per-call budget {budget} s")
+    spent = ctx.clock() - state["t0"]
+    if predicted is not None and spent + predicted * 2 > s.sweep_budget_s:
+        raise OverBudget(f"sweep budget {s.sweep_budget_s} s (spent {spent:.1f} s)")
+    call, mode = _inference_ctx(state["runner"](n, batch))
+    if predicted is None or predicted < 1.0:
+        call()  # warm-up (first length: lazy init; later: the allocator at the new size)
+    reps = s.repeats if (predicted is None or predicted < 0.5) else 1
+    token = ctx.peak.start()
+    t = ctx.timer(call, repeats=reps, warmup=0)
+    peak = ctx.peak.mb(token)
+    times.append(t.median_s)
+    row = dict(seconds=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, cpu_seconds=t.cpu_s,
+               ms_per_token=1e3 * t.median_s / (batch * n), tokens_per_s=batch * n / t.median_s,
+               peak_mb=None if peak is None else round(peak, 1), repeats=reps, grad_mode=mode["mode"],
+               note=m.note)  # fmt: skip
+    if t.median_s > budget:
+        raise _Over(row, f"measured {t.median_s:.2f} s > per-call budget {budget} s")
+    if s.memory_budget_mb is not None and peak is not None and peak > s.memory_budget_mb:
+        raise _Over(row, f"peak {peak:.1f} MB > memory budget {s.memory_budget_mb} MB")
+    return row
+
+
+class _Over(OverBudget):
+    """Over budget after the measurement: the row keeps what was measured."""
+
+    def __init__(self, row: dict, why: str):
+        super().__init__(why)
+        self.row = row
+
+
+def measure_keeping(ctx, case, state):
+    try:
+        return measure(ctx, case, state)
+    except _Over as over:  # measured, but over a budget: the numbers stay in the row, the series stops
+        return {**over.row, "status": "over_budget", "note": str(over)}
 
 
 def fit_slope(rows: list[dict], key: str = "seconds") -> dict | None:
@@ -544,128 +407,72 @@ def fit_slope(rows: list[dict], key: str = "seconds") -> dict | None:
     }
 
 
-def run(
-    out_dir: Path, quick: bool = False, *, tiny: bool = False, setup: Setup | None = None, **overrides
-) -> dict:
-    """Run the sweep. ``overrides`` replace Setup fields (per_call_budget_s, memory_budget_mb, methods...)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    s = setup or default_setup(cuda, quick=quick, tiny=tiny)
-    if overrides:
-        s = replace(s, **overrides)
-    dtype = getattr(torch, s.dtype)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if not cuda and s.cpu_threads:
-        torch.set_num_threads(s.cpu_threads)
-    try:
-        return _run(s, out_dir, device, dtype, quick, tiny)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(s: Setup, out_dir: Path, device, dtype, quick: bool, tiny: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    cuda = device.type == "cuda"
-    methods = _methods(s, device, dtype)
-    timer = _Timer(device)
-    rows: list[dict] = []
-    total = sum(len(s.rmt_lengths if m.family == "rmt" else s.full_lengths) for m in methods if not m.problem)
-    t0 = time.perf_counter()
-    with tqdm(total=total, desc="latency", unit="call", disable=None) as bar:
-        for m in methods:
-            if m.problem:
-                rows.append(_row(m, 0, m.problem.split(":")[0], note=m.problem))
-                continue
-            bar.set_postfix_str(m.name)
-            lengths = s.rmt_lengths if m.family == "rmt" else s.full_lengths
-            try:
-                rows += _sweep(m, lengths, s, device, timer, bar)
-            except Exception as exc:  # building the model failed: report, keep going
-                rows.append(_row(m, lengths[0], "error", note=f"{type(exc).__name__}: {str(exc)[:160]}"))
-    elapsed = time.perf_counter() - t0
-
-    slopes = {m.name: fit_slope([r for r in rows if r["method"] == m.name]) for m in methods if not m.problem}
-    cpu_slopes = {
-        m.name: fit_slope([r for r in rows if r["method"] == m.name], "cpu_seconds")
-        for m in methods
-        if not m.problem
-    }
+def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
+    s, methods, cuda = ctx.setup, ctx.methods, ctx.cuda
+    series = list(dict.fromkeys(series_name(r, s) for r in rows if not methods[r["method"]].problem))
+    slopes = {k: fit_slope([r for r in rows if series_name(r, s) == k]) for k in series}
+    cpu_slopes = {k: fit_slope([r for r in rows if series_name(r, s) == k], "cpu_seconds") for k in series}
     # The checks use wall-clock slopes on GPU. On CPU (one intra-op thread) they use the process-CPU-time
     # slopes: on a shared machine other load inflates single long wall-clock measurements, not the work done.
     check_slopes = slopes if cuda else cpu_slopes
     checks = {}
     for name, fit in check_slopes.items():
-        fam = next(m.family for m in methods if m.name == name)
+        if name not in methods:  # a series at another batch size: reported, not checked
+            continue
         if name in ("FastRMT (auto)", "ReferenceRMT"):
             checks[name] = fit is not None and RMT_SLOPE_RANGE[0] <= fit["slope"] <= RMT_SLOPE_RANGE[1]
         elif name == "Full attention (SDPA)":
             checks[name] = fit is not None and fit["slope"] > FULL_SLOPE_MIN
-        elif fam == "rmt" and fit is not None:
+        elif methods[name].family == "rmt" and fit is not None:
             checks[name] = RMT_SLOPE_RANGE[0] <= fit["slope"] <= RMT_SLOPE_RANGE[1]
-    ok = all(checks.values()) and bool(checks)
-    write_csv(out_dir / "latency.csv", rows)
-    config = {
-        **asdict(s),
-        "segment_size": s.segment_size,
-        "device": str(device),
-        "quick": quick,
-        "tiny": tiny,
-    }
+    # a --tiny smoke run is too short for its slopes to mean anything: nothing is checked (ok is None)
+    ok = None if ctx.option("tiny") else all(checks.values()) and bool(checks)
+    p = presets.preset(s.model)
+    config = {**asdict(s), "layers": p.layers, "hidden": p.hidden, "heads": p.heads, "ffn": p.ffn, "vocab": p.vocab,
+              "cls_token_id": presets.CLS_ID, "sep_token_id": presets.SEP_ID, "pad_token_id": presets.PAD_ID,
+              "cpu_threads": BENCHMARK.cpu_threads,
+              "segment_size": s.segment_size, "device": str(ctx.device), "quick": ctx.quick,
+              "tiny": bool(ctx.option("tiny", False))}  # fmt: skip
     peak_note = (
-        "torch.cuda.max_memory_allocated during the timed call (weights included)"
+        "torch.cuda.max_memory_allocated during the timed calls (weights included)"
         if cuda
-        else "growth of VmHWM over VmRSS during the last timed call (lower bound; blank when "
+        else "growth of VmHWM over VmRSS during the timed calls (lower bound; blank when "
         "/proc/self/clear_refs is not writable)"
     )
-    write_json(
-        out_dir / "latency.json",
-        {
-            "env": env_info(),
-            "config": config,
-            "slopes": slopes,
-            "checks": checks,
-            "ok": ok,
-            "cpu_time_slopes": cpu_slopes,
-            "checks_use": "wall-clock slopes" if cuda else "process CPU time slopes (1 thread)",
-            "slope_rule": "least squares of log(seconds) on log(tokens), upper half of successful lengths",
-            "peak_memory": peak_note,
-            "elapsed_s": elapsed,
-        },
-    )
-    _plot(rows, slopes, None if cuda else cpu_slopes, s, device, out_dir / "latency.png")
+    elapsed = ctx.clock() - ctx.started
+    record = {"config": config, "slopes": slopes, "checks": checks, "ok": ok, "cpu_time_slopes": cpu_slopes,
+              "checks_use": "wall-clock slopes" if cuda else "process CPU time slopes (1 thread)",
+              "slope_rule": "least squares of log(seconds) on log(tokens), upper half of successful lengths",
+              "peak_memory": peak_note, "elapsed_s": elapsed}  # fmt: skip
     summary = {"ok": ok, "elapsed_s": round(elapsed, 1)}
     for name, fit in slopes.items():
         summary[f"slope[{name}]"] = None if fit is None else round(fit["slope"], 3)
         if not cuda and cpu_slopes.get(name):
             summary[f"cpu_time_slope[{name}]"] = round(cpu_slopes[name]["slope"], 3)
     for name in slopes:
-        good = [r for r in rows if r["method"] == name and r["status"] == "ok"]
+        good = [r for r in rows if series_name(r, s) == name and r["status"] == "ok"]
         if good:
             summary[f"max_tokens[{name}]"] = max(r["tokens"] for r in good)
-    return summary
+    return summary, record
 
 
-def _plot(rows, slopes, cpu_slopes, s: Setup, device, path):
+def plot(ctx, rows, record):
+    slopes, cpu_slopes, s = record["slopes"], None if ctx.cuda else record["cpu_time_slopes"], ctx.setup
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    names = list(dict.fromkeys(r["method"] for r in rows if r["status"] == "ok"))
+    names = list(dict.fromkeys(series_name(r, s) for r in rows if r["status"] == "ok"))
     styles = {"rmt": "-", "full": "--"}
     for i, name in enumerate(names):
         rs = sorted(
-            (r for r in rows if r["method"] == name and r["status"] == "ok"), key=lambda r: r["tokens"]
+            (r for r in rows if series_name(r, s) == name and r["status"] == "ok"), key=lambda r: r["tokens"]
         )
         xs, ys = [r["tokens"] for r in rs], [r["seconds"] for r in rs]
         fit = slopes.get(name)
-        stop = next((r for r in rows if r["method"] == name and r["status"] in ("oom", "over_budget")), None)
+        stop = next((r for r in rows if series_name(r, s) == name and r["status"] in ("oom", "over_budget")), None)
         label = name + (f" (slope {fit['slope']:.2f}" if fit else "")
         cfit = (cpu_slopes or {}).get(name)
         if fit:
@@ -700,26 +507,35 @@ def _plot(rows, slopes, cpu_slopes, s: Setup, device, path):
     ax2.set_title("time per token", fontsize=9)
     if names:
         ax2.legend(fontsize=7)
-    d = s.hidden // s.heads
+    p = presets.preset(s.model)
     fig.suptitle(
-        f"RMT vs full attention latency, BERT {s.layers}L/{s.hidden}d/{s.heads}h (head dim {d}), "
-        f"{s.positions} positions per segment (m={s.mem}, {s.segment_size} content), {s.dtype}, batch 1"
+        f"RMT vs full attention latency, BERT {p.layers}L/{p.hidden}d/{p.heads}h (head dim {p.hidden // p.heads}), "
+        f"{s.positions} positions per segment (m={s.mem}, {s.segment_size} content), {s.dtype}, "
+        f"batch {', '.join(map(str, s.batches))}"
         f"\n{machine_label()}",
         fontsize=9,
     )
-    save_plot(fig, path)
+    return fig
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results/latency"))
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
-    args = p.parse_args(argv)
-    summary = run(args.out, quick=args.quick, tiny=args.tiny)
-    print(json.dumps(summary, indent=2))
-    return 0 if summary.get("ok") else 1
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in _names(text)]
+
+
+BENCHMARK = Benchmark(
+    "latency", cases, measure_keeping, summarize=summarize, plot=plot, series=("method", "batch"), cpu_threads=1,
+    options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),
+             Option("--methods", type=_names, default=None, help="comma-separated method names (default: all)"),
+             Option("--per-call-budget-s", type=float, default=None, help="longest call before a method stops"),
+             Option("--memory-budget-mb", type=float, default=None, help="highest peak before a method stops"),
+             Option("--batches", type=_ints, default=None, help="batch sizes, e.g. 1,16 (default: 1)"),
+             Option("--min-tokens", type=int, default=None, help="drop the lengths below this"),
+             Option("--max-tokens", type=int, default=None, help="drop the lengths above this")),
+)  # fmt: skip
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="latency"))

@@ -35,137 +35,62 @@ Outputs: ``profile.csv`` (one row per backbone x wrapper x category), ``profile.
 a few sentences computed from the numbers), ``profile.png`` (stacked bars per category), Chrome traces
 ``profile_fast.json`` / ``profile_reference.json`` (BERT; GPT-2's as ``profile_*_gpt2.json``).
 
-    rmt-fast-bench profile --out results/profile [--quick]
+    rmt-fast-bench profile --out results/profile [--quick] [--tiny]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from rmt_fast.bench.common import env_info, machine_label, save_plot, write_csv, write_json
+from . import presets
+from .common import machine_label
+from .runner import Benchmark, Option, module_main
 
 CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
-ATTENTION_OPS = (
-    "scaled_dot_product",
-    "flash_attention",
-    "efficient_attention",
-    "_fused_attention",
-    "_flash_attention",
-    "_efficient_attention",
-)
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "_fused_attention", "_flash_attention",
+                 "_efficient_attention")  # fmt: skip
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::linear", "aten::bmm", "aten::matmul", "aten::baddbmm"}
 NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm", "aten::_fused_rms_norm"}
-COPY_OPS = {
-    "aten::copy_",
-    "aten::cat",
-    "aten::stack",
-    "aten::contiguous",
-    "aten::clone",
-    "aten::index",
-    "aten::index_select",
-    "aten::gather",
-    "aten::scatter",
-    "aten::scatter_",
-    "aten::index_put",
-    "aten::index_put_",
-    "aten::_index_put_impl_",
-    "aten::to",
-    "aten::_to_copy",
-    "aten::slice_scatter",
-    "aten::select_scatter",
-    "aten::masked_scatter",
-    "aten::index_copy",
-}
+COPY_OPS = {f"aten::{name}" for name in (
+    "copy_", "cat", "stack", "contiguous", "clone", "index", "index_select", "gather", "scatter", "scatter_",
+    "index_put", "index_put_", "_index_put_impl_", "to", "_to_copy", "slice_scatter", "select_scatter",
+    "masked_scatter", "index_copy")}  # fmt: skip
 MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
-ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "rmt_attention.py", "sdpa_attention.py")
+ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "triton_attention.py", "sdpa_attention.py")
 ATTENTION_SCOPE = "rmt_fast::attention"  # record_function around rmt_fast.attention.run_backend while profiling
-TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/rmt_attention.py
+TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/triton_kernels.py
 
 
 @dataclass
 class ProfileSetup:
-    backbones: tuple[str, ...]
-    layers: int | None  # None: the config's default
-    hidden: int | None
-    heads: int | None
-    ffn: int | None
+    backbones: tuple[str, ...]  # "bert", "gpt2"
+    models: dict  # backbone -> preset (rmt_fast.bench.presets)
     positions: int
     mem: int
     segments: int
     dtype: str
-    cpu_threads: int = 1
     timing_calls: int = 3  # calls averaged in the timing profile
 
 
 def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> ProfileSetup:
+    both = ("bert",) if quick else ("bert", "gpt2")
     if cuda:
-        return ProfileSetup(
-            ("bert",) if quick else ("bert", "gpt2"), None, None, None, None, 512, 10, 4, "float16"
-        )
+        return ProfileSetup(both, {"bert": "bert-base", "gpt2": "gpt2-small"}, 512, 10, 4, "float16")
     if tiny:
-        return ProfileSetup(("bert",), 1, 32, 2, 64, 32, 4, 2, "float32")
-    return ProfileSetup(("bert",) if quick else ("bert", "gpt2"), 2, 64, 2, 256, 128, 10, 4, "float32")
+        return ProfileSetup(("bert",), {"bert": "bert-micro"}, 32, 4, 2, "float32")
+    return ProfileSetup(both, {"bert": "bert-cpu", "gpt2": "gpt2-cpu"}, 128, 10, 4, "float32")
 
 
 # ------------------------------------------------------------------------------------------------ models
 def _build(backbone: str, s: ProfileSetup, wrapper: str, device, dtype):
-    import torch
-    import transformers as tf
-
-    from rmt_fast import FastRMT, ReferenceRMT
-
-    torch.manual_seed(0)
-    dims = {}
-    if backbone == "bert":
-        if s.layers is not None:
-            dims = dict(
-                num_hidden_layers=s.layers,
-                hidden_size=s.hidden,
-                num_attention_heads=s.heads,
-                intermediate_size=s.ffn,
-                vocab_size=1000,
-            )
-        cfg = tf.BertConfig(
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=0,
-            attn_implementation="sdpa",
-            **dims,
-        )
-        model = tf.BertModel(cfg, add_pooling_layer=False)
-        size = s.positions - s.mem - 3
-        kwargs = dict(cls_token_id=101, sep_token_id=102, pad_token_id=0)
-    else:
-        if s.layers is not None:
-            dims = dict(
-                n_layer=s.layers,
-                n_embd=s.hidden,
-                n_head=s.heads,
-                n_inner=s.ffn,
-                vocab_size=1000,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        cfg = tf.GPT2Config(
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa", **dims
-        )
-        cfg.bos_token_id = cfg.eos_token_id = None
-        model = tf.GPT2LMHeadModel(cfg)
-        size = s.positions - 2 * s.mem
-        kwargs = {}
-    cls = FastRMT if wrapper == "fast" else ReferenceRMT
-    rmt = cls(model, s.mem, size, **kwargs).to(device=device, dtype=dtype).eval()
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(103, vocab, (1, size * s.segments), generator=g).to(device)
-    return rmt, ids
+    name = s.models[backbone]
+    p = presets.preset(name)
+    model = presets.model(name, "bare" if backbone == "bert" else "lm", bos_token_id=None, eos_token_id=None)
+    size = p.segment_size(s.positions, s.mem)
+    rmt = presets.rmt(wrapper, model, name, s.mem, size).to(device=device, dtype=dtype).eval()
+    return rmt, presets.content_ids(1, size * s.segments, p.vocab, seed=1, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -346,109 +271,60 @@ def attention_scope():
         seam.run_backend = original
 
 
-def _profile_one(backbone, s: ProfileSetup, wrapper, device, dtype, trace_path: Path) -> dict:
+def _profile_one(ctx, backbone, s: ProfileSetup, wrapper, dtype, trace: str) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    rmt, ids = _build(backbone, s, wrapper, device, dtype)
-    cuda = device.type == "cuda"
+    rmt, ids = _build(backbone, s, wrapper, ctx.device, dtype)
 
     def call():
         rmt(ids, return_logits=False)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
     calls = s.timing_calls
     with torch.no_grad():
-        for _ in range(2):
-            call()
-        sync()
-        walls = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            call()
-            sync()
-            walls.append((time.perf_counter() - t0) * 1e3)
+        unprofiled = ctx.timer(call, repeats=5, warmup=2, clock="wall")
         # Pass 1: Python stacks, for the categories (mask building) and the Chrome trace.
         with attention_scope(), profile(activities=acts, with_stack=True) as prof_stack:
             call()
-            sync()
+            ctx.timer.sync()
         # Pass 2: no stacks (far less profiler overhead), for the times.
         with attention_scope(), profile(activities=acts) as prof_time:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                call()
-            sync()
-            wall = (time.perf_counter() - t0) * 1e3 / calls
-    prof_stack.export_chrome_trace(str(trace_path))
-    res = analyse(prof_stack.events(), prof_time.events(), wall, s.segments, calls, cuda)
-    res["wall_ms_unprofiled"] = statistics.median(walls)
+            wall = ctx.timer(call, repeats=1, warmup=0, inner=calls, clock="wall").ms
+    prof_stack.export_chrome_trace(str(ctx.path(trace)))
+    res = analyse(prof_stack.events(), prof_time.events(), wall, s.segments, calls, ctx.cuda)
+    res["wall_ms_unprofiled"] = unprofiled.ms
     return res
 
 
-def run(out_dir: Path, quick: bool = False, *, tiny: bool = False, setup: ProfileSetup | None = None) -> dict:
+def run(ctx) -> dict:
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    s = setup or default_setup(cuda, quick, tiny)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if not cuda and s.cpu_threads:
-        torch.set_num_threads(s.cpu_threads)
-    try:
-        results = {}
-        for backbone in s.backbones:
-            for wrapper, label in (("reference", "ReferenceRMT"), ("fast", "FastRMT")):
-                suffix = "" if backbone == "bert" else f"_{backbone}"
-                trace = out_dir / f"profile_{wrapper}{suffix}.json"
-                results[(backbone, label)] = _profile_one(
-                    backbone,
-                    s,
-                    "fast" if wrapper == "fast" else "ref",
-                    device,
-                    getattr(torch, s.dtype),
-                    trace,
-                )
-    finally:
-        torch.set_num_threads(threads)
-
+    s = default_setup(ctx.cuda, ctx.quick, ctx.option("tiny", False))
+    results = {}
+    for backbone in s.backbones:
+        for wrapper, label in (("reference", "ReferenceRMT"), ("fast", "FastRMT")):
+            trace = f"profile_{wrapper}{'' if backbone == 'bert' else '_' + backbone}.json"
+            results[(backbone, label)] = _profile_one(ctx, backbone, s, wrapper, getattr(torch, s.dtype), trace)
+    cuda = ctx.cuda
     rows = []
     for (backbone, label), r in results.items():
         for cat in CATEGORIES:
-            row = dict(
-                backbone=backbone,
-                wrapper=label,
-                category=cat,
-                cpu_ms=round(r["cpu_ms"][cat], 3),
-                ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2)
-                if cat != "python overhead"
-                else "",
-                ops_per_segment=round(r["ops_per_segment"], 1),
-                wall_ms_profiled=round(r["wall_ms_profiled"], 3),
-                wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3),
-            )
+            top = cat != "python overhead"
+            row = dict(backbone=backbone, wrapper=label, category=cat, cpu_ms=round(r["cpu_ms"][cat], 3),
+                       ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2)
+                       if top else "",
+                       ops_per_segment=round(r["ops_per_segment"], 1), wall_ms_profiled=round(r["wall_ms_profiled"], 3),
+                       wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3))  # fmt: skip
             if cuda:
-                row.update(
-                    device_ms=round(r["device_ms"][cat], 3),
-                    kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
-                    if cat != "python overhead"
-                    else "",
-                    kernels_per_segment=round(r["kernels_per_segment"], 1),
-                )
+                row.update(device_ms=round(r["device_ms"][cat], 3),
+                           kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
+                           if top else "", kernels_per_segment=round(r["kernels_per_segment"], 1))  # fmt: skip
             rows.append(row)
-    write_csv(out_dir / "profile.csv", rows)
-    md = _markdown(results, s, cuda)
-    (out_dir / "profile.md").write_text(md, encoding="utf-8")
-    write_json(
-        out_dir / "profile.json",
-        {"env": env_info(), "setup": asdict(s), "results": {f"{b}/{w}": r for (b, w), r in results.items()}},
-    )
-    _plot(results, s, cuda, out_dir / "profile.png")
+    ctx.write_csv(rows)
+    ctx.write_text(_markdown(results, s, cuda), "profile.md")
+    ctx.write_json({"setup": asdict(s), "results": {f"{b}/{w}": r for (b, w), r in results.items()}})
+    ctx.save_plot(_plot(results, s, cuda))
     summary = {}
     for (backbone, label), r in results.items():
         key = f"{backbone}/{label}"
@@ -479,46 +355,24 @@ def _markdown(results: dict, s: ProfileSetup, cuda: bool) -> str:
         head = "| | ReferenceRMT | FastRMT | ratio ref/fast |"
         lines += [head, "|---|---:|---:|---:|"]
 
-        def line(name, a, b, fmt="{:.2f}", lines=lines):
+        def line(name, key, fmt="{:.2f}", cat=None, lines=lines, ref=ref, fast=fast):
+            a, b = (r[key] if cat is None else r[key][cat] for r in (ref, fast))
             ratio = f"{a / b:.2f}" if b else "-"
             lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
 
-        line("wall ms (unprofiled, median of 5)", ref["wall_ms_unprofiled"], fast["wall_ms_unprofiled"])
-        line("wall ms (profiled)", ref["wall_ms_profiled"], fast["wall_ms_profiled"])
-        line("aten ops dispatched per segment", ref["ops_per_segment"], fast["ops_per_segment"], "{:.1f}")
-        line(
-            "aten ops incl. nested per segment",
-            ref["all_ops_per_segment"],
-            fast["all_ops_per_segment"],
-            "{:.1f}",
-        )
+        line("wall ms (unprofiled, median of 5)", "wall_ms_unprofiled")
+        line("wall ms (profiled)", "wall_ms_profiled")
+        line("aten ops dispatched per segment", "ops_per_segment", "{:.1f}")
+        line("aten ops incl. nested per segment", "all_ops_per_segment", "{:.1f}")
         if cuda:
-            line(
-                "device kernels per segment",
-                ref["kernels_per_segment"],
-                fast["kernels_per_segment"],
-                "{:.1f}",
-            )
-        for cat in CATEGORIES:
-            line(f"CPU ms: {cat}", ref["cpu_ms"][cat], fast["cpu_ms"][cat])
-        if cuda:
-            for cat in CATEGORIES[:-1]:
-                line(f"device ms: {cat}", ref["device_ms"][cat], fast["device_ms"][cat])
-        for cat in CATEGORIES[:-1]:
-            line(
-                f"ops dispatched per segment: {cat}",
-                ref["ops_per_segment_by_category"][cat],
-                fast["ops_per_segment_by_category"][cat],
-                "{:.1f}",
-            )
-        if cuda:
-            for cat in CATEGORIES[:-1]:
-                line(
-                    f"kernels per segment: {cat}",
-                    ref["kernels_per_segment_by_category"][cat],
-                    fast["kernels_per_segment_by_category"][cat],
-                    "{:.1f}",
-                )
+            line("device kernels per segment", "kernels_per_segment", "{:.1f}")
+        per_category = (("CPU ms", "cpu_ms", "{:.2f}", CATEGORIES, False),
+                        ("device ms", "device_ms", "{:.2f}", CATEGORIES[:-1], True),
+                        ("ops dispatched per segment", "ops_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], False),
+                        ("kernels per segment", "kernels_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], True))
+        for label, key, fmt, cats, gpu_only in per_category:
+            for cat in cats if cuda or not gpu_only else ():
+                line(f"{label}: {cat}", key, fmt, cat)
         lines += ["", _sentences(backbone, ref, fast, cuda), ""]
     return "\n".join(lines) + "\n"
 
@@ -550,7 +404,7 @@ def _sentences(backbone: str, ref: dict, fast: dict, cuda: bool) -> str:
     return text
 
 
-def _plot(results: dict, s: ProfileSetup, cuda: bool, path: Path):
+def _plot(results: dict, s: ProfileSetup, cuda: bool):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -579,18 +433,11 @@ def _plot(results: dict, s: ProfileSetup, cuda: bool, path: Path):
         f"Profiled forward, {s.segments} segments x {s.positions} positions, {s.dtype} ({machine_label()})",
         fontsize=9,
     )
-    save_plot(fig, path)
+    return fig
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results/profile"))
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    args = p.parse_args(argv)
-    print(json.dumps(run(args.out, quick=args.quick, tiny=args.tiny), indent=2))
-    return 0
-
+BENCHMARK = Benchmark("profile", run=run, cpu_threads=1,
+                      options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),))
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="profile"))

@@ -24,13 +24,15 @@ Settings:
 (checkpointed), without ``fast-compiled`` (its compilation alone takes about a minute; ``--methods`` adds it).
 The CSV is rewritten after every point, so a run stopped from outside keeps the rows it measured.
 
-Timing: CUDA events around the measured steps (CPU: ``time.perf_counter``). Peak memory: CUDA
+Timing: the runner's timer, one sample per measured step (CUDA events; CPU: ``time.perf_counter``), median
+``step_ms`` and its p20 / p80. Peak memory: CUDA
 ``max_memory_allocated`` over the measured steps, which includes weights, gradients and AdamW states (``base_mb``
 is what is allocated before a step, ``act_peak_mb`` the difference); CPU: the growth of the peak resident set
-(``rmt_fast.bench.common.PeakMemory``, a lower bound). Every point is a row: ``ok``, ``oom`` (out of memory;
-memory is freed and the sweep goes on; a method's longer points after an OOM are ``oom`` rows too, not run),
-``over budget`` (the ``--budget-s`` wall-clock budget was spent before the point), or ``error: ...``. The loss of
-every step must be finite. The JSON summary holds the issue's target ratios: FastRMT against ReferenceRMT at 7
+(``rmt_fast.bench.common.PeakMemory``, a lower bound). Every point is a row (the runner's status words):
+``ok``, ``oom`` (out of memory; memory is freed and the sweep goes on with the next method), ``error`` (the note
+says why), ``skipped`` (a method's points after its failure: not run), ``over_budget`` (the ``--budget-s``
+wall-clock budget was spent before the point). The loss of every step must be finite. The JSON summary holds the
+issue's target ratios: FastRMT against ReferenceRMT at 7
 segments of (a) and 8 of (b) (tokens/s >= 1.5x, peak memory <= 0.5x), and 64 segments of (b) with
 checkpointing (fits in 80 GB).
 
@@ -42,33 +44,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, module_main, save_plot, write_csv, write_json
+from . import presets
+from .common import machine_label
+from .runner import Benchmark, Option, module_main
 
 METHODS = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # the order they run in
 FAST_METHODS = ("fast", "fast-ckpt", "fast-compiled")
 SPEEDUP_TARGET, MEMORY_TARGET = 1.5, 0.5
 CKPT_TARGET_BYTES = 80e9
 DEFAULT_BUDGET_S = {True: 70.0, False: 1800.0}  # quick / full, on CUDA (quick: the device check, ~100 s)
-CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 
 
 @dataclass
 class Setting:
     name: str
-    kind: str  # "encoder" or "decoder"
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
+    model: str  # a preset (rmt_fast.bench.presets): a BERT for an encoder setting, a Llama for a decoder one
     mem: int
     segment: int  # content tokens per segment
     batch: int
@@ -80,71 +73,46 @@ class Setting:
     compile_step: object = True
 
     @property
+    def kind(self) -> str:
+        return "encoder" if presets.preset(self.model).is_encoder else "decoder"
+
+    @property
     def positions(self) -> int:
         """Model positions per RMT segment."""
         return self.segment + (self.mem + 3 if self.kind == "encoder" else 2 * self.mem)
 
+    def record(self) -> dict:
+        p = presets.preset(self.model)
+        return {**vars(self), "kind": self.kind, "layers": p.layers, "hidden": p.hidden, "heads": p.heads,
+                "kv_heads": p.kv_heads or p.heads, "ffn": p.ffn, "vocab": p.vocab}  # fmt: skip
 
+
+QUICK = ("reference", "fast", "fast-ckpt", "full")
 SETTINGS: dict[str, Setting] = {
-    "a": Setting("a", "encoder", 12, 768, 12, 12, 3072, 30522, 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7],
-                 target_segments=7, quick_methods=("reference", "fast", "fast-ckpt", "full")),  # fmt: skip
-    "b": Setting("b", "decoder", 16, 2048, 32, 8, 8192, 128256, 16, 1024, 4, [1, 2, 4, 8, 16, 32], [8],
-                 target_segments=8, ckpt_segments=[64],
-                 quick_methods=("reference", "fast", "fast-ckpt", "full")),  # fmt: skip
-    "tiny-encoder": Setting("tiny-encoder", "encoder", 2, 64, 2, 2, 128, 1000, 4, 32, 2, [1, 2, 4], [1, 2],
+    "a": Setting("a", "bert-base", 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7], target_segments=7,
+                 quick_methods=QUICK),
+    "b": Setting("b", "llama-1.2b", 16, 1024, 4, [1, 2, 4, 8, 16, 32], [8], target_segments=8, ckpt_segments=[64],
+                 quick_methods=QUICK),  # fmt: skip
+    "tiny-encoder": Setting("tiny-encoder", "bert-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2],
                             compile_step={"backend": "aot_eager"}),  # fmt: skip
-    "tiny-decoder": Setting("tiny-decoder", "decoder", 2, 64, 4, 2, 128, 1000, 4, 32, 2, [1, 2, 4], [1, 2],
+    "tiny-decoder": Setting("tiny-decoder", "llama-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2],
                             compile_step={"backend": "aot_eager"}),  # fmt: skip
 }
 ALIASES = {"tiny": ["tiny-encoder", "tiny-decoder"]}
 
 
 # ------------------------------------------------------------------------------------------------- models
-def _backbone(s: Setting, max_positions: int, device):
-    """The setting's backbone (fp32, training mode) with room for ``max_positions`` positions."""
-    import torch
-
-    torch.manual_seed(0)
-    if s.kind == "encoder":
-        from transformers import BertForSequenceClassification
-
-        from .latency import Setup, _bert_config
-
-        shape = Setup(layers=s.layers, hidden=s.hidden, heads=s.heads, ffn=s.ffn, vocab=s.vocab, mem=s.mem,
-                      positions=s.positions, dtype="float32", rmt_lengths=[], full_lengths=[], per_call_budget_s=0.0,
-                      sweep_budget_s=0.0, repeats=1, cls_token_id=CLS_ID, sep_token_id=SEP_ID,
-                      pad_token_id=PAD_ID)  # fmt: skip
-        config = _bert_config(shape, max_positions, "sdpa")  # latency's full-attention config: positions extended
-        config.num_labels = 2
-        cls = BertForSequenceClassification
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.ffn, num_hidden_layers=s.layers,
-                             num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab,
-                             max_position_embeddings=max(max_positions, s.positions), tie_word_embeddings=True,
-                             bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID,
-                             attn_implementation="sdpa")  # fmt: skip
-        cls = LlamaForCausalLM
-    with torch.device(device):
-        model = cls(config)
-    return model.train()
-
-
 def _build(s: Setting, method: str, device, max_segments: int):
-    """(module to optimize, step call: (ids, labels) -> loss)."""
-    from rmt_fast import FastRMT, ReferenceRMT
-
-    if method == "full":
-        model = _backbone(s, max_segments * s.segment, device)
+    """(module to optimize, step call: (ids, labels) -> loss); the backbone in fp32, training mode."""
+    task = "cls" if s.kind == "encoder" else "lm"
+    extra = {"num_labels": 2} if task == "cls" else {}
+    if method == "full":  # the same backbone over the whole input: its positions extended
+        model = presets.model(s.model, task, device=device, max_positions=max_segments * s.segment, **extra).train()
         return model, lambda ids, labels: model(input_ids=ids, labels=labels).loss
-    model = _backbone(s, s.positions, device)
-    kw = dict(cls_token_id=CLS_ID, sep_token_id=SEP_ID, pad_token_id=PAD_ID) if s.kind == "encoder" else {}
-    if method == "reference":
-        rmt = ReferenceRMT(model, s.mem, s.segment, **kw)
-    else:
-        rmt = FastRMT(model, s.mem, s.segment, attn_backend="auto", gradient_checkpointing=method == "fast-ckpt",
-                      compile_step=s.compile_step if method == "fast-compiled" else False, **kw)  # fmt: skip
+    model = presets.model(s.model, task, device=device, max_positions=s.positions, **extra).train()
+    kw = {} if method == "reference" else dict(attn_backend="auto", gradient_checkpointing=method == "fast-ckpt",
+                                               compile_step=s.compile_step if method == "fast-compiled" else False)
+    rmt = presets.rmt("reference" if method == "reference" else "fast", model, s.model, s.mem, s.segment, **kw)
     rmt = rmt.to(device)
     return rmt, lambda ids, labels: rmt(ids, labels=labels, return_logits=False).loss
 
@@ -152,35 +120,33 @@ def _build(s: Setting, method: str, device, max_segments: int):
 def _inputs(s: Setting, n: int, device):
     import torch
 
-    g = torch.Generator().manual_seed(n)
-    ids = torch.randint(CLS_ID + 2, s.vocab, (s.batch, n * s.segment), generator=g).to(device)
-    labels = torch.randint(0, 2, (s.batch,), generator=g).to(device) if s.kind == "encoder" else ids
+    vocab = presets.preset(s.model).vocab
+    ids = presets.content_ids(s.batch, n * s.segment, vocab, seed=n, device=device)
+    labels = torch.randint(0, 2, (s.batch,), generator=torch.Generator().manual_seed(n)).to(device) \
+        if s.kind == "encoder" else ids
     return ids, labels
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def is_oom(exc: BaseException) -> bool:
+def measure(ctx, case: dict, state: dict) -> dict:
+    """One point: two warm-up training steps (the second catches one-time recompiles, e.g. transformers setting
+    ``config.problem_type`` on its first call), then ``reps`` timed steps (forward, backward, AdamW); the
+    method's model and optimizer live in ``state`` for the method's points."""
     import torch
 
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _free(cuda: bool):
-    gc.collect()
-    if cuda:
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _measure(opt, loss_fn, ids, labels, reps: int, cuda: bool) -> dict:
-    """Two warm-up steps (the second catches one-time recompiles, e.g. transformers setting
-    ``config.problem_type`` on its first call), then ``reps`` timed steps (forward, backward, AdamW)."""
-    import torch
-
+    s, method, n, cuda = SETTINGS[case["setting"]], case["method"], case["segments"], ctx.cuda
+    hook = ctx.option("fail_hook")
+    if hook is not None:
+        hook(s.name, method, n)
+    if "opt" not in state:
+        if method == "fast-compiled":
+            torch._dynamo.reset()  # frees earlier compiled graphs: each setting starts below the recompile limit
+        state["module"], state["loss_fn"] = _build(s, method, ctx.device, ctx.max_points[(s.name, method)])
+        state["opt"] = torch.optim.AdamW(state["module"].parameters(), lr=1e-6, foreach=cuda)
+    opt, loss_fn = state["opt"], state["loss_fn"]
+    ids, labels = _inputs(s, n, ctx.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    losses = []
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -188,93 +154,22 @@ def _measure(opt, loss_fn, ids, labels, reps: int, cuda: bool) -> dict:
             loss = loss_fn(ids, labels)
         loss.backward()
         opt.step()
-        return loss.detach()
+        losses.append(loss.detach())
 
-    t0 = time.perf_counter()
-    losses = [step(), step()]
-    if cuda:
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
-    peak = PeakMemory(cuda)
+    warm = ctx.timer(lambda: (step(), step()), repeats=1, warmup=0, clock="wall")
     base_mb = torch.cuda.memory_allocated() / 2**20 if cuda else None
-    token = peak.start()
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        losses += [step() for _ in range(reps)]
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1e3 / reps
-    else:
-        t1 = time.perf_counter()
-        losses += [step() for _ in range(reps)]
-        seconds = (time.perf_counter() - t1) / reps
-    peak_mb = peak.mb(token)
+    token = ctx.peak.start()
+    reps = ctx.reps if n in ctx.plan_segments[s.name] else 1  # the long checkpointed points: one step
+    t = ctx.timer(step, repeats=reps, warmup=0)
+    peak_mb = ctx.peak.mb(token)
     values = torch.stack(losses).float().cpu()
     if not torch.isfinite(values).all():
         raise FloatingPointError(f"loss not finite: {values.tolist()}")
-    return dict(step_ms=1e3 * seconds, peak_mb=peak_mb, base_mb=base_mb, warmup_s=warmup_s,
-                loss=float(values[-1]))  # fmt: skip
-
-
-def _sweep(s: Setting, methods, segments, device, reps, deadline, clock, fail_hook, bar, sink) -> list[dict]:
-    """One setting's points; ``sink(rows)`` after each point (the CSV so far: a killed run keeps its rows)."""
-    import torch
-
-    cuda = device.type == "cuda"
-    rows = []
-    for method in methods:
-        points = list(segments) + ([n for n in s.ckpt_segments if n not in segments] if method == "fast-ckpt" else [])
-        module = opt = loss_fn = None
-        oom_at = None
-        for n in points:
-            row = dict(setting=s.name, method=method, segments=n, batch=s.batch, tokens=s.batch * n * s.segment,
-                       status="", step_ms=None, tokens_per_s=None, peak_mb=None, base_mb=None, act_peak_mb=None,
-                       warmup_s=None, loss=None, note="")  # fmt: skip
-            rows.append(row)
-            bar.update(1)
-            if clock() > deadline:
-                row["status"] = "over budget"
-                continue
-            if oom_at is not None:
-                row.update(status="oom", note=f"not run: out of memory at {oom_at} segments")
-                continue
-            failure = None
-            try:
-                if fail_hook is not None:
-                    fail_hook(s.name, method, n)
-                if module is None:
-                    module, loss_fn = _build(s, method, device, max(points))
-                    opt = torch.optim.AdamW(module.parameters(), lr=1e-6, foreach=cuda)
-                ids, labels = _inputs(s, n, device)
-                # the long checkpointed points are there for their memory: one measured step
-                res = _measure(opt, loss_fn, ids, labels, 1 if n not in segments else reps, cuda)
-                row.update(status="ok", tokens_per_s=row["tokens"] / (res["step_ms"] / 1e3), **res)
-                if res["base_mb"] is not None and res["peak_mb"] is not None:
-                    row["act_peak_mb"] = res["peak_mb"] - res["base_mb"]
-            except Exception as exc:  # a point that fails is a row, not a crash
-                failure = exc
-            if failure is not None:
-                if is_oom(failure):
-                    row.update(status="oom", note=type(failure).__name__)
-                    oom_at = n
-                else:
-                    row.update(status="error", note=f"{type(failure).__name__}: {str(failure)[:200]}")
-                failure = None
-                if module is not None:
-                    module.zero_grad(set_to_none=True)
-                if opt is not None:
-                    opt.state.clear()
-                _free(cuda)
-            for key in ("step_ms", "tokens_per_s", "peak_mb", "base_mb", "act_peak_mb", "warmup_s", "loss"):
-                if isinstance(row[key], float):
-                    row[key] = round(row[key], 4)
-            sink(rows)
-        module = opt = loss_fn = None
-        if method == "fast-compiled":
-            torch._dynamo.reset()  # frees compiled graphs; the next setting starts below dynamo's recompile limit
-        _free(cuda)
-    return rows
+    row = dict(step_ms=1e3 * t.median_s, p20_step_ms=1e3 * t.p20_s, p80_step_ms=1e3 * t.p80_s,
+               tokens_per_s=case["tokens"] / t.median_s, peak_mb=peak_mb, base_mb=base_mb,
+               act_peak_mb=None if base_mb is None or peak_mb is None else peak_mb - base_mb, warmup_s=warm.median_s,
+               loss=float(values[-1]))  # fmt: skip
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -318,7 +213,7 @@ def targets(rows, settings: list[Setting]) -> dict:
     return out
 
 
-def _plot(rows, settings: list[Setting], path):
+def _plot(rows, settings: list[Setting]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +230,8 @@ def _plot(rows, settings: list[Setting], path):
             ax_t.plot(x, [p[1] for p in pts], marker="o", label=method)
             if all(p[2] is not None for p in pts):
                 ax_m.plot(x, [p[2] for p in pts], marker="o", label=method)
-        title = (f"({s.name}) {s.kind}, {s.layers}L/{s.hidden}d, {s.segment}+{s.mem} mem per segment, "
+        dims = presets.preset(s.model)
+        title = (f"({s.name}) {s.kind}, {dims.layers}L/{dims.hidden}d, {s.segment}+{s.mem} mem per segment, "
                  f"batch {s.batch}")  # fmt: skip
         for ax, ylabel in ((ax_t, "tokens/s (training step)"), (ax_m, "peak memory (MB)")):
             ax.set_xscale("log", base=2)
@@ -346,7 +242,7 @@ def _plot(rows, settings: list[Setting], path):
         if ax_t.get_legend_handles_labels()[0]:
             ax_t.legend(fontsize=7)
     fig.suptitle(f"RMT training: forward + backward + AdamW ({machine_label()})", fontsize=10)
-    save_plot(fig, path)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -361,67 +257,44 @@ def resolve_settings(names: list[str] | None, cuda: bool) -> list[Setting]:
     return out
 
 
-def run(out_dir: Path, quick: bool = False, *, settings: list[str] | None = None, segments: list[int] | None = None,
-        methods: list[str] | None = None, budget_s: float | None = None, reps: int | None = None,
-        fail_hook: Callable[[str, str, int], None] | None = None,
-        clock: Callable[[], float] = time.perf_counter) -> dict:  # fmt: skip
-    """Sweep and write train.csv, train.json and train.png to ``out_dir``; returns the summary.
-
-    ``fail_hook(setting, method, segments)`` runs inside each point's error handling before the step (tests
-    raise a simulated ``torch.OutOfMemoryError`` there)."""
-    import torch
-    from tqdm import tqdm
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    chosen = resolve_settings(settings, cuda)
+def run(ctx) -> dict:
+    """Sweep and write train.csv, train.json and train.png; returns the summary. Bad options raise ValueError
+    before anything runs."""
+    cuda, quick = ctx.cuda, ctx.quick
+    chosen = resolve_settings(ctx.option("setting"), cuda)
+    methods, segments, reps = ctx.option("methods"), ctx.option("segments"), ctx.option("reps")
     if methods is not None:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
     if segments is not None and (not segments or any(not isinstance(n, int) or n < 1 for n in segments)):
         raise ValueError(f"--segments: expected positive ints, got {segments}")
-    if budget_s is None:
-        budget_s = DEFAULT_BUDGET_S[quick] if cuda else 120.0
-    if reps is None:
-        reps = (2 if quick else 3) if cuda else 1  # the CPU run is a smoke run: one measured step
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan = []
+    if ctx.budget_s is None:
+        ctx.budget_s = DEFAULT_BUDGET_S[quick] if cuda else 120.0
+    ctx.reps = reps if reps is not None else ((2 if quick else 3) if cuda else 1)  # CPU: a smoke run, one step
+    plan, cases = [], []
+    ctx.max_points, ctx.plan_segments = {}, {}
     for s in chosen:
         ms = [m for m in METHODS if (methods is None and (not quick or m in s.quick_methods))
               or (methods is not None and m in methods)]  # fmt: skip
         segs = segments if segments is not None else (s.quick_segments if quick else s.segments)
         plan.append((s, ms, segs))
-    total = sum(len(ms) * len(segs) + (len([n for n in s.ckpt_segments if n not in segs]) if "fast-ckpt" in ms
-                                       else 0) for s, ms, segs in plan)  # fmt: skip
-    t0 = clock()
-    deadline = t0 + budget_s
-    rows = []
-    with tqdm(total=total, desc="train") as bar:
-        for s, ms, segs in plan:
-            bar.set_postfix_str(f"setting {s.name}")
-            done = list(rows)
-            rows += _sweep(s, ms, segs, device, reps, deadline, clock, fail_hook, bar,
-                           lambda new, done=done: write_csv(out_dir / "train.csv", done + new))  # fmt: skip
-    summary = {
-        "device": machine_label(),
-        "seconds": round(clock() - t0, 1),
-        "budget_s": budget_s,
-        "points": len(rows),
-        "ok_points": sum(r["status"] == "ok" for r in rows),
-        "oom_points": sum(r["status"] == "oom" for r in rows),
-        "over_budget_points": sum(r["status"] == "over budget" for r in rows),
-        "error_points": sum(r["status"] == "error" for r in rows),
-        "targets": targets(rows, chosen),
-    }
-    summary["ok"] = summary["error_points"] == 0
-    write_csv(out_dir / "train.csv", rows)
-    write_json(out_dir / "train.json", {"summary": summary, "settings": [vars(s) for s, _, _ in plan],
-                                        "methods": {s.name: ms for s, ms, _ in plan}, "reps": reps,
-                                        "precision": "bf16 autocast, fp32 weights" if cuda else "fp32",
-                                        "rows": rows, "env": env_info()})  # fmt: skip
-    _plot(rows, chosen, out_dir / "train.png")
+        ctx.plan_segments[s.name] = segs
+        for m in ms:
+            points = list(segs) + ([n for n in s.ckpt_segments if n not in segs] if m == "fast-ckpt" else [])
+            ctx.max_points[(s.name, m)] = max(points)
+            cases += [dict(setting=s.name, method=m, segments=n, batch=s.batch, tokens=s.batch * n * s.segment)
+                      for n in points]  # fmt: skip
+    rows = ctx.sweep(cases, measure, series=("setting", "method"), after_failure="record", sink=ctx.write_csv)
+    count = {st: sum(r["status"] == st for r in rows) for st in ("ok", "oom", "over_budget", "error", "skipped")}
+    summary = {"device": machine_label(), "seconds": round(ctx.clock() - ctx.started, 1), "budget_s": ctx.budget_s,
+               "points": len(rows), **{f"{st}_points": c for st, c in count.items()}, "targets": targets(rows, chosen),
+               "ok": count["error"] == 0}  # fmt: skip
+    ctx.write_csv(rows)
+    ctx.write_json({"summary": summary, "settings": [s.record() for s, _, _ in plan],
+                    "methods": {s.name: ms for s, ms, _ in plan}, "reps": ctx.reps,
+                    "precision": "bf16 autocast, fp32 weights" if cuda else "fp32", "rows": rows})  # fmt: skip
+    ctx.save_plot(_plot(rows, chosen))
     return summary
 
 
@@ -436,23 +309,14 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--setting", type=_names, default=None, help="a, b, tiny (comma-separated; default: a,b on "
-                   "CUDA, tiny on the CPU)")  # fmt: skip
-    p.add_argument("--segments", type=_ints, default=None, help="segment counts, e.g. 1,2,4,8")
-    p.add_argument("--methods", type=_names, default=None, help=f"some of {','.join(METHODS)}")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget; later points: 'over budget'")
-    p.add_argument("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)")
-
-
-def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:
-    return run(out_dir, quick, settings=args.setting, segments=args.segments, methods=args.methods,
-               budget_s=args.budget_s, reps=args.reps)  # fmt: skip
-
-
-def main(argv=None) -> int:
-    return module_main(sys.modules[__name__], argv, default_out="results/train", ok_key="ok")
-
+BENCHMARK = Benchmark("train", run=run, options=(
+    Option("--setting", type=_names, default=None, help="a, b, tiny (comma-separated; default: a,b on CUDA, tiny "
+           "on the CPU)"),
+    Option("--segments", type=_ints, default=None, help="segment counts, e.g. 1,2,4,8"),
+    Option("--methods", type=_names, default=None, help=f"some of {','.join(METHODS)}"),
+    Option("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)"),
+    Option("--fail-hook", default=None, help=argparse.SUPPRESS),  # tests: (setting, method, n) -> raise
+))  # fmt: skip
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="train"))

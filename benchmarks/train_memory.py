@@ -8,36 +8,33 @@ grows by N x m x d plus one segment. This measures one training step (forward + 
 CPU: each point runs in a fresh subprocess (glibc's mmap threshold set to 64 KiB, so freed tensors leave the
 resident set) and reports the growth of the peak resident set during its first training step; the exact
 bytes of activations saved for backward are reported beside it.
-GPU: ``torch.cuda.max_memory_allocated`` in process.
+GPU: ``torch.cuda.max_memory_allocated`` in process. Models: the ``gpt2-4l-8k`` preset on the CPU,
+``gpt2-small-8k`` on a GPU.
 
-    python -m rmt_fast.bench.train_memory --out results/train_memory [--quick]
+    rmt-fast-bench train-memory --out results/train_memory [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, run_point_in_subprocess, save_plot, write_csv, write_json
+from . import presets
+from .common import PeakMemory, machine_label, run_point_in_subprocess
+from .runner import Benchmark, Timer, module_main
 
-CPU_CFG = dict(layers=4, hidden=256, heads=4, vocab=8192, segment_size=128, mem=8, batch=1)
-GPU_CFG = dict(layers=12, hidden=768, heads=12, vocab=50257, segment_size=496, mem=8, batch=4)
+CPU_CFG = dict(model="gpt2-4l-8k", segment_size=128, mem=8, batch=1)
+GPU_CFG = dict(model="gpt2-small-8k", segment_size=496, mem=8, batch=4)
 
 
-def measure(n_segments: int, checkpointing: bool, cfg: dict, device: str) -> dict:
+def measure_point(n_segments: int, checkpointing: bool, cfg: dict, device: str) -> dict:
+    """One training step at ``n_segments``: peak memory, time, and the exact bytes saved for backward."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rmt_fast import FastRMT
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=cfg["layers"], n_embd=cfg["hidden"], n_head=cfg["heads"],
-                                       vocab_size=cfg["vocab"], n_positions=cfg["segment_size"] + 2 * cfg["mem"]))
-    rmt = FastRMT(model, cfg["mem"], cfg["segment_size"], gradient_checkpointing=checkpointing).to(device)
-    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], n_segments * cfg["segment_size"]), device=device)
+    backbone = presets.model(cfg["model"], "lm", max_positions=cfg["segment_size"] + 2 * cfg["mem"], dropout=None)
+    rmt = presets.rmt("fast", backbone, cfg["model"], cfg["mem"], cfg["segment_size"],
+                      gradient_checkpointing=checkpointing).to(device)  # fmt: skip
+    vocab = presets.preset(cfg["model"]).vocab
+    ids = torch.randint(0, vocab, (cfg["batch"], n_segments * cfg["segment_size"]), device=device)
 
     def step():
         rmt.zero_grad(set_to_none=False)
@@ -49,11 +46,7 @@ def measure(n_segments: int, checkpointing: bool, cfg: dict, device: str) -> dic
     # CPU: the measured step is the process's first, so no allocator cache from an earlier step hides growth.
     peak = PeakMemory(cuda=cuda)
     token = peak.start()
-    t0 = time.perf_counter()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds = Timer(torch.device(device))(step, repeats=1, warmup=0, clock="wall").median_s
     peak_mb = peak.mb(token)
 
     # Exact: bytes of activations saved for backward (parameters excluded) at the end of the forward pass.
@@ -68,41 +61,21 @@ def measure(n_segments: int, checkpointing: bool, cfg: dict, device: str) -> dic
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = rmt(ids, labels=ids, return_logits=False).loss
     loss.backward()
-    return {"segments": n_segments, "tokens": ids.numel() // cfg["batch"], "checkpointing": checkpointing,
-            "saved_activations_mb": sum(saved) / 2**20, "peak_mb": peak_mb, "seconds": seconds}  # fmt: skip
+    return {"tokens": ids.numel() // cfg["batch"], "saved_activations_mb": sum(saved) / 2**20, "peak_mb": peak_mb,
+            "seconds": seconds}  # fmt: skip
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
-    import torch
-    from tqdm import tqdm
+def cases(ctx) -> list[dict]:
+    ctx.cfg = dict(GPU_CFG if ctx.cuda else CPU_CFG)
+    counts = [1, 2, 4, 8] if ctx.quick else [1, 2, 4, 8, 16, 32, 64]
+    return [dict(segments=n, checkpointing=ckpt) for n in counts for ckpt in (False, True)]
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = dict(GPU_CFG if device == "cuda" else CPU_CFG)
-    counts = [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32, 64]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for n in tqdm(counts, desc="train_memory"):
-        for ckpt in (False, True):
-            if device == "cuda":
-                try:
-                    rows.append({**measure(n, ckpt, cfg, device), "status": "ok"})
-                except torch.OutOfMemoryError:
-                    rows.append({"segments": n, "checkpointing": ckpt, "status": "oom"})
-                torch.cuda.empty_cache()
-                continue
-            try:  # a fresh process per point (see run_point_in_subprocess)
-                point = run_point_in_subprocess("rmt_fast.bench.train_memory",
-                                                ["--point", str(n), str(int(ckpt)), "--cfg", json.dumps(cfg)])
-                rows.append({**point, "status": "ok"})
-            except RuntimeError as exc:
-                rows.append({"segments": n, "checkpointing": ckpt, "status": f"error: {str(exc)[-200:]}"})
-    write_csv(out_dir / "train_memory.csv", rows)
-    growth = _growth_per_segment(rows)
-    write_json(out_dir / "train_memory.json", {"config": cfg, "device": device, "rows": rows,
-                                               "mb_per_extra_segment": growth, "env": env_info()})  # fmt: skip
-    _plot(rows, cfg, out_dir / "train_memory.png")
-    return {"mb_per_extra_segment": growth}
+
+def measure(ctx, case: dict, state: dict) -> dict:
+    args = dict(n_segments=case["segments"], checkpointing=case["checkpointing"], cfg=ctx.cfg)
+    if ctx.cuda:
+        return measure_point(device="cuda", **args)
+    return run_point_in_subprocess(measure_point, device="cpu", **args)  # a fresh process per point
 
 
 def _points(rows, ckpt, key):
@@ -110,23 +83,25 @@ def _points(rows, ckpt, key):
                   if r["status"] == "ok" and r["checkpointing"] == ckpt and r.get(key) is not None)
 
 
-def _growth_per_segment(rows) -> dict:
-    out = {}
+def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
+    growth = {}
     for key in ("saved_activations_mb", "peak_mb"):
         for ckpt in (False, True):
             pts = _points(rows, ckpt, key)
             if len(pts) >= 2:
                 (n0, m0), (n1, m1) = pts[0], pts[-1]
-                out[f"{key}/{'checkpointing' if ckpt else 'plain'}"] = round((m1 - m0) / (n1 - n0), 3)
-    return out
+                growth[f"{key}/{'checkpointing' if ckpt else 'plain'}"] = round((m1 - m0) / (n1 - n0), 3)
+    record = {"config": ctx.cfg, "device": ctx.device.type, "rows": rows, "mb_per_extra_segment": growth}
+    return {"mb_per_extra_segment": growth}, record
 
 
-def _plot(rows, cfg, path):
+def plot(ctx, rows, record):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cfg, dims = ctx.cfg, presets.preset(ctx.cfg["model"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = (("saved_activations_mb", "activations saved for backward (MB, exact)"),
               ("peak_mb", "peak memory added by one step (MB)"))  # fmt: skip
@@ -141,27 +116,12 @@ def _plot(rows, cfg, path):
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"FastRMT training memory: GPT-2 {cfg['layers']}L/{cfg['hidden']}d, m={cfg['mem']}, "
+    fig.suptitle(f"FastRMT training memory: GPT-2 {dims.layers}L/{dims.hidden}d, m={cfg['mem']}, "
                  f"batch {cfg['batch']} ({machine_label()})", fontsize=9)  # fmt: skip
-    save_plot(fig, path)
+    return fig
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/train_memory")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--point", nargs=2, help=argparse.SUPPRESS)
-    p.add_argument("--cfg", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.point:
-        import torch
-
-        torch.set_num_threads(1)
-        print(json.dumps(measure(int(args.point[0]), bool(int(args.point[1])), json.loads(args.cfg), "cpu")))
-        return 0
-    print(json.dumps(run(Path(args.out), quick=args.quick), indent=2))
-    return 0
-
+BENCHMARK = Benchmark("train_memory", cases, measure, summarize=summarize, plot=plot)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="train-memory"))

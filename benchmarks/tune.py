@@ -24,7 +24,8 @@ forward eagerly and forward + backward eagerly (wall time of back-to-back calls:
 gives one table entry (graphed inference, eager inference, eager training); Triton wins an entry only when it
 is faster than SDPA by ``--margin``.
 
-Budget. ``--budget-s`` is a hard wall-clock limit on the whole run, Triton compilation included: phase 1 gets
+Budget. ``--budget-s`` (the runner's option; default 240) is a hard wall-clock limit on the whole run, Triton
+compilation included: phase 1 gets
 at most 45 % of it, and at the limit the run stops cleanly and writes what it has (unmeasured cases stay SDPA;
 ``complete`` is false in the table's provenance). Compilation is the slow part (the first GPU run spent 120 s
 compiling), so ``--workers`` processes compile every variant in parallel ahead of the timing (they fill
@@ -41,182 +42,40 @@ Outputs in DIR: ``tune.csv`` (every candidate, both timings), ``<arch>.json`` (t
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import itertools
 import math
 import os
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from rmt_fast.bench.common import bench_layout, env_info, machine_label, module_main, save_plot, write_csv, write_json
-from rmt_fast.kernels import dispatch
+from rmt_fast.kernels import dispatch, launch_configs
 
-H, MEM = 12, 10
-DTYPES = ("float16", "bfloat16")
-HEAD_DIMS = (64, 128)
+from .common import bench_layout, env_info, machine_label, save_plot, write_csv, write_json
+from .runner import Benchmark, Option, Timer, module_main
+from .tune_plan import (  # noqa: F401
+    ASSUMED_SMEM,
+    DTYPES,
+    GRID,
+    HEAD_DIMS,
+    MEASUREMENTS,
+    MEM,
+    QUICK_GRID,
+    Case,
+    H,
+    _case_cols,
+    _cfg_text,
+    build_table,
+    candidates,
+    cases,
+    heuristic_config,
+    infeasible,
+    sweep_case,  # fmt: skip
+)
+
 DEFAULT_BUDGET_S = 240.0
 SWEEP_SHARE = 0.45  # phase 1 may use this fraction of the budget
-ASSUMED_SMEM = {"sm80": 166912, "sm86": 101376, "sm89": 101376, "sm90": 232448}  # opt-in bytes per block
-
-GRID = {
-    "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8), stages=(2, 3)),
-    "dq": dict(block_m=(64, 128), block_n=(32, 64), warps=(4, 8), stages=(2, 3)),
-    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(4, 8), stages=(2, 3)),
-}
-QUICK_GRID = {
-    "fwd": dict(block_m=(64, 128), block_n=(64,), warps=(4, 8), stages=(2, 3)),
-    "dq": dict(block_m=(64, 128), block_n=(32,), warps=(4, 8), stages=(2,)),
-    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(8,), stages=(2,)),
-}
-
-
-# ============================================================================================ the plan
-@dataclass(frozen=True)
-class Case:
-    """One measured shape: the tensors (B, H, T, D), dtype, layout kind."""
-
-    dtype: str
-    head_dim: int
-    B: int
-    T: int
-    causal: bool
-    padded: bool
-
-    @property
-    def shape_class(self) -> dispatch.ShapeClass:
-        return dispatch.ShapeClass.of(self.T, self.T, self.B * H, self.causal, self.padded)
-
-    def label(self) -> str:
-        short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(self.dtype, self.dtype)
-        return (f"{short} D{self.head_dim} B{self.B} T{self.T} "
-                f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}")  # fmt: skip
-
-
-def _kernel_module():
-    """``rmt_fast.kernels.rmt_attention`` the module (the package re-exports a function of the same name)."""
-    import importlib
-
-    return importlib.import_module("rmt_fast.kernels.rmt_attention")
-
-
-def _pow2(x: int) -> int:
-    return 1 << (max(int(x), 1) - 1).bit_length()
-
-
-def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: int = 2) -> str | None:
-    """Why a candidate cannot run well (an estimate: shared memory for the pipelined tiles, fp32 accumulator
-    registers per thread), or None. Triton's own out-of-resources error still decides at compile time."""
-    bm, bn, warps, stages = cfg
-    d = max(16, _pow2(head_dim))
-    if kind == "fwd":
-        smem = itemsize * (bm * d + stages * 2 * bn * d)
-        acc = (bm * d + bm * bn) * 4
-    elif kind == "dq":
-        smem = itemsize * (2 * bm * d + stages * 2 * bn * d)
-        acc = (bm * d + 2 * bm * bn) * 4
-    else:
-        smem = itemsize * (2 * bn * d + stages * 2 * bm * d)
-        acc = (2 * bn * d + 2 * bn * bm) * 4
-    if smem > smem_limit:
-        return f"shared memory ~{smem} B > {smem_limit} B"
-    per_thread = acc / (32 * warps)
-    if per_thread > 768:
-        return f"fp32 accumulators ~{per_thread:.0f} B per thread (> 192 registers)"
-    return None
-
-
-def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
-    """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
-    try:
-        import torch
-
-        ka = _kernel_module()
-    except ImportError:
-        return None
-    default = getattr(ka, "_heuristic_config", None) or ka.launch_config  # the built-in one, not a table's
-    cfg = default(kind, head_dim, getattr(torch, dtype_name))
-    return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
-
-
-def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int) -> tuple[list[tuple], list[dict]]:
-    """(the configs to time, heuristic first; a row per grid point with its feasibility)."""
-    grid = (QUICK_GRID if quick else GRID)[kind]
-    heuristic = heuristic_config(kind, head_dim, "float16")
-    points = list(itertools.product(grid["block_m"], grid["block_n"], grid["warps"], grid["stages"]))
-    if heuristic is not None and heuristic not in points:
-        points.insert(0, heuristic)
-    keep, rows = [], []
-    for cfg in points:
-        reason = None if cfg == heuristic else infeasible(kind, cfg, head_dim, smem_limit)
-        rows.append(dict(kind=kind, head_dim=head_dim, config=_cfg_text(cfg), heuristic=cfg == heuristic,
-                         feasible=reason is None, reason=reason or ""))  # fmt: skip
-        if reason is None:
-            keep.append(cfg)
-    if heuristic in keep:
-        keep.remove(heuristic)
-        keep.insert(0, heuristic)
-    return keep, rows
-
-
-def sweep_case(head_dim: int, quick: bool) -> Case:
-    return Case("float16", head_dim, 8, 532 if quick else 1044, True, True)
-
-
-def cases(quick: bool) -> list[Case]:
-    """Every measured shape, most important first (a budget cut loses the tail)."""
-    ts = (532,) if quick else (532, 1044, 2068)
-    bs = (8, 32, 1) if quick else (8, 32, 1, 4)
-    return [Case(dt, d, b, t, c, p) for t in ts for b in bs for d in HEAD_DIMS for dt in DTYPES
-            for c in (True, False) for p in (True, False)]  # fmt: skip
-
-
-def _cfg_text(cfg) -> str:
-    bm, bn, w, s = cfg
-    return f"{bm}x{bn} w{w} s{s}"
-
-
-# ================================================================================================ table
-MEASUREMENTS = (("fwd", "graph_ms", False, "graphed"), ("fwd", "eager_ms", False, "eager"),
-                ("fwd+bwd", "eager_ms", True, "eager"))  # fmt: skip
-
-
-def build_table(arch: str, devices: list[str], configs: dict, compare_rows: list[dict], margin: float,
-                provenance: dict, measured: bool = True) -> dict:  # fmt: skip
-    """The dispatch table (file format of :mod:`rmt_fast.kernels.dispatch`) from phase 2's rows: one entry per
-    shape class x measurement where SDPA has a number (an unmeasured example: every case, as SDPA, no
-    numbers); the winner by :func:`dispatch.choose`."""
-    times: dict[tuple, dict[str, float | None]] = {}
-    shape: dict[tuple, dict] = {}
-    for r in compare_rows:
-        for mode_name, column, needs_grad, mode in MEASUREMENTS:
-            if r["mode"] != mode_name:
-                continue
-            key = (r["dtype"], r["head_dim"], r["t_bucket"], r["bh_bucket"], r["causal"], r["padded"], needs_grad,
-                   mode)  # fmt: skip
-            value = r.get(column)
-            times.setdefault(key, {})[r["candidate"]] = value if r["status"] == "ok" else None
-            shape[key] = dict(B=r["B"], H=r["H"], T=r["T"])
-    entries = []
-    for key, got in times.items():
-        if measured and got.get("sdpa") is None:
-            continue  # no SDPA number: nothing to compare against
-        dt, d, t, bh, causal, padded, needs_grad, mode = key
-        tri = got.get("triton")
-        entries.append(dict(dtype=dt, head_dim=d, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
-                            needs_grad=needs_grad, mode=mode, backend=dispatch.choose(tri, got.get("sdpa"), margin),
-                            triton_ms=_round(tri), sdpa_ms=_round(got.get("sdpa")), **shape[key]))  # fmt: skip
-    cfg_list = [dict(dtype=dt, head_dim=d, **{k: list(v) for k, v in kinds.items()})
-                for (dt, d), kinds in sorted(configs.items())]  # fmt: skip
-    return dict(format=dispatch.FORMAT, arch=arch, measured=measured, devices=devices, margin=margin,
-                provenance=provenance, configs=cfg_list, entries=entries)  # fmt: skip
-
-
-def _round(x):
-    return None if x is None else round(float(x), 6)
 
 
 # ============================================================================================= measuring
@@ -236,7 +95,7 @@ def _tensors(c: Case, device, seed: int = 0):
 
 def _impl(name: str, layout):
     if name == "triton":
-        from rmt_fast.kernels.rmt_attention import rmt_attention
+        from rmt_fast.kernels.triton_attention import rmt_attention
 
         return lambda q, k, v: rmt_attention(q, k, v, layout, check=False)
     from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
@@ -262,37 +121,22 @@ def _step(mode: str, impl, q, k, v, do):
 
 
 def graph_ms(fn, rep_ms: float) -> float:
-    """Device time of one call, replayed from a CUDA graph (host time excluded)."""
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    """Device time of one call, replayed from a CUDA graph (host time excluded): the runner's timer, median."""
+    return Timer("cuda").graphed(fn, rep_ms=rep_ms).ms
 
 
 def eager_ms(fn, target_ms: float) -> float:
-    """Wall time of one call among back-to-back eager calls (host time included): median of 3 runs."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    n = int(min(200, max(3, target_ms / est)))
-    runs = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        runs.append((time.perf_counter() - t0) * 1e3 / n)
-    return statistics.median(runs)
+    """Wall time of one call among back-to-back eager calls (host time included): the runner's timer, median of 3
+    samples of n calls, n sized so that a sample takes about ``target_ms``."""
+    timer = Timer("cuda")
+    one = timer(fn, repeats=1, warmup=1, clock="wall").ms
+    n = int(min(200, max(3, target_ms / max(one, 1e-3))))
+    return timer(fn, repeats=3, warmup=0, inner=n, clock="wall").ms
 
 
-def _error(exc: BaseException) -> str:
+def _error(exc: BaseException) -> dict:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return "error: " + text[:160]
+    return {"status": "error", "note": text[:160]}
 
 
 # --------------------------------------------------------------------------------- parallel compilation
@@ -300,22 +144,22 @@ def _warm_job(job: dict) -> str:
     """Worker: run one variant once so Triton compiles it into the on-disk cache the timing process reads."""
     import torch
 
-    ka = _kernel_module()
     try:
         c = Case(**job["case"])
         q, k, v, do = _tensors(c, torch.device(job.get("device", "cuda")))
         layout = _layout(c, q.device)
         if job.get("configs"):  # phase 2: the tuned configs of this dtype and head dim, as the runtime installs
             dtype = getattr(torch, c.dtype)
-            ka.set_launch_configs({(kd, c.head_dim, dtype): tuple(cfg) for kd, cfg in job["configs"].items()})
+            configs = job["configs"].items()
+            launch_configs.set_launch_configs({(kd, c.head_dim, dtype): tuple(cfg) for kd, cfg in configs})
         override = {job["kind"]: tuple(job["config"])} if job.get("config") else {}
-        with ka.override_configs(**override):
+        with launch_configs.override_configs(**override):
             for mode in job["modes"]:
                 _step(mode, _impl("triton", layout), q, k, v, do)()
         _sync(q.device)
         return "ok"
     except Exception as exc:  # the timing process meets (and records) the same error
-        return _error(exc)
+        return _error(exc)["note"]
 
 
 class Precompiler:
@@ -377,8 +221,6 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
     from tqdm.auto import tqdm
 
-    ka = _kernel_module()
-
     plan = []
     for d in HEAD_DIMS:
         for kind in dispatch.KINDS:
@@ -394,19 +236,19 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
         row = dict(phase="sweep", mode=kind, candidate="triton", config=_cfg_text(cfg),
                    heuristic=cfg == heuristic_config(kind, d, case.dtype), **_case_cols(case))  # fmt: skip
         if time.perf_counter() > deadline:
-            rows.append({**row, "status": "skipped: budget"})
+            rows.append({**row, "status": "over_budget", "note": "not run: the budget is spent"})
             continue
         try:
             q, k, v, do = _tensors(case, device)
             fn = _step(kind, _impl("triton", _layout(case, device)), q, k, v, do)
-            with ka.override_configs(**{kind: cfg}):
+            with launch_configs.override_configs(**{kind: cfg}):
                 row["graph_ms"] = graph_ms(fn, rep_ms)
                 row["eager_ms"] = eager_ms(fn, rep_ms / 2)
-            row["status"] = "ok"
+            row.update(status="ok", note="")
             if row["graph_ms"] < best.get((d, kind), (math.inf, None))[0]:
                 best[(d, kind)] = (row["graph_ms"], cfg)
         except Exception as exc:
-            row["status"] = _error(exc)
+            row.update(_error(exc))
             _sync(device)
         rows.append(row)
     configs = {}
@@ -419,19 +261,13 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     return configs, rows, pre_stats
 
 
-def _case_cols(c: Case) -> dict:
-    cls = c.shape_class
-    return dict(dtype=c.dtype, head_dim=c.head_dim, B=c.B, H=H, T=c.T, causal=c.causal, padded=c.padded,
-                t_bucket=cls.t, bh_bucket=cls.bh)  # fmt: skip
-
-
 def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device):
     """Phase 2: Triton (with the tuned configs installed) against SDPA on every case."""
     import torch
+    from rmt_fast.kernels.triton_attention import rmt_attention_supported
     from tqdm.auto import tqdm
 
-    ka = _kernel_module()
-    ka.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
+    launch_configs.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
                            for kind, cfg in kinds.items()})  # fmt: skip
     variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in cases(quick)})
     warm_t = min(c.T for c in cases(quick))
@@ -447,11 +283,11 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
             q, k, v, do = _tensors(c, device)
             layout = _layout(c, device)
         except Exception as exc:  # e.g. out of memory for the largest shapes
-            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), status=_error(exc)))
+            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), **_error(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        reason = ka.rmt_attention_supported(q, k, v, layout)
+        reason = rmt_attention_supported(q, k, v, layout)
         for mode in ("fwd", "fwd+bwd"):
             for name in ("triton", "sdpa"):
                 row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="", **_case_cols(c))
@@ -459,16 +295,16 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
                     kinds = configs.get((c.dtype, c.head_dim), {})
                     row["config"] = " / ".join(f"{k}={_cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
                     if reason is not None:
-                        rows.append({**row, "status": f"unsupported: {reason}"})
+                        rows.append({**row, "status": "unavailable", "note": f"unsupported: {reason}"})
                         continue
                 try:
                     fn = _step(mode, _impl(name, layout), q, k, v, do)
                     if mode == "fwd":
                         row["graph_ms"] = graph_ms(fn, rep_ms)
                     row["eager_ms"] = eager_ms(fn, rep_ms / 2)
-                    row["status"] = "ok"
+                    row.update(status="ok", note="")
                 except Exception as exc:
-                    row["status"] = _error(exc)
+                    row.update(_error(exc))
                     _sync(device)
                 rows.append(row)
         del q, k, v, do, layout
@@ -493,11 +329,11 @@ def hopper_paths() -> dict:
         "tl.make_tensor_descriptor": hasattr(tl, "make_tensor_descriptor"),
         "tl.range(warp_specialize=...)": ws,
         "swept": False,
-        "why": "rmt_attention.py has no tensor-descriptor (TMA) or warp-specialized kernel variant to switch to",
+        "why": "triton_kernels.py has no tensor-descriptor (TMA) or warp-specialized kernel variant to switch to",
     }
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
+def _plot(rows: list[dict], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -522,7 +358,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(name, fontsize=9)
     axes[-1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
     fig.suptitle(title, fontsize=9)
-    save_plot(fig, path)
+    return fig
 
 
 def _provenance(env: dict, args: dict, complete: bool) -> dict:
@@ -576,24 +412,24 @@ def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float =
             "table": str(out_dir / f"{arch}.example.json")}  # fmt: skip
 
 
-def run(out_dir: Path, quick: bool = False, *, budget_s: float = DEFAULT_BUDGET_S, dry: bool = False,
-        workers: int | None = None, margin: float = dispatch.DEFAULT_MARGIN, arch: str | None = None,
-        rep_ms: float = 10.0) -> dict:  # fmt: skip
+def run(ctx) -> dict:
     import torch
 
-    if dry:
-        return dry_run(out_dir, quick, arch, margin)
-    if not torch.cuda.is_available():
+    margin = ctx.option("margin")
+    if ctx.option("dry_run"):
+        return dry_run(ctx.out_dir, ctx.quick, ctx.option("arch"), margin)
+    if not ctx.cuda:
         print("no GPU: `rmt-fast-bench tune` needs CUDA (use --dry-run to see the plan)")
         return {"skipped": "no CUDA"}
     arch = dispatch.arch_of(0)
     props = torch.cuda.get_device_properties(0)
     smem = getattr(props, "shared_memory_per_block_optin", None) or ASSUMED_SMEM.get(arch, 101376)
+    workers = ctx.option("workers")
     if workers is None:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
     device_info = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
-    return tune_on(torch.device("cuda", 0), out_dir, quick, arch=arch, smem=smem, device_info=device_info,
-                   budget_s=budget_s, workers=workers, margin=margin, rep_ms=rep_ms)  # fmt: skip
+    return tune_on(torch.device("cuda", 0), ctx.out_dir, ctx.quick, arch=arch, smem=smem, device_info=device_info,
+                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"))  # fmt: skip
 
 
 def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_info: dict, budget_s: float,
@@ -615,8 +451,7 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     n_cases = len(cases(quick))
     measured_cases = len({(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"])
                           for r in compare_rows if r["status"] == "ok"})  # fmt: skip
-    complete = measured_cases == n_cases and not any(str(r.get("status", "")).startswith("skipped")
-                                                      for r in sweep_rows)  # fmt: skip
+    complete = measured_cases == n_cases and not any(r["status"] == "over_budget" for r in sweep_rows)
     for r in compare_rows:
         r["label"] = Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
@@ -632,8 +467,8 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
     write_json(out_dir / f"{arch}.json", table)
     write_json(out_dir / "tune_env.json", env)
-    _plot(compare_rows, out_dir / "tune.png",
-          f"Triton RMT attention vs SDPA, H={H} - {machine_label()} (torch {env['torch']}, triton {env['triton']})")
+    save_plot(_plot(compare_rows, f"Triton RMT attention vs SDPA, H={H} - {machine_label()} (torch {env['torch']}, "
+                                  f"triton {env['triton']})"), out_dir / "tune.png")
     summary = {"arch": arch, "seconds": env["seconds"], "complete": complete, "cases_measured": measured_cases,
                "cases_planned": n_cases, "table": str(out_dir / f"{arch}.json")}  # fmt: skip
     for _, _, needs_grad, mode in MEASUREMENTS:
@@ -643,24 +478,14 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     return summary
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="hard wall-clock limit (seconds)")
-    p.add_argument("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table")
-    p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)")
-    p.add_argument("--margin", type=float, default=dispatch.DEFAULT_MARGIN,
-                   help="Triton wins an entry only when faster than SDPA by this fraction")  # fmt: skip
-    p.add_argument("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)")
-    p.add_argument("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement")
-
-
-def run_args(out_dir: Path, quick: bool, args: argparse.Namespace) -> dict:
-    return run(out_dir, quick, budget_s=args.budget_s, dry=args.dry_run, workers=args.workers, margin=args.margin,
-               arch=args.arch, rep_ms=args.rep_ms)  # fmt: skip
-
-
-def main(argv=None) -> int:
-    return module_main(sys.modules[__name__], argv, default_out="results/tune")
-
+BENCHMARK = Benchmark("tune", run=run, budget_s=DEFAULT_BUDGET_S, options=(
+    Option("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table"),
+    Option("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)"),
+    Option("--margin", type=float, default=dispatch.DEFAULT_MARGIN,
+           help="Triton wins an entry only when faster than SDPA by this fraction"),
+    Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
+    Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
+))  # fmt: skip
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(name="tune"))

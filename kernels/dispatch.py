@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .launch_configs import KINDS, set_launch_configs
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "rmt-fast-dispatch/1"
@@ -43,7 +45,6 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 ENV_TABLE = "RMT_FAST_DISPATCH_TABLE"  # a path: use this table file instead of kernels/tuned/<arch>.json
 MODES = ("eager", "graphed")
 BACKENDS = ("triton", "sdpa")
-KINDS = ("fwd", "dq", "dkdv")
 # Bucket upper edges (inclusive). The tuner measures T = 532, 1044, 2068 (segments of 512, 1024, 2048 tokens
 # plus 2 x 10 memory slots) and B x H = 12, 48, 96, 384 (B = 1, 4, 8, 32 at 12 heads): each bucket holds one
 # measured point, the edges lie between them (geometric means, rounded).
@@ -284,11 +285,7 @@ def _install(table: DispatchTable) -> None:
     configs = table.launch_configs()
     if not configs:
         return
-    try:
-        from .rmt_attention import set_launch_configs
-    except ImportError:  # no triton: the configurations have nowhere to go (and 'auto' never picks Triton)
-        return
-    set_launch_configs(configs)
+    set_launch_configs(configs)  # without triton they are never used ('auto' never picks Triton)
 
 
 def reset_cache() -> None:

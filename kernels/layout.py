@@ -141,6 +141,33 @@ class SegmentLayout:
             mask = mask & valid[:, None, None, :]
         return mask
 
+    def mask_mod(self):
+        """The mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``, for ``create_block_mask``
+        (or any broadcasting integer tensors): the same positions as :meth:`dense_mask` with ``q_len ==
+        seq_len``. Computed from the token runs' ends (and starts), or looked up in ``token_mask``."""
+        read, write_start, causal = self.num_read, self.write_start, self.causal
+        counts, starts, token_mask = self.token_counts, self.token_starts, self.token_mask
+        if counts is not None:
+            counts = counts.long().clamp(0, self.num_tokens)
+            starts = None if starts is None else starts.long().clamp(0, self.num_tokens)
+        if token_mask is not None:  # padded with one visible slot each side: memory slots index into it
+            token_mask = torch.nn.functional.pad(token_mask, (1, 1), value=True)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            if counts is not None:
+                tok = kv_idx - read
+                run = (tok < counts[b]) if starts is None else (tok < counts[b]) & (tok >= starts[b])
+                visible = run | (kv_idx < read) | (kv_idx >= write_start)
+            elif token_mask is not None:
+                slot = (kv_idx - read + 1).clamp(0, self.num_tokens + 1)
+                slot = torch.where(kv_idx >= write_start, self.num_tokens + 1, slot)
+                visible = token_mask[b, slot]
+            else:
+                visible = kv_idx >= 0
+            return visible & (kv_idx <= q_idx) if causal else visible
+
+        return mask_mod
+
 
 def mask_runs(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A (..., L) 0/1 or bool token mask -> ``(starts, ends, holes)``, each of shape (...,).

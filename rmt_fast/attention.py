@@ -23,7 +23,6 @@ refuses to run while a segment is active if the mask it received is not that seg
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -159,7 +158,9 @@ def _triton():
     so a compiled step never traces the import (an import inside torch.compile is a graph break)."""
     if not _TRITON_MODULE:
         try:
-            _TRITON_MODULE.append(importlib.import_module("rmt_fast.kernels.rmt_attention"))
+            from .kernels import triton_attention
+
+            _TRITON_MODULE.append(triton_attention)
         except ImportError:  # triton is not installed
             _TRITON_MODULE.append(None)
     return _TRITON_MODULE[0]

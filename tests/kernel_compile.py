@@ -19,12 +19,10 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import importlib  # noqa: E402
-
 import torch  # noqa: E402
 import triton  # noqa: E402
-
-ra = importlib.import_module("rmt_fast.kernels.rmt_attention")  # the module (the package re-exports the function)
+from rmt_fast.kernels import launch_configs as lc  # noqa: E402
+from rmt_fast.kernels import triton_attention as ta  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
@@ -54,8 +52,8 @@ def _signature(fn, dtype: str, floats: str, constexprs: dict) -> dict:
 
 
 def compile_variant(kind: str, dtype: str, flags: dict, arch: int, floats: str, head_dim: int = 64):
-    fn = {"fwd": ra._rmt_attn_fwd_kernel, "dq": ra._rmt_attn_bwd_dq_kernel, "dkdv": ra._rmt_attn_bwd_dkdv_kernel}[kind]
-    cfg = ra._heuristic_config(kind, head_dim, _DTYPES[dtype])
+    fn = {"fwd": ta._rmt_attn_fwd_kernel, "dq": ta._rmt_attn_bwd_dq_kernel, "dkdv": ta._rmt_attn_bwd_dkdv_kernel}[kind]
+    cfg = lc._heuristic_config(kind, head_dim, _DTYPES[dtype])
     consts = dict(flags, D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, DOT_PREC="ieee" if dtype == "fp32" else "tf32", BOUNDARY_ONLY=True,
                   DROP_I64=False)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Tiny transformers models built from configs (no downloads), and helpers to compare two RMT wrappers."""
+"""Tiny transformers models built from configs (no downloads; the shapes are the ``*-test`` rows of
+``rmt_fast.bench.presets``), and helpers to compare two RMT wrappers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import copy
 
 import torch
 import transformers as tf
+from numerics import rel_err
+from rmt_fast.bench import presets
 
-VOCAB = 96
+VOCAB = presets.PRESETS["gpt2-test"].vocab  # 96, every test model
 CLS, SEP, PAD = 1, 2, 0
 
 
@@ -19,34 +22,23 @@ def _quiet(cfg):
 
 
 def gpt2(**kw):
-    kw = {**dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0), **kw}
-    cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128, **kw)
-    return tf.GPT2LMHeadModel(_quiet(cfg))
+    return tf.GPT2LMHeadModel(_quiet(presets.config("gpt2-test", attn=None, **kw)))
 
 
 def llama(**kw):
-    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-                         tie_word_embeddings=False, **kw)  # fmt: skip
-    return tf.LlamaForCausalLM(_quiet(cfg))
+    return tf.LlamaForCausalLM(_quiet(presets.config("llama-test", attn=None, **kw)))
 
 
 def qwen2(**kw):
-    cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, **kw)  # fmt: skip
-    return tf.Qwen2ForCausalLM(_quiet(cfg))
+    return tf.Qwen2ForCausalLM(_quiet(presets.config("qwen2-test", attn=None, **kw)))
 
 
 def mistral(**kw):
-    cfg = tf.MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                           num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=128, **kw)  # fmt: skip
-    return tf.MistralForCausalLM(_quiet(cfg))
+    return tf.MistralForCausalLM(_quiet(presets.config("mistral-test", attn=None, **kw)))
 
 
 def _bert_cfg(**kw):
-    return tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                         vocab_size=VOCAB, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, pad_token_id=PAD, **kw)  # fmt: skip
+    return presets.config("bert-test", attn=None, **kw)
 
 
 def bert_cls(**kw):
@@ -62,10 +54,7 @@ def bert_bare(**kw):
 
 
 def roberta_cls(**kw):
-    cfg = tf.RobertaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                           vocab_size=VOCAB, max_position_embeddings=160, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0, num_labels=3, **kw)  # fmt: skip
-    return tf.RobertaForSequenceClassification(cfg)
+    return tf.RobertaForSequenceClassification(presets.config("roberta-test", attn=None, num_labels=3, **kw))
 
 
 DECODERS = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral}
@@ -90,10 +79,7 @@ def pair(factory, num_mem_tokens, segment_size, seed=0, **kw):
     return ref, fast
 
 
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    denom = b.norm()
-    return (a - b).norm().item() / (denom.item() if denom > 0 else 1.0)
+rel = rel_err  # ||a - b|| / ||b|| in float64 (tests/numerics.py)
 
 
 def run(rmt, inputs, grad=True):

@@ -1,4 +1,5 @@
-"""rmt-fast-bench train: the tiny CPU default writes its outputs; OOM, over-budget and error points are rows."""
+"""rmt-fast-bench train: the tiny CPU default writes its outputs; OOM, over-budget and error points are rows
+(the runner's status words: the points of a method after its failure are ``skipped``)."""
 
 import csv
 import json
@@ -6,7 +7,7 @@ import math
 
 import pytest
 import torch
-from rmt_fast.bench import cli, train
+from rmt_fast.bench import cli, runner, train
 
 
 def _read(out):
@@ -43,15 +44,15 @@ def test_oom_is_a_row_and_the_sweep_goes_on(tmp_path):
         if method == "fast" and n == 2:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
 
-    summary = train.run(tmp_path, settings=["tiny-decoder"], segments=[1, 2, 4], methods=["fast", "reference"],
-                        fail_hook=hook)  # fmt: skip
+    summary = runner.run(train, tmp_path, setting=["tiny-decoder"], segments=[1, 2, 4], methods=["fast", "reference"],
+                         fail_hook=hook)  # fmt: skip
     rows, _ = _read(tmp_path)
     status = {(r["method"], int(r["segments"])): r["status"] for r in rows}
     assert status == {("reference", 1): "ok", ("reference", 2): "ok", ("reference", 4): "ok",
-                      ("fast", 1): "ok", ("fast", 2): "oom", ("fast", 4): "oom"}  # fmt: skip
+                      ("fast", 1): "ok", ("fast", 2): "oom", ("fast", 4): "skipped"}  # fmt: skip
     note = next(r["note"] for r in rows if r["method"] == "fast" and r["segments"] == "4")
-    assert "not run" in note and "2 segments" in note
-    assert summary["oom_points"] == 2 and summary["ok"]
+    assert "not run: oom" in note and "segments=2" in note
+    assert summary["oom_points"] == 1 and summary["skipped_points"] == 1 and summary["ok"]
 
 
 def test_over_budget_points_are_rows(tmp_path):
@@ -61,10 +62,10 @@ def test_over_budget_points_are_rows(tmp_path):
         calls.append(None)
         return 0.0 if len(calls) <= 2 else 1e6
 
-    summary = train.run(tmp_path, settings=["tiny-encoder"], segments=[1, 2], methods=["fast", "fast-ckpt"],
-                        budget_s=10.0, clock=clock)  # fmt: skip
+    summary = runner.run(train, tmp_path, setting=["tiny-encoder"], segments=[1, 2], methods=["fast", "fast-ckpt"],
+                         budget_s=10.0, clock=clock)  # fmt: skip
     rows, _ = _read(tmp_path)
-    assert [r["status"] for r in rows] == ["ok", "over budget", "over budget", "over budget"]
+    assert [r["status"] for r in rows] == ["ok", "over_budget", "over_budget", "over_budget"]
     assert rows[1]["tokens_per_s"] == "" and summary["over_budget_points"] == 3 and summary["ok"]
     assert (tmp_path / "train.png").exists()
 
@@ -73,18 +74,18 @@ def test_other_failures_are_error_rows_and_fail_the_summary(tmp_path):
     def hook(setting, method, n):
         raise ValueError("boom")
 
-    summary = train.run(tmp_path, settings=["tiny-encoder"], segments=[1], methods=["reference"], fail_hook=hook)
+    summary = runner.run(train, tmp_path, setting=["tiny-encoder"], segments=[1], methods=["reference"], fail_hook=hook)
     rows, _ = _read(tmp_path)
     assert rows[0]["status"] == "error" and "boom" in rows[0]["note"] and summary["ok"] is False
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="--setting"):
-        train.run("unused", settings=["c"])
+        runner.run(train, "unused", setting=["c"])
     with pytest.raises(ValueError, match="--methods"):
-        train.run("unused", settings=["tiny"], methods=["fastest"])
+        runner.run(train, "unused", setting=["tiny"], methods=["fastest"])
     with pytest.raises(ValueError, match="--segments"):
-        train.run("unused", settings=["tiny"], segments=[0])
+        runner.run(train, "unused", setting=["tiny"], segments=[0])
 
 
 def test_target_ratios():

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-from rmt_fast.bench import cli, tune
-from rmt_fast.kernels import dispatch
+from rmt_fast.bench import cli, runner, tune, tune_plan
+from rmt_fast.kernels import dispatch, launch_configs
 
 
 def test_dry_run_through_the_cli_writes_the_plan_and_an_unmeasured_example(tmp_path, capsys, monkeypatch):
@@ -43,7 +43,7 @@ def _no_env_table(monkeypatch):
 def test_without_cuda_tune_says_it_needs_one(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert tune.run(tmp_path) == {"skipped": "no CUDA"}
+    assert runner.run(tune, tmp_path) == {"skipped": "no CUDA"}
     assert "needs CUDA" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
@@ -121,13 +121,14 @@ def _tiny(monkeypatch, timed):
     """Tiny shapes (fp32, D = 16, 2 heads, T = 24) and stand-in timers that run each call once (the
     interpreter cannot time anything): the code path of a GPU run, without its numbers."""
     cases = [tune.Case("float32", 16, 2, 24, True, True), tune.Case("float32", 16, 2, 24, False, False)]
-    monkeypatch.setattr(tune, "H", 2)
-    monkeypatch.setattr(tune, "HEAD_DIMS", (16,))
-    monkeypatch.setattr(tune, "DTYPES", ("float32",))
+    for module in (tune, tune_plan):  # the plan's constants, where each module reads them
+        monkeypatch.setattr(module, "H", 2)
+        monkeypatch.setattr(module, "HEAD_DIMS", (16,))
+        monkeypatch.setattr(module, "DTYPES", ("float32",))
     monkeypatch.setattr(tune, "cases", lambda quick: cases)
     monkeypatch.setattr(tune, "sweep_case", lambda d, quick: cases[0])
     grid = {k: dict(block_m=(16,), block_n=(16, 32), warps=(4,), stages=(1,)) for k in ("fwd", "dq", "dkdv")}
-    monkeypatch.setattr(tune, "QUICK_GRID", grid)
+    monkeypatch.setattr(tune_plan, "QUICK_GRID", grid)
 
     def timer(fn, rep_ms):
         out = fn()
@@ -144,13 +145,12 @@ def _tiny(monkeypatch, timed):
 def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch, workers):
     timed = []
     _tiny(monkeypatch, timed)
-    ka = tune._kernel_module()
     try:
         summary = tune.tune_on(torch.device("cpu"), tmp_path, True, arch="sm90", smem=101376,
                                device_info={"gpu": "cpu stand-in"}, budget_s=600, workers=workers, margin=0.03,
                                rep_ms=1.0)  # fmt: skip
     finally:
-        ka.set_launch_configs(None)
+        launch_configs.set_launch_configs(None)
     assert summary["complete"] and summary["cases_measured"] == 2
     with open(tmp_path / "tune.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -181,7 +181,7 @@ def test_tune_stops_at_the_budget_and_writes_what_it_has(tmp_path, monkeypatch):
     table = dispatch.load_table(tmp_path / "sm90.json")
     assert table.entries == {} and table.provenance["complete"] is False
     with open(tmp_path / "tune.csv") as fh:
-        assert all(r["status"] == "skipped: budget" for r in csv.DictReader(fh))
+        assert all(r["status"] == "over_budget" for r in csv.DictReader(fh))
 
 
 @needs_interpreter

@@ -45,7 +45,7 @@ def test_compiled_fastrmt_sdpa_equals_eager(name):
 
 _DRY_RUN = textwrap.dedent(
     """
-    import importlib, logging, torch, triton
+    import logging, torch, triton
     from triton.backends.compiler import GPUTarget
 
     class FakeDriver:  # torch's mutation analysis compiles the kernels to TTIR for the current target
@@ -53,7 +53,7 @@ _DRY_RUN = textwrap.dedent(
             return GPUTarget("cuda", 90, 32)
 
     triton.runtime.driver.set_active(FakeDriver())
-    ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
+    from rmt_fast.kernels import triton_attention as ra
     from rmt_fast.kernels.layout import SegmentLayout
     from torch._dynamo.backends.common import aot_autograd
 
@@ -132,11 +132,9 @@ def test_compiled_fastrmt_triton_equals_eager_gpu(dtype):
 def test_compiled_kernel_op_equals_eager_gpu():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("needs compiled Triton kernels (TRITON_INTERPRET unset)")
-    import importlib
-
+    from rmt_fast.kernels import triton_attention as ra
     from rmt_fast.kernels.layout import SegmentLayout
 
-    ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     B, Hq, Hkv, T, D = 3, 8, 2, 200, 64

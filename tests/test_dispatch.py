@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from models import VOCAB
-from rmt_fast.kernels import dispatch
+from rmt_fast.kernels import dispatch, launch_configs
 from rmt_fast.kernels.layout import SegmentLayout
 
 from rmt_fast import FastRMT
@@ -40,9 +40,7 @@ def _clean_state():
     seam._FALLBACK_LOGGED.clear()
     yield
     dispatch.reset_cache()
-    mod = seam._triton()
-    if mod is not None and hasattr(mod, "set_launch_configs"):
-        mod.set_launch_configs(None)
+    launch_configs.set_launch_configs(None)
 
 
 # ------------------------------------------------------------------------------------------------ buckets
@@ -207,13 +205,12 @@ def test_graphed_and_grad_flags_pick_their_measurements(monkeypatch):
 
 @needs_kernel
 def test_table_installs_its_launch_configs(monkeypatch):
-    mod = seam._triton()
     monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
     cfg = dict(dtype="float32", head_dim=16, fwd=[32, 16, 4, 2], dq=[16, 16, 4, 2], dkdv=[16, 32, 4, 2])
     with dispatch.use_table(_table(_small_entries(), [cfg])):
         assert seam.choose_backend("auto", *_qkv(), SegmentLayout(2, 6, 2, True), 0.0) == "triton"
-    assert mod.launch_config("fwd", 16, torch.float32).as_tuple() == (32, 16, 4, 2)
-    assert mod.launch_config("dkdv", 16, torch.float32).as_tuple() == (16, 32, 4, 2)
+    assert launch_configs.launch_config("fwd", 16, torch.float32).as_tuple() == (32, 16, 4, 2)
+    assert launch_configs.launch_config("dkdv", 16, torch.float32).as_tuple() == (16, 32, 4, 2)
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -304,7 +301,9 @@ def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
     got = {(c["target"][:12], c["mode"], c["T"]): (c["speedup"], c["met"]) for c in kernels.targets(rows)}
     assert got == {("forward >= 1", "fwd", 532): (0.8, False), ("forward + ba", "fwd+bwd", 532): (0.933, True),
                    ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True)}  # fmt: skip
-    kernels._plot(rows, tmp_path / "k.png", {"torch": "x", "triton": "y"})
+    from rmt_fast.bench.common import save_plot
+
+    save_plot(kernels.plot(None, rows, {"env": {"torch": "x", "triton": "y"}}), tmp_path / "k.png")
     assert (tmp_path / "k.png").stat().st_size > 0
 
 

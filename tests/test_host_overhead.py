@@ -3,7 +3,6 @@ host-overhead benchmark (it runs; its numbers are reported, not asserted)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -11,19 +10,19 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-from rmt_fast.bench import host_overhead  # noqa: E402
+from rmt_fast.bench import host_overhead, runner  # noqa: E402
+from rmt_fast.kernels import launch_configs as lc
+from rmt_fast.kernels import triton_attention as ta
 from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
-
-ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
 
 
 @pytest.fixture
 def compiled_path(monkeypatch):
     """The non-interpreter launch path (plans cached) with every kernel launch stubbed out."""
-    monkeypatch.setattr(ra, "_INTERPRET", False)
+    monkeypatch.setattr(lc, "_INTERPRET", False)
     with host_overhead.stubs():
         yield
-    ra.clear_launch_cache()
+    lc.clear_launch_cache()
 
 
 def _qkv(B=2, H=4, T=20, D=32):
@@ -33,28 +32,28 @@ def _qkv(B=2, H=4, T=20, D=32):
 def test_launch_plans_are_built_once_per_variant(compiled_path):
     q, k, v = _qkv()
     layout = SegmentLayout(2, 16, 2, True, token_counts=torch.tensor([3, 16]))
-    ra.rmt_attention(q, k, v, layout, check=False)
-    plans = dict(ra._PLANS)
+    ta.rmt_attention(q, k, v, layout, check=False)
+    plans = dict(lc._PLANS)
     assert len(plans) == 1
-    ra.rmt_attention(q, k, v, layout, check=False)
-    ra.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_counts=torch.tensor([9, 1])), check=False)
-    assert ra._PLANS == plans and all(ra._PLANS[key] is plan for key, plan in plans.items())
-    ra.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, False), check=False)  # another variant
-    assert len(ra._PLANS) == 2
-    with ra.override_configs(fwd=(16, 16, 2, 1)):  # the override neither reads nor fills the cache
-        ra.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_starts=torch.tensor([1, 0]),
+    ta.rmt_attention(q, k, v, layout, check=False)
+    ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_counts=torch.tensor([9, 1])), check=False)
+    assert lc._PLANS == plans and all(lc._PLANS[key] is plan for key, plan in plans.items())
+    ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, False), check=False)  # another variant
+    assert len(lc._PLANS) == 2
+    with lc.override_configs(fwd=(16, 16, 2, 1)):  # the override neither reads nor fills the cache
+        ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_starts=torch.tensor([1, 0]),
                                                  token_counts=torch.tensor([3, 16])), check=False)  # fmt: skip
-    assert len(ra._PLANS) == 2
-    ra.clear_launch_cache()
-    assert not ra._PLANS and not ra._CONFIG_CACHE
+    assert len(lc._PLANS) == 2
+    lc.clear_launch_cache()
+    assert not lc._PLANS and not lc._CONFIG_CACHE
 
 
 def test_backward_plans_are_cached_too(compiled_path):
     q, k, v = (t.requires_grad_() for t in _qkv())
     layout = SegmentLayout(2, 16, 2, True)
-    out = ra.rmt_attention(q, k, v, layout, check=False)
+    out = ta.rmt_attention(q, k, v, layout, check=False)
     out.sum().backward()  # stubbed kernels: the gradients are garbage, only the launches matter here
-    assert {key[0] for key in ra._PLANS} == {"fwd", "pre", "dq", "dkdv"}
+    assert {key[0] for key in lc._PLANS} == {"fwd", "pre", "dq", "dkdv"}
 
 
 def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
@@ -65,34 +64,34 @@ def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
 
         def run(self, *args, grid, warmup, **kw):
             if kw["BLOCK_M"] * kw["BLOCK_N"] > 32 * 32 or kw["num_stages"] > 1:
-                raise ra.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+                raise ta.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
             launched.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"], grid))
 
-    ra._rmt_attn_fwd_kernel = Tight()  # restored by the stubs context
-    ra.set_launch_configs({("fwd", 32, torch.float32): (64, 64, 4, 3)})
+    ta._rmt_attn_fwd_kernel = Tight()  # restored by the stubs context
+    lc.set_launch_configs({("fwd", 32, torch.float32): (64, 64, 4, 3)})
     try:
         q, k, v = _qkv(T=100)
         layout = SegmentLayout(2, 96, 2, True)
-        ra.rmt_attention(q, k, v, layout, check=False)
+        ta.rmt_attention(q, k, v, layout, check=False)
         assert launched[-1][:3] in {(32, 32, 1), (64, 16, 1), (16, 64, 1)}
         bm = launched[-1][0]
         assert launched[-1][3] == (-(-100 // bm), 2 * 4)
-        assert ra._CONFIG_CACHE[("fwd", 32, torch.float32, q.device)].as_tuple()[:2] == launched[-1][:2]
+        assert lc._CONFIG_CACHE[("fwd", 32, torch.float32, q.device)].as_tuple()[:2] == launched[-1][:2]
         n = len(launched)
-        ra.rmt_attention(q, k, v, layout, check=False)  # straight to the config that compiled
+        ta.rmt_attention(q, k, v, layout, check=False)  # straight to the config that compiled
         assert len(launched) == n + 1 and launched[-1] == launched[n - 1]
-        with pytest.raises(ra.triton.runtime.errors.OutOfResources):  # an override is used exactly
-            with ra.override_configs(fwd=(64, 64, 4, 3)):
-                ra.rmt_attention(q, k, v, layout, check=False)
+        with pytest.raises(ta.triton.runtime.errors.OutOfResources):  # an override is used exactly
+            with lc.override_configs(fwd=(64, 64, 4, 3)):
+                ta.rmt_attention(q, k, v, layout, check=False)
     finally:
-        ra.set_launch_configs(None)
+        lc.set_launch_configs(None)
 
 
 def test_host_overhead_benchmark_runs(tmp_path):
     real_sdpa = F.scaled_dot_product_attention
-    real_kernel = ra._rmt_attn_fwd_kernel
-    summary = host_overhead.run(tmp_path, quick=True)
-    assert F.scaled_dot_product_attention is real_sdpa and ra._rmt_attn_fwd_kernel is real_kernel  # restored
+    real_kernel = ta._rmt_attn_fwd_kernel
+    summary = runner.run(host_overhead, tmp_path, quick=True)
+    assert F.scaled_dot_product_attention is real_sdpa and ta._rmt_attn_fwd_kernel is real_kernel  # restored
     data = json.loads((tmp_path / "host_overhead.json").read_text())
     stub = [r for r in data["rows"] if r["mode"] == "stub"]
     assert {(r["case"], r["path"]) for r in stub} == {

@@ -10,8 +10,6 @@ import sys
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -37,14 +35,15 @@ if not isinstance(tl.cdiv, InterpretedFunction):
         allow_module_level=True,
     )
 
+from numerics import rel_err  # noqa: E402
+from rmt_fast.kernels import launch_configs as lc  # noqa: E402
+from rmt_fast.kernels import triton_attention as ta  # noqa: E402
+from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference  # noqa: E402
 from rmt_fast.kernels.layout import SegmentLayout, mask_runs  # noqa: E402
-from rmt_fast.kernels.reference import dense_rmt_attention_reference  # noqa: E402
 
-# The module (the package attribute ``rmt_fast.kernels.rmt_attention`` is the re-exported function).
-ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
-rmt_attention = ra.rmt_attention
-rmt_attention_dropout_mask = ra.rmt_attention_dropout_mask
-rmt_attention_supported = ra.rmt_attention_supported
+rmt_attention = ta.rmt_attention
+rmt_attention_dropout_mask = ta.rmt_attention_dropout_mask
+rmt_attention_supported = ta.rmt_attention_supported
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_report with -s)
@@ -57,14 +56,8 @@ def _poison_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ra, "_empty", nan_empty)
-    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", (16, 16))
-
-
-def rel_err(x, ref):
-    x = x.detach().to(torch.float64)
-    ref = ref.detach().to(torch.float64)
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    monkeypatch.setattr(ta, "_empty", nan_empty)
+    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", (16, 16))
 
 
 def record(dtype, err):
@@ -156,8 +149,8 @@ def test_padded_blocks_are_skipped_correctly(causal):
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 @pytest.mark.parametrize("boundary_only", [True, False], ids=["mask-boundary", "mask-all"])
 def test_block_shapes_and_mask_modes(blocks, boundary_only, monkeypatch):
-    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", blocks)
-    monkeypatch.setattr(ra, "_MASK_BOUNDARY_ONLY", boundary_only)
+    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
     layout = SegmentLayout(5, 50, 3, True, token_counts=torch.tensor([1, 37]))
     q, k, v = make_qkv(2, 2, 1, 50, 58, 16, torch.float32, seed=5)  # decode-shifted, 58 keys
     check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
@@ -201,8 +194,8 @@ def test_visible_runs_against_reference(causal, dtype, hkv):
 @pytest.mark.parametrize("boundary_only", [True, False], ids=["mask-boundary", "mask-all"])
 @pytest.mark.parametrize("tq", [70, 9])
 def test_visible_runs_block_shapes_and_decode(blocks, boundary_only, tq, monkeypatch):
-    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", blocks)
-    monkeypatch.setattr(ra, "_MASK_BOUNDARY_ONLY", boundary_only)
+    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
     # runs that start/end on and off block boundaries (token slot j is key 2 + j)
     starts = torch.tensor([14, 0, 30, 62, 5])
     ends = torch.tensor([46, 31, 30, 64, 64])
@@ -394,14 +387,14 @@ def test_dropout_decode_and_gqa_offsets():
 @pytest.mark.parametrize("i64", [False, True], ids=["offsets-i32", "offsets-i64"])
 def test_dropout_offset_width_gives_the_same_stream(i64, monkeypatch):
     # The kernels use int32 Philox offsets when B*Hq*Tq*Tk < 2**31 and int64 otherwise: same numbers.
-    monkeypatch.setattr(ra, "_FORCE_DROPOUT_I64", i64)
+    monkeypatch.setattr(ta, "_FORCE_DROPOUT_I64", i64)
     B, Hq, Hkv, T, D, p, seed = 1, 2, 1, 19, 16, 0.3, 77
     layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([8]))
     q, k, v = make_qkv(B, Hq, Hkv, T, T, D, torch.float32, seed=13)
     keep = rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu")
-    monkeypatch.setattr(ra, "_FORCE_DROPOUT_I64", not i64)
+    monkeypatch.setattr(ta, "_FORCE_DROPOUT_I64", not i64)
     assert torch.equal(keep, rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu"))
-    monkeypatch.setattr(ra, "_FORCE_DROPOUT_I64", i64)
+    monkeypatch.setattr(ta, "_FORCE_DROPOUT_I64", i64)
     check_against_reference(
         q, k, v, layout, tol=1e-5,
         kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
@@ -492,7 +485,7 @@ def test_supported():
 
 
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):
-    monkeypatch.setattr(ra, "_INTERPRET", False)  # read once at import, as triton does
+    monkeypatch.setattr(lc, "_INTERPRET", False)  # read once at import, as triton does
     args = _good()
     reason = rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"])
     assert reason is not None and "TRITON_INTERPRET" in reason
@@ -514,7 +507,7 @@ def _record_launches(monkeypatch):
     log = []
     for kind, name in (("fwd", "_rmt_attn_fwd_kernel"), ("dq", "_rmt_attn_bwd_dq_kernel"),
                        ("dkdv", "_rmt_attn_bwd_dkdv_kernel")):  # fmt: skip
-        monkeypatch.setattr(ra, name, _Recorder(getattr(ra, name), log, kind))
+        monkeypatch.setattr(ta, name, _Recorder(getattr(ta, name), log, kind))
     return log
 
 
@@ -522,14 +515,14 @@ def test_override_configs_sets_every_launch_inside_the_block(monkeypatch):
     log = _record_launches(monkeypatch)
     layout = SegmentLayout(2, 30, 2, True, token_counts=torch.tensor([7, 30]))
     q, k, v = make_qkv(2, 2, 1, 34, 34, 16, torch.float32, seed=3)
-    with ra.override_configs(fwd=(32, 16, 2, 1), dkdv=ra.LaunchConfig(16, 32, 2, 1)):
-        with ra.override_configs(dq=(16, 32, 2, 1)):  # nests: fwd and dkdv still overridden
+    with lc.override_configs(fwd=(32, 16, 2, 1), dkdv=lc.LaunchConfig(16, 32, 2, 1)):
+        with lc.override_configs(dq=(16, 32, 2, 1)):  # nests: fwd and dkdv still overridden
             check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
     assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 32, 2), ("fwd", 32, 16, 2)]
     log.clear()
     check_against_reference(q, k, v, layout, tol=TOL[torch.float32])  # outside: the heuristic again
     assert {entry[1:] for entry in log} == {(16, 16, 4)}
-    assert ra._OVERRIDE is None
+    assert lc._OVERRIDE is None
 
 
 def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
@@ -537,14 +530,14 @@ def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
     layout = SegmentLayout(1, 20, 1, False)
     q, k, v = make_qkv(1, 2, 2, 22, 22, 16, torch.float32, seed=4)
     try:
-        ra.set_launch_configs({("fwd", 16, torch.float32): (32, 32, 2, 1), ("dkdv", 16, torch.float32): (16, 32, 2, 1)})
-        assert ra.launch_config("fwd", 16, torch.float32) == ra.LaunchConfig(32, 32, 2, 1)
-        assert ra.launch_config("fwd", 16, torch.float16) == ra._heuristic_config("fwd", 16, torch.float16)
+        lc.set_launch_configs({("fwd", 16, torch.float32): (32, 32, 2, 1), ("dkdv", 16, torch.float32): (16, 32, 2, 1)})
+        assert lc.launch_config("fwd", 16, torch.float32) == lc.LaunchConfig(32, 32, 2, 1)
+        assert lc.launch_config("fwd", 16, torch.float16) == lc._heuristic_config("fwd", 16, torch.float16)
         check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
         assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 16, 4), ("fwd", 32, 32, 2)]
     finally:
-        ra.set_launch_configs(None)
-    assert ra.launch_config("fwd", 16, torch.float32) == ra._heuristic_config("fwd", 16, torch.float32)
+        lc.set_launch_configs(None)
+    assert lc.launch_config("fwd", 16, torch.float32) == lc._heuristic_config("fwd", 16, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -558,13 +551,13 @@ def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
     ],
 )
 def test_set_launch_configs_rejects_bad_entries_and_keeps_the_old_table(table, match):
-    ra.set_launch_configs({("dq", 32, torch.float16): (16, 16, 4, 1)})
+    lc.set_launch_configs({("dq", 32, torch.float16): (16, 16, 4, 1)})
     try:
         with pytest.raises(ValueError, match=match):
-            ra.set_launch_configs(table)
-        assert ra.launch_config("dq", 32, torch.float16) == ra.LaunchConfig(16, 16, 4, 1)
+            lc.set_launch_configs(table)
+        assert lc.launch_config("dq", 32, torch.float16) == lc.LaunchConfig(16, 16, 4, 1)
     finally:
-        ra.set_launch_configs(None)
+        lc.set_launch_configs(None)
 
 
 def test_check_false_skips_validation_and_gives_the_same_result():
@@ -576,12 +569,12 @@ def test_check_false_skips_validation_and_gives_the_same_result():
     with pytest.raises(ValueError, match="dropout_p"):
         rmt_attention(q, k, v, layout, dropout_p=2.0)
     calls = []
-    real = ra._problem
+    real = ta._problem
     try:
-        ra._problem = lambda *a, **k: calls.append(1) or real(*a, **k)
+        ta._problem = lambda *a, **k: calls.append(1) or real(*a, **k)
         rmt_attention(q, k, v, layout, check=False)
     finally:
-        ra._problem = real
+        ta._problem = real
     assert calls == []
 
 

@@ -15,20 +15,16 @@ torch = pytest.importorskip("torch")
 if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (and TRITON_INTERPRET unset)", allow_module_level=True)
 
+from numerics import rel_err  # noqa: E402
+from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference  # noqa: E402
 from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
-from rmt_fast.kernels.reference import dense_rmt_attention_reference  # noqa: E402
-from rmt_fast.kernels.rmt_attention import rmt_attention, rmt_attention_dropout_mask  # noqa: E402
+from rmt_fast.kernels.triton_attention import rmt_attention, rmt_attention_dropout_mask  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
 FWD_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
 GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-
-
-def rel_err(x, ref):
-    x, ref = x.detach().double(), ref.detach().double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def qkv_views(B, T, Hq, Hkv, D, dtype, seed=0):

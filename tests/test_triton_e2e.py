@@ -2,7 +2,6 @@
 the CPU (tests/conftest.py sets TRITON_INTERPRET=1 there) and on the GPU as it is."""
 
 import copy
-import importlib
 import os
 
 import pytest
@@ -71,7 +70,8 @@ def test_encoder_triton_backend_equals_reference():
 # ------------------------------------------------------------------------------------------ decoder masks
 def _spy_kernel(monkeypatch):
     """Records the layout of every call that reaches the Triton kernel."""
-    ra = importlib.import_module("rmt_fast.kernels.rmt_attention")
+    from rmt_fast.kernels import triton_attention as ra
+
     layouts = []
     real = ra.rmt_attention
 

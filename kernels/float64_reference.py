@@ -1,4 +1,6 @@
-"""Dense masked attention in high precision: the reference every RMT attention backend is tested against."""
+"""Dense masked RMT attention in float64 (by default): the reference every attention backend is tested against.
+
+It builds the full (B, H, Tq, Tk) score matrix from ``SegmentLayout.dense_mask``: for tests, not for speed."""
 
 from __future__ import annotations
 

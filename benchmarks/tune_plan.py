@@ -1,0 +1,164 @@
+"""What ``rmt-fast-bench tune`` measures, and the table it writes (no timing here): the candidate launch
+configurations per kernel and head dim (a grid filtered by an estimate of shared memory and registers, plus the
+kernel's heuristic), the measured shapes (:class:`Case`), and the dispatch table built from phase 2's rows.
+The measuring is in :mod:`rmt_fast.bench.tune`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from rmt_fast.kernels import dispatch, launch_configs
+from rmt_fast.kernels.launch_configs import next_pow2
+
+H, MEM = 12, 10
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (64, 128)
+ASSUMED_SMEM = {"sm80": 166912, "sm86": 101376, "sm89": 101376, "sm90": 232448}  # opt-in bytes per block
+
+GRID = {
+    "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8), stages=(2, 3)),
+    "dq": dict(block_m=(64, 128), block_n=(32, 64), warps=(4, 8), stages=(2, 3)),
+    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(4, 8), stages=(2, 3)),
+}
+QUICK_GRID = {
+    "fwd": dict(block_m=(64, 128), block_n=(64,), warps=(4, 8), stages=(2, 3)),
+    "dq": dict(block_m=(64, 128), block_n=(32,), warps=(4, 8), stages=(2,)),
+    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(8,), stages=(2,)),
+}
+
+
+# ============================================================================================ the plan
+@dataclass(frozen=True)
+class Case:
+    """One measured shape: the tensors (B, H, T, D), dtype, layout kind."""
+
+    dtype: str
+    head_dim: int
+    B: int
+    T: int
+    causal: bool
+    padded: bool
+
+    @property
+    def shape_class(self) -> dispatch.ShapeClass:
+        return dispatch.ShapeClass.of(self.T, self.T, self.B * H, self.causal, self.padded)
+
+    def label(self) -> str:
+        short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(self.dtype, self.dtype)
+        return (f"{short} D{self.head_dim} B{self.B} T{self.T} "
+                f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}")  # fmt: skip
+
+
+def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: int = 2) -> str | None:
+    """Why a candidate cannot run well (an estimate: shared memory for the pipelined tiles, fp32 accumulator
+    registers per thread), or None. Triton's own out-of-resources error still decides at compile time."""
+    bm, bn, warps, stages = cfg
+    d = max(16, next_pow2(head_dim))
+    if kind == "fwd":
+        smem = itemsize * (bm * d + stages * 2 * bn * d)
+        acc = (bm * d + bm * bn) * 4
+    elif kind == "dq":
+        smem = itemsize * (2 * bm * d + stages * 2 * bn * d)
+        acc = (bm * d + 2 * bm * bn) * 4
+    else:
+        smem = itemsize * (2 * bn * d + stages * 2 * bm * d)
+        acc = (2 * bn * d + 2 * bn * bm) * 4
+    if smem > smem_limit:
+        return f"shared memory ~{smem} B > {smem_limit} B"
+    per_thread = acc / (32 * warps)
+    if per_thread > 768:
+        return f"fp32 accumulators ~{per_thread:.0f} B per thread (> 192 registers)"
+    return None
+
+
+def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
+    """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
+    import torch
+
+    cfg = launch_configs._heuristic_config(kind, head_dim, getattr(torch, dtype_name))  # the built-in one
+    return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int) -> tuple[list[tuple], list[dict]]:
+    """(the configs to time, heuristic first; a row per grid point with its feasibility)."""
+    grid = (QUICK_GRID if quick else GRID)[kind]
+    heuristic = heuristic_config(kind, head_dim, "float16")
+    points = list(itertools.product(grid["block_m"], grid["block_n"], grid["warps"], grid["stages"]))
+    if heuristic is not None and heuristic not in points:
+        points.insert(0, heuristic)
+    keep, rows = [], []
+    for cfg in points:
+        reason = None if cfg == heuristic else infeasible(kind, cfg, head_dim, smem_limit)
+        rows.append(dict(kind=kind, head_dim=head_dim, config=_cfg_text(cfg), heuristic=cfg == heuristic,
+                         feasible=reason is None, reason=reason or ""))  # fmt: skip
+        if reason is None:
+            keep.append(cfg)
+    if heuristic in keep:
+        keep.remove(heuristic)
+        keep.insert(0, heuristic)
+    return keep, rows
+
+
+def sweep_case(head_dim: int, quick: bool) -> Case:
+    return Case("float16", head_dim, 8, 532 if quick else 1044, True, True)
+
+
+def cases(quick: bool) -> list[Case]:
+    """Every measured shape, most important first (a budget cut loses the tail)."""
+    ts = (532,) if quick else (532, 1044, 2068)
+    bs = (8, 32, 1) if quick else (8, 32, 1, 4)
+    return [Case(dt, d, b, t, c, p) for t in ts for b in bs for d in HEAD_DIMS for dt in DTYPES
+            for c in (True, False) for p in (True, False)]  # fmt: skip
+
+
+def _cfg_text(cfg) -> str:
+    bm, bn, w, s = cfg
+    return f"{bm}x{bn} w{w} s{s}"
+
+
+# ================================================================================================ table
+MEASUREMENTS = (("fwd", "graph_ms", False, "graphed"), ("fwd", "eager_ms", False, "eager"),
+                ("fwd+bwd", "eager_ms", True, "eager"))  # fmt: skip
+
+
+def build_table(arch: str, devices: list[str], configs: dict, compare_rows: list[dict], margin: float,
+                provenance: dict, measured: bool = True) -> dict:  # fmt: skip
+    """The dispatch table (file format of :mod:`rmt_fast.kernels.dispatch`) from phase 2's rows: one entry per
+    shape class x measurement where SDPA has a number (an unmeasured example: every case, as SDPA, no
+    numbers); the winner by :func:`dispatch.choose`."""
+    times: dict[tuple, dict[str, float | None]] = {}
+    shape: dict[tuple, dict] = {}
+    for r in compare_rows:
+        for mode_name, column, needs_grad, mode in MEASUREMENTS:
+            if r["mode"] != mode_name:
+                continue
+            key = (r["dtype"], r["head_dim"], r["t_bucket"], r["bh_bucket"], r["causal"], r["padded"], needs_grad,
+                   mode)  # fmt: skip
+            value = r.get(column)
+            times.setdefault(key, {})[r["candidate"]] = value if r["status"] == "ok" else None
+            shape[key] = dict(B=r["B"], H=r["H"], T=r["T"])
+    entries = []
+    for key, got in times.items():
+        if measured and got.get("sdpa") is None:
+            continue  # no SDPA number: nothing to compare against
+        dt, d, t, bh, causal, padded, needs_grad, mode = key
+        tri = got.get("triton")
+        entries.append(dict(dtype=dt, head_dim=d, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
+                            needs_grad=needs_grad, mode=mode, backend=dispatch.choose(tri, got.get("sdpa"), margin),
+                            triton_ms=_round(tri), sdpa_ms=_round(got.get("sdpa")), **shape[key]))  # fmt: skip
+    cfg_list = [dict(dtype=dt, head_dim=d, **{k: list(v) for k, v in kinds.items()})
+                for (dt, d), kinds in sorted(configs.items())]  # fmt: skip
+    return dict(format=dispatch.FORMAT, arch=arch, measured=measured, devices=devices, margin=margin,
+                provenance=provenance, configs=cfg_list, entries=entries)  # fmt: skip
+
+
+def _round(x):
+    return None if x is None else round(float(x), 6)
+
+
+def _case_cols(c: Case) -> dict:
+    cls = c.shape_class
+    return dict(dtype=c.dtype, head_dim=c.head_dim, B=c.B, H=H, T=c.T, causal=c.causal, padded=c.padded,
+                t_bucket=cls.t, bh_bucket=cls.bh)  # fmt: skip

@@ -1,0 +1,185 @@
+"""Launch configurations of the Triton attention kernels: which (BLOCK_M, BLOCK_N, num_warps, num_stages) a
+launch of kernel kind ``"fwd"``, ``"dq"`` (backward dQ) or ``"dkdv"`` (backward dK/dV) uses.
+
+Resolved in this order at each launch (by :mod:`rmt_fast.kernels.triton_attention`):
+
+1. ``with override_configs(fwd=..., dq=..., dkdv=...):`` the given config, used exactly (no out-of-resources
+   step-down; the error propagates), not cached: for a tuner's sweep;
+2. the cache of resolved configs, keyed (kind, head_dim, dtype, device index): one dict look-up;
+3. on a cache miss ``launch_config(kind, head_dim, dtype)``: the tuned table installed by
+   ``set_launch_configs({(kind, head_dim, dtype): (BLOCK_M, BLOCK_N, num_warps, num_stages), ...})`` (from a
+   measured dispatch table, :mod:`rmt_fast.kernels.dispatch`), else the built-in heuristic table. A caller that
+   replaces or extends ``launch_config`` calls ``clear_launch_cache()`` afterwards (``set_launch_configs`` does).
+
+A 4-tuple is accepted wherever a :class:`LaunchConfig` is expected. In Triton's interpreter the heuristic uses
+``_INTERPRET_BLOCKS`` (tests change it) and the caches are bypassed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton reads it once, at decoration time too
+
+
+def interpreting() -> bool:
+    """True when Triton runs its interpreter (``TRITON_INTERPRET=1`` when triton was imported; tests patch
+    ``_INTERPRET``)."""
+    return _INTERPRET
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+class LaunchConfig:
+    """One kernel's launch configuration: BLOCK_M (query tile), BLOCK_N (key tile), num_warps, num_stages.
+
+    Immutable by convention; ``kwargs`` is built once (the launch passes it as is: no dict per call).
+    """
+
+    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "kwargs")
+
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
+        for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
+                            ("num_stages", num_stages)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LaunchConfig: {name} must be a positive int, got {value!r}")
+        for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"LaunchConfig: {name} must be a power of two >= 16, got {value}")
+        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+        self.kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+    @classmethod
+    def of(cls, cfg) -> LaunchConfig:
+        """A LaunchConfig from a LaunchConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple."""
+        if isinstance(cfg, LaunchConfig):
+            return cfg
+        if isinstance(cfg, (tuple, list)) and len(cfg) == 4:
+            return cls(*cfg)
+        raise ValueError(f"a launch config must be (BLOCK_M, BLOCK_N, num_warps, num_stages), got {cfg!r}")
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LaunchConfig) and self.as_tuple() == other.as_tuple()
+
+    def __hash__(self) -> int:
+        return hash(self.as_tuple())
+
+    def smaller(self) -> LaunchConfig | None:
+        """A cheaper configuration to retry with when a launch runs out of shared memory / registers."""
+        if self.num_stages > 1:
+            return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages - 1)
+        if max(self.block_m, self.block_n) > 16:
+            if self.block_m >= self.block_n:
+                return LaunchConfig(self.block_m // 2, self.block_n, self.num_warps, 2)
+            return LaunchConfig(self.block_m, self.block_n // 2, self.num_warps, 2)
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"LaunchConfig(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
+            f"num_warps={self.num_warps}, num_stages={self.num_stages})"
+        )
+
+
+KINDS = ("fwd", "dq", "dkdv")
+
+# Interpreter (CPU test) block sizes (BLOCK_M, BLOCK_N): powers of two >= 16; tests change them.
+_INTERPRET_BLOCKS = (16, 16)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim (<= 64, <= 128, <= 256).
+# 2-byte dtypes: FlashAttention-2 Triton recipes for Ampere/Hopper, checked offline to compile for sm_80 and
+# sm_90 without register spills (bf16, causal + padded); not timed on hardware. fp32 runs its dots on FMA
+# units (exact IEEE) or TF32, so it gets small tiles and 8 warps.
+_CONFIGS = {
+    ("fwd", False): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+    ("dq", False): ((128, 32, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
+    ("dkdv", False): ((32, 128, 8, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
+    ("fwd", True): ((64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
+    ("dq", True): ((64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),
+    ("dkdv", True): ((16, 64, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
+}
+
+
+def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """Per-kernel launch configuration from the head dim and dtype: a table look-up, no autotuning, no sync.
+
+    kind: "fwd", "dq" or "dkdv"; BLOCK_M always tiles queries and BLOCK_N keys.
+    """
+    if interpreting():
+        return LaunchConfig(*_INTERPRET_BLOCKS, 4, 1)
+    d = next_pow2(head_dim)
+    table = _CONFIGS[(kind, dtype == torch.float32)]
+    return LaunchConfig(*table[0 if d <= 64 else 1 if d <= 128 else 2])
+
+
+# Configurations supplied by set_launch_configs: (kind, head_dim, dtype) -> LaunchConfig.
+_TABLE: dict[tuple, LaunchConfig] = {}
+# Active override_configs block: kind -> LaunchConfig (None outside any block).
+_OVERRIDE: dict[str, LaunchConfig] | None = None
+# (kind, head_dim, dtype, device index) -> the configuration resolved (and, after an out-of-resources retry,
+# stepped down) for it: one dict look-up per launch after the first.
+_CONFIG_CACHE: dict[tuple, LaunchConfig] = {}
+# Kernel variant key -> the ready launch built from a resolved configuration (filled by triton_attention);
+# cleared with the configurations it was built from.
+_PLANS: dict[tuple, object] = {}
+
+
+def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration a launch of kernel ``kind`` ("fwd", "dq", "dkdv") uses for this head dim and dtype:
+    the :func:`set_launch_configs` table entry if there is one, else the built-in heuristic table.
+
+    This is the look-up hook: it runs once per (kind, head_dim, dtype, device) and its answer is cached; a
+    caller that replaces or extends it must call :func:`clear_launch_cache` afterwards.
+    """
+    cfg = _TABLE.get((kind, head_dim, dtype))
+    return cfg if cfg is not None else _heuristic_config(kind, head_dim, dtype)
+
+
+def set_launch_configs(table: dict | None) -> None:
+    """Replace the measured configuration table: ``{(kind, head_dim, dtype): (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) or LaunchConfig}``; entries not in it use the heuristic. ``None`` or ``{}`` clears it.
+    Validates every entry before changing anything."""
+    new = {}
+    for key, cfg in (table or {}).items():
+        if not (isinstance(key, tuple) and len(key) == 3 and key[0] in KINDS and isinstance(key[1], int)
+                and isinstance(key[2], torch.dtype)):  # fmt: skip
+            raise ValueError(f"set_launch_configs: keys must be (kind in {KINDS}, head_dim: int, dtype), got {key!r}")
+        new[key] = LaunchConfig.of(cfg)
+    _TABLE.clear()
+    _TABLE.update(new)
+    clear_launch_cache()
+
+
+def clear_launch_cache() -> None:
+    """Forget the resolved configurations (the next launch of each kind asks :func:`launch_config` again)."""
+    _CONFIG_CACHE.clear()
+    _PLANS.clear()
+
+
+@contextlib.contextmanager
+def override_configs(fwd=None, dq=None, dkdv=None) -> Iterator[None]:
+    """Inside the block, every launch of a given kernel uses the given configuration (a LaunchConfig or a
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple) instead of :func:`launch_config` (None: unchanged).
+
+    For a tuner's sweep: the configuration is used exactly, without the out-of-resources step-down (the
+    ``triton.runtime.errors.OutOfResources`` error propagates) and without touching the cache. Blocks nest;
+    the state is process-global (not per thread).
+    """
+    global _OVERRIDE
+    given = {k: LaunchConfig.of(c) for k, c in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv)) if c is not None}
+    previous = _OVERRIDE
+    _OVERRIDE = {**(previous or {}), **given}
+    try:
+        yield
+    finally:
+        _OVERRIDE = previous

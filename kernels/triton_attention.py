@@ -1,0 +1,468 @@
+"""RMT segment attention on Triton: the launchers, the autograd Function, the custom ops for torch.compile and
+the public functions around the jit kernels of :mod:`rmt_fast.kernels.triton_kernels`.
+
+The segment mask (``[read | tokens | write]`` slots, causal or bidirectional, a per-row run of valid token
+slots) is computed inside the kernels from a handful of integers and a pointer to ``token_counts``: nothing
+dense is built, nothing is copied, and no value is read back to the host.
+
+* q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) are read in place through their four strides (typically the
+  transposed views ``x.view(B, T, H, D).transpose(1, 2)`` of projection outputs);
+* the output is written directly in the (B, Tq, Hq, D) layout that HF attention functions return;
+* grouped-query attention picks the K/V head ``hq // G`` by index (no ``repeat_kv``); the dk/dv program of a
+  K/V head loops over the G query heads of its group, so no atomics are used and results are deterministic;
+* key blocks that no query of a tile can see (above the causal diagonal, or entirely inside the padded tail
+  of the token region of that batch row) are skipped;
+* attention dropout uses Triton's Philox generator keyed by ``seed`` and the element offset
+  ``((b * Hq + h) * Tq + i) * Tk + j``; the backward pass regenerates the same keep-mask.
+
+Interface for callers (the runtime's dispatch, tuners):
+
+* ``rmt_attention(q, k, v, layout, *, scale=None, dropout_p=0.0, seed=None, out=None, check=True)``;
+  ``check=False`` skips all validation, for a caller that already called ``rmt_attention_supported`` for this
+  segment (it returns None or a reason; the reason is what ``check=True`` would raise).
+* Launch configurations: :mod:`rmt_fast.kernels.launch_configs`. A launch that fails to compile for lack of
+  shared memory / registers steps down (``LaunchConfig.smaller``) and the cache remembers the config that
+  compiled.
+
+Test hooks on this module: ``_empty`` (every buffer the kernels overwrite; tests pre-fill it with NaN), the
+kernels by name (``_rmt_attn_fwd_kernel``... are looked up here at each new launch plan),
+``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are
+``launch_configs._INTERPRET_BLOCKS``.
+
+File order: launch plans, launchers, the autograd Function, the custom ops, the public functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from . import launch_configs as _cfg
+from .launch_configs import LaunchConfig, next_pow2
+from .layout import SegmentLayout
+from .triton_kernels import (  # noqa: F401  (looked up by name in _new_plan: tests swap them here)
+    _rmt_attn_bwd_dkdv_kernel,
+    _rmt_attn_bwd_dq_kernel,
+    _rmt_attn_bwd_preprocess_kernel,
+    _rmt_attn_fwd_kernel,
+    _rmt_dropout_mask_kernel,
+)
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_HEAD_DIM = 16
+_MAX_HEAD_DIM = 256
+_MAX_GRID_Y = 65535  # (batch, head) pairs run on the second grid axis
+
+# Build the mask only for key blocks that straddle a boundary (Tk, the causal diagonal, the padded tail);
+# interior blocks skip the element-wise mask. False masks every block (for A/B timing on a GPU).
+_MASK_BOUNDARY_ONLY = True
+
+
+# ============================================================================================ launch plans
+class _Launch:
+    """A ready launch of one kernel variant: the kernel's bound ``run``, its keyword arguments (constexprs and
+    launch config) as one dict built once, and the block sizes for the grid. Built on the first call of a
+    variant and cached: a call after that does one dict look-up, builds no dict and binds nothing."""
+
+    __slots__ = ("kernel", "run", "kwargs", "block_m", "block_n", "cfg", "fixed")
+
+    def __init__(self, kernel, cfg: LaunchConfig, consts: dict, fixed: bool):
+        self.kernel, self.run = kernel, kernel.run
+        self.kwargs = {**consts, **cfg.kwargs}
+        self.block_m, self.block_n, self.cfg, self.fixed = cfg.block_m, cfg.block_n, cfg, fixed
+
+
+_KERNEL_NAMES = {"fwd": "_rmt_attn_fwd_kernel", "dq": "_rmt_attn_bwd_dq_kernel",
+                 "dkdv": "_rmt_attn_bwd_dkdv_kernel", "pre": "_rmt_attn_bwd_preprocess_kernel"}  # fmt: skip
+
+
+def _plan(kind: str, D: int, dtype, device, causal: bool, padded: bool, has_starts: bool, dropout: bool,
+          i64: bool) -> _Launch:  # fmt: skip
+    """The launch of kernel ``kind`` for this variant (see :class:`_Launch`)."""
+    key = _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64)
+    if _cfg._OVERRIDE is None and not _cfg._INTERPRET:
+        plan = _cfg._PLANS.get(key)
+        if plan is not None:
+            return plan
+    return _new_plan(key)
+
+
+def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
+    kind, D, dtype, device, causal, padded, has_starts, dropout, i64, ieee, boundary_only = key
+    kernel = globals()[_KERNEL_NAMES[kind]]  # looked up now: tests and benchmarks swap kernels here
+    block_d = max(16, next_pow2(D))
+    if kind == "pre":
+        plan = _Launch(kernel, LaunchConfig(16 if _cfg._INTERPRET else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
+        del plan.kwargs["BLOCK_N"]  # the preprocess kernel tiles queries only
+        if not _cfg._INTERPRET:
+            _cfg._PLANS[key] = plan
+        return plan
+    consts = {
+        "CAUSAL": causal, "PADDED": padded, "HAS_STARTS": has_starts, "DROPOUT": dropout, "DROP_I64": i64,
+        "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
+    }  # fmt: skip
+    if cfg is None and _cfg._OVERRIDE is not None and kind in _cfg._OVERRIDE:
+        return _Launch(kernel, _cfg._OVERRIDE[kind], consts, True)  # used exactly, not cached
+    cfg_key = (kind, D, dtype, device)
+    if cfg is None:
+        cfg = None if _cfg._INTERPRET else _cfg._CONFIG_CACHE.get(cfg_key)
+    if cfg is None:
+        cfg = _cfg.launch_config(kind, D, dtype)
+    plan = _Launch(kernel, cfg, consts, False)
+    if not _cfg._INTERPRET and _cfg._OVERRIDE is None:
+        _cfg._CONFIG_CACHE[cfg_key] = cfg
+        _cfg._PLANS[key] = plan
+    return plan
+
+
+def _run(plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple, wrap=None) -> None:
+    """Launch ``plan`` on the grid (cdiv(n0, BLOCK_N if by_n else BLOCK_M), grid1). A launch that fails to
+    compile for lack of shared memory or registers steps the configuration down (and the cache remembers it),
+    unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
+    inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
+    block = plan.block_n if by_n else plan.block_m
+    if wrap is not None:
+        wrap(plan.kernel)[(-(-n0 // block), grid1)](*args, **plan.kwargs)
+        return
+    try:
+        plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
+    except triton.runtime.errors.OutOfResources as exc:
+        if plan.fixed:
+            raise
+        _run_stepping_down(exc, plan, key_args, n0, by_n, grid1, args)
+
+
+def _run_stepping_down(exc, plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple) -> None:
+    cfg = plan.cfg
+    _cfg._PLANS.clear()
+    kind, D, dtype, device = key_args[:4]
+    while True:
+        cfg = cfg.smaller()
+        if cfg is None:
+            raise exc
+        _cfg._CONFIG_CACHE[(kind, D, dtype, device)] = cfg
+        plan = _new_plan(_variant_key(*key_args), cfg)
+        block = plan.block_n if by_n else plan.block_m
+        try:
+            plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
+            return
+        except triton.runtime.errors.OutOfResources as again:
+            exc = again
+
+
+def _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64) -> tuple:
+    # fp32 inputs follow torch's matmul policy: exact IEEE dots unless the user allowed TF32.
+    ieee = dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return (kind, D, dtype, device, causal, padded, has_starts, dropout, i64, ieee, _MASK_BOUNDARY_ONLY)
+
+
+# Test hook: force 64-bit dropout offsets even when B * Hq * Tq * Tk < 2**31.
+_FORCE_DROPOUT_I64 = False
+
+
+def _needs_i64(B: int, Hq: int, Tq: int, Tk: int) -> bool:
+    return _FORCE_DROPOUT_I64 or B * Hq * Tq * Tk >= 2**31
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ============================================================================================== launchers
+def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, bool, bool]:
+    """(starts, ends, PADDED, HAS_STARTS); tensors the kernel never reads are replaced by any device pointer."""
+    counts = layout.token_counts
+    if counts is None:
+        return dummy, dummy, False, False
+    starts = layout.token_starts
+    if starts is None:
+        return dummy, counts, True, False
+    return starts, counts, True, True
+
+
+def _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed,
+             out, wrap=None):  # fmt: skip
+    """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). Primitive arguments only (the
+    custom op for torch.compile calls it too); ``starts`` / ``counts`` are any tensor when unused."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    device = q.device
+    if out is None:
+        out = _empty((B, Tq, Hq, D), q.dtype, device)
+    lse = _empty((B, Hq, Tq), torch.float32, device)
+    key_args = ("fwd", D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
+    plan = _plan(*key_args)
+    args = (
+        q, k, v, out, lse, starts, counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, dropout_p, seed,
+    )  # fmt: skip
+    _run(plan, key_args, Tq, False, B * Hq, args, wrap)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale,
+              dropout_p, seed, need_dq, need_dkv, wrap=None):  # fmt: skip
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    device = q.device
+
+    delta = _empty((B, Hq, Tq), torch.float32, device)
+    pre = _plan("pre", D, q.dtype, device, False, False, False, False, False)
+    _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D), wrap)
+
+    variant = (D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
+    common = (Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, scale, dropout_p, seed)
+    dq = dk = dv = None
+    if need_dq:
+        # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
+        dq = _empty((B, Tq, Hq, D), q.dtype, device).transpose(1, 2)
+        args = (
+            q, k, v, do, dq, lse, delta, starts, counts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            Hq, G, *common,
+        )  # fmt: skip
+        key_args = ("dq", *variant)
+        _run(_plan(*key_args), key_args, Tq, False, B * Hq, args, wrap)
+    if need_dkv:
+        dk = _empty((B, Tk, Hkv, D), k.dtype, device).transpose(1, 2)
+        dv = _empty((B, Tk, Hkv, D), v.dtype, device).transpose(1, 2)
+        args = (
+            q, k, v, do, dk, dv, lse, delta, starts, counts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            Hq, Hkv, G, *common,
+        )  # fmt: skip
+        key_args = ("dkdv", *variant)
+        _run(_plan(*key_args), key_args, Tk, True, B * Hkv, args, wrap)
+    return dq, dk, dv
+
+
+# ================================================================================= autograd Function
+class _RmtAttentionFn(torch.autograd.Function):
+    """``meta`` = (padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed): one argument, as
+    every argument of ``apply`` costs host time."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, starts, counts, meta):
+        o, lse = _forward(q, k, v, starts, counts, *meta, out)
+        if out is not None:
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(q, k, v, o, lse, starts, counts)
+        ctx.meta = meta
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, starts, counts = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, *ctx.meta, need[0], need[1] or need[2])
+        return dq, dk if need[1] else None, dv if need[2] else None, None, None, None, None
+
+
+# ============================================================================ torch.compile: custom ops
+def _register_ops():
+    """The forward and backward as ``torch.library.triton_op`` custom ops (``rmt_fast::attn_fwd``,
+    ``rmt_fast::attn_bwd``) with autograd registered: torch.compile sees the kernel launches (``wrap_triton``)
+    and compiles the kernels itself; the fake implementation is the same Python run on fake tensors. Used only
+    while compiling (:func:`rmt_attention` checks ``torch.compiler.is_compiling()``): in eager mode the custom
+    op's dispatch would only add host time. Not registered in Triton's interpreter (``wrap_triton`` takes
+    compiled kernels only)."""
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("rmt_fast::attn_fwd", mutates_args=())
+    def attn_fwd(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, counts: Tensor, padded: bool, has_starts: bool,
+                 num_read: int, num_tokens: int, causal: bool, scale: float, dropout_p: float,
+                 seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p,
+                        seed, None, wrap_triton)  # fmt: skip
+
+    @triton_op("rmt_fast::attn_bwd", mutates_args=())
+    def attn_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, starts: Tensor,
+                 counts: Tensor, padded: bool, has_starts: bool, num_read: int, num_tokens: int, causal: bool,
+                 scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        return _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal,
+                         scale, dropout_p, seed, True, True, wrap_triton)  # fmt: skip
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, starts, counts = inputs[:5]
+        ctx.save_for_backward(q, k, v, output[0], output[1], starts, counts)
+        ctx.meta = inputs[5:]
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, starts, counts = ctx.saved_tensors
+        dq, dk, dv = attn_bwd(q, k, v, out, lse, dout, starts, counts, *ctx.meta)
+        return (dq, dk, dv) + (None,) * 10
+
+    attn_fwd.register_autograd(backward, setup_context=setup_context)
+    return attn_fwd, attn_bwd
+
+
+_OPS = None
+if not _cfg._INTERPRET and hasattr(torch.library, "triton_op"):
+    _OPS = _register_ops()
+
+
+def _compiled_attention(q, k, v, out, starts, counts, meta) -> Tensor:
+    o = _OPS[0](q, k, v, starts, counts, *meta)[0]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+# ==================================================================================== public functions
+def _problem(q, k, v, layout, dropout_p) -> tuple[type, str] | None:
+    """(exception type, message) for a case the kernel cannot run, else None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.ndim != 4:
+            dims = "B, Hq, Tq, D" if name == "q" else "B, Hkv, Tk, D"
+            return ValueError, f"{name} must be 4-D ({dims}), got shape {tuple(t.shape)}"
+    if not isinstance(layout, SegmentLayout):
+        return TypeError, f"layout must be a SegmentLayout, got {type(layout).__name__}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            return (
+                TypeError,
+                f"{name} has dtype {t.dtype}; the triton backend supports float16, bfloat16, float32",
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        return TypeError, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return ValueError, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+    B, Hq, Tq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        return ValueError, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}"
+    if k.shape != v.shape:
+        return ValueError, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        return ValueError, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})"
+    if k.shape[-1] != D:
+        return ValueError, f"head dims differ: q {D}, k/v {k.shape[-1]}"
+    if not (_MIN_HEAD_DIM <= D <= _MAX_HEAD_DIM):
+        return (
+            ValueError,
+            f"head dim {D} is outside the triton backend's range [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]",
+        )
+    Tk = k.shape[-2]
+    if Tk != layout.seq_len:
+        return ValueError, f"k has {Tk} positions but the segment layout has seq_len {layout.seq_len}"
+    if Tq > Tk:
+        return ValueError, f"q has {Tq} positions, more than k ({Tk})"
+    if B == 0 or Hq == 0 or Tq == 0:
+        return ValueError, f"empty input: q has shape {tuple(q.shape)}"
+    if B * Hq > _MAX_GRID_Y:
+        return ValueError, f"batch * query heads = {B * Hq} exceeds the launch grid limit {_MAX_GRID_Y}"
+    if layout.token_mask is not None:
+        return ValueError, (
+            "the triton kernel runs one contiguous visible token run per row (token_starts/token_counts); this "
+            "segment's token_mask has holes (a hidden token between visible ones), which only SDPA supports"
+        )
+    if layout.token_counts is not None:
+        c = layout.token_counts
+        if c.device != q.device:
+            return ValueError, f"layout.token_counts is on {c.device} but q is on {q.device}"
+        if c.shape[0] != B:
+            return ValueError, f"layout.token_counts has length {c.shape[0]} but the batch size is {B}"
+        # token_starts shares the shape and device of token_counts (SegmentLayout checks it)
+        for name, t in (("token_counts", c), ("token_starts", layout.token_starts)):
+            if t is not None and B > 1 and t.stride(0) != 1:
+                return ValueError, f"layout.{name} must be contiguous (the kernel reads it by row index)"
+    if not (0.0 <= float(dropout_p) < 1.0):
+        return ValueError, f"dropout_p must be in [0, 1), got {dropout_p}"
+    if q.device.type == "cpu":  # last, so that its cost on the CPU is the full validation's (benchmarks)
+        if not _cfg.interpreting():
+            return ValueError, "CPU tensors need TRITON_INTERPRET=1 (the triton backend runs on CUDA)"
+    elif q.device.type != "cuda":
+        return ValueError, f"the triton backend runs on CUDA, got device {q.device}"
+    return None
+
+
+def rmt_attention_supported(
+    q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, dropout_p: float = 0.0
+) -> str | None:
+    """None when :func:`rmt_attention` can run this case, else a short reason (route the call to SDPA)."""
+    problem = _problem(q, k, v, layout, dropout_p)
+    return None if problem is None else problem[1]
+
+
+def rmt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: SegmentLayout,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    out: Tensor | None = None,
+    check: bool = True,
+) -> Tensor:
+    """RMT segment attention: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
+
+    Any strides are accepted (no copies are made). ``Tq < Tk`` places the queries at the end of the
+    segment (a decode step). ``scale`` defaults to D ** -0.5. ``dropout_p > 0`` applies inverted attention
+    dropout from the Philox stream of ``seed`` (drawn from torch's CPU generator when None); see
+    :func:`rmt_attention_dropout_mask`. ``out`` (B, Tq, Hq, D), when given, receives the result and is
+    returned. Differentiable with respect to q, k and v.
+
+    Padding comes from ``layout.token_counts`` only (clamped to [0, num_tokens] in the kernel); a
+    ``token_mask`` layout is refused (use :func:`rmt_attention_supported` to route it to SDPA). A query that
+    sees no key at all (possible only without read/write slots) gets a zero output and zero gradients,
+    where the dense reference gives NaN.
+
+    ``check=False`` skips every validation (of q, k, v, layout, dropout_p and out): for a caller that already
+    got None from :func:`rmt_attention_supported` for this segment's shapes, dtypes, device and layout.
+    """
+    if check:
+        problem = _problem(q, k, v, layout, dropout_p)
+        if problem is not None:
+            exc, msg = problem
+            raise exc(msg)
+        if out is not None:
+            B, Hq, Tq, D = q.shape
+            if not isinstance(out, Tensor) or tuple(out.shape) != (B, Tq, Hq, D):
+                raise ValueError(f"out must have shape {(B, Tq, Hq, D)}, got {getattr(out, 'shape', type(out))}")
+            if out.dtype != q.dtype or out.device != q.device:
+                raise ValueError(f"out must be {q.dtype} on {q.device}, got {out.dtype} on {out.device}")
+            if out.requires_grad:
+                raise ValueError("out must not require grad")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
+        seed = int(seed)
+    else:
+        seed = 0
+    starts, counts, padded, has_starts = _runs_arg(layout, q)
+    if _OPS is not None and torch.compiler.is_compiling():
+        meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
+        return _compiled_attention(q, k, v, out, starts, counts, meta)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
+        return _RmtAttentionFn.apply(q, k, v, out, starts, counts, meta)
+    return _forward(q, k, v, starts, counts, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal,
+                    scale, dropout_p, seed, out)[0]  # fmt: skip
+
+
+def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed: int, device) -> Tensor:
+    """(B, Hq, Tq, Tk) bool keep-mask that :func:`rmt_attention` applies for ``dropout_p=p`` and ``seed``."""
+    device = torch.device(device)
+    keep = torch.empty((B, Hq, Tq, Tk), dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    block = 16 if _cfg.interpreting() else 32
+    _rmt_dropout_mask_kernel[(triton.cdiv(Tq, block), B * Hq)](
+        keep, Tq, Tk, float(p), int(seed), BLOCK_M=block, BLOCK_N=block, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
+    )  # fmt: skip
+    return keep.bool()
+
+
+__all__ = ["rmt_attention", "rmt_attention_supported", "rmt_attention_dropout_mask"]
