@@ -27,7 +27,7 @@ from ..segments import decoder_plan, decoder_targets
 from . import schedule
 from .base import ARMTBase, ARMTOutput
 from .layers import StackedLayers, check_supported
-from .memory import ARMTMemoryState, read, write
+from .memory import ARMTMemoryState, read, upcast, write
 from .plan import CallPlan
 from .reference import generate_with_memory
 
@@ -185,7 +185,7 @@ class FastARMT(ARMTBase):
         logits = head(hidden)
         part = None
         if seg_targets is not None:
-            part = F.cross_entropy(logits.float().flatten(0, 1), seg_targets.flatten(), ignore_index=-100,
+            part = F.cross_entropy(upcast(logits).flatten(0, 1), seg_targets.flatten(), ignore_index=-100,
                                    reduction="sum")  # fmt: skip
         return (logits if return_logits else None), part
 

@@ -75,6 +75,11 @@ class MemoryShape:
                                torch.zeros(n_layers, batch, h, dk, dtype=dtype, device=device))  # fmt: skip
 
 
+def upcast(t: Tensor) -> Tensor:
+    """Logits for the loss: at least float32 (float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def dpfp(x: Tensor) -> Tensor:
     """Deterministic parameter-free projection (nu = 3): (..., d) -> (..., 6 d)."""
     x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)

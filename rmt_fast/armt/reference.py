@@ -23,7 +23,7 @@ from ..base import memory_detached_before
 from ..segments import decoder_plan
 from .base import ARMTBase, ARMTOutput
 from .hooks import LayerMemory, memory_hooks
-from .memory import ARMTMemoryState
+from .memory import ARMTMemoryState, upcast
 
 
 class ReferenceARMT(ARMTBase):
@@ -66,7 +66,7 @@ class ReferenceARMT(ARMTBase):
             if labels_mask is not None:
                 keep = labels_mask[:, 1:].reshape(-1).bool()
                 shift_logits, shift_labels = shift_logits[keep], shift_labels[keep]
-            loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+            loss = F.cross_entropy(upcast(shift_logits), shift_labels, ignore_index=-100)
         state = ARMTMemoryState(torch.stack(mem.A), torch.stack(mem.z))
         return ARMTOutput(loss=loss, logits=full_logits, memory_state=state)
 

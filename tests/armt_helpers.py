@@ -1,0 +1,74 @@
+"""Helpers for the ARMT tests: wrapper pairs over identical backbones with random memory weights, and the
+comparison of two ARMT runs (logits, loss, final A and z, every gradient)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from models import DECODERS, VOCAB, assert_grads_equal, rel
+
+from rmt_fast import FastARMT, ReferenceARMT
+
+TOL = 1e-5
+
+
+def randomize_memory(armt, seed=0, scale=0.3):
+    """Random memory projections (a fresh W_mv is zero, which would hide every memory bug)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in armt.assoc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build(cls, name, m=3, size=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    armt = cls(DECODERS[name](), m, size, **{"d_mem": 8, **kw})
+    randomize_memory(armt, seed)
+    return armt
+
+
+def pair(name, m=3, size=8, seed=0, ref_cls=ReferenceARMT, ref_kw=None, fast_kw=None, **kw):
+    """(reference, fast) wrappers over copies of one backbone with the same memory weights."""
+    torch.manual_seed(seed)
+    base = DECODERS[name]()
+    kw = {"d_mem": 8, **kw}
+    ref = ref_cls(copy.deepcopy(base), m, size, **kw, **(ref_kw or {}))
+    randomize_memory(ref, seed)
+    fast = FastARMT(copy.deepcopy(base), m, size, **kw, **(fast_kw or {}))
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def ids(b, t, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (b, t), generator=g)
+
+
+def run(armt, inputs, grad=True):
+    armt.zero_grad(set_to_none=True)
+    out = armt(**inputs)
+    if grad:
+        objective = out.loss if out.loss is not None else out.logits.float().square().mean()
+        state = out.memory_state
+        objective = objective + state.A.float().square().mean() + state.z.float().square().mean()
+        objective.backward()
+    return out
+
+
+def assert_same_run(a, b, tol=TOL):
+    assert b.logits.shape == a.logits.shape
+    assert rel(b.logits, a.logits) <= tol, ("logits", rel(b.logits, a.logits))
+    assert rel(b.memory_state.A, a.memory_state.A) <= tol, ("A", rel(b.memory_state.A, a.memory_state.A))
+    assert rel(b.memory_state.z, a.memory_state.z) <= tol, ("z", rel(b.memory_state.z, a.memory_state.z))
+    if a.loss is not None:
+        assert abs(b.loss.item() - a.loss.item()) <= tol * max(1.0, abs(a.loss.item())), (a.loss, b.loss)
+
+
+def assert_equivalent(ref, fast, inputs, tol=TOL, grad=True):
+    a, b = run(ref, inputs, grad), run(fast, inputs, grad)
+    assert_same_run(a, b, tol)
+    if grad:
+        assert_grads_equal(ref, fast, tol)
+        assert any(p.grad is not None and p.grad.abs().max() > 0 for p in fast.assoc.parameters())
+    return a, b
