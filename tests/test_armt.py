@@ -27,7 +27,7 @@ def test_matches_reference_in_float64(name):
     """In float64 the two agree to 1e-10. (In fp32 the memory's division by k.z + 1e-5 can amplify rounding:
     for some inputs both fp32 runs are ~1e-5 from the float64 result in A, so fp32 tests use inputs where the
     fp32 runs agree to 1e-5 and this test carries the tight check.)"""
-    ref, fast = pair(name, n_heads=2)
+    ref, fast = pair(name, n_heads=2, d_mem=8)
     ref.double(), fast.double()
     x = ids(2, 20)
     assert_equivalent(ref, fast, dict(input_ids=x, labels=x), tol=1e-10)
@@ -80,7 +80,7 @@ def test_fresh_armt_equals_backbone(cls, name):
     """W_mv starts at zero, so the memory stays zero and every segment is the backbone on its tokens."""
     torch.manual_seed(0)
     model = DECODERS[name]()
-    armt = cls(copy.deepcopy(model), 3, 8, d_mem=8, n_heads=2)
+    armt = cls(copy.deepcopy(model), 3, 8, d_mem=32, n_heads=2)
     x = ids(2, 21)
     out = armt(x)
     want = torch.cat([model(x[:, a:a + 8]).logits for a in range(0, 21, 8)], dim=1)
@@ -166,7 +166,7 @@ def test_load_reference_state_dict(name):
     sd = _published_state_dict(ref)
     assert any(k.endswith(".W_mb.bias") for k in sd) and any(".layer." in k for k in sd)
     torch.manual_seed(5)
-    fast = FastARMT(DECODERS[name](), 3, 8, d_mem=8, n_heads=2)
+    fast = FastARMT(DECODERS[name](), 3, 8, d_mem=32, n_heads=2)
     fast.load_reference_state_dict(sd)
     x = ids(2, 20)
     assert_same_run(ref(x), fast(x))

@@ -8,6 +8,7 @@ input value checks) come from :class:`rmt_fast.base.RMTBase`; ARMT adds the per-
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from ..input_checks import _finite_check, _run
 from .memory import ARMTMemoryState, AssocParams, MemoryShape
 
 ARMT_LAYERS_NAME = "armt_layers.pt"
+_SCHEDULE_KEYS = ("diagonal", "gradient_checkpointing")
 # model_type -> the decoder layer list inside the *ForCausalLM model (the published ``layers_attr``)
 FAMILIES = {"gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers"}
 
@@ -201,6 +203,10 @@ class ARMTBase(RMTBase):
         with open(os.path.join(save_directory, RMT_CONFIG_NAME)) as f:
             settings = json.load(f)
         settings.pop("class", None)
+        accepted = inspect.signature(cls.__init__).parameters
+        for key in _SCHEDULE_KEYS:  # a schedule is not a model: FastARMT's settings do not bind ReferenceARMT
+            if key not in accepted:
+                settings.pop(key, None)
         settings.update(overrides)
         path = os.path.join(save_directory, BACKBONE_DIR)
         config = transformers.AutoConfig.from_pretrained(path)
