@@ -65,7 +65,7 @@ class StackedLayers:
             self.n_heads, self.n_kv, self.head_dim = attn.num_heads, attn.num_heads, attn.head_dim
             self.scaling, self.eps = attn.scaling, first.ln_1.eps
             self.attn_p, self.resid_p = attn.attn_dropout.p, attn.resid_dropout.p
-            self.act = first.mlp.act
+            self.act = _fused_activation(first.mlp.act)
             for name, get in (("ln1_w", lambda l: l.ln_1.weight), ("ln1_b", lambda l: l.ln_1.bias),
                               ("qkv_w", lambda l: l.attn.c_attn.weight), ("qkv_b", lambda l: l.attn.c_attn.bias),
                               ("o_w", lambda l: l.attn.c_proj.weight), ("o_b", lambda l: l.attn.c_proj.bias),
@@ -113,7 +113,8 @@ class StackedLayers:
     def _norm(self, x: Tensor, name: str, sl: slice) -> Tensor:
         weight = self.w[name + "_w"][sl].unsqueeze(1)
         if self.gpt2:
-            return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight + self.w[name + "_b"][sl].unsqueeze(1)
+            return torch.addcmul(self.w[name + "_b"][sl].unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=self.eps),
+                                 weight)  # fmt: skip
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -153,6 +154,15 @@ class StackedLayers:
             h = self.act(gate) * up
         flat = flat + self._dropout(self._linear(h, "down", sl), self.resid_p)
         return flat.reshape(g, b, s, d)
+
+
+def _fused_activation(act):
+    """GPT-2's gelu_new as torch's one-kernel tanh GELU (the same function; equal up to rounding)."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    if isinstance(act, (NewGELUActivation, GELUTanh)):
+        return lambda x: F.gelu(x, approximate="tanh")
+    return act
 
 
 def _rotate_half(x: Tensor) -> Tensor:
