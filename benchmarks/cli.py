@@ -11,6 +11,7 @@
     rmt-fast-bench cuda-graph     [--out DIR] [--quick] [--million]
     rmt-fast-bench train-memory   [--out DIR] [--quick]
     rmt-fast-bench compare        [--out DIR] [--quick]   # FastRMT vs ReferenceRMT on the CPU
+    rmt-fast-bench armt           [--out DIR] [--quick]   # ARMT: sequential vs diagonal vs full attention
     rmt-fast-bench all            [--out DIR] [--quick]   # every available benchmark but those in NOT_IN_ALL,
                                                           # each in DIR/<name>/
 
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, str] = {
     "host-overhead": "rmt_fast.bench.host_overhead",
     "tune": "rmt_fast.bench.tune",
     "train": "rmt_fast.bench.train",
+    "armt": "rmt_fast.bench.armt",
 }
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
 # or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder).
