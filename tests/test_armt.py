@@ -57,6 +57,7 @@ def test_labels_mask():
     assert abs(a.loss.item() - want.item()) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(use_denom=False), dict(correction=False), dict(bptt_depth=0),
                                      dict(bptt_depth=1)])  # fmt: skip
 def test_options(options):

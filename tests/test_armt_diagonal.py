@@ -91,6 +91,7 @@ def test_diagonal_padding_masks(name):
     assert_equivalent(seq, diag, dict(input_ids=x, attention_mask=mask, labels=labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(bptt_depth=1), dict(use_denom=False), dict(correction=False)])
 def test_diagonal_options(options):
     seq, diag = _pair("qwen2", n_heads=2, **options)
@@ -157,3 +158,14 @@ def test_one_training_step_matches():
 def test_diagonal_build_helper():
     armt = build(FastARMT, "gpt2", diagonal=True)
     assert armt.diagonal
+
+
+@pytest.mark.slow
+def test_compile_step():
+    """compile_step compiles the per-step cell function (dynamo with the eager backend: no compiler on CI)."""
+    seq, diag = _pair("llama", n_layers=2, n_heads=2)
+    comp = copy.deepcopy(diag)
+    comp._compile_kwargs = {"backend": "eager", "dynamic": False}
+    x = ids(2, 27)
+    assert_equivalent(diag, comp, dict(input_ids=x, labels=x))
+    assert comp._compiled is not None

@@ -88,3 +88,17 @@ def test_fast_only_options():
             FastARMT(DECODERS["gpt2"](), 2, 6, d_mem=8, **kwargs)
     with pytest.raises(ValueError, match="sliding window of 4 positions"):
         FastARMT(mistral(sliding_window=4), 2, 6, d_mem=8)
+
+
+def test_wrapped_projections_are_refused():
+    """A projection FastARMT cannot read (here: a subclass standing in for a LoRA layer) is an error, not dropped."""
+    model = DECODERS["llama"]()
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    old = model.model.layers[1].self_attn.v_proj
+    model.model.layers[1].self_attn.v_proj = Wrapped(old.in_features, old.out_features, bias=False)
+    with pytest.raises(ValueError, match="layer 1's self_attn.v_proj is a Wrapped, not a plain Linear"):
+        FastARMT(model, 2, 6, d_mem=8)
+    ReferenceARMT(model, 2, 6, d_mem=8)  # the reference runs transformers' own layers

@@ -31,6 +31,7 @@ def check_supported(model, layers, model_type: str, seq_len: int) -> None:
         if type(layer).__name__ != want:
             raise ValueError(f"model: FastARMT expects {want} layers in a {model_type} model, got "
                              f"{type(layer).__name__}")  # fmt: skip
+    _check_plain_projections(layers, model_type)
     if model_type == "gpt2":
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             raise ValueError("model: GPT-2 with scale_attn_by_inverse_layer_idx=True is not supported by FastARMT")
@@ -45,6 +46,27 @@ def check_supported(model, layers, model_type: str, seq_len: int) -> None:
     if uses_window and window is not None and window < seq_len:
         raise ValueError(f"model: a sliding window of {window} positions is shorter than an ARMT segment "
                          f"(segment_size + num_mem_tokens = {seq_len}); FastARMT needs full attention per segment")
+
+
+def _check_plain_projections(layers, model_type: str) -> None:
+    """The batched math reads the projections' weights directly: a wrapped projection (a PEFT LoRA layer, a
+    quantized linear) would be silently dropped, so it is an error."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    if model_type == "gpt2":
+        names, kind = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), Conv1D
+    else:
+        names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+        kind = nn.Linear
+    for i, layer in enumerate(layers):
+        for name in names:
+            module = layer.get_submodule(name)
+            if type(module) is not kind:
+                raise ValueError(f"model: layer {i}'s {name} is a {type(module).__name__}, not a plain "
+                                 f"{kind.__name__}: FastARMT's batched layers read the weights directly (for a "
+                                 "PEFT model, merge the adapter first: merge_and_unload())")  # fmt: skip
 
 
 def _stack(tensors, transpose=False):
