@@ -5,7 +5,16 @@ import copy
 
 import pytest
 import torch
-from armt_helpers import TOL, assert_equivalent, assert_same_run, build, ids, pair, randomize_memory, run
+from armt_helpers import (
+    assert_equivalent,
+    assert_grads_equal,
+    assert_same_run,
+    build,
+    ids,
+    pair,
+    randomize_memory,
+    run,
+)
 from models import DECODERS, rel
 
 from rmt_fast import ARMTMemoryState, FastARMT, ReferenceARMT
@@ -66,13 +75,20 @@ def test_options(options):
     assert_equivalent(ref, fast, dict(input_ids=x, labels=x))
 
 
-def test_return_logits_false_same_loss_and_grads():
-    _, fast = pair("llama")
+@pytest.mark.parametrize("chunked", [False, True])
+def test_return_logits_false_same_loss_and_grads(chunked, monkeypatch):
+    """Without logits the loss streams per segment; ``chunked``: through the chunked head + cross-entropy."""
+    import rmt_fast.loss
+
+    if chunked:
+        monkeypatch.setattr(rmt_fast.loss, "MIN_ELEMENTS", 0)
+    _, fast = pair("llama", fast_kw=dict(diagonal=True))
     other = copy.deepcopy(fast)
     x = ids(2, 20)
     a = run(fast, dict(input_ids=x, labels=x))
-    b = run(other, dict(input_ids=x, labels=x, return_logits=False), grad=False)
+    b = run(other, dict(input_ids=x, labels=x, return_logits=False))
     assert b.logits is None and abs(a.loss.item() - b.loss.item()) < 1e-6
+    assert_grads_equal(fast, other)
 
 
 @pytest.mark.parametrize("cls", [FastARMT, ReferenceARMT])

@@ -48,7 +48,7 @@ def test_memory_state_checks(armt):
         (ARMTMemoryState(good.A.clone().fill_(float("inf")), good.z), "memory_state holds a non-finite value"),
     ]  # fmt: skip
     for state, match in cases:
-        _expect_error(armt, lambda: armt(x, memory_state=state), match)
+        _expect_error(armt, lambda state=state: armt(x, memory_state=state), match)
     armt(x, memory_state=good)  # the good one runs
 
 

@@ -189,7 +189,8 @@ class ARMTBase(RMTBase):
         st = self.settings
         config = {"class": type(self).__name__, "num_mem_tokens": st.num_mem_tokens,
                   "segment_size": st.segment_size, "bptt_depth": st.bptt_depth, "attn_backend": st.attn_backend,
-                  "check_inputs": st.check_inputs, **asdict(self.armt_settings), **self._schedule_settings()}  # fmt: skip
+                  "check_inputs": st.check_inputs, **asdict(self.armt_settings),
+                  **self._schedule_settings()}  # fmt: skip
         with open(os.path.join(save_directory, RMT_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
 

@@ -58,8 +58,9 @@ class FastARMT(ARMTBase):
                          correction=correction, bptt_depth=bptt_depth, attn_backend=attn_backend,
                          check_inputs=check_inputs)  # fmt: skip
         check_supported(model, self.decoder_layers, model.config.model_type, self.input_size)
-        if not self._info.accepts_logits_to_keep and plain_head(model) is None:
-            raise ValueError(f"model: {type(model).__name__}'s logits are not a plain linear head")
+        if plain_head(model) is None:
+            raise ValueError(f"model: {type(model).__name__}'s logits are not a plain linear head over the last "
+                             "hidden state (logit scaling or soft-capping is not supported by FastARMT)")
         preload_backend(attn_backend)
         self.diagonal = diagonal
         self.gradient_checkpointing = gradient_checkpointing
@@ -176,8 +177,7 @@ class FastARMT(ARMTBase):
         hidden = norm(y[:, :length])
         head = self.model.get_output_embeddings()
         seg_targets = None if targets is None else targets[:, start:start + length]
-        chunked = (seg_targets is not None and not return_logits and plain_head(self.model) is not None
-                   and wants_chunked_loss(y.shape[0], length, head))  # fmt: skip
+        chunked = seg_targets is not None and not return_logits and wants_chunked_loss(y.shape[0], length, head)
         if chunked:
             return None, linear_cross_entropy(hidden, head, seg_targets)
         if not return_logits and seg_targets is None:

@@ -20,6 +20,10 @@ from torch import Tensor
 from ..attention import ActiveSegment, run_backend
 from ..kernels.layout import SegmentLayout
 
+_GPT2_PARAMS = {"ln1_w": "ln_1.weight", "ln1_b": "ln_1.bias", "qkv_w": "attn.c_attn.weight",
+                "qkv_b": "attn.c_attn.bias", "o_w": "attn.c_proj.weight", "o_b": "attn.c_proj.bias",
+                "ln2_w": "ln_2.weight", "ln2_b": "ln_2.bias", "up_w": "mlp.c_fc.weight", "up_b": "mlp.c_fc.bias",
+                "down_w": "mlp.c_proj.weight", "down_b": "mlp.c_proj.bias"}  # fmt: skip
 _LLAMA_LAYERS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "mistral": "MistralDecoderLayer"}
 
 
@@ -88,14 +92,8 @@ class StackedLayers:
             self.scaling, self.eps = attn.scaling, first.ln_1.eps
             self.attn_p, self.resid_p = attn.attn_dropout.p, attn.resid_dropout.p
             self.act = _fused_activation(first.mlp.act)
-            for name, get in (("ln1_w", lambda l: l.ln_1.weight), ("ln1_b", lambda l: l.ln_1.bias),
-                              ("qkv_w", lambda l: l.attn.c_attn.weight), ("qkv_b", lambda l: l.attn.c_attn.bias),
-                              ("o_w", lambda l: l.attn.c_proj.weight), ("o_b", lambda l: l.attn.c_proj.bias),
-                              ("ln2_w", lambda l: l.ln_2.weight), ("ln2_b", lambda l: l.ln_2.bias),
-                              ("up_w", lambda l: l.mlp.c_fc.weight), ("up_b", lambda l: l.mlp.c_fc.bias),
-                              ("down_w", lambda l: l.mlp.c_proj.weight),
-                              ("down_b", lambda l: l.mlp.c_proj.bias)):  # fmt: skip
-                w[name] = _stack([get(layer) for layer in layers])
+            for name, path in _GPT2_PARAMS.items():
+                w[name] = _stack([layer.get_parameter(path) for layer in layers])
         else:
             attn = first.self_attn
             self.head_dim = attn.head_dim
