@@ -99,6 +99,7 @@ def test_diagonal_options(options):
     assert_equivalent(seq, diag, dict(input_ids=x, labels=x))
 
 
+@pytest.mark.slow
 def test_diagonal_streaming_and_labels_mask():
     seq, diag = _pair("gpt2", n_heads=2)
     x = ids(2, 30)
@@ -113,6 +114,7 @@ def test_diagonal_matches_reference():
     assert_equivalent(ref, diag, dict(input_ids=x, labels=x))
 
 
+@pytest.mark.slow
 def test_diagonal_gradient_checkpointing():
     seq, diag = _pair("llama", n_heads=2)
     diag.gradient_checkpointing = True
@@ -142,6 +144,7 @@ def test_state_dict_does_not_depend_on_the_schedule(tmp_path):
     assert torch.allclose(ref(x).logits, diag(x).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_training_step_matches():
     """An optimizer step on each gives the same parameters (training through the schedule)."""
     seq, diag = _pair("gpt2", n_heads=2)
