@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["FastRMT", "ReferenceRMT", "RMTOutput", "SegmentLayout", "memory_detached_before"]
+__all__ = ["FastRMT", "ReferenceRMT", "RMTOutput", "SegmentLayout", "memory_detached_before", "FastARMT",
+           "ReferenceARMT", "ARMTMemoryState"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -22,6 +23,9 @@ _LAZY = {
     "RMTOutput": ".base",
     "memory_detached_before": ".base",
     "SegmentLayout": ".kernels.layout",
+    "FastARMT": ".armt.fast",
+    "ReferenceARMT": ".armt.reference",
+    "ARMTMemoryState": ".armt.memory",
 }
 
 

@@ -62,6 +62,9 @@ def memory_detached_before(segment: int, n_segments: int, bptt_depth: int) -> bo
 
 
 class RMTBase(nn.Module):
+    # Memory slots per decoder segment, for the maximum-positions check: RMT reads and writes (2 m); ARMT writes.
+    DECODER_MEMORY_SLOTS = 2
+
     def __init__(
         self,
         model,
@@ -96,6 +99,7 @@ class RMTBase(nn.Module):
             raise ValueError(f"check_inputs must be True or False, got {check_inputs!r}")
         info = inspect_backbone(model)
         model = info.model  # a PeftModel's inner transformers model: the one that is called
+        k = self.DECODER_MEMORY_SLOTS
         if segment_alignment is None:
             segment_alignment = "left" if info.kind == "decoder" else "right"
         if segment_alignment not in ("left", "right"):
@@ -125,9 +129,9 @@ class RMTBase(nn.Module):
                     f"segment_size + num_mem_tokens + 3 = {input_size} exceeds the model's "
                     f"max_position_embeddings ({info.max_positions})"
                 )
-        elif info.max_positions is not None and segment_size + 2 * num_mem_tokens > info.max_positions:
+        elif info.max_positions is not None and segment_size + k * num_mem_tokens > info.max_positions:
             raise ValueError(
-                f"segment_size + 2 * num_mem_tokens = {segment_size + 2 * num_mem_tokens} exceeds the model's "
+                f"segment_size + {k} * num_mem_tokens = {segment_size + k * num_mem_tokens} exceeds the model's "
                 f"maximum positions ({info.max_positions})"
             )
         # --- then build

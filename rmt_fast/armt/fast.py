@@ -1,0 +1,194 @@
+"""FastARMT: ARMT for speed. Same constructor, forward, state and results as ReferenceARMT (up to rounding).
+
+What it does differently from the reference:
+
+* it runs the (segment, layer) cells itself: the layers as batched math over weights stacked once per call
+  (:mod:`.layers`), the memory math batched the same way (:mod:`.memory`), attention through FastRMT's
+  backend dispatch (:mod:`rmt_fast.attention`); transformers builds no mask and runs no layer;
+* ``diagonal=True`` runs every cell of an anti-diagonal of the segment x layer grid as one step
+  (:mod:`.schedule`): N + L - 1 steps instead of N x L, with the same result, in training too, at any batch
+  size, with padding masks and a short last segment (padded to the static width, :mod:`.plan`);
+* logits are computed for token slots only, the loss accumulates segment by segment, and with
+  ``return_logits=False`` the head and cross-entropy run chunk by chunk (:mod:`rmt_fast.loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import preload as preload_backend
+from ..base import memory_detached_before
+from ..compiled import compile_options
+from ..loss import linear_cross_entropy, plain_head, wants_chunked_loss
+from ..segments import decoder_plan, decoder_targets
+from . import schedule
+from .base import ARMTBase, ARMTOutput
+from .layers import StackedLayers, check_supported
+from .memory import ARMTMemoryState, read, upcast, write
+from .plan import CallPlan
+from .reference import generate_with_memory
+
+
+class FastARMT(ARMTBase):
+    """See the module docstring and the README. FastARMT-only options:
+
+    * ``diagonal``: the anti-diagonal schedule (a schedule, not a model: the state dict is the same);
+    * ``gradient_checkpointing``: keep only each step's inputs and recompute the step in backward;
+    * ``compile_step``: False, True or a dict of ``torch.compile`` keyword arguments for the per-step cell
+      function (one compile per step shape);
+    * ``cuda_graph``: not available for FastARMT; True is refused with an error.
+    """
+
+    def __init__(self, model, num_mem_tokens: int, segment_size: int, *, d_mem: int, n_heads: int = 1,
+                 use_denom: bool = True, correction: bool = True, diagonal: bool = False, bptt_depth: int = -1,
+                 attn_backend: str = "auto", gradient_checkpointing: bool = False, cuda_graph: bool = False,
+                 compile_step=False, check_inputs: bool = True):  # fmt: skip
+        for name, value in (("diagonal", diagonal), ("gradient_checkpointing", gradient_checkpointing),
+                            ("cuda_graph", cuda_graph)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if cuda_graph:
+            raise ValueError("cuda_graph=True: FastARMT does not capture its steps in CUDA graphs (not "
+                             "implemented); use cuda_graph=False")  # fmt: skip
+        compile_kwargs = compile_options(compile_step)
+        super().__init__(model, num_mem_tokens, segment_size, d_mem=d_mem, n_heads=n_heads, use_denom=use_denom,
+                         correction=correction, bptt_depth=bptt_depth, attn_backend=attn_backend,
+                         check_inputs=check_inputs)  # fmt: skip
+        check_supported(model, self.decoder_layers, model.config.model_type, self.input_size)
+        if plain_head(model) is None:
+            raise ValueError(f"model: {type(model).__name__}'s logits are not a plain linear head over the last "
+                             "hidden state (logit scaling or soft-capping is not supported by FastARMT)")
+        preload_backend(attn_backend)
+        self.diagonal = diagonal
+        self.gradient_checkpointing = gradient_checkpointing
+        self._compile_kwargs = compile_kwargs
+        self._compiled = None
+
+    def _schedule_settings(self) -> dict:
+        return {"diagonal": self.diagonal, "gradient_checkpointing": self.gradient_checkpointing}
+
+    # ----------------------------------------------------------------------------------------------- api
+    def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
+                return_logits: bool = True) -> ARMTOutput:  # fmt: skip
+        self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
+        return self._run(input_ids, attention_mask, labels, labels_mask, memory_state, return_logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, memory_state=None, **generate_kwargs):
+        """Run every segment but the last (with writes), then generate from the last segment's tokens with
+        reads on, writes off and no memory tokens (the backbone's own generate, with read hooks)."""
+        self._check_inputs(input_ids, attention_mask, None, None, memory_state)
+        start, _ = decoder_plan(input_ids.shape[1], self.segment_size, "left")[-1]
+        if start > 0:
+            head_mask = None if attention_mask is None else attention_mask[:, :start]
+            memory_state = self._run(input_ids[:, :start], head_mask, None, None, memory_state, False).memory_state
+        tail_mask = None if attention_mask is None else attention_mask[:, start:]
+        return generate_with_memory(self, input_ids[:, start:], tail_mask, memory_state, generate_kwargs)
+
+    # ----------------------------------------------------------------------------------------------- run
+    def _run(self, input_ids, attention_mask, labels, labels_mask, memory_state, return_logits):
+        b, total = input_ids.shape
+        n = self._check_decoder_length(total)
+        L, size, m = self.n_layers, self.segment_size, self.num_mem_tokens
+        segments = decoder_plan(total, size, "left")
+        targets, denom = decoder_targets(labels, labels_mask)
+        base = self._info.base_model
+        gpt2 = self.model.config.model_type == "gpt2"
+        plan = CallPlan(input_ids, attention_mask, segments, size, m, None if gpt2 else base.rotary_emb,
+                        self.memory.dtype)  # fmt: skip
+        layers = StackedLayers(self.model, self.decoder_layers, self.model.config.model_type,
+                               self.settings.attn_backend)  # fmt: skip
+        weights = tuple(torch.stack([getattr(p, name).weight for p in self.assoc]) for name in
+                        ("W_mq", "W_mk", "W_mv", "W_mb")) + (torch.stack([p.W_mb.bias for p in self.assoc]),)
+        A, z, first = self.initial_state(b, memory_state)
+        order = schedule.diagonal(n, L) if self.diagonal else schedule.sequential(n, L)
+        cells = self._cells_fn()
+        hidden: dict[int, Tensor] = {}
+        logits: list[Tensor | None] = [None] * n
+        loss_sum = None
+        for l0, segs in order:
+            xs, a_in, z_in = [], [], []
+            for g, s in enumerate(segs):
+                layer = l0 + g
+                xs.append(self._embed(plan, s, gpt2) if layer == 0 else hidden.pop(s))
+                cut = memory_detached_before(s, n, self.settings.bptt_depth)
+                a_in.append(A[layer].detach() if cut else A[layer])
+                z_in.append(z[layer].detach() if cut else z[layer])
+            firsts = [first and s == 0 for s in segs]
+            if all(firsts):
+                first_arg = True
+            elif not any(firsts):
+                first_arg = False
+            else:
+                first_arg = torch.tensor(firsts, device=input_ids.device).view(-1, 1, 1, 1, 1)
+            args = (_stack(xs), _stack(a_in), _stack(z_in), l0, plan.layout(segs), plan.rope(segs), first_arg,
+                    layers, weights)  # fmt: skip
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                y, a_out, z_out = checkpoint(cells, *args, use_reentrant=False)
+            else:
+                y, a_out, z_out = cells(*args)
+            for g, s in enumerate(segs):
+                layer = l0 + g
+                A[layer], z[layer] = a_out[g], z_out[g]
+                if layer < L - 1:
+                    hidden[s] = y[g]
+                    continue
+                seg_logits, part = self._finish(y[g], s, plan, targets, return_logits)
+                logits[s] = seg_logits
+                if part is not None:
+                    loss_sum = part if loss_sum is None else loss_sum + part
+        loss = loss_sum / denom if loss_sum is not None else None
+        out_logits = torch.cat(logits, dim=1) if return_logits else None
+        return ARMTOutput(loss=loss, logits=out_logits, memory_state=ARMTMemoryState(torch.stack(A), torch.stack(z)))
+
+    def _cells_fn(self):
+        if self._compile_kwargs is None:
+            return self.cells
+        if self._compiled is None:
+            self._compiled = torch.compile(self.cells, **self._compile_kwargs)
+        return self._compiled
+
+    def cells(self, x, A, z, l0, layout, rope, first, layers: StackedLayers, weights):
+        """One schedule step: G cells, cell g running layer l0 + g. x (G, B, S, D), A (G, B, H, dk, dv),
+        z (G, B, H, dk) -> the layers' outputs and the new A, z."""
+        w_q, w_k, w_v, w_b, b_b = (w[l0:l0 + x.shape[0]] for w in weights)
+        if first is not True:  # a stream's first segment has no memory to read
+            x = read(x, A, z, w_q, self.mem_shape)
+        y = layers.step(x, l0, layout, rope)
+        A, z = write(y[:, :, self.segment_size:], A, z, w_k, w_v, w_b, b_b, self.mem_shape, first)
+        return y, A, z
+
+    def _embed(self, plan: CallPlan, s: int, gpt2: bool) -> Tensor:
+        ids = plan.segment_ids(s)
+        x = torch.cat([self.word_embeddings(ids), self.memory.unsqueeze(0).expand(ids.shape[0], -1, -1)], dim=1)
+        if gpt2:
+            base = self._info.base_model
+            x = base.drop(x + base.wpe(plan.positions(s)))
+        return x
+
+    def _finish(self, y: Tensor, s: int, plan: CallPlan, targets, return_logits):
+        """Segment s left the last layer: final norm, LM head over its token slots, its loss part."""
+        start, length = plan.segments[s]
+        base = self._info.base_model
+        norm = base.ln_f if self.model.config.model_type == "gpt2" else base.norm
+        hidden = norm(y[:, :length])
+        head = self.model.get_output_embeddings()
+        seg_targets = None if targets is None else targets[:, start:start + length]
+        chunked = seg_targets is not None and not return_logits and wants_chunked_loss(y.shape[0], length, head)
+        if chunked:
+            return None, linear_cross_entropy(hidden, head, seg_targets)
+        if not return_logits and seg_targets is None:
+            return None, None
+        logits = head(hidden)
+        part = None
+        if seg_targets is not None:
+            part = F.cross_entropy(upcast(logits).flatten(0, 1), seg_targets.flatten(), ignore_index=-100,
+                                   reduction="sum")  # fmt: skip
+        return (logits if return_logits else None), part
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
