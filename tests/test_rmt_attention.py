@@ -47,7 +47,6 @@ rmt_attention_dropout_mask = ra.rmt_attention_dropout_mask
 rmt_attention_supported = ra.rmt_attention_supported
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_report with -s)
 
 
 @pytest.fixture(autouse=True)
@@ -65,10 +64,6 @@ def rel_err(x, ref):
     x = x.detach().to(torch.float64)
     ref = ref.detach().to(torch.float64)
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def record(dtype, err):
-    MAX_ERR[dtype] = max(MAX_ERR.get(dtype, 0.0), err)
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=0):
@@ -105,7 +100,6 @@ def check_against_reference(q, k, v, layout, *, tol, seed=1, kernel_kw=None, ref
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
         assert torch.isfinite(a).all(), f"{name} has non-finite values (unwritten?)"
         err = rel_err(a, b)
-        record(q.dtype, err)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
     return got
 
@@ -583,9 +577,3 @@ def test_check_false_skips_validation_and_gives_the_same_result():
     finally:
         ra._problem = real
     assert calls == []
-
-
-def test_zz_report():
-    """Prints the worst relative error per dtype over the tests above (visible with pytest -s)."""
-    for dtype, err in MAX_ERR.items():
-        print(f"\nmax relative error {dtype}: {err:.3g}")
