@@ -88,10 +88,9 @@ def _sites(stmt, skip):
             for i, op in enumerate(node.ops):
                 if type(op) in _SWAP:
                     yield node, "ops", i, _SWAP[type(op)](), f"{type(op).__name__} -> {_SWAP[type(op)].__name__}"
-        elif isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in _SWAP:
-            yield node, "op", None, _SWAP[type(node.op)](), f"{type(node.op).__name__} -> {_SWAP[type(node.op)].__name__}"
-        elif isinstance(node, ast.BoolOp):
-            yield node, "op", None, _SWAP[type(node.op)](), f"{type(node.op).__name__} -> {_SWAP[type(node.op)].__name__}"
+        elif isinstance(node, (ast.BinOp, ast.AugAssign, ast.BoolOp)) and type(node.op) in _SWAP:
+            swap = _SWAP[type(node.op)]
+            yield node, "op", None, swap(), f"{type(node.op).__name__} -> {swap.__name__}"
         elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
             yield node, "value", None, not node.value, f"{node.value} -> {not node.value}"
         elif isinstance(node, ast.Constant) and type(node.value) is int:
