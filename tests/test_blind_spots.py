@@ -156,3 +156,40 @@ def test_encoder_full_segments_reach_sdpa_without_a_mask(monkeypatch):
     seen.clear()
     rmt(_ids(2, 10))  # two full segments in every row: no mask anywhere
     assert len(seen) == 2 * n_layers and all(mask is None and not causal for mask, causal in seen)
+
+
+# ------------------------------------------------------------------------------ input-check boundaries
+def test_the_error_names_the_offender_not_a_valid_zero_before_it():
+    """Id 0 is a valid token: the message must point at the id out of the vocabulary, not at the 0."""
+    torch.manual_seed(0)
+    rmt = FastRMT(DECODERS["gpt2"](), 2, 6)
+    ids = _ids(2, 8)
+    ids[0, 0], ids[1, 3] = 0, VOCAB
+    with pytest.raises(ValueError, match=rf"input_ids holds {VOCAB} at row 1, position 3"):
+        rmt(ids)
+
+
+def test_label_classes_follow_the_head():
+    from rmt_fast.input_checks import label_classes
+
+    ids = _ids(2, 8)
+    torch.manual_seed(0)
+    decoder = DECODERS["llama"]()
+    decoder.lm_head = torch.nn.Linear(32, VOCAB + 4, bias=False)  # a head wider than the input vocabulary
+    assert label_classes(decoder, "decoder", ids, ids) == (VOCAB + 4, "the vocabulary")
+    import transformers as tf
+    from models import _bert_cfg
+
+    regression = tf.BertForSequenceClassification(_bert_cfg(num_labels=1))  # transformers: num_labels=1 regresses
+    assert label_classes(regression, "encoder", ids, torch.tensor([3, 5])) is None
+    two = tf.BertForSequenceClassification(_bert_cfg(num_labels=2))
+    assert label_classes(two, "encoder", ids, torch.tensor([0, 1])) == (2, "num_labels")
+
+
+def test_ignored_labels_never_count_as_out_of_range():
+    from rmt_fast.input_checks import check_values
+
+    ids = _ids(1, 3)
+    check_values(ids, VOCAB, labels=torch.tensor([[-100, 0, -100]]), classes=(1, "num_labels"))
+    with pytest.raises(ValueError, match="labels"):
+        check_values(ids, VOCAB, labels=torch.tensor([[-100, 1, -100]]), classes=(1, "num_labels"))
