@@ -193,3 +193,16 @@ def test_ignored_labels_never_count_as_out_of_range():
     check_values(ids, VOCAB, labels=torch.tensor([[-100, 0, -100]]), classes=(1, "num_labels"))
     with pytest.raises(ValueError, match="labels"):
         check_values(ids, VOCAB, labels=torch.tensor([[-100, 1, -100]]), classes=(1, "num_labels"))
+
+
+def test_mask_errors_name_the_offender_and_float_zeros_pass():
+    torch.manual_seed(0)
+    rmt = FastRMT(DECODERS["gpt2"](), 2, 6)
+    ids = _ids(2, 8)
+    mask = torch.ones(2, 8)
+    mask[0, 1] = 0.0  # a float mask of 0 and 1 is a valid mask
+    assert rel(rmt(ids, attention_mask=mask).logits, rmt(ids, attention_mask=mask.bool()).logits) == 0
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[0, 1], mask[1, 4] = 0, 2
+    with pytest.raises(ValueError, match=r"attention_mask holds 2 at row 1, position 4"):
+        rmt(ids, attention_mask=mask)
