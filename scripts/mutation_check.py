@@ -217,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--target", action="append", choices=sorted(TARGETS), help="default: all")
     ap.add_argument("--exclude", action="append", default=[], help="a test file left out of every selection")
     ap.add_argument("--only", action="append", default=[], help="run only these test files (of the selection)")
+    ap.add_argument("--tests", action="append", default=[], help="replace every selection with these tests")
     ap.add_argument("--rerun", help="a JSON record: run only its survivors")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant")
     ap.add_argument("--json", help="write the record here")
@@ -237,7 +238,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     def selection(target):
-        tests = [t for t in TARGETS[target][3] if t.split("::")[0] not in args.exclude]
+        tests = [t for t in args.tests or TARGETS[target][3] if t.split("::")[0] not in args.exclude]
         if args.only:
             tests = [t for t in tests if t.split("::")[0] in args.only]
         return tests

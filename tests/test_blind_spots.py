@@ -206,3 +206,16 @@ def test_mask_errors_name_the_offender_and_float_zeros_pass():
     mask[0, 1], mask[1, 4] = 0, 2
     with pytest.raises(ValueError, match=r"attention_mask holds 2 at row 1, position 4"):
         rmt(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_decoder_mask_hiding_the_first_token_of_every_row(name):
+    """Every row sees tokens 1.. of each segment: one visible run that does not start at 0, so the mask must
+    reach attention (it is not 'all ones')."""
+    ref, fast = pair(DECODERS[name], 2, 6)
+    ids = _ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0
+    mask[:, 6] = 0
+    assert_equivalent(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)),
+                      TOL)  # fmt: skip
