@@ -67,7 +67,8 @@ def decoder_cases(draw, min_segments=1):
     size = draw(st.integers(2, 6))
     m = draw(st.integers(0, 3))
     b = draw(st.integers(1, 3))
-    length = draw(st.integers(max(2, (min_segments - 1) * size + 1), 4 * size))
+    n_seg = draw(st.integers(min_segments, 5))  # drawn first, so multi-segment cases (BPTT, streaming) are common
+    length = draw(st.integers(max(2, (n_seg - 1) * size + 1), n_seg * size))
     alignment = draw(st.sampled_from(["left", "right"]))
     n = len(decoder_plan(length, size, alignment))
     extra = draw(st.sampled_from([None, 0, 2]))
@@ -131,8 +132,10 @@ def test_decoder_streamed_equals_one_call(backbones, case):
 def encoder_cases(draw):
     size = draw(st.integers(2, 6))
     b = draw(st.integers(1, 3))
-    width = draw(st.integers(1, 4 * size))
-    rows = [draw(st.integers(1, width)) for _ in range(b)]  # content tokens per row
+    n_seg = draw(st.integers(1, 5))  # the longest row's segments, drawn first so that BPTT cases are common
+    width = draw(st.integers((n_seg - 1) * size + 1, n_seg * size))
+    rows = [width] + [draw(st.integers(1, width)) for _ in range(b - 1)]  # content tokens per row
+    rows = draw(st.permutations(rows))
     return dict(name=draw(st.sampled_from(["bert_cls", "bert_mlm"])), size=size, m=draw(st.integers(0, 3)), b=b,
                 width=width, rows=rows, pad_side=draw(st.sampled_from(["left", "right"])),
                 specials=draw(st.booleans()), alignment=draw(st.sampled_from(["left", "right"])),
