@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> (file, module, top-level names to mutate (None: every function and class), pytest selection)
 TARGETS = {
     "segments": ("rmt_fast/segments.py", "rmt_fast.segments", None,
-                 ["tests/test_equivalence.py", "tests/test_attention_seam.py", "tests/test_blind_spots.py",
-                  "tests/test_properties.py"]),
+                 ["tests/test_equivalence.py", "tests/test_attention_seam.py", "tests/test_errors.py",
+                  "tests/test_blind_spots.py", "tests/test_properties.py"]),
     "bptt_rule": ("rmt_fast/base.py", "rmt_fast.base", ["memory_detached_before"],
                   ["tests/test_reference.py", "tests/test_equivalence.py::test_bptt_depth_matches_reference",
                    "tests/test_blind_spots.py", "tests/test_properties.py"]),
