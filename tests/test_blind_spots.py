@@ -219,3 +219,18 @@ def test_decoder_mask_hiding_the_first_token_of_every_row(name):
     mask[:, 6] = 0
     assert_equivalent(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)),
                       TOL)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ mask_runs
+@pytest.mark.parametrize("row, start, end, holes", [
+    ([0, 1, 1, 0], 1, 3, False), ([1, 0, 1, 1], 0, 4, True), ([0, 0, 0, 0], 0, 0, False),
+    ([1, 1, 1, 1], 0, 4, False), ([0, 0, 0, 1], 3, 4, False), ([1, 0, 0, 0], 0, 1, False),
+    ([0, 1, 0, 1], 1, 4, True)])  # fmt: skip
+def test_mask_runs_hand_written(row, start, end, holes):
+    """A wrong 'holes' verdict would only move a mask from the kernel to SDPA, which equivalence cannot see."""
+    from rmt_fast.kernels.layout import mask_runs
+
+    for mask in (torch.tensor([row]), torch.tensor([row]).bool(), torch.tensor([[row], [row]])):
+        s, e, h = mask_runs(mask)
+        assert s.shape == e.shape == h.shape == mask.shape[:-1] and s.dtype == e.dtype == torch.int32
+        assert (s == start).all() and (e == end).all() and (h == holes).all(), (row, s, e, h)
