@@ -49,6 +49,10 @@ class RMTSettings:
 def memory_detached_before(segment: int, n_segments: int, bptt_depth: int) -> bool:
     """The truncated-BPTT rule shared by FastRMT and ReferenceRMT.
 
+    ``segment`` and ``n_segments`` count the segments that run: an encoder segment that is empty in every row
+    (rows shorter than ``max_n_segments`` start with empty segments) is skipped and takes no number, so
+    ``segment = 0`` is the first segment that runs and its memory is the initial one.
+
     ``bptt_depth = k >= 0``: the memory entering segment t (t >= 1) is detached when
     ``(n - 1 - t) % (k + 1) == k``, i.e. every k + 1 segments counted back from the last one. So the gradient of
     any segment's loss reaches the memory through at most k transitions, the last segment's loss through

@@ -185,8 +185,8 @@ class FastRMT(RMTBase):
             if graphed is not None:
                 return graphed
         losses, logits = [], None
-        for t, seg in enumerate(plan.segments):
-            if memory_detached_before(t, plan.n_segments, st.bptt_depth):
+        for t, seg in enumerate(plan.segments):  # only the segments that run: the BPTT rule counts these
+            if memory_detached_before(t, len(plan.segments), st.bptt_depth):
                 memory = memory.detach()
             if seg.rows is None:
                 out, memory = self._call(self.encoder_step, seg.ids, memory, seg.counts, seg.labels)

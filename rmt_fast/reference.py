@@ -141,12 +141,11 @@ class ReferenceRMT(RMTBase):
         per_sample = [[None] * (n - len(p)) + p for p in per_sample]
         memory = self.initial_memory(input_ids.shape[0], memory_state).clone()
         losses, out = [], None
-        for t in range(n):
-            if memory_detached_before(t, n, st.bptt_depth):
+        running = [t for t in range(n) if any(p[t] is not None for p in per_sample)]  # segments empty in every
+        for i, t in enumerate(running):  # row are skipped, and the BPTT rule counts only the ones that run
+            if memory_detached_before(i, len(running), st.bptt_depth):
                 memory = memory.detach()
             non_empty = [p[t] is not None for p in per_sample]
-            if not any(non_empty):
-                continue
             rows = torch.tensor(non_empty, device=input_ids.device)
             ids = torch.stack([p[t][0] for p in per_sample if p[t] is not None])
             attention_mask = (ids != st.pad_token_id).long()

@@ -50,8 +50,8 @@ class EncoderSegment:
 
 @dataclass
 class EncoderPlan:
-    n_segments: int
-    segments: list[EncoderSegment]
+    n_segments: int  # the grid: max_n_segments, or the longest row's segment count
+    segments: list[EncoderSegment]  # the segments that run (those empty in every row are left out)
 
 
 def encoder_plan(input_ids: Tensor, labels: Tensor | None, st, input_size: int, m: int) -> EncoderPlan:

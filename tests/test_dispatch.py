@@ -122,11 +122,31 @@ def test_load_table_file_and_bad_json(tmp_path):
         dispatch.load_table(path)
 
 
-def test_the_committed_tables_are_valid_and_measured():
-    for path in sorted(dispatch.TUNED_DIR.glob("*.json")):
-        table = dispatch.load_table(path)
-        assert table.measured and table.arch == path.stem, path
-        assert table.provenance.get("git_sha") and table.devices, f"{path}: provenance missing"
+def _check_committable(path):
+    """What a table must be to live in kernels/tuned/: valid, measured, named after its architecture, with
+    the commit and the devices it was measured on."""
+    table = dispatch.load_table(path)
+    assert table.measured and table.arch == path.stem, path
+    assert table.provenance.get("git_sha") and table.devices, f"{path}: provenance missing"
+
+
+@pytest.mark.parametrize("path", sorted(dispatch.TUNED_DIR.glob("*.json")) or [None], ids=str)
+def test_the_committed_tables_are_valid_and_measured(path):
+    if path is None:
+        pytest.skip(f"no dispatch table is committed in {dispatch.TUNED_DIR} (auto means SDPA everywhere)")
+    _check_committable(path)
+
+
+def test_the_committed_table_check_accepts_a_good_table_and_refuses_bad_ones(tmp_path):
+    good = _table([_entry()])
+    good["provenance"] = {"tool": "tests", "git_sha": "0123abc"}
+    (tmp_path / "sm90.json").write_text(json.dumps(good))
+    _check_committable(tmp_path / "sm90.json")
+    for name, change in (("sm90", dict(measured=False)), ("sm80", {}), ("sm90", dict(provenance={})),
+                         ("sm90", dict(devices=[]))):  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(AssertionError):
+            _check_committable(tmp_path / f"{name}.json")
 
 
 def test_read_for_arch_skips_unmeasured_and_foreign_tables(tmp_path, monkeypatch):

@@ -46,7 +46,6 @@ rmt_attention_dropout_mask = ta.rmt_attention_dropout_mask
 rmt_attention_supported = ta.rmt_attention_supported
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-MAX_ERR: dict = {}  # dtype -> worst relative error seen (printed by test_zz_report with -s)
 
 
 @pytest.fixture(autouse=True)
@@ -58,10 +57,6 @@ def _poison_buffers(monkeypatch):
 
     monkeypatch.setattr(ta, "_empty", nan_empty)
     monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", (16, 16))
-
-
-def record(dtype, err):
-    MAX_ERR[dtype] = max(MAX_ERR.get(dtype, 0.0), err)
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=0):
@@ -98,7 +93,6 @@ def check_against_reference(q, k, v, layout, *, tol, seed=1, kernel_kw=None, ref
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
         assert torch.isfinite(a).all(), f"{name} has non-finite values (unwritten?)"
         err = rel_err(a, b)
-        record(q.dtype, err)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
     return got
 
@@ -576,9 +570,3 @@ def test_check_false_skips_validation_and_gives_the_same_result():
     finally:
         ta._problem = real
     assert calls == []
-
-
-def test_zz_report():
-    """Prints the worst relative error per dtype over the tests above (visible with pytest -s)."""
-    for dtype, err in MAX_ERR.items():
-        print(f"\nmax relative error {dtype}: {err:.3g}")
