@@ -12,6 +12,7 @@ from armt_helpers import assert_equivalent, ids, randomize_memory, run
 from models import gpt2, llama, rel
 
 from rmt_fast import FastARMT, ReferenceARMT
+from rmt_fast.armt.layers import StackedLayers
 
 peft = pytest.importorskip("peft")
 
@@ -60,6 +61,9 @@ def test_fast_equals_reference_on_a_lora_model(factory, diagonal):
     assert lora and all(q.grad is not None and q.grad.abs().max() > 0 for q in lora.values())
     frozen = [n for n, q in fast.named_parameters() if not q.requires_grad]
     assert frozen and all(fast.get_parameter(n).grad is None for n in frozen)
+    stacked = StackedLayers(fast.model, fast.decoder_layers, fast.model.config.model_type, "sdpa")
+    assert not stacked.w["qkv_w"].requires_grad and not stacked.w["down_w"].requires_grad  # frozen base stacks
+    assert all(t[1].requires_grad and t[2].requires_grad for t in stacked.lora.terms["qkv"])
     # the adapter matters: without it the logits move (so the comparison above can fail)
     with fast.peft_model.disable_adapter(), torch.no_grad():
         bare = fast(inputs["input_ids"]).logits

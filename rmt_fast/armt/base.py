@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from ..base import BACKBONE_DIR, RMT_CONFIG_NAME, RMT_MEMORY_NAME, RMTBase, _shape
-from ..peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, load_adapter, save_adapter
 from ..input_checks import _finite_check, _run
+from ..peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, load_adapter, save_adapter
 from .memory import ARMTMemoryState, AssocParams, MemoryShape
 
 ARMT_LAYERS_NAME = "armt_layers.pt"

@@ -90,13 +90,13 @@ class StackedLoRA:
             terms = []
             for j in range(len(sizes[proj])):
                 found: dict[str, list] = {}  # adapter -> per layer (A, B, scaling, p) or None
-                for l, parts in enumerate(per_layer):
+                for i, parts in enumerate(per_layer):
                     path, module = parts[j]
-                    where = f"layer {l}'s {path}"
+                    where = f"layer {i}'s {path}"
                     for name in _active_terms(module, where):
                         entry = (module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
                                  _dropout_p(module.lora_dropout[name], where))  # fmt: skip
-                        found.setdefault(name, [None] * len(per_layer))[l] = entry
+                        found.setdefault(name, [None] * len(per_layer))[i] = entry
                 for name, entries in found.items():
                     terms.append((j, *self._stack(entries, name)))
             if terms:
