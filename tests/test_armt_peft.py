@@ -212,3 +212,21 @@ def test_disabled_while_merged_is_refused_at_the_call():
     p.base_model.disable_adapter_layers()
     with pytest.raises(ValueError, match="unmerge_adapter"):
         fast(ids(1, 10))
+
+
+def test_bf16_base_with_fp32_adapter_matches_peft():
+    """peft keeps LoRA weights in fp32 over a bf16 base: the term is computed in fp32 and cast back, as peft does."""
+    torch.manual_seed(0)
+    p = peft.get_peft_model(llama().to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                                         init_lora_weights=False))  # fmt: skip
+    assert {q.dtype for n, q in p.named_parameters() if "lora_" in n} == {torch.float32}
+    ref = ReferenceARMT(copy.deepcopy(p), 3, 8, d_mem=32)
+    randomize_memory(ref)
+    fast = FastARMT(copy.deepcopy(p), 3, 8, d_mem=32, diagonal=True)
+    fast.load_state_dict(ref.state_dict())
+    inputs = {"input_ids": ids(2, 21), "labels": ids(2, 21, seed=2)}
+    a, b = run(ref, inputs), run(fast, inputs)
+    assert b.logits.dtype == torch.bfloat16 and b.memory_state.A.dtype == torch.bfloat16
+    assert rel(b.logits, a.logits) <= 2e-2 and rel(b.memory_state.A, a.memory_state.A) <= 2e-2
+    grads = {n: q.grad for n, q in ref.named_parameters() if "lora_" in n}
+    assert all(rel(q.grad, grads[n]) <= 5e-2 for n, q in fast.named_parameters() if "lora_" in n)
