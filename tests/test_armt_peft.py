@@ -73,17 +73,21 @@ def test_fast_equals_reference_on_a_lora_model(factory, diagonal):
 PATTERNS = {"rank_pattern": {"layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"layers.0.mlp.down_proj": 5}}
 
 
-@pytest.mark.parametrize("state", ["merged", "disabled", "eval-dropout", "two-adapters", "patterns", "one-layer"])
+STATES = ["merged", "disabled", "eval-dropout", "two-adapters", "patterns", "one-layer", "checkpointed"]
+
+
+@pytest.mark.parametrize("state", STATES)
 def test_adapter_states_match_peft(state):
     """Merged (adds nothing), disabled, dropout in eval (identity), two active adapters of different ranks,
-    per-layer ranks and scalings, an adapter on one layer only (the other layer's stack is zero). In float64:
+    per-layer ranks and scalings, an adapter on one layer only (the other layer's stack is zero), FastARMT's
+    gradient checkpointing. In float64:
     exact up to 1e-10, so a rounding-sized error cannot hide behind the fp32 tolerance."""
     cfg = {"lora_dropout": 0.2} if state == "eval-dropout" else {}
     if state == "patterns":
         cfg = PATTERNS
     elif state == "one-layer":
         cfg = {"layers_to_transform": [1]}
-    ref, fast = _pair(llama, fast_kw={"diagonal": True}, **cfg)
+    ref, fast = _pair(llama, fast_kw={"diagonal": True, "gradient_checkpointing": state == "checkpointed"}, **cfg)
     if state == "two-adapters":
         for armt in (ref, fast):
             armt.peft_model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"],

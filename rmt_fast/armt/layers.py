@@ -8,7 +8,8 @@ weights stay the only resident copy). A step over the consecutive layers ``l0 ..
 :class:`~rmt_fast.kernels.layout.SegmentLayout` over the G x B rows.
 
 The math is the transformers layers' (same ops and dtypes; only the matmuls are batched), so the result equals
-calling the layers one by one up to rounding; tests compare it with ReferenceARMT, which calls them.
+calling the layers one by one up to rounding; tests compare it with ReferenceARMT, which calls them. A peft LoRA
+projection contributes its base layer's weights to the stack and its LoRA terms through :mod:`.lora`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def _check_plain_projections(layers, model_type: str) -> None:
                 _active_terms(module, f"layer {i}'s {path}")
 
 
+def _cat(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _stack(tensors, transpose=False):
     return torch.stack([t.transpose(0, 1) if transpose else t for t in tensors])
 
@@ -122,10 +127,10 @@ class StackedLayers:
                 w[name + "_w"] = _stack([parts[0].weight for parts in bases])
                 sizes[name] = [bases[0][0].weight.shape[1]]
             else:
-                w[name + "_w"] = _stack([torch.cat([b.weight for b in parts]) for parts in bases], True)
+                w[name + "_w"] = _stack([_cat([b.weight for b in parts]) for parts in bases], True)
                 sizes[name] = [b.weight.shape[0] for b in bases[0]]
             if bases[0][0].bias is not None:
-                w[name + "_b"] = _stack([torch.cat([b.bias for b in parts]) for parts in bases])
+                w[name + "_b"] = _stack([_cat([b.bias for b in parts]) for parts in bases])
         self.lora = StackedLoRA(modules, sizes, self.training)
 
     # ------------------------------------------------------------------------------------------- pieces
