@@ -120,6 +120,15 @@ def test_lora_dropout_in_training_is_applied():
     assert rel(b, a) > 1e-4 and rel(c, b) > 1e-4
 
 
+def test_generate_on_a_lora_model():
+    ref, fast = _pair(llama)
+    x = ids(2, 20)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    a, b = ref.generate(x, **kw), fast.generate(x, **kw)
+    assert torch.equal(a, b)
+    assert torch.equal(b[:, 0], fast(x).logits[:, -1].argmax(-1))  # the adapter runs in generate's prompt step
+
+
 # ------------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("factory", [gpt2, llama])
 def test_one_adamw_step_trains_the_adapter_and_memory_only(factory):
