@@ -91,7 +91,7 @@ def test_fast_only_options():
 
 
 def test_wrapped_projections_are_refused():
-    """A projection FastARMT cannot read (here: a subclass standing in for a LoRA layer) is an error, not dropped."""
+    """A projection FastARMT cannot read (a subclass standing in for a quantized linear) is an error, not dropped."""
     model = DECODERS["llama"]()
 
     class Wrapped(torch.nn.Linear):

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from ..base import BACKBONE_DIR, RMT_CONFIG_NAME, RMT_MEMORY_NAME, RMTBase, _shape
 from ..input_checks import _finite_check, _run
+from ..peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, load_adapter, save_adapter
 from .memory import ARMTMemoryState, AssocParams, MemoryShape
 
 ARMT_LAYERS_NAME = "armt_layers.pt"
@@ -79,7 +80,7 @@ class ARMTBase(RMTBase):
         self.armt_settings = ARMTSettings(d_mem, n_heads, use_denom, correction)
         self.mem_shape = MemoryShape(self.hidden_size, d_mem, n_heads, use_denom, correction)
         self.layers_attr = FAMILIES[model_type]
-        layers = _get(model, self.layers_attr)
+        layers = self.decoder_layers
         weight = self.word_embeddings.weight
         self.assoc = nn.ModuleList(AssocParams(self.hidden_size, d_mem, n_heads, dtype=weight.dtype,
                                                device=weight.device) for _ in layers)  # fmt: skip
@@ -137,10 +138,11 @@ class ARMTBase(RMTBase):
     def load_reference_state_dict(self, state_dict: dict, strict: bool = True):
         """Load the published ``AssociativeRecurrentWrapper``'s state dict: ``memory_cell.memory``, the wrapped
         layers' ``memory_cell.model.<layers>.<l>.layer.*`` and memory projections ``...<l>.W_mq.weight`` etc.,
-        and the rest of the backbone under ``memory_cell.model.``."""
+        and the rest of the backbone under ``memory_cell.model.``. Over a PEFT model the backbone keys are the
+        published wrapper's around a PeftModel (``memory_cell.model.base_model.model.<layers>...``)."""
         own = self.model.state_dict()
         own_assoc = self.assoc.state_dict()
-        prefix = "memory_cell.model."
+        prefix = "memory_cell.model." + (PEFT_KEY_PREFIX if self.peft_model is not None else "")
         layers_prefix = prefix + self.layers_attr + "."
         backbone, assoc, memory, unknown = {}, {}, None, []
         for key, value in state_dict.items():
@@ -181,8 +183,16 @@ class ARMTBase(RMTBase):
         return {}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Write ``dir/rmt_config.json`` (the settings), ``dir/rmt_memory.pt`` (the memory tokens),
+        ``dir/armt_layers.pt`` (the memory projections) and the backbone: ``dir/backbone`` (transformers'
+        ``save_pretrained``), or over a PEFT model ``dir/adapter`` (peft's: the adapter only, no base weights)."""
         os.makedirs(save_directory, exist_ok=True)
-        self._backbone_for_saving().save_pretrained(os.path.join(save_directory, BACKBONE_DIR), **kwargs)
+        extra = {}
+        if self.peft_model is not None:
+            save_adapter(self.peft_model, save_directory, **kwargs)
+            extra = {"peft_adapter": ADAPTER_DIR, "backbone_class": type(self.model).__name__}
+        else:
+            self._backbone_for_saving().save_pretrained(os.path.join(save_directory, BACKBONE_DIR), **kwargs)
         torch.save(self.memory.detach().cpu(), os.path.join(save_directory, RMT_MEMORY_NAME))
         torch.save({k: v.detach().cpu() for k, v in self.assoc.state_dict().items()},
                    os.path.join(save_directory, ARMT_LAYERS_NAME))  # fmt: skip
@@ -190,32 +200,44 @@ class ARMTBase(RMTBase):
         config = {"class": type(self).__name__, "num_mem_tokens": st.num_mem_tokens,
                   "segment_size": st.segment_size, "bptt_depth": st.bptt_depth, "attn_backend": st.attn_backend,
                   "check_inputs": st.check_inputs, **asdict(self.armt_settings),
-                  **self._schedule_settings()}  # fmt: skip
+                  **self._schedule_settings(), **extra}  # fmt: skip
         with open(os.path.join(save_directory, RMT_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, save_directory: str | os.PathLike, *, model_kwargs: dict | None = None,
-                        **overrides):  # fmt: skip
+                        base_model=None, is_trainable: bool = False, **overrides):  # fmt: skip
         """Load a saved ARMT; ``overrides`` replace saved settings (e.g. ``diagonal=True``: a schedule, so any
-        checkpoint loads under either), ``model_kwargs`` go to the backbone's ``from_pretrained``."""
+        checkpoint loads under either), ``model_kwargs`` go to the backbone's ``from_pretrained``.
+
+        A PEFT checkpoint (``dir/adapter``) holds no base weights: ``base_model`` is the transformers model the
+        adapter was trained on (or its path / hub name, or None for the one adapter_config.json names);
+        ``is_trainable`` is peft's (False: adapter, memory tokens and memory projections load frozen), as in
+        :meth:`rmt_fast.base.RMTBase.from_pretrained`."""
         import transformers
 
         with open(os.path.join(save_directory, RMT_CONFIG_NAME)) as f:
             settings = json.load(f)
         settings.pop("class", None)
+        adapter, backbone_class = settings.pop("peft_adapter", None), settings.pop("backbone_class", None)
         accepted = inspect.signature(cls.__init__).parameters
         for key in _SCHEDULE_KEYS:  # a schedule is not a model: FastARMT's settings do not bind ReferenceARMT
             if key not in accepted:
                 settings.pop(key, None)
         settings.update(overrides)
-        path = os.path.join(save_directory, BACKBONE_DIR)
-        config = transformers.AutoConfig.from_pretrained(path)
-        arch = (config.architectures or [None])[0]
-        model_cls = getattr(transformers, arch, None) if arch else None
-        if model_cls is None:
-            raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
-        model = model_cls.from_pretrained(path, **(model_kwargs or {}))
+        if adapter is not None:
+            model = load_adapter(save_directory, base_model, backbone_class, is_trainable, model_kwargs or {})
+        else:
+            if base_model is not None or is_trainable:
+                raise ValueError(f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
+                                 "adapter; they apply to PEFT checkpoints only")  # fmt: skip
+            path = os.path.join(save_directory, BACKBONE_DIR)
+            config = transformers.AutoConfig.from_pretrained(path)
+            arch = (config.architectures or [None])[0]
+            model_cls = getattr(transformers, arch, None) if arch else None
+            if model_cls is None:
+                raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
+            model = model_cls.from_pretrained(path, **(model_kwargs or {}))
         m, size = settings.pop("num_mem_tokens"), settings.pop("segment_size")
         armt = cls(model, m, size, **settings)
         memory = torch.load(os.path.join(save_directory, RMT_MEMORY_NAME), map_location="cpu", weights_only=True)
@@ -223,4 +245,7 @@ class ARMTBase(RMTBase):
         with torch.no_grad():
             armt.memory.copy_(memory.to(armt.memory.dtype))
         armt.assoc.load_state_dict(layers)
+        if adapter is not None:
+            armt.memory.requires_grad_(is_trainable)
+            armt.assoc.requires_grad_(is_trainable)
         return armt

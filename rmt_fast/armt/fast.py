@@ -57,9 +57,9 @@ class FastARMT(ARMTBase):
         super().__init__(model, num_mem_tokens, segment_size, d_mem=d_mem, n_heads=n_heads, use_denom=use_denom,
                          correction=correction, bptt_depth=bptt_depth, attn_backend=attn_backend,
                          check_inputs=check_inputs)  # fmt: skip
-        check_supported(model, self.decoder_layers, model.config.model_type, self.input_size)
-        if plain_head(model) is None:
-            raise ValueError(f"model: {type(model).__name__}'s logits are not a plain linear head over the last "
+        check_supported(self.model, self.decoder_layers, self.model.config.model_type, self.input_size)
+        if plain_head(self.model) is None:
+            raise ValueError(f"model: {type(self.model).__name__}'s logits are not a plain linear head over the last "
                              "hidden state (logit scaling or soft-capping is not supported by FastARMT)")
         preload_backend(attn_backend)
         self.diagonal = diagonal

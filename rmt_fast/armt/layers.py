@@ -8,7 +8,8 @@ weights stay the only resident copy). A step over the consecutive layers ``l0 ..
 :class:`~rmt_fast.kernels.layout.SegmentLayout` over the G x B rows.
 
 The math is the transformers layers' (same ops and dtypes; only the matmuls are batched), so the result equals
-calling the layers one by one up to rounding; tests compare it with ReferenceARMT, which calls them.
+calling the layers one by one up to rounding; tests compare it with ReferenceARMT, which calls them. A peft LoRA
+projection contributes its base layer's weights to the stack and its LoRA terms through :mod:`.lora`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from torch import Tensor
 
 from ..attention import ActiveSegment, run_backend
 from ..kernels.layout import SegmentLayout
+from .lora import StackedLoRA, _active_terms, base_projection
 
-_GPT2_PARAMS = {"ln1_w": "ln_1.weight", "ln1_b": "ln_1.bias", "qkv_w": "attn.c_attn.weight",
-                "qkv_b": "attn.c_attn.bias", "o_w": "attn.c_proj.weight", "o_b": "attn.c_proj.bias",
-                "ln2_w": "ln_2.weight", "ln2_b": "ln_2.bias", "up_w": "mlp.c_fc.weight", "up_b": "mlp.c_fc.bias",
-                "down_w": "mlp.c_proj.weight", "down_b": "mlp.c_proj.bias"}  # fmt: skip
+_GPT2_PARAMS = {"ln1_w": "ln_1.weight", "ln1_b": "ln_1.bias", "ln2_w": "ln_2.weight", "ln2_b": "ln_2.bias"}
+_GPT2_PROJ = {"qkv": ("attn.c_attn",), "o": ("attn.c_proj",), "up": ("mlp.c_fc",), "down": ("mlp.c_proj",)}
+_LLAMA_PROJ = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+               "up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}  # fmt: skip
 _LLAMA_LAYERS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "mistral": "MistralDecoderLayer"}
 
 
@@ -52,25 +54,30 @@ def check_supported(model, layers, model_type: str, seq_len: int) -> None:
                          f"(segment_size + num_mem_tokens = {seq_len}); FastARMT needs full attention per segment")
 
 
-def _check_plain_projections(layers, model_type: str) -> None:
-    """The batched math reads the projections' weights directly: a wrapped projection (a PEFT LoRA layer, a
-    quantized linear) would be silently dropped, so it is an error."""
+def _projection_modules(model_type: str):
+    """name -> the module paths whose outputs the batched projection concatenates, and the plain layer type."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     if model_type == "gpt2":
-        names, kind = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), Conv1D
-    else:
-        names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-        kind = nn.Linear
+        return _GPT2_PROJ, Conv1D
+    return _LLAMA_PROJ, nn.Linear
+
+
+def _check_plain_projections(layers, model_type: str) -> None:
+    """The batched math reads the projections' weights directly, and adds peft LoRA terms itself
+    (:mod:`.lora`): any other wrapped projection (another tuner, a quantized linear) is an error."""
+    table, kind = _projection_modules(model_type)
     for i, layer in enumerate(layers):
-        for name in names:
-            module = layer.get_submodule(name)
-            if type(module) is not kind:
-                raise ValueError(f"model: layer {i}'s {name} is a {type(module).__name__}, not a plain "
-                                 f"{kind.__name__}: FastARMT's batched layers read the weights directly (for a "
-                                 "PEFT model, merge the adapter first: merge_and_unload())")  # fmt: skip
+        for paths in table.values():
+            for path in paths:
+                module = layer.get_submodule(path)
+                base_projection(module, kind, f"layer {i}'s {path}")
+                _active_terms(module, f"layer {i}'s {path}")
+
+
+def _cat(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _stack(tensors, transpose=False):
@@ -104,31 +111,35 @@ class StackedLayers:
             self.act = first.mlp.act_fn
             w["ln1_w"] = _stack([layer.input_layernorm.weight for layer in layers])
             w["ln2_w"] = _stack([layer.post_attention_layernorm.weight for layer in layers])
-            w["qkv_w"] = _stack([torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                                            layer.self_attn.v_proj.weight]) for layer in layers], True)  # fmt: skip
-            if first.self_attn.q_proj.bias is not None:
-                w["qkv_b"] = _stack([torch.cat([layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias,
-                                                layer.self_attn.v_proj.bias]) for layer in layers])  # fmt: skip
-            w["o_w"] = _stack([layer.self_attn.o_proj.weight for layer in layers], True)
-            if first.self_attn.o_proj.bias is not None:
-                w["o_b"] = _stack([layer.self_attn.o_proj.bias for layer in layers])
-            w["up_w"] = _stack([torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
-                                for layer in layers], True)  # fmt: skip
-            if first.mlp.gate_proj.bias is not None:
-                w["up_b"] = _stack([torch.cat([layer.mlp.gate_proj.bias, layer.mlp.up_proj.bias]) for layer in layers])
-            w["down_w"] = _stack([layer.mlp.down_proj.weight for layer in layers], True)
-            if first.mlp.down_proj.bias is not None:
-                w["down_b"] = _stack([layer.mlp.down_proj.bias for layer in layers])
+        self._stack_projections(layers, model_type, w)
         self.w = w
+
+    def _stack_projections(self, layers, model_type: str, w: dict) -> None:
+        """Each projection's base weights (concatenated parts, as (in, out)) and biases, and its LoRA terms."""
+        table, kind = _projection_modules(model_type)
+        modules = {name: [[(path, layer.get_submodule(path)) for path in paths] for layer in layers]
+                   for name, paths in table.items()}  # fmt: skip
+        sizes = {}
+        for name, per_layer in modules.items():
+            bases = [[base_projection(m, kind, f"layer {i}'s {path}") for path, m in parts]
+                     for i, parts in enumerate(per_layer)]  # fmt: skip
+            if self.gpt2:  # Conv1D: weight (in, out)
+                w[name + "_w"] = _stack([parts[0].weight for parts in bases])
+                sizes[name] = [bases[0][0].weight.shape[1]]
+            else:
+                w[name + "_w"] = _stack([_cat([b.weight for b in parts]) for parts in bases], True)
+                sizes[name] = [b.weight.shape[0] for b in bases[0]]
+            if bases[0][0].bias is not None:
+                w[name + "_b"] = _stack([_cat([b.bias for b in parts]) for parts in bases])
+        self.lora = StackedLoRA(modules, sizes, self.training)
 
     # ------------------------------------------------------------------------------------------- pieces
     def _linear(self, x: Tensor, name: str, sl: slice) -> Tensor:
-        """x (G, R, in) @ W[sl] (G, in, out) (+ bias) -> (G, R, out)."""
+        """x (G, R, in) @ W[sl] (G, in, out) (+ bias) (+ the LoRA terms) -> (G, R, out)."""
         weight = self.w[name + "_w"][sl]
         bias = self.w.get(name + "_b")
-        if bias is None:
-            return torch.bmm(x, weight)
-        return torch.baddbmm(bias[sl].unsqueeze(1), x, weight)
+        y = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias[sl].unsqueeze(1), x, weight)
+        return self.lora.add(y, x, name, sl)
 
     def _norm(self, x: Tensor, name: str, sl: slice) -> Tensor:
         weight = self.w[name + "_w"][sl].unsqueeze(1)
