@@ -118,7 +118,8 @@ def measure(ctx, case: dict, state: dict) -> dict:
     n = case["tokens"]
     p = presets.preset(s.model)
     info = {"model": s.model, "layers": p.layers, "hidden": p.hidden, "segment": s.segment, "mem": s.mem,
-            "d_mem": s.d_mem, "dtype": s.dtype, "segments": -(-n // s.segment), "threads": torch.get_num_threads()}  # fmt: skip
+            "d_mem": s.d_mem, "dtype": s.dtype, "segments": -(-n // s.segment),
+            "threads": torch.get_num_threads()}  # fmt: skip
     if case["method"] == "diagonal-graphed":
         raise Unavailable(GRAPHED_REASON)
     model = _backbone(s, ctx.device, max(max(x.lengths) for x in settings(ctx) if x.model == s.model))
