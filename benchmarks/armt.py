@@ -22,7 +22,7 @@ Settings (model shapes from :mod:`rmt_fast.bench.presets`):
   2k, 32k and 128k, the targets' lengths);
 * CPU: ``armt-cpu-latency`` (8 layers, hidden 128, segments of 64, m = 8, 256 to 2048 tokens: 2048 is the
   target's 32 segments) and ``armt-cpu-compute`` (4 layers, hidden 256, 12 segments of 128, one point), fp32,
-  one torch thread (robust to other load);
+  one torch thread (robust to other load; ``--threads N`` for more);
 * ``--tiny``: a 2-layer test model, two short lengths (smoke runs, the device check's CPU dry run).
 
 The summary holds the targets' ratios, each from rows of the same run (side by side): CPU: sequential /
@@ -30,7 +30,7 @@ diagonal on the latency-bound shape at 2048 tokens (target >= 2) and on the comp
 CUDA, per m: sequential / diagonal at 32,768 tokens (>= 2) and at 2 segments (>= 1), full / diagonal at
 131,072 tokens (>= 3). A ratio whose rows did not both run is None.
 
-    rmt-fast-bench armt [--out DIR] [--quick] [--tiny] [--budget-s S] [--max-tokens N]
+    rmt-fast-bench armt [--out DIR] [--quick] [--tiny] [--budget-s S] [--max-tokens N] [--threads N]
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def _backbone(s: Setting, device, positions: int):
 def measure(ctx, case: dict, state: dict) -> dict:
     import torch
 
+    if not ctx.cuda and ctx.option("threads"):
+        torch.set_num_threads(ctx.option("threads"))  # the runner restores the count after the sweep
     s = next(x for x in settings(ctx) if x.name == case["setting"])
     n = case["tokens"]
     p = presets.preset(s.model)
@@ -200,7 +202,8 @@ BENCHMARK = Benchmark(
     "armt", cases, measure, summarize=summarize, plot=plot, series=("setting", "method"), after_failure="record",
     cpu_threads=1,
     options=(Option("--tiny", action="store_true", help="a seconds-long smoke run (a 2-layer test model)"),
-             Option("--max-tokens", type=int, default=None, help="drop the lengths above this")),
+             Option("--max-tokens", type=int, default=None, help="drop the lengths above this"),
+             Option("--threads", type=int, default=None, help="CPU: torch threads (default: 1)")),
 )  # fmt: skip
 
 if __name__ == "__main__":

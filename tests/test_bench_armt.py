@@ -7,7 +7,7 @@ from rmt_fast.bench import armt, runner
 
 
 def _ctx(tmp_path, quick=False, **opts):
-    options = argparse.Namespace(**{"tiny": False, "max_tokens": None, **opts})
+    options = argparse.Namespace(**{"tiny": False, "max_tokens": None, "threads": None, **opts})
     return runner.Context("armt", tmp_path, quick=quick, device="cpu", options=options)
 
 
