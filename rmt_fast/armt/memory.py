@@ -80,26 +80,15 @@ def upcast(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-_ROLL_INDEX: dict = {}
-
-
-def _roll_index(n: int, device) -> Tensor:
-    """(NU * n,) gather index: block j - 1 is ``roll(shifts=j)`` of an n-vector, j = 1 .. NU (cached)."""
-    key = (n, str(device))
-    if key not in _ROLL_INDEX:
-        i = torch.arange(n, device=device)
-        _ROLL_INDEX[key] = torch.cat([(i - j) % n for j in range(1, NU + 1)])
-    return _ROLL_INDEX[key]
-
-
 def dpfp(x: Tensor) -> Tensor:
     """Deterministic parameter-free projection (nu = 3): (..., d) -> (..., 6 d).
 
-    ``[x+ | x-]`` (2d) times its rolls by 1 .. NU, block after block: one gather and one broadcast product."""
-    x = torch.cat([x, -x], dim=-1).clamp_min(0)
+    ``x2 = [relu(x) | relu(-x)]`` (n = 2d), then block j - 1 is ``x2 * roll(x2, j)`` for j = 1 .. NU; each roll
+    is a slice of ``[x2 | x2]`` (no per-roll copy), and the blocks are joined once."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
     n = x.shape[-1]
-    rolled = x.index_select(-1, _roll_index(n, x.device)).unflatten(-1, (NU, n))
-    return (x.unsqueeze(-2) * rolled).flatten(-2)
+    xx = torch.cat([x, x], dim=-1)
+    return torch.cat([x * xx[..., n - j:2 * n - j] for j in range(1, NU + 1)], dim=-1)
 
 
 def _project(x: Tensor, weight: Tensor) -> Tensor:
