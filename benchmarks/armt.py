@@ -5,228 +5,206 @@ Methods (column ``method``):
 
 * ``sequential``: ``FastARMT(diagonal=False)``, N x L steps of one (segment, layer) cell;
 * ``diagonal``: ``FastARMT(diagonal=True)``, N + L - 1 steps of up to L cells;
-* ``diagonal-graphed``: the diagonal steps under CUDA graphs. FastARMT does not capture its steps yet, so this
-  row is ``skipped`` (with the reason) on every device;
+* ``diagonal-graphed``: the diagonal steps under CUDA graphs (``cuda_graph=True``). FastARMT refuses
+  ``cuda_graph=True``, so this row is ``unavailable`` (the reason in ``note``) on every device;
 * ``full``: the backbone alone over all tokens at once (``base_model(input_ids)``, SDPA), no memory.
 
 Every call is inference (``torch.no_grad``) without labels and with ``return_logits=False``, so no method runs
-the LM head: the timings compare the schedules and attention, not the head. ``seconds`` is the best of
-``reps`` calls after a warm-up; ``peak_mb`` is CUDA's peak allocated memory, or on the CPU the growth of the
-process's peak resident set during the call (a lower bound: memory the allocator already holds is not counted).
+the LM head: the timings compare the schedules and attention, not the head. ``seconds`` is the runner's
+timer (median of ``repeats`` calls after a warm-up, wall clock between synchronisations; ``p20_s``/``p80_s``
+beside it); ``peak_mb`` is CUDA's peak allocated memory over one call (weights included), or on the CPU the
+growth of the process's peak resident set during it (a lower bound).
 
-Settings: on CUDA, a Llama-3.2-1B-shaped decoder (hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocabulary
-128256, bf16) with segments of 1024 tokens and m = 128 and m = 16 memory tokens, 2k to 128k tokens. On the
-CPU, a tiny Llama-family decoder in fp32 that runs in seconds: the issue's latency-bound shape (8 layers,
-hidden 128, segments of 64, m = 8, up to 32 segments) as the length curve, and its compute-bound shape
-(4 layers, hidden 256, 12 segments of 128) as one point; the summary gives both sequential/diagonal ratios.
+Settings (model shapes from :mod:`rmt_fast.bench.presets`):
 
-The measuring logic is :func:`cases` (what to run) and :func:`measure` (one case -> one CSV row).
+* CUDA: ``llama-1.2b`` (Llama-3.2-1B's shape: hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocabulary
+  128256), bf16, segments of 1024 tokens, m = 128 and m = 16, 2k to 128k tokens (``--quick``: m = 128 at
+  2k, 32k and 128k, the targets' lengths);
+* CPU: ``armt-cpu-latency`` (8 layers, hidden 128, segments of 64, m = 8, 256 to 2048 tokens: 2048 is the
+  target's 32 segments) and ``armt-cpu-compute`` (4 layers, hidden 256, 12 segments of 128, one point), fp32,
+  one torch thread (robust to other load; ``--threads N`` for more);
+* ``--tiny``: a 2-layer test model, two short lengths (smoke runs, the device check's CPU dry run).
 
-    rmt-fast-bench armt [--out DIR] [--quick]
+The summary holds the targets' ratios, each from rows of the same run (side by side): CPU: sequential /
+diagonal on the latency-bound shape at 2048 tokens (target >= 2) and on the compute-bound shape (>= 1);
+CUDA, per m: sequential / diagonal at 32,768 tokens (>= 2) and at 2 segments (>= 1), full / diagonal at
+131,072 tokens (>= 3). A ratio whose rows did not both run is None.
+
+    rmt-fast-bench armt [--out DIR] [--quick] [--tiny] [--budget-s S] [--max-tokens N] [--threads N]
 """
 
 from __future__ import annotations
 
-import time
+import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from .common import PeakMemory, env_info, machine_label, save_plot, write_csv, write_json
+from . import presets
+from .common import machine_label
+from .runner import Benchmark, Option, Unavailable, module_main
 
 METHODS = ("sequential", "diagonal", "diagonal-graphed", "full")
-GRAPHED_SKIP = "FastARMT does not capture its steps in CUDA graphs (cuda_graph=True is not implemented)"
+GRAPHED_REASON = "FastARMT does not capture its steps in CUDA graphs (cuda_graph=True is refused)"
 
 
 @dataclass(frozen=True)
-class Shape:
+class Setting:
     name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    segment_size: int
+    model: str  # a Llama-family preset
+    segment: int
     mem: int
     d_mem: int
     dtype: str
+    lengths: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Case:
-    shape: Shape
-    method: str
-    tokens: int
-    reps: int
+GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
+GPU = tuple(Setting(f"llama-1b-m{m}", "llama-1.2b", 1024, m, 64, "bfloat16", GPU_LENGTHS) for m in (128, 16))
+GPU_QUICK = (Setting("llama-1b-m128", "llama-1.2b", 1024, 128, 64, "bfloat16", (2048, 32768, 131072)),)
+CPU_LATENCY = Setting("cpu-latency-bound", "armt-cpu-latency", 64, 8, 64, "float32", (256, 512, 1024, 2048))
+CPU_COMPUTE = Setting("cpu-compute-bound", "armt-cpu-compute", 128, 8, 64, "float32", (12 * 128,))
+TINY = Setting("tiny", "llama-test", 8, 2, 8, "float32", (24, 48))
+
+# (key, setting name, numerator method, denominator method, tokens, target)
+CPU_TARGETS = (("latency_bound_seq_over_diag", CPU_LATENCY.name, "sequential", "diagonal", 2048, 2.0),
+               ("compute_bound_seq_over_diag", CPU_COMPUTE.name, "sequential", "diagonal", 12 * 128, 1.0))  # fmt: skip
 
 
-CPU_LATENCY = Shape("cpu-latency-bound", 8, 128, 2, 1, 512, 512, 64, 8, 64, "float32")
-CPU_COMPUTE = Shape("cpu-compute-bound", 4, 256, 4, 2, 1024, 512, 128, 8, 64, "float32")
-GPU_SHAPES = [Shape(f"llama-1b-m{m}", 16, 2048, 32, 8, 8192, 128256, 1024, m, 64, "bfloat16") for m in (128, 16)]
-GPU_LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
-
-
-def cases(cuda: bool, quick: bool) -> list[Case]:
-    """Every (shape, method, length) to measure, in order."""
+def gpu_targets(settings) -> tuple:
     out = []
-    if cuda:
-        lengths = GPU_LENGTHS[:3] if quick else GPU_LENGTHS
-        for shape in GPU_SHAPES[:1] if quick else GPU_SHAPES:
-            out += [Case(shape, method, n, 2 if quick else 5) for n in lengths for method in METHODS]
-        return out
-    reps = 1 if quick else 3
-    lengths = [256, 2048] if quick else [256, 512, 1024, 2048]  # 2048 = the target's 32 segments of 64
-    out += [Case(CPU_LATENCY, method, n, reps) for n in lengths for method in METHODS]
-    out += [Case(CPU_COMPUTE, method, 12 * 128, reps) for method in METHODS]
+    for s in settings:
+        out += [(f"{s.name}_seq_over_diag_32768", s.name, "sequential", "diagonal", 32768, 2.0),
+                (f"{s.name}_seq_over_diag_2seg", s.name, "sequential", "diagonal", 2 * s.segment, 1.0),
+                (f"{s.name}_full_over_diag_131072", s.name, "full", "diagonal", 131072, 3.0)]  # fmt: skip
+    return tuple(out)
+
+
+def settings(ctx) -> tuple[Setting, ...]:
+    if ctx.option("tiny"):
+        return (TINY,)
+    if ctx.cuda:
+        return GPU_QUICK if ctx.quick else GPU
+    if ctx.quick:
+        return (Setting(CPU_LATENCY.name, *list(asdict(CPU_LATENCY).values())[1:-1], (256, 2048)), CPU_COMPUTE)
+    return (CPU_LATENCY, CPU_COMPUTE)
+
+
+def cases(ctx) -> list[dict]:
+    """Every (setting, method, length), a series per (setting, method), lengths rising."""
+    cap = ctx.option("max_tokens")
+    repeats = 2 if ctx.quick or ctx.cuda else 3
+    return [dict(setting=s.name, method=method, tokens=n, repeats=repeats) for s in settings(ctx)
+            for method in METHODS for n in s.lengths if cap is None or n <= cap]  # fmt: skip
+
+
+_MODEL: dict = {}
+
+
+def _backbone(s: Setting, device, positions: int):
+    """The setting's decoder (random weights from its preset's config); one model resident at a time."""
+    import torch
+
+    key = (s.model, s.dtype, str(device))
+    if key not in _MODEL:
+        _MODEL.clear()
+        model = presets.model(s.model, "lm", device=device, max_positions=positions)
+        _MODEL[key] = model.to(getattr(torch, s.dtype)).eval()
+    return _MODEL[key]
+
+
+def measure(ctx, case: dict, state: dict) -> dict:
+    import torch
+
+    if not ctx.cuda and ctx.option("threads"):
+        torch.set_num_threads(ctx.option("threads"))  # the runner restores the count after the sweep
+    s = next(x for x in settings(ctx) if x.name == case["setting"])
+    n = case["tokens"]
+    p = presets.preset(s.model)
+    info = {"model": s.model, "layers": p.layers, "hidden": p.hidden, "segment": s.segment, "mem": s.mem,
+            "d_mem": s.d_mem, "dtype": s.dtype, "segments": -(-n // s.segment),
+            "threads": torch.get_num_threads()}  # fmt: skip
+    if case["method"] == "diagonal-graphed":
+        raise Unavailable(GRAPHED_REASON)
+    model = _backbone(s, ctx.device, max(max(x.lengths) for x in settings(ctx) if x.model == s.model))
+    if case["method"] == "full":
+        base = model.base_model
+
+        def call():
+            return base(input_ids=ids, use_cache=False).last_hidden_state
+    else:
+        if "armt" not in state:
+            from rmt_fast import FastARMT
+
+            state["armt"] = FastARMT(model, s.mem, s.segment, d_mem=s.d_mem,
+                                     diagonal=case["method"] == "diagonal").to(ctx.device)  # fmt: skip
+        armt = state["armt"]
+
+        def call():
+            return armt(ids, return_logits=False).memory_state.A
+    ids = torch.randint(0, p.vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(ctx.device)
+    with torch.no_grad():
+        t = ctx.timer(call, repeats=case["repeats"], warmup=1, clock="wall")
+        token = ctx.peak.start()
+        call()
+        peak = ctx.peak.mb(token)
+    return {"seconds": t.median_s, "p20_s": t.p20_s, "p80_s": t.p80_s, "cpu_s": t.cpu_s, "peak_mb": peak, **info}
+
+
+def ratios(rows: list[dict], targets) -> dict:
+    """``{key: {"ratio", "target", "met"}}``: numerator / denominator seconds of two rows of this run."""
+    ok = {(r["setting"], r["method"], r["tokens"]): r["seconds"] for r in rows if r["status"] == "ok"}
+    out = {}
+    for key, setting, num, den, n, target in targets:
+        a, b = ok.get((setting, num, n)), ok.get((setting, den, n))
+        ratio = a / b if a and b else None
+        out[key] = {"ratio": ratio, "target": target, "met": None if ratio is None else ratio >= target}
     return out
 
 
-_MODELS: dict = {}
+def summarize(ctx, rows: list[dict]):
+    _MODEL.clear()
+    chosen = settings(ctx)
+    targets = () if ctx.option("tiny") else gpu_targets(chosen) if ctx.cuda else CPU_TARGETS
+    got = ratios(rows, targets)
+    summary = {k: v["ratio"] for k, v in got.items()}
+    return summary, {"targets": got, "settings": [asdict(s) for s in chosen]}
 
 
-def _backbone(shape: Shape, device: str):
-    """The shape's Llama-family decoder, random weights from its config (built once per shape)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    key = (shape, device)
-    if key not in _MODELS:
-        _MODELS.clear()  # one model resident at a time
-        torch.manual_seed(0)
-        config = LlamaConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
-                             num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                             intermediate_size=shape.intermediate, vocab_size=shape.vocab,
-                             max_position_embeddings=max(GPU_LENGTHS), attn_implementation="sdpa")  # fmt: skip
-        _MODELS[key] = LlamaForCausalLM(config).to(device, getattr(torch, shape.dtype)).eval()
-    return _MODELS[key]
-
-
-def measure(case: Case, device: str) -> dict:
-    """Run one case: its CSV row (``status`` ``ok``, ``skipped: ...`` or ``error: ...``)."""
-    import torch
-
-    shape = case.shape
-    row = {"method": case.method, "tokens": case.tokens, "seconds": None, "peak_mb": None, "status": "ok",
-           **{f"shape_{k}": v for k, v in asdict(shape).items()}, "segments": -(-case.tokens // shape.segment_size),
-           "device": device, "threads": torch.get_num_threads()}  # fmt: skip
-    if case.method == "diagonal-graphed":
-        row["status"] = f"skipped: {GRAPHED_SKIP}"
-        return row
-    try:
-        model = _backbone(shape, device)
-        if case.method == "full":
-            base = model.base_model
-
-            def call(ids):
-                return base(input_ids=ids, use_cache=False).last_hidden_state
-        else:
-            from rmt_fast import FastARMT
-
-            armt = FastARMT(model, shape.mem, shape.segment_size, d_mem=shape.d_mem,
-                            diagonal=case.method == "diagonal").to(device)  # fmt: skip
-
-            def call(ids):
-                return armt(ids, return_logits=False).memory_state.A
-        cuda = device.startswith("cuda")
-        ids = torch.randint(0, shape.vocab, (1, case.tokens), generator=torch.Generator().manual_seed(0)).to(device)
-        peak = PeakMemory(cuda)
-        with torch.no_grad():
-            call(ids)  # warm-up
-            best = float("inf")
-            for i in range(case.reps):
-                token = peak.start() if i == 0 else None
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                call(ids)
-                if cuda:
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-                if i == 0:
-                    row["peak_mb"] = peak.mb(token)
-        row["seconds"] = best
-    except torch.OutOfMemoryError:
-        row["status"] = "error: out of memory"
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception as exc:  # one failing point must not lose the others
-        row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-    return row
-
-
-def _ratio(rows, shape: str, tokens: int | None = None) -> float | None:
-    pick = {r["method"]: r["seconds"] for r in rows if r["shape_name"] == shape and r["status"] == "ok"
-            and (tokens is None or r["tokens"] == tokens)}  # fmt: skip
-    if pick.get("sequential") and pick.get("diagonal"):
-        return pick["sequential"] / pick["diagonal"]
-    return None
-
-
-def summarize(rows: list[dict], cuda: bool) -> dict:
-    if cuda:
-        out = {}
-        for shape in GPU_SHAPES:
-            for n in (2048, 32768):
-                out[f"{shape.name}_seq_over_diag_{n}"] = _ratio(rows, shape.name, n)
-            full = {r["method"]: r["seconds"] for r in rows if r["shape_name"] == shape.name
-                    and r["tokens"] == 131072 and r["status"] == "ok"}  # fmt: skip
-            if full.get("full") and full.get("diagonal"):
-                out[f"{shape.name}_full_over_diag_131072"] = full["full"] / full["diagonal"]
-        return out
-    return {"latency_bound_seq_over_diag": _ratio(rows, CPU_LATENCY.name, 2048),
-            "latency_bound_target": 2.0,
-            "compute_bound_seq_over_diag": _ratio(rows, CPU_COMPUTE.name),
-            "compute_bound_target": 1.0}  # fmt: skip
-
-
-def plot(rows: list[dict], path: Path, title: str) -> Path:
+def plot(ctx, rows: list[dict], record: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(r["shape_name"] for r in rows))
-    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 7), squeeze=False)
-    for j, shape in enumerate(shapes):
+    names = list(dict.fromkeys(r["setting"] for r in rows))
+    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
+    for j, name in enumerate(names):
         for method in METHODS:
-            pts = [(r["tokens"], r["seconds"], r["peak_mb"]) for r in rows
-                   if r["shape_name"] == shape and r["method"] == method and r["status"] == "ok"]  # fmt: skip
-            if not pts:
-                continue
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-            mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+            pts = [r for r in rows if r["setting"] == name and r["method"] == method and r["status"] == "ok"]
+            if pts:
+                axes[0][j].plot([r["tokens"] for r in pts], [r["seconds"] for r in pts], "o-", label=method)
+            mem = [r for r in pts if r.get("peak_mb") is not None]
             if mem:
-                axes[1][j].plot([p[0] for p in mem], [p[1] for p in mem], "o-", label=method)
-        for i, label in enumerate(("seconds (best of reps)", "peak memory, MiB")):
+                axes[1][j].plot([r["tokens"] for r in mem], [r["peak_mb"] for r in mem], "o-", label=method)
+        for i, label in enumerate(("seconds (median)", "peak memory, MiB")):
             ax = axes[i][j]
             ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens (batch 1)")
             ax.set_ylabel(label)
-            ax.set_title(shape)
+            ax.set_title(name)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    return save_plot(fig, path)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"ARMT at batch 1: {machine_label()}")
+    return fig
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
-    import torch
+BENCHMARK = Benchmark(
+    "armt", cases, measure, summarize=summarize, plot=plot, series=("setting", "method"), after_failure="record",
+    cpu_threads=1,
+    options=(Option("--tiny", action="store_true", help="a seconds-long smoke run (a 2-layer test model)"),
+             Option("--max-tokens", type=int, default=None, help="drop the lengths above this"),
+             Option("--threads", type=int, default=None, help="CPU: torch threads (default: 1)")),
+)  # fmt: skip
 
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is optional
-        def tqdm(x, **_):
-            return x
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    out_dir = Path(out_dir)
-    rows = [measure(case, device) for case in tqdm(cases(cuda, quick), desc="armt")]
-    _MODELS.clear()
-    summary = summarize(rows, cuda)
-    write_csv(out_dir / "armt.csv", rows)
-    plot(rows, out_dir / "armt.png", f"ARMT at batch 1: {machine_label()}")
-    write_json(out_dir / "armt.json", {"summary": summary, "env": env_info(), "rows": rows})
-    for key, value in summary.items():
-        print(f"  {key}: {round(value, 3) if isinstance(value, float) else value}")
-    return summary
+if __name__ == "__main__":
+    sys.exit(module_main(name="armt"))

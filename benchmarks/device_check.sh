@@ -9,7 +9,7 @@
 # summary.txt is copied beside it. Every step has its own `timeout`; a failing step is recorded and the next one
 # runs. Step limits (s), in priority order: install 30, tune 100 (compilation included: it runs first and warms
 # Triton's cache for what follows), GPU tests 100 (cold Triton compiles), kernels 45, train 70, 1M tokens 50,
-# latency 60 (45 s budget), torch.compile GPU tests 75 (inductor), host overhead 20, input checks 20, profile 30. A step that could end past
+# latency 60 (45 s budget), armt 90 (70 s budget), torch.compile GPU tests 75 (inductor), host overhead 20, input checks 20, profile 30. A step that could end past
 # TOTAL_S (default 480 s: the 8-minute budget, leaving a lent GPU's 15 minutes room for a rerun) from the start is
 # skipped and recorded.
 set -u
@@ -72,7 +72,11 @@ LAT_SIZE="--min-tokens 4096 --max-tokens 65536"
 step latency 60 $PY -m rmt_fast.bench.cli latency --quick --budget-s 45 --batches 1,16 $LAT_SIZE \
     --methods "FastRMT (auto),FastRMT (SDPA),FastRMT (CUDA graph),ReferenceRMT,Full attention (SDPA)" \
     --out "$RES/latency"
-# armt: FastARMT latency and memory (the lead adds the step here, with its own timeout)
+# armt (issue 16): FastARMT sequential / diagonal / full attention, the 1B shape, m = 128, 2k, 32k and 128k tokens
+# (the targets' lengths); the CPU dry run takes the tiny test model
+ARMT_SIZE=""
+[ "$gpu" = nogpu ] && ARMT_SIZE="--tiny"
+step armt 90 $PY -m rmt_fast.bench.cli armt --quick --budget-s 70 $ARMT_SIZE --out "$RES/armt"
 step compile_tests 75 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_compile.py tests/test_compiled_step.py
 step host_overhead 20 $PY -m rmt_fast.bench.cli host-overhead --quick --out "$RES/host_overhead"
 step input_checks 20 $PY -m rmt_fast.bench.cli input-checks --quick --out "$RES/input_checks"

@@ -63,6 +63,9 @@ PRESETS: dict[str, Preset] = {
     "llama-train-tiny": Preset("llama", 2, 64, 4, 128, 1000, kv_heads=2,
                                extra=dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                                           pad_token_id=PAD_ID)),  # fmt: skip
+    # --- the ARMT benchmark's CPU shapes (issue 16's targets: latency-bound and compute-bound)
+    "armt-cpu-latency": Preset("llama", 8, 128, 2, 512, 512, kv_heads=1),
+    "armt-cpu-compute": Preset("llama", 4, 256, 4, 1024, 512, kv_heads=2),
     # --- the tests' models (tests/models.py): tiny, vocabulary 96, 128 positions
     "gpt2-test": Preset("gpt2", 2, 32, 4, None, 96, 128, extra=_gpt2_tiny_ids()),
     "llama-test": Preset("llama", 2, 32, 4, 64, 96, 128, kv_heads=2, extra=dict(tie_word_embeddings=False)),

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("tune", "tests", "kernels", "train", "million", "latency", "compile_tests", "host_overhead", "input_checks",
-         "profile")
+STEPS = ("tune", "tests", "kernels", "train", "million", "latency", "armt", "compile_tests", "host_overhead",
+         "input_checks", "profile")
 
 
 def _run(tmp_path, total_s: int):
@@ -39,7 +39,7 @@ def test_device_check_dry_run_on_cpu(tmp_path):
     for name in STEPS:
         assert (res / f"{name}.log").is_file(), name
     assert (res / "train" / "train.csv").is_file() and (res / "env.txt").is_file()
-    assert (res / "latency" / "latency.csv").is_file()
+    assert (res / "latency" / "latency.csv").is_file() and (res / "armt" / "armt.csv").is_file()
     with tarfile.open(out / "device_check.tar.gz") as tar:
         names = tar.getnames()
     assert "run/summary.txt" in names and "run/train/train.csv" in names, names[:20]
@@ -49,6 +49,6 @@ def test_device_check_dry_run_on_cpu(tmp_path):
 def test_device_check_total_time_guard(tmp_path):
     """With a 50 s total, the steps whose limits could not fit are skipped and recorded, not run."""
     _, _, summary, status = _run(tmp_path, total_s=50)
-    expect_skipped = ("tune", "tests", "train", "million", "latency", "compile_tests")
+    expect_skipped = ("tune", "tests", "train", "million", "latency", "armt", "compile_tests")
     assert all(status[s] == "skipped" for s in expect_skipped), summary
     assert status["kernels"] == "ok" and status["host_overhead"] == "ok", summary

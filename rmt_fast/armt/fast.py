@@ -105,18 +105,20 @@ class FastARMT(ARMTBase):
                         ("W_mq", "W_mk", "W_mv", "W_mb")) + (torch.stack([p.W_mb.bias for p in self.assoc]),)
         A, z, first = self.initial_state(b, memory_state)
         order = schedule.diagonal(n, L) if self.diagonal else schedule.sequential(n, L)
+        depth = self.settings.bptt_depth
+        cuts = [torch.is_grad_enabled() and memory_detached_before(s, n, depth) for s in range(n)]
         cells = self._cells_fn()
-        hidden: dict[int, Tensor] = {}
+        carry = _Carry(A, z, any(cuts))
         logits: list[Tensor | None] = [None] * n
         loss_sum = None
         for l0, segs in order:
-            xs, a_in, z_in = [], [], []
-            for g, s in enumerate(segs):
-                layer = l0 + g
-                xs.append(self._embed(plan, s, gpt2) if layer == 0 else hidden.pop(s))
-                cut = memory_detached_before(s, n, self.settings.bptt_depth)
-                a_in.append(A[layer].detach() if cut else A[layer])
-                z_in.append(z[layer].detach() if cut else z[layer])
+            g_n = len(segs)
+            if l0 == 0:
+                x = self._embed(plan, segs[0], gpt2).unsqueeze(0)
+                x = x if g_n == 1 else torch.cat([x, carry.hidden(1, g_n)])
+            else:
+                x = carry.hidden(l0, l0 + g_n)
+            a_in, z_in = carry.state(l0, segs, cuts)
             firsts = [first and s == 0 for s in segs]
             if all(firsts):
                 first_arg = True
@@ -124,25 +126,22 @@ class FastARMT(ARMTBase):
                 first_arg = False
             else:
                 first_arg = torch.tensor(firsts, device=input_ids.device).view(-1, 1, 1, 1, 1)
-            args = (_stack(xs), _stack(a_in), _stack(z_in), l0, plan.layout(segs), plan.rope(segs), first_arg,
-                    layers, weights)  # fmt: skip
+            args = (x, a_in, z_in, l0, plan.layout(segs), plan.rope(segs), first_arg, layers, weights)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 y, a_out, z_out = checkpoint(cells, *args, use_reentrant=False)
             else:
                 y, a_out, z_out = cells(*args)
-            for g, s in enumerate(segs):
-                layer = l0 + g
-                A[layer], z[layer] = a_out[g], z_out[g]
-                if layer < L - 1:
-                    hidden[s] = y[g]
-                    continue
-                seg_logits, part = self._finish(y[g], s, plan, targets, return_logits)
+            carry.update(l0, y, a_out, z_out)
+            if l0 + g_n == L:  # the top cell's segment left the last layer
+                s = segs[-1]
+                seg_logits, part = self._finish(y[-1], s, plan, targets, return_logits)
                 logits[s] = seg_logits
                 if part is not None:
                     loss_sum = part if loss_sum is None else loss_sum + part
+        A, z = carry.final()
         loss = loss_sum / denom if loss_sum is not None else None
         out_logits = torch.cat(logits, dim=1) if return_logits else None
-        return ARMTOutput(loss=loss, logits=out_logits, memory_state=ARMTMemoryState(torch.stack(A), torch.stack(z)))
+        return ARMTOutput(loss=loss, logits=out_logits, memory_state=ARMTMemoryState(A, z))
 
     def _cells_fn(self):
         if self._compile_kwargs is None:
@@ -188,6 +187,51 @@ class FastARMT(ARMTBase):
             part = F.cross_entropy(upcast(logits).flatten(0, 1), seg_targets.flatten(), ignore_index=-100,
                                    reduction="sum")  # fmt: skip
         return (logits if return_logits else None), part
+
+
+class _Carry:
+    """What one schedule step hands the next: the layers' outputs and memory states of the last step.
+
+    The cells of a step run consecutive layers. Under the diagonal schedule, step d + 1's cell of layer l
+    takes the output of step d's cell of layer l - 1 and the state of its cell of layer l, so a step's
+    inputs are slices of the previous step's outputs (no re-stacking): one cat only where a layer enters
+    (its initial state) and, for the hidden states, where layer 0's embedding joins. ``restack``: build every
+    step's state cell by cell from the per-layer list (the truncated-BPTT detaches are per cell)."""
+
+    def __init__(self, A: list[Tensor], z: list[Tensor], restack: bool):
+        self.A, self.z, self.restack = A, z, restack  # per layer: the current state (views)
+        self.l0 = 0
+        self.y = self.a = self.zs = None  # the last step's outputs, its layers l0 .. l0 + G - 1
+
+    def hidden(self, lo: int, hi: int) -> Tensor:
+        """The last step's outputs of layers lo - 1 .. hi - 2 (the inputs of layers lo .. hi - 1)."""
+        return self.y[lo - 1 - self.l0:hi - 1 - self.l0]
+
+    def state(self, l0: int, segs: list[int], cuts: list[bool]) -> tuple[Tensor, Tensor]:
+        """(G, ...) A and z entering the cells of layers l0 .. l0 + G - 1 (segments ``segs``)."""
+        g_n = len(segs)
+        if self.restack:
+            a = [self.A[l0 + g].detach() if cuts[s] else self.A[l0 + g] for g, s in enumerate(segs)]
+            zs = [self.z[l0 + g].detach() if cuts[s] else self.z[l0 + g] for g, s in enumerate(segs)]
+            return _stack(a), _stack(zs)
+        have = 0 if self.a is None or not self.l0 <= l0 < self.l0 + self.a.shape[0] else \
+            min(g_n, self.l0 + self.a.shape[0] - l0)  # layers the last step's outputs hold  # fmt: skip
+        if have == 0:
+            return _stack(self.A[l0:l0 + g_n]), _stack(self.z[l0:l0 + g_n])
+        a, zs = self.a[l0 - self.l0:l0 - self.l0 + have], self.zs[l0 - self.l0:l0 - self.l0 + have]
+        if have < g_n:  # layers entering: their current state
+            a = torch.cat([a, torch.stack(self.A[l0 + have:l0 + g_n])])
+            zs = torch.cat([zs, torch.stack(self.z[l0 + have:l0 + g_n])])
+        return a, zs
+
+    def update(self, l0: int, y: Tensor, a: Tensor, zs: Tensor) -> None:
+        for g in range(a.shape[0]):
+            self.A[l0 + g], self.z[l0 + g] = a[g], zs[g]
+        self.l0, self.y, self.a, self.zs = l0, y, a, zs
+
+    def final(self) -> tuple[Tensor, Tensor]:
+        """(L, ...) A and z after the call."""
+        return torch.stack(self.A), torch.stack(self.z)
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:

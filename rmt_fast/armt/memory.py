@@ -81,10 +81,14 @@ def upcast(t: Tensor) -> Tensor:
 
 
 def dpfp(x: Tensor) -> Tensor:
-    """Deterministic parameter-free projection (nu = 3): (..., d) -> (..., 6 d)."""
+    """Deterministic parameter-free projection (nu = 3): (..., d) -> (..., 6 d).
+
+    ``x2 = [relu(x) | relu(-x)]`` (n = 2d), then block j - 1 is ``x2 * roll(x2, j)`` for j = 1 .. NU; each roll
+    is a slice of ``[x2 | x2]`` (no per-roll copy), and the blocks are joined once."""
     x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
-    rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, NU + 1)], dim=-1)
-    return torch.cat([x] * NU, dim=-1) * rolled
+    n = x.shape[-1]
+    xx = torch.cat([x, x], dim=-1)
+    return torch.cat([x * xx[..., n - j:2 * n - j] for j in range(1, NU + 1)], dim=-1)
 
 
 def _project(x: Tensor, weight: Tensor) -> Tensor:
