@@ -17,7 +17,9 @@ if "TRITON_INTERPRET" not in os.environ:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per pytest-xdist worker (`-n 2` on 2 cores: the tiny models are overhead-bound, and oversubscribed
+# cores make them many times slower); up to two in a single process.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
