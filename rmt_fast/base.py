@@ -352,25 +352,10 @@ class RMTBase(nn.Module):
         adapter was trained on (peft injects the adapter into it, in place), or its path / hub name, or None for
         the base that ``adapter_config.json`` names. ``is_trainable`` is peft's: False loads the adapter and the
         memory frozen, for inference; True to train on. Both are errors for a checkpoint without an adapter."""
-        import transformers
-
         with open(os.path.join(save_directory, RMT_CONFIG_NAME)) as f:
             settings = json.load(f)
         settings.pop("class", None)
-        adapter, backbone_class = settings.pop("peft_adapter", None), settings.pop("backbone_class", None)
-        if adapter is not None:
-            model = load_adapter(save_directory, base_model, backbone_class, is_trainable, model_kwargs)
-        else:
-            if base_model is not None or is_trainable:
-                raise ValueError(f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
-                                 "adapter; they apply to PEFT checkpoints only")  # fmt: skip
-            path = os.path.join(save_directory, BACKBONE_DIR)
-            config = transformers.AutoConfig.from_pretrained(path)
-            arch = (config.architectures or [None])[0]
-            model_cls = getattr(transformers, arch, None) if arch else None
-            if model_cls is None:
-                raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
-            model = model_cls.from_pretrained(path, **model_kwargs)
+        model, adapter = load_backbone(save_directory, settings, base_model, is_trainable, model_kwargs)
         num_mem_tokens, segment_size = settings.pop("num_mem_tokens"), settings.pop("segment_size")
         rmt = cls(model, num_mem_tokens, segment_size, **settings)
         memory = torch.load(os.path.join(save_directory, RMT_MEMORY_NAME), map_location="cpu", weights_only=True)
@@ -380,6 +365,29 @@ class RMTBase(nn.Module):
             rmt.memory.requires_grad_(is_trainable)
         return rmt
 
+
+
+def load_backbone(save_directory, settings: dict, base_model, is_trainable: bool, model_kwargs: dict):
+    """The backbone a checkpoint of :meth:`RMTBase.save_pretrained` holds, and whether it is a PEFT adapter.
+
+    Pops ``peft_adapter`` and ``backbone_class`` from ``settings``. A PEFT checkpoint's base is ``base_model``
+    (see :meth:`RMTBase.from_pretrained`); otherwise the full backbone in ``dir/backbone`` is loaded with its
+    saved class, and ``base_model`` / ``is_trainable`` are errors."""
+    import transformers
+
+    adapter, backbone_class = settings.pop("peft_adapter", None), settings.pop("backbone_class", None)
+    if adapter is not None:
+        return load_adapter(save_directory, base_model, backbone_class, is_trainable, model_kwargs), adapter
+    if base_model is not None or is_trainable:
+        raise ValueError(f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
+                         "adapter; they apply to PEFT checkpoints only")  # fmt: skip
+    path = os.path.join(save_directory, BACKBONE_DIR)
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (config.architectures or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    if model_cls is None:
+        raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
+    return model_cls.from_pretrained(path, **model_kwargs), adapter
 
 def _shape(x) -> str:
     if isinstance(x, Tensor):

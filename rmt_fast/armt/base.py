@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from ..base import BACKBONE_DIR, RMT_CONFIG_NAME, RMT_MEMORY_NAME, RMTBase, _shape
+from ..base import BACKBONE_DIR, RMT_CONFIG_NAME, RMT_MEMORY_NAME, RMTBase, _shape, load_backbone
 from ..input_checks import _finite_check, _run
-from ..peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, load_adapter, save_adapter
+from ..peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, save_adapter
 from .memory import ARMTMemoryState, AssocParams, MemoryShape
 
 ARMT_LAYERS_NAME = "armt_layers.pt"
@@ -214,30 +214,16 @@ class ARMTBase(RMTBase):
         adapter was trained on (or its path / hub name, or None for the one adapter_config.json names);
         ``is_trainable`` is peft's (False: adapter, memory tokens and memory projections load frozen), as in
         :meth:`rmt_fast.base.RMTBase.from_pretrained`."""
-        import transformers
 
         with open(os.path.join(save_directory, RMT_CONFIG_NAME)) as f:
             settings = json.load(f)
         settings.pop("class", None)
-        adapter, backbone_class = settings.pop("peft_adapter", None), settings.pop("backbone_class", None)
+        model, adapter = load_backbone(save_directory, settings, base_model, is_trainable, model_kwargs or {})
         accepted = inspect.signature(cls.__init__).parameters
         for key in _SCHEDULE_KEYS:  # a schedule is not a model: FastARMT's settings do not bind ReferenceARMT
             if key not in accepted:
                 settings.pop(key, None)
         settings.update(overrides)
-        if adapter is not None:
-            model = load_adapter(save_directory, base_model, backbone_class, is_trainable, model_kwargs or {})
-        else:
-            if base_model is not None or is_trainable:
-                raise ValueError(f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
-                                 "adapter; they apply to PEFT checkpoints only")  # fmt: skip
-            path = os.path.join(save_directory, BACKBONE_DIR)
-            config = transformers.AutoConfig.from_pretrained(path)
-            arch = (config.architectures or [None])[0]
-            model_cls = getattr(transformers, arch, None) if arch else None
-            if model_cls is None:
-                raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
-            model = model_cls.from_pretrained(path, **(model_kwargs or {}))
         m, size = settings.pop("num_mem_tokens"), settings.pop("segment_size")
         armt = cls(model, m, size, **settings)
         memory = torch.load(os.path.join(save_directory, RMT_MEMORY_NAME), map_location="cpu", weights_only=True)
