@@ -22,6 +22,19 @@ from torch import Tensor
 from .base import RMTBase, RMTOutput, memory_detached_before
 
 
+def causal_lm_loss(logits: Tensor, labels: Tensor, labels_mask: Tensor | None) -> Tensor:
+    """The published decoder loss: one cross-entropy over the concatenated token logits, position p predicting
+    ``labels[:, p + 1]``, ``labels_mask[:, 1:]`` selecting the counted targets (computed in at least float32)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    if labels_mask is not None:
+        keep = labels_mask[:, 1:].reshape(-1).bool()
+        shift_logits, shift_labels = shift_logits[keep], shift_labels[keep]
+    if shift_logits.dtype != torch.float64:
+        shift_logits = shift_logits.float()
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
 class ReferenceRMT(RMTBase):
     def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
                 return_logits: bool = True) -> RMTOutput:  # fmt: skip
@@ -67,14 +80,7 @@ class ReferenceRMT(RMTBase):
             logits.append(out.logits[:, m:m + length])
             memory = out.hidden_states[-1][:, m + length:]
         full_logits = torch.cat(logits, dim=1)
-        loss = None
-        if labels is not None:
-            shift_logits = full_logits[:, :-1].reshape(-1, full_logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1)
-            if labels_mask is not None:
-                keep = labels_mask[:, 1:].reshape(-1).bool()
-                shift_logits, shift_labels = shift_logits[keep], shift_labels[keep]
-            loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+        loss = None if labels is None else causal_lm_loss(full_logits, labels, labels_mask)
         return RMTOutput(loss=loss, logits=full_logits, memory_state=memory)
 
     @torch.no_grad()

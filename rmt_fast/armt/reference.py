@@ -17,13 +17,13 @@ Deliberate differences from the published code (each in the README):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..base import memory_detached_before
+from ..reference import causal_lm_loss
 from ..segments import decoder_plan
 from .base import ARMTBase, ARMTOutput
 from .hooks import LayerMemory, memory_hooks
-from .memory import ARMTMemoryState, upcast
+from .memory import ARMTMemoryState
 
 
 class ReferenceARMT(ARMTBase):
@@ -59,14 +59,7 @@ class ReferenceARMT(ARMTBase):
             mem.first = False
             logits.append(out.logits[:, :length])
         full_logits = torch.cat(logits, dim=1)
-        loss = None
-        if labels is not None:
-            shift_logits = full_logits[:, :-1].reshape(-1, full_logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1)
-            if labels_mask is not None:
-                keep = labels_mask[:, 1:].reshape(-1).bool()
-                shift_logits, shift_labels = shift_logits[keep], shift_labels[keep]
-            loss = F.cross_entropy(upcast(shift_logits), shift_labels, ignore_index=-100)
+        loss = None if labels is None else causal_lm_loss(full_logits, labels, labels_mask)
         state = ARMTMemoryState(torch.stack(mem.A), torch.stack(mem.z))
         return ARMTOutput(loss=loss, logits=full_logits, memory_state=state)
 
