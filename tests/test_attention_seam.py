@@ -3,8 +3,7 @@ backbone still works on its own."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import VOCAB, check_padding_and_causality, gpt2, llama, mistral
+from models import VOCAB, check_padding_and_causality, gpt2, llama, mistral, spy_sdpa
 from rmt_fast.kernels.layout import SegmentLayout
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -41,14 +40,7 @@ def test_backbone_alone_is_unchanged_and_unwrap_restores(factory):
 def test_sdpa_gets_is_causal_or_a_layout_mask(monkeypatch):
     torch.manual_seed(0)
     rmt = FastRMT(gpt2(), 2, 6)
-    seen = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
-        seen.append((attn_mask, is_causal))
-        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    seen = spy_sdpa(monkeypatch)
     rmt(_ids(1, 15))  # segments of 6, 6, 3: the last one is padded to 6
     n_layers = 2
     assert len(seen) == 3 * n_layers

@@ -10,8 +10,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import DECODERS, ENCODERS, PAD, VOCAB, assert_equivalent, pair, rel
+from models import DECODERS, ENCODERS, PAD, VOCAB, assert_equivalent, pair, rel, spy_sdpa
 
 from rmt_fast import FastRMT, ReferenceRMT
 
@@ -136,14 +135,7 @@ def test_encoder_full_segments_reach_sdpa_without_a_mask(monkeypatch):
     row 1 (a boolean mask), the second is full in both rows (no mask at all)."""
     torch.manual_seed(0)
     rmt = FastRMT(ENCODERS["bert_cls"](), 2, 5, **BERT_IDS)
-    seen = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
-        seen.append((attn_mask, is_causal))
-        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    seen = spy_sdpa(monkeypatch)
     ids = _ids(2, 10)
     ids[1, 7:] = PAD
     rmt(ids)
