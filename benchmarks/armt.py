@@ -35,12 +35,11 @@ CUDA, per m: sequential / diagonal at 32,768 tokens (>= 2) and at 2 segments (>=
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 
 from . import presets
 from .common import machine_label
-from .runner import Benchmark, Option, Unavailable, module_main
+from .runner import Benchmark, Option, Unavailable
 
 METHODS = ("sequential", "diagonal", "diagonal-graphed", "full")
 GRAPHED_REASON = "FastARMT does not capture its steps in CUDA graphs (cuda_graph=True is refused)"
@@ -205,6 +204,3 @@ BENCHMARK = Benchmark(
              Option("--max-tokens", type=int, default=None, help="drop the lengths above this"),
              Option("--threads", type=int, default=None, help="CPU: torch threads (default: 1)")),
 )  # fmt: skip
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="armt"))

@@ -61,53 +61,13 @@ def machine_label() -> str:
     return f"{kind}: {name}"
 
 
-def _git_sha_from_files(root: Path) -> str | None:
-    """Resolve HEAD by reading .git directly (no subprocess); None when that is not possible."""
-    git_dir = root / ".git"
-    if git_dir.is_file():  # worktree / submodule: the file holds "gitdir: <path>"
-        text = git_dir.read_text(encoding="utf-8").strip()
-        if not text.startswith("gitdir:"):
-            return None
-        git_dir = (root / text.split(":", 1)[1].strip()).resolve()
-    head_file = git_dir / "HEAD"
-    if not head_file.is_file():
-        return None
-    head = head_file.read_text(encoding="utf-8").strip()
-    if not head.startswith("ref:"):
-        return head or None  # detached HEAD
-    ref = head.split(":", 1)[1].strip()
-    dirs = [git_dir]
-    common = git_dir / "commondir"  # linked worktrees keep refs in the common dir
-    if common.is_file():
-        dirs.append((git_dir / common.read_text(encoding="utf-8").strip()).resolve())
-    for base in dirs:
-        ref_file = base / ref
-        if ref_file.is_file():
-            return ref_file.read_text(encoding="utf-8").strip() or None
-        packed = base / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text(encoding="utf-8").splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[1] == ref:
-                    return parts[0]
-    return None
-
-
 def git_sha(root: Path = REPO_ROOT) -> str:
-    """Commit of the checkout: read from .git, falling back to `git rev-parse HEAD`; 'unknown' if neither."""
+    """Commit of the checkout (``git rev-parse HEAD``); 'unknown' without git or outside a repository."""
     try:
-        sha = _git_sha_from_files(root)
-        if sha:
-            return sha
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def env_info() -> dict[str, Any]:
@@ -164,17 +124,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
-def save_plot(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure with tight layout at 120 dpi, then close it."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_plot(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure with tight layout at 120 dpi, then close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return path
 
 

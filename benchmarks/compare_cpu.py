@@ -13,11 +13,9 @@ follows live tensors and no allocator cache from an earlier call hides growth.
 
 from __future__ import annotations
 
-import sys
-
 from . import presets
 from .common import PeakMemory, machine_label, run_point_in_subprocess
-from .runner import Benchmark, Option, module_main
+from .runner import Benchmark, Option
 
 DEFAULTS = dict(model="gpt2-4l", segments=16, segment_size=128, mem=8, batch=2)
 MODES = ("forward_no_grad", "forward_backward")
@@ -115,6 +113,3 @@ def plot(ctx, rows, record):
 
 BENCHMARK = Benchmark("compare_cpu", cases, measure, summarize=summarize, plot=plot,
                       options=(Option("--repeats", type=int, default=3, help="timed calls per point"),))
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="compare"))

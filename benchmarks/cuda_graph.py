@@ -17,11 +17,9 @@ capture) checks the pipeline. Times: the runner's timer (CUDA events, median; in
 
 from __future__ import annotations
 
-import sys
-
 from . import presets
 from .common import machine_label
-from .runner import Benchmark, Option, module_main
+from .runner import Benchmark, Option
 
 SEGMENT, MEM = 499, 10
 MILLION = 1_048_576
@@ -227,6 +225,3 @@ def run(ctx) -> dict:
 
 BENCHMARK = Benchmark("cuda_graph", run=run, options=(
     Option("--million", action="store_true", help="only the 1M-token run (a tiny version on the CPU)"),))
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="cuda-graph"))

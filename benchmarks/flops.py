@@ -37,13 +37,12 @@ yields both the with-head and the without-head count (minus the head module).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import presets
 from .common import machine_label
-from .runner import Benchmark, module_main
+from .runner import Benchmark
 
 SEGMENT_POSITIONS = 512
 MEMORY_TOKENS = 10
@@ -441,6 +440,3 @@ def run(ctx) -> dict:
 
 
 BENCHMARK = Benchmark("flops", run=run)
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="flops"))

@@ -26,7 +26,6 @@ Outputs: ``host_overhead.json`` and ``host_overhead.md`` in the output folder.
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from rmt_fast.kernels.layout import SegmentLayout
 from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
 
 from .common import machine_label
-from .runner import Benchmark, Timer, module_main
+from .runner import Benchmark, Timer
 
 TARGET_US = 10.0
 KERNELS = ("_rmt_attn_fwd_kernel", "_rmt_attn_bwd_preprocess_kernel", "_rmt_attn_bwd_dq_kernel",
@@ -174,6 +173,3 @@ def run(ctx) -> dict:
 
 
 BENCHMARK = Benchmark("host_overhead", run=run)
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="host-overhead"))

@@ -21,12 +21,11 @@ Writes input_checks.csv, input_checks.json and input_checks.png.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 from . import presets
 from .common import machine_label
-from .runner import Benchmark, Timer, module_main
+from .runner import Benchmark, Timer
 
 CPU_CFG = dict(model="gpt2-checks", segment_size=256, mem=8, sizes=[(1, 256), (2, 1024), (4, 2048)], check_reps=200,
                forward_reps=1)  # fmt: skip
@@ -182,6 +181,3 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
 
 
 BENCHMARK = Benchmark("input_checks", cases, measure_case, summarize=summarize, plot=plot)
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="input-checks"))

@@ -31,10 +31,8 @@ for the forward, 2.5 times that for forward + backward (the FlashAttention-2 con
 
 from __future__ import annotations
 
-import sys
-
 from .common import bench_layout, env_info, machine_label
-from .runner import Benchmark, module_main
+from .runner import Benchmark
 
 MEM, H = 10, 12
 DTYPES = ("float16", "bfloat16")
@@ -252,6 +250,3 @@ def plot(ctx, rows, record):
 
 BENCHMARK = Benchmark("kernels", cases, measure, summarize=summarize, plot=plot, needs_cuda=True,
                       series=("dtype", "D", "layout", "B", "T"), after_failure="continue")
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="kernels"))

@@ -42,14 +42,13 @@ tokens per call.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
-import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from . import presets
-from .common import machine_label
-from .runner import Benchmark, Option, OverBudget, module_main
+from .common import machine_label, pyplot
+from .runner import Benchmark, Option, OverBudget, ints, names
 
 RMT_SLOPE_RANGE = (0.8, 1.2)
 FULL_SLOPE_MIN = 1.3
@@ -106,13 +105,6 @@ def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> Setup:
     return cpu
 
 
-def _accepts_cuda_graph() -> bool:
-    from rmt_fast import FastRMT
-
-    params = inspect.signature(FastRMT.__init__).parameters
-    return "cuda_graph" in params
-
-
 def _register_extra_attention():
     """FlexAttention and xformers as transformers attention implementations (no mask: full attention)."""
     import torch
@@ -122,48 +114,59 @@ def _register_extra_attention():
 
     compiled = {}
 
-    def flex_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    def flex_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
         if attention_mask is not None:
             raise RuntimeError("the benchmark's flex attention takes no mask")
-        fn = flex_attention
-        if query.is_cuda:  # fused kernel; on CPU the eager (unfused) path
-            if "fn" not in compiled:
-                # one compilation per length: let dynamo keep them all (its default limit is 8)
-                for knob in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(torch._dynamo.config, knob):
-                        setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-                compiled["fn"] = torch.compile(flex_attention, dynamic=False)
-            fn = compiled["fn"]
-        out = fn(query, key, value, scale=scaling)
+        if query.is_cuda and "fn" not in compiled:  # fused kernel on CUDA; on CPU the eager (unfused) path
+            # one compilation per length: let dynamo keep them all (its default limit is 8)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compiled["fn"] = torch.compile(flex_attention, dynamic=False)
+        out = (compiled["fn"] if query.is_cuda else flex_attention)(query, key, value, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
-    def xformers_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    def xformers_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
         import xformers.ops as xops
 
         if attention_mask is not None:
             raise RuntimeError("the benchmark's xformers attention takes no mask")
-        out = xops.memory_efficient_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scaling
-        )
-        return out, None
-
-    def no_mask(*args, **kwargs):
-        return None
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        return xops.memory_efficient_attention(q, k, v, scale=scaling), None
 
     for name, fn in ((FLEX_NAME, flex_forward), (XFORMERS_NAME, xformers_forward)):
         AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, no_mask)
+        AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+
+
+def _flex_problem(device, dtype) -> str | None:
+    """None when flex_attention runs a small case on this device (compiled on CUDA, eager on CPU) and agrees
+    with SDPA; else "unavailable: why"."""
+    import warnings
+
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 2, 128, 32, device=device, dtype=dtype)
+    try:
+        _register_extra_attention()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            fn = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+            ref, out = torch.nn.functional.scaled_dot_product_attention(q, q, q), fn(q, q, q)
+        if not torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2):
+            return "unavailable: results differ from SDPA"
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return None
 
 
 def _xformers_problem() -> str | None:
     try:
         import xformers.ops  # noqa: F401
     except Exception as exc:  # ImportError, or a broken build
-        return f"xformers not importable ({type(exc).__name__}: {str(exc)[:80]})"
+        return f"unavailable: xformers not importable ({type(exc).__name__}: {str(exc)[:80]})"
     return None
 
 
-# ------------------------------------------------------------------------------------------------ timing
 def _inference_ctx(fn):
     """inference_mode when the method runs under it, else no_grad (decided by the first call)."""
     import torch
@@ -192,7 +195,7 @@ def _inference_ctx(fn):
 class Method:
     name: str
     family: str  # "rmt" or "full"
-    make: object = None  # () -> (length -> callable)
+    make: object = None  # () -> ((tokens, batch) -> callable)
     problem: str | None = None  # "skipped: ..." / "unavailable: ..."
     per_call_budget_s: float | None = None
     note: str = ""
@@ -200,89 +203,41 @@ class Method:
 
 def _methods(s: Setup, device, dtype) -> list[Method]:
     cuda = device.type == "cuda"
-    ids_cache: dict = {}
-
-    def ids_of(n, batch):  # content ids avoid pad/cls/sep
-        if (n, batch) not in ids_cache:
-            ids_cache.clear()
-            ids_cache[(n, batch)] = presets.content_ids(batch, n, presets.preset(s.model).vocab, seed=1, device=device)
-        return ids_cache[(n, batch)]
+    vocab = presets.preset(s.model).vocab
+    ids = functools.lru_cache(maxsize=1)(lambda n, b: presets.content_ids(b, n, vocab, seed=1, device=device))
 
     def rmt_maker(wrapper, **kwargs):
         def make():
             backbone = presets.model(s.model, "bare", max_positions=s.positions)
             rmt = presets.rmt(wrapper, backbone, s.model, s.mem, s.segment_size, **kwargs)
             rmt = rmt.to(device=device, dtype=dtype).eval()
-            return lambda n, b: lambda: rmt(ids_of(n, b), return_logits=False)
+            return lambda n, b: lambda: rmt(ids(n, b), return_logits=False)
 
         return make
-
-    full_max = max(s.full_lengths)
 
     def full_maker(attn):
         def make():  # the same weights, the position table extended to the longest length
-            model = presets.model(s.model, "bare", max_positions=full_max).to(device=device, dtype=dtype).eval()
+            model = presets.model(s.model, "bare", max_positions=max(s.full_lengths))
+            model = model.to(device=device, dtype=dtype).eval()
             model.set_attn_implementation(attn)
-            return lambda n, b: lambda: model(input_ids=ids_of(n, b))
+            return lambda n, b: lambda: model(input_ids=ids(n, b))
 
         return make
 
-    auto_note = _auto_backend_note(s, device, dtype)
     methods = [
-        Method("FastRMT (auto)", "rmt", rmt_maker("fast", attn_backend="auto"), note=auto_note),
+        Method("FastRMT (auto)", "rmt", rmt_maker("fast", attn_backend="auto"),
+               note=_auto_backend_note(s, device, dtype)),
         Method("FastRMT (SDPA)", "rmt", rmt_maker("fast", attn_backend="sdpa")),
-    ]
-    graph = Method("FastRMT (CUDA graph)", "rmt", rmt_maker("fast", attn_backend="auto", cuda_graph=True))
-    if not cuda:
-        graph.problem = "skipped: needs CUDA"
-    elif not _accepts_cuda_graph():
-        graph.problem = "skipped: FastRMT has no cuda_graph option yet"
-    methods += [graph, Method("ReferenceRMT", "rmt", rmt_maker("reference"))]
-    methods.append(Method("Full attention (SDPA)", "full", full_maker("sdpa")))
-    flex = Method(
-        "Full attention (FlexAttention)",
-        "full",
-        full_maker(FLEX_NAME),
-        per_call_budget_s=None if cuda else s.flex_per_call_budget_s,
-        note="torch.compile'd" if cuda else "eager (unfused: materializes the scores) on CPU",
-    )
-    try:
-        _register_extra_attention()
-        flex_problem = _flex_probe(device, dtype)
-    except Exception as exc:
-        flex_problem = f"{type(exc).__name__}: {str(exc)[:120]}"
-    if flex_problem:
-        flex.problem = f"unavailable: {flex_problem}"
-    methods.append(flex)
-    xf = Method("Full attention (xformers)", "full", full_maker(XFORMERS_NAME))
-    xf_problem = _xformers_problem()
-    if xf_problem:
-        xf.problem = f"unavailable: {xf_problem}"
-    methods.append(xf)
-    if s.methods is not None:
-        methods = [m for m in methods if m.name in s.methods]
-    return methods
-
-
-def _flex_probe(device, dtype) -> str | None:
-    """None when flex_attention runs a small case on this device (compiled on CUDA, eager on CPU)."""
-    import warnings
-
-    import torch
-    from torch.nn.attention.flex_attention import flex_attention
-
-    q = torch.randn(1, 2, 128, 32, device=device, dtype=dtype)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            fn = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
-            ref = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-            out = fn(q, q, q)
-        if not torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2):
-            return "results differ from SDPA"
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-    return None
+        Method("FastRMT (CUDA graph)", "rmt", rmt_maker("fast", attn_backend="auto", cuda_graph=True),
+               problem=None if cuda else "skipped: needs CUDA"),
+        Method("ReferenceRMT", "rmt", rmt_maker("reference")),
+        Method("Full attention (SDPA)", "full", full_maker("sdpa")),
+        Method("Full attention (FlexAttention)", "full", full_maker(FLEX_NAME), _flex_problem(device, dtype),
+               per_call_budget_s=None if cuda else s.flex_per_call_budget_s,
+               note="torch.compile'd" if cuda else "eager (unfused: materializes the scores) on CPU"),
+        Method("Full attention (xformers)", "full", full_maker(XFORMERS_NAME), _xformers_problem()),
+    ]  # fmt: skip
+    return [m for m in methods if s.methods is None or m.name in s.methods]
 
 
 def _auto_backend_note(s: Setup, device, dtype) -> str:
@@ -294,11 +249,9 @@ def _auto_backend_note(s: Setup, device, dtype) -> str:
 
     p = presets.preset(s.model)
     q = torch.zeros(1, p.heads, s.positions, p.hidden // p.heads, device=device, dtype=dtype)
-    layout = SegmentLayout(
-        0, s.positions, 0, False, token_counts=torch.full((1,), s.positions, dtype=torch.int32, device=device)
-    )
+    counts = torch.full((1,), s.positions, dtype=torch.int32, device=device)
     try:
-        return f"auto -> {choose_backend('auto', q, q, q, layout, 0.0)}"
+        return f"auto -> {choose_backend('auto', q, q, q, SegmentLayout(0, s.positions, 0, False, counts), 0.0)}"
     except Exception as exc:
         return f"auto -> ? ({type(exc).__name__})"
 
@@ -365,26 +318,11 @@ def measure(ctx, case: dict, state: dict) -> dict:
                ms_per_token=1e3 * t.median_s / (batch * n), tokens_per_s=batch * n / t.median_s,
                peak_mb=None if peak is None else round(peak, 1), repeats=reps, grad_mode=mode["mode"],
                note=m.note)  # fmt: skip
-    if t.median_s > budget:
-        raise _Over(row, f"measured {t.median_s:.2f} s > per-call budget {budget} s")
+    if t.median_s > budget:  # measured, but over a budget: the numbers stay in the row, the series stops
+        raise OverBudget(f"measured {t.median_s:.2f} s > per-call budget {budget} s", row)
     if s.memory_budget_mb is not None and peak is not None and peak > s.memory_budget_mb:
-        raise _Over(row, f"peak {peak:.1f} MB > memory budget {s.memory_budget_mb} MB")
+        raise OverBudget(f"peak {peak:.1f} MB > memory budget {s.memory_budget_mb} MB", row)
     return row
-
-
-class _Over(OverBudget):
-    """Over budget after the measurement: the row keeps what was measured."""
-
-    def __init__(self, row: dict, why: str):
-        super().__init__(why)
-        self.row = row
-
-
-def measure_keeping(ctx, case, state):
-    try:
-        return measure(ctx, case, state)
-    except _Over as over:  # measured, but over a budget: the numbers stay in the row, the series stops
-        return {**over.row, "status": "over_budget", "note": str(over)}
 
 
 def fit_slope(rows: list[dict], key: str = "seconds") -> dict | None:
@@ -416,15 +354,11 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
     # slopes: on a shared machine other load inflates single long wall-clock measurements, not the work done.
     check_slopes = slopes if cuda else cpu_slopes
     checks = {}
-    for name, fit in check_slopes.items():
-        if name not in methods:  # a series at another batch size: reported, not checked
-            continue
-        if name in ("FastRMT (auto)", "ReferenceRMT"):
-            checks[name] = fit is not None and RMT_SLOPE_RANGE[0] <= fit["slope"] <= RMT_SLOPE_RANGE[1]
-        elif name == "Full attention (SDPA)":
+    for name, fit in check_slopes.items():  # a series at another batch size is reported, not checked
+        if name == "Full attention (SDPA)":
             checks[name] = fit is not None and fit["slope"] > FULL_SLOPE_MIN
-        elif methods[name].family == "rmt" and fit is not None:
-            checks[name] = RMT_SLOPE_RANGE[0] <= fit["slope"] <= RMT_SLOPE_RANGE[1]
+        elif name in methods and methods[name].family == "rmt" and (fit or name in ("FastRMT (auto)", "ReferenceRMT")):
+            checks[name] = fit is not None and RMT_SLOPE_RANGE[0] <= fit["slope"] <= RMT_SLOPE_RANGE[1]
     # a --tiny smoke run is too short for its slopes to mean anything: nothing is checked (ok is None)
     ok = None if ctx.option("tiny") else all(checks.values()) and bool(checks)
     p = presets.preset(s.model)
@@ -433,12 +367,9 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
               "cpu_threads": BENCHMARK.cpu_threads,
               "segment_size": s.segment_size, "device": str(ctx.device), "quick": ctx.quick,
               "tiny": bool(ctx.option("tiny", False))}  # fmt: skip
-    peak_note = (
-        "torch.cuda.max_memory_allocated during the timed calls (weights included)"
-        if cuda
-        else "growth of VmHWM over VmRSS during the timed calls (lower bound; blank when "
-        "/proc/self/clear_refs is not writable)"
-    )
+    peak_note = ("torch.cuda.max_memory_allocated during the timed calls (weights included)" if cuda else
+                 "growth of VmHWM over VmRSS during the timed calls (lower bound; blank when /proc/self/clear_refs "
+                 "is not writable)")  # fmt: skip
     elapsed = ctx.clock() - ctx.started
     record = {"config": config, "slopes": slopes, "checks": checks, "ok": ok, "cpu_time_slopes": cpu_slopes,
               "checks_use": "wall-clock slopes" if cuda else "process CPU time slopes (1 thread)",
@@ -449,93 +380,53 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
         summary[f"slope[{name}]"] = None if fit is None else round(fit["slope"], 3)
         if not cuda and cpu_slopes.get(name):
             summary[f"cpu_time_slope[{name}]"] = round(cpu_slopes[name]["slope"], 3)
-    for name in slopes:
-        good = [r for r in rows if series_name(r, s) == name and r["status"] == "ok"]
+        good = [r["tokens"] for r in rows if series_name(r, s) == name and r["status"] == "ok"]
         if good:
-            summary[f"max_tokens[{name}]"] = max(r["tokens"] for r in good)
+            summary[f"max_tokens[{name}]"] = max(good)
     return summary, record
 
 
 def plot(ctx, rows, record):
-    slopes, cpu_slopes, s = record["slopes"], None if ctx.cuda else record["cpu_time_slopes"], ctx.setup
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    s, slopes, cpu_slopes = ctx.setup, record["slopes"], {} if ctx.cuda else record["cpu_time_slopes"]
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(13, 5))
     names = list(dict.fromkeys(series_name(r, s) for r in rows if r["status"] == "ok"))
-    styles = {"rmt": "-", "full": "--"}
     for i, name in enumerate(names):
-        rs = sorted(
-            (r for r in rows if series_name(r, s) == name and r["status"] == "ok"), key=lambda r: r["tokens"]
-        )
-        xs, ys = [r["tokens"] for r in rs], [r["seconds"] for r in rs]
-        fit = slopes.get(name)
-        stop = next((r for r in rows if series_name(r, s) == name and r["status"] in ("oom", "over_budget")), None)
-        label = name + (f" (slope {fit['slope']:.2f}" if fit else "")
-        cfit = (cpu_slopes or {}).get(name)
-        if fit:
-            label += f"; CPU time {cfit['slope']:.2f})" if cfit else ")"
-        if stop is not None:
-            label += f", {stop['status']} at {stop['tokens']:,}"
-        color = f"C{i}"
-        style = styles[rs[0]["family"]]
-        ax1.plot(xs, ys, style, marker="o", ms=3, color=color, label=label)
-        ax2.plot(xs, [r["ms_per_token"] * 1e3 for r in rs], style, marker="o", ms=3, color=color, label=name)
-        if fit:
+        mine = [r for r in rows if series_name(r, s) == name]
+        rs = sorted((r for r in mine if r["status"] == "ok"), key=lambda r: r["tokens"])
+        fit, cfit = slopes.get(name), cpu_slopes.get(name)
+        stop = next((r for r in mine if r["status"] in ("oom", "over_budget")), None)
+        label = name + (f" (slope {fit['slope']:.2f}" + (f"; CPU time {cfit['slope']:.2f})" if cfit else ")")
+                        if fit else "") + (f", {stop['status']} at {stop['tokens']:,}" if stop else "")  # fmt: skip
+        style = dict(ls="-" if rs[0]["family"] == "rmt" else "--", marker="o", ms=3, color=f"C{i}")
+        xs = [r["tokens"] for r in rs]
+        ax1.plot(xs, [r["seconds"] for r in rs], label=label, **style)
+        ax2.plot(xs, [r["ms_per_token"] * 1e3 for r in rs], label=name, **style)
+        if fit:  # the fitted line over the points it was fitted on
             fx = [fit["from_tokens"], fit["to_tokens"]]
-            ax1.plot(
-                fx,
-                [math.exp(fit["intercept"]) * x ** fit["slope"] for x in fx],
-                ":",
-                color=color,
-                lw=2.5,
-                alpha=0.6,
-            )
-    for ax in (ax1, ax2):
+            ax1.plot(fx, [math.exp(fit["intercept"]) * x ** fit["slope"] for x in fx], ":", color=f"C{i}", lw=2.5,
+                     alpha=0.6)  # fmt: skip
+    for ax, ylabel, title in ((ax1, "forward latency (s)", "time vs length (dotted: fit over the upper half)"),
+                              (ax2, "time per token (µs/token)", "time per token")):  # fmt: skip
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("input length (tokens)")
+        ax.set(yscale="log", xlabel="input length (tokens)", ylabel=ylabel)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("forward latency (s)")
-    ax1.set_title("time vs length (dotted: fit over the upper half)", fontsize=9)
-    if names:
-        ax1.legend(fontsize=7)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("time per token (µs/token)")
-    ax2.set_title("time per token", fontsize=9)
-    if names:
-        ax2.legend(fontsize=7)
+        if names:
+            ax.legend(fontsize=7)
     p = presets.preset(s.model)
-    fig.suptitle(
-        f"RMT vs full attention latency, BERT {p.layers}L/{p.hidden}d/{p.heads}h (head dim {p.hidden // p.heads}), "
-        f"{s.positions} positions per segment (m={s.mem}, {s.segment_size} content), {s.dtype}, "
-        f"batch {', '.join(map(str, s.batches))}"
-        f"\n{machine_label()}",
-        fontsize=9,
-    )
+    fig.suptitle(f"RMT vs full attention latency, BERT {p.layers}L/{p.hidden}d/{p.heads}h (head dim "
+                 f"{p.hidden // p.heads}), {s.positions} positions per segment (m={s.mem}, {s.segment_size} content), "
+                 f"{s.dtype}, batch {', '.join(map(str, s.batches))}\n{machine_label()}", fontsize=9)  # fmt: skip
     return fig
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in _names(text)]
-
-
 BENCHMARK = Benchmark(
-    "latency", cases, measure_keeping, summarize=summarize, plot=plot, series=("method", "batch"), cpu_threads=1,
+    "latency", cases, measure, summarize=summarize, plot=plot, series=("method", "batch"), cpu_threads=1,
     options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),
-             Option("--methods", type=_names, default=None, help="comma-separated method names (default: all)"),
+             Option("--methods", type=names, default=None, help="comma-separated method names (default: all)"),
              Option("--per-call-budget-s", type=float, default=None, help="longest call before a method stops"),
              Option("--memory-budget-mb", type=float, default=None, help="highest peak before a method stops"),
-             Option("--batches", type=_ints, default=None, help="batch sizes, e.g. 1,16 (default: 1)"),
+             Option("--batches", type=ints, default=None, help="batch sizes, e.g. 1,16 (default: 1)"),
              Option("--min-tokens", type=int, default=None, help="drop the lengths below this"),
              Option("--max-tokens", type=int, default=None, help="drop the lengths above this")),
 )  # fmt: skip
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="latency"))

@@ -41,12 +41,11 @@ a few sentences computed from the numbers), ``profile.png`` (stacked bars per ca
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import asdict, dataclass
 
 from . import presets
 from .common import machine_label
-from .runner import Benchmark, Option, module_main
+from .runner import Benchmark, Option
 
 CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "_fused_attention", "_flash_attention",
@@ -438,6 +437,3 @@ def _plot(results: dict, s: ProfileSetup, cuda: bool):
 
 BENCHMARK = Benchmark("profile", run=run, cpu_threads=1,
                       options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),))
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="profile"))

@@ -3,65 +3,35 @@
     rmt-fast-bench NAME [--out DIR] [--quick] [--budget-s S] [--device cpu|cuda] [the benchmark's options]
     rmt-fast-bench all  [--out DIR] [--quick]       # every benchmark but NOT_IN_ALL, each in DIR/<name>/
 
-Writing a benchmark
--------------------
-A benchmark is a module ``rmt_fast.bench.<module>`` (the ``benchmarks/`` folder) that defines ``BENCHMARK``::
+A benchmark is a module of ``rmt_fast.bench`` (the ``benchmarks/`` folder), listed in ``BENCHMARKS``, that
+defines ``BENCHMARK = Benchmark(name, cases, measure, summarize=..., plot=..., markdown=..., options=...)``:
 
-    from .runner import Benchmark, Option
+* ``cases(ctx) -> [dict]``: the sweep; a case's keys become its row's first columns;
+* ``measure(ctx, case, state) -> dict``: one case's measured columns (raise to fail the case; ``state`` is a
+  dict per series, e.g. the model built for the series' first case);
+* ``summarize(ctx, rows) -> (summary, record)``: the console summary and the JSON beside the rows; ``plot(ctx,
+  rows, record)`` a matplotlib figure; ``markdown(ctx, rows, record)`` a Markdown table.
 
-    def cases(ctx):                 # the sweep: one dict per case; its keys become the row's first columns
-        return [dict(method=m, tokens=n) for m in ("a", "b") for n in (512, 1024)]
+The runner builds ``ctx`` (:class:`Context`: ``out_dir``, ``quick``, ``budget_s``, ``device``, ``options``,
+``timer``, ``peak`` memory), runs every case under tqdm and writes ``DIR/<name>.csv``, ``.json`` (``{"env",
+"summary", **record}``), ``.png`` and ``.md``. A benchmark whose work is not one sweep gives ``run(ctx) ->
+summary`` instead and calls ``ctx.sweep`` and ``ctx.write_*`` itself. ``needs_cuda=True`` skips it without CUDA.
 
-    def measure(ctx, case, state):  # one case -> the row's measured columns; raise to fail the case
-        t = ctx.timer(lambda: work(case), repeats=3)
-        return {"seconds": t.median_s, "p20_s": t.p20_s, "p80_s": t.p80_s}
+Every case gives one row with ``status`` one of :data:`STATUS`: ``ok``; ``oom`` (CUDA memory is freed and the
+sweep goes on); ``error`` (the note holds the exception); ``over_budget`` (the ``--budget-s`` budget was spent
+before the case, or the measurement raised :class:`OverBudget`, which may carry the measured row);
+``unavailable`` (:class:`Unavailable`: a missing library, an unsupported case); ``skipped`` (an earlier case of
+its series failed). A series is the cases sharing the values of ``Benchmark.series``; after a failure
+``after_failure="stop"`` ends the series, ``"record"`` gives each later case a ``skipped`` row, ``"continue"``
+runs them all.
 
-    def summarize(ctx, rows):       # optional: (summary for the console, the JSON record beside the rows)
-        return {"ok": True}, {"config": {...}}
-
-    def plot(ctx, rows, record):    # optional: a matplotlib figure, saved as <name>.png
-        ...
-
-    BENCHMARK = Benchmark("mine", cases, measure, summarize=summarize, plot=plot,
-                          options=(Option("--tiny", action="store_true", help="..."),))
-
-and a line in ``BENCHMARKS`` below. The runner then, for ``rmt-fast-bench mine --out DIR``: builds ``ctx``
-(:class:`Context`: ``out_dir``, ``quick``, ``budget_s``, ``device``, ``cuda``, ``options`` (the parsed
-benchmark options), ``timer``, ``peak`` memory, ``deadline``), runs every case under tqdm, and writes
-``DIR/mine.csv`` (the rows), ``DIR/mine.json`` (``{"env": ..., "summary": ..., **record}``), ``DIR/mine.png``
-and, with ``markdown=``, ``DIR/mine.md``. ``needs_cuda=True`` skips the benchmark without CUDA
-(``{"skipped": "no CUDA"}``, no files). A benchmark whose work is not one sweep (phases, a meta-device count)
-gives ``run=`` instead of ``cases``/``measure``: ``run(ctx) -> summary``, and uses ``ctx.sweep`` and
-``ctx.write_*`` itself. A module that still has the older ``run(out_dir, quick) -> dict`` (and no
-``BENCHMARK``) is run as is.
-
-Rows and their status
----------------------
-Every case gives one row, whatever happens, with ``status`` one of :data:`STATUS`:
-
-* ``ok``; ``oom`` (out of memory: CUDA memory is freed and the sweep goes on); ``error`` (any other exception:
-  the note holds it); ``over_budget`` (the ``--budget-s`` wall-clock budget was spent before the case, or the
-  measurement raised :class:`OverBudget`); ``unavailable`` (the case raised :class:`Unavailable`: a missing
-  library, an unsupported shape); ``skipped`` (not run: an earlier case of its series failed).
-* A series is the cases that share the values of ``Benchmark.series`` (e.g. ``("method",)``); after a
-  case of a series fails (``oom``, ``over_budget``, ``error``), ``after_failure="stop"`` ends the series
-  without more rows, ``"record"`` gives each later case a ``skipped`` row, ``"continue"`` runs them all.
-  ``state`` (a dict per series)
-  carries what a measurement wants to remember between the cases of its series (e.g. the last time, to
-  extrapolate the next one).
-
-Timing
-------
-One timer, :class:`Timer` (``ctx.timer``): median, p20 and p80 of the samples, in seconds, everywhere.
-On CUDA a sample is CUDA-event time by default (``clock="device"``); ``clock="wall"`` is ``perf_counter``
-between two synchronisations (host time and device time), ``clock="host"`` is ``perf_counter`` around the
-calls with no synchronisation inside (the host's own time per call). On the CPU every clock is
-``perf_counter`` (the process CPU time is recorded beside it, ``cpu_s``). ``Timer.kernel`` is
-``triton.testing.do_bench`` with explicit quantiles and ``return_mode="median"``; ``Timer.graphed`` the same
-under a CUDA graph (``do_bench_cudagraph``).
-
-The environment record (:func:`rmt_fast.bench.common.env_info`: device, versions, git sha) goes into every
-JSON file as ``env``. Model configurations come from one table, :mod:`rmt_fast.bench.presets`.
+One timer, :class:`Timer` (``ctx.timer``): median, p20 and p80, in seconds. On CUDA a sample is CUDA-event
+time (``clock="device"``); ``clock="wall"`` is ``perf_counter`` between two synchronisations, ``clock="host"``
+``perf_counter`` around the calls with no synchronisation inside. On the CPU every clock is ``perf_counter``
+(process CPU time beside it, ``cpu_s``). ``Timer.kernel`` is ``triton.testing.do_bench`` with
+``return_mode="median"``, ``Timer.graphed`` the same under a CUDA graph. The environment record
+(:func:`rmt_fast.bench.common.env_info`) goes into every JSON file; model shapes come from
+:mod:`rmt_fast.bench.presets`.
 """
 
 from __future__ import annotations
@@ -69,10 +39,8 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import importlib.util
 import math
 import statistics
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -105,7 +73,12 @@ NOT_IN_ALL: frozenset[str] = frozenset({"train", "tune", "compare", "train-memor
 
 
 class OverBudget(Exception):
-    """Raised by a measurement that would run (or ran) past its budget: the row's status is ``over_budget``."""
+    """Raised by a measurement that would run (or ran) past its budget: the row's status is ``over_budget``;
+    ``row``: what was measured before the budget was found spent (kept in the row)."""
+
+    def __init__(self, why: str, row: dict | None = None):
+        super().__init__(why)
+        self.row = row or {}
 
 
 class Unavailable(Exception):
@@ -229,6 +202,19 @@ class Option:
         object.__setattr__(self, "kwargs", kwargs)
 
 
+def names(text: str) -> list[str]:
+    """An option type: comma-separated names."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def ints(text: str) -> list[int]:
+    """An option type: comma-separated ints."""
+    try:
+        return [int(x) for x in names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """What a benchmark declares (see the module docstring)."""
@@ -346,7 +332,7 @@ class Context:
         try:
             got = dict(measure(self, case, state) or {})
         except OverBudget as exc:
-            return {"status": "over_budget", "note": str(exc)}
+            return {**exc.row, "status": "over_budget", "note": str(exc)}
         except Unavailable as exc:
             return {"status": "unavailable", "note": str(exc)}
         except Exception as exc:  # a case that fails is a row, not a crash
@@ -390,57 +376,48 @@ def _run(bench: Benchmark, ctx: Context) -> dict:
     return summary
 
 
+def _context(bench: Benchmark, out_dir, quick: bool, options: argparse.Namespace, budget_s: float | None,
+             device, clock: Callable[[], float] = time.perf_counter) -> Context:  # fmt: skip
+    budget = budget_s if budget_s is not None else bench.budget_s
+    return Context(bench.name, Path(out_dir), quick, budget, device, options, clock)
+
+
 def run(target, out_dir, quick: bool = False, *, budget_s: float | None = None, device=None,
         clock: Callable[[], float] = time.perf_counter, **options) -> dict:  # fmt: skip
     """Run a benchmark from Python (tests, notebooks): ``target`` is a :class:`Benchmark` or its module;
     ``options`` are its declared options by their ``dest`` names (the others keep their defaults)."""
     bench = getattr(target, "BENCHMARK", target)
-    namespace = _parser(bench.name, bench).parse_args([])
+    namespace = _parser(bench).parse_args([])
     unknown = sorted(set(options) - set(vars(namespace)))
     if unknown:
         raise TypeError(f"{bench.name}: unknown options {unknown}; expected some of {sorted(vars(namespace))}")
     vars(namespace).update(options)
-    budget = budget_s if budget_s is not None else bench.budget_s
-    return run_benchmark(bench, Context(bench.name, Path(out_dir), quick, budget, device, namespace, clock))
+    return run_benchmark(bench, _context(bench, out_dir, quick, namespace, budget_s, device, clock))
 
 
-def _available(module_path: str) -> bool:
-    try:
-        return importlib.util.find_spec(module_path) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _parser(name: str, bench: Benchmark | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"rmt-fast-bench {name}", add_help=False)
-    for opt in bench.options if bench is not None else ():
+def _parser(bench: Benchmark) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"rmt-fast-bench {bench.name}", add_help=False)
+    for opt in bench.options:
         p.add_argument(*opt.flags, **opt.kwargs)
     return p
+
+
+def load(name: str) -> Benchmark:
+    return importlib.import_module(BENCHMARKS[name]).BENCHMARK
 
 
 def run_one(name: str, out_dir: Path, quick: bool, extra: list[str] | None = None, *, budget_s: float | None = None,
             device: str | None = None) -> dict:  # fmt: skip
     """Run benchmark ``name``; returns {'name', 'status', 'seconds', 'summary'}. Never raises, but for bad
     options (``extra``: the benchmark's own options, parsed against its ``Benchmark.options``)."""
-    module_path = BENCHMARKS[name]
-    if not _available(module_path):
-        print(f"[{name}] not available yet ({module_path} does not exist); skipping")
-        return {"name": name, "status": "not available yet", "seconds": 0.0, "summary": {}}
-    module = importlib.import_module(module_path)
-    bench = getattr(module, "BENCHMARK", None)
-    parser = _parser(name, bench)
-    options, unknown = parser.parse_known_args(extra or [])
+    bench = load(name)
+    options, unknown = _parser(bench).parse_known_args(extra or [])
     if unknown:
         raise SystemExit(f"rmt-fast-bench {name}: unrecognized arguments: {' '.join(unknown)}")
     print(f"[{name}] running -> {out_dir}")
     t0 = time.perf_counter()
     try:
-        if bench is None:  # the older protocol: run(out_dir, quick) -> dict
-            summary = module.run(Path(out_dir), quick=quick) or {}
-        else:
-            budget = budget_s if budget_s is not None else bench.budget_s
-            ctx = Context(bench.name, Path(out_dir), quick, budget, device, options)
-            summary = run_benchmark(bench, ctx)
+        summary = run_benchmark(bench, _context(bench, out_dir, quick, options, budget_s, device))
         status = "failed checks" if summary.get("crosscheck_ok") is False or summary.get("ok") is False else "ok"
     except Exception as exc:  # keep going with the other benchmarks under `all`
         traceback.print_exc()
@@ -481,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)  # the benchmark's own options are parsed by run_one
     if args.options:
         if args.command != "all":
-            module = importlib.import_module(BENCHMARKS[args.command])
-            _parser(args.command, getattr(module, "BENCHMARK", None)).print_help()
+            _parser(load(args.command)).print_help()
         return 0
     if extra and args.command == "all":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -494,8 +470,3 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_one(args.command, out, args.quick, extra, **kw)]
     print_summary(results)
     return 1 if any(r["status"] in ("error", "failed checks") for r in results) else 0
-
-
-def module_main(argv: list[str] | None = None, *, name: str) -> int:
-    """``python -m rmt_fast.bench.<module>``: the same as ``rmt-fast-bench <name>``."""
-    return main([name, *(sys.argv[1:] if argv is None else argv)])

@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from dataclasses import dataclass, field
 
 from . import presets
 from .common import machine_label
-from .runner import Benchmark, Option, module_main
+from .runner import Benchmark, Option
 
 METHODS = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # the order they run in
 FAST_METHODS = ("fast", "fast-ckpt", "fast-compiled")
@@ -317,6 +316,3 @@ BENCHMARK = Benchmark("train", run=run, options=(
     Option("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)"),
     Option("--fail-hook", default=None, help=argparse.SUPPRESS),  # tests: (setting, method, n) -> raise
 ))  # fmt: skip
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="train"))

@@ -16,11 +16,9 @@ GPU: ``torch.cuda.max_memory_allocated`` in process. Models: the ``gpt2-4l-8k`` 
 
 from __future__ import annotations
 
-import sys
-
 from . import presets
 from .common import PeakMemory, machine_label, run_point_in_subprocess
-from .runner import Benchmark, Timer, module_main
+from .runner import Benchmark, Timer
 
 CPU_CFG = dict(model="gpt2-4l-8k", segment_size=128, mem=8, batch=1)
 GPU_CFG = dict(model="gpt2-small-8k", segment_size=496, mem=8, batch=4)
@@ -122,6 +120,3 @@ def plot(ctx, rows, record):
 
 
 BENCHMARK = Benchmark("train_memory", cases, measure, summarize=summarize, plot=plot)
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="train-memory"))

@@ -45,7 +45,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +52,7 @@ from pathlib import Path
 from rmt_fast.kernels import dispatch, launch_configs
 
 from .common import bench_layout, env_info, machine_label, save_plot, write_csv, write_json
-from .runner import Benchmark, Option, Timer, module_main
+from .runner import Benchmark, Option, Timer
 from .tune_plan import (  # noqa: F401
     ASSUMED_SMEM,
     DTYPES,
@@ -486,6 +485,3 @@ BENCHMARK = Benchmark("tune", run=run, budget_s=DEFAULT_BUDGET_S, options=(
     Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
     Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
 ))  # fmt: skip
-
-if __name__ == "__main__":
-    sys.exit(module_main(name="tune"))

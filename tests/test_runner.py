@@ -1,6 +1,7 @@
 """The benchmark runner: one row per case with its status word, series that stop or record after a failure,
-the budget, the timer's quantiles, declared options, the files, and a module on the older run(out_dir, quick)."""
+the budget, the timer's quantiles, declared options and the files."""
 
+import argparse
 import csv
 import importlib.machinery
 import json
@@ -98,14 +99,31 @@ def test_declared_benchmark_writes_its_files_and_parses_its_options(tmp_path, mo
         runner.run(bench, tmp_path, size=3)
 
 
-def test_needs_cuda_and_legacy_modules(tmp_path, monkeypatch):
+def test_needs_cuda_and_failed_checks(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         gpu_only = Benchmark("gpu", run=lambda ctx: {"ran": True}, needs_cuda=True)
         assert runner.run(gpu_only, tmp_path / "gpu") == {"skipped": "no CUDA"}
         assert not (tmp_path / "gpu").exists()
-    legacy = _module("legacy_bench")
-    legacy.run = lambda out_dir, quick=False: {"out": str(out_dir), "quick": quick, "ok": False}
-    monkeypatch.setitem(sys.modules, "legacy_bench", legacy)
-    monkeypatch.setitem(runner.BENCHMARKS, "legacy", "legacy_bench")
-    res = runner.run_one("legacy", tmp_path, quick=True)
+    module = _module("checks_bench")
+    module.BENCHMARK = Benchmark("checks", run=lambda ctx: {"quick": ctx.quick, "ok": False})
+    monkeypatch.setitem(sys.modules, "checks_bench", module)
+    monkeypatch.setitem(runner.BENCHMARKS, "checks", "checks_bench")
+    res = runner.run_one("checks", tmp_path, quick=True)
     assert res["summary"]["quick"] is True and res["status"] == "failed checks"
+    module.BENCHMARK = Benchmark("checks", run=lambda ctx: 1 / 0)
+    assert runner.run_one("checks", tmp_path, quick=True)["status"] == "error"  # a crash is a status, not a raise
+
+
+def test_over_budget_keeps_the_measured_row(tmp_path):
+    def measure(ctx, case, state):
+        raise OverBudget("measured 2 s > 1 s", {"seconds": 2.0})
+
+    rows = runner.Context("t", tmp_path, device="cpu").sweep([dict(method="a", n=1), dict(method="a", n=2)], measure,
+                                                             series=("method",))  # fmt: skip
+    assert rows == [{"method": "a", "n": 1, "seconds": 2.0, "status": "over_budget", "note": "measured 2 s > 1 s"}]
+
+
+def test_option_types():
+    assert runner.names(" a, b ,,c") == ["a", "b", "c"] and runner.ints("1,16") == [1, 16]
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated ints"):
+        runner.ints("1,x")
