@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from . import presets
-from .common import machine_label
+from .common import machine_label, plot_lines, pyplot
 from .runner import Benchmark, Option, Unavailable
 
 METHODS = ("sequential", "diagonal", "diagonal-graphed", "full")
@@ -169,30 +169,13 @@ def summarize(ctx, rows: list[dict]):
 
 
 def plot(ctx, rows: list[dict], record: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(dict.fromkeys(r["setting"] for r in rows))
-    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
+    fig, axes = pyplot().subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
     for j, name in enumerate(names):
-        for method in METHODS:
-            pts = [r for r in rows if r["setting"] == name and r["method"] == method and r["status"] == "ok"]
-            if pts:
-                axes[0][j].plot([r["tokens"] for r in pts], [r["seconds"] for r in pts], "o-", label=method)
-            mem = [r for r in pts if r.get("peak_mb") is not None]
-            if mem:
-                axes[1][j].plot([r["tokens"] for r in mem], [r["peak_mb"] for r in mem], "o-", label=method)
-        for i, label in enumerate(("seconds (median)", "peak memory, MiB")):
-            ax = axes[i][j]
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens (batch 1)")
-            ax.set_ylabel(label)
-            ax.set_title(name)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+        mine = [r for r in rows if r["setting"] == name]
+        for i, (y, label) in enumerate((("seconds", "seconds (median)"), ("peak_mb", "peak memory, MiB"))):
+            plot_lines(axes[i][j], mine, "tokens", y, "method", ylog=False, xlabel="tokens (batch 1)", ylabel=label,
+                       title=name)  # fmt: skip
     fig.suptitle(f"ARMT at batch 1: {machine_label()}")
     return fig
 

@@ -134,6 +134,28 @@ def pyplot():
     return plt
 
 
+def plot_lines(ax, rows: list[dict], x: str, y: str, by: str | None = None, *, labels: dict | None = None,
+               xlog: int = 2, ylog: bool = True, xlabel: str = "", ylabel: str = "", title: str = ""):  # fmt: skip
+    """``y`` against ``x`` on ``ax``, one line per value of the column ``by`` (first seen first; ``labels`` renames
+    them), from the ``ok`` rows that have both values; log axes (``xlog``: the base of x, 0 for linear), grid, and
+    a legend when there is more than one line or a named one."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("status", "ok") == "ok" and r.get(x) is not None and r.get(y) is not None:
+            groups.setdefault(r[by] if by else None, []).append((r[x], r[y]))
+    for key, pts in groups.items():
+        ax.plot(*zip(*sorted(pts)), marker="o", ms=4, label=(labels or {}).get(key, key))
+    if xlog:
+        ax.set_xscale("log", base=xlog)
+    if ylog:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if by and groups:
+        ax.legend(fontsize=8)
+
+
 def save_plot(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure with tight layout at 120 dpi, then close it."""
     path = Path(path)

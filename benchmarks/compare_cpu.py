@@ -14,7 +14,7 @@ follows live tensors and no allocator cache from an earlier call hides growth.
 from __future__ import annotations
 
 from . import presets
-from .common import PeakMemory, machine_label, run_point_in_subprocess
+from .common import PeakMemory, machine_label, pyplot, run_point_in_subprocess
 from .runner import Benchmark, Option
 
 DEFAULTS = dict(model="gpt2-4l", segments=16, segment_size=128, mem=8, batch=2)
@@ -86,10 +86,7 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
 
 
 def plot(ctx, rows, record):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ratios, cfg = record["ratios_ref_over_fast"], ctx.cfg
     dims = presets.preset(cfg["model"])

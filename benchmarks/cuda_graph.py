@@ -18,7 +18,7 @@ capture) checks the pipeline. Times: the runner's timer (CUDA events, median; in
 from __future__ import annotations
 
 from . import presets
-from .common import machine_label
+from .common import machine_label, plot_lines, pyplot
 from .runner import Benchmark, Option
 
 SEGMENT, MEM = 499, 10
@@ -157,24 +157,9 @@ def _million_summary(rows, total, lengths, targets_apply: bool = True) -> dict:
 
 
 def _plot_million(rows, total):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method in ("graphed", "graphed+compiled", "full (SDPA)"):
-        pts = sorted((r["tokens"], r["seconds"]) for r in rows if r["method"] == method and r["status"] == "ok")
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens (batch 1)")
-    ax.set_ylabel("seconds per forward pass")
-    ax.set_title(f"RMT (graphed FastRMT) vs full attention, {total:,} tokens ({machine_label()})", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    plot_lines(ax, rows, "tokens", "seconds", "method", xlabel="tokens (batch 1)", ylabel="seconds per forward pass",
+               title=f"RMT (graphed FastRMT) vs full attention, {total:,} tokens ({machine_label()})")  # fmt: skip
     return fig
 
 
@@ -195,10 +180,7 @@ def _ratios(rows) -> dict:
 
 
 def _plot(rows):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = ("reference", "eager", "compiled", "graphed")

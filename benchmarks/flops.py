@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import presets
-from .common import machine_label
+from .common import machine_label, pyplot
 from .runner import Benchmark
 
 SEGMENT_POSITIONS = 512
@@ -342,10 +342,7 @@ PLOT_MODELS = ("bert-base", "opt-125m", "opt-1.3b", "opt-13b", "opt-175b")
 
 
 def make_plots(ctx) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     label = machine_label()
     xs = list(LENGTHS)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 
 from . import presets
-from .common import machine_label
+from .common import machine_label, plot_lines, pyplot
 from .runner import Benchmark, Timer
 
 CPU_CFG = dict(model="gpt2-checks", segment_size=256, mem=8, sizes=[(1, 256), (2, 1024), (4, 2048)], check_reps=200,
@@ -125,20 +125,11 @@ def measure(rmt, batch: int, length: int, cfg: dict, device: str) -> dict:
 
 
 def plot(ctx, rows: list[dict], record: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens = [r["tokens"] for r in rows if r["status"] == "ok"]
-    ok = [r for r in rows if r["status"] == "ok"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(tokens, [r["check_us"] for r in ok], "o-")
-    a.set(xscale="log", xlabel="tokens per call (batch x length)", ylabel="µs per call",
-          title="value checks, per forward call")  # fmt: skip
-    b.plot(tokens, [r["overhead_pct"] for r in ok], "o-")
-    b.set(xscale="log", xlabel="tokens per call (batch x length)", ylabel="% of a forward call",
-          title="value checks / forward (no_grad)")  # fmt: skip
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 4))
+    for ax, y, ylabel, title in ((a, "check_us", "µs per call", "value checks, per forward call"),
+                                 (b, "overhead_pct", "% of a forward call", "value checks / forward (no_grad)")):
+        plot_lines(ax, rows, "tokens", y, xlog=10, ylog=False, xlabel="tokens per call (batch x length)",
+                   ylabel=ylabel, title=title)  # fmt: skip
     fig.suptitle(f"Input value checks ({machine_label()})")
     return fig
 

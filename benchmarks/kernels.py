@@ -31,7 +31,7 @@ for the forward, 2.5 times that for forward + backward (the FlashAttention-2 con
 
 from __future__ import annotations
 
-from .common import bench_layout, env_info, machine_label
+from .common import bench_layout, env_info, machine_label, pyplot
 from .runner import Benchmark
 
 MEM, H = 10, 12
@@ -217,10 +217,7 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
 
 def plot(ctx, rows, record):
     env = record["env"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(dict.fromkeys((r["dtype"], r["D"], r["layout"], r["B"], r["T"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -44,7 +44,7 @@ import contextlib
 from dataclasses import asdict, dataclass
 
 from . import presets
-from .common import machine_label
+from .common import machine_label, pyplot
 from .runner import Benchmark, Option
 
 CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
@@ -404,10 +404,7 @@ def _sentences(backbone: str, ref: dict, fast: dict, cuda: bool) -> str:
 
 
 def _plot(results: dict, s: ProfileSetup, cuda: bool):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("cpu_ms", "CPU time (ms)")] + ([("device_ms", "device time (ms)")] if cuda else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 4.5), squeeze=False)

@@ -47,8 +47,8 @@ import contextlib
 from dataclasses import dataclass, field
 
 from . import presets
-from .common import machine_label
-from .runner import Benchmark, Option
+from .common import machine_label, plot_lines, pyplot
+from .runner import Benchmark, Option, ints, names
 
 METHODS = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # the order they run in
 FAST_METHODS = ("fast", "fast-ckpt", "fast-compiled")
@@ -213,42 +213,23 @@ def targets(rows, settings: list[Setting]) -> dict:
 
 
 def _plot(rows, settings: list[Setting]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
+    fig, axes = pyplot().subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
     for (ax_t, ax_m), s in zip(axes, settings):
-        for method in METHODS:
-            pts = sorted((r["segments"], r["tokens_per_s"], r["peak_mb"]) for r in rows
-                         if r["setting"] == s.name and r["method"] == method and r["status"] == "ok")  # fmt: skip
-            if not pts:
-                continue
-            x = [p[0] for p in pts]
-            ax_t.plot(x, [p[1] for p in pts], marker="o", label=method)
-            if all(p[2] is not None for p in pts):
-                ax_m.plot(x, [p[2] for p in pts], marker="o", label=method)
-        dims = presets.preset(s.model)
+        dims, mine = presets.preset(s.model), [r for r in rows if r["setting"] == s.name]
         title = (f"({s.name}) {s.kind}, {dims.layers}L/{dims.hidden}d, {s.segment}+{s.mem} mem per segment, "
                  f"batch {s.batch}")  # fmt: skip
-        for ax, ylabel in ((ax_t, "tokens/s (training step)"), (ax_m, "peak memory (MB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("segments")
-            ax.set_ylabel(ylabel)
-            ax.set_title(title, fontsize=8)
-            ax.grid(True, alpha=0.3)
-        if ax_t.get_legend_handles_labels()[0]:
-            ax_t.legend(fontsize=7)
+        for ax, y, ylabel in ((ax_t, "tokens_per_s", "tokens/s (training step)"),
+                              (ax_m, "peak_mb", "peak memory (MB)")):  # fmt: skip
+            plot_lines(ax, mine, "segments", y, "method", ylog=False, xlabel="segments", ylabel=ylabel, title=title)
     fig.suptitle(f"RMT training: forward + backward + AdamW ({machine_label()})", fontsize=10)
     return fig
 
 
 # ------------------------------------------------------------------------------------------------ entry points
-def resolve_settings(names: list[str] | None, cuda: bool) -> list[Setting]:
-    names = names or (["a", "b"] if cuda else ["tiny"])
+def resolve_settings(wanted: list[str] | None, cuda: bool) -> list[Setting]:
+    wanted = wanted or (["a", "b"] if cuda else ["tiny"])
     out = []
-    for name in names:
+    for name in wanted:
         for key in ALIASES.get(name, [name]):
             if key not in SETTINGS:
                 raise ValueError(f"--setting: unknown setting {name!r}; expected one of a, b, tiny")
@@ -297,22 +278,11 @@ def run(ctx) -> dict:
     return summary
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 BENCHMARK = Benchmark("train", run=run, options=(
-    Option("--setting", type=_names, default=None, help="a, b, tiny (comma-separated; default: a,b on CUDA, tiny "
+    Option("--setting", type=names, default=None, help="a, b, tiny (comma-separated; default: a,b on CUDA, tiny "
            "on the CPU)"),
-    Option("--segments", type=_ints, default=None, help="segment counts, e.g. 1,2,4,8"),
-    Option("--methods", type=_names, default=None, help=f"some of {','.join(METHODS)}"),
+    Option("--segments", type=ints, default=None, help="segment counts, e.g. 1,2,4,8"),
+    Option("--methods", type=names, default=None, help=f"some of {','.join(METHODS)}"),
     Option("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)"),
     Option("--fail-hook", default=None, help=argparse.SUPPRESS),  # tests: (setting, method, n) -> raise
 ))  # fmt: skip

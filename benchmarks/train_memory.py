@@ -17,7 +17,7 @@ GPU: ``torch.cuda.max_memory_allocated`` in process. Models: the ``gpt2-4l-8k`` 
 from __future__ import annotations
 
 from . import presets
-from .common import PeakMemory, machine_label, run_point_in_subprocess
+from .common import PeakMemory, machine_label, plot_lines, pyplot, run_point_in_subprocess
 from .runner import Benchmark, Timer
 
 CPU_CFG = dict(model="gpt2-4l-8k", segment_size=128, mem=8, batch=1)
@@ -94,26 +94,13 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
 
 
 def plot(ctx, rows, record):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg, dims = ctx.cfg, presets.preset(ctx.cfg["model"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("saved_activations_mb", "activations saved for backward (MB, exact)"),
-              ("peak_mb", "peak memory added by one step (MB)"))  # fmt: skip
-    for ax, (key, ylabel) in zip(axes, panels):
-        for ckpt, label in ((False, "full BPTT, activations kept"), (True, "per-segment checkpointing")):
-            pts = _points(rows, ckpt, key)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(f"segments ({cfg['segment_size']} tokens each)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    labels = {False: "full BPTT, activations kept", True: "per-segment checkpointing"}
+    for ax, key, ylabel in ((axes[0], "saved_activations_mb", "activations saved for backward (MB, exact)"),
+                            (axes[1], "peak_mb", "peak memory added by one step (MB)")):  # fmt: skip
+        plot_lines(ax, rows, "segments", key, "checkpointing", labels=labels, ylabel=ylabel,
+                   xlabel=f"segments ({cfg['segment_size']} tokens each)")  # fmt: skip
     fig.suptitle(f"FastRMT training memory: GPT-2 {dims.layers}L/{dims.hidden}d, m={cfg['mem']}, "
                  f"batch {cfg['batch']} ({machine_label()})", fontsize=9)  # fmt: skip
     return fig

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from rmt_fast.kernels import dispatch, launch_configs
 
-from .common import bench_layout, env_info, machine_label, save_plot, write_csv, write_json
+from .common import bench_layout, env_info, machine_label, pyplot, save_plot, write_csv, write_json
 from .runner import Benchmark, Option, Timer
 from .tune_plan import (  # noqa: F401
     ASSUMED_SMEM,
@@ -333,10 +333,7 @@ def hopper_paths() -> dict:
 
 
 def _plot(rows: list[dict], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("fwd", "graph_ms", "forward, CUDA graph (device time)"), ("fwd", "eager_ms", "forward, eager"),
               ("fwd+bwd", "eager_ms", "forward + backward, eager")]  # fmt: skip
