@@ -252,6 +252,26 @@ def bench_layout(B: int, T: int, *, causal: bool = True, padded: bool = True, de
     return SegmentLayout(read, tokens, write, causal, token_counts=counts)
 
 
+def attention_step(mode: str, fn, q, k, v, do=None):
+    """A zero-argument call of the attention ``fn(q, k, v)`` for the kernel benchmarks: ``"fwd"`` (no grad),
+    ``"fwd+bwd"`` (forward and the three input gradients), ``"dq"`` / ``"dkdv"`` (forward and that backward only);
+    ``do``: the output gradient (random when None)."""
+    import torch
+
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        return fwd
+    need = (mode != "dkdv", mode != "dq", mode != "dq")  # q, k, v
+    qg, kg, vg = (t.detach().requires_grad_(r) for t, r in zip((q, k, v), need))
+    wrt = [t for t in (qg, kg, vg) if t.requires_grad]
+    do = torch.randn_like(fn(qg, kg, vg)) if do is None else do
+    return lambda: torch.autograd.grad(fn(qg, kg, vg), wrt, do)
+
+
 if __name__ == "__main__":  # run_point_in_subprocess: MODULE:FUNCTION JSON-KWARGS -> the result as one JSON line
     import importlib
 

@@ -31,7 +31,7 @@ for the forward, 2.5 times that for forward + backward (the FlashAttention-2 con
 
 from __future__ import annotations
 
-from .common import bench_layout, env_info, machine_label, pyplot
+from .common import attention_step, bench_layout, env_info, machine_label, pyplot
 from .runner import Benchmark
 
 MEM, H = 10, 12
@@ -108,21 +108,6 @@ def _auto_choices(q, layout) -> dict:
     return {"fwd": pick(False, False), "fwd+bwd": pick(True, False), "graphed": pick(False, True)}
 
 
-def _step(fn, q, k, v, backward: bool):
-    """A zero-argument call: the forward (no grad), or forward + backward; and the tensors to zero the grads of."""
-    import torch
-
-    if not backward:
-        def fwd():
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        return fwd, None
-    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    grad = torch.randn_like(fn(qg, kg, vg))
-    return (lambda: fn(qg, kg, vg).backward(grad)), [qg, kg, vg]
-
-
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's kernel targets, checked against the measured rows (a target without rows is "not measured")."""
 
@@ -153,7 +138,7 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-MODES = (("fwd", False, 1.0), ("fwd+bwd", True, 2.5))  # name, backward, FLOPs relative to the forward
+MODES = (("fwd", 1.0), ("fwd+bwd", 2.5))  # name, FLOPs relative to the forward
 
 
 def cases(ctx) -> list[dict]:
@@ -162,7 +147,7 @@ def cases(ctx) -> list[dict]:
     ctx.table = dispatch.table_for_device(ctx.device)  # installs the table's launch configurations, if any
     methods = ("triton", "sdpa_flash_nomask", "sdpa_dense_mask", "flex", "xformers")
     return [dict(method=m, mode=mode, B=st["B"], T=st["T"], H=H, D=st["D"], dtype=st["dtype"], layout=st["layout"])
-            for st in settings(ctx.quick) for m in methods for mode, _, _ in MODES]  # fmt: skip
+            for st in settings(ctx.quick) for m in methods for mode, _ in MODES]  # fmt: skip
 
 
 def measure(ctx, case: dict, state: dict) -> dict:
@@ -184,9 +169,9 @@ def measure(ctx, case: dict, state: dict) -> dict:
         return {**row, "status": "skipped", "note": "not measured for this setting"}
     if isinstance(fn, str):
         return {**row, "status": "unavailable", "note": fn}
-    _, backward, scale = next(m for m in MODES if m[0] == mode)
-    step, grads = _step(fn, *state["qkv"], backward)
-    t = ctx.timer.kernel(step, warmup_ms=5 if ctx.quick else 25, rep_ms=25 if ctx.quick else 100, grad_to_none=grads)
+    scale = dict(MODES)[mode]
+    step = attention_step(mode, fn, *state["qkv"])
+    t = ctx.timer.kernel(step, warmup_ms=5 if ctx.quick else 25, rep_ms=25 if ctx.quick else 100)
     B, T, D = case["B"], case["T"], case["D"]
     flops = scale * 2 * 2 * B * H * T * T * D / 2
     return {**row, "ms": t.ms, "p20_ms": 1e3 * t.p20_s, "p80_ms": 1e3 * t.p80_s, "tflops": flops / t.median_s / 1e12}

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from rmt_fast.kernels import dispatch, launch_configs
 
-from .common import bench_layout, env_info, machine_label, pyplot, save_plot, write_csv, write_json
+from .common import attention_step, bench_layout, env_info, machine_label, pyplot, save_plot, write_csv, write_json
 from .runner import Benchmark, Option, Timer
 from .tune_plan import (  # noqa: F401
     ASSUMED_SMEM,
@@ -102,23 +102,6 @@ def _impl(name: str, layout):
     return lambda q, k, v: sdpa_rmt_attention(q, k, v, layout)
 
 
-def _step(mode: str, impl, q, k, v, do):
-    """A zero-argument call: 'fwd' (no grad), 'fwd+bwd' (all grads), 'dq' / 'dkdv' (forward + that backward)."""
-    import torch
-
-    if mode == "fwd":
-
-        def fwd():
-            with torch.no_grad():
-                return impl(q, k, v)
-
-        return fwd
-    grads = (mode != "dkdv", mode != "dq", mode != "dq")  # q, k, v
-    qg, kg, vg = (t.detach().requires_grad_(r) for t, r in zip((q, k, v), grads))
-    wrt = [t for t in (qg, kg, vg) if t.requires_grad]
-    return lambda: torch.autograd.grad(impl(qg, kg, vg), wrt, do)
-
-
 def graph_ms(fn, rep_ms: float) -> float:
     """Device time of one call, replayed from a CUDA graph (host time excluded): the runner's timer, median."""
     return Timer("cuda").graphed(fn, rep_ms=rep_ms).ms
@@ -154,7 +137,7 @@ def _warm_job(job: dict) -> str:
         override = {job["kind"]: tuple(job["config"])} if job.get("config") else {}
         with launch_configs.override_configs(**override):
             for mode in job["modes"]:
-                _step(mode, _impl("triton", layout), q, k, v, do)()
+                attention_step(mode, _impl("triton", layout), q, k, v, do)()
         _sync(q.device)
         return "ok"
     except Exception as exc:  # the timing process meets (and records) the same error
@@ -239,7 +222,7 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
             continue
         try:
             q, k, v, do = _tensors(case, device)
-            fn = _step(kind, _impl("triton", _layout(case, device)), q, k, v, do)
+            fn = attention_step(kind, _impl("triton", _layout(case, device)), q, k, v, do)
             with launch_configs.override_configs(**{kind: cfg}):
                 row["graph_ms"] = graph_ms(fn, rep_ms)
                 row["eager_ms"] = eager_ms(fn, rep_ms / 2)
@@ -297,7 +280,7 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
                         rows.append({**row, "status": "unavailable", "note": f"unsupported: {reason}"})
                         continue
                 try:
-                    fn = _step(mode, _impl(name, layout), q, k, v, do)
+                    fn = attention_step(mode, _impl(name, layout), q, k, v, do)
                     if mode == "fwd":
                         row["graph_ms"] = graph_ms(fn, rep_ms)
                     row["eager_ms"] = eager_ms(fn, rep_ms / 2)
