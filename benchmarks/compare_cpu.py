@@ -87,7 +87,6 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
 
 def plot(ctx, rows, record):
     plt = pyplot()
-
     ratios, cfg = record["ratios_ref_over_fast"], ctx.cfg
     dims = presets.preset(cfg["model"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -180,9 +180,7 @@ def _ratios(rows) -> dict:
 
 
 def _plot(rows):
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     methods = ("reference", "eager", "compiled", "graphed")
     for j, batch in enumerate((1, 32)):
         vals = [next((r["ms_per_segment"] for r in rows if r["method"] == m and r["batch"] == batch

@@ -343,7 +343,6 @@ PLOT_MODELS = ("bert-base", "opt-125m", "opt-1.3b", "opt-13b", "opt-175b")
 
 def make_plots(ctx) -> list[Path]:
     plt = pyplot()
-
     label = machine_label()
     xs = list(LENGTHS)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -203,7 +203,6 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
 def plot(ctx, rows, record):
     env = record["env"]
     plt = pyplot()
-
     keys = list(dict.fromkeys((r["dtype"], r["D"], r["layout"], r["B"], r["T"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ok = {(r["method"], r["mode"], r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r for r in rows

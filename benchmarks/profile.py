@@ -107,10 +107,7 @@ def _category_of_op(name: str) -> str:
 
 def _classify(evt) -> tuple[str, bool]:
     """(category, is_top_level) of an aten event, from its ancestry (Python frames included)."""
-    top = evt
-    in_attention_frame = False
-    in_scope = False
-    in_mask = False
+    top, in_attention_frame, in_scope, in_mask = evt, False, False, False
     p = evt.cpu_parent
     while p is not None:
         name = p.name
@@ -129,45 +126,31 @@ def _classify(evt) -> tuple[str, bool]:
     if in_scope:
         return "attention", is_top
     cat = _category_of_op(top.name)
-    if (
-        cat != "attention"
-        and in_attention_frame
-        and (top.name in ("aten::softmax", "aten::_softmax", "aten::bmm", "aten::matmul", "aten::baddbmm"))
-    ):
+    if in_attention_frame and top.name in ("aten::softmax", "aten::_softmax", "aten::bmm", "aten::matmul",
+                                           "aten::baddbmm"):  # fmt: skip
         cat = "attention"
     return cat, is_top
 
 
+def _on_device(evt) -> bool:
+    return str(getattr(evt, "device_type", "CPU")).endswith("CUDA")
+
+
 def _aten_events(events) -> list:
-    out = [
-        e
-        for e in events
-        if e.name.startswith("aten::")
-        and not getattr(e, "is_python_function", False)
-        and not str(getattr(e, "device_type", "CPU")).endswith("CUDA")
-    ]
+    out = [e for e in events if e.name.startswith("aten::") and not getattr(e, "is_python_function", False)
+           and not _on_device(e)]  # fmt: skip
     return sorted(out, key=lambda e: (e.time_range.start, -e.time_range.end))
-
-
-def _is_attention_kernel(name: str) -> bool:
-    return name.startswith(TRITON_ATTENTION_KERNELS)
 
 
 def _triton_kernels(events) -> tuple[float, int]:
     """(device ms, count) of the Triton attention kernels among the device events."""
-    ms, n = 0.0, 0
-    for e in events:
-        if str(getattr(e, "device_type", "CPU")).endswith("CUDA") and _is_attention_kernel(e.name):
-            ms += e.time_range.elapsed_us() / 1e3
-            n += 1
-    return ms, n
+    mine = [e for e in events if _on_device(e) and e.name.startswith(TRITON_ATTENTION_KERNELS)]
+    return sum(e.time_range.elapsed_us() for e in mine) / 1e3, len(mine)
 
 
 def _scope_outside_aten_ms(events) -> float:
     """CPU ms inside the attention scopes but outside aten operators (the Triton launcher's Python, mostly)."""
-    scopes = [e for e in events if e.name == ATTENTION_SCOPE and not str(getattr(e, "device_type", "CPU"))
-              .endswith("CUDA")]  # fmt: skip
-    total = sum(e.time_range.elapsed_us() for e in scopes)
+    total = sum(e.time_range.elapsed_us() for e in events if e.name == ATTENTION_SCOPE and not _on_device(e))
     for e in _aten_events(events):
         p, inside = e.cpu_parent, False
         while p is not None:
@@ -181,35 +164,20 @@ def _scope_outside_aten_ms(events) -> float:
     return max(total, 0.0) / 1e3
 
 
-def _is_top(evt) -> bool:
-    p = evt.cpu_parent
-    while p is not None:
-        if p.name.startswith("aten::"):
-            return False
-        p = p.cpu_parent
-    return True
-
-
 def analyse(stack_events, timing_events, wall_ms: float, n_segments: int, calls: int, cuda: bool) -> dict:
     """Categories come from the with_stack profile; times (per call) from the lighter timing profile when its
     operator sequence matches, else from the with_stack profile itself."""
     labelled = [(e, *_classify(e)) for e in _aten_events(stack_events)]
     timed = _aten_events(timing_events) if timing_events is not None else []
     per_call = len(labelled)
-    matched = (
-        bool(timed)
-        and len(timed) == calls * per_call
-        and all(timed[i].name == labelled[i % per_call][0].name for i in range(len(timed)))
-    )
+    matched = bool(timed) and len(timed) == calls * per_call and all(
+        t.name == labelled[i % per_call][0].name for i, t in enumerate(timed))
     if matched:
         pairs = [(t, labelled[i % per_call][1], labelled[i % per_call][2]) for i, t in enumerate(timed)]
         div = calls
     else:
         pairs, div = labelled, 1
-    cpu_ms = dict.fromkeys(CATEGORIES, 0.0)
-    dev_ms = dict.fromkeys(CATEGORIES, 0.0)
-    ops = dict.fromkeys(CATEGORIES, 0)
-    kernels = dict.fromkeys(CATEGORIES, 0)
+    cpu_ms, dev_ms, ops, kernels = (dict.fromkeys(CATEGORIES, 0.0) for _ in range(4))
     top_cpu_total = 0.0
     for e, cat, is_top in pairs:
         cpu_ms[cat] += e.self_cpu_time_total / 1e3 / div
@@ -217,7 +185,8 @@ def analyse(stack_events, timing_events, wall_ms: float, n_segments: int, calls:
             top_cpu_total += e.cpu_time_total / 1e3 / div
         if cuda:
             own = getattr(e, "kernels", []) or []
-            triton = [k for k in own if _is_attention_kernel(k.name)]  # counted below, from the device events
+            # the Triton kernels are counted below, from the device events
+            triton = [k for k in own if k.name.startswith(TRITON_ATTENTION_KERNELS)]
             dev_ms[cat] += (getattr(e, "self_device_time_total", 0.0) - sum(k.duration for k in triton)) / 1e3 / div
             kernels[cat] += len(own) - len(triton)
     for _, cat, is_top in labelled:
@@ -405,7 +374,6 @@ def _sentences(backbone: str, ref: dict, fast: dict, cuda: bool) -> str:
 
 def _plot(results: dict, s: ProfileSetup, cuda: bool):
     plt = pyplot()
-
     panels = [("cpu_ms", "CPU time (ms)")] + ([("device_ms", "device time (ms)")] if cuda else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 4.5), squeeze=False)
     keys = list(results)

@@ -317,7 +317,6 @@ def hopper_paths() -> dict:
 
 def _plot(rows: list[dict], title: str):
     plt = pyplot()
-
     panels = [("fwd", "graph_ms", "forward, CUDA graph (device time)"), ("fwd", "eager_ms", "forward, eager"),
               ("fwd+bwd", "eager_ms", "forward + backward, eager")]  # fmt: skip
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("label")))
