@@ -51,44 +51,28 @@ from pathlib import Path
 
 from rmt_fast.kernels import dispatch, launch_configs
 
+from . import tune_plan
 from .common import attention_step, bench_layout, env_info, machine_label, pyplot, save_plot, write_csv, write_json
 from .runner import Benchmark, Option, Timer
-from .tune_plan import (  # noqa: F401
-    ASSUMED_SMEM,
-    DTYPES,
-    GRID,
-    HEAD_DIMS,
-    MEASUREMENTS,
-    MEM,
-    QUICK_GRID,
-    Case,
-    H,
-    _case_cols,
-    _cfg_text,
-    build_table,
-    candidates,
-    cases,
-    heuristic_config,
-    infeasible,
-    sweep_case,  # fmt: skip
-)
 
 DEFAULT_BUDGET_S = 240.0
 SWEEP_SHARE = 0.45  # phase 1 may use this fraction of the budget
 
 
 # ============================================================================================= measuring
-def _layout(c: Case, device):
-    return bench_layout(c.B, c.T, causal=c.causal, padded=c.padded, device=device, seed=c.B * 1000 + c.T, mem=MEM)
+def _layout(c: tune_plan.Case, device):
+    return bench_layout(c.B, c.T, causal=c.causal, padded=c.padded, device=device, seed=c.B * 1000 + c.T,
+                        mem=tune_plan.MEM)
 
 
-def _tensors(c: Case, device, seed: int = 0):
+def _tensors(c: tune_plan.Case, device, seed: int = 0):
     """q, k, v as (B, H, T, D) views of (B, T, H, D) storage (the projections' layout), the output grad."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, c.dtype)
-    q, k, v, do = (torch.randn(c.B, c.T, H, c.head_dim, device=device, dtype=dtype, generator=g) for _ in range(4))
+    shape = (c.B, c.T, tune_plan.H, c.head_dim)
+    q, k, v, do = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(4))
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do
 
 
@@ -127,7 +111,7 @@ def _warm_job(job: dict) -> str:
     import torch
 
     try:
-        c = Case(**job["case"])
+        c = tune_plan.Case(**job["case"])
         q, k, v, do = _tensors(c, torch.device(job.get("device", "cuda")))
         layout = _layout(c, q.device)
         if job.get("configs"):  # phase 2: the tuned configs of this dtype and head dim, as the runtime installs
@@ -204,19 +188,20 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     from tqdm.auto import tqdm
 
     plan = []
-    for d in HEAD_DIMS:
+    for d in tune_plan.HEAD_DIMS:
         for kind in dispatch.KINDS:
-            cands, _ = candidates(kind, d, quick, smem_limit)
+            cands, _ = tune_plan.candidates(kind, d, quick, smem_limit)
             plan += [(d, kind, cfg) for cfg in cands]
     modes = {"fwd": ["fwd"], "dq": ["dq"], "dkdv": ["dkdv"]}
-    jobs = [dict(case=asdict(sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind],
+    jobs = [dict(case=asdict(tune_plan.sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind],
                  device=str(device)) for d, kind, cfg in plan]  # fmt: skip
     pre_stats = pre.run(jobs, deadline, "tune: compiling candidates")
     rows, best = [], {}
     for d, kind, cfg in tqdm(plan, desc="tune: configs", unit="config", disable=None):
-        case = sweep_case(d, quick)
-        row = dict(phase="sweep", mode=kind, candidate="triton", config=_cfg_text(cfg),
-                   heuristic=cfg == heuristic_config(kind, d, case.dtype), **_case_cols(case))  # fmt: skip
+        case = tune_plan.sweep_case(d, quick)
+        row = dict(phase="sweep", mode=kind, candidate="triton", config=tune_plan.cfg_text(cfg),
+                   heuristic=cfg == tune_plan.heuristic_config(kind, d, case.dtype),
+                   **tune_plan.case_cols(case))  # fmt: skip
         if time.perf_counter() > deadline:
             rows.append({**row, "status": "over_budget", "note": "not run: the budget is spent"})
             continue
@@ -235,9 +220,9 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
         rows.append(row)
     configs = {}
     for (d, kind), (_, cfg) in best.items():
-        for dt in DTYPES:
+        for dt in tune_plan.DTYPES:
             configs.setdefault((dt, d), {})[kind] = tuple(cfg)
-    winners = {(d, kind, _cfg_text(cfg)) for (d, kind), (_, cfg) in best.items()}
+    winners = {(d, kind, tune_plan.cfg_text(cfg)) for (d, kind), (_, cfg) in best.items()}
     for r in rows:
         r["winner"] = (r["head_dim"], r["mode"], r["config"]) in winners
     return configs, rows, pre_stats
@@ -251,31 +236,33 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
 
     launch_configs.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
                            for kind, cfg in kinds.items()})  # fmt: skip
-    variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in cases(quick)})
-    warm_t = min(c.T for c in cases(quick))
-    jobs = [dict(case=asdict(Case(dt, d, 2, warm_t, causal, padded)), modes=["fwd", "fwd+bwd"], device=str(device),
+    variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in tune_plan.cases(quick)})
+    warm_t = min(c.T for c in tune_plan.cases(quick))
+    jobs = [dict(case=asdict(tune_plan.Case(dt, d, 2, warm_t, causal, padded)), modes=["fwd", "fwd+bwd"],
+                 device=str(device),
                  configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()})
             for dt, d, causal, padded in variants]  # fmt: skip
     pre_stats = pre.run(jobs, deadline, "tune: compiling variants")
     rows = []
-    for c in tqdm(cases(quick), desc="tune: triton vs sdpa", unit="case", disable=None):
+    for c in tqdm(tune_plan.cases(quick), desc="tune: triton vs sdpa", unit="case", disable=None):
         if time.perf_counter() > deadline:
             break
         try:
             q, k, v, do = _tensors(c, device)
             layout = _layout(c, device)
         except Exception as exc:  # e.g. out of memory for the largest shapes
-            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **_case_cols(c), **_error(exc)))
+            rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **tune_plan.case_cols(c), **_error(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         reason = rmt_attention_supported(q, k, v, layout)
         for mode in ("fwd", "fwd+bwd"):
             for name in ("triton", "sdpa"):
-                row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="", **_case_cols(c))
+                row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="",
+                           **tune_plan.case_cols(c))  # fmt: skip
                 if name == "triton":
                     kinds = configs.get((c.dtype, c.head_dim), {})
-                    row["config"] = " / ".join(f"{k}={_cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
+                    row["config"] = " / ".join(f"{k}={tune_plan.cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
                     if reason is not None:
                         rows.append({**row, "status": "unavailable", "note": f"unsupported: {reason}"})
                         continue
@@ -359,17 +346,17 @@ def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float =
         except Exception:
             arch = None
     arch = arch or "sm90"
-    smem = smem or ASSUMED_SMEM.get(arch, 101376)
+    smem = smem or tune_plan.ASSUMED_SMEM.get(arch, 101376)
     cand_rows, configs = [], {}
-    for d in HEAD_DIMS:
+    for d in tune_plan.HEAD_DIMS:
         for kind in dispatch.KINDS:
-            keep, rows = candidates(kind, d, quick, smem)
+            keep, rows = tune_plan.candidates(kind, d, quick, smem)
             cand_rows += rows
             if keep:
-                for dt in DTYPES:
+                for dt in tune_plan.DTYPES:
                     configs.setdefault((dt, d), {})[kind] = keep[0]  # the heuristic (or the first feasible)
     write_csv(out_dir / "tune_candidates.csv", cand_rows)
-    plan = [dict(label=c.label(), **_case_cols(c)) for c in cases(quick)]
+    plan = [dict(label=c.label(), **tune_plan.case_cols(c)) for c in tune_plan.cases(quick)]
     example_rows = []
     for p in plan:  # no numbers: an example of the format, every entry SDPA
         for mode in ("fwd", "fwd+bwd"):
@@ -378,7 +365,7 @@ def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float =
     env = env_info()
     prov = {"tool": "rmt-fast-bench tune --dry-run", "git_sha": env["git_sha"], "timestamp": env["timestamp"],
             "note": "example of the format: nothing was measured; the runtime refuses unmeasured tables"}  # fmt: skip
-    table = build_table(arch, [], configs, example_rows, margin, prov, measured=False)
+    table = tune_plan.build_table(arch, [], configs, example_rows, margin, prov, measured=False)
     write_json(out_dir / f"{arch}.example.json", table)
     n_feasible = sum(r["feasible"] for r in cand_rows)
     write_json(out_dir / "tune_plan.json", {"arch": arch, "smem_limit": smem, "quick": quick,
@@ -401,7 +388,7 @@ def run(ctx) -> dict:
         return {"skipped": "no CUDA"}
     arch = dispatch.arch_of(0)
     props = torch.cuda.get_device_properties(0)
-    smem = getattr(props, "shared_memory_per_block_optin", None) or ASSUMED_SMEM.get(arch, 101376)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or tune_plan.ASSUMED_SMEM.get(arch, 101376)
     workers = ctx.option("workers")
     if workers is None:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
@@ -426,12 +413,12 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
         compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device)
     finally:
         pre.close()
-    n_cases = len(cases(quick))
+    n_cases = len(tune_plan.cases(quick))
     measured_cases = len({(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"])
                           for r in compare_rows if r["status"] == "ok"})  # fmt: skip
     complete = measured_cases == n_cases and not any(r["status"] == "over_budget" for r in sweep_rows)
     for r in compare_rows:
-        r["label"] = Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
+        r["label"] = tune_plan.Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
     env.update(**device_info, arch=arch, smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s,
                quick=quick, workers=workers,
@@ -439,17 +426,19 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
                sweep_seconds=round(t_sweep, 1), precompile=[pre1, pre2], complete=complete,
                cases_measured=measured_cases, cases_planned=n_cases)  # fmt: skip
     prov = _provenance(env, dict(budget_s=budget_s, quick=quick, margin=margin,
-                                 configs_tuned_on=sweep_case(64, quick).label().replace("D64 ", "")), complete)
-    table = build_table(arch, [env.get("gpu") or env["device_name"]], configs, compare_rows, margin, prov)
+                                 configs_tuned_on=tune_plan.sweep_case(64, quick).label().replace("D64 ", "")),
+                       complete)  # fmt: skip
+    table = tune_plan.build_table(arch, [env.get("gpu") or env["device_name"]], configs, compare_rows, margin, prov)
     dispatch.DispatchTable(table)  # validate what is written
     write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
     write_json(out_dir / f"{arch}.json", table)
     write_json(out_dir / "tune_env.json", env)
-    save_plot(_plot(compare_rows, f"Triton RMT attention vs SDPA, H={H} - {machine_label()} (torch {env['torch']}, "
-                                  f"triton {env['triton']})"), out_dir / "tune.png")
+    title = (f"Triton RMT attention vs SDPA, H={tune_plan.H} - {machine_label()} (torch {env['torch']}, "
+             f"triton {env['triton']})")  # fmt: skip
+    save_plot(_plot(compare_rows, title), out_dir / "tune.png")
     summary = {"arch": arch, "seconds": env["seconds"], "complete": complete, "cases_measured": measured_cases,
                "cases_planned": n_cases, "table": str(out_dir / f"{arch}.json")}  # fmt: skip
-    for _, _, needs_grad, mode in MEASUREMENTS:
+    for _, _, needs_grad, mode in tune_plan.MEASUREMENTS:
         sel = [e for e in table["entries"] if e["mode"] == mode and e["needs_grad"] == needs_grad]
         name = f"{mode} {'training' if needs_grad else 'inference'}"
         summary[f"triton entries ({name})"] = f"{sum(e['backend'] == 'triton' for e in sel)}/{len(sel)}"

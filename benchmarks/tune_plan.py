@@ -91,7 +91,7 @@ def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int) -> tuple[
     keep, rows = [], []
     for cfg in points:
         reason = None if cfg == heuristic else infeasible(kind, cfg, head_dim, smem_limit)
-        rows.append(dict(kind=kind, head_dim=head_dim, config=_cfg_text(cfg), heuristic=cfg == heuristic,
+        rows.append(dict(kind=kind, head_dim=head_dim, config=cfg_text(cfg), heuristic=cfg == heuristic,
                          feasible=reason is None, reason=reason or ""))  # fmt: skip
         if reason is None:
             keep.append(cfg)
@@ -113,7 +113,7 @@ def cases(quick: bool) -> list[Case]:
             for c in (True, False) for p in (True, False)]  # fmt: skip
 
 
-def _cfg_text(cfg) -> str:
+def cfg_text(cfg) -> str:
     bm, bn, w, s = cfg
     return f"{bm}x{bn} w{w} s{s}"
 
@@ -158,7 +158,7 @@ def _round(x):
     return None if x is None else round(float(x), 6)
 
 
-def _case_cols(c: Case) -> dict:
+def case_cols(c: Case) -> dict:
     cls = c.shape_class
     return dict(dtype=c.dtype, head_dim=c.head_dim, B=c.B, H=H, T=c.T, causal=c.causal, padded=c.padded,
                 t_bucket=cls.t, bh_bucket=cls.bh)  # fmt: skip

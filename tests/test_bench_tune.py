@@ -21,7 +21,7 @@ def test_dry_run_through_the_cli_writes_the_plan_and_an_unmeasured_example(tmp_p
     assert {r["kind"] for r in cand} == {"fwd", "dq", "dkdv"} and {r["head_dim"] for r in cand} == {"64", "128"}
     assert any(r["heuristic"] == "True" for r in cand)
     plan = json.loads((tmp_path / "tune_plan.json").read_text())
-    assert plan["arch"] == "sm90" and len(plan["cases"]) == len(tune.cases(True)) == 48
+    assert plan["arch"] == "sm90" and len(plan["cases"]) == len(tune_plan.cases(True)) == 48
     assert plan["hopper_paths"]["swept"] is False
     example = dispatch.load_table(tmp_path / "sm90.example.json")
     assert example.measured is False and example.arch == "sm90"
@@ -56,14 +56,14 @@ def test_unknown_options_are_refused(tmp_path):
 
 
 def test_candidate_filter():
-    limit = tune.ASSUMED_SMEM["sm90"]
-    assert tune.infeasible("fwd", (128, 64, 4, 3), 64, limit) is None
-    assert "shared memory" in tune.infeasible("fwd", (128, 128, 8, 3), 256, limit)
-    assert "accumulators" in tune.infeasible("dkdv", (64, 128, 4, 2), 128, limit)
-    keep, rows = tune.candidates("fwd", 128, quick=False, smem_limit=101376)
-    assert keep and all(tune.infeasible("fwd", c, 128, 101376) is None for c in keep[1:])
+    limit = tune_plan.ASSUMED_SMEM["sm90"]
+    assert tune_plan.infeasible("fwd", (128, 64, 4, 3), 64, limit) is None
+    assert "shared memory" in tune_plan.infeasible("fwd", (128, 128, 8, 3), 256, limit)
+    assert "accumulators" in tune_plan.infeasible("dkdv", (64, 128, 4, 2), 128, limit)
+    keep, rows = tune_plan.candidates("fwd", 128, quick=False, smem_limit=101376)
+    assert keep and all(tune_plan.infeasible("fwd", c, 128, 101376) is None for c in keep[1:])
     assert len(rows) >= len(keep) and any(not r["feasible"] for r in rows)
-    heuristic = tune.heuristic_config("fwd", 128, "float16")
+    heuristic = tune_plan.heuristic_config("fwd", 128, "float16")
     assert heuristic is None or keep[0] == heuristic  # the kernel's default is always timed, first
 
 
@@ -71,7 +71,7 @@ def _rows(case, mode, triton, sdpa, graph=None, status="ok"):
     out = []
     for name, eager in (("triton", triton), ("sdpa", sdpa)):
         r = dict(phase="compare", mode=mode, candidate=name, status=status if name == "triton" else "ok",
-                 eager_ms=eager, **tune._case_cols(case))  # fmt: skip
+                 eager_ms=eager, **tune_plan.case_cols(case))  # fmt: skip
         if graph is not None:
             r["graph_ms"] = graph[0] if name == "triton" else graph[1]
         out.append(r)
@@ -79,14 +79,14 @@ def _rows(case, mode, triton, sdpa, graph=None, status="ok"):
 
 
 def test_table_from_measurements_picks_by_the_matching_measurement():
-    a = tune.Case("float16", 64, 8, 532, True, True)
-    b = tune.Case("bfloat16", 128, 32, 1044, False, False)
+    a = tune_plan.Case("float16", 64, 8, 532, True, True)
+    b = tune_plan.Case("bfloat16", 128, 32, 1044, False, False)
     rows = (_rows(a, "fwd", triton=0.30, sdpa=0.10, graph=(0.05, 0.10))  # eager: host-bound Triton loses
             + _rows(a, "fwd+bwd", triton=0.51, sdpa=0.52)  # within the margin: SDPA
             + _rows(b, "fwd", triton=0.2, sdpa=0.4, graph=(0.2, 0.1))
             + _rows(b, "fwd+bwd", triton=None, sdpa=0.9, status="error: OutOfResources"))  # fmt: skip
     configs = {("float16", 64): {"fwd": (128, 64, 4, 3)}}
-    data = tune.build_table("sm90", ["NVIDIA H200"], configs, rows, 0.03, {"git_sha": "abc"})
+    data = tune_plan.build_table("sm90", ["NVIDIA H200"], configs, rows, 0.03, {"git_sha": "abc"})
     table = dispatch.DispatchTable(data)
     ca, cb = a.shape_class, b.shape_class
     assert table.lookup("float16", 64, ca, needs_grad=False, graphed=True).backend == "triton"
@@ -102,13 +102,13 @@ def test_table_from_measurements_picks_by_the_matching_measurement():
 
 
 def test_cases_put_the_targets_first():
-    first = tune.cases(False)[0]
+    first = tune_plan.cases(False)[0]
     assert (first.T, first.B) == (532, 8)
-    assert len(tune.cases(False)) == 3 * 4 * 2 * 2 * 2 * 2
+    assert len(tune_plan.cases(False)) == 3 * 4 * 2 * 2 * 2 * 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert {c.shape_class.bh for c in tune.cases(False)} == set(dispatch.BH_BUCKETS)
-        assert {c.shape_class.t for c in tune.cases(False)} == set(dispatch.T_BUCKETS[:3])
+        assert {c.shape_class.bh for c in tune_plan.cases(False)} == set(dispatch.BH_BUCKETS)
+        assert {c.shape_class.t for c in tune_plan.cases(False)} == set(dispatch.T_BUCKETS[:3])
 
 
 # ------------------------------------------------------------------ the GPU pipeline, on the CPU, in small
@@ -120,13 +120,12 @@ needs_interpreter = pytest.mark.skipif(
 def _tiny(monkeypatch, timed):
     """Tiny shapes (fp32, D = 16, 2 heads, T = 24) and stand-in timers that run each call once (the
     interpreter cannot time anything): the code path of a GPU run, without its numbers."""
-    cases = [tune.Case("float32", 16, 2, 24, True, True), tune.Case("float32", 16, 2, 24, False, False)]
-    for module in (tune, tune_plan):  # the plan's constants, where each module reads them
-        monkeypatch.setattr(module, "H", 2)
-        monkeypatch.setattr(module, "HEAD_DIMS", (16,))
-        monkeypatch.setattr(module, "DTYPES", ("float32",))
-    monkeypatch.setattr(tune, "cases", lambda quick: cases)
-    monkeypatch.setattr(tune, "sweep_case", lambda d, quick: cases[0])
+    cases = [tune_plan.Case("float32", 16, 2, 24, True, True), tune_plan.Case("float32", 16, 2, 24, False, False)]
+    monkeypatch.setattr(tune_plan, "H", 2)  # the plan's constants: tune reads them there
+    monkeypatch.setattr(tune_plan, "HEAD_DIMS", (16,))
+    monkeypatch.setattr(tune_plan, "DTYPES", ("float32",))
+    monkeypatch.setattr(tune_plan, "cases", lambda quick: cases)
+    monkeypatch.setattr(tune_plan, "sweep_case", lambda d, quick: cases[0])
     grid = {k: dict(block_m=(16,), block_n=(16, 32), warps=(4,), stages=(1,)) for k in ("fwd", "dq", "dkdv")}
     monkeypatch.setattr(tune_plan, "QUICK_GRID", grid)
 
@@ -190,7 +189,7 @@ def test_precompiler_stops_at_its_deadline():
 
     pre = tune.Precompiler(1)
     try:  # a bound on work, not on seconds: no candidate is finished past the deadline, the pool is gone
-        slow = dict(case=vars(tune.Case("float32", 64, 4, 532, True, True)), modes=["fwd+bwd"], device="cpu")
+        slow = dict(case=vars(tune_plan.Case("float32", 64, 4, 532, True, True)), modes=["fwd+bwd"], device="cpu")
         stats = pre.run([slow, slow], deadline=time.perf_counter() + 0.5, desc="test")
         assert stats["stopped_at_deadline"] and stats["done"] == 0 and stats["errors"] == 0 and pre.pool is None
         again = pre.run([slow], deadline=time.perf_counter() + 60, desc="test")  # no pool: nothing is tried
