@@ -55,37 +55,30 @@ CROSSCHECK_TOL = 0.01
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of the FLOPs figure: the dimensions of its preset (:mod:`rmt_fast.bench.presets`)."""
+    """A model of the FLOPs figure: its preset (:mod:`rmt_fast.bench.presets`: the published dimensions) and the
+    special tokens of its segments."""
 
     name: str
     preset: str
-    family: str  # "bert" or "opt"
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    vocab: int
-    proj_dim: int | None = None  # OPT word_embed_proj_dim (None: = hidden)
     special_tokens: int = 0  # non-memory, non-content positions per segment ([CLS], [SEP], ...)
 
-    @classmethod
-    def of(cls, name: str, preset: str | None = None, special_tokens: int = 0) -> ModelSpec:
-        p = presets.preset(preset or name)
-        return cls(name, preset or name, p.family, p.layers, p.hidden, p.heads, p.ffn, p.vocab,
-                   p.extra.get("word_embed_proj_dim"), special_tokens)  # fmt: skip
+    @property
+    def dims(self) -> presets.Preset:
+        return presets.preset(self.preset)
+
+    @property
+    def family(self) -> str:  # "bert" or "opt"
+        return self.dims.family
 
     @property
     def p(self) -> int:
-        return self.proj_dim or self.hidden
+        """OPT's word_embed_proj_dim (the hidden size elsewhere)."""
+        return self.dims.extra.get("word_embed_proj_dim") or self.dims.hidden
 
 
-# Published dimensions (BERT paper / bert-base-cased config; OPT paper Table 1 / HF configs).
-MODELS: dict[str, ModelSpec] = {
-    m.name: m
-    for m in [ModelSpec.of("bert-base", "bert-base-cased", special_tokens=3)]
-    + [ModelSpec.of(n) for n in ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b",
-                                 "opt-66b", "opt-175b")]  # fmt: skip
-}
+OPT_MODELS = ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b")
+MODELS: dict[str, ModelSpec] = {m.name: m for m in [ModelSpec("bert-base", "bert-base-cased", special_tokens=3),
+                                                    *(ModelSpec(n, n) for n in OPT_MODELS)]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -112,16 +105,16 @@ PRIMARY = CONVENTIONS["mem10"]
 # ----------------------------------------------------------------------------------- analytic count
 def analytic_flops(spec: ModelSpec, positions: int, lm_head: bool) -> int:
     """Forward FLOPs of one pass over `positions` positions (see module docstring for the convention)."""
-    n, d, f = positions, spec.hidden, spec.ffn
+    n, d, f, vocab = positions, spec.dims.hidden, spec.dims.ffn, spec.dims.vocab
     per_layer = 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
-    total = spec.layers * per_layer
+    total = spec.dims.layers * per_layer
     if spec.p != d:  # OPT-350M project_in / project_out
         total += 2 * (2 * n * spec.p * d)
     if lm_head:
         if spec.family == "bert":
-            total += 2 * n * (d * d + d * spec.vocab)
+            total += 2 * n * (d * d + d * vocab)
         else:
-            total += 2 * n * spec.p * spec.vocab
+            total += 2 * n * spec.p * vocab
     return total
 
 

@@ -410,7 +410,11 @@ def run_one(name: str, out_dir: Path, quick: bool, extra: list[str] | None = Non
             device: str | None = None) -> dict:  # fmt: skip
     """Run benchmark ``name``; returns {'name', 'status', 'seconds', 'summary'}. Never raises, but for bad
     options (``extra``: the benchmark's own options, parsed against its ``Benchmark.options``)."""
-    bench = load(name)
+    try:
+        bench = load(name)
+    except Exception as exc:  # e.g. an import error: this benchmark's status, the others still run
+        traceback.print_exc()
+        return {"name": name, "status": "error", "seconds": 0.0, "summary": {"error": f"{type(exc).__name__}: {exc}"}}
     options, unknown = _parser(bench).parse_known_args(extra or [])
     if unknown:
         raise SystemExit(f"rmt-fast-bench {name}: unrecognized arguments: {' '.join(unknown)}")

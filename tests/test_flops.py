@@ -89,10 +89,9 @@ def test_cli_flops_writes_outputs(tmp_path, monkeypatch):
     assert "295" in (out / "flops_ratio.md").read_text()
 
 
-def test_cli_unavailable_benchmark(tmp_path, capsys, monkeypatch):
+def test_cli_benchmark_that_does_not_import_is_an_error_row(tmp_path, capsys, monkeypatch):
     from rmt_fast.bench import cli
 
     monkeypatch.setitem(cli.BENCHMARKS, "nonexistent", "rmt_fast.bench._no_such_module")
     res = cli.run_one("nonexistent", tmp_path, quick=True)
-    assert res["status"] == "not available yet"
-    assert "not available yet" in capsys.readouterr().out
+    assert res["status"] == "error" and "ModuleNotFoundError" in res["summary"]["error"]
