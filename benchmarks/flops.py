@@ -335,96 +335,61 @@ PLOT_MODELS = ("bert-base", "opt-125m", "opt-1.3b", "opt-13b", "opt-175b")
 
 
 def make_plots(ctx) -> list[Path]:
-    plt = pyplot()
-    label = machine_label()
-    xs = list(LENGTHS)
+    plt, label, xs = pyplot(), machine_label(), list(LENGTHS)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, name in enumerate(PLOT_MODELS):
         spec, c = MODELS[name], colors[i % len(colors)]
         ax.loglog(xs, [rmt_flops(spec, t, True) for t in xs], "-o", ms=3, color=c, label=f"{name} RMT")
         ax.loglog(xs, [full_flops(spec, t, True) for t in xs], "--", color=c, label=f"{name} full attention")
-    ax.set_xlabel("input length (tokens)")
-    ax.set_ylabel("forward FLOPs (2 per multiply-add, incl. LM head)")
-    ax.set_title(
-        f"Forward FLOPs: RMT ({SEGMENT_POSITIONS}-position segments, {MEMORY_TOKENS} memory) vs full "
-        f"attention\n(analytic, cross-checked with FlopCounterMode; {label})",
-        fontsize=10,
-    )
-    ax.grid(True, which="major", alpha=0.4)
-    ax.legend(fontsize=7.5, ncol=2, loc="upper left")
-    paths = [ctx.save_plot(fig, "flops.png")]
-
+    ax.set(xlabel="input length (tokens)", ylabel="forward FLOPs (2 per multiply-add, incl. LM head)")
+    ax.set_title(f"Forward FLOPs: RMT ({SEGMENT_POSITIONS}-position segments, {MEMORY_TOKENS} memory) vs full "
+                 f"attention\n(analytic, cross-checked with FlopCounterMode; {label})", fontsize=10)  # fmt: skip
+    figures = [(fig, ax, "flops.png")]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     for i, spec in enumerate(MODELS.values()):
         c, (ls, mk) = colors[i % len(colors)], styles[i % len(styles)]
         ax.loglog(xs, [ratio(spec, t, True) for t in xs], ls=ls, marker=mk, ms=3.5, color=c, label=spec.name)
     for j, (name, ref) in enumerate(PAPER_RATIOS.items()):
-        ax.plot(
-            [MAX_TOKENS],
-            [ref],
-            marker="*",
-            ms=13,
-            ls="none",
-            color="k",
-            mfc="none" if j else "k",
-            label=f"paper {name}: ~x{ref:g}",
-        )
+        ax.plot([MAX_TOKENS], [ref], marker="*", ms=13, ls="none", color="k", mfc="none" if j else "k",
+                label=f"paper {name}: ~x{ref:g}")  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("input length (tokens)")
-    ax.set_ylabel("full-attention FLOPs / RMT FLOPs (x)")
+    ax.set(xlabel="input length (tokens)", ylabel="full-attention FLOPs / RMT FLOPs (x)")
     ax.set_title(f"FLOPs saved by RMT (incl. LM head, {PRIMARY.name} convention)\n({label})", fontsize=10)
-    ax.grid(True, which="major", alpha=0.4)
-    ax.legend(fontsize=7.5, ncol=2, loc="upper left")
-    paths.append(ctx.save_plot(fig, "flops_ratio.png"))
-    return paths
+    figures.append((fig, ax, "flops_ratio.png"))
+    for _, ax, _ in figures:
+        ax.grid(True, which="major", alpha=0.4)
+        ax.legend(fontsize=7.5, ncol=2, loc="upper left")
+    return [ctx.save_plot(fig, name) for fig, _, name in figures]
 
 
 # ---------------------------------------------------------------------------------------------- run
 def run(ctx) -> dict:
     """Compute, cross-check, write flops.csv / flops_crosscheck.csv / flops_ratio.md / plots / flops_env.json."""
-    t0 = ctx.clock()
     check_rows, counted = run_crosscheck(ctx)
     rows = flops_rows(counted)
-    all_diffs = [abs(r["rel_diff"]) for r in check_rows] + [
-        abs(r["rel_diff"]) for r in rows if r["rel_diff"] is not None
-    ]
-    max_rel = max(all_diffs) if all_diffs else float("nan")
-    n_checked = len(all_diffs)
-
+    diffs = [abs(r["rel_diff"]) for r in check_rows + rows if r["rel_diff"] is not None]
+    max_rel = max(diffs) if diffs else float("nan")
     ctx.write_csv(rows, "flops.csv")
     ctx.write_csv(check_rows, "flops_crosscheck.csv")
-    ctx.write_text(ratio_markdown(max_rel, n_checked), "flops_ratio.md")
+    ctx.write_text(ratio_markdown(max_rel, len(diffs)), "flops_ratio.md")
     make_plots(ctx)
-
     ratios = {name: ratio(spec, MAX_TOKENS, True) for name, spec in MODELS.items()}
-    summary = {
-        "convention": f"{PRIMARY.name}: {PRIMARY.description}",
-        "crosscheck_points": n_checked,
-        "crosscheck_max_rel_diff": max_rel,
-        "crosscheck_ok": bool(max_rel <= CROSSCHECK_TOL),
-        "ratio_2048000_opt-125m": ratios["opt-125m"],
-        "ratio_2048000_opt-175b": ratios["opt-175b"],
-        "paper_ratio_opt-125m": PAPER_RATIOS["opt-125m"],
-        "paper_ratio_opt-175b": PAPER_RATIOS["opt-175b"],
-        "ratios_2048000_with_lm_head": ratios,
-        "ratios_2048000_without_lm_head": {n: ratio(s, MAX_TOKENS, False) for n, s in MODELS.items()},
-        "quick": ctx.quick,
-    }
-    summary["seconds"] = round(ctx.clock() - t0, 2)
+    summary = {"convention": f"{PRIMARY.name}: {PRIMARY.description}", "crosscheck_points": len(diffs),
+               "crosscheck_max_rel_diff": max_rel, "crosscheck_ok": bool(max_rel <= CROSSCHECK_TOL),
+               "ratio_2048000_opt-125m": ratios["opt-125m"], "ratio_2048000_opt-175b": ratios["opt-175b"],
+               "paper_ratio_opt-125m": PAPER_RATIOS["opt-125m"], "paper_ratio_opt-175b": PAPER_RATIOS["opt-175b"],
+               "ratios_2048000_with_lm_head": ratios,
+               "ratios_2048000_without_lm_head": {n: ratio(s, MAX_TOKENS, False) for n, s in MODELS.items()},
+               "quick": ctx.quick, "seconds": round(ctx.clock() - ctx.started, 2)}  # fmt: skip
     ctx.write_json({"summary": summary}, "flops_env.json")
-
-    print(
-        f"FLOPs cross-check: {n_checked} points, max |rel_diff| = {100 * max_rel:.3g}% "
-        f"({'OK' if summary['crosscheck_ok'] else 'FAILED'}, tolerance {100 * CROSSCHECK_TOL:g}%)"
-    )
-    print(f"full/RMT FLOPs at {MAX_TOKENS:,} tokens ({PRIMARY.name}, with LM head):")
+    print(f"FLOPs cross-check: {len(diffs)} points, max |rel_diff| = {100 * max_rel:.3g}% "
+          f"({'OK' if summary['crosscheck_ok'] else 'FAILED'}, tolerance {100 * CROSSCHECK_TOL:g}%)")  # fmt: skip
     for name, r in ratios.items():
         ref = PAPER_RATIOS.get(name)
-        print(f"  {name:10s} {_fmt_ratio(r):>8s}" + (f"   (paper ~x{ref:g}, {_dev(r, ref)})" if ref else ""))
-    print(f"wrote {ctx.out_dir} in {summary['seconds']:.1f} s")
+        print(f"  full/RMT at {MAX_TOKENS:,} tokens, {name:10s} {_fmt_ratio(r):>8s}"
+              + (f"   (paper ~x{ref:g}, {_dev(r, ref)})" if ref else ""))  # fmt: skip
     return summary
 
 
