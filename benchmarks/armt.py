@@ -1,36 +1,7 @@
-"""ARMT latency and peak memory against length at batch 1: FastARMT's sequential and diagonal schedules, and
-full attention on the backbone.
-
-Methods (column ``method``):
-
-* ``sequential``: ``FastARMT(diagonal=False)``, N x L steps of one (segment, layer) cell;
-* ``diagonal``: ``FastARMT(diagonal=True)``, N + L - 1 steps of up to L cells;
-* ``diagonal-graphed``: the diagonal steps under CUDA graphs (``cuda_graph=True``). FastARMT refuses
-  ``cuda_graph=True``, so this row is ``unavailable`` (the reason in ``note``) on every device;
-* ``full``: the backbone alone over all tokens at once (``base_model(input_ids)``, SDPA), no memory.
-
-Every call is inference (``torch.no_grad``) without labels and with ``return_logits=False``, so no method runs
-the LM head: the timings compare the schedules and attention, not the head. ``seconds`` is the runner's
-timer (median of ``repeats`` calls after a warm-up, wall clock between synchronisations; ``p20_s``/``p80_s``
-beside it); ``peak_mb`` is CUDA's peak allocated memory over one call (weights included), or on the CPU the
-growth of the process's peak resident set during it (a lower bound).
-
-Settings (model shapes from :mod:`rmt_fast.bench.presets`):
-
-* CUDA: ``llama-1.2b`` (Llama-3.2-1B's shape: hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocabulary
-  128256), bf16, segments of 1024 tokens, m = 128 and m = 16, 2k to 128k tokens (``--quick``: m = 128 at
-  2k, 32k and 128k, the targets' lengths);
-* CPU: ``armt-cpu-latency`` (8 layers, hidden 128, segments of 64, m = 8, 256 to 2048 tokens: 2048 is the
-  target's 32 segments) and ``armt-cpu-compute`` (4 layers, hidden 256, 12 segments of 128, one point), fp32,
-  one torch thread (robust to other load; ``--threads N`` for more);
-* ``--tiny``: a 2-layer test model, two short lengths (smoke runs, the device check's CPU dry run).
-
-The summary holds the targets' ratios, each from rows of the same run (side by side): CPU: sequential /
-diagonal on the latency-bound shape at 2048 tokens (target >= 2) and on the compute-bound shape (>= 1);
-CUDA, per m: sequential / diagonal at 32,768 tokens (>= 2) and at 2 segments (>= 1), full / diagonal at
-131,072 tokens (>= 3). A ratio whose rows did not both run is None.
-
-    rmt-fast-bench armt [--out DIR] [--quick] [--tiny] [--budget-s S] [--max-tokens N] [--threads N]
+"""ARMT latency and peak memory against length at batch 1: FastARMT's sequential and diagonal schedules (and the
+diagonal under CUDA graphs, refused today: ``unavailable`` rows) against full attention on the backbone; the
+summary holds the targets' ratios, each from rows of the same run. Settings and targets: docs/benchmarks.md,
+section ``armt``.
 """
 
 from __future__ import annotations

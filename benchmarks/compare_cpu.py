@@ -1,14 +1,6 @@
-"""FastRMT against ReferenceRMT on the CPU, in one run: forward time (no_grad), forward+backward time and peak
-memory, for each and as ratios (reference / FastRMT, so > 1 means FastRMT is better).
-
-Default: GPT-2 with 4 layers, hidden 256, 4 heads (GPT-2 vocabulary; the ``gpt2-4l`` preset), 16 segments of 128
-tokens, m = 8, batch 2 (``--quick``: 4 segments, one timed call). Times: the runner's timer (median of
-``--repeats`` calls after a warm-up). Peak memory is the growth of the process's peak resident set (VmHWM, reset
-through /proc/self/clear_refs) during the first call of a fresh subprocess per (wrapper, mode), with glibc's
-mmap threshold at 64 KiB (``common.run_point_in_subprocess``, the method of ``train_memory``), so the peak
-follows live tensors and no allocator cache from an earlier call hides growth.
-
-    rmt-fast-bench compare --out results/compare_cpu [--quick] [--repeats 3]
+"""FastRMT against ReferenceRMT on the CPU in one run: forward time (no_grad), forward + backward time and peak
+memory (a fresh subprocess per point), as ratios reference / FastRMT. Settings: docs/benchmarks.md, section
+``compare``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""Per-segment latency of graphed FastRMT against eager FastRMT, ReferenceRMT and torch.compile (GPU).
-
-bert-base from its config, 512-position model input (499 content tokens + 10 memory + 3 specials), fp16,
-inference. Reports ms per segment and tokens per second at batch 1 and batch 32, and the time to pass
-1,048,576 tokens through graphed FastRMT. Baselines are measured in the same run. Without CUDA it says so.
-
-``--million``: the 1M-token run on its own (``million.csv``, ``million.json``, ``million.png``): bert-base fp16
-batch 1 (latency.py's GPU setup), 1,048,576 tokens through graphed FastRMT, with and without ``compile_step``
-(inductor defaults with ``--quick``, else ``max-autotune``, inside the runner's CUDA graph), and graphed FastRMT
-against full attention (the backbone with positions extended, SDPA) at 4,096 to 32,768 tokens. Targets: 1M
-tokens in under 1.0 s (<= 0.47 ms per segment); graphed RMT faster than full attention from 8,192 tokens on.
-On the CPU a tiny version (the ``bert-micro`` preset, 4,096 tokens, ``compile_step`` through ``aot_eager``, no
-capture) checks the pipeline. Times: the runner's timer (CUDA events, median; inference mode).
-
-    rmt-fast-bench cuda-graph --out results/cuda_graph [--quick] [--million]
+"""Per-segment latency of graphed FastRMT against eager FastRMT, ReferenceRMT and torch.compile (GPU, bert-base
+fp16); ``--million``: 1,048,576 tokens through graphed FastRMT (with and without ``compile_step``) and its
+crossover with full attention (a tiny version on the CPU). Targets and settings: docs/benchmarks.md, section
+``cuda-graph``.
 """
 
 from __future__ import annotations

@@ -1,37 +1,7 @@
-"""FLOPs scaling of RMT vs full attention (reproduces the FLOPs figure of arXiv 2304.11062).
-
-Counting convention (the analytic model and the FlopCounterMode cross-check agree on it exactly)
-------------------------------------------------------------------------------------------------
-* Forward pass only, batch 1, 2 FLOPs per multiply-add.
-* Only matrix products are counted: Q/K/V/output projections, the attention products QK^T and PV over
-  the *full* n x n square (no saving for the causal mask: neither eager attention nor the sdpa/flash
-  formulas of ``torch.utils.flop_counter`` skip the masked half), the two FFN matmuls, OPT-350M's
-  project_in/project_out, and optionally the LM head. Softmax, norms, activations, bias adds, embedding
-  look-ups and the pooler are not counted (BERT is built without its pooler).
-* Per layer, sequence of n positions, hidden d, FFN width f:  2*n*(4*d*d + 2*d*f) + 4*n*n*d.
-* LM head ("lm_head" column): OPT: 2*n*p*V (p = word_embed_proj_dim, 512 for OPT-350M, else d),
-  computed on every position (``logits_to_keep=0``); BERT: the MLM head ``cls`` = dense d x d plus the
-  d x V decoder, 2*n*(d*d + d*V).
-* Full attention: one forward over all ``tokens`` positions.
-* RMT: every segment is a forward over exactly 512 positions (content + memory + special tokens), so
-  ``rmt = ceil(tokens / content_per_segment) * flops(512 positions)``. Primary convention (``mem10``):
-  10 memory tokens per segment (one memory block; its outputs are the next segment's memory), hence 502
-  content tokens for OPT and 512 - 10 - 3 = 499 for BERT ([CLS] + 2 x [SEP]). Two alternatives are
-  reported in ``flops_ratio.md``: ``mem10_rw`` (separate read and write memory blocks of the decoder
-  RMT, 492 content tokens for OPT) and ``nomem`` (memory ignored, 512 content tokens).
-
-What reproduces the paper: with the LM head included all three conventions land within ~8% of the
-paper's x295 (OPT-125M) and x29 (OPT-175B) at 2,048,000 tokens (mem10: ~x279 / ~x27.9; nomem, the
-closest: ~x285 / ~x28.5). Without the LM head OPT-125M comes out at ~x393, far from x295, so the paper's
-estimate evidently counted the LM head; for OPT-175B the head hardly matters (~x28).
-
-Cross-check: models are built from ``BertConfig``/``OPTConfig`` on the meta device (no weights, no
-downloads) with ``attn_implementation="eager"`` so that attention is explicit matmul/bmm, and run under
-``FlopCounterMode``. (On meta tensors sdpa decomposes to the same bmm's, but on real CPU tensors the
-CPU flash kernel ``_scaled_dot_product_flash_attention_for_cpu`` is not in the flop registry and would
-count 0 - hence eager.) ``max_position_embeddings`` is raised to the longest length so that full
-attention can be counted at 2,048,000 positions. The counter gives per-module totals, so one forward
-yields both the with-head and the without-head count (minus the head module).
+"""FLOPs scaling of RMT vs full attention (reproduces the FLOPs figure of arXiv 2304.11062): an analytic count
+of the matrix products of one forward pass (2 FLOPs per multiply-add), cross-checked with ``FlopCounterMode`` on
+models built on the meta device. The counting convention, the RMT segment accounting (``mem10``, ``mem10_rw``,
+``nomem``) and what reproduces the paper: docs/benchmarks.md, section ``flops``.
 """
 
 from __future__ import annotations
@@ -104,7 +74,8 @@ PRIMARY = CONVENTIONS["mem10"]
 
 # ----------------------------------------------------------------------------------- analytic count
 def analytic_flops(spec: ModelSpec, positions: int, lm_head: bool) -> int:
-    """Forward FLOPs of one pass over `positions` positions (see module docstring for the convention)."""
+    """Forward FLOPs of one pass over ``positions`` positions: per layer 2n(4d^2 + 2df) + 4n^2 d (projections, FFN,
+    QK^T and PV over the full square), OPT-350M's projections, the LM head if asked (docs/benchmarks.md)."""
     n, d, f, vocab = positions, spec.dims.hidden, spec.dims.ffn, spec.dims.vocab
     per_layer = 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
     total = spec.dims.layers * per_layer

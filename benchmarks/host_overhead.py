@@ -1,26 +1,7 @@
-"""`rmt-fast-bench host-overhead`: host (CPU) time per attention call, Triton path against SDPA path, eager.
-
-Target (issue 9, item 3): the Triton path's host time per call is at most SDPA's plus 10 us on one machine.
-
-Two measurements:
-
-* ``stub`` (any machine): the runtime's per-layer calls, ``rmt_attention(..., check=False)`` and
-  ``sdpa_rmt_attention``, on CPU tensors with the device work replaced by stubs: every Triton kernel's launch
-  (``kernel[grid](...)`` / ``kernel.run``) is a no-op and ``F.scaled_dot_product_attention`` returns a view
-  of q (an autograd node when q requires grad, like the real op). What is left is the Python of our
-  wrappers (argument packing, config look-up, allocations, the SDPA path's dense mask, which on the CPU is
-  real compute); Triton's own launcher and SDPA's dispatch are not included. Also timed: the
-  validation the runtime does once per segment (``rmt_attention_supported``), and the autograd path (inputs
-  that require grad: the forward of ``_RmtAttentionFn``).
-* ``cuda`` (only with a GPU): the same calls for real; host time = ``time.perf_counter`` around N calls with
-  no synchronisation inside (the launch queue is far from full at N = 200), device time = CUDA events around
-  the same N calls.
-
-Times: the runner's timer, the median over the repeats of N back-to-back calls (``clock="host"``).
-
-Cases: the decoder layout ``[m read | tokens | m write]`` full, padded by a count (a short last segment) and
-with per-row visible runs (a left-padded caller mask), B = 2, 12 heads, D = 64, float16.
-Outputs: ``host_overhead.json`` and ``host_overhead.md`` in the output folder.
+"""Host (CPU) time per attention call, the Triton path against the SDPA path, eager: ``stub`` (any machine; the
+kernel launches and SDPA's compute replaced by no-ops, so what is left is our wrappers' Python) and ``cuda``
+(with a GPU, the real calls; host and device time apart). Target: Triton's host time at most SDPA's + 10 us.
+Cases and outputs: docs/benchmarks.md, section ``host-overhead``.
 """
 
 from __future__ import annotations

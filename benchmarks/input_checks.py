@@ -1,22 +1,6 @@
-"""What the input value checks (issue 12) cost: time per forward call, and host synchronisations per call.
-
-FastRMT decoder (GPT-2 from its config), inference (``torch.no_grad``), every checked argument given
-(``input_ids``, ``attention_mask``, ``labels``, ``memory_state``), at a few (batch, length) sizes. Per size:
-
-* ``check_us``: ``_check_inputs`` with the value checks (one fused reduction, one host read) minus the same
-  call with ``check_inputs=False`` (shape/dtype/device checks only), in µs per call;
-* ``forward_ms``: one forward call with the checks on (loss streamed, ``return_logits=False``);
-* ``overhead_pct``: check_us as a share of the forward call;
-* ``host_reads_per_call``: how many times the checks read a device value to the host. On CUDA these are the
-  synchronisations counted by ``torch.cuda.set_sync_debug_mode("warn")`` (checks on minus checks off, for the
-  check alone and for a whole forward call); on the CPU, calls of ``Tensor.tolist/item/__bool__...`` (there is
-  no device to wait for there, but the count is the same code path).
-
-CPU: a tiny default (2 layers, 128 hidden, vocab 8192) that finishes in seconds. GPU: GPT-2 small (12 layers,
-768 hidden, vocab 50257) in bf16. Times: the runner's timer (median of three rounds of ``reps`` calls).
-Writes input_checks.csv, input_checks.json and input_checks.png.
-
-    rmt-fast-bench input-checks --out results/input_checks [--quick]
+"""What the input value checks cost: time per forward call (checks on minus off) and host reads per call
+(CUDA: synchronisations in sync debug mode; CPU: tensor reads), FastRMT on GPT-2 at a few (batch, length)
+sizes. Settings: docs/benchmarks.md, section ``input-checks``.
 """
 
 from __future__ import annotations

@@ -1,32 +1,7 @@
-"""Attention kernel throughput on the RMT segment mask (GPU only), and what ``attn_backend="auto"`` picks.
-
-Without CUDA this benchmark prints "no GPU: the kernel benchmark needs CUDA" and returns
-``{"skipped": "no CUDA"}``.
-
-Settings: float16 and bfloat16; head dim 64 and 128; H = 12; the decoder segment layout
-``[10 read | T - 20 tokens | 10 write]``, causal, either *full* (no padding) or *padded* (per-row valid token
-counts, rows short by up to 25 %). Shapes: B in {8, 32} at T = 532 (512 + 2 x 10) and B = 1 at T = 4096
-(--quick); the full run adds B = 1 at T = 532 and B = 1 at T = 16384.
-
-Methods, each on the same q, k, v (B, H, T, D):
-
-* ``triton``: :func:`rmt_fast.kernels.triton_attention.rmt_attention` (the mask is computed in the kernel), with
-  the launch configurations of the committed dispatch table when there is one;
-* ``sdpa_flash_nomask``: SDPA with ``is_causal=True`` and no mask (flash kernel): what the runtime's SDPA path
-  runs for a full segment; for a padded one it is an upper bound (it ignores the padding);
-* ``sdpa_dense_mask`` (padded only): SDPA with the layout's mask materialized once (``layout.dense_mask()``);
-* ``flex`` (float16, D = 64, padded): FlexAttention (``torch.compile``'d) with a block mask from the layout;
-* ``xformers`` (D = 64, full): ``memory_efficient_attention`` with a causal bias, when xformers is importable.
-
-Every row carries ``auto_choice``: what the dispatch table (:mod:`rmt_fast.kernels.dispatch`) picks for that
-case eagerly (forward rows: inference; forward + backward rows: training) and, for forward rows,
-``auto_choice_graphed`` (under a CUDA graph); "sdpa" wherever no measured table covers it. The JSON adds the
-issue's targets (forward >= 1.0x flash and forward + backward >= 0.9x at B >= 8, T = 532, full; padded >= 2x
-SDPA with the dense mask; T >= 4096 forward >= 0.8x flash), met or not, from the measured rows.
-
-TFLOP/s use one FLOP count for every method: the causal attention products, 2 * 2 * B * H * T * T * D / 2
-for the forward, 2.5 times that for forward + backward (the FlashAttention-2 convention). Timing: the runner's
-``Timer.kernel`` (``triton.testing.do_bench``: median, p20 and p80).
+"""Attention kernel throughput on the RMT segment mask (GPU only): the Triton kernel against SDPA (flash without a
+mask, and with the layout's dense mask), FlexAttention and xformers, fp16 / bf16, head dims 64 and 128, full
+and padded segments, forward and forward + backward; every row says what ``attn_backend="auto"`` picks, and the
+JSON checks the kernel targets. Settings and the FLOP count: docs/benchmarks.md, section ``kernels``.
 """
 
 from __future__ import annotations

@@ -1,43 +1,8 @@
-"""Measured latency scaling: RMT (FastRMT, ReferenceRMT) against full attention over the whole input.
-
-Backbone: a BERT encoder, as in the RMT paper's scaling experiment.
-
-* GPU: bert-base (``BertConfig()`` defaults), fp16, m = 10 memory tokens and 499 content tokens per segment
-  (512 model positions), RMT lengths doubling from 512 to 2**20 tokens; full attention doubling until it runs
-  out of memory or over its time budget.
-* CPU: a small BERT (2 layers, hidden 64, 2 heads, FFN 256) whose segment input is 128 positions (115
-  content tokens + 10 memory + 3 special), so that the n^2 term of full attention dominates at a few
-  thousand tokens on a laptop-class core; lengths doubling from 512.
-
-Methods: ``FastRMT (auto)`` (the best backend: Triton on CUDA when supported, SDPA otherwise),
-``FastRMT (SDPA)``, ``FastRMT (CUDA graph)`` (only on CUDA, and only once FastRMT accepts ``cuda_graph``),
-``ReferenceRMT``, and full attention with the same backbone weights and ``max_position_embeddings`` raised to
-the length, through SDPA, FlexAttention (eager and unfused on CPU: it materializes the score matrix) and
-xformers (when importable). Full attention runs over the content tokens only (no [CLS]/[SEP]).
-
-Each (method, length) is one row of ``latency.csv``; a method stops doubling at its first failure:
-``oom`` (out of memory), ``over_budget`` (measured, or extrapolated from the last two lengths, above the
-per-call time budget; or a peak above ``memory_budget_mb``; or the method's sweep budget spent).
-Timing: inference (``torch.inference_mode`` where it works, else ``no_grad``), eval mode, no dropout; the
-runner's timer (median, p20, p80 of a few calls after a warm-up; a single timed call once a call takes long:
-the model is warm by then); CUDA events on the GPU, ``perf_counter`` and the process CPU time on the CPU.
-Peak memory: ``torch.cuda.max_memory_allocated`` (reset before the timed calls; includes the weights) on GPU;
-on CPU the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
-resident set just before the timed calls - memory the allocator already holds from earlier calls is not
-counted again, so it is a lower bound.
-
-The slope of log(time) against log(tokens) is fitted over the upper half of each method's successful
-lengths: RMT should be ~1 (linear), full attention tends to 2 (quadratic). ``ok`` is False unless the RMT
-slopes lie in [0.8, 1.2] and full attention (SDPA)'s exceeds 1.3; on CPU the check uses the slopes of the
-process CPU time (one intra-op thread), which other load on a shared machine does not inflate, and the plot's
-legend gives both. ``--tiny`` (a smoke run) checks nothing: ``ok`` is None.
-
-    rmt-fast-bench latency --out results/latency [--quick] [--tiny] [--methods A,B] [--per-call-budget-s S]
-                           [--memory-budget-mb MB] [--batches 1,16] [--min-tokens N] [--max-tokens N]
-
-``--batches``: each method at each batch size (a series of its own; the first batch size's series are the
-ones the checks use, the others are ``METHOD [batch B]`` in the JSON and the plot); ``batch`` x ``tokens``
-tokens per call.
+"""Measured latency scaling: RMT (FastRMT, ReferenceRMT) against full attention over the whole input (SDPA,
+FlexAttention, xformers), on a BERT encoder as in the RMT paper's scaling experiment: bert-base fp16 on a GPU, a
+small BERT on the CPU. One row per (method, batch, length); a method stops doubling at its first ``oom`` or
+``over_budget`` (measured or extrapolated). The log-log slopes are checked: RMT ~1, full attention > 1.3.
+Settings, budgets and the slope rule: docs/benchmarks.md, section ``latency``.
 """
 
 from __future__ import annotations

@@ -1,41 +1,8 @@
-"""Where the time goes: FastRMT against ReferenceRMT under ``torch.profiler``, on the same input.
-
-CPU: a small BERT (2 layers, hidden 64) and a small GPT-2 (2 layers, hidden 64), 4 segments each of 128
-model positions, batch 1, fp32, one intra-op thread. GPU: bert-base and GPT-2 small (``BertConfig()`` /
-``GPT2Config()`` defaults), fp16, batch 1, 512 model positions, 4 segments. Inference (``no_grad``), eval
-mode.
-
-Per wrapper and backbone, from one profiled forward after two warm-up calls:
-
-* ``ops_per_segment``: aten operators the Python code dispatched (top-level ``aten::`` events: those with no
-  ``aten::`` ancestor) per segment; ``all_ops_per_segment`` counts nested ones too; on CUDA
-  ``kernels_per_segment``: device kernels launched per segment;
-* CPU time (and device time on CUDA) per category. Every ``aten::`` event's *self* time goes to one category,
-  decided by its ancestry:
-    - ``mask``: its Python stack passes through ``transformers/masking_utils.py`` (the reference's 4-D masks)
-      or ``kernels/layout.py`` (FastRMT's per-row key mask);
-    - ``attention``: inside ``scaled_dot_product_attention`` / a flash, efficient or math attention kernel,
-      anything inside FastRMT's attention backend call (``rmt_fast.attention.run_backend``, marked with a
-      ``record_function`` scope while profiling), or a softmax / bmm / matmul called from an attention
-      function. The Triton kernels launch outside any aten operator: on the device they are counted by name
-      (``TRITON_ATTENTION_KERNELS``), and the CPU time of the backend call outside aten operators (the
-      Triton launcher's Python) moves from *python overhead* to *attention*;
-    - ``matmul``: inside addmm, mm, linear, bmm, matmul, baddbmm (outside attention);
-    - ``norms``: inside layer_norm / rms_norm;
-    - ``copies & cat``: inside copy_, cat, stack, contiguous, clone, index / gather / scatter / index_put, to;
-    - ``other``: everything else (embedding, GELU, adds, sorting, ...).
-  The category of an event is the one of its outermost ``aten::`` ancestor (so the empty_strided and
-  copy_ inside ``aten::to`` count as copies, the addmm inside ``aten::linear`` as matmul).
-* ``python overhead`` = wall time of the profiled call minus the total CPU time spent inside operators
-  (the sum of the top-level operators' CPU time): the time spent in Python, in module dispatch and in the
-  profiler's own bookkeeping, outside any aten operator. ``wall_ms_unprofiled`` is the median of 5 calls
-  without the profiler.
-
-Outputs: ``profile.csv`` (one row per backbone x wrapper x category), ``profile.md`` (side-by-side tables and
-a few sentences computed from the numbers), ``profile.png`` (stacked bars per category), Chrome traces
-``profile_fast.json`` / ``profile_reference.json`` (BERT; GPT-2's as ``profile_*_gpt2.json``).
-
-    rmt-fast-bench profile --out results/profile [--quick] [--tiny]
+"""Where the time goes: FastRMT against ReferenceRMT under ``torch.profiler`` on the same input (BERT and GPT-2,
+4 segments, batch 1): aten operators and device kernels per segment, and CPU / device time per category
+(attention, matmul, norms, copies & cat, mask, other, python overhead), each ``aten::`` event's self time going
+to the category of its outermost ``aten::`` ancestor and its Python stack. The categories' rules and the
+outputs: docs/benchmarks.md, section ``profile``.
 """
 
 from __future__ import annotations

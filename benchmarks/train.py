@@ -1,43 +1,7 @@
-"""Training throughput and peak memory against the number of segments: ReferenceRMT, FastRMT, full attention.
-
-One point = one method at one number of segments: two warm-up training steps (compilation and autotuning happen
-there), then a few measured steps. A training step is forward, backward and an AdamW step, full BPTT, under
-bf16 autocast on CUDA (fp32 weights; fp32 on the CPU). Methods:
-
-* ``reference``: ReferenceRMT;
-* ``fast``: FastRMT, ``attn_backend="auto"`` (the best backend from the dispatch table);
-* ``fast-ckpt``: FastRMT with ``gradient_checkpointing=True``;
-* ``fast-compiled``: FastRMT with ``compile_step`` (inductor on CUDA; ``aot_eager`` in the CPU smoke run);
-* ``full``: the same backbone over the whole input, its positions extended to the total length, through
-  transformers' SDPA attention (flash on CUDA), until it no longer fits.
-
-Settings:
-
-* ``a`` (the paper's): bert-base (BertForSequenceClassification), 499 tokens + 10 memory per segment
-  (512 positions), batch 32, sequence labels on the last segment;
-* ``b`` (a decoder): a Llama-style config of ~1.2B parameters (hidden 2048, 16 layers, 32 query / 8 KV heads,
-  FFN 8192, vocabulary 128,256, tied embeddings), segments of 1024 tokens, m = 16, batch 4, causal-LM loss;
-  FastRMT with checkpointing also at 64 segments;
-* ``tiny`` (the CPU default): a 2-layer BERT and a 2-layer Llama, segments 1, 2, 4; well under a minute.
-
-``--quick`` on CUDA (the device check, ~100 s with a 70 s budget): (a) at 1 and 7 segments, (b) at 8 and 64
-(checkpointed), without ``fast-compiled`` (its compilation alone takes about a minute; ``--methods`` adds it).
-The CSV is rewritten after every point, so a run stopped from outside keeps the rows it measured.
-
-Timing: the runner's timer, one sample per measured step (CUDA events; CPU: ``time.perf_counter``), median
-``step_ms`` and its p20 / p80. Peak memory: CUDA
-``max_memory_allocated`` over the measured steps, which includes weights, gradients and AdamW states (``base_mb``
-is what is allocated before a step, ``act_peak_mb`` the difference); CPU: the growth of the peak resident set
-(``rmt_fast.bench.common.PeakMemory``, a lower bound). Every point is a row (the runner's status words):
-``ok``, ``oom`` (out of memory; memory is freed and the sweep goes on with the next method), ``error`` (the note
-says why), ``skipped`` (a method's points after its failure: not run), ``over_budget`` (the ``--budget-s``
-wall-clock budget was spent before the point). The loss of every step must be finite. The JSON summary holds the
-issue's target ratios: FastRMT against ReferenceRMT at 7
-segments of (a) and 8 of (b) (tokens/s >= 1.5x, peak memory <= 0.5x), and 64 segments of (b) with
-checkpointing (fits in 80 GB).
-
-    rmt-fast-bench train [--out DIR] [--quick] [--setting a,b|tiny] [--segments 1,2,4] [--methods fast,reference]
-                         [--budget-s 600]
+"""Training throughput and peak memory against the number of segments: ReferenceRMT, FastRMT (plain,
+checkpointed, compiled) and full attention; forward, backward and an AdamW step, bf16 autocast on CUDA. Settings
+``a`` (bert-base, the paper's), ``b`` (a 1.2B Llama-style decoder) and ``tiny`` (the CPU default); the JSON
+holds the target ratios. Settings and targets: docs/benchmarks.md, section ``train``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
-"""Peak training memory against the number of segments, with and without per-segment checkpointing.
-
-Backpropagating through N segments keeps N segments' activations; with ``gradient_checkpointing=True``
-FastRMT keeps each segment's input memory only and recomputes the segment in backward, so activation memory
-grows by N x m x d plus one segment. This measures one training step (forward + backward, decoder loss,
-``return_logits=False``) for N = 1, 2, 4, ..., 64.
-
-CPU: each point runs in a fresh subprocess (glibc's mmap threshold set to 64 KiB, so freed tensors leave the
-resident set) and reports the growth of the peak resident set during its first training step; the exact
-bytes of activations saved for backward are reported beside it.
-GPU: ``torch.cuda.max_memory_allocated`` in process. Models: the ``gpt2-4l-8k`` preset on the CPU,
-``gpt2-small-8k`` on a GPU.
-
-    rmt-fast-bench train-memory --out results/train_memory [--quick]
+"""Peak training memory against the number of segments (1 to 64), with and without per-segment checkpointing,
+and the exact bytes of activations saved for backward; on the CPU each point runs in a fresh subprocess.
+Settings: docs/benchmarks.md, section ``train-memory``.
 """
 
 from __future__ import annotations

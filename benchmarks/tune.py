@@ -1,43 +1,8 @@
-"""`rmt-fast-bench tune`: tune the Triton kernel's launch configurations, measure it against SDPA on the RMT
-shapes, and write the dispatch table that ``attn_backend="auto"`` reads (GPU only).
-
-    rmt-fast-bench tune --out DIR [--quick] [--budget-s 240] [--workers N] [--margin 0.03]
-    rmt-fast-bench tune --out DIR --dry-run [--arch sm90]   # any machine: the plan, no timing
-
-Phase 1, configurations. For each head dim (64, 128) the three kernels (``fwd``, backward ``dq``, backward
-``dkdv``) are swept over a small grid of (BLOCK_M, BLOCK_N, num_warps, num_stages), filtered by an estimate of
-shared memory and accumulator registers for that head dim, plus the kernel's built-in heuristic config, on one
-representative shape (float16, B = 8, T = 1044 (532 with --quick), 12 heads, causal, padded). A dq candidate
-is timed as forward + the dq backward (gradients for q only), a dkdv one as forward + the dk/dv backward. The
-winner per kernel is the fastest under a CUDA graph (configurations change device time; the host time of a
-call does not depend on them); it is used for float16 and bfloat16 alike. Each candidate is also timed
-eagerly, for the record.
-
-Phase 2, Triton against SDPA. With the winners installed (``set_launch_configs``, as the runtime does), every
-shape class is measured: T = 532, 1044, 2068 (--quick: 532); B = 8, 32, 1, 4 (--quick: 8, 32, 1) at 12 heads;
-D = 64, 128; float16, bfloat16; causal (the decoder layout ``[10 read | tokens | 10 write]``) and bidirectional
-(the encoder layout, tokens only); full and padded (rows short by up to 25 %). The candidates are exactly what
-the runtime would call: ``rmt_attention(..., check=False)`` and ``sdpa_rmt_attention`` (SDPA with ``is_causal``
-and no mask for a full segment, with the layout's dense mask for a padded one). Three measurements per
-candidate: the forward under a CUDA graph (``triton.testing.do_bench_cudagraph``: device time alone), the
-forward eagerly and forward + backward eagerly (wall time of back-to-back calls: host time included). Each
-gives one table entry (graphed inference, eager inference, eager training); Triton wins an entry only when it
-is faster than SDPA by ``--margin``.
-
-Budget. ``--budget-s`` (the runner's option; default 240) is a hard wall-clock limit on the whole run, Triton
-compilation included: phase 1 gets
-at most 45 % of it, and at the limit the run stops cleanly and writes what it has (unmeasured cases stay SDPA;
-``complete`` is false in the table's provenance). Compilation is the slow part (the first GPU run spent 120 s
-compiling), so ``--workers`` processes compile every variant in parallel ahead of the timing (they fill
-Triton's on-disk cache; the timing process then loads the binaries).
-
-Hopper paths (TMA tensor descriptors, warp specialization) are not swept: the kernel has no such variant to
-switch to. ``tune_env.json`` records what the installed Triton offers (``hopper_paths``).
-
-Outputs in DIR: ``tune.csv`` (every candidate, both timings), ``<arch>.json`` (the dispatch table; commit it as
-``kernels/tuned/<arch>.json``), ``tune_env.json`` (card, versions, git sha, budget, phases), ``tune.png``
-(SDPA time / Triton time per shape class and mode). ``--dry-run`` writes ``tune_candidates.csv``,
-``tune_plan.json`` and an unmeasured ``<arch>.example.json`` (``measured: false``: the runtime refuses it).
+"""`rmt-fast-bench tune`: tune the Triton kernel's launch configurations (phase 1), measure it against SDPA on the
+RMT shapes (phase 2: graphed, eager, forward + backward) and write the dispatch table that
+``attn_backend="auto"`` reads (GPU only; ``--dry-run`` anywhere: the plan, no timing). A hard ``--budget-s``
+(compilation included; ``--workers`` processes compile ahead of the timing). What is swept and the outputs:
+docs/benchmarks.md, section ``tune``; the plan itself: :mod:`rmt_fast.bench.tune_plan`.
 """
 
 from __future__ import annotations
