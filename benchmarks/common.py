@@ -21,7 +21,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pkg_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     """Installed version of a distribution without importing it (None when absent)."""
     try:
         return metadata.version(name)
@@ -92,8 +92,8 @@ def env_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch_version,
         "cuda": cuda_version,
-        "triton": _pkg_version("triton"),
-        "transformers": _pkg_version("transformers"),
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
         "git_sha": git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

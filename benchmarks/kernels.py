@@ -6,7 +6,7 @@ JSON checks the kernel targets. Settings and the FLOP count: docs/benchmarks.md,
 
 from __future__ import annotations
 
-from .common import attention_step, bench_layout, env_info, machine_label, pyplot
+from .common import attention_step, bench_layout, env_info, machine_label, package_version, pyplot
 from .runner import Benchmark
 
 MEM, H = 10, 12
@@ -156,14 +156,8 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
     import torch
 
     rows[:] = [r for r in rows if r["status"] != "skipped"]  # methods that do not apply to a setting
-    env = {**env_info(), "gpu": torch.cuda.get_device_name(), "xformers": None,
+    env = {**env_info(), "gpu": torch.cuda.get_device_name(), "xformers": package_version("xformers"),
            "dispatch_table": ctx.table.source if ctx.table is not None else None}  # fmt: skip
-    try:
-        import xformers
-
-        env["xformers"] = xformers.__version__
-    except Exception:
-        pass
     checked = targets(rows)
     summary = {"dispatch table": env["dispatch_table"] or "none (auto = SDPA)"}
     for r in rows:
