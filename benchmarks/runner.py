@@ -437,10 +437,13 @@ def _short(value) -> str:
 
 
 def print_summary(results: list[dict]) -> None:
-    """Plain-text table: benchmark, status, seconds, and the scalar entries of each summary."""
+    """Plain-text table: benchmark, status, seconds, and the scalar entries of each summary (one level of a nested
+    dict too, as ``key[sub]``)."""
     print(f"\n{'benchmark':10s} {'status':18s} {'seconds':>8s}  key results\n" + "-" * 78)
     for res in results:
-        items = [f"{k}={_short(v)}" for k, v in res["summary"].items() if not isinstance(v, (dict, list))]
+        flat = [(k, v) for k, v in res["summary"].items() if not isinstance(v, dict)]
+        flat += [(f"{k}[{kk}]", vv) for k, v in res["summary"].items() if isinstance(v, dict) for kk, vv in v.items()]
+        items = [f"{k}={_short(v)}" for k, v in flat if not isinstance(v, (dict, list))]
         print(f"{res['name']:10s} {res['status']:18s} {res['seconds']:8.1f}  " + (items[0] if items else ""))
         for item in items[1:]:
             print(f"{'':39s}{item}")
