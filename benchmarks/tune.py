@@ -18,7 +18,7 @@ from rmt_fast.kernels import dispatch, launch_configs
 
 from . import tune_plan
 from .common import attention_step, bench_layout, env_info, machine_label, pyplot, save_plot, write_csv, write_json
-from .runner import Benchmark, Option, Timer
+from .runner import Benchmark, Option, Timer, is_oom
 
 DEFAULT_BUDGET_S = 240.0
 SWEEP_SHARE = 0.45  # phase 1 may use this fraction of the budget
@@ -66,8 +66,9 @@ def eager_ms(fn, target_ms: float) -> float:
 
 
 def _error(exc: BaseException) -> dict:
+    """A failed measurement's status (the runner's words and OOM rule) and note."""
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return {"status": "error", "note": text[:160]}
+    return {"status": "oom" if is_oom(exc) else "error", "note": text[:160]}
 
 
 # --------------------------------------------------------------------------------- parallel compilation

@@ -196,3 +196,9 @@ def test_precompiler_stops_at_its_deadline():
         assert again["done"] == 0 and not again["stopped_at_deadline"]
     finally:
         pre.close()
+
+
+def test_a_failed_measurement_gets_the_runners_status_words():
+    assert tune._error(torch.OutOfMemoryError("CUDA out of memory"))["status"] == "oom"
+    failed = tune._error(ValueError("bad\nshape"))
+    assert failed == {"status": "error", "note": "ValueError: bad shape"}
