@@ -30,11 +30,13 @@ step() {  # step NAME TIMEOUT_S CMD...
     local name=$1 limit=$2
     shift 2
     local t0=$(date +%s)
-    if [ $(( t0 - START + limit )) -gt "${TOTAL_S:-480}" ]; then
-        NAMES+=("$name"); STATUS+=("skipped"); SECS+=(0); echo "=== $name skipped: the total budget is spent"
+    local at=$(( t0 - START ))
+    if [ $(( at + limit )) -gt "${TOTAL_S:-480}" ]; then
+        NAMES+=("$name"); STATUS+=("skipped"); SECS+=(0)
+        echo "=== $name at ${at}s skipped: its limit ${limit}s would end past the total ${TOTAL_S:-480}s"
         return
     fi
-    echo "=== $name (timeout ${limit}s): $*"
+    echo "=== $name at ${at}s (timeout ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$RES/$name.log" 2>&1
     local rc=$?
     local st="ok"

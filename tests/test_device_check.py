@@ -28,12 +28,12 @@ def _run(tmp_path, total_s: int):
         parts = line.split()
         if len(parts) == 3 and parts[0] in STEPS:
             status[parts[0]] = parts[1]
-    return out, res, summary, status
+    return out, res, summary, status, done.stdout
 
 
 @pytest.mark.skipif(os.name != "posix", reason="bash script")
 def test_device_check_dry_run_on_cpu(tmp_path):
-    out, res, summary, status = _run(tmp_path, total_s=480)
+    out, res, summary, status, _ = _run(tmp_path, total_s=480)
     assert set(status) == set(STEPS), summary
     assert all(s == "ok" for s in status.values()), summary
     for name in STEPS:
@@ -47,8 +47,18 @@ def test_device_check_dry_run_on_cpu(tmp_path):
 
 
 def test_device_check_total_time_guard(tmp_path):
-    """With a 50 s total, the steps whose limits could not fit are skipped and recorded, not run."""
-    _, _, summary, status = _run(tmp_path, total_s=50)
-    expect_skipped = ("tune", "tests", "train", "million", "latency", "armt", "compile_tests")
-    assert all(status[s] == "skipped" for s in expect_skipped), summary
-    assert status["kernels"] == "ok" and status["host_overhead"] == "ok", summary
+    """With a 50 s total, a step is skipped (and recorded) exactly when its limit, from the second it would start,
+    ends past the total; the steps whose limit alone is over 50 s never run. (Which of the short steps fit
+    depends on how fast the machine gets there: the rule is checked, not the timing.)"""
+    _, _, summary, status, stdout = _run(tmp_path, total_s=50)
+    starts = {}
+    for line in stdout.splitlines():  # "=== NAME at Ns skipped: its limit Ls ..." / "=== NAME at Ns (timeout Ls): ..."
+        words = line.split()
+        if line.startswith("=== ") and words[1] in STEPS and words[2] == "at":
+            limit = words[7] if words[4] == "skipped:" else words[5]
+            starts[words[1]] = (int(words[3].rstrip("s")), int(limit.strip("(s):")))
+    assert set(starts) == set(STEPS) == set(status), stdout[-3000:]
+    for name, (at, limit) in starts.items():
+        assert (status[name] == "skipped") == (at + limit > 50), (name, at, limit, summary)
+    assert all(status[s] == "skipped" for s in ("tune", "tests", "train", "armt", "compile_tests")), summary
+    assert any(s != "skipped" for s in status.values()), summary
