@@ -159,7 +159,7 @@ class SegmentLayout:
                 run = (tok < counts[b]) if starts is None else (tok < counts[b]) & (tok >= starts[b])
                 visible = run | (kv_idx < read) | (kv_idx >= write_start)
             elif token_mask is not None:
-                slot = (kv_idx - read + 1).clamp(0, self.num_tokens + 1)
+                slot = (kv_idx - read + 1).clamp(min=0)  # memory slots: the pads at 0 and num_tokens + 1
                 slot = torch.where(kv_idx >= write_start, self.num_tokens + 1, slot)
                 visible = token_mask[b, slot]
             else:

@@ -168,3 +168,26 @@ def test_the_smallest_segments_are_accepted(sizes):
     layout = SegmentLayout(*sizes, True)
     assert layout.seq_len == sum(sizes) and torch.equal(layout.dense_mask()[0, 0], torch.ones(
         sum(sizes), sum(sizes), dtype=torch.bool).tril())  # fmt: skip
+
+
+def test_a_layout_is_frozen_and_compared_by_identity():
+    """Frozen: nothing changes a layout a backend has read. Identity: two layouts are never equal by value (their
+    tensors would have to be compared elementwise) and a layout with tensors is hashable (a cache key)."""
+    import dataclasses
+
+    a = SegmentLayout(1, 3, 1, True, token_counts=torch.tensor([2, 1]))
+    b = SegmentLayout(1, 3, 1, True, token_counts=a.token_counts)
+    assert a == a and a != b and len({a, b}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.num_read = 2
+
+
+def test_key_valid_moves_a_token_mask_to_the_device_asked_for():
+    layout = SegmentLayout(1, 2, 0, False, token_mask=torch.tensor([[True, False]]))
+    assert layout.key_valid().tolist() == [[True, True, False]]
+    assert layout.key_valid(torch.device("meta")).device.type == "meta"
+
+
+def test_mask_runs_takes_one_row():
+    starts, ends, holes = mask_runs(torch.tensor([0, 1, 0, 1, 0]))
+    assert (starts.item(), ends.item(), holes.item()) == (1, 4, True)

@@ -36,3 +36,24 @@ def test_mask_mod_equals_dense_mask(make, causal):
     layout, batch = make(causal)
     want = layout.dense_mask().expand(batch, 1, layout.seq_len, layout.seq_len)
     assert torch.equal(_grid_mask(layout, batch), want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_attention_with_the_layouts_block_mask_equals_sdpa_with_its_dense_mask(causal):
+    """The path the kernels benchmark takes: create_block_mask (vmap over mask_mod, index tensors beyond the
+    sequence included) and FlexAttention (eager on the CPU) against SDPA with dense_mask."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.4
+    for layout in (SegmentLayout(2, 7, 2, causal, token_mask=mask),
+                   SegmentLayout(2, 7, 3, causal, token_counts=COUNTS, token_starts=STARTS)):  # fmt: skip
+        T = layout.seq_len
+        block = create_block_mask(layout.mask_mod(), 3, None, T, T, device="cpu", BLOCK_SIZE=4)
+        q, k, v = (torch.randn(3, 2, T, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+            out = flex_attention(q, k, v, block_mask=block)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask())
+        assert (out - ref).norm() / ref.norm() < 1e-5
