@@ -41,8 +41,9 @@ TARGETS = {
                      ["tests/test_bad_input.py", "tests/test_errors.py", "tests/test_blind_spots.py",
                       "tests/test_properties.py"]),
     "layout": ("kernels/layout.py", "rmt_fast.kernels.layout", None,
-               ["tests/test_layers.py", "tests/test_attention_seam.py", "tests/test_equivalence.py",
-                "tests/test_blind_spots.py", "tests/test_properties.py"]),
+               ["tests/test_layout.py", "tests/test_layout_mask_mod.py", "tests/test_attention_seam.py",
+                "tests/test_layers.py", "tests/test_equivalence.py", "tests/test_blind_spots.py",
+                "tests/test_properties.py"]),
 }  # fmt: skip
 
 _SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
