@@ -172,13 +172,14 @@ class Timer:
             self.sync()
         return timing_of(samples, cpu)
 
-    def kernel(self, fn: Callable[[], Any], *, warmup_ms: float = 25, rep_ms: float = 100,
-               grad_to_none=None) -> Timing:  # fmt: skip
-        """GPU: ``triton.testing.do_bench`` (device time of back-to-back calls, L2 flushed between them)."""
+    def kernel(self, fn: Callable[[], Any], *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+        """GPU: ``triton.testing.do_bench`` (device time of back-to-back calls, L2 flushed between them). A backward
+        step should return its gradients (``torch.autograd.grad``, as ``common.attention_step`` does) rather than
+        accumulate them into ``.grad``."""
         from triton.testing import do_bench
 
-        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
-                                 quantiles=[0.5, 0.2, 0.8], return_mode="median")  # fmt: skip
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
+                                 return_mode="median")  # fmt: skip
         return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, 0)
 
     def graphed(self, fn: Callable[[], Any], *, rep_ms: float = 20) -> Timing:
