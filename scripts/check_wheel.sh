@@ -42,7 +42,7 @@ import sys
 import kernels
 import rmt_fast
 from rmt_fast import FastRMT, ReferenceRMT, RMTOutput, SegmentLayout, memory_detached_before
-from rmt_fast.kernels import sdpa_rmt_attention
+from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
 import rmt_fast.bench.cli
 
 assert "site-packages" in rmt_fast.__file__, rmt_fast.__file__

@@ -1,1 +1,0 @@
-"""Benchmarks for rmt-fast (FLOPs scaling, latency, profiling, kernels); run them via ``rmt-fast-bench``."""
