@@ -1,10 +1,10 @@
-"""ReferenceRMT: a plain, faithful copy of the published RMT wrappers' behaviour (see shared/REFERENCE.md).
+"""ReferenceRMT: a plain, faithful copy of the published RMT wrappers' behaviour (see docs/reference.md).
 
 It is slow on purpose: a ``torch.cat`` per segment, one backbone call per segment with
 ``output_hidden_states=True``, and transformers' own attention and masks. Tests and profiles compare FastRMT
 against it. Its constructor, forward, ``memory`` parameter and ``load_reference_state_dict`` are FastRMT's.
 
-Deliberate differences from the published code, each stated in REFERENCE.md or the README:
+Deliberate differences from the published code, each stated in docs/reference.md or the README:
 * ``bptt_depth`` follows :func:`rmt_fast.base.memory_detached_before` (the published ``k2`` is a no-op);
 * the encoder loss with ``sum_loss=True`` is the mean of the per-segment losses;
 * ``labels_mask`` is shifted like the labels (``labels_mask[:, 1:]``);

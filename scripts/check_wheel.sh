@@ -21,7 +21,8 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 tops = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})
 assert tops == ["rmt_fast"], f"the wheel installs top-level names {tops}, expected only rmt_fast"
-for need in ("rmt_fast/kernels/triton_attention.py", "rmt_fast/kernels/triton_kernels.py", "rmt_fast/kernels/layout.py", "rmt_fast/bench/cli.py"):
+for need in ("rmt_fast/kernels/triton_attention.py", "rmt_fast/kernels/triton_kernels.py", "rmt_fast/kernels/layout.py",
+             "rmt_fast/kernels/tuned/sm90.json", "rmt_fast/bench/cli.py"):
     assert need in names, f"{need} is missing from the wheel"
 print(f"[check_wheel] wheel ok: {len(names)} files, top-level {tops}")
 PY

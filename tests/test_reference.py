@@ -1,4 +1,4 @@
-"""One test for each behaviour stated in shared/REFERENCE.md, run against ReferenceRMT."""
+"""One test for each behaviour stated in docs/reference.md, run against ReferenceRMT."""
 
 import pytest
 import torch
