@@ -2,7 +2,7 @@
 
 The state dicts come from stand-ins of the published classes that register their modules as the published ones do
 (tests/armt_published.py): each wrapped layer's tensors are named twice, ``memory_cell.model.<layers>.<l>.*`` and
-``memory_cell.layers.<l>.*``. Forms: torch.save (both names, one storage); safetensors' own ``save_model`` (one
+``memory_cell.layers.<l>.*``. Forms: torch.save (both names, one storage); safetensors' own ``save_model`` (0.8: one
 name of each shared tensor, the first in sorted order: ``memory_cell.layers.*``, and of GPT-2's tied embeddings
 ``lm_head.weight``); safetensors files that keep only ``memory_cell.layers.*`` (and ``transformer.wte.weight``) or
 only ``memory_cell.model.*`` (and ``lm_head.weight``). After loading, FastARMT (both schedules) equals the
@@ -98,18 +98,10 @@ def _reference(name: str, n_heads: int):
     return ref, x, run(ref, dict(input_ids=x, labels=x))
 
 
-def _cases():
-    """Every (model, heads, schedule, form); the slow mark on half of them: the other half still gives every
-    form under both schedules and both schedules on every model and head count."""
-    for i, name in enumerate(NAMES):
-        for j, n_heads in enumerate([1, 2]):
-            for diagonal in (False, True):
-                for k, form in enumerate(FORMS):
-                    fast = (i + j + k) % 2 == int(diagonal)
-                    yield pytest.param(name, n_heads, diagonal, form, marks=() if fast else pytest.mark.slow)
-
-
-@pytest.mark.parametrize("name, n_heads, diagonal, form", list(_cases()))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("n_heads", [1, 2])
+@pytest.mark.parametrize("name", NAMES)
 def test_published_state_dict_loads(name, n_heads, diagonal, form, tmp_path):
     ref, x, want = _reference(name, n_heads)
     wrapper = published_wrapper(ref)
@@ -122,6 +114,16 @@ def test_published_state_dict_loads(name, n_heads, diagonal, form, tmp_path):
     fast.load_reference_state_dict(sd)
     assert_same_run(want, run(fast, dict(input_ids=x, labels=x)))
     assert_grads_equal(ref, fast)
+
+
+def test_reference_armt_loads_the_published_state_dict_too():
+    """ReferenceARMT shares the loader (ARMTBase): the torch.save form, both names of each wrapped layer."""
+    ref, x, want = _reference("llama", 2)
+    torch.manual_seed(5)
+    other = ReferenceARMT(DECODERS["llama"](), 3, 8, d_mem=32, n_heads=2)
+    other.load_reference_state_dict(published_wrapper(ref).state_dict())
+    with torch.no_grad():
+        assert_same_run(want, other(x, labels=x))
 
 
 def _nudged(value: torch.Tensor) -> torch.Tensor:
