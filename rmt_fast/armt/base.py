@@ -21,6 +21,7 @@ from ..base import BACKBONE_DIR, RMT_CONFIG_NAME, RMT_MEMORY_NAME, RMTBase, _sha
 from ..input_checks import _finite_check, _run
 from ..peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, save_adapter
 from .memory import ARMTMemoryState, AssocParams, MemoryShape
+from .state_dict import split_published
 
 ARMT_LAYERS_NAME = "armt_layers.pt"
 _SCHEDULE_KEYS = ("diagonal", "gradient_checkpointing")
@@ -139,45 +140,21 @@ class ARMTBase(RMTBase):
         """Load the published ``AssociativeRecurrentWrapper``'s state dict: ``memory_cell.memory``, the wrapped
         layers' ``memory_cell.model.<layers>.<l>.layer.*`` and memory projections ``...<l>.W_mq.weight`` etc.,
         and the rest of the backbone under ``memory_cell.model.``. Over a PEFT model the backbone keys are the
-        published wrapper's around a PeftModel (``memory_cell.model.base_model.model.<layers>...``)."""
-        own = self.model.state_dict()
-        own_assoc = self.assoc.state_dict()
+        published wrapper's around a PeftModel (``memory_cell.model.base_model.model.<layers>...``).
+
+        The published cell registers its wrapped layers twice, so its own ``state_dict()`` also names each of
+        their tensors ``memory_cell.layers.<l>.*``; a safetensors checkpoint keeps either name (and either of
+        two tied weights). Both names or one load; two names holding different values, an unknown key, a
+        missing one (``strict``) or a wrong shape raise a ValueError before anything is loaded
+        (:mod:`.state_dict`)."""
         prefix = "memory_cell.model." + (PEFT_KEY_PREFIX if self.peft_model is not None else "")
-        layers_prefix = prefix + self.layers_attr + "."
-        backbone, assoc, memory, unknown = {}, {}, None, []
-        for key, value in state_dict.items():
-            if key == "memory_cell.memory":
-                memory = value
-            elif key.startswith(layers_prefix):
-                index, rest = key[len(layers_prefix):].split(".", 1)
-                if rest.startswith("layer."):
-                    backbone[f"{self.layers_attr}.{index}.{rest[len('layer.'):]}"] = value
-                elif f"{index}.{rest}" in own_assoc:
-                    assoc[f"{index}.{rest}"] = value
-                else:
-                    unknown.append(key)
-            elif key.startswith(prefix):
-                backbone[key[len(prefix):]] = value
-            else:
-                unknown.append(key)
-        missing = sorted(set(own) - set(backbone)) + sorted(set(own_assoc) - set(assoc))
-        if memory is None:
-            missing.insert(0, "memory_cell.memory")
-        extra = sorted(set(backbone) - set(own))
-        if unknown or extra or (strict and missing):
-            raise ValueError(f"state_dict: unknown keys {(sorted(unknown) + extra)[:10]}, missing keys {missing[:10]} "
-                             "(ARMT loads the published AssociativeRecurrentWrapper without ACT or gating)")
-        for key, value in assoc.items():
-            if tuple(value.shape) != tuple(own_assoc[key].shape):
-                raise ValueError(f"state_dict: {key} has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(own_assoc[key].shape)} (check d_mem, n_heads; gating is not supported)")
-        if memory is not None and tuple(memory.shape) != tuple(self.memory.shape):
-            raise ValueError(f"state_dict: memory has shape {tuple(memory.shape)}, expected {tuple(self.memory.shape)}")
-        self.model.load_state_dict(backbone, strict=strict)
-        self.assoc.load_state_dict(assoc, strict=strict)
-        if memory is not None:
+        parts = split_published(state_dict, self.model.state_dict(), self.assoc.state_dict(),
+                                tuple(self.memory.shape), prefix, self.layers_attr, strict)  # fmt: skip
+        self.model.load_state_dict(parts.backbone, strict=strict)
+        self.assoc.load_state_dict(parts.assoc, strict=strict)
+        if parts.memory is not None:
             with torch.no_grad():
-                self.memory.copy_(memory)
+                self.memory.copy_(parts.memory)
 
     def _schedule_settings(self) -> dict:
         return {}
