@@ -1,7 +1,9 @@
 """Measured latency scaling: RMT (FastRMT, ReferenceRMT) against full attention over the whole input (SDPA,
 FlexAttention, xformers), on a BERT encoder as in the RMT paper's scaling experiment: bert-base fp16 on a GPU, a
-small BERT on the CPU. One row per (method, batch, length); a method stops doubling at its first ``oom`` or
-``over_budget`` (measured or extrapolated). The log-log slopes are checked: RMT ~1, full attention > 1.3.
+small BERT on the CPU. One row per (method, batch, length), interleaved: at each length every method and batch,
+shortest lengths first, so that a ``--budget-s`` that runs out still leaves side-by-side rows. A method stops
+doubling at its first ``oom`` or ``over_budget`` (measured or extrapolated). The log-log slopes are checked: RMT
+~1, full attention > 1.3.
 Settings, budgets and the slope rule: docs/benchmarks.md, section ``latency``.
 """
 
@@ -30,7 +32,7 @@ class Setup:
     rmt_lengths: list[int]
     full_lengths: list[int]
     per_call_budget_s: float
-    sweep_budget_s: float  # per method
+    sweep_budget_s: float  # per method and batch: the time spent in its own cases
     repeats: int
     batches: list[int] = field(default_factory=lambda: [1])
     memory_budget_mb: float | None = None
@@ -232,18 +234,21 @@ def _setup(ctx) -> Setup:
 
 
 def cases(ctx) -> list[dict]:
-    """Every (method, length): a method that cannot run here is one row (tokens 0) saying why."""
+    """Every (method, batch, length), interleaved: at each length (shortest first) every batch and method, so
+    that whatever the budget the methods have rows side by side. A method that cannot run here is one row
+    (tokens 0) saying why, first."""
     import torch
 
     ctx.setup = s = _setup(ctx)
     ctx.methods = {m.name: m for m in _methods(s, ctx.device, getattr(torch, s.dtype))}
-    out = []
-    for m in ctx.methods.values():
-        if m.problem:
-            out.append(dict(method=m.name, family=m.family, batch=s.batches[0], tokens=0))
-            continue
-        lengths = s.rmt_lengths if m.family == "rmt" else s.full_lengths
-        out += [dict(method=m.name, family=m.family, batch=b, tokens=n) for b in s.batches for n in lengths]
+    ctx.runners = {}  # method name -> its (tokens, batch) -> callable, built once and shared by its batches
+    runnable = [m for m in ctx.methods.values() if not m.problem]
+    out = [dict(method=m.name, family=m.family, batch=s.batches[0], tokens=0)
+           for m in ctx.methods.values() if m.problem]  # fmt: skip
+    for n in sorted(set(s.rmt_lengths) | set(s.full_lengths)):
+        for b in s.batches:
+            out += [dict(method=m.name, family=m.family, batch=b, tokens=n) for m in runnable
+                    if n in (s.rmt_lengths if m.family == "rmt" else s.full_lengths)]  # fmt: skip
     return out
 
 
@@ -253,13 +258,25 @@ def series_name(row: dict, s: Setup) -> str:
 
 
 def measure(ctx, case: dict, state: dict) -> dict:
-    """One (method, length); ``state`` holds the method's model and its earlier times (to extrapolate)."""
-    s, m, n, batch = ctx.setup, ctx.methods[case["method"]], case["tokens"], case["batch"]
+    """One (method, batch, length); ``state`` (the series', kept all sweep long) holds its earlier times (to
+    extrapolate) and the seconds spent in its cases (its sweep budget)."""
+    m = ctx.methods[case["method"]]
     if m.problem:
         return {"status": m.problem.split(":")[0], "note": m.problem}
+    t0 = ctx.clock()
+    state.setdefault("times", [])
+    state.setdefault("spent", 0.0)
+    try:
+        return _measure(ctx, case, state, m, t0)
+    finally:
+        state["spent"] += ctx.clock() - t0
+
+
+def _measure(ctx, case: dict, state: dict, m: Method, t0: float) -> dict:
+    s, n, batch = ctx.setup, case["tokens"], case["batch"]
     budget = m.per_call_budget_s or s.per_call_budget_s
-    if "runner" not in state:
-        state.update(runner=m.make(), times=[], t0=ctx.clock())
+    if m.name not in ctx.runners:
+        ctx.runners[m.name] = m.make()
     times = state["times"]
     predicted = None
     if len(times) >= 2:
@@ -268,10 +285,10 @@ def measure(ctx, case: dict, state: dict) -> dict:
         predicted = times[-1] * 2
     if predicted is not None and predicted > budget:
         raise OverBudget(f"extrapolated {predicted:.2f} s > per-call budget {budget} s")
-    spent = ctx.clock() - state["t0"]
+    spent = state["spent"] + ctx.clock() - t0  # this series' cases, this one so far included
     if predicted is not None and spent + predicted * 2 > s.sweep_budget_s:
         raise OverBudget(f"sweep budget {s.sweep_budget_s} s (spent {spent:.1f} s)")
-    call, mode = _inference_ctx(state["runner"](n, batch))
+    call, mode = _inference_ctx(ctx.runners[m.name](n, batch))
     if predicted is None or predicted < 1.0:
         call()  # warm-up (first length: lazy init; later: the allocator at the new size)
     reps = s.repeats if (predicted is None or predicted < 0.5) else 1
@@ -386,7 +403,8 @@ def plot(ctx, rows, record):
 
 
 BENCHMARK = Benchmark(
-    "latency", cases, measure, summarize=summarize, plot=plot, series=("method", "batch"), cpu_threads=1,
+    "latency", cases, measure, summarize=summarize, plot=plot, series=("method", "batch"), keep_states=True,
+    cpu_threads=1,
     options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),
              Option("--methods", type=names, default=None, help="comma-separated method names (default: all)"),
              Option("--per-call-budget-s", type=float, default=None, help="longest call before a method stops"),

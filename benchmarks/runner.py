@@ -23,7 +23,9 @@ before the case, or the measurement raised :class:`OverBudget`, which may carry 
 ``unavailable`` (:class:`Unavailable`: a missing library, an unsupported case); ``skipped`` (an earlier case of
 its series failed). A series is the cases sharing the values of ``Benchmark.series``; after a failure
 ``after_failure="stop"`` ends the series, ``"record"`` gives each later case a ``skipped`` row, ``"continue"``
-runs them all.
+runs them all. A series' ``state`` is let go when the next series starts; with ``keep_states=True`` every
+series keeps its own for the whole sweep, so that ``cases`` may interleave the series (e.g. every method at
+one length before any at the next: a ``--budget-s`` that runs out then leaves side-by-side rows).
 
 One timer, :class:`Timer` (``ctx.timer``): median, p20 and p80, in seconds. On CUDA a sample is CUDA-event
 time (``clock="device"``); ``clock="wall"`` is ``perf_counter`` between two synchronisations, ``clock="host"``
@@ -230,6 +232,7 @@ class Benchmark:
     options: tuple[Option, ...] = ()
     series: tuple[str, ...] = ()
     after_failure: str = "stop"
+    keep_states: bool = False  # True: each series keeps its state all sweep long (interleaved cases)
     needs_cuda: bool = False
     budget_s: float | None = None  # the default of --budget-s (None: no budget)
     cpu_threads: int | None = None  # on the CPU: torch threads while it runs (1: robust to other load)
@@ -291,10 +294,11 @@ class Context:
     # --------------------------------------------------------------------------------------------- sweeps
     def sweep(self, cases: Iterable[dict], measure: Callable[[Context, dict, dict], dict], *,
               series: tuple[str, ...] = (), after_failure: str = "stop", desc: str | None = None,
-              sink: Callable[[list[dict]], Any] | None = None) -> list[dict]:  # fmt: skip
+              sink: Callable[[list[dict]], Any] | None = None, keep_states: bool = False) -> list[dict]:  # fmt: skip
         """Run ``measure(ctx, case, state)`` on every case under tqdm; one row per case (see the module
         docstring for the status words). ``sink(rows)`` after each case (e.g. rewrite the CSV, so that a run
-        stopped from outside keeps what it measured)."""
+        stopped from outside keeps what it measured). ``keep_states``: a series' state outlives the start of
+        another series (the cases may interleave the series)."""
         from tqdm.auto import tqdm
 
         if after_failure not in ("stop", "record", "continue"):
@@ -307,7 +311,7 @@ class Context:
             for case in cases:
                 key = tuple(case.get(k) for k in series)
                 bar.update(1)
-                if states and key not in states:  # a new series: what the last one built is let go
+                if states and key not in states and not keep_states:  # a new series: the last one's state goes
                     states.clear()
                     free_memory(self.cuda)
                 if self.clock() > self.deadline:
@@ -366,7 +370,7 @@ def _run(bench: Benchmark, ctx: Context) -> dict:
     if bench.run is not None:
         return bench.run(ctx) or {}
     rows = ctx.sweep(bench.cases(ctx), bench.measure, series=bench.series, after_failure=bench.after_failure,
-                     sink=ctx.write_csv)  # fmt: skip
+                     sink=ctx.write_csv, keep_states=bench.keep_states)  # fmt: skip
     summary, record = bench.summarize(ctx, rows) if bench.summarize else ({}, {})
     ctx.write_csv(rows)
     ctx.write_json({"summary": summary, **record})

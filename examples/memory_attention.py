@@ -26,6 +26,7 @@ writes
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -98,10 +99,20 @@ def predict(rmt: FastRMT, ex) -> int:
     return int(answer_scores(rmt, rmt(torch.tensor([ex.input_ids])).logits).argmax(-1))
 
 
+def _share(x: torch.Tensor) -> float:
+    """A share of attention mass (a float64 sum of float64 probabilities) as a float in [0, 1]."""
+    if x.dtype != torch.float64:
+        raise ValueError(f"shares are computed in float64, got {x.dtype}")
+    return min(max(float(x), 0.0), 1.0)
+
+
 def analyse(rmt: FastRMT, ex) -> tuple[dict, object]:
     ids = torch.tensor([ex.input_ids])
+    # The rerun and every share are float64: a share summed from fp32 probabilities can round past 1
+    # (1.0000001); in float64 the rounding is ~1e-16, and _share clamps that last ulp to the share's range.
+    rmt64 = copy.deepcopy(rmt).double()
     # Decoders: the answer is predicted from the token before the answer word (the question's "?").
-    result = memory_attention(rmt, ids, answer_token=-2 if rmt.is_decoder else None, full=True)
+    result = memory_attention(rmt64, ids, answer_token=-2 if rmt.is_decoder else None, full=True)
     segs = result.segments
     fact_masks = [[s.columns(a, b)[0] for s in segs] for a, b in ex.fact_spans]
     facts = []
@@ -113,7 +124,7 @@ def analyse(rmt: FastRMT, ex) -> tuple[dict, object]:
         visible = int(seg.key_valid[0].sum())
         content = int((seg.source_positions[0] >= 0).sum())
         facts.append(dict(span=[a, b], words=[VOCAB[i] for i in ex.input_ids[a:b]], segment=t,
-                          fact_share_write=float(shares.max()), best_layer=layer, best_head=head,
+                          fact_share_write=_share(shares.max()), best_layer=layer, best_head=head,
                           uniform_share=(b - a) / visible, uniform_share_content=(b - a) / content))  # fmt: skip
     last = segs[-1]
     reads = torch.stack([last.read_share(layer)[0] for layer in range(last.num_layers)])
@@ -127,9 +138,9 @@ def analyse(rmt: FastRMT, ex) -> tuple[dict, object]:
         for layer in range(seg.num_layers):
             on_fact = seg.write_share(layer, fact_keys)[0]
             on_memory = seg.write_share(layer, memory_keys)[0]
-            layers.append(dict(layer=layer, fact_share_mean=float(on_fact.mean()), fact_share_max=float(on_fact.max()),
-                               memory_share_mean=float(on_memory.mean()),
-                               memory_share_max=float(on_memory.max())))  # fmt: skip
+            layers.append(dict(layer=layer, fact_share_mean=_share(on_fact.mean()),
+                               fact_share_max=_share(on_fact.max()), memory_share_mean=_share(on_memory.mean()),
+                               memory_share_max=_share(on_memory.max())))  # fmt: skip
         per_segment.append(dict(segment=t, holds_fact=bool(fact_keys.any()), write=layers))
     first = facts[0]
     out = {
@@ -143,8 +154,8 @@ def analyse(rmt: FastRMT, ex) -> tuple[dict, object]:
         "fact_over_uniform": first["fact_share_write"] / first["uniform_share"],
         "write_layer": first["best_layer"],
         "write_head": first["best_head"],
-        "read_share": float(reads.max()),
-        "read_share_mean": float(reads.mean()),
+        "read_share": _share(reads.max()),
+        "read_share_mean": _share(reads.mean()),
         "uniform_read_share": result.num_mem_tokens / int(last.key_valid[0].sum()),
         "read_layer": read_layer,
         "read_head": read_head,

@@ -72,6 +72,32 @@ def test_latency_memory_budget(tmp_path):
         assert rows[0]["status"] == "over_budget" and "memory budget" in rows[0]["note"]
 
 
+def test_latency_short_budget_still_gives_every_method_at_the_first_length(tmp_path):
+    """The cases interleave the methods (each length: every method, shortest lengths first), so a --budget-s
+    too short for the sweep still leaves every method a row at the first length. A fake clock moves 10 s per
+    measured case: the 35 s budget lets 4 cases run, i.e. the 4 methods at 128 tokens, and no more."""
+    import dataclasses
+
+    now = [0.0]
+
+    def measure(ctx, case, state):
+        try:
+            return latency.measure(ctx, case, state)
+        finally:
+            now[0] += 10.0
+
+    bench = dataclasses.replace(latency.BENCHMARK, measure=measure)
+    methods = ["FastRMT (auto)", "FastRMT (SDPA)", "ReferenceRMT", "Full attention (SDPA)"]
+    runner.run(bench, tmp_path, tiny=True, methods=methods, budget_s=35.0, clock=lambda: now[0])
+    rows = _rows(tmp_path / "latency.csv")
+    first = [r for r in rows if r["tokens"] == "128"]
+    assert sorted(r["method"] for r in first) == sorted(methods)
+    assert all(r["status"] == "ok" for r in first), first
+    later = [r for r in rows if r["tokens"] != "128"]
+    assert later and all(r["status"] == "over_budget" and "budget of 35 s is spent" in r["note"] for r in later)
+    assert [r["tokens"] for r in rows] == sorted((r["tokens"] for r in rows), key=int)  # shortest first
+
+
 def test_latency_fit_slope():
     rows = [dict(tokens=n, seconds=1e-6 * n**2, status="ok") for n in (256, 512, 1024, 2048)]
     assert latency.fit_slope(rows)["slope"] == pytest.approx(2.0)
