@@ -50,7 +50,11 @@ def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
 class StaticStep:
     """A step function over static input buffers: captured as a CUDA graph, or run eagerly."""
 
-    def __init__(self, fn: Callable[..., dict], inputs: dict[str, Tensor], capture: bool, warmup: int = 2):
+    def __init__(self, fn: Callable[..., dict], inputs: dict[str, Tensor], capture: bool, warmup: int = 2,
+                 pool=None):  # fmt: skip
+        """``pool``: a memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``; None: a private
+        pool). Graphs sharing a pool must not need each other's outputs across replays: read (or clone) a
+        step's outputs before the next replay of any graph in its pool."""
         self.fn, self.inputs, self.graph = fn, inputs, None
         self.outputs: dict = {}
         if capture:
@@ -63,7 +67,7 @@ class StaticStep:
                         fn(**inputs)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # a private memory pool per graph
+                with torch.cuda.graph(graph, pool=pool):  # a private memory pool per graph unless one is given
                     self.outputs = fn(**inputs)
             self.graph = graph
 
