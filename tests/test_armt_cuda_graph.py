@@ -180,16 +180,16 @@ def test_capture_failure_warns_once_and_runs_eagerly():
 def test_cache_is_bounded_least_recently_used_first_out():
     eager, graphed = _pair("llama", False)
     runner = graphed._graphs = ARMTGraphRunner(graphed, max_graphs=2)
-    x = ids(2, 32)  # 4 full segments
     with torch.no_grad():
-        first = graphed(x)  # steps: stream's first segment (F), full segments (R)
+        graphed(ids(2, 16))  # steps: a stream's first segment (F), then a full segment (R)
         group = next(iter(runner.groups.values()))
-        keys = list(group.steps)
-        assert len(keys) == 2 and runner.evictions == 0
-        # continuing with a short last segment: R is used again, then the short segment (S) evicts F
-        _same(eager(x[:, :29], memory_state=first.memory_state), graphed(x[:, :29], memory_state=first.memory_state))
-        assert list(group.steps)[0] == keys[1] and keys[0] not in group.steps
-        assert runner.evictions == 1 and len(group.steps) == 2 and runner.overflows == 0
+        first, full = list(group.steps)
+        graphed(ids(2, 8))  # F only: now the most recently used
+        state = eager(ids(2, 8)).memory_state
+        # continuing with one short segment (S): a third step, so the least recently used one (R) goes
+        _same(eager(ids(2, 5), memory_state=state), graphed(ids(2, 5), memory_state=state))
+    assert list(group.steps)[0] == first and full not in group.steps
+    assert runner.evictions == 1 and len(group.steps) == 2 and runner.overflows == 0
 
 
 def test_a_call_needing_more_steps_than_the_bound_does_not_thrash():
@@ -227,6 +227,16 @@ def test_changed_weights_drop_the_graphs_and_are_used():
         assert graphed._graphs._stacks[1] is not old
         graphed.load_state_dict(eager.state_dict())  # loading bumps the versions too: the same values again
         _same(eager(x), graphed(x))
+
+
+@pytest.mark.slow
+def test_compile_step_inside_the_graphs():
+    """compile_step with cuda_graph=True: the runner's steps call the compiled cells (dynamo, eager backend)."""
+    eager, graphed = _pair("llama", True, compile_step={"backend": "eager"})
+    x = ids(2, 29)
+    with torch.no_grad():
+        _same(eager(x, labels=x), graphed(x, labels=x), exact=False)
+    assert graphed._compiled is not None
 
 
 # ----------------------------------------------------------------------------------------------- scope
