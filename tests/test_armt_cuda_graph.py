@@ -14,7 +14,7 @@ from rmt_fast import FastARMT
 from rmt_fast.armt import graphs
 from rmt_fast.armt.base import ARMTOutput
 from rmt_fast.armt.graphs import ARMTGraphRunner
-from rmt_fast.cuda_graph import StaticStep
+from rmt_fast.cuda_graph import StaticStep, capture_device
 
 
 def _pair(name="llama", diagonal=False, m=3, size=8, layers=None, device="cpu", dtype=torch.float32, **kw):
@@ -62,8 +62,8 @@ def test_replay_equals_eager_exactly(name, diagonal):
         _same(c, d)
 
 
-@settings(max_examples=8, deadline=None)
-@given(batch=st.integers(1, 3), tokens=st.integers(1, 60), diagonal=st.booleans(), stream=st.booleans())
+@settings(max_examples=5, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(1, 40), diagonal=st.booleans(), stream=st.booleans())
 def test_replay_equals_eager_drawn(batch, tokens, diagonal, stream):
     eager, graphed = _eager_graphed(diagonal)
     x = ids(batch, tokens, seed=tokens)
@@ -123,9 +123,10 @@ class _StandInCapture(StaticStep):
 
     built: list = []
 
-    def __init__(self, fn, inputs, capture, warmup=2, pool=None):
+    def __init__(self, fn, inputs, capture, warmup=2, pool=None, device=None):
         super().__init__(fn, inputs, capture=False)
         if capture:
+            assert capture_device(inputs, device).type == "cpu"  # resolvable for every step, inputs or not
             for _ in range(warmup):
                 fn(**inputs)
             captured = fn(**inputs)  # the captured run (a real capture does not execute)
@@ -147,6 +148,7 @@ def stand_in(monkeypatch):
     return _StandInCapture
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a capture that falls back is a failure here
 @pytest.mark.parametrize("diagonal", [False, True], ids=["sequential", "diagonal"])
 def test_captured_steps_replay_equal_eager_and_warmup_leaves_the_state(stand_in, diagonal):
     eager, graphed = _pair("llama", diagonal, layers=4)
@@ -161,8 +163,9 @@ def test_captured_steps_replay_equal_eager_and_warmup_leaves_the_state(stand_in,
         _same(eager(x, labels=x, memory_state=a.memory_state), graphed(x, labels=x, memory_state=b.memory_state))
         # continuing: no first segment, so the sequential needs nothing new and the diagonal a new ramp up
         assert graphed._graphs.captures == (2 if not diagonal else 8 + 3)
-        _same(eager(x[:, :29]), graphed(x[:, :29]))  # a short last segment: its own shapes
-    assert all(step.graph is not None for step in stand_in.built)
+        _same(eager(x[:, :29]), graphed(x[:, :29]))  # a short last segment, no labels: steps without inputs
+    assert graphed._graphs.captures == _steps(graphed) == len(stand_in.built)
+    assert all(step.graph is not None for group in graphed._graphs.groups.values() for step in group.steps.values())
 
 
 def test_capture_failure_warns_once_and_runs_eagerly():

@@ -166,7 +166,7 @@ class ARMTGraphRunner:
             return StaticStep(fn, inputs, capture=False)
         saved = [t.clone() for t in group.buffers()]  # warm-up runs the step for real
         try:
-            step = StaticStep(fn, inputs, capture=True, pool=group.pool)
+            step = StaticStep(fn, inputs, capture=True, pool=group.pool, device=group.A.device)
             self.captures += 1
         except Exception as exc:  # capture can fail on ops that sync or allocate dynamically
             if not self._warned:
