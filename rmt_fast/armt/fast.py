@@ -182,6 +182,8 @@ class FastARMT(ARMTBase):
 
     def _finish(self, y: Tensor, length: int, seg_targets: Tensor | None, return_logits: bool):
         """A segment left the last layer: final norm, LM head over its ``length`` token slots, its loss part."""
+        if not return_logits and seg_targets is None:
+            return None, None
         base = self._info.base_model
         norm = base.ln_f if self.model.config.model_type == "gpt2" else base.norm
         hidden = norm(y[:, :length])
@@ -189,8 +191,6 @@ class FastARMT(ARMTBase):
         chunked = seg_targets is not None and not return_logits and wants_chunked_loss(y.shape[0], length, head)
         if chunked:
             return None, linear_cross_entropy(hidden, head, seg_targets)
-        if not return_logits and seg_targets is None:
-            return None, None
         logits = head(hidden)
         part = None
         if seg_targets is not None:

@@ -7,7 +7,8 @@ dozen small kernels each. The runner captures steps once and replays them, with 
 
 * the state lives in static buffers of one *group* (one per batch size, dtype, device, backbone and mode):
   every layer's ``A`` and ``z``, and for the diagonal schedule ``X``, the input of each layer's next cell
-  (``X[l]``: the output of layer l - 1 for the segment that enters layer l next). A step reads its slices and
+  (``X[l]``: the output of layer l - 1 for the segment that enters layer l next; ``X[0]`` the next segment's
+  embedding, written in place, so a step's input is one slice and needs no ``cat``). A step reads its slices and
   writes them back in place inside the graph, so a call is "copy the segment's ids in, replay", step after step;
 * sequential: one graph runs a whole segment (embedding, the L cells one after another, the final norm and
   head), so N segments are N replays; the first segment of a stream (no memory to read), full segments and
@@ -277,10 +278,11 @@ class ARMTGraphRunner:
             y = None
             out = {"part": None, "logits": None}
             for l0, g_n, layout, rope, first_arg in fixed:
-                if l0 == 0:
+                if l0 == 0 and X is not None:  # the diagonal: layer 0's input joins the others in place (no cat)
+                    X[0].copy_(armt._embed(ids, positions, gpt2))
+                    x = X[:g_n]
+                elif l0 == 0:
                     x = armt._embed(ids, positions, gpt2).unsqueeze(0)
-                    if g_n > 1:
-                        x = torch.cat([x, X[1:g_n]])
                 elif y is not None:  # the sub-step before ran layer l0 - 1 of this segment (sequential)
                     x = y
                 else:
