@@ -47,14 +47,29 @@ def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def capture_device(inputs: dict, device: torch.device | None = None) -> torch.device:
+    """The device a step captures on: ``device``, else that of its first tensor input."""
+    if device is not None:
+        return device
+    found = next((t.device for t in inputs.values() if isinstance(t, Tensor)), None)
+    if found is None:
+        raise ValueError("StaticStep: no tensor input to take the capture device from: pass device=")
+    return found
+
+
 class StaticStep:
     """A step function over static input buffers: captured as a CUDA graph, or run eagerly."""
 
-    def __init__(self, fn: Callable[..., dict], inputs: dict[str, Tensor], capture: bool, warmup: int = 2):
+    def __init__(self, fn: Callable[..., dict], inputs: dict[str, Tensor | None], capture: bool, warmup: int = 2,
+                 pool=None, device: torch.device | None = None):  # fmt: skip
+        """``pool``: a memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``; None: a private
+        pool). Graphs sharing a pool must not need each other's outputs across replays: read (or clone) a
+        step's outputs before the next replay of any graph in its pool. ``device``: where to capture (default:
+        the first tensor input's device; a step whose inputs are all None needs it)."""
         self.fn, self.inputs, self.graph = fn, inputs, None
         self.outputs: dict = {}
         if capture:
-            device = next(t.device for t in inputs.values() if isinstance(t, Tensor))
+            device = capture_device(inputs, device)
             stream = _warmup_stream(device)
             with graphed_step():
                 stream.wait_stream(torch.cuda.current_stream())
@@ -63,7 +78,7 @@ class StaticStep:
                         fn(**inputs)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # a private memory pool per graph
+                with torch.cuda.graph(graph, pool=pool):  # a private memory pool per graph unless one is given
                     self.outputs = fn(**inputs)
             self.graph = graph
 

@@ -243,3 +243,20 @@ def test_bf16_base_with_fp32_adapter_matches_peft():
     assert rel(b.logits, a.logits) <= 2e-2 and rel(b.memory_state.A, a.memory_state.A) <= 2e-2
     grads = {n: q.grad for n, q in ref.named_parameters() if "lora_" in n}
     assert all(rel(q.grad, grads[n]) <= 5e-2 for n, q in fast.named_parameters() if "lora_" in n)
+
+
+def test_cuda_graph_runner_on_a_lora_model():
+    """FastARMT(cuda_graph=True) over a PeftModel (the graph runner's static-buffer logic on the CPU) equals eager
+    FastARMT bit for bit, and follows an update of the adapter's weights (its stacked copy is refreshed)."""
+    _, eager = _pair(llama, fast_kw={"diagonal": True})
+    graphed = FastARMT(copy.deepcopy(eager.peft_model), 3, 8, d_mem=32, diagonal=True, cuda_graph=True)
+    graphed.load_state_dict(eager.state_dict())
+    x = ids(2, 21)
+    for _ in range(2):
+        with torch.no_grad():
+            a, b = eager.eval()(x, labels=x), graphed.eval()(x, labels=x)
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+        assert torch.equal(a.memory_state.A, b.memory_state.A) and torch.equal(a.memory_state.z, b.memory_state.z)
+        with torch.no_grad():  # an optimizer-like in-place update of one LoRA B, in both
+            for armt in (eager, graphed):
+                next(q for n, q in armt.named_parameters() if "lora_B" in n).add_(0.5)

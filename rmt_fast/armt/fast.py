@@ -9,7 +9,8 @@ What it does differently from the reference:
   (:mod:`.schedule`): N + L - 1 steps instead of N x L, with the same result, in training too, at any batch
   size, with padding masks and a short last segment (padded to the static width, :mod:`.plan`);
 * logits are computed for token slots only, the loss accumulates segment by segment, and with
-  ``return_logits=False`` the head and cross-entropy run chunk by chunk (:mod:`rmt_fast.loss`).
+  ``return_logits=False`` the head and cross-entropy run chunk by chunk (:mod:`rmt_fast.loss`);
+* ``cuda_graph=True`` replays inference steps from CUDA graphs, in either schedule (:mod:`.graphs`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..loss import linear_cross_entropy, plain_head, wants_chunked_loss
 from ..segments import decoder_plan, decoder_targets
 from . import schedule
 from .base import ARMTBase, ARMTOutput
+from .graphs import ARMTGraphRunner
 from .layers import StackedLayers, check_supported
 from .memory import ARMTMemoryState, read, upcast, write
 from .plan import CallPlan
@@ -39,7 +41,8 @@ class FastARMT(ARMTBase):
     * ``gradient_checkpointing``: keep only each step's inputs and recompute the step in backward;
     * ``compile_step``: False, True or a dict of ``torch.compile`` keyword arguments for the per-step cell
       function (one compile per step shape);
-    * ``cuda_graph``: not available for FastARMT; True is refused with an error.
+    * ``cuda_graph``: run inference through CUDA graphs (:mod:`.graphs`): one graph per segment (sequential)
+      or per distinct diagonal step; under autograd it is refused with an error (inference only, as FastRMT's).
     """
 
     def __init__(self, model, num_mem_tokens: int, segment_size: int, *, d_mem: int, n_heads: int = 1,
@@ -50,10 +53,7 @@ class FastARMT(ARMTBase):
                             ("cuda_graph", cuda_graph)):  # fmt: skip
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        if cuda_graph:
-            raise ValueError("cuda_graph=True: FastARMT does not capture its steps in CUDA graphs (not "
-                             "implemented); use cuda_graph=False")  # fmt: skip
-        compile_kwargs = compile_options(compile_step)
+        compile_kwargs = compile_options(compile_step, cuda_graph)
         super().__init__(model, num_mem_tokens, segment_size, d_mem=d_mem, n_heads=n_heads, use_denom=use_denom,
                          correction=correction, bptt_depth=bptt_depth, attn_backend=attn_backend,
                          check_inputs=check_inputs)  # fmt: skip
@@ -66,6 +66,7 @@ class FastARMT(ARMTBase):
         self.gradient_checkpointing = gradient_checkpointing
         self._compile_kwargs = compile_kwargs
         self._compiled = None
+        self._graphs = ARMTGraphRunner(self) if cuda_graph else None
 
     def _schedule_settings(self) -> dict:
         return {"diagonal": self.diagonal, "gradient_checkpointing": self.gradient_checkpointing}
@@ -90,19 +91,19 @@ class FastARMT(ARMTBase):
 
     # ----------------------------------------------------------------------------------------------- run
     def _run(self, input_ids, attention_mask, labels, labels_mask, memory_state, return_logits):
+        if self._graphs is not None:
+            self._graphs.check_inference()
         b, total = input_ids.shape
         n = self._check_decoder_length(total)
         L, size, m = self.n_layers, self.segment_size, self.num_mem_tokens
         segments = decoder_plan(total, size, "left")
         targets, denom = decoder_targets(labels, labels_mask)
-        base = self._info.base_model
         gpt2 = self.model.config.model_type == "gpt2"
-        plan = CallPlan(input_ids, attention_mask, segments, size, m, None if gpt2 else base.rotary_emb,
-                        self.memory.dtype)  # fmt: skip
-        layers = StackedLayers(self.model, self.decoder_layers, self.model.config.model_type,
-                               self.settings.attn_backend)  # fmt: skip
-        weights = tuple(torch.stack([getattr(p, name).weight for p in self.assoc]) for name in
-                        ("W_mq", "W_mk", "W_mv", "W_mb")) + (torch.stack([p.W_mb.bias for p in self.assoc]),)
+        rotary = None if gpt2 else self._info.base_model.rotary_emb
+        plan = CallPlan(input_ids, attention_mask, segments, size, m, rotary, self.memory.dtype)
+        if self._graphs is not None and attention_mask is None:  # a caller mask takes the eager path
+            return self._graphs.run(plan, targets, denom, memory_state, return_logits)
+        layers, weights = self.stacked_weights()
         A, z, first = self.initial_state(b, memory_state)
         order = schedule.diagonal(n, L) if self.diagonal else schedule.sequential(n, L)
         depth = self.settings.bptt_depth
@@ -114,7 +115,7 @@ class FastARMT(ARMTBase):
         for l0, segs in order:
             g_n = len(segs)
             if l0 == 0:
-                x = self._embed(plan, segs[0], gpt2).unsqueeze(0)
+                x = self._embed(plan.segment_ids(segs[0]), plan.positions(segs[0]), gpt2).unsqueeze(0)
                 x = x if g_n == 1 else torch.cat([x, carry.hidden(1, g_n)])
             else:
                 x = carry.hidden(l0, l0 + g_n)
@@ -134,7 +135,9 @@ class FastARMT(ARMTBase):
             carry.update(l0, y, a_out, z_out)
             if l0 + g_n == L:  # the top cell's segment left the last layer
                 s = segs[-1]
-                seg_logits, part = self._finish(y[-1], s, plan, targets, return_logits)
+                start, length = plan.segments[s]
+                seg_targets = None if targets is None else targets[:, start:start + length]
+                seg_logits, part = self._finish(y[-1], length, seg_targets, return_logits)
                 logits[s] = seg_logits
                 if part is not None:
                     loss_sum = part if loss_sum is None else loss_sum + part
@@ -142,6 +145,15 @@ class FastARMT(ARMTBase):
         loss = loss_sum / denom if loss_sum is not None else None
         out_logits = torch.cat(logits, dim=1) if return_logits else None
         return ARMTOutput(loss=loss, logits=out_logits, memory_state=ARMTMemoryState(A, z))
+
+    def stacked_weights(self) -> tuple[StackedLayers, tuple[Tensor, ...]]:
+        """The layers' weights and the memory projections (W_mq, W_mk, W_mv, W_mb, W_mb's bias), each stacked
+        over the layers."""
+        layers = StackedLayers(self.model, self.decoder_layers, self.model.config.model_type,
+                               self.settings.attn_backend)  # fmt: skip
+        weights = tuple(torch.stack([getattr(p, name).weight for p in self.assoc]) for name in
+                        ("W_mq", "W_mk", "W_mv", "W_mb")) + (torch.stack([p.W_mb.bias for p in self.assoc]),)
+        return layers, weights
 
     def _cells_fn(self):
         if self._compile_kwargs is None:
@@ -160,27 +172,25 @@ class FastARMT(ARMTBase):
         A, z = write(y[:, :, self.segment_size:], A, z, w_k, w_v, w_b, b_b, self.mem_shape, first)
         return y, A, z
 
-    def _embed(self, plan: CallPlan, s: int, gpt2: bool) -> Tensor:
-        ids = plan.segment_ids(s)
+    def _embed(self, ids: Tensor, positions: Tensor, gpt2: bool) -> Tensor:
+        """A segment's layer-0 input: the (padded) token ids' embeddings, then the memory tokens."""
         x = torch.cat([self.word_embeddings(ids), self.memory.unsqueeze(0).expand(ids.shape[0], -1, -1)], dim=1)
         if gpt2:
             base = self._info.base_model
-            x = base.drop(x + base.wpe(plan.positions(s)))
+            x = base.drop(x + base.wpe(positions))
         return x
 
-    def _finish(self, y: Tensor, s: int, plan: CallPlan, targets, return_logits):
-        """Segment s left the last layer: final norm, LM head over its token slots, its loss part."""
-        start, length = plan.segments[s]
+    def _finish(self, y: Tensor, length: int, seg_targets: Tensor | None, return_logits: bool):
+        """A segment left the last layer: final norm, LM head over its ``length`` token slots, its loss part."""
+        if not return_logits and seg_targets is None:
+            return None, None
         base = self._info.base_model
         norm = base.ln_f if self.model.config.model_type == "gpt2" else base.norm
         hidden = norm(y[:, :length])
         head = self.model.get_output_embeddings()
-        seg_targets = None if targets is None else targets[:, start:start + length]
         chunked = seg_targets is not None and not return_logits and wants_chunked_loss(y.shape[0], length, head)
         if chunked:
             return None, linear_cross_entropy(hidden, head, seg_targets)
-        if not return_logits and seg_targets is None:
-            return None, None
         logits = head(hidden)
         part = None
         if seg_targets is not None:
