@@ -40,9 +40,9 @@ def test_static_batches_and_their_steps():
 
 
 def test_targets_come_from_rows_of_the_run(tmp_path):
-    rows = [dict(method="stream", status="ok", docs_per_s=10.0, utilisation=0.97, steps_over_ideal=1.02),
-            dict(method="static-input-order", status="ok", docs_per_s=4.0),
-            dict(method="static-sorted", status="ok", docs_per_s=5.0),
+    rows = [dict(method="stream", status="ok", docs_per_cpu_s=10.0, utilisation=0.97, steps_over_ideal=1.02),
+            dict(method="static-input-order", status="ok", docs_per_cpu_s=4.0),
+            dict(method="static-sorted", status="ok", docs_per_cpu_s=5.0),
             dict(method="one-at-a-time", status="error")]  # fmt: skip
     got = eval_stream.targets(_ctx(tmp_path), rows)
     assert got["stream_over_best_static_docs_per_s"] == {"ratio": 2.0, "target": 0.95, "met": True}
@@ -55,7 +55,8 @@ def test_dry_run_writes_every_method(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "eval-stream.csv")))
     assert [r["method"] for r in rows] == list(eval_stream.METHODS)
     assert all(r["status"] == "ok" for r in rows), rows
-    assert {"docs_per_s", "tokens_per_s", "utilisation", "steps", "ideal_steps", "peak_mb"} <= set(rows[0])
+    want = {"docs_per_s", "docs_per_cpu_s", "tokens_per_s", "utilisation", "steps", "ideal_steps", "peak_mb"}
+    assert want <= set(rows[0])
     by = {r["method"]: r for r in rows}
     assert int(by["stream"]["steps"]) <= int(by["static-input-order"]["steps"])
     assert float(by["one-at-a-time"]["utilisation"]) == 1.0
