@@ -114,8 +114,9 @@ def _plan(rmt, index: int, doc) -> Document:
     plan = encoder_plan(ids, None, rmt.settings, rmt.input_size, m)
     width = rmt.input_size
     rows, segments, contents = [], [], []
-    for seg in plan.segments:
-        count = width if seg.counts is None else int(seg.counts[0])
+    full = torch.full((1,), width, dtype=torch.int32, device=device)
+    counts = torch.cat([full if seg.counts is None else seg.counts for seg in plan.segments]).tolist()  # one sync
+    for seg, count in zip(plan.segments, counts):
         k = count - m - 3
         row = torch.empty(width + 2, dtype=torch.int64, device=device)
         row[:width] = seg.ids[0]
