@@ -68,7 +68,7 @@ def documents(s: Setting, vocab: int, device):
 
 def cases(ctx) -> list[dict]:
     s = setting(ctx)
-    repeats = 1 if ctx.quick or ctx.option("tiny") else 2
+    repeats = 1 if ctx.quick or ctx.option("tiny") else 2 if ctx.cuda else 3
     return [dict(setting=s.name, method=m, batch=1 if m == "one-at-a-time" else s.batch, repeats=repeats)
             for m in METHODS]  # fmt: skip
 
