@@ -23,6 +23,16 @@ def test_settings_cpu_default_and_gpu_plan(tmp_path, monkeypatch):
     assert batches["one-at-a-time"] == 1 and batches["stream"] == 16
 
 
+def test_rounds_interleave_methods_and_merge_by_median(tmp_path):
+    cpu = eval_stream.cases(_ctx(tmp_path))
+    assert [c["method"] for c in cpu[:len(eval_stream.METHODS)]] == list(eval_stream.METHODS)
+    assert [c["round"] for c in cpu] == sorted(c["round"] for c in cpu) and cpu[-1]["round"] == 2
+    rows = [dict(method="stream", round=r, status="ok", docs_per_cpu_s=x, steps=7) for r, x in enumerate((3, 9, 4))]
+    rows.append(dict(method="stream", round=3, status="error", docs_per_cpu_s=None))
+    merged = eval_stream.per_method(rows)["stream"]
+    assert (merged["docs_per_cpu_s"], merged["steps"], merged["rounds"]) == (4, 7, 3)
+
+
 def test_document_lengths_are_seeded_and_long_tailed():
     s = eval_stream.CPU
     a, b = eval_stream.document_lengths(s), eval_stream.document_lengths(s)
