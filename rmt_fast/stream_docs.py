@@ -113,20 +113,16 @@ def _plan(rmt, index: int, doc) -> Document:
     m = rmt.num_mem_tokens
     plan = encoder_plan(ids, None, rmt.settings, rmt.input_size, m)
     width = rmt.input_size
-    rows, segments, contents = [], [], []
     full = torch.full((1,), width, dtype=torch.int32, device=device)
-    counts = torch.cat([full if seg.counts is None else seg.counts for seg in plan.segments]).tolist()  # one sync
-    for seg, count in zip(plan.segments, counts):
-        k = count - m - 3
-        row = torch.empty(width + 2, dtype=torch.int64, device=device)
-        row[:width] = seg.ids[0]
-        row[width] = count
-        row[width + 1] = 0
-        rows.append(row)
-        segments.append((0, k))
-        contents.append(seg.ids[:, 2 + m:2 + m + k])
-    packs = torch.stack(rows)
+    counts = torch.cat([full if seg.counts is None else seg.counts for seg in plan.segments])
+    n = len(plan.segments)
+    packs = torch.zeros(n, width + 2, dtype=torch.int64, device=device)  # a few whole-document ops, no per-row
+    packs[:, :width] = torch.cat([seg.ids for seg in plan.segments])
+    packs[:, width] = counts
     packs[0, width + 1] = 1
+    lengths = [c - m - 3 for c in counts.tolist()]  # the one host sync of the planning
+    segments = [(0, k) for k in lengths]
+    contents = [seg.ids[:, 2 + m:2 + m + k] for seg, k in zip(plan.segments, lengths)]  # views
     return Document(index, ids, batch.get("attention_mask"), segments, packs, contents=contents)
 
 
