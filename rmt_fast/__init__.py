@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["FastRMT", "ReferenceRMT", "RMTOutput", "SegmentLayout", "memory_detached_before", "FastARMT",
-           "ReferenceARMT", "ARMTMemoryState"]
+           "ReferenceARMT", "ARMTMemoryState", "DocumentStream", "stream_documents"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -26,6 +26,8 @@ _LAZY = {
     "FastARMT": ".armt.fast",
     "ReferenceARMT": ".armt.reference",
     "ARMTMemoryState": ".armt.memory",
+    "DocumentStream": ".stream",
+    "stream_documents": ".stream",
 }
 
 
