@@ -65,7 +65,7 @@ def test_lookup_against_a_fake_table():
     ], configs))  # fmt: skip
     cls = dispatch.ShapeClass.of(532, 532, 8 * 12, True, False)
     d = table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=False)
-    assert d.backend == "triton" and d.configs["fwd"] == (128, 64, 4, 3) and "Triton measured faster" in d.reason
+    assert d.backend == "triton" and d.configs["fwd"] == (128, 64, 4, 3) and "triton measured fastest" in d.reason
     assert table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=True).backend == "sdpa"
     assert table.lookup(torch.float16, 64, cls, needs_grad=True, graphed=False).backend == "sdpa"
     big = dispatch.ShapeClass.of(532, 532, 32 * 12, True, True)
@@ -85,9 +85,21 @@ def test_lookup_against_a_fake_table():
 
 
 def test_choose_rule_needs_a_margin():
-    assert dispatch.choose(0.9, 1.0, margin=0.03) == "triton"
-    assert dispatch.choose(0.98, 1.0, margin=0.03) == "sdpa"
-    assert dispatch.choose(None, 1.0) == "sdpa" and dispatch.choose(0.5, float("nan")) == "sdpa"
+    assert dispatch.choose({"triton": 0.9, "sdpa": 1.0}, margin=0.03) == "triton"
+    assert dispatch.choose({"triton": 0.98, "sdpa": 1.0}, margin=0.03) == "sdpa"
+    assert dispatch.choose({"triton": None, "sdpa": 1.0}) == "sdpa"
+    assert dispatch.choose({"triton": 0.5, "sdpa": float("nan")}) == "sdpa"
+    assert dispatch.choose({"triton": 0.5, "sdpa_cudnn": 0.4}) == "sdpa"  # no SDPA number: nothing to beat
+
+
+def test_choose_races_every_backend():
+    times = {"triton": 0.9, "sdpa": 1.0, "sdpa_flash": 0.95, "sdpa_cudnn": 0.7, "sdpa_efficient": None, "flex": 0.8}
+    assert dispatch.choose(times) == "sdpa_cudnn"
+    assert dispatch.choose({**times, "sdpa_cudnn": float("inf")}) == "flex"
+    assert dispatch.choose({**times, "sdpa_cudnn": 0.99, "flex": 0.985, "triton": None, "sdpa_flash": 2}) == "sdpa"  # within margin
+    assert dispatch.choose({"sdpa": 1.0, "sdpa_efficient": 0.5, "flex": 0.5}) == "sdpa_efficient"  # tie: table order
+    with pytest.raises(ValueError, match="unknown backend 'xformers'"):
+        dispatch.choose({"sdpa": 1.0, "xformers": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -99,7 +111,13 @@ def test_choose_rule_needs_a_margin():
         (lambda t: t.update(margin=1.5), "margin"),
         (lambda t: t["entries"][0].update(t_bucket="T<=500"), "t_bucket must be one of"),
         (lambda t: t["entries"][0].update(mode="compiled"), "mode must be one of"),
-        (lambda t: t["entries"][0].update(backend="flex"), "backend must be one of"),
+        (lambda t: t["entries"][0].update(backend="xformers"), "backend must be one of"),
+        (lambda t: t["entries"][0].update(backend="sdpa_"), "backend must be one of"),
+        (lambda t: t.update(format="rmt-fast-dispatch/1") or t["entries"][0].update(backend="sdpa_cudnn"),
+         r"backend must be one of \('triton', 'sdpa'\) in rmt-fast-dispatch/1"),
+        (lambda t: t["entries"][0].update(ms={"triton": 0.1, "cudnn": 0.2}), r"ms names the backend 'cudnn'"),
+        (lambda t: t["entries"][0].update(ms={"sdpa_flash": "fast"}), r"ms.sdpa_flash must be a number"),
+        (lambda t: t["entries"][0].update(ms=[0.1]), r"entries\[0\].ms must be an object"),
         (lambda t: t["entries"][0].update(head_dim="64"), "head_dim must be int"),
         (lambda t: t["entries"].append(copy.deepcopy(t["entries"][0])), "repeats the case"),
         (lambda t: t["configs"].append(dict(dtype="float16", head_dim=64, fwd=[100, 64, 4, 3])), "powers of two"),
@@ -273,7 +291,7 @@ def test_fastrmt_auto_runs_the_table_choice_deciding_once_per_segment(monkeypatc
     calls["supported"], calls["kernel"] = 0, []
     with torch.no_grad(), dispatch.use_table(_table(_small_entries(backend="sdpa"))):
         c = auto(ids, labels=ids)
-    assert calls["kernel"] == [] and calls["supported"] == 3
+    assert calls["kernel"] == [] and calls["supported"] == 0  # the table names SDPA: the kernel is not asked
     assert torch.allclose(c.logits, b.logits, atol=1e-5)
 
 
