@@ -38,8 +38,8 @@ from transformers.masking_utils import (
 )
 
 from .kernels import dispatch
-from .kernels.layout import SegmentLayout
 from .kernels.flex_attention import flex_block_mask, flex_rmt_attention, flex_supported
+from .kernels.layout import SegmentLayout
 from .kernels.sdpa_attention import SDPA_KERNELS, sdpa_kernel_supported, sdpa_rmt_attention
 
 logger = logging.getLogger(__name__)
