@@ -329,17 +329,23 @@ def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
         assert set(kernels._auto_choices(q, layout).values()) == {"sdpa"}
     assert len(kernels.settings(True)) == 2 * 2 * 2 * 3
 
-    def row(method, mode, ms, layout="full", B=8, T=532):
+    def row(method, mode, ms, layout="full", B=8, T=532, host_ms=None):
         return dict(method=method, mode=mode, ms=ms, tflops=1.0, status="ok", dtype="float16", D=64, layout=layout,
-                    B=B, T=T, auto_choice="sdpa", auto_choice_graphed="")  # fmt: skip
+                    B=B, T=T, auto_choice="sdpa", auto_choice_graphed="", host_ms=host_ms)  # fmt: skip
 
     rows = [row("triton", "fwd", 0.10), row("sdpa_flash_nomask", "fwd", 0.08),
-            row("triton", "fwd+bwd", 0.30), row("sdpa_flash_nomask", "fwd+bwd", 0.28),
-            row("triton", "fwd", 0.03, "padded"), row("sdpa_dense_mask", "fwd", 0.07, "padded"),
+            row("triton", "fwd+bwd", 0.30, host_ms=0.6), row("sdpa_flash_nomask", "fwd+bwd", 0.28),
+            row("sdpa", "fwd+bwd", 0.28, host_ms=0.3), row("sdpa_cudnn", "fwd+bwd", 0.24),
+            row("flex", "fwd+bwd", 0.25), row("xformers", "fwd+bwd", 0.1),  # xformers is no baseline
+            row("triton", "fwd", 0.03, "padded"), row("sdpa", "fwd", 0.07, "padded"),
+            row("flex", "fwd", 0.05, "padded"),
             row("triton", "fwd", 0.10, B=1, T=4096), row("sdpa_flash_nomask", "fwd", 0.09, B=1, T=4096)]  # fmt: skip
     got = {(c["target"][:12], c["mode"], c["T"]): (c["speedup"], c["met"]) for c in kernels.targets(rows)}
     assert got == {("forward >= 1", "fwd", 532): (0.8, False), ("forward + ba", "fwd+bwd", 532): (0.933, True),
-                   ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True)}  # fmt: skip
+                   ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True),
+                   ("device fwd+b", "fwd+bwd", 532): (0.8, False),  # against cuDNN's 0.24
+                   ("device fwd >", "fwd", 532): (1.667, False),  # padded: against Flex's 0.05, needs 2x
+                   ("host fwd+bwd", "fwd+bwd", 532): (0.5, False)}  # fmt: skip
     from rmt_fast.bench.common import save_plot
 
     save_plot(kernels.plot(None, rows, {"env": {"torch": "x", "triton": "y"}}), tmp_path / "k.png")
