@@ -29,6 +29,8 @@ def _flex_attention(device: torch.device):
 def _eager_flex(*args, **kwargs):
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.compiler.is_compiling():  # traced: compiled with the surrounding graph
+        return flex_attention(*args, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(*args, **kwargs)

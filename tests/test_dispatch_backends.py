@@ -237,3 +237,21 @@ def test_fastrmt_training_runs_the_tables_sdpa_kernel(forced):
     assert rel_err(a.loss, b.loss) < 1e-6
     for (name, pa), pb in zip(auto.named_parameters(), plain.parameters(), strict=True):
         assert rel_err(pa.grad, pb.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_cudnn", "flex"])
+def test_the_named_backend_traces_into_one_compiled_graph(forced, name):
+    """A compiled segment step (torch.compile, fullgraph: no graph break) runs the table's backend too."""
+    q, k, v = _qkv()
+    layout = _layout(True, True)
+    torch._dynamo.reset()
+
+    def step(q, k, v):
+        with seam.active_segment(layout, "auto") as seg:
+            return seam.run_backend("auto", q, k, v, layout, scale=None, dropout_p=0.0, segment=seg)
+
+    with dispatch.use_table(_table(_every_case(name))), torch.no_grad():
+        out = torch.compile(step, fullgraph=True, backend="eager")(q, k, v)
+    assert rel_err(out, dense_rmt_attention_reference(q, k, v, layout)) < 1e-5
+    if name != "flex":
+        assert forced == [[sdpa_attention.SDPA_KERNELS[name]]]  # traced once, with the kernel forced
