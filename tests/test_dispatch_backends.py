@@ -255,3 +255,67 @@ def test_the_named_backend_traces_into_one_compiled_graph(forced, name):
     assert rel_err(out, dense_rmt_attention_reference(q, k, v, layout)) < 1e-5
     if name != "flex":
         assert forced == [[sdpa_attention.SDPA_KERNELS[name]]]  # traced once, with the kernel forced
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+def _gpu_table(name):
+    # _gpt2_d64 on CUDA, fp16, batch 2, segment 60 + 2 x 2 memory: T = 64, B x H = 8
+    return _table([_entry(name, dtype="float16", head_dim=64, causal=True, padded=p, needs_grad=g,
+                          mode="graphed" if gr else "eager") for p in (True, False) for g, gr in MODES])  # fmt: skip
+
+
+def _spy_backend(monkeypatch, name):
+    """A list that grows by one at every call of the named backend (the real one runs)."""
+    used = []
+    if name in sdpa_attention.SDPA_KERNELS:
+        real = sdpa_attention._force_kernel
+
+        def force(kernels):
+            used.append(kernels[0])
+            return real(kernels)
+
+        monkeypatch.setattr(sdpa_attention, "_force_kernel", force)
+    elif name == "flex":
+        real_flex = seam.flex_rmt_attention
+        monkeypatch.setattr(seam, "flex_rmt_attention", lambda *a, **kw: used.append(1) or real_flex(*a, **kw))
+    else:
+        mod = seam._triton()
+        real_kernel = mod.rmt_attention
+        monkeypatch.setattr(mod, "rmt_attention", lambda *a, **kw: used.append(1) or real_kernel(*a, **kw))
+    return used
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "triton"])
+def test_gpu_auto_runs_the_named_backend_eager_graphed_and_in_training(monkeypatch, name):
+    cfg = tf.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=128, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.randint(3, VOCAB, (2, 120), generator=torch.Generator().manual_seed(4)).cuda()  # 2 segments
+
+    def make(**kw):
+        return FastRMT(copy.deepcopy(model), 2, 60, **kw).to("cuda", torch.float16)
+
+    sdpa = make(attn_backend="sdpa")
+    q = torch.zeros(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+    why = seam._auto_unsupported(name, q, q, q, SegmentLayout(2, 60, 2, True), 0.0)
+    if why is not None:
+        pytest.skip(f"{name} cannot run this case on this GPU: {why}")
+    used = _spy_backend(monkeypatch, name)
+    with dispatch.use_table(_gpu_table(name)):
+        with torch.no_grad():  # eager inference
+            a, b = make().eval()(ids), sdpa.eval()(ids)
+        assert len(used) == 2 * 2 and rel_err(a.logits, b.logits) < 1e-2
+        used.clear()
+        train, ref = make().train(), sdpa.train()  # training: forward and backward
+        la, lb = train(ids, labels=ids).loss, ref(ids, labels=ids).loss
+        la.backward()
+        lb.backward()
+        assert len(used) == 2 * 2 and rel_err(la, lb) < 1e-2
+        used.clear()
+        graphed = make(cuda_graph=True).eval()
+        with torch.no_grad():
+            c = graphed(ids)
+        assert graphed._graphs.captures >= 1 and len(used) > 0  # warm-up and capture ran it
+        assert rel_err(c.logits, b.logits) < 1e-2
