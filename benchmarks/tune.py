@@ -109,16 +109,23 @@ class Precompiler:
 
             self.pool = mp.get_context("spawn").Pool(workers)
 
+    def start(self, jobs: list[dict]):
+        """Queue ``jobs`` behind those already queued and return at once; :meth:`wait` collects them."""
+        it = self.pool.imap_unordered(_warm_job, jobs) if self.pool is not None and jobs else None
+        return jobs, it, time.perf_counter()
+
     def run(self, jobs: list[dict], deadline: float, desc: str) -> dict:
+        return self.wait(self.start(jobs), deadline, desc)
+
+    def wait(self, started, deadline: float, desc: str) -> dict:
+        jobs, it, t0 = started
         stats = {"jobs": len(jobs), "done": 0, "errors": 0, "seconds": 0.0, "stopped_at_deadline": False}
-        if self.pool is None or not jobs:
+        if self.pool is None or it is None:
             return stats
         import multiprocessing as mp
 
         from tqdm.auto import tqdm
 
-        t0 = time.perf_counter()
-        it = self.pool.imap_unordered(_warm_job, jobs)
         with tqdm(total=len(jobs), desc=desc, unit="variant", disable=None) as bar:
             for _ in jobs:
                 left = deadline - time.perf_counter()
@@ -154,8 +161,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device):
-    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
+def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device,
+           then: list[dict] = ()):  # fmt: skip
+    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats, the started
+    ``then`` jobs: queued behind phase 1's own, compiled while phase 1 times)."""
     from tqdm.auto import tqdm
 
     plan = []
@@ -166,7 +175,9 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     modes = {"fwd": ["fwd"], "dq": ["dq"], "dkdv": ["dkdv"]}
     jobs = [dict(case=asdict(tune_plan.sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind],
                  device=str(device)) for d, kind, cfg in plan]  # fmt: skip
-    pre_stats = pre.run(jobs, deadline, "tune: compiling candidates")
+    started = pre.start(jobs)
+    later = pre.start(list(then))
+    pre_stats = pre.wait(started, deadline, "tune: compiling candidates")
     rows, best = [], {}
     for d, kind, cfg in tqdm(plan, desc="tune: configs", unit="config", disable=None):
         case = tune_plan.sweep_case(d, quick)
@@ -195,12 +206,23 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     winners = {(d, kind, tune_plan.cfg_text(cfg)) for (d, kind), (_, cfg) in best.items()}
     for r in rows:
         r["winner"] = (r["head_dim"], r["mode"], r["config"]) in winners
-    return configs, rows, pre_stats
+    return configs, rows, pre_stats, later
 
 
-def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device):
+def _flex_jobs(quick: bool, device) -> list[dict]:
+    """FlexAttention is compiled per shape (dynamic=False): a warm-up job per case, at its own shape, fills
+    Inductor's on-disk cache (on CUDA only: elsewhere it runs eagerly, nothing to compile). Queued before phase 1
+    runs, so they compile while it times."""
+    if device.type != "cuda":
+        return []
+    return [dict(case=asdict(c), modes=["fwd", "fwd+bwd"], device=str(device), backends=["flex"])
+            for c in tune_plan.cases(quick)]  # fmt: skip
+
+
+def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device, flex=None):
     """Phase 2: every backend of :data:`backends.RACED` (Triton with the tuned configs installed) on every case,
-    forward and forward + backward, each timed graphed and eager."""
+    forward and forward + backward, each timed graphed and eager. ``flex``: the started FlexAttention warm-up
+    jobs (:func:`_flex_jobs`), waited for before the timing."""
     import torch
     from tqdm.auto import tqdm
 
@@ -212,11 +234,8 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
                  device=str(device),
                  configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()})
             for dt, d, causal, padded in variants]  # fmt: skip
-    # FlexAttention is compiled per shape (dynamic=False): warm each case's own shape (Inductor's on-disk cache)
-    if device.type == "cuda":  # (elsewhere FlexAttention runs eagerly: nothing to compile)
-        jobs += [dict(case=asdict(c), modes=["fwd", "fwd+bwd"], device=str(device), backends=["flex"])
-                 for c in tune_plan.cases(quick)]  # fmt: skip
     pre_stats = pre.run(jobs, deadline, "tune: compiling variants")
+    pre_stats["flex"] = pre.wait(flex if flex is not None else pre.start([]), deadline, "tune: compiling flex")
     rows = []
     for c in tqdm(tune_plan.cases(quick), desc="tune: racing the backends", unit="case", disable=None):
         if time.perf_counter() > deadline:
@@ -382,9 +401,10 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     pre = Precompiler(workers)
     try:
         sweep_deadline = t_start + SWEEP_SHARE * budget_s
-        configs, sweep_rows, pre1 = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device)
+        configs, sweep_rows, pre1, flex = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device,
+                                                 then=_flex_jobs(quick, device))  # fmt: skip
         t_sweep = time.perf_counter() - t_start
-        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device)
+        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device, flex)
     finally:
         pre.close()
     n_cases = len(tune_plan.cases(quick))

@@ -265,3 +265,14 @@ def test_a_failed_measurement_gets_the_runners_status_words():
     assert tune._error(refused)["status"] == "unavailable"
     assert tune._error(NotImplementedError("FlexAttention does not support backward on CPU"))["status"] == "unavailable"
     assert tune._error(ValueError("flex_rmt_attention: a decode step"))["status"] == "unavailable"
+
+
+def test_a_warm_up_job_runs_the_backends_it_names():
+    """What a compile worker runs for FlexAttention (queued on CUDA; here eagerly, forward only) and the like."""
+    case = tune_plan.Case("float32", 16, 2, 24, True, True)
+    job = dict(case=vars(case), modes=["fwd"], device="cpu", backends=["flex", "sdpa"])
+    assert tune._warm_job(job) == "ok"
+    assert "no backward on the CPU" in tune._warm_job({**job, "modes": ["fwd+bwd"]})  # the failure, as a note
+    assert tune._flex_jobs(True, torch.device("cpu")) == []
+    jobs = tune._flex_jobs(True, torch.device("cuda"))
+    assert len(jobs) == len(tune_plan.cases(True)) and all(j["backends"] == ["flex"] for j in jobs)
