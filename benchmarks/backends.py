@@ -22,6 +22,23 @@ RACED = dispatch.BACKENDS
 _UNAVAILABLE_WORDS = ("No available kernel", "No viable backend", "flex_rmt_attention:")
 
 
+def selected(text: str | None) -> tuple[str, ...]:
+    """The backends named by a comma-separated list (``--backends``), in :data:`RACED` order; None or "" is all.
+    ``sdpa`` must be among them: every table entry is measured against it."""
+    import argparse
+
+    if not text:
+        return RACED
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RACED]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(unknown)}; expected some of {', '.join(RACED)}")  # fmt: skip
+    if dispatch.DEFAULT_BACKEND not in names:
+        raise argparse.ArgumentTypeError("the backends must include sdpa (every table entry is measured against it)")
+    return tuple(n for n in RACED if n in names)
+
+
 def impls(layout, q, k, v, names: tuple[str, ...] = RACED) -> dict[str, Callable | str]:
     """``{name: fn(q, k, v) -> out}`` for the layout and tensors, or ``{name: why it cannot run}``."""
     out: dict[str, Callable | str] = {}

@@ -209,18 +209,19 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     return configs, rows, pre_stats, later
 
 
-def _flex_jobs(quick: bool, device) -> list[dict]:
+def _flex_jobs(quick: bool, device, race: tuple[str, ...] = backends.RACED) -> list[dict]:
     """FlexAttention is compiled per shape (dynamic=False): a warm-up job per case, at its own shape, fills
     Inductor's on-disk cache (on CUDA only: elsewhere it runs eagerly, nothing to compile). Queued before phase 1
     runs, so they compile while it times."""
-    if device.type != "cuda":
+    if device.type != "cuda" or "flex" not in race:
         return []
     return [dict(case=asdict(c), modes=["fwd", "fwd+bwd"], device=str(device), backends=["flex"])
             for c in tune_plan.cases(quick)]  # fmt: skip
 
 
-def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device, flex=None):
-    """Phase 2: every backend of :data:`backends.RACED` (Triton with the tuned configs installed) on every case,
+def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device, flex=None,
+             race: tuple[str, ...] = backends.RACED):  # fmt: skip
+    """Phase 2: every backend of ``race`` (Triton with the tuned configs installed) on every case,
     forward and forward + backward, each timed graphed and eager. ``flex``: the started FlexAttention warm-up
     jobs (:func:`_flex_jobs`), waited for before the timing."""
     import torch
@@ -243,14 +244,14 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
         try:
             q, k, v, do = _tensors(c, device)
             layout = _layout(c, device)
-            fns = backends.impls(layout, q, k, v)
+            fns = backends.impls(layout, q, k, v, race)
         except Exception as exc:  # e.g. out of memory for the largest shapes
             rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **tune_plan.case_cols(c), **_error(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         for mode in ("fwd", "fwd+bwd"):
-            for name in backends.RACED:
+            for name in race:
                 row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="",
                            **tune_plan.case_cols(c))  # fmt: skip
                 if name == "triton":
@@ -387,11 +388,12 @@ def run(ctx) -> dict:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
     device_info = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
     return tune_on(torch.device("cuda", 0), ctx.out_dir, ctx.quick, arch=arch, smem=smem, device_info=device_info,
-                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"))  # fmt: skip
+                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"),
+                   race=ctx.option("backends") or backends.RACED)  # fmt: skip
 
 
 def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_info: dict, budget_s: float,
-            workers: int, margin: float, rep_ms: float) -> dict:  # fmt: skip
+            workers: int, margin: float, rep_ms: float, race: tuple[str, ...] = backends.RACED) -> dict:  # fmt: skip
     """Both phases on ``device`` and the outputs (``run`` calls it on CUDA; a CPU test, in the interpreter with
     stand-in timers)."""
     t_start = time.perf_counter()
@@ -402,9 +404,9 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     try:
         sweep_deadline = t_start + SWEEP_SHARE * budget_s
         configs, sweep_rows, pre1, flex = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device,
-                                                 then=_flex_jobs(quick, device))  # fmt: skip
+                                                 then=_flex_jobs(quick, device, race))  # fmt: skip
         t_sweep = time.perf_counter() - t_start
-        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device, flex)
+        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device, flex, race)
     finally:
         pre.close()
     n_cases = len(tune_plan.cases(quick))
@@ -415,7 +417,7 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
         r["label"] = tune_plan.Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
     env.update(**device_info, arch=arch, smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s,
-               quick=quick, workers=workers,
+               quick=quick, workers=workers, backends=list(race),
                margin=margin, rep_ms=rep_ms, seconds=round(time.perf_counter() - t_start, 1),
                sweep_seconds=round(t_sweep, 1), precompile=[pre1, pre2], complete=complete,
                cases_measured=measured_cases, cases_planned=n_cases)  # fmt: skip
@@ -447,4 +449,6 @@ BENCHMARK = Benchmark("tune", run=run, budget_s=DEFAULT_BUDGET_S, options=(
            help="Triton wins an entry only when faster than SDPA by this fraction"),
     Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
     Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
+    Option("--backends", type=backends.selected, default=None,
+           help=f"comma-separated backends to race (default: all of {','.join(backends.RACED)}; sdpa is required)"),
 ))  # fmt: skip

@@ -49,6 +49,17 @@ def test_without_cuda_tune_says_it_needs_one(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_race_can_be_narrowed_and_bad_backend_lists_are_refused(tmp_path, capsys):
+    from rmt_fast.bench import backends
+
+    assert backends.selected(None) == backends.selected("") == dispatch.BACKENDS
+    assert backends.selected("flex, sdpa,triton") == ("triton", "sdpa", "flex")  # the table's order
+    for bad, word in (("sdpa,xformers", "unknown backend(s) xformers"), ("triton,flex", "must include sdpa")):
+        with pytest.raises(SystemExit):
+            cli.main(["tune", "--out", str(tmp_path), "--backends", bad])
+        assert word in capsys.readouterr().err
+
+
 def test_unknown_options_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["tune", "--out", str(tmp_path), "--budget", "x"])
