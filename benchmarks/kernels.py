@@ -37,13 +37,16 @@ METHODS = (*backends.RACED, "sdpa_flash_nomask", "xformers")
 STOCK = tuple(m for m in backends.RACED if m != "triton")  # the baseline of issue 24's targets
 
 
-def _methods(layout, B: int, T: int, D: int, dtype, device):
-    """name -> (callable(q, k, v) -> out) or a string saying why it is unavailable."""
+def _methods(layout, B: int, T: int, D: int, dtype, device, quick: bool = False):
+    """name -> (callable(q, k, v) -> out), a string saying why it is unavailable, or None (not measured here:
+    with ``quick``, FlexAttention, compiled per shape, is measured at float16, D <= 64 only)."""
     import torch
     import torch.nn.functional as F
 
     probe = torch.zeros(B, H, T, D, device=device, dtype=dtype)
-    out = backends.impls(layout, probe, probe, probe)
+    flex_here = not quick or (dtype == torch.float16 and D <= 64)
+    out = backends.impls(layout, probe, probe, probe, tuple(b for b in backends.RACED if b != "flex" or flex_here))
+    out["flex"] = out.get("flex")
     out["sdpa_flash_nomask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if not layout.is_padded and D == 64:
         try:
@@ -139,7 +142,7 @@ def measure(ctx, case: dict, state: dict) -> dict:
         layout = _layout(B, T, ctx.device, padded=case["layout"] == "padded")
         g = torch.Generator(device=ctx.device).manual_seed(0)
         state["qkv"] = [torch.randn(B, H, T, D, device=ctx.device, dtype=dtype, generator=g) for _ in range(3)]
-        state["methods"] = _methods(layout, B, T, D, dtype, ctx.device)
+        state["methods"] = _methods(layout, B, T, D, dtype, ctx.device, ctx.quick)
         state["auto"] = (_auto_choices(state["qkv"][0], layout) if not isinstance(state["methods"]["triton"], str)
                          else dict.fromkeys(("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)"))  # fmt: skip
     fn, auto = state["methods"].get(case["method"]), state["auto"]
