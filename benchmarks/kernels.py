@@ -1,11 +1,14 @@
-"""Attention kernel throughput on the RMT segment mask (GPU only): the Triton kernel against SDPA (flash without a
-mask, and with the layout's dense mask), FlexAttention and xformers, fp16 / bf16, head dims 64 and 128, full
-and padded segments, forward and forward + backward; every row says what ``attn_backend="auto"`` picks, and the
-JSON checks the kernel targets. Settings and the FLOP count: docs/benchmarks.md, section ``kernels``.
+"""Attention kernel throughput on the RMT segment mask (GPU only): the Triton kernel against every stock backend
+as the runtime calls it (SDPA choosing its kernel, SDPA with flash / efficient / cuDNN forced, FlexAttention with
+the layout's mask_mod), SDPA flash without the padding mask (a bound) and xformers; fp16 / bf16, head dims 64 and
+128, full and padded segments, forward and forward + backward, each timed under a CUDA graph (device time) and
+eagerly (host time = eager - device); every row says what ``attn_backend="auto"`` picks, and the JSON checks the
+kernel targets. Settings and the FLOP count: docs/benchmarks.md, section ``kernels``.
 """
 
 from __future__ import annotations
 
+from . import backends
 from .common import attention_step, bench_layout, env_info, machine_label, package_version, pyplot
 from .runner import Benchmark
 
@@ -30,33 +33,21 @@ def _layout(B: int, T: int, device, padded: bool = True):
     return bench_layout(B, T, causal=True, padded=padded, device=device, seed=0, mem=MEM)
 
 
-def _methods(layout, B: int, T: int, D: int, dtype, device):
-    """name -> (callable(q, k, v) -> out) or a string saying why it is unavailable."""
+METHODS = (*backends.RACED, "sdpa_flash_nomask", "xformers")
+STOCK = tuple(m for m in backends.RACED if m != "triton")  # the baseline of issue 24's targets
+
+
+def _methods(layout, B: int, T: int, D: int, dtype, device, quick: bool = False):
+    """name -> (callable(q, k, v) -> out), a string saying why it is unavailable, or None (not measured here:
+    with ``quick``, FlexAttention, compiled per shape, is measured at float16, D <= 64 only)."""
     import torch
     import torch.nn.functional as F
 
-    out = {}
-    try:
-        from rmt_fast.kernels import triton_attention as ka
-
-        probe = torch.zeros(B, H, T, D, device=device, dtype=dtype)
-        reason = ka.rmt_attention_supported(probe, probe, probe, layout)
-        out["triton"] = reason or (lambda q, k, v: ka.rmt_attention(q, k, v, layout, check=False))
-    except Exception as exc:
-        out["triton"] = f"{type(exc).__name__}: {exc}"
+    probe = torch.zeros(B, H, T, D, device=device, dtype=dtype)
+    flex_here = not quick or (dtype == torch.float16 and D <= 64)
+    out = backends.impls(layout, probe, probe, probe, tuple(b for b in backends.RACED if b != "flex" or flex_here))
+    out["flex"] = out.get("flex")
     out["sdpa_flash_nomask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if layout.is_padded:
-        dense = layout.dense_mask(device=device)
-        out["sdpa_dense_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    if layout.is_padded and dtype == torch.float16 and D == 64:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            block = create_block_mask(layout.mask_mod(), B, None, T, T, device=device)
-            flex = torch.compile(flex_attention, dynamic=False)
-            out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block)
-        except Exception as exc:
-            out["flex"] = f"{type(exc).__name__}: {str(exc)[:100]}"
     if not layout.is_padded and D == 64:
         try:
             import xformers.ops as xops
@@ -86,14 +77,21 @@ def _auto_choices(q, layout) -> dict:
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's kernel targets, checked against the measured rows (a target without rows is "not measured")."""
 
-    def ms(r_filter):
-        return {(r["dtype"], r["D"], r["B"], r["T"], r["mode"]): r["ms"] for r in rows
-                if r.get("status") == "ok" and r_filter(r)}  # fmt: skip
+    def ms(r_filter, column="ms"):
+        return {(r["dtype"], r["D"], r["B"], r["T"], r["mode"]): r[column] for r in rows
+                if r.get("status") == "ok" and r.get(column) is not None and r_filter(r)}  # fmt: skip
+
+    def best_stock(layout):  # the issue 24 baseline: the fastest of SDPA (any kernel) and FlexAttention, device time
+        best: dict = {}
+        for method in STOCK:
+            for key, value in ms(lambda r, m=method: r["method"] == m and r["layout"] == layout).items():
+                best[key] = min(best.get(key, value), value)
+        return best
 
     tri_full = ms(lambda r: r["method"] == "triton" and r["layout"] == "full")
     tri_pad = ms(lambda r: r["method"] == "triton" and r["layout"] == "padded")
     flash = ms(lambda r: r["method"] == "sdpa_flash_nomask" and r["layout"] == "full")
-    dense = ms(lambda r: r["method"] == "sdpa_dense_mask")
+    dense = ms(lambda r: r["method"] == "sdpa" and r["layout"] == "padded")  # SDPA with the layout's dense mask
     checks = [
         ("forward >= 1.0x SDPA flash (B >= 8, T = 532, full)", tri_full, flash, 1.0,
          lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd"),
@@ -102,11 +100,22 @@ def targets(rows: list[dict]) -> list[dict]:
         ("padded >= 2x SDPA with the dense mask", tri_pad, dense, 2.0, lambda k: True),
         ("forward >= 0.8x SDPA flash at T >= 4096 (full)", tri_full, flash, 0.8,
          lambda k: k[3] >= 4096 and k[4] == "fwd"),
+        # issue 24: against the best stock backend at the same shape, device time (CUDA graph)
+        ("device fwd+bwd >= 1.0x best stock (full)", tri_full, best_stock("full"), 1.0, lambda k: k[4] == "fwd+bwd"),
+        ("device fwd+bwd >= 1.5x best stock (padded)", tri_pad, best_stock("padded"), 1.5,
+         lambda k: k[4] == "fwd+bwd"),
+        ("device fwd >= 1.0x best stock (full)", tri_full, best_stock("full"), 1.0, lambda k: k[4] == "fwd"),
+        ("device fwd >= 2x best stock (padded)", tri_pad, best_stock("padded"), 2.0, lambda k: k[4] == "fwd"),
+        # host time of the eager training call: Triton's at or below SDPA's (speedup = SDPA host / Triton host)
+        *[(f"host fwd+bwd <= SDPA's ({lay})", ms(lambda r, lay=lay: r["method"] == "triton" and r["layout"] == lay,
+                                                  "host_ms"),
+           ms(lambda r, lay=lay: r["method"] == "sdpa" and r["layout"] == lay, "host_ms"), 1.0,
+           lambda k: k[4] == "fwd+bwd") for lay in ("full", "padded")],
     ]  # fmt: skip
     out = []
     for name, tri, base, need, sel in checks:
         for key in sorted(k for k in tri if k in base and sel(k)):
-            speed = base[key] / tri[key]
+            speed = base[key] / tri[key] if tri[key] > 0 else float("inf")
             dt, d, b, t, mode = key
             out.append(dict(target=name, dtype=dt, D=d, B=b, T=t, mode=mode, speedup=round(speed, 3),
                             needed=need, met=speed >= need))  # fmt: skip
@@ -120,9 +129,8 @@ def cases(ctx) -> list[dict]:
     from rmt_fast.kernels import dispatch
 
     ctx.table = dispatch.table_for_device(ctx.device)  # installs the table's launch configurations, if any
-    methods = ("triton", "sdpa_flash_nomask", "sdpa_dense_mask", "flex", "xformers")
     return [dict(method=m, mode=mode, B=st["B"], T=st["T"], H=H, D=st["D"], dtype=st["dtype"], layout=st["layout"])
-            for st in settings(ctx.quick) for m in methods for mode, _ in MODES]  # fmt: skip
+            for st in settings(ctx.quick) for m in METHODS for mode, _ in MODES]  # fmt: skip
 
 
 def measure(ctx, case: dict, state: dict) -> dict:
@@ -134,7 +142,7 @@ def measure(ctx, case: dict, state: dict) -> dict:
         layout = _layout(B, T, ctx.device, padded=case["layout"] == "padded")
         g = torch.Generator(device=ctx.device).manual_seed(0)
         state["qkv"] = [torch.randn(B, H, T, D, device=ctx.device, dtype=dtype, generator=g) for _ in range(3)]
-        state["methods"] = _methods(layout, B, T, D, dtype, ctx.device)
+        state["methods"] = _methods(layout, B, T, D, dtype, ctx.device, ctx.quick)
         state["auto"] = (_auto_choices(state["qkv"][0], layout) if not isinstance(state["methods"]["triton"], str)
                          else dict.fromkeys(("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)"))  # fmt: skip
     fn, auto = state["methods"].get(case["method"]), state["auto"]
@@ -145,11 +153,19 @@ def measure(ctx, case: dict, state: dict) -> dict:
     if isinstance(fn, str):
         return {**row, "status": "unavailable", "note": fn}
     scale = dict(MODES)[mode]
-    step = attention_step(mode, fn, *state["qkv"])
-    t = ctx.timer.kernel(step, warmup_ms=5 if ctx.quick else 25, rep_ms=25 if ctx.quick else 100)
+    try:
+        step = attention_step(mode, fn, *state["qkv"])
+        graphed = ctx.timer.graphed(step, rep_ms=10 if ctx.quick else 50)
+        eager = ctx.timer.eager(step, target_ms=5 if ctx.quick else 25)
+    except Exception as exc:
+        failed = backends.failure(exc)
+        if failed["status"] != "unavailable":
+            raise  # the runner records it (oom, error)
+        return {**row, **failed}
     B, T, D = case["B"], case["T"], case["D"]
     flops = scale * 2 * 2 * B * H * T * T * D / 2
-    return {**row, "ms": t.ms, "p20_ms": 1e3 * t.p20_s, "p80_ms": 1e3 * t.p80_s, "tflops": flops / t.median_s / 1e12}
+    return {**row, "ms": graphed.ms, "p20_ms": 1e3 * graphed.p20_s, "p80_ms": 1e3 * graphed.p80_s,
+            "eager_ms": eager.ms, "host_ms": eager.ms - graphed.ms, "tflops": flops / graphed.median_s / 1e12}
 
 
 def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
@@ -162,7 +178,7 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
     summary = {"dispatch table": env["dispatch_table"] or "none (auto = SDPA)"}
     for r in rows:
         if r["status"] == "ok" and r["T"] == 532 and r["B"] == 8 and r["method"] in ("triton", "sdpa_flash_nomask",
-                                                                                     "sdpa_dense_mask"):  # fmt: skip
+                                                                                     "sdpa"):  # fmt: skip
             key = f"{r['method']} {r['mode']} {r['dtype']} D{r['D']} {r['layout']} TFLOP/s (B=8,T=532)"
             summary[key] = round(r["tflops"], 1)
     summary["targets met"] = f"{sum(c['met'] for c in checked)}/{len(checked)}"

@@ -24,7 +24,8 @@ COPY_OPS = {f"aten::{name}" for name in (
     "index_put", "index_put_", "_index_put_impl_", "to", "_to_copy", "slice_scatter", "select_scatter",
     "masked_scatter", "index_copy")}  # fmt: skip
 MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
-ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "triton_attention.py", "sdpa_attention.py")
+ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "triton_attention.py", "sdpa_attention.py",
+                    "flex_attention.py")
 ATTENTION_SCOPE = "rmt_fast::attention"  # record_function around rmt_fast.attention.run_backend while profiling
 TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/triton_kernels.py
 

@@ -31,7 +31,8 @@ One timer, :class:`Timer` (``ctx.timer``): median, p20 and p80, in seconds. On C
 time (``clock="device"``); ``clock="wall"`` is ``perf_counter`` between two synchronisations, ``clock="host"``
 ``perf_counter`` around the calls with no synchronisation inside. On the CPU every clock is ``perf_counter``
 (process CPU time beside it, ``cpu_s``). ``Timer.kernel`` is ``triton.testing.do_bench`` with
-``return_mode="median"``, ``Timer.graphed`` the same under a CUDA graph. The environment record
+``return_mode="median"``, ``Timer.graphed`` the same under a CUDA graph (device time alone), ``Timer.eager`` the
+wall time of back-to-back eager calls (host time included; host time = eager - graphed). The environment record
 (:func:`rmt_fast.bench.common.env_info`) goes into every JSON file; model shapes come from
 :mod:`rmt_fast.bench.presets`.
 """
@@ -185,6 +186,14 @@ class Timer:
         med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
                                  return_mode="median")  # fmt: skip
         return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, 0)
+
+    def eager(self, fn: Callable[[], Any], *, target_ms: float = 5) -> Timing:
+        """Wall time of one call among back-to-back eager calls (host time included): 3 samples of n calls, n sized
+        so that a sample takes about ``target_ms``. With :meth:`graphed` (device time) it splits a call's time:
+        host time = eager - graphed."""
+        one = self(fn, repeats=1, warmup=1, clock="wall").ms
+        n = int(min(200, max(3, target_ms / max(one, 1e-3))))
+        return self(fn, repeats=3, warmup=0, inner=n, clock="wall")
 
     def graphed(self, fn: Callable[[], Any], *, rep_ms: float = 20) -> Timing:
         """GPU: device time of one call replayed from a CUDA graph (host time excluded)."""

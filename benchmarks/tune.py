@@ -1,8 +1,10 @@
-"""`rmt-fast-bench tune`: tune the Triton kernel's launch configurations (phase 1), measure it against SDPA on the
-RMT shapes (phase 2: graphed, eager, forward + backward) and write the dispatch table that
-``attn_backend="auto"`` reads (GPU only; ``--dry-run`` anywhere: the plan, no timing). A hard ``--budget-s``
-(compilation included; ``--workers`` processes compile ahead of the timing). What is swept and the outputs:
-docs/benchmarks.md, section ``tune``; the plan itself: :mod:`rmt_fast.bench.tune_plan`.
+"""`rmt-fast-bench tune`: tune the Triton kernel's launch configurations (phase 1), race it against every stock
+backend (SDPA choosing, SDPA flash / efficient / cuDNN forced, FlexAttention) on the RMT shapes (phase 2: forward
+and forward + backward, each timed under a CUDA graph (device time) and eagerly (host time = eager - device)) and
+write the dispatch table that ``attn_backend="auto"`` reads (GPU only; ``--dry-run`` anywhere: the plan, no
+timing). A hard ``--budget-s`` (compilation included; ``--workers`` processes compile ahead of the timing).
+What is swept and the outputs: docs/benchmarks.md, section ``tune``; the plan itself:
+:mod:`rmt_fast.bench.tune_plan`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 
 from rmt_fast.kernels import dispatch, launch_configs
 
-from . import tune_plan
+from . import backends, tune_plan
 from .common import attention_step, bench_layout, env_info, machine_label, pyplot, save_plot, write_csv, write_json
-from .runner import Benchmark, Option, Timer, is_oom
+from .runner import Benchmark, Option, Timer
 
 DEFAULT_BUDGET_S = 240.0
 SWEEP_SHARE = 0.45  # phase 1 may use this fraction of the budget
@@ -41,14 +43,10 @@ def _tensors(c: tune_plan.Case, device, seed: int = 0):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do
 
 
-def _impl(name: str, layout):
-    if name == "triton":
-        from rmt_fast.kernels.triton_attention import rmt_attention
+def _triton_impl(layout):
+    from rmt_fast.kernels.triton_attention import rmt_attention
 
-        return lambda q, k, v: rmt_attention(q, k, v, layout, check=False)
-    from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
-
-    return lambda q, k, v: sdpa_rmt_attention(q, k, v, layout)
+    return lambda q, k, v: rmt_attention(q, k, v, layout, check=False)
 
 
 def graph_ms(fn, rep_ms: float) -> float:
@@ -59,16 +57,20 @@ def graph_ms(fn, rep_ms: float) -> float:
 def eager_ms(fn, target_ms: float) -> float:
     """Wall time of one call among back-to-back eager calls (host time included): the runner's timer, median of 3
     samples of n calls, n sized so that a sample takes about ``target_ms``."""
-    timer = Timer("cuda")
-    one = timer(fn, repeats=1, warmup=1, clock="wall").ms
-    n = int(min(200, max(3, target_ms / max(one, 1e-3))))
-    return timer(fn, repeats=3, warmup=0, inner=n, clock="wall").ms
+    return Timer("cuda").eager(fn, target_ms=target_ms).ms
+
+
+def split_ms(fn, rep_ms: float) -> dict:
+    """``graph_ms`` (device time), ``eager_ms`` (host included) and ``host_ms`` = eager - device, of one call."""
+    graph = graph_ms(fn, rep_ms)
+    eager = eager_ms(fn, rep_ms / 2)
+    return {"graph_ms": graph, "eager_ms": eager, "host_ms": eager - graph}
 
 
 def _error(exc: BaseException) -> dict:
-    """A failed measurement's status (the runner's words and OOM rule) and note."""
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return {"status": "oom" if is_oom(exc) else "error", "note": text[:160]}
+    """A failed measurement's status (``unavailable`` where the backend refused the case, else the runner's words
+    and OOM rule) and note."""
+    return backends.failure(exc)
 
 
 # --------------------------------------------------------------------------------- parallel compilation
@@ -85,9 +87,12 @@ def _warm_job(job: dict) -> str:
             configs = job["configs"].items()
             launch_configs.set_launch_configs({(kd, c.head_dim, dtype): tuple(cfg) for kd, cfg in configs})
         override = {job["kind"]: tuple(job["config"])} if job.get("config") else {}
+        fns = backends.impls(layout, q, k, v, tuple(job.get("backends", ("triton",))))
         with launch_configs.override_configs(**override):
-            for mode in job["modes"]:
-                attention_step(mode, _impl("triton", layout), q, k, v, do)()
+            for fn in fns.values():
+                for mode in job["modes"]:
+                    if not isinstance(fn, str):
+                        attention_step(mode, fn, q, k, v, do)()
         _sync(q.device)
         return "ok"
     except Exception as exc:  # the timing process meets (and records) the same error
@@ -104,16 +109,23 @@ class Precompiler:
 
             self.pool = mp.get_context("spawn").Pool(workers)
 
+    def start(self, jobs: list[dict]):
+        """Queue ``jobs`` behind those already queued and return at once; :meth:`wait` collects them."""
+        it = self.pool.imap_unordered(_warm_job, jobs) if self.pool is not None and jobs else None
+        return jobs, it, time.perf_counter()
+
     def run(self, jobs: list[dict], deadline: float, desc: str) -> dict:
+        return self.wait(self.start(jobs), deadline, desc)
+
+    def wait(self, started, deadline: float, desc: str) -> dict:
+        jobs, it, t0 = started
         stats = {"jobs": len(jobs), "done": 0, "errors": 0, "seconds": 0.0, "stopped_at_deadline": False}
-        if self.pool is None or not jobs:
+        if self.pool is None or it is None:
             return stats
         import multiprocessing as mp
 
         from tqdm.auto import tqdm
 
-        t0 = time.perf_counter()
-        it = self.pool.imap_unordered(_warm_job, jobs)
         with tqdm(total=len(jobs), desc=desc, unit="variant", disable=None) as bar:
             for _ in jobs:
                 left = deadline - time.perf_counter()
@@ -149,8 +161,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device):
-    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats)."""
+def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device,
+           then: list[dict] = ()):  # fmt: skip
+    """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats, the started
+    ``then`` jobs: queued behind phase 1's own, compiled while phase 1 times)."""
     from tqdm.auto import tqdm
 
     plan = []
@@ -161,7 +175,9 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     modes = {"fwd": ["fwd"], "dq": ["dq"], "dkdv": ["dkdv"]}
     jobs = [dict(case=asdict(tune_plan.sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind],
                  device=str(device)) for d, kind, cfg in plan]  # fmt: skip
-    pre_stats = pre.run(jobs, deadline, "tune: compiling candidates")
+    started = pre.start(jobs)
+    later = pre.start(list(then))
+    pre_stats = pre.wait(started, deadline, "tune: compiling candidates")
     rows, best = [], {}
     for d, kind, cfg in tqdm(plan, desc="tune: configs", unit="config", disable=None):
         case = tune_plan.sweep_case(d, quick)
@@ -173,10 +189,9 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
             continue
         try:
             q, k, v, do = _tensors(case, device)
-            fn = attention_step(kind, _impl("triton", _layout(case, device)), q, k, v, do)
+            fn = attention_step(kind, _triton_impl(_layout(case, device)), q, k, v, do)
             with launch_configs.override_configs(**{kind: cfg}):
-                row["graph_ms"] = graph_ms(fn, rep_ms)
-                row["eager_ms"] = eager_ms(fn, rep_ms / 2)
+                row.update(split_ms(fn, rep_ms))
             row.update(status="ok", note="")
             if row["graph_ms"] < best.get((d, kind), (math.inf, None))[0]:
                 best[(d, kind)] = (row["graph_ms"], cfg)
@@ -191,13 +206,25 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
     winners = {(d, kind, tune_plan.cfg_text(cfg)) for (d, kind), (_, cfg) in best.items()}
     for r in rows:
         r["winner"] = (r["head_dim"], r["mode"], r["config"]) in winners
-    return configs, rows, pre_stats
+    return configs, rows, pre_stats, later
 
 
-def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device):
-    """Phase 2: Triton (with the tuned configs installed) against SDPA on every case."""
+def _flex_jobs(quick: bool, device, race: tuple[str, ...] = backends.RACED) -> list[dict]:
+    """FlexAttention is compiled per shape (dynamic=False): a warm-up job per case, at its own shape, fills
+    Inductor's on-disk cache (on CUDA only: elsewhere it runs eagerly, nothing to compile). Queued before phase 1
+    runs, so they compile while it times."""
+    if device.type != "cuda" or "flex" not in race:
+        return []
+    return [dict(case=asdict(c), modes=["fwd", "fwd+bwd"], device=str(device), backends=["flex"])
+            for c in tune_plan.cases(quick)]  # fmt: skip
+
+
+def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device, flex=None,
+             race: tuple[str, ...] = backends.RACED):  # fmt: skip
+    """Phase 2: every backend of ``race`` (Triton with the tuned configs installed) on every case,
+    forward and forward + backward, each timed graphed and eager. ``flex``: the started FlexAttention warm-up
+    jobs (:func:`_flex_jobs`), waited for before the timing."""
     import torch
-    from rmt_fast.kernels.triton_attention import rmt_attention_supported
     from tqdm.auto import tqdm
 
     launch_configs.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
@@ -209,40 +236,39 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
                  configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()})
             for dt, d, causal, padded in variants]  # fmt: skip
     pre_stats = pre.run(jobs, deadline, "tune: compiling variants")
+    pre_stats["flex"] = pre.wait(flex if flex is not None else pre.start([]), deadline, "tune: compiling flex")
     rows = []
-    for c in tqdm(tune_plan.cases(quick), desc="tune: triton vs sdpa", unit="case", disable=None):
+    for c in tqdm(tune_plan.cases(quick), desc="tune: racing the backends", unit="case", disable=None):
         if time.perf_counter() > deadline:
             break
         try:
             q, k, v, do = _tensors(c, device)
             layout = _layout(c, device)
+            fns = backends.impls(layout, q, k, v, race)
         except Exception as exc:  # e.g. out of memory for the largest shapes
             rows.append(dict(phase="compare", mode="fwd", candidate="sdpa", **tune_plan.case_cols(c), **_error(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        reason = rmt_attention_supported(q, k, v, layout)
         for mode in ("fwd", "fwd+bwd"):
-            for name in ("triton", "sdpa"):
+            for name in race:
                 row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="",
                            **tune_plan.case_cols(c))  # fmt: skip
                 if name == "triton":
                     kinds = configs.get((c.dtype, c.head_dim), {})
                     row["config"] = " / ".join(f"{k}={tune_plan.cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
-                    if reason is not None:
-                        rows.append({**row, "status": "unavailable", "note": f"unsupported: {reason}"})
-                        continue
+                fn = fns[name]
+                if isinstance(fn, str):
+                    rows.append({**row, "status": "unavailable", "note": fn})
+                    continue
                 try:
-                    fn = attention_step(mode, _impl(name, layout), q, k, v, do)
-                    if mode == "fwd":
-                        row["graph_ms"] = graph_ms(fn, rep_ms)
-                    row["eager_ms"] = eager_ms(fn, rep_ms / 2)
+                    row.update(split_ms(attention_step(mode, fn, q, k, v, do), rep_ms))
                     row.update(status="ok", note="")
                 except Exception as exc:
                     row.update(_error(exc))
                     _sync(device)
                 rows.append(row)
-        del q, k, v, do, layout
+        del q, k, v, do, layout, fns
     return rows, pre_stats
 
 
@@ -269,23 +295,25 @@ def hopper_paths() -> dict:
 
 
 def _plot(rows: list[dict], title: str):
+    """Per case and measurement: the best stock backend's time over Triton's (above 1: Triton is faster)."""
     plt = pyplot()
     panels = [("fwd", "graph_ms", "forward, CUDA graph (device time)"), ("fwd", "eager_ms", "forward, eager"),
+              ("fwd+bwd", "graph_ms", "forward + backward, CUDA graph (device time)"),
               ("fwd+bwd", "eager_ms", "forward + backward, eager")]  # fmt: skip
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("label")))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.22 * len(labels) + 2), 10), sharex=True)
+    ok = {(r["label"], r["mode"], r["candidate"]): r for r in rows if r["status"] == "ok"}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.22 * len(labels) + 2), 12), sharex=True)
     for ax, (mode, col, name) in zip(axes, panels):
         ratios = []
         for lab in labels:
-            t = next((r.get(col) for r in rows if r["label"] == lab and r["mode"] == mode
-                      and r["candidate"] == "triton" and r["status"] == "ok"), None)  # fmt: skip
-            s = next((r.get(col) for r in rows if r["label"] == lab and r["mode"] == mode
-                      and r["candidate"] == "sdpa" and r["status"] == "ok"), None)  # fmt: skip
+            t = (ok.get((lab, mode, "triton")) or {}).get(col)
+            stock = [r.get(col) for n in backends.RACED if n != "triton" and (r := ok.get((lab, mode, n)))]
+            s = min((x for x in stock if x), default=None)
             ratios.append(s / t if t and s else math.nan)
         colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
         ax.bar(range(len(labels)), [0 if math.isnan(x) else x for x in ratios], color=colors)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_ylabel("SDPA ms / Triton ms")
+        ax.set_ylabel("best stock ms / Triton ms", fontsize=8)
         ax.set_title(name, fontsize=9)
     axes[-1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
     fig.suptitle(title, fontsize=9)
@@ -326,7 +354,7 @@ def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float =
     example_rows = []
     for p in plan:  # no numbers: an example of the format, every entry SDPA
         for mode in ("fwd", "fwd+bwd"):
-            for name in ("triton", "sdpa"):
+            for name in backends.RACED:
                 example_rows.append(dict(phase="compare", mode=mode, candidate=name, status="ok", **p))
     env = env_info()
     prov = {"tool": "rmt-fast-bench tune --dry-run", "git_sha": env["git_sha"], "timestamp": env["timestamp"],
@@ -360,11 +388,12 @@ def run(ctx) -> dict:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
     device_info = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
     return tune_on(torch.device("cuda", 0), ctx.out_dir, ctx.quick, arch=arch, smem=smem, device_info=device_info,
-                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"))  # fmt: skip
+                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"),
+                   race=ctx.option("backends") or backends.RACED)  # fmt: skip
 
 
 def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_info: dict, budget_s: float,
-            workers: int, margin: float, rep_ms: float) -> dict:  # fmt: skip
+            workers: int, margin: float, rep_ms: float, race: tuple[str, ...] = backends.RACED) -> dict:  # fmt: skip
     """Both phases on ``device`` and the outputs (``run`` calls it on CUDA; a CPU test, in the interpreter with
     stand-in timers)."""
     t_start = time.perf_counter()
@@ -374,9 +403,10 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     pre = Precompiler(workers)
     try:
         sweep_deadline = t_start + SWEEP_SHARE * budget_s
-        configs, sweep_rows, pre1 = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device)
+        configs, sweep_rows, pre1, flex = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device,
+                                                 then=_flex_jobs(quick, device, race))  # fmt: skip
         t_sweep = time.perf_counter() - t_start
-        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device)
+        compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device, flex, race)
     finally:
         pre.close()
     n_cases = len(tune_plan.cases(quick))
@@ -387,7 +417,7 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
         r["label"] = tune_plan.Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
     env.update(**device_info, arch=arch, smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s,
-               quick=quick, workers=workers,
+               quick=quick, workers=workers, backends=list(race),
                margin=margin, rep_ms=rep_ms, seconds=round(time.perf_counter() - t_start, 1),
                sweep_seconds=round(t_sweep, 1), precompile=[pre1, pre2], complete=complete,
                cases_measured=measured_cases, cases_planned=n_cases)  # fmt: skip
@@ -399,15 +429,16 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
     write_json(out_dir / f"{arch}.json", table)
     write_json(out_dir / "tune_env.json", env)
-    title = (f"Triton RMT attention vs SDPA, H={tune_plan.H} - {machine_label()} (torch {env['torch']}, "
-             f"triton {env['triton']})")  # fmt: skip
+    title = (f"Triton RMT attention vs the best stock backend, H={tune_plan.H} - {machine_label()} "
+             f"(torch {env['torch']}, triton {env['triton']})")  # fmt: skip
     save_plot(_plot(compare_rows, title), out_dir / "tune.png")
     summary = {"arch": arch, "seconds": env["seconds"], "complete": complete, "cases_measured": measured_cases,
                "cases_planned": n_cases, "table": str(out_dir / f"{arch}.json")}  # fmt: skip
     for _, _, needs_grad, mode in tune_plan.MEASUREMENTS:
         sel = [e for e in table["entries"] if e["mode"] == mode and e["needs_grad"] == needs_grad]
         name = f"{mode} {'training' if needs_grad else 'inference'}"
-        summary[f"triton entries ({name})"] = f"{sum(e['backend'] == 'triton' for e in sel)}/{len(sel)}"
+        won = {b: sum(e["backend"] == b for e in sel) for b in backends.RACED}
+        summary[f"winners ({name})"] = ", ".join(f"{b} {n}" for b, n in won.items() if n) + f" of {len(sel)}"
     return summary
 
 
@@ -418,4 +449,6 @@ BENCHMARK = Benchmark("tune", run=run, budget_s=DEFAULT_BUDGET_S, options=(
            help="Triton wins an entry only when faster than SDPA by this fraction"),
     Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
     Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
+    Option("--backends", type=backends.selected, default=None,
+           help=f"comma-separated backends to race (default: all of {','.join(backends.RACED)}; sdpa is required)"),
 ))  # fmt: skip

@@ -13,9 +13,16 @@ A case is keyed by
 * ``needs_grad`` (a backward pass follows, so forward + backward was compared) and ``mode``: ``"graphed"``
   (inside a CUDA-graph capture: device time alone) or ``"eager"`` (host time included).
 
-The answer is ``"triton"`` (with the launch configurations the tuner picked for that dtype and head dim) or
-``"sdpa"``. No table, a table for another architecture, or no entry for the case: ``"sdpa"``. The tuner writes
-``"triton"`` only where the kernel measured faster than SDPA by the table's ``margin``.
+The answer names one backend (:data:`BACKENDS`): ``"triton"`` (with the launch configurations the tuner picked
+for that dtype and head dim), ``"sdpa"`` (SDPA choosing its own kernel, what runs without a table), one SDPA
+kernel forced (``"sdpa_flash"``, ``"sdpa_efficient"``, ``"sdpa_cudnn"``) or ``"flex"`` (FlexAttention with the
+layout's ``mask_mod``). No table, a table for another architecture, or no entry for the case: ``"sdpa"``. The
+tuner races them all and names another backend than ``"sdpa"`` only where it measured faster than ``"sdpa"`` by
+the table's ``margin`` (:func:`choose`).
+
+Formats: ``rmt-fast-dispatch/2`` (this one: any backend of :data:`BACKENDS`, the raced times in ``ms``) and the
+previous ``rmt-fast-dispatch/1`` (``"triton"`` or ``"sdpa"``, times in ``triton_ms``/``sdpa_ms``), which still
+loads: its ``"sdpa"`` means SDPA choosing its own kernel, as before.
 
 This module imports torch only (no transformers, no runtime, and triton only lazily, to install the launch
 configurations in the kernel module).
@@ -40,11 +47,17 @@ from .launch_configs import KINDS, set_launch_configs
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "rmt-fast-dispatch/1"
+FORMAT = "rmt-fast-dispatch/2"
+FORMAT_V1 = "rmt-fast-dispatch/1"  # the previous format: still loads (backend "triton" or "sdpa")
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 ENV_TABLE = "RMT_FAST_DISPATCH_TABLE"  # a path: use this table file instead of kernels/tuned/<arch>.json
 MODES = ("eager", "graphed")
-BACKENDS = ("triton", "sdpa")
+# Every backend a table entry may name. "sdpa" is SDPA choosing its own kernel; "sdpa_<kernel>" runs SDPA with that
+# kernel alone (torch.nn.attention.sdpa_kernel); "flex" is FlexAttention with the layout's mask_mod.
+DEFAULT_BACKEND = "sdpa"
+SDPA_KERNELS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+BACKENDS = ("triton", DEFAULT_BACKEND, *SDPA_KERNELS, "flex")
+BACKENDS_V1 = ("triton", DEFAULT_BACKEND)
 # Bucket upper edges (inclusive). The tuner measures T = 532, 1044, 2068 (segments of 512, 1024, 2048 tokens
 # plus 2 x 10 memory slots) and B x H = 12, 48, 96, 384 (B = 1, 4, 8, 32 at 12 heads): each bucket holds one
 # measured point, the edges lie between them (geometric means, rounded).
@@ -92,7 +105,7 @@ class ShapeClass:
 
 
 class Decision(NamedTuple):
-    backend: str  # "triton" or "sdpa"
+    backend: str  # one of BACKENDS
     configs: dict | None  # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for "triton", else None
     reason: str  # why: the measurement, or why there is none
 
@@ -134,8 +147,11 @@ class DispatchTable:
         if not isinstance(data, dict):
             raise ValueError(f"dispatch table {source}: expected a JSON object, got {type(data).__name__}")
         where = f"dispatch table {source}"
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{where}: format must be {FORMAT!r}, got {data.get('format')!r}")
+        if data.get("format") not in (FORMAT, FORMAT_V1):
+            raise ValueError(f"{where}: format must be {FORMAT!r} (or the previous {FORMAT_V1!r}), got "
+                             f"{data.get('format')!r}")  # fmt: skip
+        self.format = data["format"]
+        backends = BACKENDS if self.format == FORMAT else BACKENDS_V1
         self.source = source
         self.arch = _need(data, "arch", str, "table")
         self.measured = _need(data, "measured", bool, "table")
@@ -166,8 +182,10 @@ class DispatchTable:
             if mode not in MODES:
                 raise ValueError(f"{where}: {w}.mode must be one of {MODES}, got {mode!r}")
             backend = _need(e, "backend", str, w)
-            if backend not in BACKENDS:
-                raise ValueError(f"{where}: {w}.backend must be one of {BACKENDS}, got {backend!r}")
+            if backend not in backends:
+                raise ValueError(f"{where}: {w}.backend must be one of {backends} in {self.format}, got {backend!r}")
+            if "ms" in e:
+                _check_times(e["ms"], f"{where}: {w}.ms")
             cls = ShapeClass(t, bh, _need(e, "causal", bool, w), _need(e, "padded", bool, w),
                              bool(e.get("decode", False)))  # fmt: skip
             key = _key(_need(e, "dtype", str, w), _need(e, "head_dim", int, w), cls, _need(e, "needs_grad", bool, w),
@@ -184,11 +202,11 @@ class DispatchTable:
         entry = self.entries.get(_key(dtype, head_dim, cls, needs_grad, mode))
         if entry is None:
             return Decision("sdpa", None, f"no measured entry for {case} in {self.source}")
-        measured = _measured_text(entry)
-        if entry["backend"] != "triton":
-            return Decision("sdpa", None, f"SDPA measured faster for {case}{measured} ({self.source})")
+        measured, backend = _measured_text(entry), entry["backend"]
+        if backend != "triton":
+            return Decision(backend, None, f"{backend} measured fastest for {case}{measured} ({self.source})")
         configs = self.configs.get((dtype_name(dtype), int(head_dim)))
-        return Decision("triton", configs, f"Triton measured faster for {case}{measured} ({self.source})")
+        return Decision("triton", configs, f"triton measured fastest for {case}{measured} ({self.source})")
 
     def launch_configs(self) -> dict[tuple[str, int, torch.dtype], tuple]:
         """``{(kind, head_dim, torch dtype): (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` for the kernel module's
@@ -203,7 +221,21 @@ class DispatchTable:
         return out
 
 
+def _check_times(times, where: str) -> None:
+    if not isinstance(times, dict):
+        raise ValueError(f"{where} must be an object {{backend: ms or null}}, got {times!r}")
+    for name, value in times.items():
+        if name not in BACKENDS:
+            raise ValueError(f"{where} names the backend {name!r}; expected one of {BACKENDS}")
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{where}.{name} must be a number of milliseconds or null, got {value!r}")
+
+
 def _measured_text(entry: dict) -> str:
+    times = entry.get("ms")
+    if isinstance(times, dict):
+        got = sorted((v, k) for k, v in times.items() if isinstance(v, (int, float)))
+        return (": " + ", ".join(f"{k} {v:.4g} ms" for v, k in got)) if got else ""
     t, s = entry.get("triton_ms"), entry.get("sdpa_ms")
     if isinstance(t, (int, float)) and isinstance(s, (int, float)):
         return f": Triton {t:.4g} ms, SDPA {s:.4g} ms"
@@ -320,7 +352,8 @@ def use_table(table: DispatchTable | dict | None) -> Iterator[DispatchTable | No
 # ----------------------------------------------------------------------------------------------- decision
 def decide(q: torch.Tensor, k: torch.Tensor, layout, *, needs_grad: bool, graphed: bool) -> Decision:
     """The backend the table picks for q (B, Hq, Tq, D), k (B, Hkv, Tk, D) on a CUDA device, and a segment
-    ``layout`` (read for ``causal`` and ``is_padded``). Call it only for a case the kernel supports."""
+    ``layout`` (read for ``causal`` and ``is_padded``). Whether the named backend can run the case (head dim,
+    dropout, grouped-query heads, ...) is the caller's check (``rmt_fast.attention.choose_backend``)."""
     B, Hq, Tq, D = q.shape
     cls = ShapeClass.of(Tq, k.shape[-2], B * Hq, layout.causal, layout.is_padded)
     table = table_for_device(q.device)
@@ -332,14 +365,27 @@ def decide(q: torch.Tensor, k: torch.Tensor, layout, *, needs_grad: bool, graphe
     return table.lookup(q.dtype, D, cls, needs_grad, graphed)
 
 
-def choose(triton_ms: float | None, sdpa_ms: float | None, margin: float = DEFAULT_MARGIN) -> str:
-    """The tuner's rule: "triton" only when it measured faster than SDPA by ``margin`` (a fraction)."""
-    ok = all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (triton_ms, sdpa_ms))
-    return "triton" if ok and triton_ms <= sdpa_ms * (1.0 - margin) else "sdpa"
+def choose(times: dict[str, float | None], margin: float = DEFAULT_MARGIN) -> str:
+    """The tuner's rule over ``{backend: ms or None}``: the fastest backend, but one other than ``"sdpa"`` (what
+    runs without a table) only when it measured faster than ``"sdpa"`` by ``margin`` (a fraction); ``"sdpa"``
+    when SDPA has no number."""
+
+    def ok(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+    for name in times:
+        if name not in BACKENDS:
+            raise ValueError(f"choose: unknown backend {name!r}; expected one of {BACKENDS}")
+    base = times.get(DEFAULT_BACKEND)
+    if not ok(base):
+        return DEFAULT_BACKEND
+    best = min((v, BACKENDS.index(k), k) for k, v in times.items() if ok(v))
+    return best[2] if best[2] != DEFAULT_BACKEND and best[0] <= base * (1.0 - margin) else DEFAULT_BACKEND
 
 
 __all__ = [
-    "FORMAT", "T_EDGES", "BH_EDGES", "T_BUCKETS", "BH_BUCKETS", "MODES", "KINDS", "ShapeClass", "Decision",
+    "FORMAT", "FORMAT_V1", "BACKENDS", "BACKENDS_V1", "DEFAULT_BACKEND", "SDPA_KERNELS",
+    "T_EDGES", "BH_EDGES", "T_BUCKETS", "BH_BUCKETS", "MODES", "KINDS", "ShapeClass", "Decision",
     "DispatchTable", "load_table", "arch_of", "table_path", "table_for_device", "use_table", "reset_cache",
     "decide", "choose", "preload", "t_bucket", "bh_bucket", "dtype_name",
 ]  # fmt: skip

@@ -5,8 +5,8 @@ rmt-fast registers one attention implementation and one mask function with trans
 :class:`~rmt_fast.kernels.layout.SegmentLayout` is *active* (a context variable):
 
 * the mask function returns the active segment instead of building a 4-D mask, so transformers builds none;
-* the attention function receives it as ``attention_mask`` and calls the chosen backend (SDPA or Triton),
-  which derives the mask from the layout.
+* the attention function receives it as ``attention_mask`` and calls the chosen backend (SDPA, one SDPA kernel
+  forced, FlexAttention or Triton), which derives the mask from the layout.
 
 With no active segment (the backbone used on its own, or inside ``generate``) both functions delegate to
 transformers' SDPA implementations, so the wrapped model keeps working unchanged.
@@ -38,8 +38,9 @@ from transformers.masking_utils import (
 )
 
 from .kernels import dispatch
+from .kernels.flex_attention import flex_block_mask, flex_rmt_attention, flex_supported
 from .kernels.layout import SegmentLayout
-from .kernels.sdpa_attention import sdpa_rmt_attention
+from .kernels.sdpa_attention import SDPA_KERNELS, sdpa_kernel_supported, sdpa_rmt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,14 @@ class ActiveSegment:
     reuse the decision after one tuple comparison, and run the kernel without validating again.
     """
 
-    __slots__ = ("layout", "backend", "decision_key", "decision")
+    __slots__ = ("layout", "backend", "decision_key", "decision", "block_mask")
 
     def __init__(self, layout: SegmentLayout, backend: str):
         self.layout = layout
         self.backend = backend
         self.decision_key: tuple | None = None
         self.decision: str | None = None
+        self.block_mask: tuple | None = None  # ((batch, device), FlexAttention block mask) when 'flex' runs
 
 
 class _ThreadVar:
@@ -182,38 +184,55 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
+def _auto_unsupported(backend: str, q, k, v, layout: SegmentLayout, dropout_p: float) -> str | None:
+    """Why the backend the dispatch table named cannot run this case, or None."""
+    if backend == "triton":
+        mod = _triton()
+        return "triton is not installed" if mod is None else mod.rmt_attention_supported(q, k, v, layout, dropout_p)
+    if backend == "flex":
+        return flex_supported(q, k, v, layout, dropout_p)
+    if backend in SDPA_KERNELS:
+        return sdpa_kernel_supported(backend, q, k, v, layout, dropout_p)
+    return None  # "sdpa": SDPA picks its kernel
+
+
 def choose_backend(
     requested: str, q, k, v, layout: SegmentLayout, dropout_p: float, *, needs_grad: bool | None = None,
     graphed: bool | None = None,
 ) -> str:  # fmt: skip
-    """The backend to run for this case; 'triton' never falls back silently.
+    """The backend to run for this case (one of :data:`rmt_fast.kernels.dispatch.BACKENDS`); 'triton' never falls
+    back silently.
 
-    'auto' runs Triton only on CUDA, where the kernel supports the case and the measured dispatch table
-    (:mod:`rmt_fast.kernels.dispatch`) says it is faster for this architecture, dtype, head dim, shape class,
-    ``needs_grad`` and graphed/eager mode; SDPA everywhere else (each reason is logged once).
-    ``needs_grad`` and ``graphed`` default to the current autograd state and :func:`graphed_step` flag.
+    'auto' runs, on CUDA, the backend the measured dispatch table (:mod:`rmt_fast.kernels.dispatch`) names for this
+    architecture, dtype, head dim, shape class, ``needs_grad`` and graphed/eager mode: the Triton kernel, SDPA
+    with one kernel forced (``"sdpa_flash"``, ``"sdpa_efficient"``, ``"sdpa_cudnn"``), FlexAttention (``"flex"``)
+    or plain SDPA; plain SDPA where there is no table or entry, off CUDA, or where the named backend cannot run
+    the case (each reason is logged once). ``needs_grad`` and ``graphed`` default to the current autograd state
+    and :func:`graphed_step` flag.
     """
     if requested == "sdpa":
         return "sdpa"
-    mod = _triton()
-    if mod is None:
-        reason = "triton is not installed"
-    elif requested == "auto" and not _auto_device_ok(q):
+    if requested == "triton":
+        mod = _triton()
+        reason = "triton is not installed" if mod is None else mod.rmt_attention_supported(q, k, v, layout, dropout_p)
+        if reason is not None:
+            raise ValueError(f"attn_backend='triton' cannot run this case: {reason}")
+        return "triton"
+    if not _auto_device_ok(q):
         reason = "the inputs are not on a CUDA device"
     else:
-        reason = mod.rmt_attention_supported(q, k, v, layout, dropout_p)
-    if reason is None and requested == "auto":
         decision = dispatch.decide(
             q, k, layout,
             needs_grad=_needs_grad(q, k, v) if needs_grad is None else needs_grad,
             graphed=_GRAPHED.get() if graphed is None else graphed,
         )  # fmt: skip
-        if decision.backend != "triton":
+        if decision.backend == "sdpa":
             reason = decision.reason
-    if reason is None:
-        return "triton"
-    if requested == "triton":
-        raise ValueError(f"attn_backend='triton' cannot run this case: {reason}")
+        else:
+            why = _auto_unsupported(decision.backend, q, k, v, layout, dropout_p)
+            if why is None:
+                return decision.backend
+            reason = f"the dispatch table names {decision.backend}, which cannot run this case: {why}"
     # Log each reason once; not while torch.compile traces (mutating the set would fail a guard: a recompile).
     if reason not in _FALLBACK_LOGGED and not torch.compiler.is_compiling():
         _FALLBACK_LOGGED.add(reason)
@@ -225,7 +244,8 @@ def run_backend(
     backend: str, q, k, v, layout: SegmentLayout, *, scale, dropout_p: float, segment: ActiveSegment | None = None
 ) -> torch.Tensor:
     """Run the chosen backend. With ``segment`` the decision (support check + table look-up) is made once per
-    segment and reused by later calls with the same key; the kernel then runs without validating again."""
+    segment and reused by later calls with the same key; the kernel then runs without validating again (and
+    FlexAttention's block mask is built once per segment)."""
     needs_grad = _needs_grad(q, k, v)
     if segment is None:
         chosen = choose_backend(backend, q, k, v, layout, dropout_p, needs_grad=needs_grad)
@@ -239,7 +259,16 @@ def run_backend(
             segment.decision_key, segment.decision = key, chosen
     if chosen == "triton":
         return _triton().rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, check=False)
-    return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p)
+    if chosen == "flex":
+        block_mask = None
+        if segment is not None:
+            mask_key = (q.shape[0], q.device)
+            if segment.block_mask is None or segment.block_mask[0] != mask_key:
+                segment.block_mask = (mask_key, flex_block_mask(layout, q.shape[0], q.device))
+            block_mask = segment.block_mask[1]
+        return flex_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, block_mask=block_mask)
+    return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p,
+                              sdpa_kernel=None if chosen == "sdpa" else chosen)  # fmt: skip
 
 
 def rmt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -3,6 +3,7 @@ candidate filter, and the table built from (synthetic) measurement rows. The tim
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import warnings
@@ -10,7 +11,7 @@ import warnings
 import pytest
 import torch
 from rmt_fast.bench import cli, runner, tune, tune_plan
-from rmt_fast.kernels import dispatch, launch_configs
+from rmt_fast.kernels import dispatch, launch_configs, sdpa_attention
 
 
 def test_dry_run_through_the_cli_writes_the_plan_and_an_unmeasured_example(tmp_path, capsys, monkeypatch):
@@ -21,12 +22,12 @@ def test_dry_run_through_the_cli_writes_the_plan_and_an_unmeasured_example(tmp_p
     assert {r["kind"] for r in cand} == {"fwd", "dq", "dkdv"} and {r["head_dim"] for r in cand} == {"64", "128"}
     assert any(r["heuristic"] == "True" for r in cand)
     plan = json.loads((tmp_path / "tune_plan.json").read_text())
-    assert plan["arch"] == "sm90" and len(plan["cases"]) == len(tune_plan.cases(True)) == 48
+    assert plan["arch"] == "sm90" and len(plan["cases"]) == len(tune_plan.cases(True)) == 16
     assert plan["hopper_paths"]["swept"] is False
     example = dispatch.load_table(tmp_path / "sm90.example.json")
     assert example.measured is False and example.arch == "sm90"
-    assert all(e["backend"] == "sdpa" and e["triton_ms"] is None for e in example.entries.values())
-    assert len(example.entries) == 48 * 3  # graphed inference, eager inference, eager training per case
+    assert all(e["backend"] == "sdpa" and e["ms"] == dict.fromkeys(dispatch.BACKENDS) for e in example.entries.values())
+    assert len(example.entries) == 16 * 4  # graphed and eager, inference and training, per case
     assert not (tmp_path / "sm90.json").exists()  # never a table that looks measured
     monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "sm90.example.json"))
     with pytest.warns(RuntimeWarning, match="unmeasured example"):  # and the runtime refuses the example
@@ -46,6 +47,17 @@ def test_without_cuda_tune_says_it_needs_one(tmp_path, capsys):
     assert runner.run(tune, tmp_path) == {"skipped": "no CUDA"}
     assert "needs CUDA" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_race_can_be_narrowed_and_bad_backend_lists_are_refused(tmp_path, capsys):
+    from rmt_fast.bench import backends
+
+    assert backends.selected(None) == backends.selected("") == dispatch.BACKENDS
+    assert backends.selected("flex, sdpa,triton") == ("triton", "sdpa", "flex")  # the table's order
+    for bad, word in (("sdpa,xformers", "unknown backend(s) xformers"), ("triton,flex", "must include sdpa")):
+        with pytest.raises(SystemExit):
+            cli.main(["tune", "--out", str(tmp_path), "--backends", bad])
+        assert word in capsys.readouterr().err
 
 
 def test_unknown_options_are_refused(tmp_path):
@@ -97,18 +109,43 @@ def test_table_from_measurements_picks_by_the_matching_measurement():
     assert table.lookup("bfloat16", 128, cb, False, True).backend == "sdpa"
     assert table.lookup("bfloat16", 128, cb, True, False).backend == "sdpa"  # Triton failed: SDPA
     entry = table.entries[("float16", 64, ca.t, ca.bh, True, True, False, False, "graphed")]
-    assert entry["triton_ms"] == 0.05 and entry["sdpa_ms"] == 0.1 and entry["B"] == 8
+    assert entry["ms"] == {"triton": 0.05, "sdpa": 0.1} and entry["B"] == 8
     assert len(table.entries) == 6
+
+
+def test_table_from_a_race_names_the_fastest_stock_backend_and_round_trips(tmp_path):
+    a = tune_plan.Case("float16", 64, 8, 532, True, True)
+    times = {"triton": 0.30, "sdpa": 0.50, "sdpa_flash": None, "sdpa_efficient": 0.45, "sdpa_cudnn": 0.20,
+             "flex": 0.25}  # fmt: skip
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        for name, ms in times.items():
+            status = "ok" if ms is not None else "unavailable"
+            graph = None if ms is None else (ms if mode == "fwd" else 3 * ms)
+            rows.append(dict(phase="compare", mode=mode, candidate=name, status=status, graph_ms=graph,
+                             eager_ms=None if ms is None else 1.0 - ms, **tune_plan.case_cols(a)))  # fmt: skip
+    data = tune_plan.build_table("sm90", ["NVIDIA H200"], {}, rows, 0.03, {"git_sha": "abc"})
+    path = tmp_path / "sm90.json"
+    tune.write_json(path, data)
+    table = dispatch.load_table(path)
+    assert table.data == data  # the written table reads back as it was built
+    cls = a.shape_class
+    assert table.lookup("float16", 64, cls, needs_grad=False, graphed=True).backend == "sdpa_cudnn"
+    assert table.lookup("float16", 64, cls, needs_grad=True, graphed=True).backend == "sdpa_cudnn"
+    assert table.lookup("float16", 64, cls, needs_grad=False, graphed=False).backend == "sdpa"  # eager: 1 - ms
+    entry = table.entries[("float16", 64, cls.t, cls.bh, True, True, False, False, "graphed")]
+    assert entry["ms"] == times and len(table.entries) == 4
 
 
 def test_cases_put_the_targets_first():
     first = tune_plan.cases(False)[0]
     assert (first.T, first.B) == (532, 8)
-    assert len(tune_plan.cases(False)) == 3 * 4 * 2 * 2 * 2 * 2
+    assert len(tune_plan.cases(False)) == 2 * 3 * 2 * 2 * 2 * 2  # T, B, D, dtype, causal, padded
+    assert {(c.T, c.B, c.dtype) for c in tune_plan.cases(True)} == {(532, 8, "float16"), (532, 1, "float16")}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert {c.shape_class.bh for c in tune_plan.cases(False)} == set(dispatch.BH_BUCKETS)
-        assert {c.shape_class.t for c in tune_plan.cases(False)} == set(dispatch.T_BUCKETS[:3])
+        assert {c.shape_class.bh for c in tune_plan.cases(False)} == {"BH<=24", "BH<=192", "BH>192"}
+        assert {c.shape_class.t for c in tune_plan.cases(False)} == set(dispatch.T_BUCKETS[:2])
 
 
 # ------------------------------------------------------------------ the GPU pipeline, on the CPU, in small
@@ -135,15 +172,29 @@ def _tiny(monkeypatch, timed):
         return 1.0 + 0.01 * len(timed)
 
     monkeypatch.setattr(tune, "graph_ms", timer)
-    monkeypatch.setattr(tune, "eager_ms", timer)
+    # the eager stand-in does not call again the step the graphed one has just run (the interpreter is slow)
+    monkeypatch.setattr(tune, "eager_ms", lambda fn, target_ms: 2.0 + 0.01 * len(timed))
     return cases
 
 
 @needs_interpreter
 @pytest.mark.parametrize("workers", [0, 1])
 def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch, workers):
-    timed = []
+    """Every backend and mode runs. workers=0: the SDPA kernel selection spied on (computed by the math kernel, as
+    on a GPU each forced kernel would run); workers=1: the real CPU build, where the efficient and cuDNN kernels do
+    not exist and FlexAttention has no backward: rows with the status word, not a crash."""
+    timed, forced = [], []
     _tiny(monkeypatch, timed)
+    if workers == 0:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        @contextlib.contextmanager
+        def spy(kernels):
+            forced.append(kernels[0])
+            with sdpa_kernel([SDPBackend.MATH]):
+                yield
+
+        monkeypatch.setattr(sdpa_attention, "_force_kernel", spy)
     try:
         summary = tune.tune_on(torch.device("cpu"), tmp_path, True, arch="sm90", smem=101376,
                                device_info={"gpu": "cpu stand-in"}, budget_s=600, workers=workers, margin=0.03,
@@ -153,13 +204,32 @@ def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch,
     assert summary["complete"] and summary["cases_measured"] == 2
     with open(tmp_path / "tune.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     sweep = [r for r in rows if r["phase"] == "sweep"]
-    assert {r["mode"] for r in sweep} == {"fwd", "dq", "dkdv"} and all(r["graph_ms"] and r["eager_ms"] for r in sweep)
+    race = [r for r in rows if r["phase"] == "compare"]
+    assert all(r["status"] == "ok" for r in sweep), [r["note"] for r in sweep if r["status"] != "ok"]
+    assert {r["mode"] for r in sweep} == {"fwd", "dq", "dkdv"}
+    assert all(float(r["host_ms"]) == pytest.approx(float(r["eager_ms"]) - float(r["graph_ms"])) for r in sweep)
     assert sum(r["winner"] == "True" for r in sweep) == 3
+    assert len(race) == 2 * 2 * len(dispatch.BACKENDS)  # cases x modes x backends
+    modes = ("fwd", "fwd+bwd")
+    assert {(r["candidate"], r["mode"]) for r in race} == {(b, m) for b in dispatch.BACKENDS for m in modes}
+    cpu_cannot = {("flex", "fwd+bwd")} | ({("sdpa_efficient", m) for m in ("fwd", "fwd+bwd")}
+                                          | {("sdpa_cudnn", m) for m in ("fwd", "fwd+bwd")} if workers else set())
+    for r in race:
+        if (r["candidate"], r["mode"]) in cpu_cannot:
+            assert r["status"] == "unavailable" and r["note"], r
+        else:
+            assert r["status"] == "ok", (r["candidate"], r["mode"], r["note"])
+            assert float(r["host_ms"]) == pytest.approx(float(r["eager_ms"]) - float(r["graph_ms"]))
+    if workers == 0:  # each forced kernel ran, per case and mode (the graphed stand-in calls the step once)
+        for name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
+            assert forced.count(sdpa_attention.SDPA_KERNELS[name]) == 2 * 2, name
     table = dispatch.load_table(tmp_path / "sm90.json")
-    assert table.measured and set(table.configs) == {("float32", 16)} and len(table.configs[("float32", 16)]) == 3
-    assert len(table.entries) == 2 * 3
+    assert table.measured and table.format == dispatch.FORMAT
+    assert set(table.configs) == {("float32", 16)} and len(table.configs[("float32", 16)]) == 3
+    assert len(table.entries) == 2 * 4
+    assert all(set(e["ms"]) == set(dispatch.BACKENDS) and e["backend"] in dispatch.BACKENDS
+               for e in table.entries.values())  # fmt: skip
     env = json.loads((tmp_path / "tune_env.json").read_text())
     assert env["gpu"] == "cpu stand-in" and env["git_sha"] and env["precompile"][0]["jobs"] == len(sweep)
     if workers:
@@ -202,3 +272,18 @@ def test_a_failed_measurement_gets_the_runners_status_words():
     assert tune._error(torch.OutOfMemoryError("CUDA out of memory"))["status"] == "oom"
     failed = tune._error(ValueError("bad\nshape"))
     assert failed == {"status": "error", "note": "ValueError: bad shape"}
+    refused = RuntimeError("No available kernel. Aborting execution.")  # a forced SDPA kernel that does not apply
+    assert tune._error(refused)["status"] == "unavailable"
+    assert tune._error(NotImplementedError("FlexAttention does not support backward on CPU"))["status"] == "unavailable"
+    assert tune._error(ValueError("flex_rmt_attention: a decode step"))["status"] == "unavailable"
+
+
+def test_a_warm_up_job_runs_the_backends_it_names():
+    """What a compile worker runs for FlexAttention (queued on CUDA; here eagerly, forward only) and the like."""
+    case = tune_plan.Case("float32", 16, 2, 24, True, True)
+    job = dict(case=vars(case), modes=["fwd"], device="cpu", backends=["flex", "sdpa"])
+    assert tune._warm_job(job) == "ok"
+    assert "no backward on the CPU" in tune._warm_job({**job, "modes": ["fwd+bwd"]})  # the failure, as a note
+    assert tune._flex_jobs(True, torch.device("cpu")) == []
+    jobs = tune._flex_jobs(True, torch.device("cuda"))
+    assert len(jobs) == len(tune_plan.cases(True)) and all(j["backends"] == ["flex"] for j in jobs)

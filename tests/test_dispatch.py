@@ -65,7 +65,7 @@ def test_lookup_against_a_fake_table():
     ], configs))  # fmt: skip
     cls = dispatch.ShapeClass.of(532, 532, 8 * 12, True, False)
     d = table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=False)
-    assert d.backend == "triton" and d.configs["fwd"] == (128, 64, 4, 3) and "Triton measured faster" in d.reason
+    assert d.backend == "triton" and d.configs["fwd"] == (128, 64, 4, 3) and "triton measured fastest" in d.reason
     assert table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=True).backend == "sdpa"
     assert table.lookup(torch.float16, 64, cls, needs_grad=True, graphed=False).backend == "sdpa"
     big = dispatch.ShapeClass.of(532, 532, 32 * 12, True, True)
@@ -85,9 +85,22 @@ def test_lookup_against_a_fake_table():
 
 
 def test_choose_rule_needs_a_margin():
-    assert dispatch.choose(0.9, 1.0, margin=0.03) == "triton"
-    assert dispatch.choose(0.98, 1.0, margin=0.03) == "sdpa"
-    assert dispatch.choose(None, 1.0) == "sdpa" and dispatch.choose(0.5, float("nan")) == "sdpa"
+    assert dispatch.choose({"triton": 0.9, "sdpa": 1.0}, margin=0.03) == "triton"
+    assert dispatch.choose({"triton": 0.98, "sdpa": 1.0}, margin=0.03) == "sdpa"
+    assert dispatch.choose({"triton": None, "sdpa": 1.0}) == "sdpa"
+    assert dispatch.choose({"triton": 0.5, "sdpa": float("nan")}) == "sdpa"
+    assert dispatch.choose({"triton": 0.5, "sdpa_cudnn": 0.4}) == "sdpa"  # no SDPA number: nothing to beat
+
+
+def test_choose_races_every_backend():
+    times = {"triton": 0.9, "sdpa": 1.0, "sdpa_flash": 0.95, "sdpa_cudnn": 0.7, "sdpa_efficient": None, "flex": 0.8}
+    assert dispatch.choose(times) == "sdpa_cudnn"
+    assert dispatch.choose({**times, "sdpa_cudnn": float("inf")}) == "flex"
+    close = {**times, "sdpa_cudnn": 0.99, "flex": 0.985, "triton": None, "sdpa_flash": 2.0}
+    assert dispatch.choose(close) == "sdpa"  # within the margin
+    assert dispatch.choose({"sdpa": 1.0, "sdpa_efficient": 0.5, "flex": 0.5}) == "sdpa_efficient"  # tie: table order
+    with pytest.raises(ValueError, match="unknown backend 'xformers'"):
+        dispatch.choose({"sdpa": 1.0, "xformers": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -99,7 +112,13 @@ def test_choose_rule_needs_a_margin():
         (lambda t: t.update(margin=1.5), "margin"),
         (lambda t: t["entries"][0].update(t_bucket="T<=500"), "t_bucket must be one of"),
         (lambda t: t["entries"][0].update(mode="compiled"), "mode must be one of"),
-        (lambda t: t["entries"][0].update(backend="flex"), "backend must be one of"),
+        (lambda t: t["entries"][0].update(backend="xformers"), "backend must be one of"),
+        (lambda t: t["entries"][0].update(backend="sdpa_"), "backend must be one of"),
+        (lambda t: t.update(format="rmt-fast-dispatch/1") or t["entries"][0].update(backend="sdpa_cudnn"),
+         r"backend must be one of \('triton', 'sdpa'\) in rmt-fast-dispatch/1"),
+        (lambda t: t["entries"][0].update(ms={"triton": 0.1, "cudnn": 0.2}), r"ms names the backend 'cudnn'"),
+        (lambda t: t["entries"][0].update(ms={"sdpa_flash": "fast"}), r"ms.sdpa_flash must be a number"),
+        (lambda t: t["entries"][0].update(ms=[0.1]), r"entries\[0\].ms must be an object"),
         (lambda t: t["entries"][0].update(head_dim="64"), "head_dim must be int"),
         (lambda t: t["entries"].append(copy.deepcopy(t["entries"][0])), "repeats the case"),
         (lambda t: t["configs"].append(dict(dtype="float16", head_dim=64, fwd=[100, 64, 4, 3])), "powers of two"),
@@ -273,7 +292,7 @@ def test_fastrmt_auto_runs_the_table_choice_deciding_once_per_segment(monkeypatc
     calls["supported"], calls["kernel"] = 0, []
     with torch.no_grad(), dispatch.use_table(_table(_small_entries(backend="sdpa"))):
         c = auto(ids, labels=ids)
-    assert calls["kernel"] == [] and calls["supported"] == 3
+    assert calls["kernel"] == [] and calls["supported"] == 0  # the table names SDPA: the kernel is not asked
     assert torch.allclose(c.logits, b.logits, atol=1e-5)
 
 
@@ -310,17 +329,23 @@ def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
         assert set(kernels._auto_choices(q, layout).values()) == {"sdpa"}
     assert len(kernels.settings(True)) == 2 * 2 * 2 * 3
 
-    def row(method, mode, ms, layout="full", B=8, T=532):
+    def row(method, mode, ms, layout="full", B=8, T=532, host_ms=None):
         return dict(method=method, mode=mode, ms=ms, tflops=1.0, status="ok", dtype="float16", D=64, layout=layout,
-                    B=B, T=T, auto_choice="sdpa", auto_choice_graphed="")  # fmt: skip
+                    B=B, T=T, auto_choice="sdpa", auto_choice_graphed="", host_ms=host_ms)  # fmt: skip
 
     rows = [row("triton", "fwd", 0.10), row("sdpa_flash_nomask", "fwd", 0.08),
-            row("triton", "fwd+bwd", 0.30), row("sdpa_flash_nomask", "fwd+bwd", 0.28),
-            row("triton", "fwd", 0.03, "padded"), row("sdpa_dense_mask", "fwd", 0.07, "padded"),
+            row("triton", "fwd+bwd", 0.30, host_ms=0.6), row("sdpa_flash_nomask", "fwd+bwd", 0.28),
+            row("sdpa", "fwd+bwd", 0.28, host_ms=0.3), row("sdpa_cudnn", "fwd+bwd", 0.24),
+            row("flex", "fwd+bwd", 0.25), row("xformers", "fwd+bwd", 0.1),  # xformers is no baseline
+            row("triton", "fwd", 0.03, "padded"), row("sdpa", "fwd", 0.07, "padded"),
+            row("flex", "fwd", 0.05, "padded"),
             row("triton", "fwd", 0.10, B=1, T=4096), row("sdpa_flash_nomask", "fwd", 0.09, B=1, T=4096)]  # fmt: skip
     got = {(c["target"][:12], c["mode"], c["T"]): (c["speedup"], c["met"]) for c in kernels.targets(rows)}
     assert got == {("forward >= 1", "fwd", 532): (0.8, False), ("forward + ba", "fwd+bwd", 532): (0.933, True),
-                   ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True)}  # fmt: skip
+                   ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True),
+                   ("device fwd+b", "fwd+bwd", 532): (0.8, False),  # against cuDNN's 0.24
+                   ("device fwd >", "fwd", 532): (1.667, False),  # padded: against Flex's 0.05, needs 2x
+                   ("host fwd+bwd", "fwd+bwd", 532): (0.5, False)}  # fmt: skip
     from rmt_fast.bench.common import save_plot
 
     save_plot(kernels.plot(None, rows, {"env": {"torch": "x", "triton": "y"}}), tmp_path / "k.png")

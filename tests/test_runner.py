@@ -72,6 +72,20 @@ def test_timer_median_and_quantiles():
         runner.Timer("cpu")(lambda: None, clock="cpu")
 
 
+def test_eager_timer_sizes_its_samples_to_the_target():
+    import time
+
+    calls = []
+
+    def sleepy():
+        calls.append(1)
+        time.sleep(0.002)
+
+    t = runner.Timer("cpu").eager(sleepy, target_ms=10)
+    assert t.samples == 3 and 2.0 <= t.ms < 50  # per call, not per sample
+    assert 1 + 1 + 3 * 3 <= len(calls) <= 1 + 1 + 3 * 6  # warm-up, the probe, 3 samples of ~5 calls (>= 3)
+
+
 def test_declared_benchmark_writes_its_files_and_parses_its_options(tmp_path, monkeypatch):
     def cases(ctx):
         return [dict(method="m", x="ok", scale=ctx.option("scale"))]
