@@ -66,10 +66,13 @@ BENCHMARKS: dict[str, str] = {
     "tune": "rmt_fast.bench.tune",
     "train": "rmt_fast.bench.train",
     "armt": "rmt_fast.bench.armt",
+    "segment-breakdown": "rmt_fast.bench.segment_breakdown",
 }
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
-# or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder).
-NOT_IN_ALL: frozenset[str] = frozenset({"train", "tune", "compare", "train-memory", "cuda-graph", "armt"})
+# or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder), or compiling for minutes
+# (segment-breakdown).
+NOT_IN_ALL: frozenset[str] = frozenset({"train", "tune", "compare", "train-memory", "cuda-graph", "armt",
+                                        "segment-breakdown"})
 
 
 class OverBudget(Exception):

@@ -21,17 +21,20 @@ def sdpa_rmt_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> output (B, Tq, Hq, D), the layout transformers expects."""
+    """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> output (B, Tq, Hq, D), the layout transformers expects.
+
+    ``mask``: ``layout.dense_mask(q_len=Tq)`` already built by the caller (every layer of a segment reuses one),
+    used where the layout needs a mask; None builds it here."""
     tq, tk = q.shape[-2], k.shape[-2]
     if tk != layout.seq_len:
         raise ValueError(f"k has {tk} positions but the segment layout has {layout.seq_len}")
     enable_gqa = q.shape[1] != k.shape[1]
-    if layout.is_padded:
-        attn_mask, is_causal = layout.dense_mask(q_len=tq, device=q.device), False
-    elif layout.causal and tq != tk:
-        # Decode step: queries at the end; SDPA's is_causal aligns top-left, so build the mask.
-        attn_mask, is_causal = layout.dense_mask(q_len=tq, device=q.device), False
+    if layout.is_padded or (layout.causal and tq != tk):
+        # (a decode step: queries at the end; SDPA's is_causal aligns top-left, so the mask is built)
+        attn_mask = mask if mask is not None else layout.dense_mask(q_len=tq, device=q.device)
+        is_causal = False
     else:
         attn_mask, is_causal = None, layout.causal
     out = F.scaled_dot_product_attention(

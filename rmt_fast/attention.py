@@ -52,16 +52,28 @@ class ActiveSegment:
 
     It also carries the segment's backend decision: the first attention call of the segment checks support and
     consults the dispatch table; later layers with the same (shapes, dtypes, devices, needs_grad, dropout) key
-    reuse the decision after one tuple comparison, and run the kernel without validating again.
+    reuse the decision after one tuple comparison, and run the kernel without validating again. And the SDPA
+    backend's dense mask of a padded segment: built by the first layer, reused by the others (one mask per
+    segment, not one per layer: a CUDA-graphed segment, whose layout always has counts, captured 8 small
+    mask kernels per layer before).
     """
 
-    __slots__ = ("layout", "backend", "decision_key", "decision")
+    __slots__ = ("layout", "backend", "decision_key", "decision", "mask_key", "mask")
 
     def __init__(self, layout: SegmentLayout, backend: str):
         self.layout = layout
         self.backend = backend
         self.decision_key: tuple | None = None
         self.decision: str | None = None
+        self.mask_key: tuple | None = None
+        self.mask: torch.Tensor | None = None
+
+    def dense_mask(self, q_len: int, device) -> torch.Tensor:
+        """``layout.dense_mask(q_len, device)``, built once per segment."""
+        key = (q_len, device)
+        if key != self.mask_key:
+            self.mask, self.mask_key = self.layout.dense_mask(q_len=q_len, device=device), key
+        return self.mask
 
 
 class _ThreadVar:
@@ -239,7 +251,11 @@ def run_backend(
             segment.decision_key, segment.decision = key, chosen
     if chosen == "triton":
         return _triton().rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, check=False)
-    return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p)
+    tq = q.shape[-2]
+    mask = None
+    if segment is not None and (layout.is_padded or (layout.causal and tq != k.shape[-2])):
+        mask = segment.dense_mask(tq, q.device)
+    return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, mask=mask)
 
 
 def rmt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
