@@ -8,10 +8,12 @@ prints one JSON record. ``--tree`` puts that checkout first on ``sys.path`` (aft
 Hugging Face's ``kernels``, which an old checkout's top-level ``kernels/`` folder would shadow).
 
 Per variant (``eager``: the plain loop; ``graphed``: ``cuda_graph=True``, on the CPU the runner's static-buffer
-path without capture; ``graphed+compiled``: plus ``compile_step``), two calls of S and 2S segments are
-profiled; per-segment counts are their difference / S, so per-call work (input checks, the segment plan) drops
-out. Events inside the step (``StaticStep.__call__`` when graphed: what a CUDA graph captures;
-``encoder_step`` otherwise) and outside it (the host loop's per-segment work) are kept apart.
+path without capture; ``graphed+compiled``: plus ``compile_step``; ``train`` / ``train+compiled``: forward and
+backward of a classifier with dropout 0.1, eager or with ``compile_step``), two calls of S and 2S segments are
+profiled; per-segment counts are their difference / S, so per-call work (input checks, the segment plan, the
+loss) drops out. Events inside the step (``StaticStep.__call__`` when graphed: what a CUDA graph captures;
+``encoder_step`` otherwise; the whole forward and backward when training) and outside it (the host loop's
+per-segment work) are kept apart. FLOPs: the forward's, per segment.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def _count_events(events, cuda: bool) -> dict:
         if _on_device(e) or not (_is_op(name) or _is_generated_kernel(name)) or name in NO_KERNEL:
             continue
         p, in_scope = e.cpu_parent, False
-        while p is not None:
-            if _is_op(p.name) or _is_generated_kernel(p.name):
+        while p is not None:  # the nearest enclosing op; a view or `contiguous`, `to`, `dropout` is transparent
+            if (_is_op(p.name) or _is_generated_kernel(p.name)) and p.name not in NO_KERNEL:
                 break
             in_scope = in_scope or p.name == STEP_SCOPE
             p = p.cpu_parent
@@ -141,11 +143,17 @@ def _build(rmt_fast, a, device, dtype):
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
                         attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)
-    model = tf.BertModel(cfg, add_pooling_layer=False)
+    training = a.variant.startswith("train")
+    if training:  # a classifier with bert's dropout, so the loss and the dropout kernels are counted too
+        cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.1
+        cfg.num_labels = 2
+        model = tf.BertForSequenceClassification(cfg)
+    else:
+        model = tf.BertModel(cfg, add_pooling_layer=False)
     kw = {}
-    if a.variant != "eager":
+    if a.variant in ("graphed", "graphed+compiled"):
         kw["cuda_graph"] = True
-    if a.variant.startswith("graphed+compiled") or a.variant == "compiled":
+    if a.variant.endswith("compiled"):
         import inspect
 
         if "compile_step" not in inspect.signature(rmt_fast.FastRMT.__init__).parameters:
@@ -153,7 +161,8 @@ def _build(rmt_fast, a, device, dtype):
         kw["compile_step"] = json.loads(a.compile_options) if a.compile_options else True
     segment = a.positions - a.mem - 3
     rmt = rmt_fast.FastRMT(model, a.mem, segment, cls_token_id=101, sep_token_id=102, pad_token_id=0, **kw)
-    return rmt.to(device=device, dtype=dtype).eval(), segment
+    rmt = rmt.to(device=device, dtype=dtype)
+    return (rmt.train() if training else rmt.eval()), segment
 
 
 def _flops(rmt, ids_s, ids_2s, segments: int) -> float | None:
@@ -191,17 +200,30 @@ def probe(a) -> dict:
     ids_2s = torch.randint(vocab_lo, a.vocab, (a.batch, 2 * s * segment), generator=gen).to(device)
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    graphed = a.variant != "eager"
-    with torch.no_grad():
+    graphed = a.variant in ("graphed", "graphed+compiled")
+    training = a.variant.startswith("train")
+    labels = torch.zeros(a.batch, dtype=torch.long, device=device)
+
+    def call(ids):
+        if training:  # forward and backward, all inside the scope (the loss of the last segment)
+            from torch.profiler import record_function
+
+            with record_function(STEP_SCOPE):
+                rmt(ids, labels=labels, return_logits=False).loss.backward()
+        else:
+            rmt(ids, return_logits=False)
+
+    with torch.no_grad() if not training else contextlib.nullcontext():
         for _ in range(2):  # warm-up: capture, compile
-            rmt(ids_s, return_logits=False)
-            rmt(ids_2s, return_logits=False)
+            call(ids_s)
+            call(ids_2s)
         if cuda:
             torch.cuda.synchronize()
         counted = []
         for ids in (ids_s, ids_2s):
-            with _scoped_step(rmt, graphed), profile(activities=acts) as prof:
-                rmt(ids, return_logits=False)
+            scope = _scoped_step(rmt, graphed) if not training else contextlib.nullcontext()
+            with scope, profile(activities=acts) as prof:
+                call(ids)
                 if cuda:
                     torch.cuda.synchronize()
             counted.append(_count_events(prof.events(), cuda))
@@ -217,9 +239,8 @@ def probe(a) -> dict:
         per_call[key] = {k: v for k, v in fixed.items() if abs(v) > 1e-9}
     flops = None
     if not a.no_flops:
-        # the eager step's products: the same as the graphed / compiled one's
+        # forward FLOPs of the eager inference step: the same products as every variant's forward
         eager, _ = _build(rmt_fast, argparse.Namespace(**{**vars(a), "variant": "eager"}), device, dtype)
-        eager.load_state_dict(rmt.state_dict())
         flops = _flops(eager, ids_s, ids_2s, s)
         cfg = eager.model.config
         flops += cfg.num_hidden_layers * 4 * a.batch * a.positions**2 * cfg.hidden_size  # SDPA (see _flops)
@@ -240,7 +261,8 @@ def probe(a) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", default=None, help="a checkout of rmt-fast to measure (default: the importable one)")
-    p.add_argument("--variant", default="graphed", choices=("eager", "graphed", "graphed+compiled"))
+    p.add_argument("--variant", default="graphed", choices=("eager", "graphed", "graphed+compiled", "train",
+                                                            "train+compiled"))
     p.add_argument("--compile-options", default=None, help="compile_step as JSON (default: true)")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=64)

@@ -18,7 +18,8 @@ from .common import machine_label, pyplot
 from .runner import Benchmark, Option, Unavailable, names
 
 KINDS = ("matmul", "attention", "norm & elementwise", "copies & fills")
-VARIANTS = ("eager", "graphed", "graphed+compiled")
+VARIANTS = ("eager", "graphed", "graphed+compiled", "train", "train+compiled")
+DEFAULT_VARIANTS = ("eager", "graphed", "graphed+compiled", "train")
 MATMUL = ("addmm", "aten::mm", "bmm", "baddbmm", "linear", "matmul", "gemm", "cutlass", "xmma", "cublas", "sm90_",
           "sm80_", "ampere_", "_mkl", "mkldnn", "triton_tem")  # fmt: skip
 ATTENTION = ("scaled_dot_product", "flash", "fmha", "attention", "_rmt_attn", "_rmt_dropout")
@@ -69,7 +70,7 @@ def parse_trees(values: list[str] | None) -> list[tuple[str, str | None]]:
 
 def cases(ctx) -> list[dict]:
     trees = parse_trees(ctx.option("tree"))
-    variants = ctx.option("variants") or list(VARIANTS)
+    variants = ctx.option("variants") or list(DEFAULT_VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
@@ -104,7 +105,7 @@ def measure(ctx, case: dict, state: dict) -> dict:
     for key, value in model.items():
         args += [f"--{key}", str(value)]
     options = ctx.option("compile_options")
-    if options and case["variant"] == "graphed+compiled":
+    if options and case["variant"].endswith("compiled"):
         args += ["--compile-options", options]
     res = run_probe(args, ctx.trees[case["tree"]], timeout=ctx.option("case_timeout_s"))
     if "unavailable" in res:
@@ -213,7 +214,8 @@ BENCHMARK = Benchmark(
     "segment_breakdown", cases=cases, measure=measure, summarize=summarize, plot=plot, markdown=markdown,
     after_failure="continue", options=(
         Option("--tree", type=names, default=None, help="LABEL=PATH: also measure this checkout (comma-separated)"),
-        Option("--variants", type=names, default=None, help=f"some of {','.join(VARIANTS)}"),
+        Option("--variants", type=names, default=None, help=f"some of {','.join(VARIANTS)} (default: "
+               f"{','.join(DEFAULT_VARIANTS)})"),
         Option("--layers", type=int, default=None, help="backbone layers (default: 12, bert-base's; 2 with --quick)"),
         Option("--segments", type=int, default=None, help="segments of the shorter profiled call (default 2)"),
         Option("--compile-options", default=None, help="compile_step of graphed+compiled, as JSON"),
