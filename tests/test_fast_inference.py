@@ -111,3 +111,17 @@ def test_without_the_flag_the_path_is_the_configured_one():
     assert FastRMT(gpt2(), 4, 8).inference_path() == ("eager", None)
     graphed = FastRMT(gpt2(), 4, 8, cuda_graph=True, compile_step={"backend": "aot_eager"})
     assert graphed.inference_path() == ("graphed+compiled", None)
+
+
+@pytest.mark.slow  # the CPU version of the 1M-token run: compiles a tiny BERT (aot_eager), ~1 min on 2 busy cores
+def test_million_run_has_the_one_switch_row(tmp_path):
+    import csv
+
+    from rmt_fast.bench import cuda_graph, runner
+
+    summary = runner.run(cuda_graph, tmp_path, quick=True, million=True, device="cpu")
+    with open(tmp_path / "million.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "fast_inference"]
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["path"] == "eager"
+    assert "CUDA graphs need a CUDA device" in rows[0]["note"]
+    assert summary["seconds_fast_inference"] == pytest.approx(float(rows[0]["seconds"]))
