@@ -11,7 +11,8 @@ Per variant (``eager``: the plain loop; ``graphed``: ``cuda_graph=True``, on the
 path without capture; ``graphed+compiled``: plus ``compile_step``; ``train`` / ``train+compiled``: forward and
 backward of a classifier with dropout 0.1, eager or with ``compile_step``), two calls of S and 2S segments are
 profiled; per-segment counts are their difference / S, so per-call work (input checks, the segment plan, the
-loss) drops out. Events inside the step (``StaticStep.__call__`` when graphed: what a CUDA graph captures;
+loss) drops out; times per segment are the longer call's / 2S (one profiled call each: indicative only).
+Events inside the step (``StaticStep.__call__`` when graphed: what a CUDA graph captures;
 ``encoder_step`` otherwise; the whole forward and backward when training) and outside it (the host loop's
 per-segment work) are kept apart. FLOPs: the forward's, per segment.
 """
@@ -229,6 +230,9 @@ def probe(a) -> dict:
             counted.append(_count_events(prof.events(), cuda))
     per_segment = {}
     for key in counted[0]:
+        if "_us" in key:  # times: the longer call's / its segments (a difference of two timings is noise)
+            per_segment[key] = {k: v / (2 * s) for k, v in counted[1][key].items() if v}
+            continue
         diff = Counter(counted[1][key])
         diff.subtract(counted[0][key])
         per_segment[key] = {k: v / s for k, v in diff.items() if v}
