@@ -26,7 +26,8 @@ def sdpa_rmt_attention(
     """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> output (B, Tq, Hq, D), the layout transformers expects.
 
     ``mask``: ``layout.dense_mask(q_len=Tq)`` already built by the caller (every layer of a segment reuses one),
-    used where the layout needs a mask; None builds it here."""
+    boolean or in SDPA's additive float form (0 visible, -inf hidden), used where the layout needs a mask; None
+    builds it here."""
     tq, tk = q.shape[-2], k.shape[-2]
     if tk != layout.seq_len:
         raise ValueError(f"k has {tk} positions but the segment layout has {layout.seq_len}")

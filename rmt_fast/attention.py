@@ -53,9 +53,9 @@ class ActiveSegment:
     It also carries the segment's backend decision: the first attention call of the segment checks support and
     consults the dispatch table; later layers with the same (shapes, dtypes, devices, needs_grad, dropout) key
     reuse the decision after one tuple comparison, and run the kernel without validating again. And the SDPA
-    backend's dense mask of a padded segment: built by the first layer, reused by the others (one mask per
-    segment, not one per layer: a CUDA-graphed segment, whose layout always has counts, captured 8 small
-    mask kernels per layer before).
+    backend's dense mask of a padded segment, in SDPA's additive form: built by the first layer, reused by the
+    others (one mask per segment, not one per layer: a CUDA-graphed segment, whose layout always has counts,
+    captured 8 small mask kernels per layer before, and SDPA's bool-to-float conversion in every layer).
     """
 
     __slots__ = ("layout", "backend", "decision_key", "decision", "mask_key", "mask")
@@ -68,11 +68,17 @@ class ActiveSegment:
         self.mask_key: tuple | None = None
         self.mask: torch.Tensor | None = None
 
-    def dense_mask(self, q_len: int, device) -> torch.Tensor:
-        """``layout.dense_mask(q_len, device)``, built once per segment."""
-        key = (q_len, device)
+    def dense_mask(self, q_len: int, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``layout.dense_mask(q_len, device)``, built once per segment; with a floating ``dtype``, in the
+        additive form SDPA turns a boolean mask into (0 where visible, -inf elsewhere), so that conversion also
+        runs once per segment instead of in every layer."""
+        key = (q_len, device, dtype)
         if key != self.mask_key:
-            self.mask, self.mask_key = self.layout.dense_mask(q_len=q_len, device=device), key
+            mask = self.layout.dense_mask(q_len=q_len, device=device)
+            if dtype is not None:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask.logical_not(),
+                                                                                        float("-inf"))
+            self.mask, self.mask_key = mask, key
         return self.mask
 
 
@@ -254,7 +260,7 @@ def run_backend(
     tq = q.shape[-2]
     mask = None
     if segment is not None and (layout.is_padded or (layout.causal and tq != k.shape[-2])):
-        mask = segment.dense_mask(tq, q.device)
+        mask = segment.dense_mask(tq, q.device, q.dtype)
     return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, mask=mask)
 
 

@@ -49,7 +49,8 @@ def test_graphed_segment_builds_its_mask_once(monkeypatch, kind):
         eager_out = eager(ids)
         assert calls == []  # full segments: SDPA without a mask
         with monkeypatch.context() as m:  # every layer builds its own mask, as before
-            m.setattr(ActiveSegment, "dense_mask", lambda self, q_len, device: self.layout.dense_mask(q_len, device))
+            m.setattr(ActiveSegment, "dense_mask", lambda self, q_len, device, dtype=None:
+                      self.layout.dense_mask(q_len, device))  # fmt: skip
             per_layer = graphed(ids)
         assert len(calls) == 9  # 3 segments x 3 layers
         got = graphed(ids)
