@@ -112,3 +112,29 @@ def test_breakdown_counts_and_flops_on_the_cpu(tmp_path):
     assert float(rows["graphed"]["host_ops_per_segment"]) == 2  # the ids copied in, the counts filled
     assert summary["now/eager kernels/segment"] == float(rows["eager"]["kernels_per_segment"])
     assert "| now |" in (tmp_path / "segment_breakdown.md").read_text()
+
+
+def test_count_events_top_level_scope_and_device():
+    """The probe's counting on stand-in profiler events: top-level ops only (a view or `to` is transparent, an op
+    inside another op is not counted), in / out of the step scope, and every device event when on a GPU."""
+    from types import SimpleNamespace as E
+
+    from rmt_fast.bench import breakdown_probe as bp
+
+    def ev(name, parent=None, device="CPU", us=1.0):
+        e = E(name=name, cpu_parent=parent, device_type=device, cpu_time_total=us,
+              time_range=E(elapsed_us=lambda: 2.0))  # fmt: skip
+        return e
+
+    scope = ev(bp.STEP_SCOPE)
+    linear = ev("aten::linear", scope, us=5.0)
+    to = ev("aten::to", scope)
+    events = [scope, linear, ev("aten::addmm", linear), ev("aten::view", scope), to, ev("aten::_to_copy", to),
+              ev("graph_0_cpp_fused_gelu_1", scope), ev("aten::copy_"), ev("aten::fill_"),
+              ev("sm90_xmma_gemm", device="DeviceType.CUDA"), ev("Memcpy DtoD", device="DeviceType.CUDA")]
+    got = bp._count_events(events, cuda=False)
+    assert dict(got["ops_in"]) == {"aten::linear": 1, "aten::_to_copy": 1, "graph_0_cpp_fused_gelu_1": 1}
+    assert dict(got["ops_out"]) == {"aten::copy_": 1, "aten::fill_": 1} and got["op_us_in"]["aten::linear"] == 5.0
+    assert "kernels" not in got
+    got = bp._count_events(events, cuda=True)
+    assert dict(got["kernels"]) == {"sm90_xmma_gemm": 1, "Memcpy DtoD": 1} and got["kernel_us"]["Memcpy DtoD"] == 2.0
