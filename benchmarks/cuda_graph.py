@@ -14,6 +14,7 @@ SEGMENT, MEM = 499, 10
 MILLION = 1_048_576
 TARGET_1M_S, TARGET_CROSSOVER = 1.0, 8192
 KINDS = ("reference", "eager", "graphed", "compiled")
+FAST_INFERENCE = "fast_inference"  # FastRMT(fast_inference=True), in the 1M-token run
 
 
 # --------------------------------------------------------------------------------- graphed vs the others
@@ -85,18 +86,23 @@ def measure_million(ctx, case: dict, state: dict) -> dict:
             model = presets.model(name, "bare", max_positions=max(lengths)).to(ctx.device, dtype).eval()
             state["call"] = lambda n: lambda: model(input_ids=ids[:, :n])
         else:
-            kw = {"compile_step": compile_step} if method == "graphed+compiled" else {}
+            kw = {"compile_step": compile_step} if method in ("graphed+compiled", FAST_INFERENCE) else {}
+            kw.update({"fast_inference": True} if method == FAST_INFERENCE else {"cuda_graph": True})
             backbone = presets.model(name, "bare", max_positions=positions)
-            rmt = presets.rmt("fast", backbone, name, mem, seg, cuda_graph=True, **kw).to(ctx.device, dtype).eval()
+            rmt = presets.rmt("fast", backbone, name, mem, seg, **kw).to(ctx.device, dtype).eval()
             state.update(rmt=rmt, call=lambda n: lambda: rmt(ids[:, :n], return_logits=False))
             with torch.inference_mode():
                 row["warmup_s"] = ctx.timer(state["call"](8 * seg), repeats=1, warmup=1, clock="wall").median_s
+                if method == FAST_INFERENCE:  # the path the flag took here (the CPU: eager, and why)
+                    row["path"], row["note"] = rmt.inference_path()[0], rmt.inference_path()[1] or ""
     with torch.inference_mode():
         reps = (1 if ctx.quick else 2) if n == total else 3
         t = ctx.timer(state["call"](n), repeats=reps, warmup=1 if method == "full (SDPA)" else 0)
     row.update(segments=-(-n // seg), seconds=t.median_s)
     if n == total and "rmt" in state:
-        row.update(ms_per_segment=1e3 * t.median_s / row["segments"], graphs_captured=state["rmt"]._graphs.captures)
+        rmt = state["rmt"]
+        runner = rmt._fast.runner if method == FAST_INFERENCE else rmt._graphs
+        row.update(ms_per_segment=1e3 * t.median_s / row["segments"], graphs_captured=runner.captures)
     return row
 
 
@@ -108,6 +114,7 @@ def run_million(ctx) -> dict:
     cases = [dict(method="graphed", tokens=n) for n in (total, *lengths)]
     cases += [dict(method="full (SDPA)", tokens=n) for n in lengths]
     cases += [dict(method="graphed+compiled", tokens=n) for n in (total, *lengths)]
+    cases.append(dict(method=FAST_INFERENCE, tokens=total))  # the one switch: the same path as graphed+compiled
     rows = ctx.sweep(cases, measure_million, series=("method",),
                      sink=lambda rows: ctx.write_csv(rows, "million.csv"))  # fmt: skip
     summary = _million_summary(rows, total, lengths, targets_apply=ctx.cuda)
@@ -126,7 +133,7 @@ def _million_summary(rows, total, lengths, targets_apply: bool = True) -> dict:
         return next((r["seconds"] for r in rows if r["method"] == method and r.get("tokens") == n
                      and r["status"] == "ok"), None)  # fmt: skip
 
-    out = {"tokens": total}
+    out = {"tokens": total, f"seconds_{FAST_INFERENCE}": sec(FAST_INFERENCE, total)}
     for method in ("graphed", "graphed+compiled"):
         t = sec(method, total)
         out[f"seconds_{method}"] = t

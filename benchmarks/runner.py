@@ -70,11 +70,13 @@ BENCHMARKS: dict[str, str] = {
     "train": "rmt_fast.bench.train",
     "armt": "rmt_fast.bench.armt",
     "eval-stream": "rmt_fast.bench.eval_stream",
+    "segment-breakdown": "rmt_fast.bench.segment_breakdown",
 }
-# Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min),
-# or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder); eval-stream ~2 min on a CPU.
+# Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min,
+# eval-stream ~2 min), or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder), or
+# compiling for minutes (segment-breakdown).
 NOT_IN_ALL: frozenset[str] = frozenset({"train", "tune", "compare", "train-memory", "cuda-graph", "armt",
-                                        "eval-stream"})
+                                        "eval-stream", "segment-breakdown"})
 
 
 class OverBudget(Exception):

@@ -50,7 +50,7 @@ class Setting:
                 "kv_heads": p.kv_heads or p.heads, "ffn": p.ffn, "vocab": p.vocab}  # fmt: skip
 
 
-QUICK = ("reference", "fast", "fast-ckpt", "full")
+QUICK = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # fast-compiled last: it compiles longest
 SETTINGS: dict[str, Setting] = {
     "a": Setting("a", "bert-base", 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7], target_segments=7,
                  quick_methods=QUICK),
@@ -142,8 +142,9 @@ def _ok(rows, setting, method, n):
 
 
 def targets(rows, settings: list[Setting]) -> dict:
-    """The issue's ratios: each FastRMT variant against ReferenceRMT at the setting's target segment count,
-    and the checkpointed long point."""
+    """The issue's ratios: each FastRMT variant against ReferenceRMT at the setting's target segment count (with
+    its own tokens/s, step time and peak memory, also where the reference did not run, e.g. out of memory), the
+    fastest FastRMT variant there (``recommended``), and the checkpointed long point."""
     out = {}
     for s in settings:
         if s.target_segments is not None:
@@ -152,17 +153,26 @@ def targets(rows, settings: list[Setting]) -> dict:
             entry = {}
             for m in FAST_METHODS:
                 r = _ok(rows, s.name, m, n)
-                if ref is None or r is None:
+                if r is None:
                     entry[m] = None
+                    continue
+                peak = r["peak_mb"]
+                entry[m] = dict(tokens_per_s=round(r["tokens_per_s"], 1), step_ms=r.get("step_ms"),
+                                peak_gb=None if peak is None else round(peak * 2**20 / 1e9, 2))  # fmt: skip
+                if ref is None:
+                    entry[m].update(speedup=None, peak_ratio=None, activation_peak_ratio=None, meets_speedup=None,
+                                    meets_memory=None)  # fmt: skip
                     continue
                 speed = r["tokens_per_s"] / ref["tokens_per_s"]
                 mem = r["peak_mb"] / ref["peak_mb"] if r["peak_mb"] and ref["peak_mb"] else None
                 act = (r["act_peak_mb"] / ref["act_peak_mb"] if r["act_peak_mb"] is not None and ref["act_peak_mb"]
                        else None)  # fmt: skip
-                entry[m] = dict(speedup=round(speed, 3), peak_ratio=None if mem is None else round(mem, 3),
+                entry[m].update(speedup=round(speed, 3), peak_ratio=None if mem is None else round(mem, 3),
                                 activation_peak_ratio=None if act is None else round(act, 3),
                                 meets_speedup=speed >= SPEEDUP_TARGET,
                                 meets_memory=None if mem is None else mem <= MEMORY_TARGET)  # fmt: skip
+            measured = {m: e["tokens_per_s"] for m, e in entry.items() if e is not None}
+            entry["recommended"] = max(measured, key=measured.get) if measured else None
             out[f"{s.name}@{n}"] = entry
         for n in s.ckpt_segments:
             r = next((r for r in rows if r["setting"] == s.name and r["method"] == "fast-ckpt"
@@ -172,7 +182,8 @@ def targets(rows, settings: list[Setting]) -> dict:
                 out[f"{s.name}@{n} fast-ckpt"] = dict(status=r["status"], peak_gb=None if peak is None else
                                                       round(peak * 2**20 / 1e9, 2),
                                                       fits_80GB=r["status"] == "ok" and peak is not None
-                                                      and peak * 2**20 <= CKPT_TARGET_BYTES)  # fmt: skip
+                                                      and peak * 2**20 <= CKPT_TARGET_BYTES,
+                                                      tokens_per_s=r.get("tokens_per_s"))  # fmt: skip
     return out
 
 

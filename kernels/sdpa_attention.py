@@ -43,14 +43,17 @@ def _check_kernel_name(name: str) -> SDPBackend:
     return SDPA_KERNELS[name]
 
 
-def _sdpa_mask(q: Tensor, k: Tensor, layout: SegmentLayout) -> tuple[Tensor | None, bool]:
-    """(attn_mask, is_causal) of the SDPA call for this layout."""
-    tq, tk = q.shape[-2], k.shape[-2]
-    if layout.is_padded:
-        return layout.dense_mask(q_len=tq, device=q.device), False
-    if layout.causal and tq != tk:
-        # Decode step: queries at the end; SDPA's is_causal aligns top-left, so build the mask.
-        return layout.dense_mask(q_len=tq, device=q.device), False
+def needs_mask(layout: SegmentLayout, q_len: int) -> bool:
+    """Whether the SDPA call for this layout takes a dense mask: a padded segment, or a causal decode step
+    (queries at the end; SDPA's is_causal aligns top-left)."""
+    return layout.is_padded or (layout.causal and q_len != layout.seq_len)
+
+
+def _sdpa_mask(q: Tensor, k: Tensor, layout: SegmentLayout, mask: Tensor | None = None) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) of the SDPA call for this layout; ``mask``: the layout's dense mask already built."""
+    tq = q.shape[-2]
+    if needs_mask(layout, tq):
+        return (mask if mask is not None else layout.dense_mask(q_len=tq, device=q.device)), False
     return None, layout.causal
 
 
@@ -83,15 +86,19 @@ def sdpa_rmt_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     sdpa_kernel: str | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> output (B, Tq, Hq, D), the layout transformers expects.
-    ``sdpa_kernel``: None (SDPA picks its kernel) or the one kernel to run (``"sdpa_flash"``, ...)."""
+    ``sdpa_kernel``: None (SDPA picks its kernel) or the one kernel to run (``"sdpa_flash"``, ...).
+    ``mask``: ``layout.dense_mask(q_len=Tq)`` already built by the caller (every layer of a segment reuses one),
+    boolean or in SDPA's additive float form (0 visible, -inf hidden), used where the layout needs a mask; None
+    builds it here."""
     forced = None if sdpa_kernel is None else _check_kernel_name(sdpa_kernel)
     tk = k.shape[-2]
     if tk != layout.seq_len:
         raise ValueError(f"k has {tk} positions but the segment layout has {layout.seq_len}")
     enable_gqa = q.shape[1] != k.shape[1]
-    attn_mask, is_causal = _sdpa_mask(q, k, layout)
+    attn_mask, is_causal = _sdpa_mask(q, k, layout, mask)
     if forced is None:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

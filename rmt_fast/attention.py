@@ -40,7 +40,7 @@ from transformers.masking_utils import (
 from .kernels import dispatch
 from .kernels.flex_attention import flex_block_mask, flex_rmt_attention, flex_supported
 from .kernels.layout import SegmentLayout
-from .kernels.sdpa_attention import SDPA_KERNELS, sdpa_kernel_supported, sdpa_rmt_attention
+from .kernels.sdpa_attention import SDPA_KERNELS, needs_mask, sdpa_kernel_supported, sdpa_rmt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,13 @@ class ActiveSegment:
 
     It also carries the segment's backend decision: the first attention call of the segment checks support and
     consults the dispatch table; later layers with the same (shapes, dtypes, devices, needs_grad, dropout) key
-    reuse the decision after one tuple comparison, and run the kernel without validating again.
+    reuse the decision after one tuple comparison, and run the kernel without validating again. And the SDPA
+    backend's dense mask of a padded segment, in SDPA's additive form: built by the first layer, reused by the
+    others (one mask per segment, not one per layer: a CUDA-graphed segment, whose layout always has counts,
+    captured 8 small mask kernels per layer before, and SDPA's bool-to-float conversion in every layer).
     """
 
-    __slots__ = ("layout", "backend", "decision_key", "decision", "block_mask")
+    __slots__ = ("layout", "backend", "decision_key", "decision", "block_mask", "mask_key", "mask")
 
     def __init__(self, layout: SegmentLayout, backend: str):
         self.layout = layout
@@ -64,6 +67,21 @@ class ActiveSegment:
         self.decision_key: tuple | None = None
         self.decision: str | None = None
         self.block_mask: tuple | None = None  # ((batch, device), FlexAttention block mask) when 'flex' runs
+        self.mask_key: tuple | None = None
+        self.mask: torch.Tensor | None = None
+
+    def dense_mask(self, q_len: int, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``layout.dense_mask(q_len, device)``, built once per segment; with a floating ``dtype``, in the
+        additive form SDPA turns a boolean mask into (0 where visible, -inf elsewhere), so that conversion also
+        runs once per segment instead of in every layer."""
+        key = (q_len, device, dtype)
+        if key != self.mask_key:
+            mask = self.layout.dense_mask(q_len=q_len, device=device)
+            if dtype is not None:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask.logical_not(),
+                                                                                        float("-inf"))
+            self.mask, self.mask_key = mask, key
+        return self.mask
 
 
 class _ThreadVar:
@@ -267,8 +285,11 @@ def run_backend(
                 segment.block_mask = (mask_key, flex_block_mask(layout, q.shape[0], q.device))
             block_mask = segment.block_mask[1]
         return flex_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p, block_mask=block_mask)
+    mask = None
+    if segment is not None and needs_mask(layout, q.shape[-2]):
+        mask = segment.dense_mask(q.shape[-2], q.device, q.dtype)
     return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p,
-                              sdpa_kernel=None if chosen == "sdpa" else chosen)  # fmt: skip
+                              sdpa_kernel=None if chosen == "sdpa" else chosen, mask=mask)  # fmt: skip
 
 
 def rmt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

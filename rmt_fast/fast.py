@@ -22,6 +22,7 @@ from .attention import preload as preload_backend
 from .base import RMTBase, RMTOutput, memory_detached_before
 from .compiled import CompiledStep, compile_options
 from .cuda_graph import SegmentGraphRunner
+from .fast_inference import EAGER, GRAPHED_COMPILED, FastInference, compile_errors
 from .kernels.layout import SegmentLayout
 from .loss import linear_cross_entropy, plain_head, wants_chunked_loss
 from .segments import DecoderStatic, decoder_plan, decoder_targets, encoder_plan
@@ -36,20 +37,31 @@ class FastRMT(RMTBase):
     * ``cuda_graph``: run inference segments through one captured CUDA graph per call shape
       (:mod:`rmt_fast.cuda_graph`); training with it is refused with a clear error;
     * ``compile_step``: False, True or a dict of ``torch.compile`` keyword arguments: the per-segment step runs
-      compiled (:mod:`rmt_fast.compiled`), in training, under checkpointing and inside CUDA graphs.
+      compiled (:mod:`rmt_fast.compiled`), in training, under checkpointing and inside CUDA graphs;
+    * ``fast_inference``: one switch for the fastest inference path, the compiled step captured as a CUDA graph,
+      wherever it applies (CUDA, gradients off); elsewhere the eager step, with the reason logged once
+      (:mod:`rmt_fast.fast_inference`). ``compile_step`` then holds that path's compile options.
     """
 
     def __init__(self, model, num_mem_tokens: int, segment_size: int, *, gradient_checkpointing: bool = False,
-                 cuda_graph: bool = False, compile_step=False, **kwargs):  # fmt: skip
-        compile_kwargs = compile_options(compile_step, bool(cuda_graph))  # checked before anything is built
+                 cuda_graph: bool = False, compile_step=False, fast_inference: bool = False, **kwargs):  # fmt: skip
+        if not isinstance(fast_inference, bool):
+            raise ValueError(f"fast_inference must be True or False, got {fast_inference!r}")
+        if fast_inference:  # the fast path's compile options: compile_step's, or inductor's defaults
+            fast_kwargs = compile_options(True if compile_step is None or compile_step is False else compile_step,
+                                          cuda_graph=True)  # fmt: skip
+            compile_kwargs = None
+        else:
+            compile_kwargs = compile_options(compile_step, bool(cuda_graph))  # checked before anything is built
         super().__init__(model, num_mem_tokens, segment_size, **kwargs)
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        name = "decoder_step" if self.is_decoder else "encoder_step"
         if compile_kwargs is not None:  # an instance attribute shadows the method: every caller gets it
-            name = "decoder_step" if self.is_decoder else "encoder_step"
             setattr(self, name, CompiledStep(self, name, compile_kwargs))
         self._graphs = None
-        if cuda_graph:
+        if cuda_graph and not fast_inference:
             self._graphs = SegmentGraphRunner(self)
+        self._fast = FastInference(self, name, fast_kwargs) if fast_inference else None
         model = self.model  # the transformers model that runs (inside a PeftModel, the one it wraps)
         self._original_attn = model.config._attn_implementation
         preload_backend(self.settings.attn_backend)
@@ -82,6 +94,38 @@ class FastRMT(RMTBase):
     def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
                 return_logits: bool = True) -> RMTOutput:  # fmt: skip
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
+        args = (input_ids, attention_mask, labels, labels_mask, memory_state, return_logits)
+        if self._fast is None:
+            return self._run(*args)
+        path, reason = self.inference_path()
+        if reason is not None:
+            self._fast.log_once(reason)
+        if path == EAGER:
+            return self._run(*args)
+        self._graphs = self._fast.runner  # this call only
+        try:
+            if path == GRAPHED_COMPILED:
+                try:
+                    with self._fast.compiled_step():
+                        return self._run(*args)
+                except compile_errors() as exc:
+                    self._fast.compile_failed(exc)
+                    self._fast.log_once(self.inference_path()[1])
+            return self._run(*args)
+        finally:
+            self._graphs = None
+
+    def inference_path(self) -> tuple[str, str | None]:
+        """With ``fast_inference=True``: the path a call made now takes, ``"graphed+compiled"``, ``"graphed"`` or
+        ``"eager"``, and why it is not the first (None when it is). Without it: the configured path (``cuda_graph``,
+        ``compile_step``), no reason."""
+        if self._fast is not None:
+            return self._fast.path()
+        compiled = "decoder_step" in vars(self) or "encoder_step" in vars(self)
+        graphed = self._graphs is not None
+        return ("graphed" if graphed else "eager") + ("+compiled" if compiled else ""), None
+
+    def _run(self, input_ids, attention_mask, labels, labels_mask, memory_state, return_logits):
         if self.is_decoder:
             return self._decoder(input_ids, attention_mask, labels, labels_mask, memory_state, return_logits)
         return self._encoder(input_ids, labels, memory_state, return_logits)

@@ -103,8 +103,33 @@ def test_target_ratios():
     assert fast["meets_speedup"] and fast["meets_memory"]
     ckpt = got["a@7"]["fast-ckpt"]
     assert not ckpt["meets_speedup"] and ckpt["meets_memory"]
-    assert got["a@7"]["fast-compiled"] is None and got["b@8"] == {m: None for m in train.FAST_METHODS}
-    assert got["b@64 fast-ckpt"] == {"status": "ok", "peak_gb": 73.4, "fits_80GB": True}
+    assert got["a@7"]["fast-compiled"] is None and got["a@7"]["recommended"] == "fast"
+    assert fast["tokens_per_s"] == 160.0 and fast["peak_gb"] == round(1800 * 2**20 / 1e9, 2)
+    assert got["b@8"] == {**{m: None for m in train.FAST_METHODS}, "recommended": None}
+    assert got["b@64 fast-ckpt"] == {"status": "ok", "peak_gb": 73.4, "fits_80GB": True, "tokens_per_s": 1.0}
+
+
+def test_target_point_without_the_reference():
+    """llama-1.2B at 8 segments: the reference runs out of memory; FastRMT's and the checkpointed variant's
+    tokens/s and peak memory are still reported, and the faster FastRMT variant is the recommended one."""
+    b = train.SETTINGS["b"]
+    rows = [dict(setting="b", method="reference", segments=8, status="oom"),
+            dict(setting="b", method="fast", segments=8, status="ok", tokens_per_s=38278.8, step_ms=856.0,
+                 peak_mb=85880.6, act_peak_mb=66954.2),
+            dict(setting="b", method="fast-ckpt", segments=8, status="ok", tokens_per_s=26468.6, step_ms=1238.0,
+                 peak_mb=29438.2, act_peak_mb=10504.2),
+            dict(setting="b", method="fast-compiled", segments=8, status="ok", tokens_per_s=41000.0, step_ms=799.2,
+                 peak_mb=80000.0, act_peak_mb=61000.0)]  # fmt: skip
+    got = train.targets(rows, [b])["b@8"]
+    assert got["fast"]["tokens_per_s"] == 38278.8 and got["fast"]["peak_gb"] == 90.05
+    assert got["fast-ckpt"]["tokens_per_s"] == 26468.6 and got["fast-ckpt"]["peak_gb"] == 30.87
+    assert got["fast"]["speedup"] is None and got["fast-ckpt"]["meets_memory"] is None
+    assert got["recommended"] == "fast-compiled"
+
+
+def test_quick_run_lists_fast_compiled():
+    for name in ("a", "b"):
+        assert "fast-compiled" in train.SETTINGS[name].quick_methods
 
 
 def test_million_summary_crossover():
