@@ -136,8 +136,10 @@ _CONFIG_CACHE: dict[tuple, LaunchConfig] = {}
 # Kernel variant key -> the ready launch built from a resolved configuration (filled by triton_attention);
 # cleared with the configurations it was built from.
 _PLANS: dict[tuple, object] = {}
-# Shape key -> the ShapePlan of a call at that shape (filled by triton_attention); cleared with the above.
+# Shape key -> the ShapePlan of a call at that shape (filled by triton_attention); cleared with the above, and
+# when it reaches MAX_SHAPE_PLANS entries (a plan is rebuilt in microseconds; the bound keeps memory flat).
 _SHAPE_PLANS: dict[tuple, ShapePlan] = {}
+MAX_SHAPE_PLANS = 4096
 
 
 class ShapePlan:

@@ -24,6 +24,11 @@ Interface for callers (the runtime's dispatch, tuners):
   shared memory / registers steps down (``LaunchConfig.smaller``) and the cache remembers the config that
   compiled.
 
+Host time per call: the shapes, dtype, device and layout of a call select a cached
+:class:`~rmt_fast.kernels.launch_configs.ShapePlan` (launches, grids, buffer shapes, scalar arguments of the
+forward and, from the first backward on, of the backward), so that a call only reads its tensors' strides,
+allocates its outputs and launches; in eager mode autograd goes through :class:`_RmtAttentionFn`'s C ``apply``.
+
 Test hooks on this module: ``_empty`` (every buffer the kernels overwrite; tests pre-fill it with NaN), the
 kernels by name (``_rmt_attn_fwd_kernel``... are looked up here at each new launch plan),
 ``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are
@@ -157,6 +162,8 @@ def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: 
         ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)), cache,
     )  # fmt: skip
     if cache:
+        if len(_cfg._SHAPE_PLANS) >= _cfg.MAX_SHAPE_PLANS:  # e.g. a decode loop: a new Tq / Tk at every step
+            _cfg._SHAPE_PLANS.clear()
         _cfg._SHAPE_PLANS[key] = plan
     return plan
 
@@ -318,8 +325,9 @@ def _register_ops():
     ``rmt_fast::attn_bwd``) with autograd registered: torch.compile sees the kernel launches (``wrap_triton``)
     and compiles the kernels itself; the fake implementation is the same Python run on fake tensors. Used only
     while compiling (:func:`rmt_attention` checks ``torch.compiler.is_compiling()``): in eager mode the custom
-    op's dispatch would only add host time. Not registered in Triton's interpreter (``wrap_triton`` takes
-    compiled kernels only)."""
+    op's dispatch only adds host time (``host-overhead``'s ``triton_op_grad`` row: the eager grad call through
+    this op costs several times the autograd Function's). Not registered in Triton's interpreter (``wrap_triton``
+    took compiled kernels only before torch 2.13)."""
     from torch.library import triton_op, wrap_triton
 
     @triton_op("rmt_fast::attn_fwd", mutates_args=())

@@ -217,3 +217,12 @@ def test_grad_call_uses_the_c_apply_and_falls_back_under_functorch(compiled_path
     monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: True)
     ta.rmt_attention(q, k, v, layout, check=False)
     assert calls == ["python"]
+
+
+def test_shape_plan_cache_is_bounded(compiled_path, monkeypatch):
+    monkeypatch.setattr(lc, "MAX_SHAPE_PLANS", 3)
+    k, v = (torch.randn(1, 2, 20, 16) for _ in range(2))
+    layout = SegmentLayout(2, 16, 2, True)
+    for tq in range(1, 8):  # a decode-like loop: a new query length each call
+        ta.rmt_attention(torch.randn(1, 2, tq, 16), k, v, layout, check=False)
+        assert 1 <= len(lc._SHAPE_PLANS) <= 3
