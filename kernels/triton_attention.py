@@ -316,7 +316,9 @@ class _RmtAttentionFn(torch.autograd.Function):
         return dq, dk if need[1] else None, dv if need[2] else None, None, None
 
 
-_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _RmtAttentionFn)
+# torch's C ``apply`` bound to the Function (a private API: the Python ``apply`` where a torch lacks it).
+_C_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_APPLY = _RmtAttentionFn.apply if _C_APPLY is None else _C_APPLY.__get__(None, _RmtAttentionFn)
 
 
 # ============================================================================ torch.compile: custom ops
