@@ -13,6 +13,10 @@ Resolved in this order at each launch (by :mod:`rmt_fast.kernels.triton_attentio
 
 A 4-tuple is accepted wherever a :class:`LaunchConfig` is expected. In Triton's interpreter the heuristic uses
 ``_INTERPRET_BLOCKS`` (tests change it) and the caches are bypassed.
+
+Above the configurations, a call at a given shape reads a :class:`ShapePlan` (launches, grids, buffer shapes,
+scalar arguments of the forward and the backward), cached per shape key in ``_SHAPE_PLANS`` and cleared with
+the configurations (``clear_launch_cache``).
 """
 
 from __future__ import annotations
@@ -132,6 +136,40 @@ _CONFIG_CACHE: dict[tuple, LaunchConfig] = {}
 # Kernel variant key -> the ready launch built from a resolved configuration (filled by triton_attention);
 # cleared with the configurations it was built from.
 _PLANS: dict[tuple, object] = {}
+# Shape key -> the ShapePlan of a call at that shape (filled by triton_attention); cleared with the above, and
+# when it reaches MAX_SHAPE_PLANS entries (a plan is rebuilt in microseconds; the bound keeps memory flat).
+_SHAPE_PLANS: dict[tuple, ShapePlan] = {}
+MAX_SHAPE_PLANS = 4096
+
+
+class ShapePlan:
+    """Everything a call of the attention kernels needs that depends on the shapes, dtype, device and segment
+    layout but not on the tensors' strides or data: the launch of each kernel (kernel, configuration), its grid,
+    the shapes of the buffers the kernels fill and the scalar arguments (heads, lengths, slot counts, scales).
+
+    Built on the first call at a shape key (the forward at once, the backward's launches at the first backward:
+    ``bwd`` is None until then) and cached in ``_SHAPE_PLANS``: a call after that builds its shape key, does one
+    dict look-up and then only reads strides and allocates its outputs. The builder (``triton_attention``) owns
+    the field values; this class only holds them.
+
+    * ``fwd``, ``fwd_grid``: the forward's launch and grid; ``fwd_tail``: its scalar arguments after the
+      strides, up to (not including) ``dropout_p, seed``;
+    * ``out_shape`` (B, Tq, Hq, D), ``lse_shape`` and ``delta_shape`` (B, Hq, Tq), ``dq_shape`` (B, Tq, Hq, D)
+      and ``dkv_shape`` (B, Tk, Hkv, D): the buffers' shapes (gradients are allocated (B, T, H, D) and seen
+      transposed); ``dtype``, ``device``: theirs;
+    * ``bwd``: None, or (launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels;
+    * ``key``: the kernel variant key without its kind (for the launches' out-of-resources step-down);
+      ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache.
+    """
+
+    __slots__ = ("key", "dims", "dtype", "device", "fwd", "fwd_grid", "fwd_tail", "scale", "out_shape", "lse_shape",
+                 "delta_shape", "dq_shape", "dkv_shape", "bwd", "cached")  # fmt: skip
+
+    def __init__(self, key, dims, dtype, device, fwd, fwd_grid, fwd_tail, scale, shapes, cached: bool):
+        self.key, self.dims, self.dtype, self.device, self.cached = key, dims, dtype, device, cached
+        self.fwd, self.fwd_grid, self.fwd_tail, self.scale = fwd, fwd_grid, fwd_tail, scale
+        self.out_shape, self.lse_shape, self.delta_shape, self.dq_shape, self.dkv_shape = shapes
+        self.bwd = None
 
 
 def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
@@ -164,6 +202,7 @@ def clear_launch_cache() -> None:
     """Forget the resolved configurations (the next launch of each kind asks :func:`launch_config` again)."""
     _CONFIG_CACHE.clear()
     _PLANS.clear()
+    _SHAPE_PLANS.clear()
 
 
 @contextlib.contextmanager

@@ -24,6 +24,11 @@ Interface for callers (the runtime's dispatch, tuners):
   shared memory / registers steps down (``LaunchConfig.smaller``) and the cache remembers the config that
   compiled.
 
+Host time per call: the shapes, dtype, device and layout of a call select a cached
+:class:`~rmt_fast.kernels.launch_configs.ShapePlan` (launches, grids, buffer shapes, scalar arguments of the
+forward and, from the first backward on, of the backward), so that a call only reads its tensors' strides,
+allocates its outputs and launches; in eager mode autograd goes through :class:`_RmtAttentionFn`'s C ``apply``.
+
 Test hooks on this module: ``_empty`` (every buffer the kernels overwrite; tests pre-fill it with NaN), the
 kernels by name (``_rmt_attn_fwd_kernel``... are looked up here at each new launch plan),
 ``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are
@@ -39,7 +44,7 @@ import triton
 from torch import Tensor
 
 from . import launch_configs as _cfg
-from .launch_configs import LaunchConfig, next_pow2
+from .launch_configs import LaunchConfig, ShapePlan, next_pow2
 from .layout import SegmentLayout
 from .triton_kernels import (  # noqa: F401  (looked up by name in _new_plan: tests swap them here)
     _rmt_attn_bwd_dkdv_kernel,
@@ -117,41 +122,6 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
     return plan
 
 
-def _run(plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple, wrap=None) -> None:
-    """Launch ``plan`` on the grid (cdiv(n0, BLOCK_N if by_n else BLOCK_M), grid1). A launch that fails to
-    compile for lack of shared memory or registers steps the configuration down (and the cache remembers it),
-    unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
-    inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
-    block = plan.block_n if by_n else plan.block_m
-    if wrap is not None:
-        wrap(plan.kernel)[(-(-n0 // block), grid1)](*args, **plan.kwargs)
-        return
-    try:
-        plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
-    except triton.runtime.errors.OutOfResources as exc:
-        if plan.fixed:
-            raise
-        _run_stepping_down(exc, plan, key_args, n0, by_n, grid1, args)
-
-
-def _run_stepping_down(exc, plan: _Launch, key_args: tuple, n0: int, by_n: bool, grid1: int, args: tuple) -> None:
-    cfg = plan.cfg
-    _cfg._PLANS.clear()
-    kind, D, dtype, device = key_args[:4]
-    while True:
-        cfg = cfg.smaller()
-        if cfg is None:
-            raise exc
-        _cfg._CONFIG_CACHE[(kind, D, dtype, device)] = cfg
-        plan = _new_plan(_variant_key(*key_args), cfg)
-        block = plan.block_n if by_n else plan.block_m
-        try:
-            plan.run(*args, grid=(-(-n0 // block), grid1), warmup=False, **plan.kwargs)
-            return
-        except triton.runtime.errors.OutOfResources as again:
-            exc = again
-
-
 def _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64) -> tuple:
     # fp32 inputs follow torch's matmul policy: exact IEEE dots unless the user allowed TF32.
     ieee = dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -164,6 +134,102 @@ _FORCE_DROPOUT_I64 = False
 
 def _needs_i64(B: int, Hq: int, Tq: int, Tk: int) -> bool:
     return _FORCE_DROPOUT_I64 or B * Hq * Tq * Tk >= 2**31
+
+
+def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: int, num_tokens: int, causal: bool,
+                scale: float, dropout: bool, cache: bool = True) -> ShapePlan:  # fmt: skip
+    """The :class:`~rmt_fast.kernels.launch_configs.ShapePlan` of a call: one key and one dict look-up once
+    cached. ``cache=False`` (the custom ops, whose shapes may be symbolic) builds a fresh one. The key holds
+    every input of the plan: shapes, dtype, device, the layout's integers, the scale, whether dropout is on, and
+    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks)."""
+    dtype = q.dtype
+    key = (q.shape, k.shape, dtype, q.device, padded, has_starts, num_read, num_tokens, causal, scale, dropout,
+           dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32, _MASK_BOUNDARY_ONLY,
+           _FORCE_DROPOUT_I64)  # fmt: skip
+    cache = cache and _cfg._OVERRIDE is None and not _cfg._INTERPRET
+    if cache:
+        plan = _cfg._SHAPE_PLANS.get(key)
+        if plan is not None:
+            return plan
+    B, Hq, Tq, D = key[0]
+    Hkv, Tk = key[1][1], key[1][2]
+    variant = (D, dtype, key[3], causal, padded, has_starts, dropout, _needs_i64(B, Hq, Tq, Tk))
+    fwd = _plan("fwd", *variant)
+    dims = (B, Hq, Hkv, Tq, Tk)
+    plan = ShapePlan(
+        variant, dims, dtype, key[3], fwd, _grid("fwd", fwd, dims),
+        (Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E), scale,
+        ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)), cache,
+    )  # fmt: skip
+    if cache:
+        if len(_cfg._SHAPE_PLANS) >= _cfg.MAX_SHAPE_PLANS:  # e.g. a decode loop: a new Tq / Tk at every step
+            _cfg._SHAPE_PLANS.clear()
+        _cfg._SHAPE_PLANS[key] = plan
+    return plan
+
+
+def _grid(kind: str, launch: _Launch, dims: tuple) -> tuple:
+    """The launch grid of kernel ``kind``: query tiles (key tiles for dK/dV) x (batch, head) pairs."""
+    B, Hq, Hkv, Tq, Tk = dims
+    if kind == "dkdv":
+        return (-(-Tk // launch.block_n), B * Hkv)
+    return (-(-Tq // launch.block_m), B * Hq)
+
+
+def _backward_launches(plan: ShapePlan) -> tuple:
+    """((launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels) of ``plan``, built at its first
+    backward and kept on the plan. The tails start with the strides of the gradient buffers the backward
+    allocates (fixed by their shapes) and end before ``dropout_p, seed``."""
+    D = plan.key[0]
+    B, Hq, Hkv, Tq, Tk = plan.dims
+    G, num_read, num_tokens, scale_log2 = plan.fwd_tail[1], plan.fwd_tail[5], plan.fwd_tail[6], plan.fwd_tail[7]
+    pre = _plan("pre", D, plan.dtype, plan.device, False, False, False, False, False)
+    dq = _plan("dq", *plan.key)
+    dkdv = _plan("dkdv", *plan.key)
+    dq_strides = (Tq * Hq * D, D, Hq * D, 1)  # a (B, Tq, Hq, D) buffer seen as (B, Hq, Tq, D)
+    dkv_strides = (Tk * Hkv * D, D, Hkv * D, 1)
+    common = (Tq, Tk, D, num_read, num_tokens, scale_log2, plan.scale)
+    bwd = (
+        (pre, _grid("pre", pre, plan.dims), (Hq, Tq, D)),
+        (dq, _grid("dq", dq, plan.dims), (*dq_strides, Hq, G, *common)),
+        (dkdv, _grid("dkdv", dkdv, plan.dims), (*dkv_strides, *dkv_strides, Hq, Hkv, G, *common)),
+    )
+    plan.bwd = bwd
+    return bwd
+
+
+def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> None:
+    """Launch ``launch`` on ``grid``. A launch that fails to compile for lack of shared memory or registers
+    steps the configuration down (and the caches remember it), unless the configuration was fixed by
+    :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``, inside the custom ops) makes the launch
+    visible to torch.compile; the compiler then compiles the kernel."""
+    if wrap is not None:
+        wrap(launch.kernel)[grid](*args, **launch.kwargs)
+        return
+    try:
+        launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
+    except triton.runtime.errors.OutOfResources as exc:
+        if launch.fixed:
+            raise
+        _run_stepping_down(exc, launch, args, plan, kind)
+
+
+def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
+    cfg = launch.cfg
+    _cfg._PLANS.clear()
+    _cfg._SHAPE_PLANS.clear()  # the plan at hand keeps its launches for this call only
+    D, dtype, device = plan.key[:3]
+    while True:
+        cfg = cfg.smaller()
+        if cfg is None:
+            raise exc
+        _cfg._CONFIG_CACHE[(kind, D, dtype, device)] = cfg
+        launch = _new_plan(_variant_key(kind, *plan.key), cfg)
+        try:
+            launch.run(*args, grid=_grid(kind, launch, plan.dims), warmup=False, **launch.kwargs)
+            return
+        except triton.runtime.errors.OutOfResources as again:
+            exc = again
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -183,84 +249,76 @@ def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, boo
     return starts, counts, True, True
 
 
-def _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed,
-             out, wrap=None):  # fmt: skip
-    """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). Primitive arguments only (the
-    custom op for torch.compile calls it too); ``starts`` / ``counts`` are any tensor when unused."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    device = q.device
+def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: int, out, wrap=None):
+    """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). ``plan`` from :func:`_shape_plan`;
+    ``starts`` / ``counts`` are any tensor when unused."""
     if out is None:
-        out = _empty((B, Tq, Hq, D), q.dtype, device)
-    lse = _empty((B, Hq, Tq), torch.float32, device)
-    key_args = ("fwd", D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
-    plan = _plan(*key_args)
-    args = (
-        q, k, v, out, lse, starts, counts,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, dropout_p, seed,
-    )  # fmt: skip
-    _run(plan, key_args, Tq, False, B * Hq, args, wrap)
+        out = _empty(plan.out_shape, plan.dtype, plan.device)
+    lse = _empty(plan.lse_shape, torch.float32, plan.device)
+    args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *plan.fwd_tail, dropout_p, seed)  # fmt: skip
+    _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
     return out, lse
 
 
-def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale,
-              dropout_p, seed, need_dq, need_dkv, wrap=None):  # fmt: skip
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    device = q.device
-
-    delta = _empty((B, Hq, Tq), torch.float32, device)
-    pre = _plan("pre", D, q.dtype, device, False, False, False, False, False)
-    _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D), wrap)
-
-    variant = (D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
-    common = (Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, scale, dropout_p, seed)
+def _backward(q, k, v, out, lse, do, starts, counts, plan: ShapePlan, dropout_p: float, seed: int, need_dq: bool,
+              need_dkv: bool, wrap=None):  # fmt: skip
+    """Launch the backward kernels: (dq, dk, dv) seen as (B, H, T, D) over (B, T, H, D) buffers (None for the
+    ones not needed)."""
+    pre, dq_l, dkdv_l = plan.bwd or _backward_launches(plan)
+    device = plan.device
+    delta = _empty(plan.delta_shape, torch.float32, device)
+    _run(pre[0], pre[1], (out, do, delta, *out.stride(), *do.stride(), *pre[2]), wrap, plan, "pre")
     dq = dk = dv = None
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
-        dq = _empty((B, Tq, Hq, D), q.dtype, device).transpose(1, 2)
-        args = (
-            q, k, v, do, dq, lse, delta, starts, counts,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            Hq, G, *common,
-        )  # fmt: skip
-        key_args = ("dq", *variant)
-        _run(_plan(*key_args), key_args, Tq, False, B * Hq, args, wrap)
+        dq = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
+        args = (q, k, v, do, dq, lse, delta, starts, counts, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                *dq_l[2], dropout_p, seed)  # fmt: skip
+        _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
-        dk = _empty((B, Tk, Hkv, D), k.dtype, device).transpose(1, 2)
-        dv = _empty((B, Tk, Hkv, D), v.dtype, device).transpose(1, 2)
-        args = (
-            q, k, v, do, dk, dv, lse, delta, starts, counts,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hq, Hkv, G, *common,
-        )  # fmt: skip
-        key_args = ("dkdv", *variant)
-        _run(_plan(*key_args), key_args, Tk, True, B * Hkv, args, wrap)
+        dk = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
+        dv = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
+        args = (q, k, v, do, dk, dv, lse, delta, starts, counts, *q.stride(), *k.stride(), *v.stride(),
+                *do.stride(), *dkdv_l[2], dropout_p, seed)  # fmt: skip
+        _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
     return dq, dk, dv
 
 
 # ================================================================================= autograd Function
 class _RmtAttentionFn(torch.autograd.Function):
-    """``meta`` = (padded, has_starts, num_read, num_tokens, causal, scale, dropout_p, seed): one argument, as
-    every argument of ``apply`` costs host time."""
+    """Autograd in eager mode. ``call`` = (starts, counts, plan, dropout_p, seed): one argument, as every
+    argument of ``apply`` costs host time; ``starts`` / ``counts`` never need a gradient.
+
+    Applied through :data:`_APPLY`, the C ``apply`` without ``Function.apply``'s Python wrapper (whose pytree
+    pass over the arguments for functorch costs about as much as the rest of the call); under a functorch
+    transform the wrapper runs. Measured against a ``torch.library.custom_op`` with ``register_autograd``
+    (benchmarks/host_overhead.py, path ``triton_grad_op``): the custom op's dispatch adds far more host time than
+    this, so the custom ops serve torch.compile only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, out, starts, counts, meta):
-        o, lse = _forward(q, k, v, starts, counts, *meta, out)
+    def forward(ctx, q, k, v, out, call):
+        starts, counts, plan, dropout_p, seed = call
+        o, lse = _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)
         if out is not None:
             ctx.mark_dirty(out)
-        ctx.save_for_backward(q, k, v, o, lse, starts, counts)
-        ctx.meta = meta
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.call = call
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, starts, counts = ctx.saved_tensors
+        q, k, v, o, lse = ctx.saved_tensors
+        starts, counts, plan, dropout_p, seed = ctx.call
         need = ctx.needs_input_grad
-        dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, *ctx.meta, need[0], need[1] or need[2])
-        return dq, dk if need[1] else None, dv if need[2] else None, None, None, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, plan, dropout_p, seed, need[0],
+                               need[1] or need[2])  # fmt: skip
+        return dq, dk if need[1] else None, dv if need[2] else None, None, None
+
+
+# torch's C ``apply`` bound to the Function (a private API: the Python ``apply`` where a torch lacks it).
+_C_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_APPLY = _RmtAttentionFn.apply if _C_APPLY is None else _C_APPLY.__get__(None, _RmtAttentionFn)
 
 
 # ============================================================================ torch.compile: custom ops
@@ -269,23 +327,26 @@ def _register_ops():
     ``rmt_fast::attn_bwd``) with autograd registered: torch.compile sees the kernel launches (``wrap_triton``)
     and compiles the kernels itself; the fake implementation is the same Python run on fake tensors. Used only
     while compiling (:func:`rmt_attention` checks ``torch.compiler.is_compiling()``): in eager mode the custom
-    op's dispatch would only add host time. Not registered in Triton's interpreter (``wrap_triton`` takes
-    compiled kernels only)."""
+    op's dispatch only adds host time (``host-overhead``'s ``triton_op_grad`` row: the eager grad call through
+    this op costs several times the autograd Function's). Not registered in Triton's interpreter (``wrap_triton``
+    took compiled kernels only before torch 2.13)."""
     from torch.library import triton_op, wrap_triton
 
     @triton_op("rmt_fast::attn_fwd", mutates_args=())
     def attn_fwd(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, counts: Tensor, padded: bool, has_starts: bool,
                  num_read: int, num_tokens: int, causal: bool, scale: float, dropout_p: float,
                  seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-        return _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p,
-                        seed, None, wrap_triton)  # fmt: skip
+        plan = _shape_plan(q, k, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p > 0.0,
+                           type(q) is Tensor)  # cached for real tensors only (traced shapes may be symbolic)
+        return _forward(q, k, v, starts, counts, plan, dropout_p, seed, None, wrap_triton)
 
     @triton_op("rmt_fast::attn_bwd", mutates_args=())
     def attn_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, starts: Tensor,
                  counts: Tensor, padded: bool, has_starts: bool, num_read: int, num_tokens: int, causal: bool,
                  scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        return _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal,
-                         scale, dropout_p, seed, True, True, wrap_triton)  # fmt: skip
+        plan = _shape_plan(q, k, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p > 0.0,
+                           type(q) is Tensor)
+        return _backward(q, k, v, out, lse, do, starts, counts, plan, dropout_p, seed, True, True, wrap_triton)
 
     def setup_context(ctx, inputs, output):
         q, k, v, starts, counts = inputs[:5]
@@ -445,11 +506,14 @@ def rmt_attention(
     if _OPS is not None and torch.compiler.is_compiling():
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _compiled_attention(q, k, v, out, starts, counts, meta)
+    plan = _shape_plan(q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale,
+                       dropout_p > 0.0)  # fmt: skip
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
-        return _RmtAttentionFn.apply(q, k, v, out, starts, counts, meta)
-    return _forward(q, k, v, starts, counts, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal,
-                    scale, dropout_p, seed, out)[0]  # fmt: skip
+        call = (starts, counts, plan, dropout_p, seed)
+        if torch._C._are_functorch_transforms_active():
+            return _RmtAttentionFn.apply(q, k, v, out, call)
+        return _APPLY(q, k, v, out, call)
+    return _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)[0]
 
 
 def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed: int, device) -> Tensor:

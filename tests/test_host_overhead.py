@@ -94,10 +94,135 @@ def test_host_overhead_benchmark_runs(tmp_path):
     assert F.scaled_dot_product_attention is real_sdpa and ta._rmt_attn_fwd_kernel is real_kernel  # restored
     data = json.loads((tmp_path / "host_overhead.json").read_text())
     stub = [r for r in data["rows"] if r["mode"] == "stub"]
-    assert {(r["case"], r["path"]) for r in stub} == {
-        (c, p) for c in ("full", "counts", "runs")
-        for p in ("triton", "sdpa", "triton_grad", "sdpa_grad", "validate_once_per_segment")
-    }  # fmt: skip
-    assert all(r["host_us"] > 0 for r in stub)
-    assert len(data["summary"]) == 6 and summary["rows"] == len(data["rows"])
+    paths = ["triton", "sdpa", "triton_grad", "sdpa_grad", "triton_step", "sdpa_step", "validate_once_per_segment"]
+    if ta._OPS is not None:  # the custom ops are registered outside the interpreter only
+        paths += ["triton_op_grad", "triton_op_step"]
+    assert {(r["case"], r["path"]) for r in stub} == {(c, p) for c in ("full", "counts", "runs") for p in paths}
+    assert all(r["host_us"] > 0 and r["cpu_us"] >= 0 for r in stub)
+    assert len(data["summary"]) == 9 and summary["rows"] == len(data["rows"])
+    assert {s["call"] for s in data["summary"]} == {"no_grad", "grad", "step"}
+    assert isinstance(summary["grad_at_or_below_sdpa"], bool)
     assert "Triton - SDPA" in (tmp_path / "host_overhead.md").read_text()
+
+
+class _Recorder:
+    """A kernel stand-in that records each launch: (positional args, grid, keyword args)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args, grid, warmup, **kw):
+        self.launches.append((args, grid, kw))
+
+
+def _record(*names):
+    recs = {name: _Recorder() for name in names}
+    for name, rec in recs.items():
+        setattr(ta, name, rec)  # restored by the stubs context
+    return recs
+
+
+def test_shape_plan_is_cached_per_shape_key_and_reads_strides_per_call(compiled_path):
+    rec = _record("_rmt_attn_fwd_kernel")["_rmt_attn_fwd_kernel"]
+    B, H, T, D = 2, 4, 20, 32
+    layout = SegmentLayout(2, 16, 2, True)
+    q, k, v = _qkv(B, H, T, D)
+    ta.rmt_attention(q, k, v, layout, check=False)
+    assert len(lc._SHAPE_PLANS) == 1
+    plan = next(iter(lc._SHAPE_PLANS.values()))
+    qt = torch.randn(B, T, H, D).transpose(1, 2)  # same shape, other strides: the same plan
+    ta.rmt_attention(qt, k, v, layout, check=False)
+    assert list(lc._SHAPE_PLANS.values()) == [plan] and plan.bwd is None
+    (a0, g0, kw0), (a1, g1, kw1) = rec.launches
+    assert a0[7:11] == q.stride() and a1[7:11] == qt.stride() and a1[11:19] == (*k.stride(), *v.stride())
+    assert kw0 == kw1 and g0 == g1 == (-(-T // kw0["BLOCK_M"]), B * H)
+    out = a1[3]
+    assert tuple(out.shape) == (B, T, H, D) and a1[19:23] == out.stride()
+    assert a1[23:] == (H, 1, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, 0.0, 0)
+    ta.rmt_attention(q[:1], k[:1], v[:1], layout, check=False)  # another shape: another plan
+    assert len(lc._SHAPE_PLANS) == 2 and rec.launches[-1][1] == (-(-T // kw0["BLOCK_M"]), H)
+
+
+@pytest.mark.parametrize("change", ["dropout", "causal", "counts", "starts", "scale", "tf32", "dtype", "num_read"])
+def test_every_input_of_the_plan_is_in_its_key(compiled_path, change):
+    rec = _record("_rmt_attn_fwd_kernel")["_rmt_attn_fwd_kernel"]
+    q, k, v = _qkv()
+    base = dict(num_read=2, num_tokens=16, num_write=2, causal=True)
+    ta.rmt_attention(q, k, v, SegmentLayout(**base), check=False)
+    counts, starts = torch.tensor([3, 16]), torch.tensor([1, 0])
+    kw, layout = {}, dict(base)
+    if change == "dropout":
+        kw = dict(dropout_p=0.5, seed=7)
+    elif change == "causal":
+        layout["causal"] = False
+    elif change == "counts":
+        layout["token_counts"] = counts
+    elif change == "starts":
+        layout.update(token_counts=counts, token_starts=starts)
+    elif change == "scale":
+        kw = dict(scale=0.5)
+    elif change == "tf32":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+    elif change == "dtype":
+        q, k, v = q.half(), k.half(), v.half()
+    elif change == "num_read":
+        layout.update(num_read=1, num_write=3)
+    try:
+        ta.rmt_attention(q, k, v, SegmentLayout(**layout), check=False, **kw)
+    finally:
+        if change == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert len(lc._SHAPE_PLANS) == 2
+    (a0, _, k0), (a1, _, k1) = rec.launches
+    assert (a0[23:], k0) != (a1[23:], k1)  # what the launch gets differs as the change requires
+    if change in ("dropout", "causal", "counts", "starts"):
+        flag = {"dropout": "DROPOUT", "causal": "CAUSAL", "counts": "PADDED", "starts": "HAS_STARTS"}[change]
+        assert k0[flag] is False and k1[flag] is True or k0[flag] is True and k1[flag] is False
+    if change == "tf32":
+        assert {k0["DOT_PREC"], k1["DOT_PREC"]} == {"ieee", "tf32"}
+
+
+def test_backward_launches_are_planned_once_per_shape(compiled_path):
+    recs = _record("_rmt_attn_bwd_preprocess_kernel", "_rmt_attn_bwd_dq_kernel", "_rmt_attn_bwd_dkdv_kernel")
+    B, Hq, Hkv, T, D = 2, 4, 2, 20, 32
+    q = torch.randn(B, Hq, T, D, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, T, D, requires_grad=True) for _ in range(2))
+    layout = SegmentLayout(2, 16, 2, True)
+    for _ in range(2):
+        out = ta.rmt_attention(q, k, v, layout, check=False)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    plan = next(iter(lc._SHAPE_PLANS.values()))
+    assert plan.bwd is not None and len(lc._SHAPE_PLANS) == 1
+    pre, dq_rec, dkdv_rec = recs.values()
+    assert [len(r.launches) for r in recs.values()] == [2, 2, 2]
+    for r, block, heads in ((pre, "BLOCK_M", Hq), (dq_rec, "BLOCK_M", Hq), (dkdv_rec, "BLOCK_N", Hkv)):
+        assert r.launches[0][1] == r.launches[1][1] == (-(-T // r.launches[0][2][block]), B * heads)
+    # the gradients' strides are the plan's, and are what the launches got
+    (a, _, _), (b, _, _) = dq_rec.launches[1], dkdv_rec.launches[1]
+    assert a[4] is not None and a[25:29] == dq.stride() == (T * Hq * D, D, Hq * D, 1)
+    assert b[26:34] == (*dk.stride(), *dv.stride()) and dk.stride() == (T * Hkv * D, D, Hkv * D, 1)
+    assert a[29:] == (Hq, Hq // Hkv, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, D**-0.5, 0.0, 0)
+    assert b[34:] == (Hq, Hkv, Hq // Hkv, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, D**-0.5, 0.0, 0)
+    assert tuple(dq.shape) == tuple(q.shape) and tuple(dk.shape) == tuple(k.shape)
+
+
+def test_grad_call_uses_the_c_apply_and_falls_back_under_functorch(compiled_path, monkeypatch):
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    layout = SegmentLayout(2, 16, 2, True)
+    calls = []
+    monkeypatch.setattr(ta._RmtAttentionFn, "apply", lambda *a: calls.append("python") or ta._APPLY(*a))
+    out = ta.rmt_attention(q, k, v, layout, check=False)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_RmtAttentionFnBackward" and not calls
+    monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    ta.rmt_attention(q, k, v, layout, check=False)
+    assert calls == ["python"]
+
+
+def test_shape_plan_cache_is_bounded(compiled_path, monkeypatch):
+    monkeypatch.setattr(lc, "MAX_SHAPE_PLANS", 3)
+    k, v = (torch.randn(1, 2, 20, 16) for _ in range(2))
+    layout = SegmentLayout(2, 16, 2, True)
+    for tq in range(1, 8):  # a decode-like loop: a new query length each call
+        ta.rmt_attention(torch.randn(1, 2, tq, 16), k, v, layout, check=False)
+        assert 1 <= len(lc._SHAPE_PLANS) <= 3
