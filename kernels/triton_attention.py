@@ -104,13 +104,14 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
         "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
     }  # fmt: skip
     if cfg is None and _cfg._OVERRIDE is not None and kind in _cfg._OVERRIDE:
-        return _Launch(kernel, _cfg._OVERRIDE[kind], consts, True)  # used exactly, not cached
+        cfg = _cfg._OVERRIDE[kind]  # used exactly, not cached
+        return _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, True)
     cfg_key = (kind, D, dtype, device)
     if cfg is None:
         cfg = None if _cfg._INTERPRET else _cfg._CONFIG_CACHE.get(cfg_key)
     if cfg is None:
         cfg = _cfg.launch_config(kind, D, dtype)
-    plan = _Launch(kernel, cfg, consts, False)
+    plan = _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, False)
     if not _cfg._INTERPRET and _cfg._OVERRIDE is None:
         _cfg._CONFIG_CACHE[cfg_key] = cfg
         _cfg._PLANS[key] = plan
@@ -206,38 +207,56 @@ def _forward(q, k, v, starts, counts, padded, has_starts, num_read, num_tokens, 
 
 def _backward(q, k, v, out, lse, do, starts, counts, padded, has_starts, num_read, num_tokens, causal, scale,
               dropout_p, seed, need_dq, need_dkv, wrap=None):  # fmt: skip
+    """The backward's launches, by the kernel variants of the resolved configs (launch_configs.VARIANTS):
+    dK/dV ``"fused"``: one launch; else the preprocess (unless every kernel that reads delta gets it otherwise:
+    an ``"inline"`` dQ computes and stores it, an ``"inline"`` dK/dV computes its own), dQ, then dK/dV."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     device = q.device
 
-    delta = _empty((B, Hq, Tq), torch.float32, device)
-    pre = _plan("pre", D, q.dtype, device, False, False, False, False, False)
-    _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D), wrap)
-
     variant = (D, q.dtype, device, causal, padded, has_starts, dropout_p > 0.0, _needs_i64(B, Hq, Tq, Tk))
+    dq_key, dkdv_key = ("dq", *variant), ("dkdv", *variant)
+    dq_plan = _plan(*dq_key) if need_dq else None
+    dkdv_plan = _plan(*dkdv_key) if need_dkv else None
+    fused = dkdv_plan is not None and dkdv_plan.cfg.variant == "fused"
+    dq_writes_delta = dq_plan is not None and dq_plan.cfg.variant == "inline"
+    if fused:
+        needs_pre = False
+    else:
+        needs_pre = (dq_plan is not None and dq_plan.cfg.variant == "fa2") or (
+            dkdv_plan is not None and dkdv_plan.cfg.variant == "fa2" and not dq_writes_delta
+        )
+    delta = _empty((B, Hq, Tq), torch.float32, device) if needs_pre or dq_writes_delta else lse  # lse: unread
+    if needs_pre:
+        pre = _plan("pre", D, q.dtype, device, False, False, False, False, False)
+        _run(pre, None, Tq, False, B * Hq, (out, do, delta, *out.stride(), *do.stride(), Hq, Tq, D), wrap)
+
     common = (Tq, Tk, D, num_read, num_tokens, scale * _LOG2E, scale, dropout_p, seed)
     dq = dk = dv = None
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
         dq = _empty((B, Tq, Hq, D), q.dtype, device).transpose(1, 2)
+    if need_dq and not fused:
         args = (
-            q, k, v, do, dq, lse, delta, starts, counts,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            q, k, v, do, dq, lse, delta, out, starts, counts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *out.stride(),
             Hq, G, *common,
         )  # fmt: skip
-        key_args = ("dq", *variant)
-        _run(_plan(*key_args), key_args, Tq, False, B * Hq, args, wrap)
+        _run(dq_plan, dq_key, Tq, False, B * Hq, args, wrap)
     if need_dkv:
         dk = _empty((B, Tk, Hkv, D), k.dtype, device).transpose(1, 2)
         dv = _empty((B, Tk, Hkv, D), v.dtype, device).transpose(1, 2)
+        dq_arg = dq
+        if fused and dq_arg is None:  # the fused kernel always writes dQ: a scratch buffer, dropped
+            dq_arg = _empty((B, Tq, Hq, D), q.dtype, device).transpose(1, 2)
+        dq_arg = dk if dq_arg is None else dq_arg  # unused by the unfused kernel: any tensor of the dtype
         args = (
-            q, k, v, do, dk, dv, lse, delta, starts, counts,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hq, Hkv, G, *common,
+            q, k, v, do, dk, dv, lse, delta, out, dq_arg, starts, counts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *out.stride(),
+            *dq_arg.stride(), Hq, Hkv, G, *common,
         )  # fmt: skip
-        key_args = ("dkdv", *variant)
-        _run(_plan(*key_args), key_args, Tk, True, B * Hkv, args, wrap)
+        _run(dkdv_plan, dkdv_key, Tk, True, B * Hkv, args, wrap)
     return dq, dk, dv
 
 
