@@ -147,8 +147,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"# Static report: Triton attention kernels compiled for sm_{ARCH} (no GPU)",
         "",
         f"Written by `python scripts/kernel_report.py {meta['args']}` (git {meta['git_sha']}, triton "
-        f"{meta['triton']}). Layouts: causal padded by token counts (every candidate) and by token runs (the "
-        "defaults). `wgmma`: Hopper "
+        f"{meta['triton']}){_merged_text(meta)}. Layouts: causal padded by token counts (every candidate) and "
+        "by token runs (the defaults). `wgmma`: Hopper "
         "matrix instructions in the PTX (`mma.sync`: the Ampere path); regs per thread, spills and stack from "
         "ptxas / cuobjdump; shared memory from Triton. The JSON beside this file has every record.",
         "",
@@ -170,17 +170,29 @@ def markdown(records: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merged_text(meta: dict) -> str:
+    runs = [f"`{m['args']}` (git {m['git_sha']})" for m in meta.get("merged_into", [])]
+    return ", updating the records of " + ", ".join(runs) if runs else ""
+
+
+def _key(rec: dict) -> tuple:
+    return (rec["kind"], rec["dtype"], rec["head_dim"], rec["layout"], tuple(rec["config"]))
+
+
 def _job(args):
     return analyse(*args)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=("full", "quick", "heuristic"), default="full")
+    p.add_argument("--grid", choices=("full", "quick", "heuristic"), default="full",
+                   help="the configs: tune's full or quick candidates, or the built-in defaults only")
     p.add_argument("--dtypes", default="fp16")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "kernels" / "tuned" / "static"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the records of the existing report and replace or add only the ones compiled now")
     args = p.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -195,12 +207,20 @@ def main(argv=None) -> int:
             records = [analyse(*j) for j in tqdm(jobs, desc="kernel report", unit="kernel")]
     import triton
 
+    out = Path(args.out)
+    merged_into = []
+    if args.merge and (out / f"sm{ARCH}.json").exists():
+        old = json.loads((out / f"sm{ARCH}.json").read_text())
+        fresh = {_key(r) for r in records}
+        records = [r for r in old["records"] if _key(r) not in fresh] + records
+        merged_into = [old["meta"], *old["meta"].get("merged_into", [])]  # the runs this one updates
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     meta = dict(arch=f"sm{ARCH}", args=argv_text, git_sha=sha.strip(), triton=triton.__version__, layouts=LAYOUTS,
                 smem_limit=SMEM_LIMIT, n=len(records), n_problems=sum(bool(r["problems"]) for r in records),
                 seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
-    out = Path(args.out)
+    if args.merge and merged_into:
+        meta["merged_into"] = [{k: v for k, v in m.items() if k != "merged_into"} for m in merged_into]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sm{ARCH}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
     (out / f"sm{ARCH}.md").write_text(markdown(records, meta))
