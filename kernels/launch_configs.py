@@ -141,12 +141,14 @@ KINDS = ("fwd", "dq", "dkdv")
 _INTERPRET_BLOCKS = (16, 16)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim (<= 64, <= 128, <= 256).
-# 2-byte dtypes: FlashAttention-2 Triton recipes for Ampere/Hopper, checked offline to compile for sm_80 and
-# sm_90 without register spills (bf16, causal + padded); not timed on hardware. fp32 runs its dots on FMA
-# units (exact IEEE) or TF32, so it gets small tiles and 8 warps.
+# 2-byte dtypes: FlashAttention-2 Triton recipes for Ampere/Hopper; head dims 64 and 128 picked from the static
+# report (kernels/tuned/static/sm90.md, Triton 3.9, sm_90, fp16, causal + padded by counts and by runs): no
+# register spills, every dot on wgmma. The earlier 4-warp fwd / dQ tiles (128x64 w4, 128x32 w4; 128x64 w8 and
+# 64x64 w8 at head dim 128) spilled 200-630 B there. Not timed on hardware. fp32 runs its dots on FMA units
+# (exact IEEE) or TF32, so it gets small tiles and 8 warps.
 _CONFIGS = {
-    ("fwd", False): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
-    ("dq", False): ((128, 32, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
+    ("fwd", False): ((128, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)),
+    ("dq", False): ((128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 8, 2)),
     ("dkdv", False): ((32, 128, 8, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
     ("fwd", True): ((64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
     ("dq", True): ((64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),

@@ -21,6 +21,12 @@ import kernel_report  # noqa: E402
 SM90 = tune_plan.ASSUMED_SMEM["sm90"]
 
 
+@pytest.fixture(autouse=True)
+def _gpu_defaults(monkeypatch):
+    """The built-in defaults of a GPU run (in the interpreter the heuristic gives its tiny test blocks)."""
+    monkeypatch.setattr(tune_plan.launch_configs, "_INTERPRET", False)
+
+
 def _records() -> dict:
     data = json.loads(tune_plan.STATIC_REPORT.read_text())
     return {(r["kind"], r["dtype"], r["head_dim"], r["layout"], tuple(r["config"])): r for r in data["records"]}
