@@ -1,13 +1,17 @@
 """What ``rmt-fast-bench tune`` measures, and the table it writes (no timing here): the candidate launch
-configurations per kernel and head dim (a grid filtered by an estimate of shared memory and registers, plus the
-kernel's heuristic), the measured shapes (:class:`Case`), and the dispatch table built from phase 2's rows.
+configurations per kernel and head dim (a grid of tiles x kernel variants filtered by an estimate of shared memory
+and registers, plus the kernel's heuristic), the measured shapes (:class:`Case`), and the dispatch table built
+from phase 2's rows.
 The measuring is in :mod:`rmt_fast.bench.tune`.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from rmt_fast.kernels import dispatch, launch_configs
 from rmt_fast.kernels.launch_configs import next_pow2
@@ -19,9 +23,13 @@ ASSUMED_SMEM = {"sm80": 166912, "sm86": 101376, "sm89": 101376, "sm90": 232448} 
 
 GRID = {
     "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8), stages=(2, 3)),
-    "dq": dict(block_m=(64, 128), block_n=(32, 64), warps=(4, 8), stages=(2, 3)),
-    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(4, 8), stages=(2, 3)),
+    "dq": dict(block_m=(64, 128), block_n=(32, 64), warps=(4, 8), stages=(2, 3, 4)),
+    "dkdv": dict(block_m=(32, 64), block_n=(64, 128), warps=(4, 8), stages=(2, 3, 4)),
 }
+# Kernel variants swept per kind (launch_configs.VARIANTS): every grid point is timed with each; the default
+# variant ("fa2") is written as a 4-tuple, the others as (BLOCK_M, BLOCK_N, num_warps, num_stages, variant).
+VARIANT_GRID = {"fwd": ("fa2",), "dq": ("fa2", "inline"), "dkdv": ("fa2", "inline", "fused")}
+QUICK_VARIANT_GRID = {"fwd": ("fa2",), "dq": ("fa2", "inline"), "dkdv": ("fa2", "fused")}
 QUICK_GRID = {
     "fwd": dict(block_m=(64, 128), block_n=(64,), warps=(4, 8), stages=(2, 3)),
     "dq": dict(block_m=(64, 128), block_n=(32,), warps=(4, 8), stages=(2,)),
@@ -54,7 +62,7 @@ class Case:
 def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: int = 2) -> str | None:
     """Why a candidate cannot run well (an estimate: shared memory for the pipelined tiles, fp32 accumulator
     registers per thread), or None. Triton's own out-of-resources error still decides at compile time."""
-    bm, bn, warps, stages = cfg
+    bm, bn, warps, stages = cfg[:4]
     d = max(16, next_pow2(head_dim))
     if kind == "fwd":
         smem = itemsize * (bm * d + stages * 2 * bn * d)
@@ -81,16 +89,45 @@ def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
     return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
 
 
-def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int) -> tuple[list[tuple], list[dict]]:
-    """(the configs to time, heuristic first; a row per grid point with its feasibility)."""
+STATIC_REPORT = dispatch.TUNED_DIR / "static" / "sm90.json"  # scripts/kernel_report.py: compiled offline
+
+
+@functools.lru_cache(maxsize=4)
+def _static_records(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {(r["kind"], r["head_dim"], tuple(r["config"])): r for r in data.get("records", [])
+            if r["dtype"] == "fp16" and r.get("layout") == "causal+counts"}  # fmt: skip
+
+
+def static_problem(kind: str, cfg: tuple, head_dim: int, smem_limit: int) -> str | None:
+    """The committed static report's verdict on this fp16 config in the layout tune sweeps (None: no problem, or
+    not in the report): register spills everywhere; no wgmma only on Hopper-class shared memory (sm_90)."""
+    rec = _static_records(str(STATIC_REPORT)).get((kind, head_dim, tuple(cfg)))
+    if not rec:
+        return None
+    found = [p for p in rec["problems"] if smem_limit >= ASSUMED_SMEM["sm90"] or not p.startswith("no wgmma")]
+    return f"static report (sm_90): {'; '.join(found)}" if found else None
+
+
+def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int,
+               static: bool = True) -> tuple[list[tuple], list[dict]]:  # fmt: skip
+    """(the configs to time, heuristic first; a row per grid point with its feasibility). ``static``: also drop
+    the configs the committed static report (:data:`STATIC_REPORT`) flags."""
     grid = (QUICK_GRID if quick else GRID)[kind]
     heuristic = heuristic_config(kind, head_dim, "float16")
-    points = list(itertools.product(grid["block_m"], grid["block_n"], grid["warps"], grid["stages"]))
+    base = list(itertools.product(grid["block_m"], grid["block_n"], grid["warps"], grid["stages"]))
+    variants = (QUICK_VARIANT_GRID if quick else VARIANT_GRID).get(kind, ("fa2",))
+    points = [p if v == launch_configs.DEFAULT_VARIANT else (*p, v) for v in variants for p in base]
     if heuristic is not None and heuristic not in points:
         points.insert(0, heuristic)
     keep, rows = [], []
     for cfg in points:
         reason = None if cfg == heuristic else infeasible(kind, cfg, head_dim, smem_limit)
+        if reason is None and static and cfg != heuristic:
+            reason = static_problem(kind, cfg, head_dim, smem_limit)
         rows.append(dict(kind=kind, head_dim=head_dim, config=cfg_text(cfg), heuristic=cfg == heuristic,
                          feasible=reason is None, reason=reason or ""))  # fmt: skip
         if reason is None:
@@ -117,8 +154,9 @@ def cases(quick: bool) -> list[Case]:
 
 
 def cfg_text(cfg) -> str:
-    bm, bn, w, s = cfg
-    return f"{bm}x{bn} w{w} s{s}"
+    bm, bn, w, s = cfg[:4]
+    variant = f" {cfg[4]}" if len(cfg) > 4 else ""
+    return f"{bm}x{bn} w{w} s{s}{variant}"
 
 
 # ================================================================================================ table

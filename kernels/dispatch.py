@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .launch_configs import KINDS, set_launch_configs
+from .launch_configs import KINDS, VARIANTS, set_launch_configs
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +128,18 @@ def _need(d: dict, field: str, kind, where: str):
     return value
 
 
-def _config_tuple(value, where: str) -> tuple[int, int, int, int]:
-    ok = isinstance(value, (list, tuple)) and len(value) == 4 and all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value
+def _config_tuple(value, where: str, kind: str) -> tuple:
+    """A table's launch config: [BLOCK_M, BLOCK_N, num_warps, num_stages] or, with a kernel variant of ``kind``
+    (``launch_configs.VARIANTS``), [..., "variant"]."""
+    ok = isinstance(value, (list, tuple)) and len(value) in (4, 5) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value[:4]
     )
+    if ok and len(value) == 5:
+        ok = value[4] in VARIANTS[kind]
     if not ok or any(b < 16 or b & (b - 1) for b in value[:2]):
         raise ValueError(
             f"dispatch table: {where} must be [BLOCK_M, BLOCK_N, num_warps, num_stages] (positive ints, blocks "
-            f"powers of two >= 16), got {value!r}"
+            f"powers of two >= 16) or that and a variant of the {kind!r} kernel {VARIANTS[kind]}, got {value!r}"
         )
     return tuple(value)
 
@@ -167,7 +171,7 @@ class DispatchTable:
             if not isinstance(c, dict):
                 raise ValueError(f"{where}: {w} must be an object")
             key = (_need(c, "dtype", str, w), _need(c, "head_dim", int, w))
-            self.configs[key] = {k: _config_tuple(c[k], f"{w}.{k}") for k in KINDS if k in c}
+            self.configs[key] = {k: _config_tuple(c[k], f"{w}.{k}", k) for k in KINDS if k in c}
         self.entries: dict[tuple, dict] = {}
         for i, e in enumerate(_need(data, "entries", list, "table")):
             w = f"entries[{i}]"
@@ -209,8 +213,8 @@ class DispatchTable:
         return Decision("triton", configs, f"triton measured fastest for {case}{measured} ({self.source})")
 
     def launch_configs(self) -> dict[tuple[str, int, torch.dtype], tuple]:
-        """``{(kind, head_dim, torch dtype): (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` for the kernel module's
-        ``set_launch_configs``."""
+        """``{(kind, head_dim, torch dtype): (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant])}`` for the kernel
+        module's ``set_launch_configs``."""
         out = {}
         for (dt, d), kinds in self.configs.items():
             torch_dtype = getattr(torch, dt, None)

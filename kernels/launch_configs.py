@@ -1,5 +1,15 @@
-"""Launch configurations of the Triton attention kernels: which (BLOCK_M, BLOCK_N, num_warps, num_stages) a
-launch of kernel kind ``"fwd"``, ``"dq"`` (backward dQ) or ``"dkdv"`` (backward dK/dV) uses.
+"""Launch configurations of the Triton attention kernels: which (BLOCK_M, BLOCK_N, num_warps, num_stages[,
+variant]) a launch of kernel kind ``"fwd"``, ``"dq"`` (backward dQ) or ``"dkdv"`` (backward dK/dV) uses.
+
+The optional fifth field, the kernel **variant** (default ``"fa2"``), picks how the backward is scheduled
+(:data:`VARIANTS`; each is a point of the tuner's config space):
+
+* ``"fa2"``: FlashAttention-2 style: a preprocess launch computes delta = rowsum(dO * O), the dQ and dK/dV
+  kernels read it;
+* ``"inline"``: the kernel computes delta itself from its O and dO tiles (no preprocess launch); an inline dQ
+  kernel also stores delta, so an ``"fa2"`` dK/dV launched after it reads that (one launch fewer, no extra work);
+* ``"fused"`` (dK/dV only): one launch for the whole backward: each program computes dK/dV of its key block and
+  dQ of one query block, delta inline; the ``dq`` configuration is then unused.
 
 Resolved in this order at each launch (by :mod:`rmt_fast.kernels.triton_attention`):
 
@@ -41,15 +51,40 @@ def next_pow2(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
 
-class LaunchConfig:
-    """One kernel's launch configuration: BLOCK_M (query tile), BLOCK_N (key tile), num_warps, num_stages.
+# Kernel variants per kind (the first is the default). See the module docstring.
+VARIANTS = {"fwd": ("fa2",), "dq": ("fa2", "inline"), "dkdv": ("fa2", "inline", "fused")}
+DEFAULT_VARIANT = "fa2"
+_ALL_VARIANTS = ("fa2", "inline", "fused")
 
-    Immutable by convention; ``kwargs`` is built once (the launch passes it as is: no dict per call).
+
+def check_variant(kind: str, variant: str) -> None:
+    """Raise ValueError unless ``variant`` is a variant of kernel ``kind`` (see :data:`VARIANTS`)."""
+    if kind not in VARIANTS:
+        raise ValueError(f"kind must be one of {tuple(VARIANTS)}, got {kind!r}")
+    if variant not in VARIANTS[kind]:
+        raise ValueError(f"the {kind!r} kernel has variants {VARIANTS[kind]}, got variant {variant!r}")
+
+
+def variant_constexprs(kind: str, variant: str) -> dict:
+    """The kernel's constexpr arguments that select ``variant`` (what the launcher adds to its launch)."""
+    if kind == "dq":
+        return {"DELTA_INLINE": variant == "inline"}
+    if kind == "dkdv":
+        return {"DELTA_INLINE": variant != "fa2", "FUSED_DQ": variant == "fused"}
+    return {}
+
+
+class LaunchConfig:
+    """One kernel's launch configuration: BLOCK_M (query tile), BLOCK_N (key tile), num_warps, num_stages, and
+    the kernel variant (``"fa2"``, ``"inline"``, ``"fused"``: the module docstring).
+
+    Immutable by convention; ``kwargs`` (block sizes, warps, stages) is built once (the launch passes it as is:
+    no dict per call); the variant's constexprs come from :func:`variant_constexprs`.
     """
 
-    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "kwargs")
+    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "variant", "kwargs")
 
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, variant: str = DEFAULT_VARIANT):
         for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
                             ("num_stages", num_stages)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -57,20 +92,28 @@ class LaunchConfig:
         for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"LaunchConfig: {name} must be a power of two >= 16, got {value}")
+        if variant not in _ALL_VARIANTS:
+            raise ValueError(f"LaunchConfig: variant must be one of {_ALL_VARIANTS}, got {variant!r}")
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+        self.variant = variant
         self.kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
     @classmethod
     def of(cls, cfg) -> LaunchConfig:
-        """A LaunchConfig from a LaunchConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple."""
+        """A LaunchConfig from a LaunchConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tuple."""
         if isinstance(cfg, LaunchConfig):
             return cfg
-        if isinstance(cfg, (tuple, list)) and len(cfg) == 4:
+        if isinstance(cfg, (tuple, list)) and len(cfg) in (4, 5):
             return cls(*cfg)
-        raise ValueError(f"a launch config must be (BLOCK_M, BLOCK_N, num_warps, num_stages), got {cfg!r}")
+        raise ValueError(
+            f"a launch config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]), got {cfg!r}"
+        )
 
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return (self.block_m, self.block_n, self.num_warps, self.num_stages)
+    def as_tuple(self) -> tuple:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages), with the variant as a fifth item when it is not the
+        default (so a default config equals its 4-tuple, as tables before variants wrote it)."""
+        base = (self.block_m, self.block_n, self.num_warps, self.num_stages)
+        return base if self.variant == DEFAULT_VARIANT else (*base, self.variant)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, LaunchConfig) and self.as_tuple() == other.as_tuple()
@@ -81,17 +124,18 @@ class LaunchConfig:
     def smaller(self) -> LaunchConfig | None:
         """A cheaper configuration to retry with when a launch runs out of shared memory / registers."""
         if self.num_stages > 1:
-            return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages - 1)
+            return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages - 1, self.variant)
         if max(self.block_m, self.block_n) > 16:
             if self.block_m >= self.block_n:
-                return LaunchConfig(self.block_m // 2, self.block_n, self.num_warps, 2)
-            return LaunchConfig(self.block_m, self.block_n // 2, self.num_warps, 2)
+                return LaunchConfig(self.block_m // 2, self.block_n, self.num_warps, 2, self.variant)
+            return LaunchConfig(self.block_m, self.block_n // 2, self.num_warps, 2, self.variant)
         return None
 
     def __repr__(self) -> str:
+        variant = "" if self.variant == DEFAULT_VARIANT else f", variant={self.variant!r}"
         return (
             f"LaunchConfig(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
-            f"num_warps={self.num_warps}, num_stages={self.num_stages})"
+            f"num_warps={self.num_warps}, num_stages={self.num_stages}{variant})"
         )
 
 
@@ -101,12 +145,14 @@ KINDS = ("fwd", "dq", "dkdv")
 _INTERPRET_BLOCKS = (16, 16)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim (<= 64, <= 128, <= 256).
-# 2-byte dtypes: FlashAttention-2 Triton recipes for Ampere/Hopper, checked offline to compile for sm_80 and
-# sm_90 without register spills (bf16, causal + padded); not timed on hardware. fp32 runs its dots on FMA
-# units (exact IEEE) or TF32, so it gets small tiles and 8 warps.
+# 2-byte dtypes: FlashAttention-2 Triton recipes for Ampere/Hopper; head dims 64 and 128 picked from the static
+# report (kernels/tuned/static/sm90.md, Triton 3.9, sm_90, fp16, causal + padded by counts and by runs): no
+# register spills, every dot on wgmma. The earlier 4-warp fwd / dQ tiles (128x64 w4, 128x32 w4; 128x64 w8 and
+# 64x64 w8 at head dim 128) spilled 200-630 B there. Not timed on hardware. fp32 runs its dots on FMA units
+# (exact IEEE) or TF32, so it gets small tiles and 8 warps.
 _CONFIGS = {
-    ("fwd", False): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
-    ("dq", False): ((128, 32, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
+    ("fwd", False): ((128, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)),
+    ("dq", False): ((128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 8, 2)),
     ("dkdv", False): ((32, 128, 8, 3), (64, 64, 8, 2), (32, 32, 8, 2)),
     ("fwd", True): ((64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
     ("dq", True): ((64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),
@@ -193,6 +239,7 @@ def set_launch_configs(table: dict | None) -> None:
                 and isinstance(key[2], torch.dtype)):  # fmt: skip
             raise ValueError(f"set_launch_configs: keys must be (kind in {KINDS}, head_dim: int, dtype), got {key!r}")
         new[key] = LaunchConfig.of(cfg)
+        check_variant(key[0], new[key].variant)
     _TABLE.clear()
     _TABLE.update(new)
     clear_launch_cache()
@@ -208,7 +255,7 @@ def clear_launch_cache() -> None:
 @contextlib.contextmanager
 def override_configs(fwd=None, dq=None, dkdv=None) -> Iterator[None]:
     """Inside the block, every launch of a given kernel uses the given configuration (a LaunchConfig or a
-    (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple) instead of :func:`launch_config` (None: unchanged).
+    (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tuple) instead of :func:`launch_config` (None: unchanged).
 
     For a tuner's sweep: the configuration is used exactly, without the out-of-resources step-down (the
     ``triton.runtime.errors.OutOfResources`` error propagates) and without touching the cache. Blocks nest;
@@ -216,6 +263,8 @@ def override_configs(fwd=None, dq=None, dkdv=None) -> Iterator[None]:
     """
     global _OVERRIDE
     given = {k: LaunchConfig.of(c) for k, c in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv)) if c is not None}
+    for kind, cfg in given.items():
+        check_variant(kind, cfg.variant)
     previous = _OVERRIDE
     _OVERRIDE = {**(previous or {}), **given}
     try:

@@ -109,13 +109,14 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
         "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
     }  # fmt: skip
     if cfg is None and _cfg._OVERRIDE is not None and kind in _cfg._OVERRIDE:
-        return _Launch(kernel, _cfg._OVERRIDE[kind], consts, True)  # used exactly, not cached
+        cfg = _cfg._OVERRIDE[kind]  # used exactly, not cached
+        return _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, True)
     cfg_key = (kind, D, dtype, device)
     if cfg is None:
         cfg = None if _cfg._INTERPRET else _cfg._CONFIG_CACHE.get(cfg_key)
     if cfg is None:
         cfg = _cfg.launch_config(kind, D, dtype)
-    plan = _Launch(kernel, cfg, consts, False)
+    plan = _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, False)
     if not _cfg._INTERPRET and _cfg._OVERRIDE is None:
         _cfg._CONFIG_CACHE[cfg_key] = cfg
         _cfg._PLANS[key] = plan
@@ -177,9 +178,10 @@ def _grid(kind: str, launch: _Launch, dims: tuple) -> tuple:
 
 
 def _backward_launches(plan: ShapePlan) -> tuple:
-    """((launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels) of ``plan``, built at its first
-    backward and kept on the plan. The tails start with the strides of the gradient buffers the backward
-    allocates (fixed by their shapes) and end before ``dropout_p, seed``."""
+    """((launch, grid, tail) of the preprocess, dQ and dK/dV kernels) of ``plan``, built at its first backward and
+    kept on the plan. The preprocess tail: its scalars; the dQ and dK/dV tails: (the strides of the gradient
+    buffers the backward allocates, fixed by their shapes; the scalars after the strides, before
+    ``dropout_p, seed``)."""
     D = plan.key[0]
     B, Hq, Hkv, Tq, Tk = plan.dims
     G, num_read, num_tokens, scale_log2 = plan.fwd_tail[1], plan.fwd_tail[5], plan.fwd_tail[6], plan.fwd_tail[7]
@@ -191,8 +193,8 @@ def _backward_launches(plan: ShapePlan) -> tuple:
     common = (Tq, Tk, D, num_read, num_tokens, scale_log2, plan.scale)
     bwd = (
         (pre, _grid("pre", pre, plan.dims), (Hq, Tq, D)),
-        (dq, _grid("dq", dq, plan.dims), (*dq_strides, Hq, G, *common)),
-        (dkdv, _grid("dkdv", dkdv, plan.dims), (*dkv_strides, *dkv_strides, Hq, Hkv, G, *common)),
+        (dq, _grid("dq", dq, plan.dims), (dq_strides, (Hq, G, *common))),
+        (dkdv, _grid("dkdv", dkdv, plan.dims), ((*dkv_strides, *dkv_strides), (Hq, Hkv, G, *common))),
     )
     plan.bwd = bwd
     return bwd
@@ -264,23 +266,41 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
 def _backward(q, k, v, out, lse, do, starts, counts, plan: ShapePlan, dropout_p: float, seed: int, need_dq: bool,
               need_dkv: bool, wrap=None):  # fmt: skip
     """Launch the backward kernels: (dq, dk, dv) seen as (B, H, T, D) over (B, T, H, D) buffers (None for the
-    ones not needed)."""
+    ones not needed). The launches follow the kernel variants of the resolved configs (launch_configs.VARIANTS):
+    dK/dV ``"fused"``: one launch; else the preprocess (unless every kernel that reads delta gets it otherwise:
+    an ``"inline"`` dQ computes and stores it, an ``"inline"`` dK/dV computes its own), dQ, then dK/dV."""
     pre, dq_l, dkdv_l = plan.bwd or _backward_launches(plan)
     device = plan.device
-    delta = _empty(plan.delta_shape, torch.float32, device)
-    _run(pre[0], pre[1], (out, do, delta, *out.stride(), *do.stride(), *pre[2]), wrap, plan, "pre")
+    fused = need_dkv and dkdv_l[0].cfg.variant == "fused"
+    run_dq = need_dq and not fused
+    dq_writes_delta = run_dq and dq_l[0].cfg.variant == "inline"
+    needs_pre = not fused and (
+        (run_dq and dq_l[0].cfg.variant == "fa2")
+        or (need_dkv and dkdv_l[0].cfg.variant == "fa2" and not dq_writes_delta)
+    )
+    delta = _empty(plan.delta_shape, torch.float32, device) if needs_pre or dq_writes_delta else lse  # lse: unread
+    if needs_pre:
+        _run(pre[0], pre[1], (out, do, delta, *out.stride(), *do.stride(), *pre[2]), wrap, plan, "pre")
     dq = dk = dv = None
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
         dq = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
-        args = (q, k, v, do, dq, lse, delta, starts, counts, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                *dq_l[2], dropout_p, seed)  # fmt: skip
+    if run_dq:
+        strides, tail = dq_l[2]
+        args = (q, k, v, do, dq, lse, delta, out, starts, counts, *q.stride(), *k.stride(), *v.stride(),
+                *do.stride(), *strides, *out.stride(), *tail, dropout_p, seed)  # fmt: skip
         _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
         dk = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
         dv = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
-        args = (q, k, v, do, dk, dv, lse, delta, starts, counts, *q.stride(), *k.stride(), *v.stride(),
-                *do.stride(), *dkdv_l[2], dropout_p, seed)  # fmt: skip
+        dq_arg = dq
+        if fused and dq_arg is None:  # the fused kernel always writes dQ: a scratch buffer, dropped
+            dq_arg = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
+        dq_arg = dk if dq_arg is None else dq_arg  # unused by the unfused kernel: any tensor of the dtype
+        strides, tail = dkdv_l[2]
+        args = (q, k, v, do, dk, dv, lse, delta, out, dq_arg, starts, counts, *q.stride(), *k.stride(),
+                *v.stride(), *do.stride(), *strides, *out.stride(), *dq_arg.stride(), *tail, dropout_p,
+                seed)  # fmt: skip
         _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
     return dq, dk, dv
 

@@ -1,6 +1,10 @@
 """The Triton jit kernels of RMT segment attention (FlashAttention-2 style): forward, the backward's
 preprocess, dQ and dK/dV kernels, and the dropout keep-mask kernel, with their jit helpers.
 
+The backward kernels carry the variants of :data:`rmt_fast.kernels.launch_configs.VARIANTS` as constexprs:
+``DELTA_INLINE`` (delta = rowsum(O * dO) computed in the kernel, no preprocess launch) and, in the dK/dV kernel,
+``FUSED_DQ`` (the whole backward in one launch).
+
 The segment mask is computed inside the kernels from a handful of integers and a pointer to the per-row token
 runs (see :mod:`rmt_fast.kernels.layout`). The launchers, the autograd Function and the public function are in
 :mod:`rmt_fast.kernels.triton_attention`; the launch configurations in :mod:`rmt_fast.kernels.launch_configs`.
@@ -326,26 +330,31 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
-def _rmt_attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, STARTS, COUNTS,
+@triton.jit
+def _row_delta(o_base, do, offs_m, offs_d, md_ok, stride_om, stride_od):
+    """delta = rowsum(O * dO) in fp32 for the rows ``offs_m``: the preprocess kernel's value, computed in place
+    from the O tile and the dO tile already loaded (the variants that fold the preprocess in)."""
+    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=md_ok, other=0.0)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
+def _dq_block(
+    Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS, pid_m, b, h, hk, bh,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+    stride_ob, stride_om, stride_oh, stride_od,
+    Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr, DELTA_INLINE: tl.constexpr, STORE_DELTA: tl.constexpr,
 ):  # fmt: skip
-    qk_scale, sm_scale, dropout_p = _fp32(qk_scale), _fp32(sm_scale), _fp32(dropout_p)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = (pid_bh % Hq).to(tl.int64)
-    hk = h // G
-
+    """dQ of query block ``pid_m`` of query head ``h`` (batch ``b``, K/V head ``hk``, ``bh`` = b * Hq + h, int32
+    for the dropout offsets). DELTA_INLINE: delta from the O and dO tiles (and, with STORE_DELTA, stored to
+    DELTA for a dK/dV kernel launched after); else read from DELTA."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
@@ -358,9 +367,14 @@ def _rmt_attn_bwd_dq_kernel(
         DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
         mask=md_ok, other=0.0,
     ).to(q.dtype)  # fmt: skip
-    row = pid_bh.to(tl.int64) * Tq + offs_m
+    row = bh.to(tl.int64) * Tq + offs_m
     lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    if DELTA_INLINE:
+        delta = _row_delta(Out + b * stride_ob + h * stride_oh, do, offs_m, offs_d, md_ok, stride_om, stride_od)
+        if STORE_DELTA:
+            tl.store(DELTA + row, delta, mask=m_ok)
+    else:
+        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -370,7 +384,7 @@ def _rmt_attn_bwd_dq_kernel(
     if CAUSAL:
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + causal_shift)
     r1_end, r2_start, r2_end, r3_start = _key_block_ranges(lo1, hi1, lo2, hi2, hi, BLOCK_N)
-    drop_row = _dropout_row_offsets(pid_bh, offs_m[:, None], Tq, Tk, DROP_I64)
+    drop_row = _dropout_row_offsets(bh, offs_m[:, None], Tq, Tk, DROP_I64)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_STARTS:
@@ -400,22 +414,60 @@ def _rmt_attn_bwd_dq_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
+def _rmt_attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr, DELTA_INLINE: tl.constexpr,
+):  # fmt: skip
+    """One query block of one query head. DELTA_INLINE (variant "inline"): delta computed here and stored."""
+    qk_scale, sm_scale, dropout_p = _fp32(qk_scale), _fp32(sm_scale), _fp32(dropout_p)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    _dq_block(
+        Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS, pid_m, b, h, h // G, pid_bh,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_dom, stride_doh, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_ob, stride_om, stride_oh, stride_od,
+        Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, BOUNDARY_ONLY, DROP_I64,
+        DELTA_INLINE, True,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, STARTS, COUNTS,
+    Q, K, V, DO, DK, DV, LSE, DELTA, Out, DQ, STARTS, COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Hkv, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr, DELTA_INLINE: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):  # fmt: skip
     """One key block of one K/V head; loops over the G query heads of its group and their query blocks.
 
-    Works in the transposed (key, query) orientation: s_t[n, m] = k[n] . q[m].
+    Works in the transposed (key, query) orientation: s_t[n, m] = k[n] . q[m]. DELTA_INLINE (variants "inline",
+    "fused"): delta from each query block's O and dO tiles instead of DELTA. FUSED_DQ (variant "fused", the
+    whole backward in one launch, same grid): program j then also computes dQ of the query blocks
+    (query blocks - 1 - i) for i = j, j + programs, ... and the G query heads of its group (the reversed order
+    pairs the lightest causal key block with the heaviest query block; the stride covers Tq <= Tk with any
+    BLOCK_M).
     """
     qk_scale, sm_scale, dropout_p = _fp32(qk_scale), _fp32(sm_scale), _fp32(dropout_p)
     pid_n = tl.program_id(0)
@@ -472,7 +524,12 @@ def _rmt_attn_bwd_dkdv_kernel(
                 do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0
             ).to(q.dtype)
             lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
+            if DELTA_INLINE:
+                delta = _row_delta(
+                    Out + b * stride_ob + h * stride_oh, do, offs_m, offs_d, md_ok, stride_om, stride_od
+                )  # fmt: skip
+            else:
+                delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.exp2(st - lse[None, :])
             if BOUNDARY_ONLY:
@@ -509,6 +566,22 @@ def _rmt_attn_bwd_dkdv_kernel(
         DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
         dv.to(DV.dtype.element_ty), mask=nd_ok,
     )  # fmt: skip
+    if FUSED_DQ:
+        num_m = tl.cdiv(Tq, BLOCK_M)
+        for j in range(pid_n, num_m, tl.num_programs(0)):
+            pid_m = num_m - 1 - j
+            for g in range(0, G):
+                h = hk * G + g
+                bh32 = (pid_bh // Hkv) * Hq + (pid_bh % Hkv) * G + g
+                _dq_block(
+                    Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS, pid_m, b, h, hk, bh32,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_dom, stride_doh, stride_dod,
+                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_ob, stride_om, stride_oh, stride_od,
+                    Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
+                    CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, BOUNDARY_ONLY,
+                    DROP_I64, True, False,
+                )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles

@@ -51,19 +51,21 @@ def _signature(fn, dtype: str, floats: str, constexprs: dict) -> dict:
     return sig
 
 
-def compile_variant(kind: str, dtype: str, flags: dict, arch: int, floats: str, head_dim: int = 64):
+def compile_variant(kind: str, dtype: str, flags: dict, arch: int, floats: str, head_dim: int = 64, cfg=None):
+    """Compile one kernel variant for ``sm_<arch>`` (``cfg``: a LaunchConfig or tuple; default the heuristic's);
+    returns Triton's compiled kernel (``asm["ptx"]``, ``asm["cubin"]``, ``metadata.shared``)."""
     fn = {"fwd": ta._rmt_attn_fwd_kernel, "dq": ta._rmt_attn_bwd_dq_kernel, "dkdv": ta._rmt_attn_bwd_dkdv_kernel}[kind]
-    cfg = lc._heuristic_config(kind, head_dim, _DTYPES[dtype])
+    cfg = lc._heuristic_config(kind, head_dim, _DTYPES[dtype]) if cfg is None else lc.LaunchConfig.of(cfg)
     consts = dict(flags, D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, DOT_PREC="ieee" if dtype == "fp32" else "tf32", BOUNDARY_ONLY=True,
-                  DROP_I64=False)  # fmt: skip
+                  DROP_I64=False, **lc.variant_constexprs(kind, cfg.variant))  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
     if missing:
         raise TypeError(f"{kind}: constexpr arguments with no value here: {missing}")
     src = ASTSource(fn, _signature(fn, dtype, floats, consts), consts)
-    triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})  # fmt: skip
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})  # fmt: skip
 
 
 def variants(full: bool, dtypes: tuple[str, ...] | None = None):

@@ -200,10 +200,12 @@ def test_backward_launches_are_planned_once_per_shape(compiled_path):
         assert r.launches[0][1] == r.launches[1][1] == (-(-T // r.launches[0][2][block]), B * heads)
     # the gradients' strides are the plan's, and are what the launches got
     (a, _, _), (b, _, _) = dq_rec.launches[1], dkdv_rec.launches[1]
-    assert a[4] is not None and a[25:29] == dq.stride() == (T * Hq * D, D, Hq * D, 1)
-    assert b[26:34] == (*dk.stride(), *dv.stride()) and dk.stride() == (T * Hkv * D, D, Hkv * D, 1)
-    assert a[29:] == (Hq, Hq // Hkv, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, D**-0.5, 0.0, 0)
-    assert b[34:] == (Hq, Hkv, Hq // Hkv, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, D**-0.5, 0.0, 0)
+    # dQ: 10 pointers (q k v do dq lse delta out starts counts), the strides of q k v do, then dq's, out's, the tail;
+    # dK/dV: 12 pointers (... out dq starts counts), q k v do, then dk's, dv's, out's and dq's strides, the tail
+    assert a[4] is not None and a[26:30] == dq.stride() == (T * Hq * D, D, Hq * D, 1)
+    assert b[28:36] == (*dk.stride(), *dv.stride()) and dk.stride() == (T * Hkv * D, D, Hkv * D, 1)
+    assert a[34:] == (Hq, Hq // Hkv, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, D**-0.5, 0.0, 0)
+    assert b[44:] == (Hq, Hkv, Hq // Hkv, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, D**-0.5, 0.0, 0)
     assert tuple(dq.shape) == tuple(q.shape) and tuple(dk.shape) == tuple(k.shape)
 
 

@@ -90,6 +90,28 @@ def test_visible_runs_532(dtype, causal):
     compare(kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dq_cfg,dkdv_cfg",
+    [((128, 32, 4, 3, "inline"), (32, 128, 8, 3)), ((128, 32, 4, 3), (64, 64, 8, 3, "inline")),
+     ((128, 32, 4, 3), (64, 64, 8, 2, "fused")), ((128, 32, 4, 3), (32, 128, 8, 3, "fused"))],
+    ids=["dq-inline", "dkdv-inline", "fused-64x64", "fused-32x128"],
+)  # fmt: skip
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_backward_variants_532(dtype, dq_cfg, dkdv_cfg, causal):
+    """Every backward variant (launch_configs.VARIANTS) compiled and run on the GPU, padded by token runs, GQA."""
+    from rmt_fast.kernels import launch_configs
+
+    starts = torch.tensor([0, 137, 20], device=DEV, dtype=torch.int32)
+    ends = torch.tensor([512, 512, 45], device=DEV, dtype=torch.int32)
+    layout = SegmentLayout(10, 512, 10, causal, token_counts=ends, token_starts=starts)
+    q, k, v = qkv_views(3, layout.seq_len, 8, 2, 64, dtype, seed=11)
+    grad_out = torch.randn(3, layout.seq_len, 8, 64, device=DEV, dtype=dtype)
+    with launch_configs.override_configs(dq=dq_cfg, dkdv=dkdv_cfg):
+        got = kernel_fwd_bwd(q, k, v, layout, grad_out)
+    compare(got, reference_fwd_bwd(q, k, v, layout, grad_out), dtype)
+
+
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
 def test_head_dims_fp16(D):
     layout = SegmentLayout(4, 200, 4, True, token_counts=torch.tensor([150, 200], device=DEV))
