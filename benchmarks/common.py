@@ -240,6 +240,7 @@ def bench_layout(B: int, T: int, *, causal: bool = True, padded: bool = True, de
     ``[mem read | T - 2 mem tokens | mem write]``, bidirectional the encoder's (tokens only); ``padded`` rows
     hold between 75 % and all of the token slots (row 0 full), drawn from ``seed``."""
     import torch
+
     from rmt_fast.kernels.layout import SegmentLayout
 
     read, tokens, write = (mem, T - 2 * mem, mem) if causal else (0, T, 0)

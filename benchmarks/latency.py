@@ -210,9 +210,9 @@ def _methods(s: Setup, device, dtype) -> list[Method]:
 def _auto_backend_note(s: Setup, device, dtype) -> str:
     """Which backend attn_backend='auto' picks for a segment of this shape."""
     import torch
-    from rmt_fast.kernels.layout import SegmentLayout
 
     from rmt_fast.attention import choose_backend
+    from rmt_fast.kernels.layout import SegmentLayout
 
     p = presets.preset(s.model)
     q = torch.zeros(1, p.heads, s.positions, p.hidden // p.heads, device=device, dtype=dtype)

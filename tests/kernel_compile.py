@@ -21,10 +21,11 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from rmt_fast.kernels import launch_configs as lc  # noqa: E402
-from rmt_fast.kernels import triton_attention as ta  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
+
+from rmt_fast.kernels import launch_configs as lc  # noqa: E402
+from rmt_fast.kernels import triton_attention as ta  # noqa: E402
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _TENSOR_ARGS = ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")

@@ -8,6 +8,7 @@ import copy
 import torch
 import transformers as tf
 from numerics import rel_err
+
 from rmt_fast.bench import presets
 
 VOCAB = presets.PRESETS["gpt2-test"].vocab  # 96, every test model

@@ -4,11 +4,11 @@ backbone still works on its own."""
 import pytest
 import torch
 from models import VOCAB, check_padding_and_causality, gpt2, llama, mistral, spy_sdpa
-from rmt_fast.kernels.layout import SegmentLayout
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from rmt_fast import FastRMT
 from rmt_fast.attention import ATTN_NAME, active_segment, rmt_attention_forward
+from rmt_fast.kernels.layout import SegmentLayout
 
 
 def _ids(b, t, seed=5):

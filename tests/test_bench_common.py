@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rmt_fast.bench.common import attention_step, plot_lines, pyplot
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+
 from rmt_fast.bench import kernels, runner
 from rmt_fast.bench.runner import Timing
 from rmt_fast.kernels import dispatch

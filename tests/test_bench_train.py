@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from rmt_fast.bench import cli, runner, train
 
 

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+
 from rmt_fast.bench import cli, runner, tune, tune_plan
 from rmt_fast.kernels import dispatch, launch_configs, sdpa_attention
 

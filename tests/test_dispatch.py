@@ -13,11 +13,11 @@ import pytest
 import torch
 import transformers as tf
 from models import VOCAB
-from rmt_fast.kernels import dispatch, launch_configs
-from rmt_fast.kernels.layout import SegmentLayout
 
 from rmt_fast import FastRMT
 from rmt_fast import attention as seam
+from rmt_fast.kernels import dispatch, launch_configs
+from rmt_fast.kernels.layout import SegmentLayout
 
 HAS_KERNEL = (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") and seam._triton() is not None
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="needs triton (CUDA or TRITON_INTERPRET=1)")
@@ -371,8 +371,9 @@ class _Evt:
 
 
 def test_profile_counts_triton_kernels_and_launcher_as_attention():
-    from rmt_fast.bench import profile
     from torch.autograd.profiler_util import Kernel
+
+    from rmt_fast.bench import profile
 
     scope = _Evt(profile.ATTENTION_SCOPE, 0, 300)  # 300 us in the backend call
     empty = _Evt("aten::empty", 10, 30, parent=scope)  # 20 us of it in an aten op

@@ -18,13 +18,13 @@ import torch
 import transformers as tf
 from models import VOCAB
 from numerics import rel_err
-from rmt_fast.kernels import dispatch, launch_configs, sdpa_attention
-from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference
-from rmt_fast.kernels.layout import SegmentLayout
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rmt_fast import FastRMT
 from rmt_fast import attention as seam
+from rmt_fast.kernels import dispatch, launch_configs, sdpa_attention
+from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference
+from rmt_fast.kernels.layout import SegmentLayout
 
 MODES = [(False, False), (True, False), (False, True), (True, True)]  # (needs_grad, graphed)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+
 from rmt_fast.bench import flops as F
 
 TOL = 0.01

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from rmt_fast.kernels.layout import SegmentLayout, mask_runs
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from rmt_fast.kernels.layout import SegmentLayout
 
 COUNTS = torch.tensor([3, 7, 0], dtype=torch.int32)

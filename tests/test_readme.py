@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs as written, each in a fresh Python process.
+"""Every ```python block of README.md and docs/*.md runs as written, each in a fresh Python process.
 
 A block whose first line is ``# gpu-only`` is skipped without CUDA. Each block's run time and peak resident
 memory are measured in its process; ``python tests/test_readme.py`` prints them as a table.
@@ -6,6 +6,7 @@ memory are measured in its process; ``python tests/test_readme.py`` prints them 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+DOCS = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 GPU_ONLY = "# gpu-only"
 TIMEOUT_S = 600
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
@@ -67,25 +69,31 @@ def _check(source: str, name: str) -> dict:
     return stats
 
 
-def _blocks():
-    with open(README) as f:
-        return python_blocks(f.read())
+def _blocks() -> list[tuple[str, int, str]]:
+    """(file relative to the root, line, source) of every python block of README.md and docs/*.md."""
+    blocks = []
+    for path in DOCS:
+        with open(path) as f:
+            blocks += [(os.path.relpath(path, ROOT), line, src) for line, src in python_blocks(f.read())]
+    return blocks
 
 
 BLOCKS = _blocks()
 
 
-def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 3, "README.md: expected the Quickstart and training blocks"
+def test_readme_and_docs_have_python_blocks():
+    files = {name for name, _, _ in BLOCKS}
+    assert "README.md" in files, "README.md: expected the Quickstart block"
+    assert {"docs/usage.md", "docs/training.md", "docs/stream.md"} <= files, sorted(files)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line,source", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_block_runs(line, source):
+@pytest.mark.parametrize("name,line,source", BLOCKS, ids=[f"{name}:{line}" for name, line, _ in BLOCKS])
+def test_readme_block_runs(name, line, source):
     if source.lstrip().startswith(GPU_ONLY) and not torch.cuda.is_available():
         pytest.skip("a GPU-only block")
-    stats = _check(source, f"README.md:{line}")
-    print(f"README.md:{line}: {stats}")
+    stats = _check(source, f"{name}:{line}")
+    print(f"{name}:{line}: {stats}")
 
 
 def test_harness_finds_indented_blocks_and_reports_failures():
@@ -103,10 +111,10 @@ def test_harness_finds_indented_blocks_and_reports_failures():
 
 
 if __name__ == "__main__":  # a table of every block's time and peak memory
-    for line, source in BLOCKS:
+    for name, line, source in BLOCKS:
         if source.lstrip().startswith(GPU_ONLY) and not torch.cuda.is_available():
-            print(f"README.md:{line}: skipped (gpu-only)")
+            print(f"{name}:{line}: skipped (gpu-only)")
             continue
-        proc, stats = run_block(source, f"README.md:{line}")
+        proc, stats = run_block(source, f"{name}:{line}")
         status = "ok" if proc.returncode == 0 else "FAILED:\n" + proc.stderr[-2000:]
-        print(f"README.md:{line}: {stats} {status}", flush=True)
+        print(f"{name}:{line}: {stats} {status}", flush=True)

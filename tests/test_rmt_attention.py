@@ -36,6 +36,7 @@ if not isinstance(tl.cdiv, InterpretedFunction):
     )
 
 from numerics import rel_err  # noqa: E402
+
 from rmt_fast.kernels import launch_configs as lc  # noqa: E402
 from rmt_fast.kernels import triton_attention as ta  # noqa: E402
 from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference  # noqa: E402

@@ -16,6 +16,7 @@ if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (and TRITON_INTERPRET unset)", allow_module_level=True)
 
 from numerics import rel_err  # noqa: E402
+
 from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference  # noqa: E402
 from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
 from rmt_fast.kernels.triton_attention import rmt_attention, rmt_attention_dropout_mask  # noqa: E402

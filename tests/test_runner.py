@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+
 from rmt_fast.bench import runner
 from rmt_fast.bench.runner import Benchmark, Option, OverBudget, Unavailable
 
