@@ -30,7 +30,7 @@ from .base import ARMTBase, ARMTOutput
 from .graphs import ARMTGraphRunner
 from .layers import StackedLayers, check_supported
 from .memory import ARMTMemoryState, read, upcast, write
-from .plan import CallPlan
+from .plan import CallPlan, first_segment_arg
 from .reference import generate_with_memory
 
 
@@ -120,13 +120,7 @@ class FastARMT(ARMTBase):
             else:
                 x = carry.hidden(l0, l0 + g_n)
             a_in, z_in = carry.state(l0, segs, cuts)
-            firsts = [first and s == 0 for s in segs]
-            if all(firsts):
-                first_arg = True
-            elif not any(firsts):
-                first_arg = False
-            else:
-                first_arg = torch.tensor(firsts, device=input_ids.device).view(-1, 1, 1, 1, 1)
+            first_arg = first_segment_arg(first, segs, input_ids.device)
             args = (x, a_in, z_in, l0, plan.layout(segs), plan.rope(segs), first_arg, layers, weights)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 y, a_out, z_out = checkpoint(cells, *args, use_reentrant=False)

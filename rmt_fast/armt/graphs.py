@@ -44,7 +44,7 @@ from torch import Tensor
 from ..cuda_graph import StaticStep
 from .base import ARMTOutput
 from .memory import ARMTMemoryState
-from .plan import CallPlan
+from .plan import CallPlan, first_segment_arg
 
 DEFAULT_MAX_GROUPS = 2
 
@@ -262,13 +262,7 @@ class ARMTGraphRunner:
         device = plan.device
         fixed = []
         for l0, segs in subs:
-            firsts = [first and s == 0 for s in segs]
-            if all(firsts):
-                first_arg = True
-            elif not any(firsts):
-                first_arg = False
-            else:
-                first_arg = torch.tensor(firsts, device=device).view(-1, 1, 1, 1, 1)
+            first_arg = first_segment_arg(first, segs, device)
             fixed.append((l0, len(segs), plan.layout(segs), plan.rope(segs), first_arg))
         positions = plan.positions(subs[0][1][0])
         cells = armt._cells_fn()

@@ -17,6 +17,18 @@ from torch import Tensor
 from ..kernels.layout import SegmentLayout, mask_runs
 
 
+def first_segment_arg(first: bool, segs, device) -> bool | Tensor:
+    """The write rule's first-segment flag for a step over ``segs`` (segment indices, one per cell): a bool when
+    all cells agree, else a (cells, 1, 1, 1, 1) bool tensor. ``first``: the call starts a stream (segment 0 is its
+    first segment)."""
+    firsts = [first and s == 0 for s in segs]
+    if all(firsts):
+        return True
+    if not any(firsts):
+        return False
+    return torch.tensor(firsts, device=device).view(-1, 1, 1, 1, 1)
+
+
 class CallPlan:
     def __init__(self, input_ids: Tensor, attention_mask: Tensor | None, segments: list[tuple[int, int]],
                  size: int, m: int, rotary=None, dtype=None):  # fmt: skip
