@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 from .backbone import config_token_id, decoder_initial_memory, encoder_initial_memory, inspect_backbone
 from .input_checks import check_encoder_mask, check_values, label_classes
 from .peft_support import ADAPTER_DIR, PEFT_KEY_PREFIX, load_adapter, save_adapter
+from .state_dict_aliases import fill_tied
 
 RMT_CONFIG_NAME = "rmt_config.json"
 RMT_MEMORY_NAME = "rmt_memory.pt"
@@ -289,6 +290,8 @@ class RMTBase(nn.Module):
                     new_backbone[key[len(prefix):]] = value
                 else:
                     unknown.append(key)
+            # safetensors keeps one name of each tied weight (GPT-2's lm_head.weight / transformer.wte.weight)
+            fill_tied(new_backbone, own, lambda name: prefix + name)
         else:
             emb_key = next((k for k, v in own.items() if v is self.word_embeddings.weight
                             or k.endswith("word_embeddings.weight")), None)  # fmt: skip

@@ -38,6 +38,22 @@ def test_load_published_decoder_checkpoint(cls):
                if k.startswith("memory_cell.model."))
 
 
+@pytest.mark.parametrize("keep", ["lm_head.weight", "transformer.wte.weight"])
+@pytest.mark.parametrize("cls", [FastRMT, ReferenceRMT])
+def test_a_checkpoint_with_one_name_of_the_tied_embedding_loads(cls, keep):
+    """safetensors keeps one name of GPT-2's tied lm_head / wte weight (save_model keeps the first in sorted
+    order): either one alone loads, into both."""
+    state = _published_decoder_state()
+    drop = {"lm_head.weight": "transformer.wte.weight", "transformer.wte.weight": "lm_head.weight"}[keep]
+    kept = state.pop(f"memory_cell.model.{drop}").clone()
+    state[f"memory_cell.model.{keep}"] = kept
+    rmt = cls(gpt2(), 3, 6)
+    assert not torch.equal(rmt.model.get_input_embeddings().weight, kept)
+    rmt.load_reference_state_dict(state)
+    assert torch.equal(rmt.model.get_input_embeddings().weight, kept)
+    assert torch.equal(rmt.model.get_output_embeddings().weight, kept)
+
+
 @pytest.mark.parametrize("cls", [FastRMT, ReferenceRMT])
 def test_load_published_encoder_checkpoint(cls):
     state = _published_encoder_state()
@@ -61,7 +77,9 @@ def test_loaded_checkpoints_agree_between_wrappers():
 @pytest.mark.parametrize("mutate, match", [
     (lambda s: s.update({"memory_cell.extra": torch.zeros(1)}), "unknown keys"),
     (lambda s: s.pop("memory_cell.memory"), "missing keys"),
-    (lambda s: s.pop("memory_cell.model.lm_head.weight"), "missing keys"),
+    (lambda s: s.pop("memory_cell.model.transformer.ln_f.weight"), "missing keys"),
+    (lambda s: s.update({"memory_cell.model.lm_head.weight": s["memory_cell.model.lm_head.weight"] + 1}),
+     "tied tensor"),
     (lambda s: s.update({"memory_cell.memory": torch.zeros(4, 32)}), "memory has shape"),
 ])  # fmt: skip
 def test_bad_decoder_checkpoint_is_a_clear_error(mutate, match):

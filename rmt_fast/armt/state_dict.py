@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
+
+from ..state_dict_aliases import same_values, tied_names
 
 MEMORY_KEY = "memory_cell.memory"
 ALIAS_PREFIX = "memory_cell.layers."  # the published cell's second registration of the wrapped layers
@@ -47,7 +48,7 @@ def split_published(state_dict: dict, own_backbone: dict, own_assoc: dict, memor
     a shape that differs from ours. ``prefix``: the backbone's keys in the published dict
     (``memory_cell.model.``, over PEFT ``memory_cell.model.base_model.model.``); ``layers_attr``: the decoder
     layer list inside the backbone (``transformer.h``, ``model.layers``)."""
-    tied = _tied_names(own_backbone)
+    tied = tied_names(own_backbone)
     sources: dict[tuple[str, str], list[tuple[str, Tensor]]] = {}  # (part, canonical name) -> (key, value)
     unknown = []
     for key, value in state_dict.items():
@@ -103,37 +104,14 @@ def _target(key: str, prefix: str, layers_attr: str, own_backbone: dict, own_ass
     return None
 
 
-def _tied_names(own: dict) -> dict[str, str]:
-    """name -> the first name of its group, for the names of ``own`` that are one tensor (tied weights)."""
-    groups: dict[tuple, list[str]] = {}
-    for name, value in own.items():
-        if value.numel():
-            ident = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
-            groups.setdefault(ident, []).append(name)
-    return {name: names[0] for names in groups.values() if len(names) > 1 for name in names}
-
-
 def _check_same(named: list[tuple[str, Tensor]], what: str) -> None:
     key, value = named[0]
     for other, v in named[1:]:
-        if not _equal(value, v):
+        if not same_values(value, v):
             raise ValueError(f"state_dict: {key} and {other} both name {what} (the published cell registers each "
                              "wrapped layer twice; tied weights share one tensor) but hold different values "
                              f"({_describe(value)} vs {_describe(v)}); a consistent checkpoint holds one tensor "
                              "under both names")  # fmt: skip
-
-
-def _equal(a: Tensor, b: Tensor) -> bool:
-    if a is b:
-        return True
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.device == b.device and a.numel() and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
-        return True
-    b = b.to(a.device)
-    if torch.equal(a, b):
-        return True
-    return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _describe(t: Tensor) -> str:
