@@ -114,3 +114,39 @@ def test_cuda_graph_does_not_import_fast():
     """No import circle: the graph runner takes DecoderStatic from the segment plans, not from fast.py."""
     names = [name for _, name in _imports(ROOT / "rmt_fast" / "cuda_graph.py")]
     assert "rmt_fast.fast" not in names and "rmt_fast.segments" in names
+
+
+def _type_checking_imports() -> dict[str, str]:
+    """name -> relative module of every ``from .x import name`` under ``if TYPE_CHECKING:`` in rmt_fast/__init__.py."""
+    tree = ast.parse((ROOT / "rmt_fast" / "__init__.py").read_text())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1, ast.dump(imp)
+                out.update({alias.name: "." + imp.module for alias in imp.names})
+    return out
+
+
+def test_public_names_are_imported_explicitly_and_load_lazily():
+    """rmt_fast/__init__.py names every public name in explicit imports (what editors and type checkers read),
+    the run-time table loads the same names from the same modules, and each resolves to the object its module
+    defines."""
+    import importlib
+
+    import rmt_fast
+
+    explicit = _type_checking_imports()
+    assert explicit == rmt_fast._LAZY
+    assert sorted(explicit) == sorted(rmt_fast.__all__)
+    for name, module in explicit.items():
+        assert getattr(rmt_fast, name) is getattr(importlib.import_module(module, "rmt_fast"), name), name
+    with pytest.raises(AttributeError, match="no attribute 'FastRNN'"):
+        rmt_fast.FastRNN  # noqa: B018
+
+
+def test_importing_rmt_fast_is_cheap():
+    """``import rmt_fast`` loads neither transformers nor the runtime modules (they load on first use)."""
+    code = "import sys, rmt_fast; print(sorted(m for m in sys.modules if m.startswith(('rmt_fast', 'transformers'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "['rmt_fast']"
