@@ -1,11 +1,11 @@
-"""Bad input to FastARMT and ReferenceARMT: FastRMT's rules (test_bad_input's decoder cases), the ARMT memory
+"""Bad input to FastARMT and ReferenceARMT: FastRMT's rules (the decoder cases of tests/bad_inputs.py), the ARMT memory
 state, and the constructor's checks; every error is raised before the backbone runs."""
 
 import pytest
 import torch
 from armt_helpers import build, ids
+from bad_inputs import DECODER_CASES, _expect_error
 from models import DECODERS, bert_cls, mistral
-from test_bad_input import DECODER_CASES, _expect_error
 
 from rmt_fast import ARMTMemoryState, FastARMT, ReferenceARMT
 
