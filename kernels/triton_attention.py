@@ -31,8 +31,8 @@ allocates its outputs and launches; in eager mode autograd goes through :class:`
 
 Test hooks on this module: ``_empty`` (every buffer the kernels overwrite; tests pre-fill it with NaN), the
 kernels by name (``_rmt_attn_fwd_kernel``... are looked up here at each new launch plan),
-``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are
-``launch_configs._INTERPRET_BLOCKS``.
+``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are set with
+``launch_configs.interpreter_mode(blocks=...)``.
 
 File order: launch plans, launchers, the autograd Function, the custom ops, the public functions.
 """
@@ -87,11 +87,8 @@ def _plan(kind: str, D: int, dtype, device, causal: bool, padded: bool, has_star
           i64: bool) -> _Launch:  # fmt: skip
     """The launch of kernel ``kind`` for this variant (see :class:`_Launch`)."""
     key = _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64)
-    if _cfg._OVERRIDE is None and not _cfg._INTERPRET:
-        plan = _cfg._PLANS.get(key)
-        if plan is not None:
-            return plan
-    return _new_plan(key)
+    plan = _cfg.cached_plan(key)  # None while not caching (override block, interpreter)
+    return plan if plan is not None else _new_plan(key)
 
 
 def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
@@ -99,27 +96,26 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
     kernel = globals()[_KERNEL_NAMES[kind]]  # looked up now: tests and benchmarks swap kernels here
     block_d = max(16, next_pow2(D))
     if kind == "pre":
-        plan = _Launch(kernel, LaunchConfig(16 if _cfg._INTERPRET else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
+        plan = _Launch(kernel, LaunchConfig(16 if _cfg.interpreting() else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
         del plan.kwargs["BLOCK_N"]  # the preprocess kernel tiles queries only
-        if not _cfg._INTERPRET:
-            _cfg._PLANS[key] = plan
+        _cfg.remember_plan(key, plan)
         return plan
     consts = {
         "CAUSAL": causal, "PADDED": padded, "HAS_STARTS": has_starts, "DROPOUT": dropout, "DROP_I64": i64,
         "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
     }  # fmt: skip
-    if cfg is None and _cfg._OVERRIDE is not None and kind in _cfg._OVERRIDE:
-        cfg = _cfg._OVERRIDE[kind]  # used exactly, not cached
-        return _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, True)
+    if cfg is None:
+        fixed = _cfg.override_config(kind)
+        if fixed is not None:  # used exactly, not cached
+            return _Launch(kernel, fixed, {**consts, **_cfg.variant_constexprs(kind, fixed.variant)}, True)
     cfg_key = (kind, D, dtype, device)
     if cfg is None:
-        cfg = None if _cfg._INTERPRET else _cfg._CONFIG_CACHE.get(cfg_key)
+        cfg = _cfg.cached_config(cfg_key)  # None while not caching
     if cfg is None:
         cfg = _cfg.launch_config(kind, D, dtype)
     plan = _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, False)
-    if not _cfg._INTERPRET and _cfg._OVERRIDE is None:
-        _cfg._CONFIG_CACHE[cfg_key] = cfg
-        _cfg._PLANS[key] = plan
+    _cfg.remember_config(cfg_key, cfg)
+    _cfg.remember_plan(key, plan)
     return plan
 
 
@@ -147,11 +143,11 @@ def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: 
     key = (q.shape, k.shape, dtype, q.device, padded, has_starts, num_read, num_tokens, causal, scale, dropout,
            dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32, _MASK_BOUNDARY_ONLY,
            _FORCE_DROPOUT_I64)  # fmt: skip
-    cache = cache and _cfg._OVERRIDE is None and not _cfg._INTERPRET
     if cache:
-        plan = _cfg._SHAPE_PLANS.get(key)
+        plan = _cfg.cached_shape_plan(key)  # None while not caching (override block, interpreter)
         if plan is not None:
             return plan
+        cache = _cfg.caching()
     B, Hq, Tq, D = key[0]
     Hkv, Tk = key[1][1], key[1][2]
     variant = (D, dtype, key[3], causal, padded, has_starts, dropout, _needs_i64(B, Hq, Tq, Tk))
@@ -163,9 +159,7 @@ def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: 
         ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)), cache,
     )  # fmt: skip
     if cache:
-        if len(_cfg._SHAPE_PLANS) >= _cfg.MAX_SHAPE_PLANS:  # e.g. a decode loop: a new Tq / Tk at every step
-            _cfg._SHAPE_PLANS.clear()
-        _cfg._SHAPE_PLANS[key] = plan
+        _cfg.remember_shape_plan(key, plan)  # bounded: e.g. a decode loop makes a new Tq / Tk at every step
     return plan
 
 
@@ -218,14 +212,13 @@ def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind:
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
     cfg = launch.cfg
-    _cfg._PLANS.clear()
-    _cfg._SHAPE_PLANS.clear()  # the plan at hand keeps its launches for this call only
+    _cfg.forget_plans()  # the plan at hand keeps its launches for this call only
     D, dtype, device = plan.key[:3]
     while True:
         cfg = cfg.smaller()
         if cfg is None:
             raise exc
-        _cfg._CONFIG_CACHE[(kind, D, dtype, device)] = cfg
+        _cfg.remember_config((kind, D, dtype, device), cfg)
         launch = _new_plan(_variant_key(kind, *plan.key), cfg)
         try:
             launch.run(*args, grid=_grid(kind, launch, plan.dims), warmup=False, **launch.kwargs)
@@ -383,7 +376,7 @@ def _register_ops():
 
 
 _OPS = None
-if not _cfg._INTERPRET and hasattr(torch.library, "triton_op"):
+if not _cfg.interpreting() and hasattr(torch.library, "triton_op"):
     _OPS = _register_ops()
 
 
