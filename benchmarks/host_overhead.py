@@ -7,6 +7,7 @@ Cases and outputs: docs/benchmarks.md, section ``host-overhead``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 
 import torch
@@ -45,27 +46,125 @@ class _StubKernel(JITFunction):
         return None
 
 
+# ----------------------------------------------------------------------- the "triton" stub: Triton's own run
+class FakeDriver:
+    """Triton's active driver as on a one-GPU machine: device 0, its default stream (0), an sm_90 target. What
+    ``JITFunction.run`` asks the driver for; nothing else is needed while the compiled kernels are fakes."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _no_launch(*args):
+    return None
+
+
+_HANDLES = itertools.count(0x7F0000)  # made-up function handles, one per fake compile
+
+
+def fake_compiled_kernel(fn, key, signature, constexprs, options, attrs, launcher=_no_launch):
+    """A ``CompiledKernel`` as ``JITFunction._do_compile`` would return it after loading it on the device (its
+    handles initialised), without compiling: ``run`` (the low-level launcher) is ``launcher``; ``function`` a
+    made-up handle; ``launch_metadata`` is CompiledKernel's own."""
+    from triton.compiler import ASTSource, CompiledKernel
+
+    kernel = CompiledKernel.__new__(CompiledKernel)  # its __init__ reads a compiled binary
+    kernel.src = ASTSource(fn, signature, constexprs, attrs)
+    kernel.name, kernel.hash, kernel.metadata = fn.__name__, key, options
+    kernel.packed_metadata = (options.num_warps, options.num_ctas, 0)  # (warps, CTAs, shared memory) on CUDA
+    kernel.module, kernel._module_pid = object(), None  # handles "loaded" (never unloaded: not this process's)
+    kernel.function = next(_HANDLES)
+    kernel._run = launcher
+    return kernel
+
+
+def jit_copy(real, launcher=_no_launch) -> JITFunction:
+    """A fresh ``JITFunction`` of ``real``'s Python function (a JITFunction or, under TRITON_INTERPRET, an
+    InterpretedFunction) with the same specialisation options, whose compile step makes a
+    :func:`fake_compiled_kernel` and stores it where ``run`` looks it up (the per-device kernel cache), as the real
+    one does. ``run`` is Triton's own: binding, specialisation, cache key, driver queries; only the final
+    low-level launch is ``launcher``. Fresh, so the real kernel's caches never hold a fake."""
+    import triton.runtime.jit as jit
+
+    opts = getattr(real, "kwargs", None)  # an InterpretedFunction keeps the decorator's arguments
+    if opts is None:
+        opts = {"do_not_specialize": real.do_not_specialize, "debug": real.debug, "noinline": real.noinline,
+                "do_not_specialize_on_alignment": real.do_not_specialize_on_alignment, "repr": real._repr,
+                "launch_metadata": real.launch_metadata}  # fmt: skip
+    registry = getattr(jit, "_triton_jit_function_registry", None)  # triton 3.9 registers every JITFunction
+    saved = dict(registry) if registry is not None else None
+    fn = JITFunction(real.fn, **opts)
+    if registry is not None:
+        registry.clear()
+        registry.update(saved)
+
+    def do_compile(key, signature, device, constexprs, options, attrs, warmup):
+        kernel = fake_compiled_kernel(fn, key, signature, constexprs, options, attrs, launcher)
+        fn.device_caches[device][0][key] = kernel
+        return kernel
+
+    fn._do_compile = do_compile
+    return fn
+
+
 @contextlib.contextmanager
-def stubs():
-    """Kernel launches and SDPA's compute replaced by no-ops (restored on exit)."""
-    saved = {name: getattr(ra, name) for name in KERNELS}
+def fake_driver():
+    """:class:`FakeDriver` as Triton's active driver inside the block (the previous one restored on exit)."""
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None on a machine without a GPU: Triton makes its default lazily
+    driver.set_active(FakeDriver())
+    try:
+        yield
+    finally:
+        driver.set_active(previous)
+
+
+# ------------------------------------------------------------------------------------------------- stubs
+STUB_MODES = ("plain", "triton")
+
+
+@contextlib.contextmanager
+def stubs(mode: str = "plain", module=ra, cfg=launch_configs, launcher=_no_launch):
+    """Kernel launches and SDPA's compute replaced by no-ops (restored on exit). ``mode``: ``"plain"``, every
+    kernel a :class:`_StubKernel` whose ``run`` returns at once (our Python only); ``"triton"``, every kernel a
+    :func:`jit_copy` with a :class:`FakeDriver` active: Triton's ``JITFunction.run`` runs as on a GPU up to the
+    low-level launch, which is ``launcher`` (a no-op; tests record). ``module`` / ``cfg``: the triton_attention and
+    launch_configs modules to stub (another checkout's, for an A/B in one process)."""
+    if mode not in STUB_MODES:
+        raise ValueError(f"stub mode must be one of {STUB_MODES}, got {mode!r}")
+    saved = {name: getattr(module, name) for name in KERNELS}
     real_sdpa = F.scaled_dot_product_attention
 
     def sdpa_stub(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         # a view: no compute, but an autograd node when q requires grad, as the real op records one
         return q.view(q.shape)
 
-    try:
-        for name, kernel in saved.items():
-            setattr(ra, name, _StubKernel(kernel))
-        F.scaled_dot_product_attention = sdpa_stub
-        launch_configs.clear_launch_cache()
-        yield
-    finally:
-        for name, kernel in saved.items():
-            setattr(ra, name, kernel)
-        F.scaled_dot_product_attention = real_sdpa
-        launch_configs.clear_launch_cache()
+    with contextlib.ExitStack() as stack:
+        if mode == "triton":
+            stack.enter_context(fake_driver())
+        try:
+            for name, kernel in saved.items():
+                setattr(module, name, _StubKernel(kernel) if mode == "plain" else jit_copy(kernel, launcher))
+            F.scaled_dot_product_attention = sdpa_stub
+            cfg.clear_launch_cache()
+            yield
+        finally:
+            for name, kernel in saved.items():
+                setattr(module, name, kernel)
+            F.scaled_dot_product_attention = real_sdpa
+            cfg.clear_launch_cache()
 
 
 def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:

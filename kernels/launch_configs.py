@@ -220,17 +220,20 @@ class ShapePlan:
       transposed); ``dtype``, ``device``: theirs;
     * ``bwd``: None, or (launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels;
     * ``key``: the kernel variant key without its kind (for the launches' out-of-resources step-down);
-      ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache.
+      ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache;
+    * ``fast``: kernel kind -> its :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (or None where it does not
+      apply), built by the launcher after the first launch of a cached plan.
     """
 
     __slots__ = ("key", "dims", "dtype", "device", "fwd", "fwd_grid", "fwd_tail", "scale", "out_shape", "lse_shape",
-                 "delta_shape", "dq_shape", "dkv_shape", "bwd", "cached")  # fmt: skip
+                 "delta_shape", "dq_shape", "dkv_shape", "bwd", "cached", "fast")  # fmt: skip
 
     def __init__(self, key, dims, dtype, device, fwd, fwd_grid, fwd_tail, scale, shapes, cached: bool):
         self.key, self.dims, self.dtype, self.device, self.cached = key, dims, dtype, device, cached
         self.fwd, self.fwd_grid, self.fwd_tail, self.scale = fwd, fwd_grid, fwd_tail, scale
         self.out_shape, self.lse_shape, self.delta_shape, self.dq_shape, self.dkv_shape = shapes
         self.bwd = None
+        self.fast = {}
 
 
 def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:

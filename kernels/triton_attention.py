@@ -43,6 +43,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import fast_launch as _fast
 from . import launch_configs as _cfg
 from .launch_configs import LaunchConfig, ShapePlan, next_pow2
 from .layout import SegmentLayout
@@ -69,14 +70,16 @@ _MASK_BOUNDARY_ONLY = True
 class _Launch:
     """A ready launch of one kernel variant: the kernel's bound ``run``, its keyword arguments (constexprs and
     launch config) as one dict built once, and the block sizes for the grid. Built on the first call of a
-    variant and cached: a call after that does one dict look-up, builds no dict and binds nothing."""
+    variant and cached: a call after that does one dict look-up, builds no dict and binds nothing. ``jit``:
+    whether the kernel is a ``JITFunction`` with Triton's own ``run`` (a fast launch may apply)."""
 
-    __slots__ = ("kernel", "run", "kwargs", "block_m", "block_n", "cfg", "fixed")
+    __slots__ = ("kernel", "run", "kwargs", "block_m", "block_n", "cfg", "fixed", "jit")
 
     def __init__(self, kernel, cfg: LaunchConfig, consts: dict, fixed: bool):
         self.kernel, self.run = kernel, kernel.run
         self.kwargs = {**consts, **cfg.kwargs}
         self.block_m, self.block_n, self.cfg, self.fixed = cfg.block_m, cfg.block_n, cfg, fixed
+        self.jit = _fast.ENABLED and getattr(type(kernel), "run", None) is triton.runtime.jit.JITFunction.run
 
 
 _KERNEL_NAMES = {"fwd": "_rmt_attn_fwd_kernel", "dq": "_rmt_attn_bwd_dq_kernel",
@@ -195,19 +198,27 @@ def _backward_launches(plan: ShapePlan) -> tuple:
 
 
 def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> None:
-    """Launch ``launch`` on ``grid``. A launch that fails to compile for lack of shared memory or registers
-    steps the configuration down (and the caches remember it), unless the configuration was fixed by
-    :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``, inside the custom ops) makes the launch
-    visible to torch.compile; the compiler then compiles the kernel."""
+    """Launch ``launch`` on ``grid``: through the plan's fast launch of this kernel where it has one and the
+    arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`), else through
+    ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch). A launch that fails to
+    compile for lack of shared memory or registers steps the configuration down (and the caches remember it),
+    unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
+    inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
     if wrap is not None:
         wrap(launch.kernel)[grid](*args, **launch.kwargs)
         return
+    fast = plan.fast.get(kind)
+    if fast is not None and fast(args):
+        return
     try:
-        launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
+        kernel = launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
     except triton.runtime.errors.OutOfResources as exc:
         if launch.fixed:
             raise
         _run_stepping_down(exc, launch, args, plan, kind)
+        return
+    if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
+        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs)
 
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
