@@ -1,7 +1,9 @@
 """Host (CPU) time per attention call, the Triton path against the SDPA path, eager: ``stub`` (any machine; the
-kernel launches and SDPA's compute replaced by no-ops, so what is left is our wrappers' Python) and ``cuda``
-(with a GPU, the real calls; host and device time apart). Target: Triton's host time at most SDPA's + 10 us.
-Cases and outputs: docs/benchmarks.md, section ``host-overhead``.
+kernel launches and SDPA's compute replaced by no-ops, so what is left is our wrappers' Python), ``stub_triton``
+(the same with Triton's own launch path, ``JITFunction.run`` or our fast launch, up to a no-op low-level launch),
+``stub_triton_run`` (the same with the fast launch off) and ``cuda`` (with a GPU, the real calls; host and device
+time apart). Target: Triton's host time at most SDPA's + 10 us. Cases and outputs: docs/benchmarks.md, section
+``host-overhead``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from rmt_fast.kernels import launch_configs
+from rmt_fast.kernels import fast_launch, launch_configs
 from rmt_fast.kernels import triton_attention as ra
 from rmt_fast.kernels.layout import SegmentLayout
 from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
@@ -132,16 +134,19 @@ def fake_driver():
 
 
 # ------------------------------------------------------------------------------------------------- stubs
-STUB_MODES = ("plain", "triton")
+STUB_MODES = ("plain", "triton", "triton_run")
+ROW_MODES = {"plain": "stub", "triton": "stub_triton", "triton_run": "stub_triton_run"}  # the rows' ``mode``
 
 
 @contextlib.contextmanager
 def stubs(mode: str = "plain", module=ra, cfg=launch_configs, launcher=_no_launch):
     """Kernel launches and SDPA's compute replaced by no-ops (restored on exit). ``mode``: ``"plain"``, every
     kernel a :class:`_StubKernel` whose ``run`` returns at once (our Python only); ``"triton"``, every kernel a
-    :func:`jit_copy` with a :class:`FakeDriver` active: Triton's ``JITFunction.run`` runs as on a GPU up to the
-    low-level launch, which is ``launcher`` (a no-op; tests record). ``module`` / ``cfg``: the triton_attention and
-    launch_configs modules to stub (another checkout's, for an A/B in one process)."""
+    :func:`jit_copy` with a :class:`FakeDriver` active: Triton's ``JITFunction.run`` (or the fast launch) runs as
+    on a GPU up to the low-level launch, which is ``launcher`` (a no-op; tests record); ``"triton_run"``: the same
+    with the fast launch off (:data:`~rmt_fast.kernels.fast_launch.ENABLED`), every launch through ``run``.
+    ``module`` / ``cfg``: the triton_attention and launch_configs modules to stub (another checkout's, for an A/B
+    in one process)."""
     if mode not in STUB_MODES:
         raise ValueError(f"stub mode must be one of {STUB_MODES}, got {mode!r}")
     saved = {name: getattr(module, name) for name in KERNELS}
@@ -151,10 +156,12 @@ def stubs(mode: str = "plain", module=ra, cfg=launch_configs, launcher=_no_launc
         # a view: no compute, but an autograd node when q requires grad, as the real op records one
         return q.view(q.shape)
 
+    fast = fast_launch.ENABLED
     with contextlib.ExitStack() as stack:
-        if mode == "triton":
+        if mode != "plain":
             stack.enter_context(fake_driver())
         try:
+            fast_launch.ENABLED = fast and mode != "triton_run"
             for name, kernel in saved.items():
                 setattr(module, name, _StubKernel(kernel) if mode == "plain" else jit_copy(kernel, launcher))
             F.scaled_dot_product_attention = sdpa_stub
@@ -164,6 +171,7 @@ def stubs(mode: str = "plain", module=ra, cfg=launch_configs, launcher=_no_launc
             for name, kernel in saved.items():
                 setattr(module, name, kernel)
             F.scaled_dot_product_attention = real_sdpa
+            fast_launch.ENABLED = fast
             cfg.clear_launch_cache()
 
 
@@ -227,12 +235,12 @@ def _grad_ctx(path: str):
     return torch.no_grad() if path in ("triton", "sdpa", "validate_once_per_segment") else contextlib.nullcontext()
 
 
-def measure_stub(timer: Timer, n: int, repeats: int) -> list[dict]:
+def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> list[dict]:
     """Each case's paths timed in turn, ``repeats`` rounds of ``n`` calls per path (interleaved, so that a load
     change on a shared machine hits every path alike); per path the median over the rounds of the wall time
-    (``host_us``) and of the process CPU time (``cpu_us``) per call."""
+    (``host_us``) and of the process CPU time (``cpu_us``) per call. ``mode``: the :func:`stubs` mode."""
     rows = []
-    with stubs():
+    with stubs(mode):
         for case, (q, k, v, layout) in cases("cpu").items():
             paths = _paths(q, k, v, layout)
             wall = {path: [] for path in paths}
@@ -244,7 +252,7 @@ def measure_stub(timer: Timer, n: int, repeats: int) -> list[dict]:
                     wall[path].append(t.median_s)
                     cpu[path].append(t.cpu_s)
             for path in paths:
-                rows.append({"mode": "stub", "case": case, "path": path,
+                rows.append({"mode": ROW_MODES[mode], "case": case, "path": path,
                              "host_us": round(1e6 * statistics.median(wall[path]), 2),
                              "cpu_us": round(1e6 * statistics.median(cpu[path]), 2)})  # fmt: skip
     return rows
@@ -272,7 +280,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     and at or below SDPA's (issue 24, the grad call and the step). ``call``: ``no_grad`` (the forward alone),
     ``grad`` (the forward of inputs that require grad) or ``step`` (forward + backward). The stub compares
     process CPU time (a shared machine's load inflates wall time, not the work done), ``cuda`` wall time."""
-    by = {(r["mode"], r["case"], r["path"]): r["cpu_us"] if r["mode"] == "stub" else r["host_us"] for r in rows}
+    by = {(r["mode"], r["case"], r["path"]): r["cpu_us"] if r["mode"].startswith("stub") else r["host_us"]
+          for r in rows}  # fmt: skip
     out = []
     for (mode, case, path), triton_us in by.items():
         if not path.startswith("triton") or path.startswith("triton_op"):
@@ -289,7 +298,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def run(ctx) -> dict:
     n, repeats = (50, 3) if ctx.quick else (500, 7)
-    rows = measure_stub(Timer(torch.device("cpu")), n, repeats)
+    rows = [row for mode in STUB_MODES for row in measure_stub(Timer(torch.device("cpu")), n, repeats, mode)]
     if ctx.cuda:
         rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats)
     summary = summarize(rows)

@@ -27,6 +27,7 @@ None. Any exception while building or checking means no fast launch (never a fai
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -46,6 +47,8 @@ ENABLED = supported(triton.__version__)
 _dtype = operator.attrgetter("dtype")
 _data_ptr = torch.Tensor.data_ptr
 _low4 = (15).__and__
+_or = operator.or_
+_reduce = functools.reduce
 
 
 def _int_range(v) -> str | None:
@@ -76,7 +79,7 @@ class FastLaunch:
 
     __slots__ = ("fn", "driver", "drv", "device", "knobs", "knob_state", "grid", "launcher", "function", "packed",
                  "name", "lazy_dict", "extra", "n_args", "tensors", "dtypes", "misaligned", "align_mask", "values",
-                 "value_vals", "dns", "dns_ranges")  # fmt: skip
+                 "value_vals", "dns", "dns_ranges", "all_aligned")  # fmt: skip
 
     def __call__(self, args: tuple) -> bool:
         try:
@@ -87,7 +90,10 @@ class FastLaunch:
             tensors = self.tensors(args)
             if list(map(_dtype, tensors)) != self.dtypes:
                 return False
-            if tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args))))) != self.misaligned:
+            if self.all_aligned:  # the usual case: one OR of the pointers
+                if _reduce(_or, map(_data_ptr, self.align_mask(args)), 0) & 15:
+                    return False
+            elif tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args))))) != self.misaligned:
                 return False
             for i, kind in zip(self.dns, self.dns_ranges):
                 if _int_range(args[i]) != kind:
@@ -181,6 +187,7 @@ def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
     self.dtypes = list(map(_dtype, self.tensors(args)))
     self.align_mask = _getter(aligned)
     self.misaligned = tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args)))))
+    self.all_aligned = not any(self.misaligned)
     self.values = _getter(values)
     self.value_vals = self.values(args)
     self.dns, self.dns_ranges = tuple(dns), tuple(_int_range(args[i]) for i in dns)

@@ -93,13 +93,15 @@ def test_host_overhead_benchmark_runs(tmp_path):
     summary = runner.run(host_overhead, tmp_path, quick=True)
     assert F.scaled_dot_product_attention is real_sdpa and ta._rmt_attn_fwd_kernel is real_kernel  # restored
     data = json.loads((tmp_path / "host_overhead.json").read_text())
-    stub = [r for r in data["rows"] if r["mode"] == "stub"]
+    stub = [r for r in data["rows"] if r["mode"].startswith("stub")]
     paths = ["triton", "sdpa", "triton_grad", "sdpa_grad", "triton_step", "sdpa_step", "validate_once_per_segment"]
     if ta._OPS is not None:  # the custom ops are registered outside the interpreter only
         paths += ["triton_op_grad", "triton_op_step"]
-    assert {(r["case"], r["path"]) for r in stub} == {(c, p) for c in ("full", "counts", "runs") for p in paths}
+    modes = ("stub", "stub_triton", "stub_triton_run")
+    assert {(r["mode"], r["case"], r["path"]) for r in stub} == {
+        (m, c, p) for m in modes for c in ("full", "counts", "runs") for p in paths}  # fmt: skip
     assert all(r["host_us"] > 0 and r["cpu_us"] >= 0 for r in stub)
-    assert len(data["summary"]) == 9 and summary["rows"] == len(data["rows"])
+    assert len(data["summary"]) == 27 and summary["rows"] == len(data["rows"])
     assert {s["call"] for s in data["summary"]} == {"no_grad", "grad", "step"}
     assert isinstance(summary["grad_at_or_below_sdpa"], bool)
     assert "Triton - SDPA" in (tmp_path / "host_overhead.md").read_text()
