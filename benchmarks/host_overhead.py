@@ -258,17 +258,26 @@ def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> lis
     return rows
 
 
-def measure_cuda(timer: Timer, n: int, repeats: int) -> list[dict]:
+def measure_cuda(timer: Timer, n: int, repeats: int, fast: bool = True) -> list[dict]:
+    """The real calls; ``fast=False``: with the fast launch off (rows ``cuda_run``: every launch through Triton's
+    ``JITFunction.run``)."""
     rows = []
-    for case, (q, k, v, layout) in cases("cuda").items():
-        for path, fn in _paths(q, k, v, layout).items():
-            if path.startswith("validate"):
-                continue
-            with _grad_ctx(path):
-                host = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
-                device = 1e6 * timer(fn, repeats=1, warmup=0, inner=n, clock="device").median_s
-            rows.append({"mode": "cuda", "case": case, "path": path, "host_us": round(host, 2),
-                         "device_us": round(device, 2)})  # fmt: skip
+    enabled = fast_launch.ENABLED
+    try:
+        fast_launch.ENABLED = enabled and fast
+        launch_configs.clear_launch_cache()
+        for case, (q, k, v, layout) in cases("cuda").items():
+            for path, fn in _paths(q, k, v, layout).items():
+                if path.startswith("validate") or (not fast and "_op" in path):
+                    continue
+                with _grad_ctx(path):
+                    host = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
+                    device = 1e6 * timer(fn, repeats=1, warmup=0, inner=n, clock="device").median_s
+                rows.append({"mode": "cuda" if fast else "cuda_run", "case": case, "path": path,
+                             "host_us": round(host, 2), "device_us": round(device, 2)})  # fmt: skip
+    finally:
+        fast_launch.ENABLED = enabled
+        launch_configs.clear_launch_cache()
     return rows
 
 
@@ -300,7 +309,8 @@ def run(ctx) -> dict:
     n, repeats = (50, 3) if ctx.quick else (500, 7)
     rows = [row for mode in STUB_MODES for row in measure_stub(Timer(torch.device("cpu")), n, repeats, mode)]
     if ctx.cuda:
-        rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats)
+        for fast in (True, False):
+            rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats, fast)
     summary = summarize(rows)
     ctx.write_json({"rows": rows, "summary": summary})
     lines = [f"# Host time per attention call ({machine_label()})", "",
