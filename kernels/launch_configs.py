@@ -34,7 +34,8 @@ underscore names, ``tests/test_launch_seam.py`` checks it):
 * ``cached_config(key)``, ``cached_plan(key)``, ``cached_shape_plan(key)``: the cached configuration, launch or
   ShapePlan, or None; always None while caching is off (an :func:`override_configs` block, the interpreter). On
   the per-call path: while caching is on each name is the cache dict's own ``get`` (rebound when caching turns
-  on or off), so a hit costs one attribute look-up and one C call;
+  on or off), so a hit costs one attribute look-up and one C call. Read them as ``launch_configs.cached_plan``
+  (never ``from launch_configs import cached_plan``: that keeps one binding);
 * ``remember_config``, ``remember_plan``, ``remember_shape_plan(key, value)``: store (no-ops while caching is off;
   the shape plans are cleared when they reach ``MAX_SHAPE_PLANS``); ``forget_plans()``: drop the launches and
   shape plans (not the configurations: the out-of-resources step-down);

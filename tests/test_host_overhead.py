@@ -57,12 +57,13 @@ def test_backward_plans_are_cached_too(compiled_path):
 
 
 def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
-    launched = []
+    launched, tried = [], []
 
     class Tight:
         """Compiles only with BLOCK_M * BLOCK_N <= 32 * 32 and one stage."""
 
         def run(self, *args, grid, warmup, **kw):
+            tried.append(kw["BLOCK_M"])
             if kw["BLOCK_M"] * kw["BLOCK_N"] > 32 * 32 or kw["num_stages"] > 1:
                 raise ta.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
             launched.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"], grid))
@@ -77,9 +78,9 @@ def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
         bm = launched[-1][0]
         assert launched[-1][3] == (-(-100 // bm), 2 * 4)
         assert lc.cached_config(("fwd", 32, torch.float32, q.device)).as_tuple()[:2] == launched[-1][:2]
-        n = len(launched)
+        n, t = len(launched), len(tried)
         ta.rmt_attention(q, k, v, layout, check=False)  # straight to the config that compiled
-        assert len(launched) == n + 1 and launched[-1] == launched[n - 1]
+        assert len(launched) == n + 1 and launched[-1] == launched[n - 1] and len(tried) == t + 1
         with pytest.raises(ta.triton.runtime.errors.OutOfResources):  # an override is used exactly
             with lc.override_configs(fwd=(64, 64, 4, 3)):
                 ta.rmt_attention(q, k, v, layout, check=False)
