@@ -240,24 +240,26 @@ def test_option_hook_and_device_changes_fall_back_to_run(rig, monkeypatch, chang
     assert ran == ["_rmt_attn_fwd_kernel"]
 
 
-def test_a_failing_fast_launch_setup_or_check_never_fails_the_call(rig, monkeypatch):
+def test_a_failing_fast_launch_setup_or_check_never_fails_the_call(rig):
     rec, runs, (q, k, v, layout) = _setup(rig)
 
     def broken(*args):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(fast_launch, "_build", broken)
-    lc.clear_launch_cache()
-    for _ in range(2):
-        calls, ran = _fast_then_run(rec, runs, lambda: ta.rmt_attention(q, k, v, layout, check=False))
-        assert ran == ["_rmt_attn_fwd_kernel"] and len(calls) == 1
-    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
-    assert plan.fast == {"fwd": None}
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_launch, "_build", broken)
+        lc.clear_launch_cache()
+        for _ in range(2):
+            calls, ran = _fast_then_run(rec, runs, lambda: ta.rmt_attention(q, k, v, layout, check=False))
+            assert ran == ["_rmt_attn_fwd_kernel"] and len(calls) == 1
+        plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+        assert plan.fast == {"fwd": None}
     rec, runs, (q, k, v, layout) = _setup(rig)
-    monkeypatch.setattr(host_overhead.FakeDriver, "get_current_stream", broken)  # raises inside the check
-    with pytest.raises(RuntimeError, match="planted"):  # run asks the driver too: its error, not ours
-        ta.rmt_attention(q, k, v, layout, check=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host_overhead.FakeDriver, "get_current_stream", broken)  # raises inside the fast check
+        with pytest.raises(RuntimeError, match="planted"):  # then run asks the driver too: its error propagates
+            ta.rmt_attention(q, k, v, layout, check=False)
+    assert runs == ["_rmt_attn_fwd_kernel"]  # the fast check gave up, run was called (and raised)
 
 
 def test_only_verified_triton_versions():
