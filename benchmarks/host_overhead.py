@@ -1,12 +1,15 @@
 """Host (CPU) time per attention call, the Triton path against the SDPA path, eager: ``stub`` (any machine; the
-kernel launches and SDPA's compute replaced by no-ops, so what is left is our wrappers' Python) and ``cuda``
-(with a GPU, the real calls; host and device time apart). Target: Triton's host time at most SDPA's + 10 us.
-Cases and outputs: docs/benchmarks.md, section ``host-overhead``.
+kernel launches and SDPA's compute replaced by no-ops, so what is left is our wrappers' Python), ``stub_triton``
+(the same with Triton's own launch path, ``JITFunction.run`` or our fast launch, up to a no-op low-level launch),
+``stub_triton_run`` (the same with the fast launch off) and ``cuda`` (with a GPU, the real calls; host and device
+time apart). Target: Triton's host time at most SDPA's + 10 us. Cases and outputs: docs/benchmarks.md, section
+``host-overhead``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 
 import torch
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from rmt_fast.kernels import launch_configs
+from rmt_fast.kernels import fast_launch, launch_configs
 from rmt_fast.kernels import triton_attention as ra
 from rmt_fast.kernels.layout import SegmentLayout
 from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
@@ -45,27 +48,131 @@ class _StubKernel(JITFunction):
         return None
 
 
+# ----------------------------------------------------------------------- the "triton" stub: Triton's own run
+class FakeDriver:
+    """Triton's active driver as on a one-GPU machine: device 0, its default stream (0), an sm_90 target. What
+    ``JITFunction.run`` asks the driver for; nothing else is needed while the compiled kernels are fakes."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _no_launch(*args):
+    return None
+
+
+_HANDLES = itertools.count(0x7F0000)  # made-up function handles, one per fake compile
+
+
+def fake_compiled_kernel(fn, key, signature, constexprs, options, attrs, launcher=_no_launch):
+    """A ``CompiledKernel`` as ``JITFunction._do_compile`` would return it after loading it on the device (its
+    handles initialised), without compiling: ``run`` (the low-level launcher) is ``launcher``; ``function`` a
+    made-up handle; ``launch_metadata`` is CompiledKernel's own."""
+    from triton.compiler import ASTSource, CompiledKernel
+
+    kernel = CompiledKernel.__new__(CompiledKernel)  # its __init__ reads a compiled binary
+    kernel.src = ASTSource(fn, signature, constexprs, attrs)
+    kernel.name, kernel.hash, kernel.metadata = fn.__name__, key, options
+    kernel.packed_metadata = (options.num_warps, options.num_ctas, 0)  # (warps, CTAs, shared memory) on CUDA
+    kernel.module, kernel._module_pid = object(), None  # handles "loaded" (never unloaded: not this process's)
+    kernel.function = next(_HANDLES)
+    kernel._run = launcher
+    return kernel
+
+
+def jit_copy(real, launcher=_no_launch) -> JITFunction:
+    """A fresh ``JITFunction`` of ``real``'s Python function (a JITFunction or, under TRITON_INTERPRET, an
+    InterpretedFunction) with the same specialisation options, whose compile step makes a
+    :func:`fake_compiled_kernel` and stores it where ``run`` looks it up (the per-device kernel cache), as the real
+    one does. ``run`` is Triton's own: binding, specialisation, cache key, driver queries; only the final
+    low-level launch is ``launcher``. Fresh, so the real kernel's caches never hold a fake."""
+    import triton.runtime.jit as jit
+
+    opts = getattr(real, "kwargs", None)  # an InterpretedFunction keeps the decorator's arguments
+    if opts is None:
+        opts = {"do_not_specialize": real.do_not_specialize, "debug": real.debug, "noinline": real.noinline,
+                "do_not_specialize_on_alignment": real.do_not_specialize_on_alignment, "repr": real._repr,
+                "launch_metadata": real.launch_metadata}  # fmt: skip
+    registry = getattr(jit, "_triton_jit_function_registry", None)  # triton 3.9 registers every JITFunction
+    saved = dict(registry) if registry is not None else None
+    fn = JITFunction(real.fn, **opts)
+    if registry is not None:
+        registry.clear()
+        registry.update(saved)
+
+    def do_compile(key, signature, device, constexprs, options, attrs, warmup):
+        kernel = fake_compiled_kernel(fn, key, signature, constexprs, options, attrs, launcher)
+        fn.device_caches[device][0][key] = kernel
+        return kernel
+
+    fn._do_compile = do_compile
+    return fn
+
+
 @contextlib.contextmanager
-def stubs():
-    """Kernel launches and SDPA's compute replaced by no-ops (restored on exit)."""
-    saved = {name: getattr(ra, name) for name in KERNELS}
+def fake_driver():
+    """:class:`FakeDriver` as Triton's active driver inside the block (the previous one restored on exit)."""
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None on a machine without a GPU: Triton makes its default lazily
+    driver.set_active(FakeDriver())
+    try:
+        yield
+    finally:
+        driver.set_active(previous)
+
+
+# ------------------------------------------------------------------------------------------------- stubs
+STUB_MODES = ("plain", "triton", "triton_run")
+ROW_MODES = {"plain": "stub", "triton": "stub_triton", "triton_run": "stub_triton_run"}  # the rows' ``mode``
+
+
+@contextlib.contextmanager
+def stubs(mode: str = "plain", module=ra, cfg=launch_configs, launcher=_no_launch):
+    """Kernel launches and SDPA's compute replaced by no-ops (restored on exit). ``mode``: ``"plain"``, every
+    kernel a :class:`_StubKernel` whose ``run`` returns at once (our Python only); ``"triton"``, every kernel a
+    :func:`jit_copy` with a :class:`FakeDriver` active: Triton's ``JITFunction.run`` (or the fast launch) runs as
+    on a GPU up to the low-level launch, which is ``launcher`` (a no-op; tests record); ``"triton_run"``: the same
+    with the fast launch off (:data:`~rmt_fast.kernels.fast_launch.ENABLED`), every launch through ``run``.
+    ``module`` / ``cfg``: the triton_attention and launch_configs modules to stub (another checkout's, for an A/B
+    in one process)."""
+    if mode not in STUB_MODES:
+        raise ValueError(f"stub mode must be one of {STUB_MODES}, got {mode!r}")
+    saved = {name: getattr(module, name) for name in KERNELS}
     real_sdpa = F.scaled_dot_product_attention
 
     def sdpa_stub(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         # a view: no compute, but an autograd node when q requires grad, as the real op records one
         return q.view(q.shape)
 
-    try:
-        for name, kernel in saved.items():
-            setattr(ra, name, _StubKernel(kernel))
-        F.scaled_dot_product_attention = sdpa_stub
-        launch_configs.clear_launch_cache()
-        yield
-    finally:
-        for name, kernel in saved.items():
-            setattr(ra, name, kernel)
-        F.scaled_dot_product_attention = real_sdpa
-        launch_configs.clear_launch_cache()
+    fast = fast_launch.ENABLED
+    with contextlib.ExitStack() as stack:
+        if mode != "plain":
+            stack.enter_context(fake_driver())
+        try:
+            fast_launch.ENABLED = fast and mode != "triton_run"
+            for name, kernel in saved.items():
+                setattr(module, name, _StubKernel(kernel) if mode == "plain" else jit_copy(kernel, launcher))
+            F.scaled_dot_product_attention = sdpa_stub
+            cfg.clear_launch_cache()
+            yield
+        finally:
+            for name, kernel in saved.items():
+                setattr(module, name, kernel)
+            F.scaled_dot_product_attention = real_sdpa
+            fast_launch.ENABLED = fast
+            cfg.clear_launch_cache()
 
 
 def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:
@@ -128,12 +235,12 @@ def _grad_ctx(path: str):
     return torch.no_grad() if path in ("triton", "sdpa", "validate_once_per_segment") else contextlib.nullcontext()
 
 
-def measure_stub(timer: Timer, n: int, repeats: int) -> list[dict]:
+def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> list[dict]:
     """Each case's paths timed in turn, ``repeats`` rounds of ``n`` calls per path (interleaved, so that a load
     change on a shared machine hits every path alike); per path the median over the rounds of the wall time
-    (``host_us``) and of the process CPU time (``cpu_us``) per call."""
+    (``host_us``) and of the process CPU time (``cpu_us``) per call. ``mode``: the :func:`stubs` mode."""
     rows = []
-    with stubs():
+    with stubs(mode):
         for case, (q, k, v, layout) in cases("cpu").items():
             paths = _paths(q, k, v, layout)
             wall = {path: [] for path in paths}
@@ -145,23 +252,32 @@ def measure_stub(timer: Timer, n: int, repeats: int) -> list[dict]:
                     wall[path].append(t.median_s)
                     cpu[path].append(t.cpu_s)
             for path in paths:
-                rows.append({"mode": "stub", "case": case, "path": path,
+                rows.append({"mode": ROW_MODES[mode], "case": case, "path": path,
                              "host_us": round(1e6 * statistics.median(wall[path]), 2),
                              "cpu_us": round(1e6 * statistics.median(cpu[path]), 2)})  # fmt: skip
     return rows
 
 
-def measure_cuda(timer: Timer, n: int, repeats: int) -> list[dict]:
+def measure_cuda(timer: Timer, n: int, repeats: int, fast: bool = True) -> list[dict]:
+    """The real calls; ``fast=False``: with the fast launch off (rows ``cuda_run``: every launch through Triton's
+    ``JITFunction.run``)."""
     rows = []
-    for case, (q, k, v, layout) in cases("cuda").items():
-        for path, fn in _paths(q, k, v, layout).items():
-            if path.startswith("validate"):
-                continue
-            with _grad_ctx(path):
-                host = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
-                device = 1e6 * timer(fn, repeats=1, warmup=0, inner=n, clock="device").median_s
-            rows.append({"mode": "cuda", "case": case, "path": path, "host_us": round(host, 2),
-                         "device_us": round(device, 2)})  # fmt: skip
+    enabled = fast_launch.ENABLED
+    try:
+        fast_launch.ENABLED = enabled and fast
+        launch_configs.clear_launch_cache()
+        for case, (q, k, v, layout) in cases("cuda").items():
+            for path, fn in _paths(q, k, v, layout).items():
+                if path.startswith("validate") or (not fast and "_op" in path):
+                    continue
+                with _grad_ctx(path):
+                    host = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
+                    device = 1e6 * timer(fn, repeats=1, warmup=0, inner=n, clock="device").median_s
+                rows.append({"mode": "cuda" if fast else "cuda_run", "case": case, "path": path,
+                             "host_us": round(host, 2), "device_us": round(device, 2)})  # fmt: skip
+    finally:
+        fast_launch.ENABLED = enabled
+        launch_configs.clear_launch_cache()
     return rows
 
 
@@ -173,7 +289,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     and at or below SDPA's (issue 24, the grad call and the step). ``call``: ``no_grad`` (the forward alone),
     ``grad`` (the forward of inputs that require grad) or ``step`` (forward + backward). The stub compares
     process CPU time (a shared machine's load inflates wall time, not the work done), ``cuda`` wall time."""
-    by = {(r["mode"], r["case"], r["path"]): r["cpu_us"] if r["mode"] == "stub" else r["host_us"] for r in rows}
+    by = {(r["mode"], r["case"], r["path"]): r["cpu_us"] if r["mode"].startswith("stub") else r["host_us"]
+          for r in rows}  # fmt: skip
     out = []
     for (mode, case, path), triton_us in by.items():
         if not path.startswith("triton") or path.startswith("triton_op"):
@@ -190,9 +307,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def run(ctx) -> dict:
     n, repeats = (50, 3) if ctx.quick else (500, 7)
-    rows = measure_stub(Timer(torch.device("cpu")), n, repeats)
+    rows = [row for mode in STUB_MODES for row in measure_stub(Timer(torch.device("cpu")), n, repeats, mode)]
     if ctx.cuda:
-        rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats)
+        for fast in (True, False):
+            rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats, fast)
     summary = summarize(rows)
     ctx.write_json({"rows": rows, "summary": summary})
     lines = [f"# Host time per attention call ({machine_label()})", "",

@@ -85,7 +85,7 @@ def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
     """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
     import torch
 
-    cfg = launch_configs._heuristic_config(kind, head_dim, getattr(torch, dtype_name))  # the built-in one
+    cfg = launch_configs.heuristic_config(kind, head_dim, getattr(torch, dtype_name))  # the built-in one
     return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
 
 

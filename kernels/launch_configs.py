@@ -22,11 +22,26 @@ Resolved in this order at each launch (by :mod:`rmt_fast.kernels.triton_attentio
    replaces or extends ``launch_config`` calls ``clear_launch_cache()`` afterwards (``set_launch_configs`` does).
 
 A 4-tuple is accepted wherever a :class:`LaunchConfig` is expected. In Triton's interpreter the heuristic uses
-``_INTERPRET_BLOCKS`` (tests change it) and the caches are bypassed.
+the interpreter's block sizes (tests set them with :func:`interpreter_mode`) and the caches are bypassed.
 
 Above the configurations, a call at a given shape reads a :class:`ShapePlan` (launches, grids, buffer shapes,
-scalar arguments of the forward and the backward), cached per shape key in ``_SHAPE_PLANS`` and cleared with
-the configurations (``clear_launch_cache``).
+scalar arguments of the forward and the backward), cached per shape key and cleared with the configurations
+(``clear_launch_cache``).
+
+The caches' interface (for :mod:`rmt_fast.kernels.triton_attention`; nothing outside this module touches its
+underscore names, ``tests/test_launch_seam.py`` checks it):
+
+* ``cached_config(key)``, ``cached_plan(key)``, ``cached_shape_plan(key)``: the cached configuration, launch or
+  ShapePlan, or None; always None while caching is off (an :func:`override_configs` block, the interpreter). On
+  the per-call path: while caching is on each name is the cache dict's own ``get`` (rebound when caching turns
+  on or off), so a hit costs one attribute look-up and one C call. Read them as ``launch_configs.cached_plan``
+  (never ``from launch_configs import cached_plan``: that keeps one binding);
+* ``remember_config``, ``remember_plan``, ``remember_shape_plan(key, value)``: store (no-ops while caching is off;
+  the shape plans are cleared when they reach ``MAX_SHAPE_PLANS``); ``forget_plans()``: drop the launches and
+  shape plans (not the configurations: the out-of-resources step-down);
+* ``caching()``, ``interpreting()``, ``override_active()``, ``override_config(kind)``: the state;
+  ``cache_snapshot()``: copies of the three caches (tests, diagnostics); ``interpreter_mode(enabled, blocks=...)``:
+  force the interpreter flag and its block sizes inside a block (tests).
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -41,8 +57,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton reads it o
 
 
 def interpreting() -> bool:
-    """True when Triton runs its interpreter (``TRITON_INTERPRET=1`` when triton was imported; tests patch
-    ``_INTERPRET``)."""
+    """True when Triton runs its interpreter (``TRITON_INTERPRET=1`` when triton was imported; tests force it with
+    :func:`interpreter_mode`)."""
     return _INTERPRET
 
 
@@ -160,7 +176,7 @@ _CONFIGS = {
 }
 
 
-def _heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+def heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """Per-kernel launch configuration from the head dim and dtype: a table look-up, no autotuning, no sync.
 
     kind: "fwd", "dq" or "dkdv"; BLOCK_M always tiles queries and BLOCK_N keys.
@@ -205,17 +221,20 @@ class ShapePlan:
       transposed); ``dtype``, ``device``: theirs;
     * ``bwd``: None, or (launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels;
     * ``key``: the kernel variant key without its kind (for the launches' out-of-resources step-down);
-      ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache.
+      ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache;
+    * ``fast``: kernel kind -> its :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (or None where it does not
+      apply), built by the launcher after the first launch of a cached plan.
     """
 
     __slots__ = ("key", "dims", "dtype", "device", "fwd", "fwd_grid", "fwd_tail", "scale", "out_shape", "lse_shape",
-                 "delta_shape", "dq_shape", "dkv_shape", "bwd", "cached")  # fmt: skip
+                 "delta_shape", "dq_shape", "dkv_shape", "bwd", "cached", "fast")  # fmt: skip
 
     def __init__(self, key, dims, dtype, device, fwd, fwd_grid, fwd_tail, scale, shapes, cached: bool):
         self.key, self.dims, self.dtype, self.device, self.cached = key, dims, dtype, device, cached
         self.fwd, self.fwd_grid, self.fwd_tail, self.scale = fwd, fwd_grid, fwd_tail, scale
         self.out_shape, self.lse_shape, self.delta_shape, self.dq_shape, self.dkv_shape = shapes
         self.bwd = None
+        self.fast = {}
 
 
 def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
@@ -226,7 +245,7 @@ def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     caller that replaces or extends it must call :func:`clear_launch_cache` afterwards.
     """
     cfg = _TABLE.get((kind, head_dim, dtype))
-    return cfg if cfg is not None else _heuristic_config(kind, head_dim, dtype)
+    return cfg if cfg is not None else heuristic_config(kind, head_dim, dtype)
 
 
 def set_launch_configs(table: dict | None) -> None:
@@ -248,8 +267,106 @@ def set_launch_configs(table: dict | None) -> None:
 def clear_launch_cache() -> None:
     """Forget the resolved configurations (the next launch of each kind asks :func:`launch_config` again)."""
     _CONFIG_CACHE.clear()
+    forget_plans()
+
+
+def forget_plans() -> None:
+    """Forget the cached launches and shape plans, keeping the resolved configurations (a launch that stepped its
+    configuration down: the plans built from the old one go, :func:`remember_config` records the new one)."""
     _PLANS.clear()
     _SHAPE_PLANS.clear()
+
+
+# ------------------------------------------------------------------------------------ the caches' interface
+def caching() -> bool:
+    """True when launches read and fill the caches: outside :func:`override_configs` blocks and the interpreter."""
+    return _OVERRIDE is None and not _INTERPRET
+
+
+def override_active() -> bool:
+    """True inside an :func:`override_configs` block."""
+    return _OVERRIDE is not None
+
+
+def override_config(kind: str) -> LaunchConfig | None:
+    """The configuration an active :func:`override_configs` block fixes for kernel ``kind``, else None."""
+    return None if _OVERRIDE is None else _OVERRIDE.get(kind)
+
+
+def _no_entry(key) -> None:
+    return None
+
+
+# Per-call look-ups (see the module docstring): each is the cache's ``dict.get`` while caching is on, else
+# ``_no_entry``; ``_rebind`` switches them whenever ``_OVERRIDE`` or ``_INTERPRET`` changes.
+cached_config = _CONFIG_CACHE.get
+cached_plan = _PLANS.get
+cached_shape_plan = _SHAPE_PLANS.get
+
+
+def _rebind() -> None:
+    global cached_config, cached_plan, cached_shape_plan
+    on = caching()
+    cached_config = _CONFIG_CACHE.get if on else _no_entry
+    cached_plan = _PLANS.get if on else _no_entry
+    cached_shape_plan = _SHAPE_PLANS.get if on else _no_entry
+
+
+def remember_config(key: tuple, cfg: LaunchConfig) -> None:
+    """Cache the configuration resolved for ``key`` = (kind, head_dim, dtype, device) (no-op while not caching)."""
+    if caching():
+        _CONFIG_CACHE[key] = cfg
+
+
+def remember_plan(key: tuple, plan) -> None:
+    """Cache the launch of kernel variant ``key`` (no-op while not caching)."""
+    if caching():
+        _PLANS[key] = plan
+
+
+def remember_shape_plan(key: tuple, plan: ShapePlan) -> None:
+    """Cache the ShapePlan of shape key ``key`` (no-op while not caching); the cache is emptied first when it holds
+    ``MAX_SHAPE_PLANS`` plans (e.g. a decode loop: a new query / key length at every step)."""
+    if caching():
+        if len(_SHAPE_PLANS) >= MAX_SHAPE_PLANS:
+            _SHAPE_PLANS.clear()
+        _SHAPE_PLANS[key] = plan
+
+
+class CacheSnapshot(NamedTuple):
+    """Copies of the caches: ``configs`` (kind, head_dim, dtype, device) -> LaunchConfig, ``plans`` kernel variant
+    key -> launch, ``shape_plans`` shape key -> ShapePlan."""
+
+    configs: dict
+    plans: dict
+    shape_plans: dict
+
+
+def cache_snapshot() -> CacheSnapshot:
+    """Copies of the three caches (for tests and diagnostics; the entries themselves are not copied)."""
+    return CacheSnapshot(dict(_CONFIG_CACHE), dict(_PLANS), dict(_SHAPE_PLANS))
+
+
+@contextlib.contextmanager
+def interpreter_mode(enabled: bool | None = None, blocks: tuple[int, int] | None = None) -> Iterator[None]:
+    """Inside the block, launches run as if Triton's interpreter were on (``enabled=True``: heuristic blocks,
+    caches bypassed) or off (``False``: the compiled path's caching, e.g. with stub kernels on the CPU); ``None``
+    keeps it. ``blocks``: the interpreter's (BLOCK_M, BLOCK_N), powers of two >= 16. For tests: the state is
+    process-global; it is restored on exit."""
+    global _INTERPRET, _INTERPRET_BLOCKS
+    if blocks is not None:
+        LaunchConfig(*blocks, 4, 1)  # validates them
+    saved = (_INTERPRET, _INTERPRET_BLOCKS)
+    try:
+        if enabled is not None:
+            _INTERPRET = bool(enabled)
+        if blocks is not None:
+            _INTERPRET_BLOCKS = tuple(blocks)
+        _rebind()
+        yield
+    finally:
+        _INTERPRET, _INTERPRET_BLOCKS = saved
+        _rebind()
 
 
 @contextlib.contextmanager
@@ -267,7 +384,12 @@ def override_configs(fwd=None, dq=None, dkdv=None) -> Iterator[None]:
         check_variant(kind, cfg.variant)
     previous = _OVERRIDE
     _OVERRIDE = {**(previous or {}), **given}
+    _rebind()
     try:
         yield
     finally:
         _OVERRIDE = previous
+        _rebind()
+
+
+_rebind()

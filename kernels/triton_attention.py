@@ -28,11 +28,15 @@ Host time per call: the shapes, dtype, device and layout of a call select a cach
 :class:`~rmt_fast.kernels.launch_configs.ShapePlan` (launches, grids, buffer shapes, scalar arguments of the
 forward and, from the first backward on, of the backward), so that a call only reads its tensors' strides,
 allocates its outputs and launches; in eager mode autograd goes through :class:`_RmtAttentionFn`'s C ``apply``.
+After a cached plan's first launch of a kernel through Triton's ``JITFunction.run``, later launches whose
+arguments specialise alike go through the plan's :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (the low-level
+launcher, without ``run``'s binding, specialisation and cache key); the launch caches are read and filled only
+through :mod:`~rmt_fast.kernels.launch_configs`' public functions.
 
 Test hooks on this module: ``_empty`` (every buffer the kernels overwrite; tests pre-fill it with NaN), the
 kernels by name (``_rmt_attn_fwd_kernel``... are looked up here at each new launch plan),
-``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are
-``launch_configs._INTERPRET_BLOCKS``.
+``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are set with
+``launch_configs.interpreter_mode(blocks=...)``.
 
 File order: launch plans, launchers, the autograd Function, the custom ops, the public functions.
 """
@@ -43,6 +47,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import fast_launch as _fast
 from . import launch_configs as _cfg
 from .launch_configs import LaunchConfig, ShapePlan, next_pow2
 from .layout import SegmentLayout
@@ -69,14 +74,16 @@ _MASK_BOUNDARY_ONLY = True
 class _Launch:
     """A ready launch of one kernel variant: the kernel's bound ``run``, its keyword arguments (constexprs and
     launch config) as one dict built once, and the block sizes for the grid. Built on the first call of a
-    variant and cached: a call after that does one dict look-up, builds no dict and binds nothing."""
+    variant and cached: a call after that does one dict look-up, builds no dict and binds nothing. ``jit``:
+    whether the kernel is a ``JITFunction`` with Triton's own ``run`` (a fast launch may apply)."""
 
-    __slots__ = ("kernel", "run", "kwargs", "block_m", "block_n", "cfg", "fixed")
+    __slots__ = ("kernel", "run", "kwargs", "block_m", "block_n", "cfg", "fixed", "jit")
 
     def __init__(self, kernel, cfg: LaunchConfig, consts: dict, fixed: bool):
         self.kernel, self.run = kernel, kernel.run
         self.kwargs = {**consts, **cfg.kwargs}
         self.block_m, self.block_n, self.cfg, self.fixed = cfg.block_m, cfg.block_n, cfg, fixed
+        self.jit = _fast.ENABLED and getattr(type(kernel), "run", None) is triton.runtime.jit.JITFunction.run
 
 
 _KERNEL_NAMES = {"fwd": "_rmt_attn_fwd_kernel", "dq": "_rmt_attn_bwd_dq_kernel",
@@ -87,11 +94,8 @@ def _plan(kind: str, D: int, dtype, device, causal: bool, padded: bool, has_star
           i64: bool) -> _Launch:  # fmt: skip
     """The launch of kernel ``kind`` for this variant (see :class:`_Launch`)."""
     key = _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64)
-    if _cfg._OVERRIDE is None and not _cfg._INTERPRET:
-        plan = _cfg._PLANS.get(key)
-        if plan is not None:
-            return plan
-    return _new_plan(key)
+    plan = _cfg.cached_plan(key)  # None while not caching (override block, interpreter)
+    return plan if plan is not None else _new_plan(key)
 
 
 def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
@@ -99,27 +103,26 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
     kernel = globals()[_KERNEL_NAMES[kind]]  # looked up now: tests and benchmarks swap kernels here
     block_d = max(16, next_pow2(D))
     if kind == "pre":
-        plan = _Launch(kernel, LaunchConfig(16 if _cfg._INTERPRET else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
+        plan = _Launch(kernel, LaunchConfig(16 if _cfg.interpreting() else 64, 16, 4, 1), {"BLOCK_D": block_d}, True)
         del plan.kwargs["BLOCK_N"]  # the preprocess kernel tiles queries only
-        if not _cfg._INTERPRET:
-            _cfg._PLANS[key] = plan
+        _cfg.remember_plan(key, plan)
         return plan
     consts = {
         "CAUSAL": causal, "PADDED": padded, "HAS_STARTS": has_starts, "DROPOUT": dropout, "DROP_I64": i64,
         "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
     }  # fmt: skip
-    if cfg is None and _cfg._OVERRIDE is not None and kind in _cfg._OVERRIDE:
-        cfg = _cfg._OVERRIDE[kind]  # used exactly, not cached
-        return _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, True)
+    if cfg is None:
+        fixed = _cfg.override_config(kind)
+        if fixed is not None:  # used exactly, not cached
+            return _Launch(kernel, fixed, {**consts, **_cfg.variant_constexprs(kind, fixed.variant)}, True)
     cfg_key = (kind, D, dtype, device)
     if cfg is None:
-        cfg = None if _cfg._INTERPRET else _cfg._CONFIG_CACHE.get(cfg_key)
+        cfg = _cfg.cached_config(cfg_key)  # None while not caching
     if cfg is None:
         cfg = _cfg.launch_config(kind, D, dtype)
     plan = _Launch(kernel, cfg, {**consts, **_cfg.variant_constexprs(kind, cfg.variant)}, False)
-    if not _cfg._INTERPRET and _cfg._OVERRIDE is None:
-        _cfg._CONFIG_CACHE[cfg_key] = cfg
-        _cfg._PLANS[key] = plan
+    _cfg.remember_config(cfg_key, cfg)
+    _cfg.remember_plan(key, plan)
     return plan
 
 
@@ -147,11 +150,11 @@ def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: 
     key = (q.shape, k.shape, dtype, q.device, padded, has_starts, num_read, num_tokens, causal, scale, dropout,
            dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32, _MASK_BOUNDARY_ONLY,
            _FORCE_DROPOUT_I64)  # fmt: skip
-    cache = cache and _cfg._OVERRIDE is None and not _cfg._INTERPRET
     if cache:
-        plan = _cfg._SHAPE_PLANS.get(key)
+        plan = _cfg.cached_shape_plan(key)  # None while not caching (override block, interpreter)
         if plan is not None:
             return plan
+        cache = _cfg.caching()
     B, Hq, Tq, D = key[0]
     Hkv, Tk = key[1][1], key[1][2]
     variant = (D, dtype, key[3], causal, padded, has_starts, dropout, _needs_i64(B, Hq, Tq, Tk))
@@ -163,9 +166,7 @@ def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: 
         ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)), cache,
     )  # fmt: skip
     if cache:
-        if len(_cfg._SHAPE_PLANS) >= _cfg.MAX_SHAPE_PLANS:  # e.g. a decode loop: a new Tq / Tk at every step
-            _cfg._SHAPE_PLANS.clear()
-        _cfg._SHAPE_PLANS[key] = plan
+        _cfg.remember_shape_plan(key, plan)  # bounded: e.g. a decode loop makes a new Tq / Tk at every step
     return plan
 
 
@@ -201,31 +202,38 @@ def _backward_launches(plan: ShapePlan) -> tuple:
 
 
 def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> None:
-    """Launch ``launch`` on ``grid``. A launch that fails to compile for lack of shared memory or registers
-    steps the configuration down (and the caches remember it), unless the configuration was fixed by
-    :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``, inside the custom ops) makes the launch
-    visible to torch.compile; the compiler then compiles the kernel."""
+    """Launch ``launch`` on ``grid``: through the plan's fast launch of this kernel where it has one and the
+    arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`), else through
+    ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch). A launch that fails to
+    compile for lack of shared memory or registers steps the configuration down (and the caches remember it),
+    unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
+    inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
     if wrap is not None:
         wrap(launch.kernel)[grid](*args, **launch.kwargs)
         return
+    fast = plan.fast.get(kind)
+    if fast is not None and fast(args):
+        return
     try:
-        launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
+        kernel = launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
     except triton.runtime.errors.OutOfResources as exc:
         if launch.fixed:
             raise
         _run_stepping_down(exc, launch, args, plan, kind)
+        return
+    if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
+        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs)
 
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
     cfg = launch.cfg
-    _cfg._PLANS.clear()
-    _cfg._SHAPE_PLANS.clear()  # the plan at hand keeps its launches for this call only
+    _cfg.forget_plans()  # the plan at hand keeps its launches for this call only
     D, dtype, device = plan.key[:3]
     while True:
         cfg = cfg.smaller()
         if cfg is None:
             raise exc
-        _cfg._CONFIG_CACHE[(kind, D, dtype, device)] = cfg
+        _cfg.remember_config((kind, D, dtype, device), cfg)
         launch = _new_plan(_variant_key(kind, *plan.key), cfg)
         try:
             launch.run(*args, grid=_grid(kind, launch, plan.dims), warmup=False, **launch.kwargs)
@@ -383,7 +391,7 @@ def _register_ops():
 
 
 _OPS = None
-if not _cfg._INTERPRET and hasattr(torch.library, "triton_op"):
+if not _cfg.interpreting() and hasattr(torch.library, "triton_op"):
     _OPS = _register_ops()
 
 

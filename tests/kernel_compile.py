@@ -56,7 +56,7 @@ def compile_variant(kind: str, dtype: str, flags: dict, arch: int, floats: str, 
     """Compile one kernel variant for ``sm_<arch>`` (``cfg``: a LaunchConfig or tuple; default the heuristic's);
     returns Triton's compiled kernel (``asm["ptx"]``, ``asm["cubin"]``, ``metadata.shared``)."""
     fn = {"fwd": ta._rmt_attn_fwd_kernel, "dq": ta._rmt_attn_bwd_dq_kernel, "dkdv": ta._rmt_attn_bwd_dkdv_kernel}[kind]
-    cfg = lc._heuristic_config(kind, head_dim, _DTYPES[dtype]) if cfg is None else lc.LaunchConfig.of(cfg)
+    cfg = lc.heuristic_config(kind, head_dim, _DTYPES[dtype]) if cfg is None else lc.LaunchConfig.of(cfg)
     consts = dict(flags, D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, DOT_PREC="ieee" if dtype == "fp32" else "tf32", BOUNDARY_ONLY=True,
                   DROP_I64=False, **lc.variant_constexprs(kind, cfg.variant))  # fmt: skip

@@ -19,8 +19,7 @@ from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
 @pytest.fixture
 def compiled_path(monkeypatch):
     """The non-interpreter launch path (plans cached) with every kernel launch stubbed out."""
-    monkeypatch.setattr(lc, "_INTERPRET", False)
-    with host_overhead.stubs():
+    with lc.interpreter_mode(False), host_overhead.stubs():
         yield
     lc.clear_launch_cache()
 
@@ -33,19 +32,20 @@ def test_launch_plans_are_built_once_per_variant(compiled_path):
     q, k, v = _qkv()
     layout = SegmentLayout(2, 16, 2, True, token_counts=torch.tensor([3, 16]))
     ta.rmt_attention(q, k, v, layout, check=False)
-    plans = dict(lc._PLANS)
+    plans = lc.cache_snapshot().plans
     assert len(plans) == 1
     ta.rmt_attention(q, k, v, layout, check=False)
     ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_counts=torch.tensor([9, 1])), check=False)
-    assert lc._PLANS == plans and all(lc._PLANS[key] is plan for key, plan in plans.items())
+    now = lc.cache_snapshot().plans
+    assert now == plans and all(now[key] is plan for key, plan in plans.items())
     ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, False), check=False)  # another variant
-    assert len(lc._PLANS) == 2
+    assert len(lc.cache_snapshot().plans) == 2
     with lc.override_configs(fwd=(16, 16, 2, 1)):  # the override neither reads nor fills the cache
         ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_starts=torch.tensor([1, 0]),
                                                  token_counts=torch.tensor([3, 16])), check=False)  # fmt: skip
-    assert len(lc._PLANS) == 2
+    assert len(lc.cache_snapshot().plans) == 2
     lc.clear_launch_cache()
-    assert not lc._PLANS and not lc._CONFIG_CACHE
+    assert lc.cache_snapshot() == ({}, {}, {})
 
 
 def test_backward_plans_are_cached_too(compiled_path):
@@ -53,16 +53,17 @@ def test_backward_plans_are_cached_too(compiled_path):
     layout = SegmentLayout(2, 16, 2, True)
     out = ta.rmt_attention(q, k, v, layout, check=False)
     out.sum().backward()  # stubbed kernels: the gradients are garbage, only the launches matter here
-    assert {key[0] for key in lc._PLANS} == {"fwd", "pre", "dq", "dkdv"}
+    assert {key[0] for key in lc.cache_snapshot().plans} == {"fwd", "pre", "dq", "dkdv"}
 
 
 def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
-    launched = []
+    launched, tried = [], []
 
     class Tight:
         """Compiles only with BLOCK_M * BLOCK_N <= 32 * 32 and one stage."""
 
         def run(self, *args, grid, warmup, **kw):
+            tried.append(kw["BLOCK_M"])
             if kw["BLOCK_M"] * kw["BLOCK_N"] > 32 * 32 or kw["num_stages"] > 1:
                 raise ta.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
             launched.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"], grid))
@@ -76,10 +77,10 @@ def test_out_of_resources_steps_down_and_is_remembered(compiled_path):
         assert launched[-1][:3] in {(32, 32, 1), (64, 16, 1), (16, 64, 1)}
         bm = launched[-1][0]
         assert launched[-1][3] == (-(-100 // bm), 2 * 4)
-        assert lc._CONFIG_CACHE[("fwd", 32, torch.float32, q.device)].as_tuple()[:2] == launched[-1][:2]
-        n = len(launched)
+        assert lc.cached_config(("fwd", 32, torch.float32, q.device)).as_tuple()[:2] == launched[-1][:2]
+        n, t = len(launched), len(tried)
         ta.rmt_attention(q, k, v, layout, check=False)  # straight to the config that compiled
-        assert len(launched) == n + 1 and launched[-1] == launched[n - 1]
+        assert len(launched) == n + 1 and launched[-1] == launched[n - 1] and len(tried) == t + 1
         with pytest.raises(ta.triton.runtime.errors.OutOfResources):  # an override is used exactly
             with lc.override_configs(fwd=(64, 64, 4, 3)):
                 ta.rmt_attention(q, k, v, layout, check=False)
@@ -93,13 +94,15 @@ def test_host_overhead_benchmark_runs(tmp_path):
     summary = runner.run(host_overhead, tmp_path, quick=True)
     assert F.scaled_dot_product_attention is real_sdpa and ta._rmt_attn_fwd_kernel is real_kernel  # restored
     data = json.loads((tmp_path / "host_overhead.json").read_text())
-    stub = [r for r in data["rows"] if r["mode"] == "stub"]
+    stub = [r for r in data["rows"] if r["mode"].startswith("stub")]
     paths = ["triton", "sdpa", "triton_grad", "sdpa_grad", "triton_step", "sdpa_step", "validate_once_per_segment"]
     if ta._OPS is not None:  # the custom ops are registered outside the interpreter only
         paths += ["triton_op_grad", "triton_op_step"]
-    assert {(r["case"], r["path"]) for r in stub} == {(c, p) for c in ("full", "counts", "runs") for p in paths}
+    modes = ("stub", "stub_triton", "stub_triton_run")
+    assert {(r["mode"], r["case"], r["path"]) for r in stub} == {
+        (m, c, p) for m in modes for c in ("full", "counts", "runs") for p in paths}  # fmt: skip
     assert all(r["host_us"] > 0 and r["cpu_us"] >= 0 for r in stub)
-    assert len(data["summary"]) == 9 and summary["rows"] == len(data["rows"])
+    assert len(data["summary"]) == 27 and summary["rows"] == len(data["rows"])
     assert {s["call"] for s in data["summary"]} == {"no_grad", "grad", "step"}
     assert isinstance(summary["grad_at_or_below_sdpa"], bool)
     assert "Triton - SDPA" in (tmp_path / "host_overhead.md").read_text()
@@ -128,11 +131,11 @@ def test_shape_plan_is_cached_per_shape_key_and_reads_strides_per_call(compiled_
     layout = SegmentLayout(2, 16, 2, True)
     q, k, v = _qkv(B, H, T, D)
     ta.rmt_attention(q, k, v, layout, check=False)
-    assert len(lc._SHAPE_PLANS) == 1
-    plan = next(iter(lc._SHAPE_PLANS.values()))
+    assert len(lc.cache_snapshot().shape_plans) == 1
+    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
     qt = torch.randn(B, T, H, D).transpose(1, 2)  # same shape, other strides: the same plan
     ta.rmt_attention(qt, k, v, layout, check=False)
-    assert list(lc._SHAPE_PLANS.values()) == [plan] and plan.bwd is None
+    assert list(lc.cache_snapshot().shape_plans.values()) == [plan] and plan.bwd is None
     (a0, g0, kw0), (a1, g1, kw1) = rec.launches
     assert a0[7:11] == q.stride() and a1[7:11] == qt.stride() and a1[11:19] == (*k.stride(), *v.stride())
     assert kw0 == kw1 and g0 == g1 == (-(-T // kw0["BLOCK_M"]), B * H)
@@ -140,7 +143,7 @@ def test_shape_plan_is_cached_per_shape_key_and_reads_strides_per_call(compiled_
     assert tuple(out.shape) == (B, T, H, D) and a1[19:23] == out.stride()
     assert a1[23:] == (H, 1, T, T, D, 2, 16, D**-0.5 * ta._LOG2E, 0.0, 0)
     ta.rmt_attention(q[:1], k[:1], v[:1], layout, check=False)  # another shape: another plan
-    assert len(lc._SHAPE_PLANS) == 2 and rec.launches[-1][1] == (-(-T // kw0["BLOCK_M"]), H)
+    assert len(lc.cache_snapshot().shape_plans) == 2 and rec.launches[-1][1] == (-(-T // kw0["BLOCK_M"]), H)
 
 
 @pytest.mark.parametrize("change", ["dropout", "causal", "counts", "starts", "scale", "tf32", "dtype", "num_read"])
@@ -173,7 +176,7 @@ def test_every_input_of_the_plan_is_in_its_key(compiled_path, change):
     finally:
         if change == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert len(lc._SHAPE_PLANS) == 2
+    assert len(lc.cache_snapshot().shape_plans) == 2
     (a0, _, k0), (a1, _, k1) = rec.launches
     assert (a0[23:], k0) != (a1[23:], k1)  # what the launch gets differs as the change requires
     if change in ("dropout", "causal", "counts", "starts"):
@@ -192,8 +195,9 @@ def test_backward_launches_are_planned_once_per_shape(compiled_path):
     for _ in range(2):
         out = ta.rmt_attention(q, k, v, layout, check=False)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    plan = next(iter(lc._SHAPE_PLANS.values()))
-    assert plan.bwd is not None and len(lc._SHAPE_PLANS) == 1
+    shape_plans = lc.cache_snapshot().shape_plans
+    plan = next(iter(shape_plans.values()))
+    assert plan.bwd is not None and len(shape_plans) == 1
     pre, dq_rec, dkdv_rec = recs.values()
     assert [len(r.launches) for r in recs.values()] == [2, 2, 2]
     for r, block, heads in ((pre, "BLOCK_M", Hq), (dq_rec, "BLOCK_M", Hq), (dkdv_rec, "BLOCK_N", Hkv)):
@@ -227,4 +231,4 @@ def test_shape_plan_cache_is_bounded(compiled_path, monkeypatch):
     layout = SegmentLayout(2, 16, 2, True)
     for tq in range(1, 8):  # a decode-like loop: a new query length each call
         ta.rmt_attention(torch.randn(1, 2, tq, 16), k, v, layout, check=False)
-        assert 1 <= len(lc._SHAPE_PLANS) <= 3
+        assert 1 <= len(lc.cache_snapshot().shape_plans) <= 3

@@ -22,9 +22,10 @@ SM90 = tune_plan.ASSUMED_SMEM["sm90"]
 
 
 @pytest.fixture(autouse=True)
-def _gpu_defaults(monkeypatch):
+def _gpu_defaults():
     """The built-in defaults of a GPU run (in the interpreter the heuristic gives its tiny test blocks)."""
-    monkeypatch.setattr(tune_plan.launch_configs, "_INTERPRET", False)
+    with tune_plan.launch_configs.interpreter_mode(False):
+        yield
 
 
 def _records() -> dict:

@@ -17,7 +17,8 @@ from rmt_fast.kernels.layout import SegmentLayout
 def _poison_buffers(monkeypatch):
     """Every kernel-written buffer (lse, delta, dq, dk, dv, default out) starts as NaN: gaps show."""
     monkeypatch.setattr(ta, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype))
-    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", (16, 16))
+    with lc.interpreter_mode(blocks=(16, 16)):
+        yield
 
 
 # (dq config, dkdv config): every backward schedule (fa2/fa2 is what test_rmt_attention.py covers)
@@ -145,7 +146,7 @@ def test_variant_field_validation_and_round_trip():
     with pytest.raises(ValueError, match="the 'dq' kernel has variants"):
         with lc.override_configs(dq=(16, 16, 4, 1, "fused")):
             pass
-    assert lc._OVERRIDE is None
+    assert not lc.override_active()
     lc.set_launch_configs({("dkdv", 32, torch.float16): (16, 16, 4, 1, "inline")})
     try:
         with pytest.raises(ValueError, match="the 'fwd' kernel has variants"):

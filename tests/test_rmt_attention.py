@@ -57,7 +57,8 @@ def _poison_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ta, "_empty", nan_empty)
-    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", (16, 16))
+    with lc.interpreter_mode(blocks=(16, 16)):
+        yield
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=0):
@@ -144,11 +145,11 @@ def test_padded_blocks_are_skipped_correctly(causal):
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 @pytest.mark.parametrize("boundary_only", [True, False], ids=["mask-boundary", "mask-all"])
 def test_block_shapes_and_mask_modes(blocks, boundary_only, monkeypatch):
-    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", blocks)
-    monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
-    layout = SegmentLayout(5, 50, 3, True, token_counts=torch.tensor([1, 37]))
-    q, k, v = make_qkv(2, 2, 1, 50, 58, 16, torch.float32, seed=5)  # decode-shifted, 58 keys
-    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+    with lc.interpreter_mode(blocks=blocks):
+        monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
+        layout = SegmentLayout(5, 50, 3, True, token_counts=torch.tensor([1, 37]))
+        q, k, v = make_qkv(2, 2, 1, 50, 58, 16, torch.float32, seed=5)  # decode-shifted, 58 keys
+        check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
 
 
 # ------------------------------------------------------------------------- visible runs [start, end) per row
@@ -189,14 +190,14 @@ def test_visible_runs_against_reference(causal, dtype, hkv):
 @pytest.mark.parametrize("boundary_only", [True, False], ids=["mask-boundary", "mask-all"])
 @pytest.mark.parametrize("tq", [70, 9])
 def test_visible_runs_block_shapes_and_decode(blocks, boundary_only, tq, monkeypatch):
-    monkeypatch.setattr(lc, "_INTERPRET_BLOCKS", blocks)
-    monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
-    # runs that start/end on and off block boundaries (token slot j is key 2 + j)
-    starts = torch.tensor([14, 0, 30, 62, 5])
-    ends = torch.tensor([46, 31, 30, 64, 64])
-    layout = SegmentLayout(2, 64, 4, True, token_counts=ends, token_starts=starts)
-    q, k, v = make_qkv(5, 2, 1, tq, 70, 16, torch.float32, seed=tq)
-    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+    with lc.interpreter_mode(blocks=blocks):
+        monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
+        # runs that start/end on and off block boundaries (token slot j is key 2 + j)
+        starts = torch.tensor([14, 0, 30, 62, 5])
+        ends = torch.tensor([46, 31, 30, 64, 64])
+        layout = SegmentLayout(2, 64, 4, True, token_counts=ends, token_starts=starts)
+        q, k, v = make_qkv(5, 2, 1, tq, 70, 16, torch.float32, seed=tq)
+        check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
 
 
 def test_visible_runs_out_of_range_are_clamped():
@@ -479,10 +480,10 @@ def test_supported():
     assert "holes" in rmt_attention_supported(args["q"], args["k"], args["v"], masked)
 
 
-def test_cpu_without_interpreter_is_unsupported(monkeypatch):
-    monkeypatch.setattr(lc, "_INTERPRET", False)  # read once at import, as triton does
+def test_cpu_without_interpreter_is_unsupported():
     args = _good()
-    reason = rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"])
+    with lc.interpreter_mode(False):  # the flag is read once at import, as triton does
+        reason = rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"])
     assert reason is not None and "TRITON_INTERPRET" in reason
 
 
@@ -517,7 +518,7 @@ def test_override_configs_sets_every_launch_inside_the_block(monkeypatch):
     log.clear()
     check_against_reference(q, k, v, layout, tol=TOL[torch.float32])  # outside: the heuristic again
     assert {entry[1:] for entry in log} == {(16, 16, 4)}
-    assert lc._OVERRIDE is None
+    assert not lc.override_active()
 
 
 def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
@@ -527,12 +528,12 @@ def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
     try:
         lc.set_launch_configs({("fwd", 16, torch.float32): (32, 32, 2, 1), ("dkdv", 16, torch.float32): (16, 32, 2, 1)})
         assert lc.launch_config("fwd", 16, torch.float32) == lc.LaunchConfig(32, 32, 2, 1)
-        assert lc.launch_config("fwd", 16, torch.float16) == lc._heuristic_config("fwd", 16, torch.float16)
+        assert lc.launch_config("fwd", 16, torch.float16) == lc.heuristic_config("fwd", 16, torch.float16)
         check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
         assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 16, 4), ("fwd", 32, 32, 2)]
     finally:
         lc.set_launch_configs(None)
-    assert lc.launch_config("fwd", 16, torch.float32) == lc._heuristic_config("fwd", 16, torch.float32)
+    assert lc.launch_config("fwd", 16, torch.float32) == lc.heuristic_config("fwd", 16, torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -191,3 +191,42 @@ def test_no_host_sync_in_launch_path():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_fast_launch_is_taken_and_matches_run_bit_for_bit():
+    """On the GPU's Triton (3.6 on the lent machine) the fast launch is built for every kernel of a cached plan,
+    later launches skip ``JITFunction.run``, and the results equal those of launches through ``run`` exactly."""
+    from triton.runtime.jit import JITFunction
+
+    from rmt_fast.kernels import fast_launch, launch_configs
+
+    if not fast_launch.ENABLED:
+        pytest.skip("a Triton version whose run was not read: no fast launch")
+    layout = SegmentLayout(10, 512, 10, True, token_counts=torch.tensor([512, 100], device=DEV))
+    q, k, v = qkv_views(2, layout.seq_len, 8, 2, 64, torch.float16)
+    grad_out = torch.randn(2, layout.seq_len, 8, 64, device=DEV, dtype=torch.float16)
+    runs = []
+    real_run = JITFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        runs.append(self.fn.__name__)
+        return real_run(self, *args, **kwargs)
+
+    launch_configs.clear_launch_cache()
+    first = kernel_fwd_bwd(q, k, v, layout, grad_out, dropout_p=0.1, seed=3)  # through run; builds the fast launches
+    plans = launch_configs.cache_snapshot().shape_plans.values()
+    assert plans and all(p.fast and None not in p.fast.values() for p in plans), "fast launch not built"
+    JITFunction.run = counting_run
+    try:
+        fast = kernel_fwd_bwd(q, k, v, layout, grad_out, dropout_p=0.1, seed=3)
+        assert runs == []
+        fast_launch.ENABLED = False
+        launch_configs.clear_launch_cache()
+        slow = kernel_fwd_bwd(q, k, v, layout, grad_out, dropout_p=0.1, seed=3)
+        assert len(runs) >= 3
+    finally:
+        JITFunction.run = real_run
+        fast_launch.ENABLED = True
+        launch_configs.clear_launch_cache()
+    for a, b, c in zip(first, fast, slow, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)

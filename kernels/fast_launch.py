@@ -1,0 +1,194 @@
+"""A faster launch of a compiled Triton kernel: what ``JITFunction.run`` resolved at a first launch, kept, so that
+a later launch with the same specialisation goes straight to the low-level launcher.
+
+``JITFunction.run`` (Triton 3.6 and 3.9, ``triton/runtime/jit.py``) does at every launch: the option kwargs
+(``debug``, ``instrumentation_mode``, on 3.9 ``fpsan_homomorphic_casts``), the active driver's current device
+and stream, the pre-run hooks, the binder (all ~30-60 arguments bound; each non-constexpr one specialised by
+``native_specialize_impl``: a tensor by its dtype and whether its pointer is 16-byte aligned, an int by its range
+(i32 / i64 / u64), whether it is divisible by 16 and whether it equals 1 (then a constexpr), a float as fp32;
+``do_not_specialize`` arguments by their type only), on 3.9 the stages-inspection hook, the cache key
+(``str(options)`` included), the kernel cache look-up, the check of the globals the kernel read, the grid, the
+launch metadata and the call ``kernel.run(grid0, grid1, grid2, stream, kernel.function, kernel.packed_metadata,
+launch_metadata, launch_enter_hook, launch_exit_hook, *bound_args.values())``. About 12 us per launch on a CPU of
+the benchmark machine (``host-overhead``'s ``triton`` stub), several launches per training step.
+
+:class:`FastLaunch` is built from one real launch (its arguments and the kernel ``run`` returned) and, at a later
+launch, checks that everything the cache key and the launch depend on is as it was, then makes the same
+low-level call. A call whose arguments would specialise otherwise, a changed option knob, device, driver, hook,
+returns False: the caller goes through ``JITFunction.run``. The check is conservative: the non-tensor arguments
+must be equal to the first launch's (the call sites give each position one type: strides and plan scalars are
+ints, ``dropout_p`` a float, the seed an int), except ``do_not_specialize`` ones, which must keep their type and
+integer range; tensors must keep their dtype and their 16-byte alignment (where Triton specialises on it).
+
+Only for the Triton versions whose ``run`` was read (:data:`VERIFIED_VERSIONS`); elsewhere :func:`build` returns
+None. Any exception while building or checking means no fast launch (never a failed call).
+``tests/test_fast_launch.py`` records the low-level call of both paths with a fake driver and compares them.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+import triton
+
+VERIFIED_VERSIONS = ("3.6.", "3.9.")
+
+
+def supported(version: str) -> bool:
+    """Whether the fast launch applies under Triton ``version`` (one whose ``JITFunction.run`` was read)."""
+    return version.startswith(VERIFIED_VERSIONS)
+
+
+# False turns every fast launch off (A/B timing, debugging); read when a launch plan is built.
+ENABLED = supported(triton.__version__)
+
+_dtype = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_low4 = (15).__and__
+_or = operator.or_
+_reduce = functools.reduce
+
+
+def _int_range(v) -> str | None:
+    """Triton's type of an int argument by its range (``native_specialize_impl``), None for a non-int."""
+    if type(v) is not int:
+        return None
+    if -(2**31) <= v < 2**31:
+        return "i32"
+    if -(2**63) <= v < 2**63:
+        return "i64"
+    return "u64"
+
+
+def _getter(positions: list[int]):
+    """``args`` -> the tuple of ``args[i]`` for i in positions (always a tuple, even for one position)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
+class FastLaunch:
+    """One kernel's launch as ``JITFunction.run`` resolved it: call it with the positional arguments of a later
+    launch (same keyword arguments and grid: the caller keys it so); True when it launched, False when the
+    caller must go through ``JITFunction.run``."""
+
+    __slots__ = ("fn", "driver", "drv", "device", "knobs", "knob_state", "grid", "launcher", "function", "packed",
+                 "name", "lazy_dict", "extra", "n_args", "tensors", "dtypes", "misaligned", "align_mask", "values",
+                 "value_vals", "dns", "dns_ranges", "all_aligned")  # fmt: skip
+
+    def __call__(self, args: tuple) -> bool:
+        try:
+            if len(args) != self.n_args or self.driver.active is not self.drv or self.fn.pre_run_hooks:
+                return False
+            if _knob_state(self.knobs, self.fn) != self.knob_state or self.values(args) != self.value_vals:
+                return False
+            tensors = self.tensors(args)
+            if list(map(_dtype, tensors)) != self.dtypes:
+                return False
+            if self.all_aligned:  # the usual case: one OR of the pointers
+                if _reduce(_or, map(_data_ptr, self.align_mask(args)), 0) & 15:
+                    return False
+            elif tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args))))) != self.misaligned:
+                return False
+            for i, kind in zip(self.dns, self.dns_ranges):
+                if _int_range(args[i]) != kind:
+                    return False
+            if self.drv.get_current_device() != self.device:
+                return False
+            stream = self.drv.get_current_stream(self.device)
+            runtime = self.knobs.runtime
+            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+            # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
+            meta = None if enter is None else self.lazy_dict({"name": self.name, "function": self.function,
+                                                               "stream": stream})  # fmt: skip
+        except Exception:
+            return False
+        g0, g1, g2 = self.grid
+        self.launcher(g0, g1, g2, stream, self.function, self.packed, meta, enter, leave, *args, *self.extra)
+        return True
+
+
+def _knob_state(knobs, fn) -> tuple:
+    """What ``JITFunction.run`` puts into the options besides the call's kwargs, and the 3.9 stages hook (a
+    kernel compiled with it differs): a launch is fast only while this is what it was at the first launch."""
+    c = knobs.compilation
+    return (fn.debug or knobs.runtime.debug, c.instrumentation_mode, getattr(c, "fpsan_homomorphic_casts", None),
+            getattr(knobs.runtime, "add_stages_inspection_hook", None))  # fmt: skip
+
+
+def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict) -> FastLaunch | None:
+    """A :class:`FastLaunch` of jit function ``fn`` from its launch ``fn.run(*args, grid=grid, warmup=False,
+    **kwargs)`` that returned ``kernel``, or None where the fast launch does not apply (another Triton version, a
+    stand-in kernel, hooks or launch metadata in use, a kernel that reads globals) or anything fails."""
+    try:
+        return _build(fn, kernel, grid, args, kwargs)
+    except Exception:
+        return None
+
+
+def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel, LazyDict
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    if not ENABLED or kernel is None or callable(grid) or not 1 <= len(grid) <= 3:
+        return None
+    if getattr(type(fn), "run", None) is not JITFunction.run or fn.pre_run_hooks or fn.used_global_vals:
+        return None
+    if fn.launch_metadata is not None or not isinstance(kernel, CompiledKernel) or kernel.module is None:
+        return None
+    if type(kernel).launch_metadata is not CompiledKernel.launch_metadata or getattr(kernel.src, "fn", fn) is not fn:
+        return None
+    if getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None or kwargs.get("debug") is not None:
+        return None
+    params = fn.params
+    if len(args) > len(params) or any(p.name in kwargs for p in params[: len(args)]):
+        return None
+    extra = []
+    for p in params[len(args):]:
+        if p.name in kwargs:
+            extra.append(kwargs[p.name])
+        elif p.has_default:
+            extra.append(p.default)
+        else:
+            return None  # Triton's binder would raise: let it
+    tensors, aligned, values, dns = [], [], [], []
+    for i, (p, a) in enumerate(zip(params, args)):
+        if isinstance(a, torch.Tensor):
+            if type(a) is not torch.Tensor:
+                return None  # a subclass may answer data_ptr / dtype otherwise
+            tensors.append(i)
+            if not p.do_not_specialize and not p.do_not_specialize_on_alignment:
+                aligned.append(i)
+        elif p.do_not_specialize and not p.is_constexpr:
+            if _int_range(a) is None:
+                return None
+            dns.append(i)
+        elif type(a) in (int, float, bool, str) or a is None:
+            values.append(i)
+        else:
+            return None
+    self = FastLaunch()
+    self.fn, self.driver, self.drv, self.knobs = fn, driver, driver.active, knobs
+    self.device = self.drv.get_current_device()
+    self.knob_state = _knob_state(knobs, fn)
+    self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    self.launcher = kernel.run
+    self.function, self.packed, self.name = kernel.function, kernel.packed_metadata, kernel.name
+    self.lazy_dict = LazyDict
+    self.extra, self.n_args = tuple(extra), len(args)
+    self.tensors = _getter(tensors)
+    self.dtypes = list(map(_dtype, self.tensors(args)))
+    self.align_mask = _getter(aligned)
+    self.misaligned = tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args)))))
+    self.all_aligned = not any(self.misaligned)
+    self.values = _getter(values)
+    self.value_vals = self.values(args)
+    self.dns, self.dns_ranges = tuple(dns), tuple(_int_range(args[i]) for i in dns)
+    return self

@@ -1,0 +1,276 @@
+"""The fast launch (kernels/fast_launch.py) makes exactly the low-level launch call that Triton's own
+``JITFunction.run`` makes for the same arguments, and hands every call it cannot vouch for back to ``run``.
+
+Triton's real ``run`` runs here on the CPU: the kernels are fresh ``JITFunction``s of the real kernels' Python
+(``host_overhead.jit_copy``), a fake driver answers device 0 / stream 0 / sm_90, and the fake compiled kernel's
+low-level launcher records its arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+from triton import knobs  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from rmt_fast.bench import host_overhead  # noqa: E402
+from rmt_fast.kernels import fast_launch  # noqa: E402
+from rmt_fast.kernels import launch_configs as lc  # noqa: E402
+from rmt_fast.kernels import triton_attention as ta  # noqa: E402
+from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not fast_launch.ENABLED, reason="a Triton version whose run was not read")
+
+
+def _canon(x):
+    """A launcher argument in a comparable form: a tensor by (pointer, dtype), a LazyDict by its content."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", x.data_ptr(), x.dtype)
+    if type(x).__name__ == "LazyDict":
+        return ("LazyDict", dict(x.data), list(x.extras))
+    return x
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(tuple(_canon(a) for a in args))
+
+    def take(self) -> list:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    """Compiled-path caching, Triton's run counted, stub kernels recording their low-level launches, buffers
+    the launchers allocate kept per shape (so that two calls launch on the same pointers)."""
+    runs = []
+    real_run = JITFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        runs.append(self.fn.__name__)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counting_run)  # before any plan: _Launch.jit compares with it
+    buffers = {}
+
+    def empty(shape, dtype, device):
+        key = (tuple(shape), dtype)
+        if key not in buffers:
+            buffers[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return buffers[key]
+
+    monkeypatch.setattr(ta, "_empty", empty)
+    rec = Recorder()
+    with lc.interpreter_mode(False), host_overhead.stubs("triton", launcher=rec):
+        yield rec, runs
+
+
+def _view(shape, dtype, order: str, offset: int, pad: int) -> torch.Tensor:
+    """A (B, H, T, D) tensor over a buffer laid out as ``order`` ("bhtd" or "bthd"), starting ``offset`` elements
+    in (breaking 16-byte alignment when odd) and with ``pad`` extra elements per row of D (odd strides)."""
+    B, H, T, D = shape
+    outer = (B, H, T) if order == "bhtd" else (B, T, H)
+    full = torch.zeros(offset + B * H * T * (D + pad), dtype=dtype)
+    x = full[offset:].view(*outer, D + pad)[..., :D]
+    return x if order == "bhtd" else x.transpose(1, 2)
+
+
+_GRADS = {}
+
+
+def _step(q, k, v, layout, seed, dropout_p):
+    out = ta.rmt_attention(q, k, v, layout, check=False, seed=seed, dropout_p=dropout_p)
+    g = _GRADS.setdefault((out.shape, out.dtype), torch.ones_like(out))  # one dO per shape: the same pointer
+    torch.autograd.grad(out, (q, k, v), g)
+
+
+layouts = st.fixed_dictionaries({
+    "orders": st.tuples(*[st.sampled_from(["bhtd", "bthd"])] * 3),
+    "offsets": st.tuples(*[st.sampled_from([0, 0, 1, 8])] * 3),
+    "pads": st.tuples(*[st.sampled_from([0, 0, 1, 15])] * 3),
+    "seed": st.sampled_from([0, 1, 16, 12345, 2**31 - 1, 2**31, 2**40]),
+})  # fmt: skip
+cases = st.fixed_dictionaries({
+    "B": st.integers(1, 2), "H": st.sampled_from([1, 2, 3]), "D": st.sampled_from([16, 32]),
+    "T": st.integers(1, 40), "dtype": st.sampled_from([torch.float16, torch.float32]),
+    "runs": st.sampled_from(["none", "counts", "starts"]), "dropout": st.booleans(),
+    "first": layouts, "change": st.sampled_from(["none", "orders", "offsets", "pads", "seed"]),
+    "which": st.integers(0, 2), "order": st.sampled_from(["bhtd", "bthd"]), "offset": st.sampled_from([0, 1, 8]),
+    "pad": st.sampled_from([0, 1, 15]), "seed": st.sampled_from([3, 2**31 - 1, 2**31, 2**40]),
+})  # fmt: skip
+
+
+def _then(case) -> dict:
+    """The second call's layout: the first one with one thing changed (or none)."""
+    then = dict(case["first"])
+    change = case["change"]
+    if change == "seed":
+        then["seed"] = case["seed"]
+    elif change != "none":
+        values = list(then[change])
+        values[case["which"]] = case[change[:-1]]
+        then[change] = tuple(values)
+    return then
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the test clears what it relies on
+@given(case=cases)
+def test_fast_launch_makes_the_call_triton_run_makes(rig, case):
+    """A first call (through run) builds the fast launches; a second call, of the same shapes but other strides,
+    alignments and seed, launches through them where its arguments specialise alike and through run where
+    not: the low-level calls equal those of the same call made through run alone."""
+    rec, runs = rig
+    B, H, D, T = case["B"], case["H"], case["D"], case["T"]
+    m = 1 if T > 2 else 0
+    counts = torch.tensor([T - 2 * m, max(T - 2 * m - 3, 0)][:B], dtype=torch.int32)
+    starts = torch.tensor([min(1, T - 2 * m), 0][:B], dtype=torch.int32)
+    layout = SegmentLayout(m, T - 2 * m, m, True, token_counts=None if case["runs"] == "none" else counts,
+                           token_starts=starts if case["runs"] == "starts" else None)  # fmt: skip
+    dropout_p = 0.25 if case["dropout"] else 0.0
+    qkv, case["then"] = {}, _then(case)
+    for name in ("first", "then"):
+        c = case[name]
+        qkv[name] = [_view((B, H, T, D), case["dtype"], o, off, pad).requires_grad_()
+                     for o, off, pad in zip(c["orders"], c["offsets"], c["pads"])]  # fmt: skip
+    lc.clear_launch_cache()
+    _step(*qkv["first"], layout, case["first"]["seed"], dropout_p)  # through run; builds the fast launches
+    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+    assert set(plan.fast) >= {"fwd", "dq", "dkdv"} and all(f is not None for f in plan.fast.values())
+    rec.take()
+    runs.clear()
+    _step(*qkv["then"], layout, case["then"]["seed"], dropout_p)
+    fast, fast_runs = rec.take(), list(runs)
+    if case["then"] == case["first"] and (case["dropout"] or case["first"]["seed"] == case["then"]["seed"]):
+        assert fast_runs == [], "the same specialisation should launch through the fast path only"
+    plan.fast.clear()  # and again, through Triton's run alone (same kernels, same buffers)
+    runs.clear()
+    _step(*qkv["then"], layout, case["then"]["seed"], dropout_p)
+    assert len(runs) == len(fast) >= 3
+    assert rec.take() == fast
+
+
+def _setup(rig, dtype=torch.float16, seed=7):
+    rec, runs = rig
+    q, k, v = (torch.randn(2, 2, 40, 32, dtype=dtype).requires_grad_() for _ in range(3))
+    layout = SegmentLayout(2, 36, 2, True)
+    lc.clear_launch_cache()
+    _step(q, k, v, layout, seed, 0.0)
+    rec.take()
+    runs.clear()
+    return rec, runs, (q, k, v, layout)
+
+
+def _fast_then_run(rec, runs, call):
+    """(calls launched by ``call``, the Triton runs among them)."""
+    call()
+    return rec.take(), [runs.pop() for _ in range(len(runs))]
+
+
+def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    cases = {
+        "misaligned q": (_view(q.shape, q.dtype, "bhtd", 1, 0), k, v),
+        "odd strides": (q, _view(k.shape, k.dtype, "bthd", 0, 1), v),
+        "stride 1 becomes 16": (q, k, _view(v.shape, v.dtype, "bhtd", 0, 0).transpose(2, 3).contiguous()
+                                .transpose(2, 3)),  # fmt: skip
+    }
+    for name, qkv in cases.items():
+        def call(qkv=qkv):
+            return ta.rmt_attention(*(t.detach() for t in qkv), layout, check=False)
+
+        calls, ran = _fast_then_run(rec, runs, call)
+        assert ran == ["_rmt_attn_fwd_kernel"], name  # not the fast launch of the other specialisation
+        plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+        plan.fast.clear()
+        again, _ = _fast_then_run(rec, runs, call)
+        assert calls == again, name
+        _fast_then_run(rec, runs, lambda: ta.rmt_attention(q.detach(), k.detach(), v.detach(), layout, check=False))
+    # the dtype of a tensor the plan's key does not hold: token_counts int32, then int64
+    for dtype, through_run in ((torch.int32, True), (torch.int32, False), (torch.int64, True), (torch.int64, False)):
+        padded = SegmentLayout(2, 36, 2, True, token_counts=torch.tensor([5, 36], dtype=dtype))
+        _, ran = _fast_then_run(rec, runs, lambda padded=padded: ta.rmt_attention(q, k, v, padded, check=False))
+        assert ran == (["_rmt_attn_fwd_kernel"] if through_run else []), dtype
+    # the seed's range only: 2**31 takes an i64 argument, 12345 and 1 specialise as 7 did (do_not_specialize)
+    for seed, through_run in ((7, True), (12345, False), (1, False), (2**31, True), (7, True), (2**31 - 1, False)):
+        _, ran = _fast_then_run(rec, runs, lambda seed=seed: ta.rmt_attention(q, k, v, layout, check=False,
+                                                                                seed=seed, dropout_p=0.5))  # fmt: skip
+        assert ran == (["_rmt_attn_fwd_kernel"] if through_run else []), seed
+
+
+def test_the_same_specialisation_stays_on_the_fast_path(rig):
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    q2 = torch.randn_like(q)  # other data and pointers, the same dtype, alignment and strides
+    _, ran = _fast_then_run(rec, runs, lambda: _step(q2.requires_grad_(), k, v, layout, 8, 0.0))
+    assert ran == []
+
+
+@pytest.mark.parametrize("change", ["debug", "instrumentation", "enter hook", "pre-run hook", "driver", "device"])
+def test_option_hook_and_device_changes_fall_back_to_run(rig, monkeypatch, change):
+    rec, runs, (q, k, v, layout) = _setup(rig)
+
+    def call():
+        return ta.rmt_attention(q.detach(), k.detach(), v.detach(), layout, check=False)
+
+    if change == "debug":
+        monkeypatch.setattr(knobs.runtime, "debug", True)
+    elif change == "instrumentation":
+        monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "consan")
+    elif change == "enter hook":
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)  # launch metadata then None
+    elif change == "pre-run hook":
+        monkeypatch.setattr(ta._rmt_attn_fwd_kernel, "pre_run_hooks", [lambda *a, **k: None])
+    elif change == "driver":
+        from triton.runtime.driver import driver
+
+        monkeypatch.setattr(driver, "_active", host_overhead.FakeDriver())
+    elif change == "device":
+        monkeypatch.setattr(host_overhead.FakeDriver, "get_current_device", lambda self: 1)
+    calls, ran = _fast_then_run(rec, runs, call)
+    if change == "enter hook":  # nothing in the cache key: the fast launch passes None metadata as run does
+        assert ran == [] and calls[0][6] is None and calls[0][7] is None
+        return
+    assert ran == ["_rmt_attn_fwd_kernel"]
+
+
+def test_a_failing_fast_launch_setup_or_check_never_fails_the_call(rig):
+    rec, runs, (q, k, v, layout) = _setup(rig)
+
+    def broken(*args):
+        raise RuntimeError("planted")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_launch, "_build", broken)
+        lc.clear_launch_cache()
+        for _ in range(2):
+            calls, ran = _fast_then_run(rec, runs, lambda: ta.rmt_attention(q, k, v, layout, check=False))
+            assert ran == ["_rmt_attn_fwd_kernel"] and len(calls) == 1
+        plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+        assert plan.fast == {"fwd": None}
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host_overhead.FakeDriver, "get_current_stream", broken)  # raises inside the fast check
+        with pytest.raises(RuntimeError, match="planted"):  # then run asks the driver too: its error propagates
+            ta.rmt_attention(q, k, v, layout, check=False)
+    assert runs == ["_rmt_attn_fwd_kernel"]  # the fast check gave up, run was called (and raised)
+
+
+def test_only_verified_triton_versions():
+    assert fast_launch.supported("3.6.0") and fast_launch.supported("3.9.0")
+    assert not fast_launch.supported("3.5.1") and not fast_launch.supported("3.10.0")
+
+
+def test_stand_in_kernels_and_uncached_plans_get_no_fast_launch(rig):
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    with lc.override_configs(fwd=(16, 16, 4, 1)):  # a fresh, uncached plan per call
+        for _ in range(2):
+            _, ran = _fast_then_run(rec, runs, lambda: ta.rmt_attention(q, k, v, layout, check=False))
+            assert ran == ["_rmt_attn_fwd_kernel"]
+    assert fast_launch.build(host_overhead._StubKernel(ta._rmt_attn_fwd_kernel), object(), (1, 1), (), {}) is None
