@@ -41,6 +41,13 @@ def tol(dtype: torch.dtype = torch.float32) -> float:
         raise KeyError(f"no named tolerance for {dtype}; TOL has {sorted(map(str, TOL))}") from None
 
 
+def grad_tol(dtype: torch.dtype) -> float:
+    """The bound for attention gradients (dq, dk, dv) against a float64 reference: ``TOL[dtype]``, twice that in
+    fp16, where dq and dk go through one more rounding (of dS to the input dtype) and sum fp16 products over every
+    key or query block. (bf16's 1e-2 already covers it.)"""
+    return 2 * TOL[dtype] if dtype == torch.float16 else tol(dtype)
+
+
 def rel_err(x, ref, floor: float = 0.0) -> float:
     """||x - ref|| / max(||ref||, floor), both taken to float64 (the absolute error where the denominator is 0).
     NaN in either gives NaN (so ``rel_err(...) <= bound`` is False)."""
