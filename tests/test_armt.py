@@ -119,7 +119,7 @@ def test_memory_changes_the_output():
     y = x.clone()
     y[0, 2] = (x[0, 2] + 1) % 90 + 3
     a, b = fast(x).logits, fast(y).logits
-    assert_close(a[:, :2], b[:, :2], tol=1e-6, name="logits before the change")  # the same tokens: tighter
+    assert_close(a[:, :2], b[:, :2], tol=1e-7, name="logits before the change")  # the same ops: bit-equal on CPU
     assert_differs(a[:, 8:], b[:, 8:], by=1e-3, name="logits of the next segment")
 
 

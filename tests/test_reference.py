@@ -65,7 +65,7 @@ def test_decoder_new_memory_is_after_final_norm():
     out = rmt(_ids(2, 6))
     embeds = calls.kwargs[0]["inputs_embeds"]
     last = rmt.model.transformer(inputs_embeds=embeds).last_hidden_state  # GPT2Model applies ln_f
-    assert_close(out.memory_state, last[:, -3:], tol=1e-6, name="memory")  # the same forward: tighter than fp32's
+    assert_close(out.memory_state, last[:, -3:], tol=1e-7, name="memory")  # the same forward (was atol 1e-6)
 
 
 def test_decoder_attention_mask_memory_visible_padding_masked_causal():
