@@ -9,6 +9,7 @@ from armt_helpers import ids, randomize_memory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import DECODERS
+from numerics import TOL, assert_close
 
 from rmt_fast import FastARMT
 from rmt_fast.armt import graphs
@@ -38,8 +39,12 @@ def _same(a, b, exact=True):
         pairs.append(("loss", a.loss, b.loss))
     for name, x, y in pairs:
         assert x is not None and y is not None and x.shape == y.shape, name
-        tol = 0.0 if exact else 1e-5  # a loss over no predicted token is NaN in both
-        assert torch.allclose(x, y, rtol=0.0, atol=tol, equal_nan=True), (name, (x - y).abs().max())
+        if name == "loss" and x.isnan().all() and y.isnan().all():
+            continue  # a loss over no predicted token is NaN in both (a NaN anywhere else fails below)
+        if exact:
+            assert torch.equal(x, y), (name, (x - y).abs().max())
+        else:
+            assert_close(x, y, tol=1e-6, name=name)  # was atol 1e-5 (rtol 0) over outputs of norm 1-15
 
 
 def _steps(armt):
@@ -286,9 +291,11 @@ def test_gpu_replay_equals_eager_bf16(diagonal):
         a, b = eager(x), graphed(x)
         c, d = eager(x, memory_state=a.memory_state), graphed(x, memory_state=b.memory_state)
     assert graphed._graphs.captures == _steps(graphed) > 0
-    for u, v in ((a.logits, b.logits), (c.logits, d.logits), (c.memory_state.A, d.memory_state.A),
-                 (c.memory_state.z, d.memory_state.z)):  # fmt: skip
-        assert (u.float() - v.float()).norm() / u.float().norm() < 2e-2
+    pairs = {"logits": (a.logits, b.logits), "continued logits": (c.logits, d.logits),
+             "A": (c.memory_state.A, d.memory_state.A), "z": (c.memory_state.z, d.memory_state.z)}
+    for name, (u, v) in pairs.items():
+        # bf16 replay against bf16 eager through 10 segments of recurrence: twice the bf16 bound, as before
+        assert_close(v, u, tol=2 * TOL[torch.bfloat16], name=name)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 from armt_helpers import assert_equivalent, ids, randomize_memory, run
-from models import gpt2, llama, rel
+from models import gpt2, llama
+from numerics import TOL, assert_close, assert_differs
 
 from rmt_fast import FastARMT, ReferenceARMT
 from rmt_fast.armt.layers import StackedLayers
@@ -67,7 +68,7 @@ def test_fast_equals_reference_on_a_lora_model(factory, diagonal):
     # the adapter matters: without it the logits move (so the comparison above can fail)
     with fast.peft_model.disable_adapter(), torch.no_grad():
         bare = fast(inputs["input_ids"]).logits
-    assert rel(bare, run(fast, inputs, grad=False).logits) > 1e-3
+    assert_differs(bare, run(fast, inputs, grad=False).logits, by=1e-3, name="logits without the adapter")
 
 
 PATTERNS = {"rank_pattern": {"layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"layers.0.mlp.down_proj": 5}}
@@ -103,7 +104,7 @@ def test_adapter_states_match_peft(state):
             armt.eval()
     ref.double(), fast.double()
     inputs = {"input_ids": ids(2, 19), "labels": ids(2, 19, seed=2)}
-    assert_equivalent(ref, fast, inputs, tol=1e-10, grad=state != "merged")
+    assert_equivalent(ref, fast, inputs, tol=TOL[torch.float64], grad=state != "merged")
 
 
 def test_lora_dropout_in_training_is_applied():
@@ -117,7 +118,8 @@ def test_lora_dropout_in_training_is_applied():
         b = fast(x).logits
         torch.manual_seed(1)
         c = fast(x).logits
-    assert rel(b, a) > 1e-4 and rel(c, b) > 1e-4
+    assert_differs(b, a, by=1e-4, name="train-mode logits")
+    assert_differs(c, b, by=1e-4, name="logits under another seed")
 
 
 def test_generate_on_a_lora_model():
@@ -165,12 +167,13 @@ def test_save_and_load_round_trip_with_the_adapter(factory, tmp_path):
     assert loaded.memory.requires_grad and all(q.requires_grad for q in loaded.assoc.parameters())
     with torch.no_grad():
         got = loaded(x)
-    assert rel(got.logits, want.logits) <= 1e-6 and rel(got.memory_state.A, want.memory_state.A) <= 1e-6
+    assert_close(got.logits, want.logits, tol=1e-6, name="logits")
+    assert_close(got.memory_state.A, want.memory_state.A, tol=1e-6, name="got.memory_state.A")
     frozen = FastARMT.from_pretrained(tmp_path, base_model=copy.deepcopy(base))
     assert not any(q.requires_grad for q in frozen.parameters())
     ref = ReferenceARMT.from_pretrained(tmp_path, base_model=copy.deepcopy(base))
     with torch.no_grad():
-        assert rel(ref(x).logits, want.logits) <= 1e-5
+        assert_close(ref(x).logits, want.logits, dtype=torch.float32, name="ref(x).logits")
 
 
 def test_load_reference_state_dict_over_a_peft_model():
@@ -194,7 +197,7 @@ def test_load_reference_state_dict_over_a_peft_model():
     dst.load_reference_state_dict(published)
     x = ids(2, 20)
     with torch.no_grad():
-        assert rel(dst(x).logits, src(x).logits) <= 1e-6
+        assert_close(dst(x).logits, src(x).logits, tol=1e-6, name="dst(x).logits")
     with pytest.raises(ValueError, match="unknown keys"):
         dst.load_reference_state_dict({k.replace("base_model.model.", ""): v for k, v in published.items()})
 
@@ -240,9 +243,14 @@ def test_bf16_base_with_fp32_adapter_matches_peft():
     inputs = {"input_ids": ids(2, 21), "labels": ids(2, 21, seed=2)}
     a, b = run(ref, inputs), run(fast, inputs)
     assert b.logits.dtype == torch.bfloat16 and b.memory_state.A.dtype == torch.bfloat16
-    assert rel(b.logits, a.logits) <= 2e-2 and rel(b.memory_state.A, a.memory_state.A) <= 2e-2
+    # Two bf16 paths (fused against peft's), each about TOL[bf16] from exact: twice the bound between them, and
+    # five times for the LoRA gradients, which carry the bf16 rounding of every segment's backward.
+    assert_close(b.logits, a.logits, tol=2 * TOL[torch.bfloat16], name="logits")
+    assert_close(b.memory_state.A, a.memory_state.A, tol=2 * TOL[torch.bfloat16], name="A")
     grads = {n: q.grad for n, q in ref.named_parameters() if "lora_" in n}
-    assert all(rel(q.grad, grads[n]) <= 5e-2 for n, q in fast.named_parameters() if "lora_" in n)
+    for n, q in fast.named_parameters():
+        if "lora_" in n:
+            assert_close(q.grad, grads[n], tol=5 * TOL[torch.bfloat16], name=f"grad of {n}")
 
 
 def test_cuda_graph_runner_on_a_lora_model():

@@ -16,7 +16,8 @@ import pytest
 import torch
 from armt_helpers import assert_grads_equal, assert_same_run, build, ids, run
 from armt_published import published_wrapper
-from models import DECODERS, rel
+from models import DECODERS
+from numerics import assert_close, assert_differs
 from safetensors.torch import load_file, save_file, save_model
 
 from rmt_fast import FastARMT, ReferenceARMT
@@ -110,7 +111,7 @@ def test_published_state_dict_loads(name, n_heads, diagonal, form, tmp_path):
     torch.manual_seed(5)
     fast = FastARMT(DECODERS[name](), 3, 8, d_mem=32, n_heads=n_heads, diagonal=diagonal)
     with torch.no_grad():
-        assert rel(fast(x).logits, want.logits) > 1e-2  # a different model before loading
+        assert_differs(fast(x).logits, want.logits, by=1e-2, name="logits before loading")  # a different model
     fast.load_reference_state_dict(sd)
     assert_same_run(want, run(fast, dict(input_ids=x, labels=x)))
     assert_grads_equal(ref, fast)
@@ -220,8 +221,8 @@ def test_published_state_dict_over_a_peft_model():
         dst = FastARMT(lora(5), 3, 8, d_mem=32)
         dst.load_reference_state_dict({k: v for k, v in sd.items() if not k.startswith(drop)})
         with torch.no_grad():
-            assert rel(dst(x).logits, src(x).logits) <= 1e-6
+            assert_close(dst(x).logits, src(x).logits, tol=1e-6, name="dst(x).logits")
     dst = FastARMT(lora(5), 3, 8, d_mem=32)
     dst.load_reference_state_dict(sd)
     with torch.no_grad():
-        assert rel(dst(x).logits, src(x).logits) <= 1e-6
+        assert_close(dst(x).logits, src(x).logits, tol=1e-6, name="dst(x).logits")

@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 import torch
-from models import DECODERS, VOCAB, llama, pair, rel
+from models import DECODERS, VOCAB, llama, pair
+from numerics import TOL, assert_close
 
 
 def _triton_llama():
@@ -43,10 +44,10 @@ def test_compiled_fastrmt_sdpa_equals_eager(name):
     compiled = torch.compile(fast, backend="aot_eager")
     got, g_got = _fwd_bwd(compiled, ids, mask)
     for key in ("logits", "memory_state", "loss"):
-        assert rel(getattr(got, key), getattr(eager, key)) <= 1e-5, key
+        assert_close(getattr(got, key), getattr(eager, key), dtype=torch.float32, name=key)
     assert g_got.keys() == g_eager.keys() and g_got
     for n in g_eager:
-        assert rel(g_got[n], g_eager[n]) <= 1e-5, n
+        assert_close(g_got[n], g_eager[n], dtype=torch.float32, name=n)
 
 
 _DRY_RUN = textwrap.dedent(
@@ -127,7 +128,7 @@ def test_triton_model_runs_on_the_triton_backend_interpreted():
     with torch.no_grad():
         got, want = (m(ids, attention_mask=mask, labels=ids) for m in (tri, sdpa))
     for key in ("logits", "memory_state"):
-        assert rel(getattr(got, key), getattr(want, key)) <= 1e-5, key
+        assert_close(getattr(got, key), getattr(want, key), dtype=torch.float32, name=key)
 
 
 @pytest.mark.gpu
@@ -143,12 +144,15 @@ def test_compiled_fastrmt_triton_equals_eager_gpu(dtype):
     mask[0, :40] = 0  # left padding: visible runs in the kernel
     eager, g_eager = _fwd_bwd(fast, ids, mask)
     got, g_got = _fwd_bwd(torch.compile(fast), ids, mask)
-    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    # compiled (inductor's fusions round differently) against eager, both in low precision and each about
+    # TOL[dtype] from exact: 2x the bound in bf16, 5x in fp16 (whose 150-token softmax sums lose more), as before;
+    # gradients another 5x (the backward through 5 segments)
+    tol = 2 * TOL[torch.bfloat16] if dtype == torch.bfloat16 else 5 * TOL[torch.float16]
     for key in ("logits", "memory_state"):
-        assert rel(getattr(got, key), getattr(eager, key)) <= tol, key
-    assert abs(got.loss.item() - eager.loss.item()) <= tol * abs(eager.loss.item())
+        assert_close(getattr(got, key), getattr(eager, key), tol=tol, name=key)
+    assert_close(got.loss, eager.loss, tol=tol, name="loss")
     for n in g_eager:
-        assert rel(g_got[n], g_eager[n]) <= 5 * tol, n
+        assert_close(g_got[n], g_eager[n], tol=5 * tol, name=n)
 
 
 @pytest.mark.gpu
@@ -178,4 +182,4 @@ def test_compiled_kernel_op_equals_eager_gpu():
         grads.append((out.detach(), qq.grad, kk.grad, vv.grad))
     for a, b in zip(*grads, strict=True):
         assert torch.isfinite(b).all()
-        assert rel(b, a) <= 1e-3
+        assert_close(b, a, dtype=torch.float16, name="compiled out/dq/dk/dv")

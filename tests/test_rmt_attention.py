@@ -35,7 +35,7 @@ if not isinstance(tl.cdiv, InterpretedFunction):
         allow_module_level=True,
     )
 
-from numerics import rel_err  # noqa: E402
+from numerics import TOL, assert_close, grad_tol  # noqa: E402
 
 from rmt_fast.kernels import launch_configs as lc  # noqa: E402
 from rmt_fast.kernels import triton_attention as ta  # noqa: E402
@@ -46,7 +46,6 @@ rmt_attention = ta.rmt_attention
 rmt_attention_dropout_mask = ta.rmt_attention_dropout_mask
 rmt_attention_supported = ta.rmt_attention_supported
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -87,15 +86,16 @@ def run_reference(q, k, v, layout, grad_out, **kw):
     return r.detach(), q.grad, k.grad, v.grad
 
 
-def check_against_reference(q, k, v, layout, *, tol, seed=1, kernel_kw=None, ref_kw=None):
+def check_against_reference(q, k, v, layout, *, tol=None, seed=1, kernel_kw=None, ref_kw=None):
+    """The kernel's out, dq, dk, dv against the float64 reference: each within ``tol`` if given, else the output
+    within TOL[q.dtype] and the gradients within grad_tol(q.dtype)."""
     B, Hq, Tq, D = q.shape
     grad_out = torch.randn(B, Tq, Hq, D, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
     got = run_kernel(q, k, v, layout, grad_out, **(kernel_kw or {}))
     want = run_reference(q, k, v, layout, grad_out, **(ref_kw or {}))
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
-        assert torch.isfinite(a).all(), f"{name} has non-finite values (unwritten?)"
-        err = rel_err(a, b)
-        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+        bound = tol if tol is not None else TOL[q.dtype] if name == "out" else grad_tol(q.dtype)
+        assert_close(a, b, tol=bound, name=name)  # fails on NaN or infinity too (an unwritten buffer)
     return got
 
 
@@ -108,7 +108,7 @@ def test_segment_gqa(causal, padding, dtype):
     counts = torch.tensor([0, 13]) if padding == "counts" else None  # one empty row, one full row
     layout = SegmentLayout(3, 13, 3, causal, token_counts=counts)
     q, k, v = make_qkv(2, 4, 2, 19, 19, 32, dtype)
-    check_against_reference(q, k, v, layout, tol=TOL[dtype])
+    check_against_reference(q, k, v, layout)
 
 
 @pytest.mark.parametrize("hkv", [1, 2, 4])
@@ -116,7 +116,7 @@ def test_gqa_groups(hkv):
     counts = torch.tensor([7, 2])
     layout = SegmentLayout(2, 11, 4, True, token_counts=counts)
     q, k, v = make_qkv(2, 4, hkv, 17, 17, 16, torch.float32, seed=hkv)
-    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+    check_against_reference(q, k, v, layout)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_gqa_groups(hkv):
 def test_head_dims(D, dtype):
     layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([9]))
     q, k, v = make_qkv(1, 2, 1, 19, 19, D, dtype, seed=D)
-    check_against_reference(q, k, v, layout, tol=TOL[dtype])
+    check_against_reference(q, k, v, layout)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -136,7 +136,7 @@ def test_padded_blocks_are_skipped_correctly(causal):
     counts = torch.tensor([2, 35, 0])
     layout = SegmentLayout(3, 35, 2, causal, token_counts=counts)
     q, k, v = make_qkv(3, 2, 1, 40, 40, 16, torch.float32, seed=7)
-    _, _, dk, dv = check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+    _, _, dk, dv = check_against_reference(q, k, v, layout)
     # padded keys get exactly zero gradient
     assert (dk[0, :, 5:38] == 0).all() and (dv[0, :, 5:38] == 0).all()
     assert (dk[2, :, 3:38] == 0).all() and (dv[2, :, 3:38] == 0).all()
@@ -149,7 +149,7 @@ def test_block_shapes_and_mask_modes(blocks, boundary_only, monkeypatch):
         monkeypatch.setattr(ta, "_MASK_BOUNDARY_ONLY", boundary_only)
         layout = SegmentLayout(5, 50, 3, True, token_counts=torch.tensor([1, 37]))
         q, k, v = make_qkv(2, 2, 1, 50, 58, 16, torch.float32, seed=5)  # decode-shifted, 58 keys
-        check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+        check_against_reference(q, k, v, layout)
 
 
 # ------------------------------------------------------------------------- visible runs [start, end) per row
@@ -178,7 +178,7 @@ def test_visible_runs_against_reference(causal, dtype, hkv):
     starts, ends = _random_runs(5, num_tokens, seed=hkv + 10 * causal)
     layout = SegmentLayout(num_read, num_tokens, num_write, causal, token_counts=ends, token_starts=starts)
     q, k, v = make_qkv(5, 4, hkv, 51, 51, 32, dtype, seed=hkv)
-    _, _, dk, dv = check_against_reference(q, k, v, layout, tol=TOL[dtype])
+    _, _, dk, dv = check_against_reference(q, k, v, layout)
     # hidden keys get exactly zero gradient
     valid = layout.key_valid()
     for b in range(5):
@@ -197,7 +197,7 @@ def test_visible_runs_block_shapes_and_decode(blocks, boundary_only, tq, monkeyp
         ends = torch.tensor([46, 31, 30, 64, 64])
         layout = SegmentLayout(2, 64, 4, True, token_counts=ends, token_starts=starts)
         q, k, v = make_qkv(5, 2, 1, tq, 70, 16, torch.float32, seed=tq)
-        check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+        check_against_reference(q, k, v, layout)
 
 
 def test_visible_runs_out_of_range_are_clamped():
@@ -211,8 +211,8 @@ def test_visible_runs_out_of_range_are_clamped():
     got = run_kernel(q, k, v, layout, grad_out)
     want = run_reference(q, k, v, ref_layout, grad_out)
     assert torch.equal(layout.key_valid(), ref_layout.key_valid())
-    for a, b in zip(got, want, strict=False):
-        assert rel_err(a, b) <= 1e-5
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
+        assert_close(a, b, dtype=torch.float32, name=name)
 
 
 def test_visible_runs_equal_the_same_token_mask_through_the_reference():
@@ -226,7 +226,7 @@ def test_visible_runs_equal_the_same_token_mask_through_the_reference():
     q, k, v = make_qkv(6, 2, 1, 24, 24, 16, torch.float32, seed=2)
     a = rmt_attention(q, k, v, runs)
     b = dense_rmt_attention_reference(q, k, v, masked)
-    assert rel_err(a, b) <= 1e-5
+    assert_close(a, b, dtype=torch.float32, name="out")
 
 
 def test_mask_runs():
@@ -274,8 +274,8 @@ def test_counts_dtype_and_out_of_range_counts_are_clamped():
     grad_out = torch.randn(2, 11, 2, 16)
     got = run_kernel(q, k, v, layout, grad_out)
     want = run_reference(q, k, v, ref_layout, grad_out)
-    for a, b in zip(got, want, strict=False):
-        assert rel_err(a, b) <= 1e-5
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
+        assert_close(a, b, dtype=torch.float32, name=name)
 
 
 def test_query_with_no_visible_key_gives_zeros():
@@ -287,14 +287,14 @@ def test_query_with_no_visible_key_gives_zeros():
     assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
     sub = SegmentLayout(0, 8, 0, False, token_counts=torch.tensor([5]))
     want = run_reference(q[1:], k[1:], v[1:], sub, grad_out[1:])
-    for a, b in zip((out[1:], dq[1:], dk[1:], dv[1:]), want, strict=False):
-        assert rel_err(a, b) <= 1e-5
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out[1:], dq[1:], dk[1:], dv[1:]), want, strict=False):
+        assert_close(a, b, dtype=torch.float32, name=name)
 
 
 def test_custom_scale():
     layout = SegmentLayout(2, 10, 2, True)
     q, k, v = make_qkv(1, 2, 2, 14, 14, 32, torch.float32)
-    check_against_reference(q, k, v, layout, tol=1e-5, kernel_kw={"scale": 0.37}, ref_kw={"scale": 0.37})
+    check_against_reference(q, k, v, layout, kernel_kw={"scale": 0.37}, ref_kw={"scale": 0.37})
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -303,7 +303,7 @@ def test_custom_scale():
 def test_decode_queries_at_the_end(tq, causal):
     layout = SegmentLayout(3, 13, 3, causal, token_counts=torch.tensor([10, 4]))
     q, k, v = make_qkv(2, 4, 2, tq, 19, 16, torch.float32, seed=tq)
-    check_against_reference(q, k, v, layout, tol=1e-5)
+    check_against_reference(q, k, v, layout)
 
 
 # ----------------------------------------------------------------------------------------------- strides
@@ -321,7 +321,7 @@ def test_strided_inputs_equal_contiguous():
     strided = run_kernel(q, k, v, layout, grad_out)
     contig = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), layout, grad_out)
     for a, b in zip(strided, contig, strict=False):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert a.dtype == b.dtype and torch.equal(a, b)  # bit for bit
     # transposed views of (B, T, H, D) tensors and a non-contiguous upstream gradient
     qt = torch.randn(B, T, Hq, D, generator=g).transpose(1, 2)
     kt = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
@@ -330,10 +330,10 @@ def test_strided_inputs_equal_contiguous():
     strided = run_kernel(qt, kt, vt, layout, go)
     contig = run_kernel(qt.contiguous(), kt.contiguous(), vt.contiguous(), layout, go.contiguous())
     for a, b in zip(strided, contig, strict=False):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert a.dtype == b.dtype and torch.equal(a, b)  # bit for bit
     want = run_reference(qt, kt, vt, layout, go)
-    for a, b in zip(strided, want, strict=False):
-        assert rel_err(a, b) <= 1e-5
+    for name, a, b in zip(("out", "dq", "dk", "dv"), strided, want, strict=False):
+        assert_close(a, b, dtype=torch.float32, name=name)
 
 
 def test_output_layout_and_gradient_layout():
@@ -352,7 +352,8 @@ def test_no_grad_inference_and_default_out():
     with torch.no_grad():
         o = rmt_attention(q, k, v, layout)
     ref = dense_rmt_attention_reference(q, k, v, layout)
-    assert rel_err(o, ref) <= 1e-5 and o.grad_fn is None
+    assert o.grad_fn is None
+    assert_close(o, ref, dtype=torch.float32, name="out")
 
 
 # ----------------------------------------------------------------------------------------------- dropout
@@ -364,7 +365,7 @@ def test_dropout_matches_reference_with_kernel_mask(causal):
     keep = rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu")
     assert keep.dtype == torch.bool and keep.shape == (B, Hq, T, T)
     check_against_reference(
-        q, k, v, layout, tol=1e-5,
+        q, k, v, layout,
         kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
     )  # fmt: skip
 
@@ -375,7 +376,7 @@ def test_dropout_decode_and_gqa_offsets():
     q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=12)
     keep = rmt_attention_dropout_mask(B, Hq, Tq, Tk, p, seed, "cpu")
     check_against_reference(
-        q, k, v, layout, tol=1e-5,
+        q, k, v, layout,
         kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
     )  # fmt: skip
 
@@ -392,7 +393,7 @@ def test_dropout_offset_width_gives_the_same_stream(i64, monkeypatch):
     assert torch.equal(keep, rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu"))
     monkeypatch.setattr(ta, "_FORCE_DROPOUT_I64", i64)
     check_against_reference(
-        q, k, v, layout, tol=1e-5,
+        q, k, v, layout,
         kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
     )  # fmt: skip
 
@@ -513,10 +514,10 @@ def test_override_configs_sets_every_launch_inside_the_block(monkeypatch):
     q, k, v = make_qkv(2, 2, 1, 34, 34, 16, torch.float32, seed=3)
     with lc.override_configs(fwd=(32, 16, 2, 1), dkdv=lc.LaunchConfig(16, 32, 2, 1)):
         with lc.override_configs(dq=(16, 32, 2, 1)):  # nests: fwd and dkdv still overridden
-            check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+            check_against_reference(q, k, v, layout)
     assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 32, 2), ("fwd", 32, 16, 2)]
     log.clear()
-    check_against_reference(q, k, v, layout, tol=TOL[torch.float32])  # outside: the heuristic again
+    check_against_reference(q, k, v, layout)  # outside: the heuristic again
     assert {entry[1:] for entry in log} == {(16, 16, 4)}
     assert not lc.override_active()
 
@@ -529,7 +530,7 @@ def test_set_launch_configs_table_is_used_and_cleared(monkeypatch):
         lc.set_launch_configs({("fwd", 16, torch.float32): (32, 32, 2, 1), ("dkdv", 16, torch.float32): (16, 32, 2, 1)})
         assert lc.launch_config("fwd", 16, torch.float32) == lc.LaunchConfig(32, 32, 2, 1)
         assert lc.launch_config("fwd", 16, torch.float16) == lc.heuristic_config("fwd", 16, torch.float16)
-        check_against_reference(q, k, v, layout, tol=TOL[torch.float32])
+        check_against_reference(q, k, v, layout)
         assert sorted(log) == [("dkdv", 16, 32, 2), ("dq", 16, 16, 4), ("fwd", 32, 32, 2)]
     finally:
         lc.set_launch_configs(None)

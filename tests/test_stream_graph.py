@@ -4,7 +4,8 @@ graph tests use (StaticStep without capture; capture=True failing without CUDA),
 
 import pytest
 import torch
-from models import CLS, SEP, VOCAB, bert_cls, gpt2, pair, rel
+from models import CLS, SEP, VOCAB, bert_cls, gpt2, pair
+from numerics import TOL, assert_close
 
 from rmt_fast import stream_steps
 from rmt_fast.cuda_graph import StaticStep
@@ -30,16 +31,16 @@ def _alone(rmt, doc):
         return rmt(doc[None], labels=doc[None] if rmt.is_decoder else None)
 
 
-def _check(rmt, docs, results, tol=1e-5):
+def _check(rmt, docs, results, tol=TOL[torch.float32]):
     for doc, res in zip(docs, results):
         alone = _alone(rmt, doc)
-        assert rel(res.memory_state, alone.memory_state) <= tol
+        assert_close(res.memory_state, alone.memory_state, tol=tol, name="memory")
         if rmt.is_decoder and torch.isnan(alone.loss):  # a one-token document: 0 / 0, alone too
             assert torch.isnan(res.loss)
         elif rmt.is_decoder:
-            assert abs(res.loss.item() - alone.loss.item()) <= tol * max(1.0, abs(alone.loss.item()))
+            assert_close(res.loss, alone.loss, tol=tol, floor=1.0, name="loss")  # <= tol * max(1, |alone|)
         else:
-            assert rel(res.logits, alone.logits) <= tol
+            assert_close(res.logits, alone.logits, tol=tol, name="logits")
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
@@ -122,6 +123,7 @@ def test_gpu_stream_captures_once_and_equals_each_document_alone(kind):
         stream = DocumentStream(rmt, 3, use_tqdm=False)
         results = stream.run(docs)
         assert stream.stepper.step.graph is not None and stream.stepper.builds == 1
-        _check(rmt, docs, results, tol=1e-4)
+        # on CUDA a batched step and a lone document may run other GEMM kernels: ten times fp32's bound, as before
+        _check(rmt, docs, results, tol=10 * TOL[torch.float32])
     finally:
         rmt.cpu()
