@@ -1,8 +1,12 @@
 # Developer shortcuts (run inside the virtual environment: bash scripts/setup.sh && . .venv/bin/activate).
-.PHONY: lint test test-fast bench device-dry-run
+.PHONY: format lint test test-fast bench device-dry-run
+
+format:
+	ruff format .
 
 lint:
 	ruff check .
+	ruff format --check .
 
 test:
 	python -m pytest -q -n 2

@@ -35,8 +35,10 @@ CPU_COMPUTE = Setting("cpu-compute-bound", "armt-cpu-compute", 128, 8, 64, "floa
 TINY = Setting("tiny", "llama-test", 8, 2, 8, "float32", (24, 48))
 
 # (key, setting name, numerator method, denominator method, tokens, target)
-CPU_TARGETS = (("latency_bound_seq_over_diag", CPU_LATENCY.name, "sequential", "diagonal", 2048, 2.0),
-               ("compute_bound_seq_over_diag", CPU_COMPUTE.name, "sequential", "diagonal", 12 * 128, 1.0))  # fmt: skip
+CPU_TARGETS = (
+    ("latency_bound_seq_over_diag", CPU_LATENCY.name, "sequential", "diagonal", 2048, 2.0),
+    ("compute_bound_seq_over_diag", CPU_COMPUTE.name, "sequential", "diagonal", 12 * 128, 1.0),
+)
 
 
 def gpu_targets(settings) -> tuple:
@@ -45,13 +47,14 @@ def gpu_targets(settings) -> tuple:
     2026-12-04 H200 run (1.214, 0.241, 0.873 s), so each is measured against eager rows of the same run."""
     out = []
     for s in settings:
-        out += [(f"{s.name}_seq_over_diag_32768", s.name, "sequential", "diagonal", 32768, 2.0),
-                (f"{s.name}_seq_over_diag_2seg", s.name, "sequential", "diagonal", 2 * s.segment, 1.0),
-                (f"{s.name}_full_over_diag_131072", s.name, "full", "diagonal", 131072, 3.0),
-                (f"{s.name}_seq_over_seq_graphed_32768", s.name, "sequential", "sequential-graphed", 32768, 2.0),
-                (f"{s.name}_diag_over_diag_graphed_32768", s.name, "diagonal", "diagonal-graphed", 32768, 1.6),
-                (f"{s.name}_diag_over_diag_graphed_131072", s.name, "diagonal", "diagonal-graphed", 131072,
-                 1.6)]  # fmt: skip
+        out += [
+            (f"{s.name}_seq_over_diag_32768", s.name, "sequential", "diagonal", 32768, 2.0),
+            (f"{s.name}_seq_over_diag_2seg", s.name, "sequential", "diagonal", 2 * s.segment, 1.0),
+            (f"{s.name}_full_over_diag_131072", s.name, "full", "diagonal", 131072, 3.0),
+            (f"{s.name}_seq_over_seq_graphed_32768", s.name, "sequential", "sequential-graphed", 32768, 2.0),
+            (f"{s.name}_diag_over_diag_graphed_32768", s.name, "diagonal", "diagonal-graphed", 32768, 1.6),
+            (f"{s.name}_diag_over_diag_graphed_131072", s.name, "diagonal", "diagonal-graphed", 131072, 1.6),
+        ]
     return tuple(out)
 
 
@@ -73,8 +76,13 @@ def cases(ctx) -> list[dict]:
     """Every (setting, method, length), a series per (setting, method), lengths rising."""
     cap = ctx.option("max_tokens")
     repeats = 2 if ctx.quick or ctx.cuda else 3
-    return [dict(setting=s.name, method=method, tokens=n, repeats=repeats) for s in settings(ctx)
-            for method in METHODS for n in s.lengths if cap is None or n <= cap]  # fmt: skip
+    return [
+        dict(setting=s.name, method=method, tokens=n, repeats=repeats)
+        for s in settings(ctx)
+        for method in METHODS
+        for n in s.lengths
+        if cap is None or n <= cap
+    ]
 
 
 _MODEL: dict = {}
@@ -100,9 +108,17 @@ def measure(ctx, case: dict, state: dict) -> dict:
     s = next(x for x in settings(ctx) if x.name == case["setting"])
     n = case["tokens"]
     p = presets.preset(s.model)
-    info = {"model": s.model, "layers": p.layers, "hidden": p.hidden, "segment": s.segment, "mem": s.mem,
-            "d_mem": s.d_mem, "dtype": s.dtype, "segments": -(-n // s.segment),
-            "threads": torch.get_num_threads()}  # fmt: skip
+    info = {
+        "model": s.model,
+        "layers": p.layers,
+        "hidden": p.hidden,
+        "segment": s.segment,
+        "mem": s.mem,
+        "d_mem": s.d_mem,
+        "dtype": s.dtype,
+        "segments": -(-n // s.segment),
+        "threads": torch.get_num_threads(),
+    }
     model = _backbone(s, ctx.device, max(max(x.lengths) for x in settings(ctx) if x.model == s.model))
     if case["method"] == "full":
         base = model.base_model
@@ -113,15 +129,21 @@ def measure(ctx, case: dict, state: dict) -> dict:
         if "armt" not in state:
             from rmt_fast import FastARMT
 
-            state["armt"] = FastARMT(model, s.mem, s.segment, d_mem=s.d_mem,
-                                     diagonal=case["method"].startswith("diagonal"),
-                                     cuda_graph=case["method"].endswith("-graphed")).to(ctx.device)  # fmt: skip
+            state["armt"] = FastARMT(
+                model,
+                s.mem,
+                s.segment,
+                d_mem=s.d_mem,
+                diagonal=case["method"].startswith("diagonal"),
+                cuda_graph=case["method"].endswith("-graphed"),
+            ).to(ctx.device)
         armt = state["armt"]
         if case["method"].endswith("-graphed"):
             info["note"] = "" if ctx.cuda else CPU_GRAPHED_NOTE
 
         def call():
             return armt(ids, return_logits=False).memory_state.A
+
     ids = torch.randint(0, p.vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(ctx.device)
     with torch.no_grad():
         t = ctx.timer(call, repeats=case["repeats"], warmup=1, clock="wall")
@@ -171,16 +193,25 @@ def plot(ctx, rows: list[dict], record: dict):
     for j, name in enumerate(names):
         mine = [r for r in rows if r["setting"] == name]
         for i, (y, label) in enumerate((("seconds", "seconds (median)"), ("peak_mb", "peak memory, MiB"))):
-            plot_lines(axes[i][j], mine, "tokens", y, "method", ylog=False, xlabel="tokens (batch 1)", ylabel=label,
-                       title=name)  # fmt: skip
+            plot_lines(
+                axes[i][j], mine, "tokens", y, "method", ylog=False, xlabel="tokens (batch 1)", ylabel=label, title=name
+            )
     fig.suptitle(f"ARMT at batch 1: {machine_label()}")
     return fig
 
 
 BENCHMARK = Benchmark(
-    "armt", cases, measure, summarize=summarize, plot=plot, series=("setting", "method"), after_failure="record",
+    "armt",
+    cases,
+    measure,
+    summarize=summarize,
+    plot=plot,
+    series=("setting", "method"),
+    after_failure="record",
     cpu_threads=1,
-    options=(Option("--tiny", action="store_true", help="a seconds-long smoke run (a 2-layer test model)"),
-             Option("--max-tokens", type=int, default=None, help="drop the lengths above this"),
-             Option("--threads", type=int, default=None, help="CPU: torch threads (default: 1)")),
-)  # fmt: skip
+    options=(
+        Option("--tiny", action="store_true", help="a seconds-long smoke run (a 2-layer test model)"),
+        Option("--max-tokens", type=int, default=None, help="drop the lengths above this"),
+        Option("--threads", type=int, default=None, help="CPU: torch threads (default: 1)"),
+    ),
+)

@@ -33,7 +33,8 @@ def selected(text: str | None) -> tuple[str, ...]:
     unknown = [n for n in names if n not in RACED]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {', '.join(unknown)}; expected some of {', '.join(RACED)}")  # fmt: skip
+            f"unknown backend(s) {', '.join(unknown)}; expected some of {', '.join(RACED)}"
+        )
     if dispatch.DEFAULT_BACKEND not in names:
         raise argparse.ArgumentTypeError("the backends must include sdpa (every table entry is measured against it)")
     return tuple(n for n in RACED if n in names)
@@ -62,8 +63,11 @@ def _impl(name: str, layout, q, k, v) -> Callable | str:
         return lambda q, k, v: sa.sdpa_rmt_attention(q, k, v, layout)
     if name in dispatch.SDPA_KERNELS:
         reason = sa.sdpa_kernel_supported(name, q, k, v, layout)
-        return f"unsupported: {reason}" if reason else (
-            lambda q, k, v: sa.sdpa_rmt_attention(q, k, v, layout, sdpa_kernel=name))  # fmt: skip
+        return (
+            f"unsupported: {reason}"
+            if reason
+            else (lambda q, k, v: sa.sdpa_rmt_attention(q, k, v, layout, sdpa_kernel=name))
+        )
     if name == "flex":
         from rmt_fast.kernels import flex_attention as fa
 

@@ -33,15 +33,70 @@ STEP_SCOPE = "segment step (rmt-fast-bench)"
 OP_PREFIXES = ("aten::", "mkldnn::", "rmt_fast::", "prims::", "quantized::", "_c10d::")
 GENERATED = ("cpp_fused", "triton_")  # inductor's generated kernels: graph_0_cpp_fused_..., triton_poi_fused_...
 # ops that launch nothing: views, metadata, allocations, dropout (the probe runs in eval mode)
-NO_KERNEL = {f"aten::{n}" for n in (
-    "dropout", "view", "reshape", "_reshape_alias", "as_strided", "slice", "select", "expand", "transpose",
-    "permute", "unsqueeze", "squeeze", "t", "alias", "_unsafe_view", "detach", "detach_", "empty", "empty_strided",
-    "empty_like",
-    "resolve_conj", "resolve_neg", "lift_fresh", "unbind", "split", "split_with_sizes", "chunk", "narrow",
-    "view_as", "expand_as", "flatten", "unflatten", "contiguous", "to", "type_as", "_has_compatible_shallow_copy_type",
-    "result_type", "is_nonzero", "item", "_local_scalar_dense", "size", "stride", "dim", "numel", "lift",
-    "set_", "_reshape_copy", "movedim", "swapaxes", "sym_size", "sym_stride", "sym_numel", "_nested_tensor_size",
-    "requires_grad_", "retain_grad", "output_nr", "_version", "is_same_size", "record_stream")}  # fmt: skip
+NO_KERNEL = {
+    f"aten::{n}"
+    for n in (
+        "dropout",
+        "view",
+        "reshape",
+        "_reshape_alias",
+        "as_strided",
+        "slice",
+        "select",
+        "expand",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "t",
+        "alias",
+        "_unsafe_view",
+        "detach",
+        "detach_",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "resolve_conj",
+        "resolve_neg",
+        "lift_fresh",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "narrow",
+        "view_as",
+        "expand_as",
+        "flatten",
+        "unflatten",
+        "contiguous",
+        "to",
+        "type_as",
+        "_has_compatible_shallow_copy_type",
+        "result_type",
+        "is_nonzero",
+        "item",
+        "_local_scalar_dense",
+        "size",
+        "stride",
+        "dim",
+        "numel",
+        "lift",
+        "set_",
+        "_reshape_copy",
+        "movedim",
+        "swapaxes",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "_nested_tensor_size",
+        "requires_grad_",
+        "retain_grad",
+        "output_nr",
+        "_version",
+        "is_same_size",
+        "record_stream",
+    )
+}
 
 
 def _import_tree(tree: str | None):
@@ -139,10 +194,18 @@ def _build(rmt_fast, a, device, dtype):
     import torch
     import transformers as tf
 
-    cfg = tf.BertConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                        num_attention_heads=a.heads, intermediate_size=a.ffn, max_position_embeddings=a.positions,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-                        attn_implementation="sdpa")  # fmt: skip
+    cfg = tf.BertConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        intermediate_size=a.ffn,
+        max_position_embeddings=a.positions,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     training = a.variant.startswith("train")
     if training:  # a classifier with bert's dropout, so the loss and the dropout kernels are counted too
@@ -253,20 +316,34 @@ def probe(a) -> dict:
         import subprocess
 
         root = a.tree or __file__.rsplit("/", 2)[0]
-        git = subprocess.run(["git", "-C", root, "rev-parse", "--short=7", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None  # fmt: skip
+        git = (
+            subprocess.run(
+                ["git", "-C", root, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         pass
-    return {"variant": a.variant, "tree": a.tree, "commit": git, "segment": segment, "segments_per_call": s,
-            "per_segment": per_segment, "per_call": per_call, "flops_per_segment": flops,
-            "device": str(device), "dtype": a.dtype}  # fmt: skip
+    return {
+        "variant": a.variant,
+        "tree": a.tree,
+        "commit": git,
+        "segment": segment,
+        "segments_per_call": s,
+        "per_segment": per_segment,
+        "per_call": per_call,
+        "flops_per_segment": flops,
+        "device": str(device),
+        "dtype": a.dtype,
+    }
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", default=None, help="a checkout of rmt-fast to measure (default: the importable one)")
-    p.add_argument("--variant", default="graphed", choices=("eager", "graphed", "graphed+compiled", "train",
-                                                            "train+compiled"))
+    p.add_argument(
+        "--variant", default="graphed", choices=("eager", "graphed", "graphed+compiled", "train", "train+compiled")
+    )
     p.add_argument("--compile-options", default=None, help="compile_step as JSON (default: true)")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=64)

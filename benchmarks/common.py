@@ -134,8 +134,20 @@ def pyplot():
     return plt
 
 
-def plot_lines(ax, rows: list[dict], x: str, y: str, by: str | None = None, *, labels: dict | None = None,
-               xlog: int = 2, ylog: bool = True, xlabel: str = "", ylabel: str = "", title: str = ""):  # fmt: skip
+def plot_lines(
+    ax,
+    rows: list[dict],
+    x: str,
+    y: str,
+    by: str | None = None,
+    *,
+    labels: dict | None = None,
+    xlog: int = 2,
+    ylog: bool = True,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+):
     """``y`` against ``x`` on ``ax``, one line per value of the column ``by`` (first seen first; ``labels`` renames
     them), from the ``ok`` rows that have both values; log axes (``xlog``: the base of x, 0 for linear), grid, and
     a legend when there is more than one line or a named one."""
@@ -234,8 +246,9 @@ def run_point_in_subprocess(fn, timeout: float | None = None, **kwargs) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_layout(B: int, T: int, *, causal: bool = True, padded: bool = True, device="cpu", seed: int = 0,
-                 mem: int = 10):  # fmt: skip
+def bench_layout(
+    B: int, T: int, *, causal: bool = True, padded: bool = True, device="cpu", seed: int = 0, mem: int = 10
+):
     """The segment layout the kernel benchmarks time, T positions in all: causal is the decoder's
     ``[mem read | T - 2 mem tokens | mem write]``, bidirectional the encoder's (tokens only); ``padded`` rows
     hold between 75 % and all of the token slots (row 0 full), drawn from ``seed``."""

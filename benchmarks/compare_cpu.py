@@ -86,18 +86,31 @@ def plot(ctx, rows, record):
         for i, mode in enumerate(MODES):
             for j, wrapper in enumerate(("ReferenceRMT", "FastRMT")):
                 r = next(r for r in rows if r["mode"] == mode and r["wrapper"] == wrapper)
-                ax.bar(i + (j - 0.5) * 0.38, r[key], width=0.38, color=("tab:gray", "tab:blue")[j],
-                       label=wrapper if i == 0 else None)  # fmt: skip
+                ax.bar(
+                    i + (j - 0.5) * 0.38,
+                    r[key],
+                    width=0.38,
+                    color=("tab:gray", "tab:blue")[j],
+                    label=wrapper if i == 0 else None,
+                )
             name = "time" if key == "seconds" else "peak_memory"
             ax.text(i, ax.get_ylim()[1] * 0.02, f"x{ratios[f'{mode}_{name}']:.2f}", ha="center", color="white")
         ax.set_xticks(range(len(MODES)), ["forward (no_grad)", "forward + backward"])
         ax.set_ylabel(unit)
         ax.legend()
-    fig.suptitle(f"FastRMT vs ReferenceRMT: GPT-2 {dims.layers}L/{dims.hidden}d, {cfg['segments']}x"
-                 f"{cfg['segment_size']} tokens, m={cfg['mem']}, batch {cfg['batch']} ({machine_label()})",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"FastRMT vs ReferenceRMT: GPT-2 {dims.layers}L/{dims.hidden}d, {cfg['segments']}x"
+        f"{cfg['segment_size']} tokens, m={cfg['mem']}, batch {cfg['batch']} ({machine_label()})",
+        fontsize=9,
+    )
     return fig
 
 
-BENCHMARK = Benchmark("compare_cpu", cases, measure, summarize=summarize, plot=plot,
-                      options=(Option("--repeats", type=int, default=3, help="timed calls per point"),))
+BENCHMARK = Benchmark(
+    "compare_cpu",
+    cases,
+    measure,
+    summarize=summarize,
+    plot=plot,
+    options=(Option("--repeats", type=int, default=3, help="timed calls per point"),),
+)

@@ -65,8 +65,14 @@ def run_graphs(ctx) -> dict:
 def _million_setup(ctx):
     """(preset, memory tokens, positions per segment, total tokens, crossover lengths, compile_step)."""
     if ctx.cuda:
-        return "bert-base", 10, 512, MILLION, [4096, 8192, 16384, 32768], {"mode": "max-autotune"} if not ctx.quick \
-            else True
+        return (
+            "bert-base",
+            10,
+            512,
+            MILLION,
+            [4096, 8192, 16384, 32768],
+            {"mode": "max-autotune"} if not ctx.quick else True,
+        )
     return "bert-micro", 4, 32, 4096, [256, 512, 1024], {"backend": "aot_eager"}
 
 
@@ -115,13 +121,20 @@ def run_million(ctx) -> dict:
     cases += [dict(method="full (SDPA)", tokens=n) for n in lengths]
     cases += [dict(method="graphed+compiled", tokens=n) for n in (total, *lengths)]
     cases.append(dict(method=FAST_INFERENCE, tokens=total))  # the one switch: the same path as graphed+compiled
-    rows = ctx.sweep(cases, measure_million, series=("method",),
-                     sink=lambda rows: ctx.write_csv(rows, "million.csv"))  # fmt: skip
+    rows = ctx.sweep(cases, measure_million, series=("method",), sink=lambda rows: ctx.write_csv(rows, "million.csv"))
     summary = _million_summary(rows, total, lengths, targets_apply=ctx.cuda)
     ctx.write_csv(rows, "million.csv")
-    ctx.write_json({"summary": summary, "rows": rows, "tokens": total, "dtype": "float16" if ctx.cuda else "float32",
-                    "compile_step": compile_step, "setup": {"model": name, "mem": mem, "positions": positions}},
-                   "million.json")  # fmt: skip
+    ctx.write_json(
+        {
+            "summary": summary,
+            "rows": rows,
+            "tokens": total,
+            "dtype": "float16" if ctx.cuda else "float32",
+            "compile_step": compile_step,
+            "setup": {"model": name, "mem": mem, "positions": positions},
+        },
+        "million.json",
+    )
     ctx.save_plot(_plot_million(rows, total), "million.png")
     return summary
 
@@ -129,9 +142,11 @@ def run_million(ctx) -> dict:
 def _million_summary(rows, total, lengths, targets_apply: bool = True) -> dict:
     """Seconds for ``total`` tokens and the crossover length per graphed method; the targets (GPU, bert-base)
     are checked only where they apply (``meets_*`` None otherwise)."""
+
     def sec(method, n):
-        return next((r["seconds"] for r in rows if r["method"] == method and r.get("tokens") == n
-                     and r["status"] == "ok"), None)  # fmt: skip
+        return next(
+            (r["seconds"] for r in rows if r["method"] == method and r.get("tokens") == n and r["status"] == "ok"), None
+        )
 
     out = {"tokens": total, f"seconds_{FAST_INFERENCE}": sec(FAST_INFERENCE, total)}
     for method in ("graphed", "graphed+compiled"):
@@ -154,15 +169,32 @@ def _million_summary(rows, total, lengths, targets_apply: bool = True) -> dict:
 
 def _plot_million(rows, total):
     fig, ax = pyplot().subplots(figsize=(7, 4))
-    plot_lines(ax, rows, "tokens", "seconds", "method", xlabel="tokens (batch 1)", ylabel="seconds per forward pass",
-               title=f"RMT (graphed FastRMT) vs full attention, {total:,} tokens ({machine_label()})")  # fmt: skip
+    plot_lines(
+        ax,
+        rows,
+        "tokens",
+        "seconds",
+        "method",
+        xlabel="tokens (batch 1)",
+        ylabel="seconds per forward pass",
+        title=f"RMT (graphed FastRMT) vs full attention, {total:,} tokens ({machine_label()})",
+    )
     return fig
 
 
 def _ratios(rows) -> dict:
     def ms(method, batch):
-        r = next((r for r in rows if r["method"] == method and r["batch"] == batch and r["status"] == "ok"
-                  and r.get("ms_per_segment") is not None), None)  # fmt: skip
+        r = next(
+            (
+                r
+                for r in rows
+                if r["method"] == method
+                and r["batch"] == batch
+                and r["status"] == "ok"
+                and r.get("ms_per_segment") is not None
+            ),
+            None,
+        )
         return None if r is None else r["ms_per_segment"]
 
     out = {}
@@ -179,8 +211,17 @@ def _plot(rows):
     fig, ax = pyplot().subplots(figsize=(7, 4))
     methods = ("reference", "eager", "compiled", "graphed")
     for j, batch in enumerate((1, 32)):
-        vals = [next((r["ms_per_segment"] for r in rows if r["method"] == m and r["batch"] == batch
-                      and r.get("ms_per_segment") is not None), 0) for m in methods]  # fmt: skip
+        vals = [
+            next(
+                (
+                    r["ms_per_segment"]
+                    for r in rows
+                    if r["method"] == m and r["batch"] == batch and r.get("ms_per_segment") is not None
+                ),
+                0,
+            )
+            for m in methods
+        ]
         ax.bar([i + (j - 0.5) * 0.4 for i in range(len(methods))], vals, width=0.4, label=f"batch {batch}")
     ax.set_xticks(range(len(methods)), ["ReferenceRMT", "FastRMT eager", "torch.compile", "FastRMT graphed"])
     ax.set_yscale("log")
@@ -199,5 +240,8 @@ def run(ctx) -> dict:
     return run_graphs(ctx)
 
 
-BENCHMARK = Benchmark("cuda_graph", run=run, options=(
-    Option("--million", action="store_true", help="only the 1M-token run (a tiny version on the CPU)"),))
+BENCHMARK = Benchmark(
+    "cuda_graph",
+    run=run,
+    options=(Option("--million", action="store_true", help="only the 1M-token run (a tiny version on the CPU)"),),
+)

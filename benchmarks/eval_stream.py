@@ -72,8 +72,11 @@ def cases(ctx) -> list[dict]:
     s = setting(ctx)
     rounds = 1 if ctx.quick or ctx.option("tiny") or ctx.cuda else 3
     repeats = 2 if ctx.cuda and not ctx.quick else 1
-    return [dict(setting=s.name, round=r, method=m, batch=1 if m == "one-at-a-time" else s.batch, repeats=repeats)
-            for r in range(rounds) for m in METHODS]  # fmt: skip
+    return [
+        dict(setting=s.name, round=r, method=m, batch=1 if m == "one-at-a-time" else s.batch, repeats=repeats)
+        for r in range(rounds)
+        for m in METHODS
+    ]
 
 
 _STATE: dict = {}
@@ -90,15 +93,18 @@ def _wrapper(ctx, s: Setting):
 
         _STATE.clear()
         model = presets.model(s.model, "cls", device=ctx.device, num_labels=2)
-        rmt = FastRMT(model, s.mem, s.segment, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD,
-                      cuda_graph=ctx.cuda).to(ctx.device, getattr(torch, s.dtype)).eval()  # fmt: skip
+        rmt = (
+            FastRMT(model, s.mem, s.segment, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD, cuda_graph=ctx.cuda)
+            .to(ctx.device, getattr(torch, s.dtype))
+            .eval()
+        )
         _STATE.update(key=key, rmt=rmt, docs=documents(s, presets.preset(s.model).vocab, ctx.device))
     return _STATE["rmt"], _STATE["docs"]
 
 
 def static_batches(docs: list, batch: int, sort: bool) -> list[list[int]]:
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i])) if sort else list(range(len(docs)))
-    return [order[i:i + batch] for i in range(0, len(order), batch)]
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
 def _static_counts(lengths_seg: list[int], batches: list[list[int]], b: int) -> tuple[int, int]:
@@ -133,9 +139,10 @@ def measure(ctx, case: dict, state: dict) -> dict:
                 longest = max(len(docs[i]) for i in idx)
                 ids = torch.full((len(idx), longest), PAD, dtype=torch.long, device=ctx.device)
                 for row, i in enumerate(idx):
-                    ids[row, :len(docs[i])] = docs[i]
+                    ids[row, : len(docs[i])] = docs[i]
                 out.append(rmt(ids).logits)
             return out
+
     with torch.no_grad():
         t = ctx.timer(call, repeats=case["repeats"], warmup=1, clock="wall")
         token = ctx.peak.start()
@@ -149,12 +156,29 @@ def measure(ctx, case: dict, state: dict) -> dict:
         steps, slot_steps = useful, useful
     p = presets.preset(s.model)
     cpu = {} if t.cpu_s is None else {"cpu_s": t.cpu_s, "docs_per_cpu_s": len(docs) / t.cpu_s}
-    return {"seconds": t.median_s, "p20_s": t.p20_s, "p80_s": t.p80_s, **cpu, "docs_per_s": len(docs) / t.median_s,
-            "tokens_per_s": tokens / t.median_s, "steps": steps, "ideal_steps": -(-useful // b),
-            "steps_over_ideal": steps / -(-useful // b), "utilisation": useful / slot_steps,
-            "useful_segments": useful, "documents": len(docs), "tokens": tokens, "peak_mb": peak,
-            "model": s.model, "layers": p.layers, "hidden": p.hidden, "segment": s.segment, "mem": s.mem,
-            "dtype": s.dtype, "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "seconds": t.median_s,
+        "p20_s": t.p20_s,
+        "p80_s": t.p80_s,
+        **cpu,
+        "docs_per_s": len(docs) / t.median_s,
+        "tokens_per_s": tokens / t.median_s,
+        "steps": steps,
+        "ideal_steps": -(-useful // b),
+        "steps_over_ideal": steps / -(-useful // b),
+        "utilisation": useful / slot_steps,
+        "useful_segments": useful,
+        "documents": len(docs),
+        "tokens": tokens,
+        "peak_mb": peak,
+        "model": s.model,
+        "layers": p.layers,
+        "hidden": p.hidden,
+        "segment": s.segment,
+        "mem": s.mem,
+        "dtype": s.dtype,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def per_method(rows: list[dict]) -> dict[str, dict]:
@@ -185,9 +209,12 @@ def targets(ctx, rows: list[dict]) -> dict:
     stream = ok.get("stream")
     statics = [ok[m][rate] for m in ("static-input-order", "static-sorted") if m in ok]
     out = {}
-    ratios = {"stream_over_best_static_docs_per_s": stream[rate] / max(statics) if stream and statics else None,
-              "stream_over_one_at_a_time_docs_per_s": stream[rate] / ok["one-at-a-time"][rate]
-              if stream and "one-at-a-time" in ok else None}  # fmt: skip
+    ratios = {
+        "stream_over_best_static_docs_per_s": stream[rate] / max(statics) if stream and statics else None,
+        "stream_over_one_at_a_time_docs_per_s": stream[rate] / ok["one-at-a-time"][rate]
+        if stream and "one-at-a-time" in ok
+        else None,
+    }
     for key, target in GPU_TARGETS if ctx.cuda else CPU_TARGETS:
         r = ratios[key]
         out[key] = {"ratio": r, "target": target, "met": None if r is None else r >= target}
@@ -196,28 +223,41 @@ def targets(ctx, rows: list[dict]) -> dict:
         out["stream_over_one_at_a_time_docs_per_s"] = {"ratio": r, "target": None, "met": None}
     util = stream["utilisation"] if stream else None
     over = stream["steps_over_ideal"] if stream else None
-    out["stream_utilisation"] = {"ratio": util, "target": UTILISATION_TARGET,
-                                 "met": None if util is None else util >= UTILISATION_TARGET}  # fmt: skip
-    out["stream_steps_over_ideal"] = {"ratio": over, "target": STEPS_TARGET,
-                                      "met": None if over is None else over <= STEPS_TARGET}  # fmt: skip
+    out["stream_utilisation"] = {
+        "ratio": util,
+        "target": UTILISATION_TARGET,
+        "met": None if util is None else util >= UTILISATION_TARGET,
+    }
+    out["stream_steps_over_ideal"] = {
+        "ratio": over,
+        "target": STEPS_TARGET,
+        "met": None if over is None else over <= STEPS_TARGET,
+    }
     return out
 
 
 def summarize(ctx, rows: list[dict]):
     _STATE.clear()
     got = targets(ctx, rows)
-    return {k: v["ratio"] for k, v in got.items()}, {"targets": got, "setting": asdict(setting(ctx)),
-                                                      "document_lengths": document_lengths(setting(ctx))}
+    return {k: v["ratio"] for k, v in got.items()}, {
+        "targets": got,
+        "setting": asdict(setting(ctx)),
+        "document_lengths": document_lengths(setting(ctx)),
+    }
 
 
 def markdown(ctx, rows: list[dict], record: dict) -> str:
     s = record["setting"]
-    lines = [f"# eval-stream: {machine_label()}", "",
-             f"{s['documents']} documents, log-uniform 1 to {s['max_segments']} segments of {s['segment']} tokens "
-             f"(seed {s['seed']}), {s['model']} {s['dtype']}, m = {s['mem']}, B = {s['batch']}; each method's median "
-             "over the rounds (the CSV holds every round).", "",
-             "| method | B | docs/s | docs/CPU-s | tokens/s | utilisation | steps | ideal steps | peak MB | status |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = [
+        f"# eval-stream: {machine_label()}",
+        "",
+        f"{s['documents']} documents, log-uniform 1 to {s['max_segments']} segments of {s['segment']} tokens "
+        f"(seed {s['seed']}), {s['model']} {s['dtype']}, m = {s['mem']}, B = {s['batch']}; each method's median "
+        "over the rounds (the CSV holds every round).",
+        "",
+        "| method | B | docs/s | docs/CPU-s | tokens/s | utilisation | steps | ideal steps | peak MB | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     merged = per_method(rows)
     failed = [r for r in rows if r.get("status") != "ok"]
     for r in [*merged.values(), *failed]:
@@ -226,8 +266,10 @@ def markdown(ctx, rows: list[dict], record: dict) -> str:
             continue
         peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
         per_cpu = "" if r.get("docs_per_cpu_s") is None else f"{r['docs_per_cpu_s']:.2f}"
-        lines.append(f"| {r['method']} | {r['batch']} | {r['docs_per_s']:.2f} | {per_cpu} | {r['tokens_per_s']:.0f} | "
-                     f"{r['utilisation']:.1%} | {r['steps']} | {r['ideal_steps']} | {peak} | ok |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['docs_per_s']:.2f} | {per_cpu} | {r['tokens_per_s']:.0f} | "
+            f"{r['utilisation']:.1%} | {r['steps']} | {r['ideal_steps']} | {peak} | ok |"
+        )
     lines += ["", "| target | value | target | met |", "| --- | ---: | ---: | --- |"]
     for key, v in record["targets"].items():
         value = "" if v["ratio"] is None else f"{v['ratio']:.3f}"
@@ -255,7 +297,13 @@ def plot(ctx, rows: list[dict], record: dict):
 
 
 BENCHMARK = Benchmark(
-    "eval-stream", cases, measure, summarize=summarize, plot=plot, markdown=markdown, after_failure="continue",
+    "eval-stream",
+    cases,
+    measure,
+    summarize=summarize,
+    plot=plot,
+    markdown=markdown,
+    after_failure="continue",
     cpu_threads=1,
     options=(Option("--tiny", action="store_true", help="a seconds-long smoke run (the tests' tiny BERT)"),),
 )

@@ -47,8 +47,10 @@ class ModelSpec:
 
 
 OPT_MODELS = ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b")
-MODELS: dict[str, ModelSpec] = {m.name: m for m in [ModelSpec("bert-base", "bert-base-cased", special_tokens=3),
-                                                    *(ModelSpec(n, n) for n in OPT_MODELS)]}  # fmt: skip
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [ModelSpec("bert-base", "bert-base-cased", special_tokens=3), *(ModelSpec(n, n) for n in OPT_MODELS)]
+}
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,9 @@ def _meta_model(spec: ModelSpec, max_positions: int):
     key = (spec.name, max_positions)
     if key not in _MODEL_CACHE:
         task = "mlm" if spec.family == "bert" else "lm"
-        model = presets.model(spec.preset, task, seed=None, device="meta", max_positions=max_positions, attn="eager",
-                              dropout=None)  # fmt: skip
+        model = presets.model(
+            spec.preset, task, seed=None, device="meta", max_positions=max_positions, attn="eager", dropout=None
+        )
         _MODEL_CACHE[key] = model.eval()
     return _MODEL_CACHE[key]
 
@@ -161,9 +164,7 @@ def crosscheck_plan(quick: bool) -> list[tuple[str, int]]:
     OPT-125M/350M/1.3B/175B; bert-base and OPT-125M also at a few intermediate lengths (~20 s in all).
     """
     if quick:
-        plan = [
-            (m, n) for m in ("bert-base", "opt-125m", "opt-350m") for n in (SEGMENT_POSITIONS, MAX_TOKENS)
-        ]
+        plan = [(m, n) for m in ("bert-base", "opt-125m", "opt-350m") for n in (SEGMENT_POSITIONS, MAX_TOKENS)]
         return plan + [("opt-125m", 64000)]
     plan = [(m, SEGMENT_POSITIONS) for m in MODELS]
     plan += [(m, MAX_TOKENS) for m in FULL_CHECK_MODELS]
@@ -193,10 +194,19 @@ def run_crosscheck(ctx) -> tuple[list[dict], dict[tuple[str, int], dict[str, int
             raise RuntimeError(f"FlopCounterMode failed for {spec.name} at {n}: {r['note']}")
         for lm_head in (True, False):
             a, k = analytic_flops(spec, n, lm_head), c["with_head" if lm_head else "without_head"]
-            rows.append({"model": spec.name, "positions": n, "lm_head": lm_head,
-                         "used_for": "rmt_segment+full" if n == SEGMENT_POSITIONS else "full",
-                         "attn_implementation": "eager", "analytic_flops": a, "counted_flops": k,
-                         "rel_diff": rel_diff(a, k), "counter_seconds": r["counter_seconds"]})  # fmt: skip
+            rows.append(
+                {
+                    "model": spec.name,
+                    "positions": n,
+                    "lm_head": lm_head,
+                    "used_for": "rmt_segment+full" if n == SEGMENT_POSITIONS else "full",
+                    "attn_implementation": "eager",
+                    "analytic_flops": a,
+                    "counted_flops": k,
+                    "rel_diff": rel_diff(a, k),
+                    "counter_seconds": r["counter_seconds"],
+                }
+            )
     return rows, counted
 
 
@@ -220,12 +230,23 @@ def flops_rows(counted: dict[tuple[str, int], dict[str, int]]) -> list[dict]:
                     ("rmt", rmt, nseg, SEGMENT_POSITIONS, cps, mem, PRIMARY.name, rmt_counted),
                     ("full", full, 1, tokens, tokens, 0, "full", full_counted),
                 ):
-                    rows.append({"model": spec.name, "tokens": tokens, "method": method, "lm_head": lm_head,
-                                 "flops": flops, "segments": segs, "segment_positions": positions,
-                                 "content_per_segment": content, "memory_tokens": memory, "convention": conv,
-                                 "counted_flops": counted_flops,
-                                 "rel_diff": rel_diff(flops, counted_flops) if counted_flops else None,
-                                 "full_over_rmt": full / rmt})  # fmt: skip
+                    rows.append(
+                        {
+                            "model": spec.name,
+                            "tokens": tokens,
+                            "method": method,
+                            "lm_head": lm_head,
+                            "flops": flops,
+                            "segments": segs,
+                            "segment_positions": positions,
+                            "content_per_segment": content,
+                            "memory_tokens": memory,
+                            "convention": conv,
+                            "counted_flops": counted_flops,
+                            "rel_diff": rel_diff(flops, counted_flops) if counted_flops else None,
+                            "full_over_rmt": full / rmt,
+                        }
+                    )
     return rows
 
 
@@ -314,8 +335,11 @@ def make_plots(ctx) -> list[Path]:
         ax.loglog(xs, [rmt_flops(spec, t, True) for t in xs], "-o", ms=3, color=c, label=f"{name} RMT")
         ax.loglog(xs, [full_flops(spec, t, True) for t in xs], "--", color=c, label=f"{name} full attention")
     ax.set(xlabel="input length (tokens)", ylabel="forward FLOPs (2 per multiply-add, incl. LM head)")
-    ax.set_title(f"Forward FLOPs: RMT ({SEGMENT_POSITIONS}-position segments, {MEMORY_TOKENS} memory) vs full "
-                 f"attention\n(analytic, cross-checked with FlopCounterMode; {label})", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Forward FLOPs: RMT ({SEGMENT_POSITIONS}-position segments, {MEMORY_TOKENS} memory) vs full "
+        f"attention\n(analytic, cross-checked with FlopCounterMode; {label})",
+        fontsize=10,
+    )
     figures = [(fig, ax, "flops.png")]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
@@ -323,8 +347,16 @@ def make_plots(ctx) -> list[Path]:
         c, (ls, mk) = colors[i % len(colors)], styles[i % len(styles)]
         ax.loglog(xs, [ratio(spec, t, True) for t in xs], ls=ls, marker=mk, ms=3.5, color=c, label=spec.name)
     for j, (name, ref) in enumerate(PAPER_RATIOS.items()):
-        ax.plot([MAX_TOKENS], [ref], marker="*", ms=13, ls="none", color="k", mfc="none" if j else "k",
-                label=f"paper {name}: ~x{ref:g}")  # fmt: skip
+        ax.plot(
+            [MAX_TOKENS],
+            [ref],
+            marker="*",
+            ms=13,
+            ls="none",
+            color="k",
+            mfc="none" if j else "k",
+            label=f"paper {name}: ~x{ref:g}",
+        )
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="input length (tokens)", ylabel="full-attention FLOPs / RMT FLOPs (x)")
     ax.set_title(f"FLOPs saved by RMT (incl. LM head, {PRIMARY.name} convention)\n({label})", fontsize=10)
@@ -347,20 +379,31 @@ def run(ctx) -> dict:
     ctx.write_text(ratio_markdown(max_rel, len(diffs)), "flops_ratio.md")
     make_plots(ctx)
     ratios = {name: ratio(spec, MAX_TOKENS, True) for name, spec in MODELS.items()}
-    summary = {"convention": f"{PRIMARY.name}: {PRIMARY.description}", "crosscheck_points": len(diffs),
-               "crosscheck_max_rel_diff": max_rel, "crosscheck_ok": bool(max_rel <= CROSSCHECK_TOL),
-               "ratio_2048000_opt-125m": ratios["opt-125m"], "ratio_2048000_opt-175b": ratios["opt-175b"],
-               "paper_ratio_opt-125m": PAPER_RATIOS["opt-125m"], "paper_ratio_opt-175b": PAPER_RATIOS["opt-175b"],
-               "ratios_2048000_with_lm_head": ratios,
-               "ratios_2048000_without_lm_head": {n: ratio(s, MAX_TOKENS, False) for n, s in MODELS.items()},
-               "quick": ctx.quick, "seconds": round(ctx.clock() - ctx.started, 2)}  # fmt: skip
+    summary = {
+        "convention": f"{PRIMARY.name}: {PRIMARY.description}",
+        "crosscheck_points": len(diffs),
+        "crosscheck_max_rel_diff": max_rel,
+        "crosscheck_ok": bool(max_rel <= CROSSCHECK_TOL),
+        "ratio_2048000_opt-125m": ratios["opt-125m"],
+        "ratio_2048000_opt-175b": ratios["opt-175b"],
+        "paper_ratio_opt-125m": PAPER_RATIOS["opt-125m"],
+        "paper_ratio_opt-175b": PAPER_RATIOS["opt-175b"],
+        "ratios_2048000_with_lm_head": ratios,
+        "ratios_2048000_without_lm_head": {n: ratio(s, MAX_TOKENS, False) for n, s in MODELS.items()},
+        "quick": ctx.quick,
+        "seconds": round(ctx.clock() - ctx.started, 2),
+    }
     ctx.write_json({"summary": summary}, "flops_env.json")
-    print(f"FLOPs cross-check: {len(diffs)} points, max |rel_diff| = {100 * max_rel:.3g}% "
-          f"({'OK' if summary['crosscheck_ok'] else 'FAILED'}, tolerance {100 * CROSSCHECK_TOL:g}%)")  # fmt: skip
+    print(
+        f"FLOPs cross-check: {len(diffs)} points, max |rel_diff| = {100 * max_rel:.3g}% "
+        f"({'OK' if summary['crosscheck_ok'] else 'FAILED'}, tolerance {100 * CROSSCHECK_TOL:g}%)"
+    )
     for name, r in ratios.items():
         ref = PAPER_RATIOS.get(name)
-        print(f"  full/RMT at {MAX_TOKENS:,} tokens, {name:10s} {_fmt_ratio(r):>8s}"
-              + (f"   (paper ~x{ref:g}, {_dev(r, ref)})" if ref else ""))  # fmt: skip
+        print(
+            f"  full/RMT at {MAX_TOKENS:,} tokens, {name:10s} {_fmt_ratio(r):>8s}"
+            + (f"   (paper ~x{ref:g}, {_dev(r, ref)})" if ref else "")
+        )
     return summary
 
 

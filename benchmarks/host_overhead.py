@@ -26,8 +26,12 @@ from .common import machine_label
 from .runner import Benchmark, Timer
 
 TARGET_US = 10.0
-KERNELS = ("_rmt_attn_fwd_kernel", "_rmt_attn_bwd_preprocess_kernel", "_rmt_attn_bwd_dq_kernel",
-           "_rmt_attn_bwd_dkdv_kernel")  # fmt: skip
+KERNELS = (
+    "_rmt_attn_fwd_kernel",
+    "_rmt_attn_bwd_preprocess_kernel",
+    "_rmt_attn_bwd_dq_kernel",
+    "_rmt_attn_bwd_dkdv_kernel",
+)
 
 
 class _StubKernel(JITFunction):
@@ -101,9 +105,14 @@ def jit_copy(real, launcher=_no_launch) -> JITFunction:
 
     opts = getattr(real, "kwargs", None)  # an InterpretedFunction keeps the decorator's arguments
     if opts is None:
-        opts = {"do_not_specialize": real.do_not_specialize, "debug": real.debug, "noinline": real.noinline,
-                "do_not_specialize_on_alignment": real.do_not_specialize_on_alignment, "repr": real._repr,
-                "launch_metadata": real.launch_metadata}  # fmt: skip
+        opts = {
+            "do_not_specialize": real.do_not_specialize,
+            "debug": real.debug,
+            "noinline": real.noinline,
+            "do_not_specialize_on_alignment": real.do_not_specialize_on_alignment,
+            "repr": real._repr,
+            "launch_metadata": real.launch_metadata,
+        }
     registry = getattr(jit, "_triton_jit_function_registry", None)  # triton 3.9 registers every JITFunction
     saved = dict(registry) if registry is not None else None
     fn = JITFunction(real.fn, **opts)
@@ -252,9 +261,15 @@ def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> lis
                     wall[path].append(t.median_s)
                     cpu[path].append(t.cpu_s)
             for path in paths:
-                rows.append({"mode": ROW_MODES[mode], "case": case, "path": path,
-                             "host_us": round(1e6 * statistics.median(wall[path]), 2),
-                             "cpu_us": round(1e6 * statistics.median(cpu[path]), 2)})  # fmt: skip
+                rows.append(
+                    {
+                        "mode": ROW_MODES[mode],
+                        "case": case,
+                        "path": path,
+                        "host_us": round(1e6 * statistics.median(wall[path]), 2),
+                        "cpu_us": round(1e6 * statistics.median(cpu[path]), 2),
+                    }
+                )
     return rows
 
 
@@ -273,8 +288,15 @@ def measure_cuda(timer: Timer, n: int, repeats: int, fast: bool = True) -> list[
                 with _grad_ctx(path):
                     host = 1e6 * timer(fn, repeats=repeats, inner=n, clock="host").median_s
                     device = 1e6 * timer(fn, repeats=1, warmup=0, inner=n, clock="device").median_s
-                rows.append({"mode": "cuda" if fast else "cuda_run", "case": case, "path": path,
-                             "host_us": round(host, 2), "device_us": round(device, 2)})  # fmt: skip
+                rows.append(
+                    {
+                        "mode": "cuda" if fast else "cuda_run",
+                        "case": case,
+                        "path": path,
+                        "host_us": round(host, 2),
+                        "device_us": round(device, 2),
+                    }
+                )
     finally:
         fast_launch.ENABLED = enabled
         launch_configs.clear_launch_cache()
@@ -289,8 +311,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     and at or below SDPA's (issue 24, the grad call and the step). ``call``: ``no_grad`` (the forward alone),
     ``grad`` (the forward of inputs that require grad) or ``step`` (forward + backward). The stub compares
     process CPU time (a shared machine's load inflates wall time, not the work done), ``cuda`` wall time."""
-    by = {(r["mode"], r["case"], r["path"]): r["cpu_us"] if r["mode"].startswith("stub") else r["host_us"]
-          for r in rows}  # fmt: skip
+    by = {
+        (r["mode"], r["case"], r["path"]): r["cpu_us"] if r["mode"].startswith("stub") else r["host_us"] for r in rows
+    }
     out = []
     for (mode, case, path), triton_us in by.items():
         if not path.startswith("triton") or path.startswith("triton_op"):
@@ -298,10 +321,20 @@ def summarize(rows: list[dict]) -> list[dict]:
         suffix = path.removeprefix("triton")
         sdpa_us = by[(mode, case, "sdpa" + suffix)]
         diff = triton_us - sdpa_us
-        out.append({"mode": mode, "case": case, "call": CALLS[suffix], "triton_us": triton_us, "sdpa_us": sdpa_us,
-                    "diff_us": round(diff, 2), "target_us": TARGET_US, "meets_target": diff <= TARGET_US,
-                    "at_or_below_sdpa": diff <= 0.0,
-                    "custom_op_us": by.get((mode, case, "triton_op" + suffix))})  # fmt: skip
+        out.append(
+            {
+                "mode": mode,
+                "case": case,
+                "call": CALLS[suffix],
+                "triton_us": triton_us,
+                "sdpa_us": sdpa_us,
+                "diff_us": round(diff, 2),
+                "target_us": TARGET_US,
+                "meets_target": diff <= TARGET_US,
+                "at_or_below_sdpa": diff <= 0.0,
+                "custom_op_us": by.get((mode, case, "triton_op" + suffix)),
+            }
+        )
     return out
 
 
@@ -313,24 +346,34 @@ def run(ctx) -> dict:
             rows += measure_cuda(Timer(torch.device("cuda")), n if ctx.quick else 200, repeats, fast)
     summary = summarize(rows)
     ctx.write_json({"rows": rows, "summary": summary})
-    lines = [f"# Host time per attention call ({machine_label()})", "",
-             "| mode | case | call | Triton us | SDPA us | Triton - SDPA | <= SDPA + 10 us | <= SDPA | custom op us |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Host time per attention call ({machine_label()})",
+        "",
+        "| mode | case | call | Triton us | SDPA us | Triton - SDPA | <= SDPA + 10 us | <= SDPA | custom op us |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         op = "" if s["custom_op_us"] is None else f"{s['custom_op_us']:.1f}"
-        lines.append(f"| {s['mode']} | {s['case']} | {s['call']} | {s['triton_us']:.1f} | {s['sdpa_us']:.1f} | "
-                     f"{s['diff_us']:+.1f} | {'yes' if s['meets_target'] else 'NO'} | "
-                     f"{'yes' if s['at_or_below_sdpa'] else 'NO'} | {op} |")  # fmt: skip
+        lines.append(
+            f"| {s['mode']} | {s['case']} | {s['call']} | {s['triton_us']:.1f} | {s['sdpa_us']:.1f} | "
+            f"{s['diff_us']:+.1f} | {'yes' if s['meets_target'] else 'NO'} | "
+            f"{'yes' if s['at_or_below_sdpa'] else 'NO'} | {op} |"
+        )
     lines += ["", "| mode | case | path | host us (wall) | CPU us | device us |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['case']} | {r['path']} | {r['host_us']:.1f} | {r.get('cpu_us', '')} | "
-                     f"{r.get('device_us', '')} |")  # fmt: skip
+        lines.append(
+            f"| {r['mode']} | {r['case']} | {r['path']} | {r['host_us']:.1f} | {r.get('cpu_us', '')} | "
+            f"{r.get('device_us', '')} |"
+        )
     ctx.write_text("\n".join(lines) + "\n", "host_overhead.md")
     print("\n".join(lines))
     graded = [s for s in summary if s["call"] != "no_grad"]
-    return {"rows": len(rows), "all_meet_target": all(s["meets_target"] for s in summary),
-            "grad_at_or_below_sdpa": all(s["at_or_below_sdpa"] for s in graded),
-            "worst_diff_us": max(s["diff_us"] for s in summary)}  # fmt: skip
+    return {
+        "rows": len(rows),
+        "all_meet_target": all(s["meets_target"] for s in summary),
+        "grad_at_or_below_sdpa": all(s["at_or_below_sdpa"] for s in graded),
+        "worst_diff_us": max(s["diff_us"] for s in summary),
+    }
 
 
 BENCHMARK = Benchmark("host_overhead", run=run)

@@ -11,10 +11,17 @@ from . import presets
 from .common import machine_label, plot_lines, pyplot
 from .runner import Benchmark, Timer
 
-CPU_CFG = dict(model="gpt2-checks", segment_size=256, mem=8, sizes=[(1, 256), (2, 1024), (4, 2048)], check_reps=200,
-               forward_reps=1)  # fmt: skip
-GPU_CFG = dict(model="gpt2-small", segment_size=496, mem=8, sizes=[(1, 992), (8, 3968), (32, 7936)], check_reps=500,
-               forward_reps=10)  # fmt: skip
+CPU_CFG = dict(
+    model="gpt2-checks", segment_size=256, mem=8, sizes=[(1, 256), (2, 1024), (4, 2048)], check_reps=200, forward_reps=1
+)
+GPU_CFG = dict(
+    model="gpt2-small",
+    segment_size=496,
+    mem=8,
+    sizes=[(1, 992), (8, 3968), (32, 7936)],
+    check_reps=500,
+    forward_reps=10,
+)
 
 
 def _config(cuda: bool, quick: bool) -> dict:
@@ -22,14 +29,16 @@ def _config(cuda: bool, quick: bool) -> dict:
     p = presets.preset(cfg["model"])
     cfg.update(layers=p.layers, hidden=p.hidden, heads=p.heads, vocab=p.vocab)
     if quick:
-        cfg.update(sizes=cfg["sizes"][:2], check_reps=cfg["check_reps"] // 2,
-                   forward_reps=max(cfg["forward_reps"] // 2, 1))  # fmt: skip
+        cfg.update(
+            sizes=cfg["sizes"][:2], check_reps=cfg["check_reps"] // 2, forward_reps=max(cfg["forward_reps"] // 2, 1)
+        )
     return cfg
 
 
 def _build(cfg: dict, device, dtype):
-    backbone = presets.model(cfg["model"], "lm", max_positions=cfg["segment_size"] + 2 * cfg["mem"],
-                             bos_token_id=0, eos_token_id=0)  # fmt: skip
+    backbone = presets.model(
+        cfg["model"], "lm", max_positions=cfg["segment_size"] + 2 * cfg["mem"], bos_token_id=0, eos_token_id=0
+    )
     return presets.rmt("fast", backbone, cfg["model"], cfg["mem"], cfg["segment_size"]).to(device, dtype).eval()
 
 
@@ -100,20 +109,38 @@ def measure(rmt, batch: int, length: int, cfg: dict, device: str) -> dict:
         st.check_inputs = True
     check_us = max(check_on - check_off, 0.0) * 1e6
     return dict(
-        batch=batch, length=length, tokens=batch * length, segments=-(-length // cfg["segment_size"]),
-        check_us=check_us, check_on_us=check_on * 1e6, check_off_us=check_off * 1e6,
-        forward_ms=forward_on * 1e3, overhead_pct=100 * check_us / (forward_on * 1e6),
+        batch=batch,
+        length=length,
+        tokens=batch * length,
+        segments=-(-length // cfg["segment_size"]),
+        check_us=check_us,
+        check_on_us=check_on * 1e6,
+        check_off_us=check_off * 1e6,
+        forward_ms=forward_on * 1e3,
+        overhead_pct=100 * check_us / (forward_on * 1e6),
         host_reads_per_call=reads_check_on - reads_check_off,
-        forward_host_reads_on=reads_forward_on, forward_host_reads_off=reads_forward_off,
-    )  # fmt: skip
+        forward_host_reads_on=reads_forward_on,
+        forward_host_reads_off=reads_forward_off,
+    )
 
 
 def plot(ctx, rows: list[dict], record: dict):
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 4))
-    for ax, y, ylabel, title in ((a, "check_us", "µs per call", "value checks, per forward call"),
-                                 (b, "overhead_pct", "% of a forward call", "value checks / forward (no_grad)")):
-        plot_lines(ax, rows, "tokens", y, xlog=10, ylog=False, xlabel="tokens per call (batch x length)",
-                   ylabel=ylabel, title=title)  # fmt: skip
+    for ax, y, ylabel, title in (
+        (a, "check_us", "µs per call", "value checks, per forward call"),
+        (b, "overhead_pct", "% of a forward call", "value checks / forward (no_grad)"),
+    ):
+        plot_lines(
+            ax,
+            rows,
+            "tokens",
+            y,
+            xlog=10,
+            ylog=False,
+            xlabel="tokens per call (batch x length)",
+            ylabel=ylabel,
+            title=title,
+        )
     fig.suptitle(f"Input value checks ({machine_label()})")
     return fig
 
@@ -132,8 +159,10 @@ def cases(ctx) -> list[dict]:
 
 def measure_case(ctx, case: dict, state: dict) -> dict:
     row = measure(ctx.rmt, case["batch"], case["length"], ctx.cfg, ctx.device.type)
-    print(f"  batch {row['batch']:3d} x {row['length']:6d}: checks {row['check_us']:8.1f} µs/call, forward "
-          f"{row['forward_ms']:9.2f} ms ({row['overhead_pct']:.3f}%), host reads/call {row['host_reads_per_call']}")
+    print(
+        f"  batch {row['batch']:3d} x {row['length']:6d}: checks {row['check_us']:8.1f} µs/call, forward "
+        f"{row['forward_ms']:9.2f} ms ({row['overhead_pct']:.3f}%), host reads/call {row['host_reads_per_call']}"
+    )
     return row
 
 

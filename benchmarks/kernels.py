@@ -25,8 +25,13 @@ def _shapes(quick: bool) -> list[tuple[int, int]]:
 
 def settings(quick: bool) -> list[dict]:
     """Every (dtype, head dim, layout, B, T) measured, in order."""
-    return [dict(dtype=dt, D=d, layout=lay, B=b, T=t) for dt in DTYPES for d in HEAD_DIMS
-            for lay in ("full", "padded") for b, t in _shapes(quick)]  # fmt: skip
+    return [
+        dict(dtype=dt, D=d, layout=lay, B=b, T=t)
+        for dt in DTYPES
+        for d in HEAD_DIMS
+        for lay in ("full", "padded")
+        for b, t in _shapes(quick)
+    ]
 
 
 def _layout(B: int, T: int, device, padded: bool = True):
@@ -78,8 +83,11 @@ def targets(rows: list[dict]) -> list[dict]:
     """The issue's kernel targets, checked against the measured rows (a target without rows is "not measured")."""
 
     def ms(r_filter, column="ms"):
-        return {(r["dtype"], r["D"], r["B"], r["T"], r["mode"]): r[column] for r in rows
-                if r.get("status") == "ok" and r.get(column) is not None and r_filter(r)}  # fmt: skip
+        return {
+            (r["dtype"], r["D"], r["B"], r["T"], r["mode"]): r[column]
+            for r in rows
+            if r.get("status") == "ok" and r.get(column) is not None and r_filter(r)
+        }
 
     def best_stock(layout):  # the issue 24 baseline: the fastest of SDPA (any kernel) and FlexAttention, device time
         best: dict = {}
@@ -93,32 +101,63 @@ def targets(rows: list[dict]) -> list[dict]:
     flash = ms(lambda r: r["method"] == "sdpa_flash_nomask" and r["layout"] == "full")
     dense = ms(lambda r: r["method"] == "sdpa" and r["layout"] == "padded")  # SDPA with the layout's dense mask
     checks = [
-        ("forward >= 1.0x SDPA flash (B >= 8, T = 532, full)", tri_full, flash, 1.0,
-         lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd"),
-        ("forward + backward >= 0.9x SDPA flash (B >= 8, T = 532, full)", tri_full, flash, 0.9,
-         lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd+bwd"),
+        (
+            "forward >= 1.0x SDPA flash (B >= 8, T = 532, full)",
+            tri_full,
+            flash,
+            1.0,
+            lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd",
+        ),
+        (
+            "forward + backward >= 0.9x SDPA flash (B >= 8, T = 532, full)",
+            tri_full,
+            flash,
+            0.9,
+            lambda k: k[2] >= 8 and k[3] == 532 and k[4] == "fwd+bwd",
+        ),
         ("padded >= 2x SDPA with the dense mask", tri_pad, dense, 2.0, lambda k: True),
-        ("forward >= 0.8x SDPA flash at T >= 4096 (full)", tri_full, flash, 0.8,
-         lambda k: k[3] >= 4096 and k[4] == "fwd"),
+        (
+            "forward >= 0.8x SDPA flash at T >= 4096 (full)",
+            tri_full,
+            flash,
+            0.8,
+            lambda k: k[3] >= 4096 and k[4] == "fwd",
+        ),
         # issue 24: against the best stock backend at the same shape, device time (CUDA graph)
         ("device fwd+bwd >= 1.0x best stock (full)", tri_full, best_stock("full"), 1.0, lambda k: k[4] == "fwd+bwd"),
-        ("device fwd+bwd >= 1.5x best stock (padded)", tri_pad, best_stock("padded"), 1.5,
-         lambda k: k[4] == "fwd+bwd"),
+        ("device fwd+bwd >= 1.5x best stock (padded)", tri_pad, best_stock("padded"), 1.5, lambda k: k[4] == "fwd+bwd"),
         ("device fwd >= 1.0x best stock (full)", tri_full, best_stock("full"), 1.0, lambda k: k[4] == "fwd"),
         ("device fwd >= 2x best stock (padded)", tri_pad, best_stock("padded"), 2.0, lambda k: k[4] == "fwd"),
         # host time of the eager training call: Triton's at or below SDPA's (speedup = SDPA host / Triton host)
-        *[(f"host fwd+bwd <= SDPA's ({lay})", ms(lambda r, lay=lay: r["method"] == "triton" and r["layout"] == lay,
-                                                  "host_ms"),
-           ms(lambda r, lay=lay: r["method"] == "sdpa" and r["layout"] == lay, "host_ms"), 1.0,
-           lambda k: k[4] == "fwd+bwd") for lay in ("full", "padded")],
-    ]  # fmt: skip
+        *[
+            (
+                f"host fwd+bwd <= SDPA's ({lay})",
+                ms(lambda r, lay=lay: r["method"] == "triton" and r["layout"] == lay, "host_ms"),
+                ms(lambda r, lay=lay: r["method"] == "sdpa" and r["layout"] == lay, "host_ms"),
+                1.0,
+                lambda k: k[4] == "fwd+bwd",
+            )
+            for lay in ("full", "padded")
+        ],
+    ]
     out = []
     for name, tri, base, need, sel in checks:
         for key in sorted(k for k in tri if k in base and sel(k)):
             speed = base[key] / tri[key] if tri[key] > 0 else float("inf")
             dt, d, b, t, mode = key
-            out.append(dict(target=name, dtype=dt, D=d, B=b, T=t, mode=mode, speedup=round(speed, 3),
-                            needed=need, met=speed >= need))  # fmt: skip
+            out.append(
+                dict(
+                    target=name,
+                    dtype=dt,
+                    D=d,
+                    B=b,
+                    T=t,
+                    mode=mode,
+                    speedup=round(speed, 3),
+                    needed=need,
+                    met=speed >= need,
+                )
+            )
     return out
 
 
@@ -129,8 +168,12 @@ def cases(ctx) -> list[dict]:
     from rmt_fast.kernels import dispatch
 
     ctx.table = dispatch.table_for_device(ctx.device)  # installs the table's launch configurations, if any
-    return [dict(method=m, mode=mode, B=st["B"], T=st["T"], H=H, D=st["D"], dtype=st["dtype"], layout=st["layout"])
-            for st in settings(ctx.quick) for m in METHODS for mode, _ in MODES]  # fmt: skip
+    return [
+        dict(method=m, mode=mode, B=st["B"], T=st["T"], H=H, D=st["D"], dtype=st["dtype"], layout=st["layout"])
+        for st in settings(ctx.quick)
+        for m in METHODS
+        for mode, _ in MODES
+    ]
 
 
 def measure(ctx, case: dict, state: dict) -> dict:
@@ -143,8 +186,11 @@ def measure(ctx, case: dict, state: dict) -> dict:
         g = torch.Generator(device=ctx.device).manual_seed(0)
         state["qkv"] = [torch.randn(B, H, T, D, device=ctx.device, dtype=dtype, generator=g) for _ in range(3)]
         state["methods"] = _methods(layout, B, T, D, dtype, ctx.device, ctx.quick)
-        state["auto"] = (_auto_choices(state["qkv"][0], layout) if not isinstance(state["methods"]["triton"], str)
-                         else dict.fromkeys(("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)"))  # fmt: skip
+        state["auto"] = (
+            _auto_choices(state["qkv"][0], layout)
+            if not isinstance(state["methods"]["triton"], str)
+            else dict.fromkeys(("fwd", "fwd+bwd", "graphed"), "sdpa (kernel unsupported)")
+        )
     fn, auto = state["methods"].get(case["method"]), state["auto"]
     mode = case["mode"]
     row = dict(auto_choice=auto[mode], auto_choice_graphed=auto["graphed"] if mode == "fwd" else "")
@@ -164,21 +210,36 @@ def measure(ctx, case: dict, state: dict) -> dict:
         return {**row, **failed}
     B, T, D = case["B"], case["T"], case["D"]
     flops = scale * 2 * 2 * B * H * T * T * D / 2
-    return {**row, "ms": graphed.ms, "p20_ms": 1e3 * graphed.p20_s, "p80_ms": 1e3 * graphed.p80_s,
-            "eager_ms": eager.ms, "host_ms": eager.ms - graphed.ms, "tflops": flops / graphed.median_s / 1e12}
+    return {
+        **row,
+        "ms": graphed.ms,
+        "p20_ms": 1e3 * graphed.p20_s,
+        "p80_ms": 1e3 * graphed.p80_s,
+        "eager_ms": eager.ms,
+        "host_ms": eager.ms - graphed.ms,
+        "tflops": flops / graphed.median_s / 1e12,
+    }
 
 
 def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
     import torch
 
     rows[:] = [r for r in rows if r["status"] != "skipped"]  # methods that do not apply to a setting
-    env = {**env_info(), "gpu": torch.cuda.get_device_name(), "xformers": package_version("xformers"),
-           "dispatch_table": ctx.table.source if ctx.table is not None else None}  # fmt: skip
+    env = {
+        **env_info(),
+        "gpu": torch.cuda.get_device_name(),
+        "xformers": package_version("xformers"),
+        "dispatch_table": ctx.table.source if ctx.table is not None else None,
+    }
     checked = targets(rows)
     summary = {"dispatch table": env["dispatch_table"] or "none (auto = SDPA)"}
     for r in rows:
-        if r["status"] == "ok" and r["T"] == 532 and r["B"] == 8 and r["method"] in ("triton", "sdpa_flash_nomask",
-                                                                                     "sdpa"):  # fmt: skip
+        if (
+            r["status"] == "ok"
+            and r["T"] == 532
+            and r["B"] == 8
+            and r["method"] in ("triton", "sdpa_flash_nomask", "sdpa")
+        ):
             key = f"{r['method']} {r['mode']} {r['dtype']} D{r['D']} {r['layout']} TFLOP/s (B=8,T=532)"
             summary[key] = round(r["tflops"], 1)
     summary["targets met"] = f"{sum(c['met'] for c in checked)}/{len(checked)}"
@@ -190,16 +251,18 @@ def plot(ctx, rows, record):
     plt = pyplot()
     keys = list(dict.fromkeys((r["dtype"], r["D"], r["layout"], r["B"], r["T"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    ok = {(r["method"], r["mode"], r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r for r in rows
-          if r["status"] == "ok"}  # fmt: skip
+    ok = {
+        (r["method"], r["mode"], r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r
+        for r in rows
+        if r["status"] == "ok"
+    }
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.55 * len(keys) + 2), 9))
     width = 0.8 / max(len(methods), 1)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         for i, m in enumerate(methods):
             vals = [ok[(m, mode, *key)]["tflops"] if (m, mode, *key) in ok else 0.0 for key in keys]
             ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(keys))], vals, width, label=m)
-        auto = {(r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r["auto_choice"] for r in rows
-                if r["mode"] == mode}  # fmt: skip
+        auto = {(r["dtype"], r["D"], r["layout"], r["B"], r["T"]): r["auto_choice"] for r in rows if r["mode"] == mode}
         short = {"float16": "fp16", "bfloat16": "bf16"}
         labels = [f"{short[k[0]]} D{k[1]}\n{k[2]}\nB={k[3]} T={k[4]}\nauto: {auto.get(k, '')}" for k in keys]
         ax.set_xticks(range(len(keys)), labels, fontsize=6)
@@ -214,5 +277,13 @@ def plot(ctx, rows, record):
     return fig
 
 
-BENCHMARK = Benchmark("kernels", cases, measure, summarize=summarize, plot=plot, needs_cuda=True,
-                      series=("dtype", "D", "layout", "B", "T"), after_failure="continue")
+BENCHMARK = Benchmark(
+    "kernels",
+    cases,
+    measure,
+    summarize=summarize,
+    plot=plot,
+    needs_cuda=True,
+    series=("dtype", "D", "layout", "B", "T"),
+    after_failure="continue",
+)

@@ -55,20 +55,51 @@ def _doubling(start: int, stop: int) -> list[int]:
 
 def default_setup(cuda: bool, quick: bool = False, tiny: bool = False) -> Setup:
     if tiny:  # for tests: a second or two
-        return Setup("bert-micro", mem=4, positions=32, dtype="float32", rmt_lengths=[128, 256, 512],
-                     full_lengths=[128, 256, 512], per_call_budget_s=5.0, sweep_budget_s=10.0, repeats=1)  # fmt: skip
+        return Setup(
+            "bert-micro",
+            mem=4,
+            positions=32,
+            dtype="float32",
+            rmt_lengths=[128, 256, 512],
+            full_lengths=[128, 256, 512],
+            per_call_budget_s=5.0,
+            sweep_budget_s=10.0,
+            repeats=1,
+        )
     if cuda:
-        return Setup("bert-base", mem=10, positions=512, dtype="float16",
-                     rmt_lengths=_doubling(512, 2**16 if quick else 2**20),
-                     full_lengths=_doubling(512, 2**15 if quick else 2**20),
-                     per_call_budget_s=5.0 if quick else 30.0, sweep_budget_s=40.0 if quick else 150.0,
-                     repeats=3)  # fmt: skip
-    cpu = Setup("bert-cpu", mem=10, positions=128, dtype="float32", rmt_lengths=_doubling(512, 2**16),
-                full_lengths=_doubling(512, 2**15), per_call_budget_s=8.0, sweep_budget_s=22.0, repeats=3,
-                flex_per_call_budget_s=2.0)  # fmt: skip
+        return Setup(
+            "bert-base",
+            mem=10,
+            positions=512,
+            dtype="float16",
+            rmt_lengths=_doubling(512, 2**16 if quick else 2**20),
+            full_lengths=_doubling(512, 2**15 if quick else 2**20),
+            per_call_budget_s=5.0 if quick else 30.0,
+            sweep_budget_s=40.0 if quick else 150.0,
+            repeats=3,
+        )
+    cpu = Setup(
+        "bert-cpu",
+        mem=10,
+        positions=128,
+        dtype="float32",
+        rmt_lengths=_doubling(512, 2**16),
+        full_lengths=_doubling(512, 2**15),
+        per_call_budget_s=8.0,
+        sweep_budget_s=22.0,
+        repeats=3,
+        flex_per_call_budget_s=2.0,
+    )
     if quick:
-        return replace(cpu, rmt_lengths=_doubling(512, 8192), full_lengths=_doubling(512, 8192),
-                       per_call_budget_s=3.0, sweep_budget_s=8.0, repeats=1, flex_per_call_budget_s=0.5)
+        return replace(
+            cpu,
+            rmt_lengths=_doubling(512, 8192),
+            full_lengths=_doubling(512, 8192),
+            per_call_budget_s=3.0,
+            sweep_budget_s=8.0,
+            repeats=1,
+            flex_per_call_budget_s=0.5,
+        )
     return cpu
 
 
@@ -192,18 +223,28 @@ def _methods(s: Setup, device, dtype) -> list[Method]:
         return make
 
     methods = [
-        Method("FastRMT (auto)", "rmt", rmt_maker("fast", attn_backend="auto"),
-               note=_auto_backend_note(s, device, dtype)),
+        Method(
+            "FastRMT (auto)", "rmt", rmt_maker("fast", attn_backend="auto"), note=_auto_backend_note(s, device, dtype)
+        ),
         Method("FastRMT (SDPA)", "rmt", rmt_maker("fast", attn_backend="sdpa")),
-        Method("FastRMT (CUDA graph)", "rmt", rmt_maker("fast", attn_backend="auto", cuda_graph=True),
-               problem=None if cuda else "skipped: needs CUDA"),
+        Method(
+            "FastRMT (CUDA graph)",
+            "rmt",
+            rmt_maker("fast", attn_backend="auto", cuda_graph=True),
+            problem=None if cuda else "skipped: needs CUDA",
+        ),
         Method("ReferenceRMT", "rmt", rmt_maker("reference")),
         Method("Full attention (SDPA)", "full", full_maker("sdpa")),
-        Method("Full attention (FlexAttention)", "full", full_maker(FLEX_NAME), _flex_problem(device, dtype),
-               per_call_budget_s=None if cuda else s.flex_per_call_budget_s,
-               note="torch.compile'd" if cuda else "eager (unfused: materializes the scores) on CPU"),
+        Method(
+            "Full attention (FlexAttention)",
+            "full",
+            full_maker(FLEX_NAME),
+            _flex_problem(device, dtype),
+            per_call_budget_s=None if cuda else s.flex_per_call_budget_s,
+            note="torch.compile'd" if cuda else "eager (unfused: materializes the scores) on CPU",
+        ),
         Method("Full attention (xformers)", "full", full_maker(XFORMERS_NAME), _xformers_problem()),
-    ]  # fmt: skip
+    ]
     return [m for m in methods if s.methods is None or m.name in s.methods]
 
 
@@ -229,8 +270,11 @@ def _setup(ctx) -> Setup:
     overrides = {k: ctx.option(k) for k in ("methods", "per_call_budget_s", "memory_budget_mb", "batches")}
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     low, high = ctx.option("min_tokens") or 0, ctx.option("max_tokens") or float("inf")
-    return replace(s, rmt_lengths=[n for n in s.rmt_lengths if low <= n <= high],
-                   full_lengths=[n for n in s.full_lengths if low <= n <= high])  # fmt: skip
+    return replace(
+        s,
+        rmt_lengths=[n for n in s.rmt_lengths if low <= n <= high],
+        full_lengths=[n for n in s.full_lengths if low <= n <= high],
+    )
 
 
 def cases(ctx) -> list[dict]:
@@ -243,12 +287,16 @@ def cases(ctx) -> list[dict]:
     ctx.methods = {m.name: m for m in _methods(s, ctx.device, getattr(torch, s.dtype))}
     ctx.runners = {}  # method name -> its (tokens, batch) -> callable, built once and shared by its batches
     runnable = [m for m in ctx.methods.values() if not m.problem]
-    out = [dict(method=m.name, family=m.family, batch=s.batches[0], tokens=0)
-           for m in ctx.methods.values() if m.problem]  # fmt: skip
+    out = [
+        dict(method=m.name, family=m.family, batch=s.batches[0], tokens=0) for m in ctx.methods.values() if m.problem
+    ]
     for n in sorted(set(s.rmt_lengths) | set(s.full_lengths)):
         for b in s.batches:
-            out += [dict(method=m.name, family=m.family, batch=b, tokens=n) for m in runnable
-                    if n in (s.rmt_lengths if m.family == "rmt" else s.full_lengths)]  # fmt: skip
+            out += [
+                dict(method=m.name, family=m.family, batch=b, tokens=n)
+                for m in runnable
+                if n in (s.rmt_lengths if m.family == "rmt" else s.full_lengths)
+            ]
     return out
 
 
@@ -296,10 +344,18 @@ def _measure(ctx, case: dict, state: dict, m: Method, t0: float) -> dict:
     t = ctx.timer(call, repeats=reps, warmup=0)
     peak = ctx.peak.mb(token)
     times.append(t.median_s)
-    row = dict(seconds=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, cpu_seconds=t.cpu_s,
-               ms_per_token=1e3 * t.median_s / (batch * n), tokens_per_s=batch * n / t.median_s,
-               peak_mb=None if peak is None else round(peak, 1), repeats=reps, grad_mode=mode["mode"],
-               note=m.note)  # fmt: skip
+    row = dict(
+        seconds=t.median_s,
+        p20_s=t.p20_s,
+        p80_s=t.p80_s,
+        cpu_seconds=t.cpu_s,
+        ms_per_token=1e3 * t.median_s / (batch * n),
+        tokens_per_s=batch * n / t.median_s,
+        peak_mb=None if peak is None else round(peak, 1),
+        repeats=reps,
+        grad_mode=mode["mode"],
+        note=m.note,
+    )
     if t.median_s > budget:  # measured, but over a budget: the numbers stay in the row, the series stops
         raise OverBudget(f"measured {t.median_s:.2f} s > per-call budget {budget} s", row)
     if s.memory_budget_mb is not None and peak is not None and peak > s.memory_budget_mb:
@@ -344,19 +400,40 @@ def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
     # a --tiny smoke run is too short for its slopes to mean anything: nothing is checked (ok is None)
     ok = None if ctx.option("tiny") else all(checks.values()) and bool(checks)
     p = presets.preset(s.model)
-    config = {**asdict(s), "layers": p.layers, "hidden": p.hidden, "heads": p.heads, "ffn": p.ffn, "vocab": p.vocab,
-              "cls_token_id": presets.CLS_ID, "sep_token_id": presets.SEP_ID, "pad_token_id": presets.PAD_ID,
-              "cpu_threads": BENCHMARK.cpu_threads,
-              "segment_size": s.segment_size, "device": str(ctx.device), "quick": ctx.quick,
-              "tiny": bool(ctx.option("tiny", False))}  # fmt: skip
-    peak_note = ("torch.cuda.max_memory_allocated during the timed calls (weights included)" if cuda else
-                 "growth of VmHWM over VmRSS during the timed calls (lower bound; blank when /proc/self/clear_refs "
-                 "is not writable)")  # fmt: skip
+    config = {
+        **asdict(s),
+        "layers": p.layers,
+        "hidden": p.hidden,
+        "heads": p.heads,
+        "ffn": p.ffn,
+        "vocab": p.vocab,
+        "cls_token_id": presets.CLS_ID,
+        "sep_token_id": presets.SEP_ID,
+        "pad_token_id": presets.PAD_ID,
+        "cpu_threads": BENCHMARK.cpu_threads,
+        "segment_size": s.segment_size,
+        "device": str(ctx.device),
+        "quick": ctx.quick,
+        "tiny": bool(ctx.option("tiny", False)),
+    }
+    peak_note = (
+        "torch.cuda.max_memory_allocated during the timed calls (weights included)"
+        if cuda
+        else "growth of VmHWM over VmRSS during the timed calls (lower bound; blank when /proc/self/clear_refs "
+        "is not writable)"
+    )
     elapsed = ctx.clock() - ctx.started
-    record = {"config": config, "slopes": slopes, "checks": checks, "ok": ok, "cpu_time_slopes": cpu_slopes,
-              "checks_use": "wall-clock slopes" if cuda else "process CPU time slopes (1 thread)",
-              "slope_rule": "least squares of log(seconds) on log(tokens), upper half of successful lengths",
-              "peak_memory": peak_note, "elapsed_s": elapsed}  # fmt: skip
+    record = {
+        "config": config,
+        "slopes": slopes,
+        "checks": checks,
+        "ok": ok,
+        "cpu_time_slopes": cpu_slopes,
+        "checks_use": "wall-clock slopes" if cuda else "process CPU time slopes (1 thread)",
+        "slope_rule": "least squares of log(seconds) on log(tokens), upper half of successful lengths",
+        "peak_memory": peak_note,
+        "elapsed_s": elapsed,
+    }
     summary = {"ok": ok, "elapsed_s": round(elapsed, 1)}
     for name, fit in slopes.items():
         summary[f"slope[{name}]"] = None if fit is None else round(fit["slope"], 3)
@@ -377,18 +454,24 @@ def plot(ctx, rows, record):
         rs = sorted((r for r in mine if r["status"] == "ok"), key=lambda r: r["tokens"])
         fit, cfit = slopes.get(name), cpu_slopes.get(name)
         stop = next((r for r in mine if r["status"] in ("oom", "over_budget")), None)
-        label = name + (f" (slope {fit['slope']:.2f}" + (f"; CPU time {cfit['slope']:.2f})" if cfit else ")")
-                        if fit else "") + (f", {stop['status']} at {stop['tokens']:,}" if stop else "")  # fmt: skip
+        label = (
+            name
+            + (f" (slope {fit['slope']:.2f}" + (f"; CPU time {cfit['slope']:.2f})" if cfit else ")") if fit else "")
+            + (f", {stop['status']} at {stop['tokens']:,}" if stop else "")
+        )
         style = dict(ls="-" if rs[0]["family"] == "rmt" else "--", marker="o", ms=3, color=f"C{i}")
         xs = [r["tokens"] for r in rs]
         ax1.plot(xs, [r["seconds"] for r in rs], label=label, **style)
         ax2.plot(xs, [r["ms_per_token"] * 1e3 for r in rs], label=name, **style)
         if fit:  # the fitted line over the points it was fitted on
             fx = [fit["from_tokens"], fit["to_tokens"]]
-            ax1.plot(fx, [math.exp(fit["intercept"]) * x ** fit["slope"] for x in fx], ":", color=f"C{i}", lw=2.5,
-                     alpha=0.6)  # fmt: skip
-    for ax, ylabel, title in ((ax1, "forward latency (s)", "time vs length (dotted: fit over the upper half)"),
-                              (ax2, "time per token (µs/token)", "time per token")):  # fmt: skip
+            ax1.plot(
+                fx, [math.exp(fit["intercept"]) * x ** fit["slope"] for x in fx], ":", color=f"C{i}", lw=2.5, alpha=0.6
+            )
+    for ax, ylabel, title in (
+        (ax1, "forward latency (s)", "time vs length (dotted: fit over the upper half)"),
+        (ax2, "time per token (µs/token)", "time per token"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set(yscale="log", xlabel="input length (tokens)", ylabel=ylabel)
         ax.set_title(title, fontsize=9)
@@ -396,20 +479,31 @@ def plot(ctx, rows, record):
         if names:
             ax.legend(fontsize=7)
     p = presets.preset(s.model)
-    fig.suptitle(f"RMT vs full attention latency, BERT {p.layers}L/{p.hidden}d/{p.heads}h (head dim "
-                 f"{p.hidden // p.heads}), {s.positions} positions per segment (m={s.mem}, {s.segment_size} content), "
-                 f"{s.dtype}, batch {', '.join(map(str, s.batches))}\n{machine_label()}", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"RMT vs full attention latency, BERT {p.layers}L/{p.hidden}d/{p.heads}h (head dim "
+        f"{p.hidden // p.heads}), {s.positions} positions per segment (m={s.mem}, {s.segment_size} content), "
+        f"{s.dtype}, batch {', '.join(map(str, s.batches))}\n{machine_label()}",
+        fontsize=9,
+    )
     return fig
 
 
 BENCHMARK = Benchmark(
-    "latency", cases, measure, summarize=summarize, plot=plot, series=("method", "batch"), keep_states=True,
+    "latency",
+    cases,
+    measure,
+    summarize=summarize,
+    plot=plot,
+    series=("method", "batch"),
+    keep_states=True,
     cpu_threads=1,
-    options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),
-             Option("--methods", type=names, default=None, help="comma-separated method names (default: all)"),
-             Option("--per-call-budget-s", type=float, default=None, help="longest call before a method stops"),
-             Option("--memory-budget-mb", type=float, default=None, help="highest peak before a method stops"),
-             Option("--batches", type=ints, default=None, help="batch sizes, e.g. 1,16 (default: 1)"),
-             Option("--min-tokens", type=int, default=None, help="drop the lengths below this"),
-             Option("--max-tokens", type=int, default=None, help="drop the lengths above this")),
-)  # fmt: skip
+    options=(
+        Option("--tiny", action="store_true", help="a seconds-long smoke run"),
+        Option("--methods", type=names, default=None, help="comma-separated method names (default: all)"),
+        Option("--per-call-budget-s", type=float, default=None, help="longest call before a method stops"),
+        Option("--memory-budget-mb", type=float, default=None, help="highest peak before a method stops"),
+        Option("--batches", type=ints, default=None, help="batch sizes, e.g. 1,16 (default: 1)"),
+        Option("--min-tokens", type=int, default=None, help="drop the lengths below this"),
+        Option("--max-tokens", type=int, default=None, help="drop the lengths above this"),
+    ),
+)

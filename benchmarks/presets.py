@@ -49,8 +49,17 @@ PRESETS: dict[str, Preset] = {
     "bert-base": Preset("bert", 12, 768, 12, 3072, 30522),  # BertConfig() defaults
     "bert-base-cased": Preset("bert", 12, 768, 12, 3072, 28996),  # the FLOPs figure's BERT
     "gpt2-small": Preset("gpt2", 12, 768, 12, None, 50257, 1024),  # GPT2Config() defaults
-    "llama-1.2b": Preset("llama", 16, 2048, 32, 8192, 128256, 2048, kv_heads=8,
-                         extra=dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID)),
+    "llama-1.2b": Preset(
+        "llama",
+        16,
+        2048,
+        32,
+        8192,
+        128256,
+        2048,
+        kv_heads=8,
+        extra=dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID),
+    ),
     # --- small CPU models of the benchmarks
     "bert-cpu": Preset("bert", 2, 64, 2, 256, 1000),  # latency / profile on the CPU (128-position segments)
     "bert-micro": Preset("bert", 1, 32, 2, 64, 256),  # latency / profile smoke runs
@@ -60,9 +69,16 @@ PRESETS: dict[str, Preset] = {
     "gpt2-4l": Preset("gpt2", 4, 256, 4, None, 50257),  # compare on the CPU
     "gpt2-4l-8k": Preset("gpt2", 4, 256, 4, None, 8192),  # train-memory on the CPU
     "gpt2-small-8k": Preset("gpt2", 12, 768, 12, None, 8192),  # train-memory on a GPU
-    "llama-train-tiny": Preset("llama", 2, 64, 4, 128, 1000, kv_heads=2,
-                               extra=dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                                          pad_token_id=PAD_ID)),  # fmt: skip
+    "llama-train-tiny": Preset(
+        "llama",
+        2,
+        64,
+        4,
+        128,
+        1000,
+        kv_heads=2,
+        extra=dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID),
+    ),
     # --- the ARMT benchmark's CPU shapes (issue 16's targets: latency-bound and compute-bound)
     "armt-cpu-latency": Preset("llama", 8, 128, 2, 512, 512, kv_heads=1),
     "armt-cpu-compute": Preset("llama", 4, 256, 4, 1024, 512, kv_heads=2),
@@ -82,11 +98,19 @@ def _opt(layers: int, hidden: int, heads: int, proj_dim: int | None = None) -> P
 
 
 # The OPT family of the FLOPs figure (OPT paper, Table 1; OPT-350M projects its 512-wide embeddings).
-PRESETS.update({
-    "opt-125m": _opt(12, 768, 12), "opt-350m": _opt(24, 1024, 16, proj_dim=512), "opt-1.3b": _opt(24, 2048, 32),
-    "opt-2.7b": _opt(32, 2560, 32), "opt-6.7b": _opt(32, 4096, 32), "opt-13b": _opt(40, 5120, 40),
-    "opt-30b": _opt(48, 7168, 56), "opt-66b": _opt(64, 9216, 72), "opt-175b": _opt(96, 12288, 96),
-})  # fmt: skip
+PRESETS.update(
+    {
+        "opt-125m": _opt(12, 768, 12),
+        "opt-350m": _opt(24, 1024, 16, proj_dim=512),
+        "opt-1.3b": _opt(24, 2048, 32),
+        "opt-2.7b": _opt(32, 2560, 32),
+        "opt-6.7b": _opt(32, 4096, 32),
+        "opt-13b": _opt(40, 5120, 40),
+        "opt-30b": _opt(48, 7168, 56),
+        "opt-66b": _opt(64, 9216, 72),
+        "opt-175b": _opt(96, 12288, 96),
+    }
+)
 
 
 def preset(name: str) -> Preset:
@@ -95,8 +119,9 @@ def preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def config(name: str, *, max_positions: int | None = None, attn: str | None = "sdpa", dropout: float | None = 0.0,
-           **overrides):  # fmt: skip
+def config(
+    name: str, *, max_positions: int | None = None, attn: str | None = "sdpa", dropout: float | None = 0.0, **overrides
+):
     """The transformers config of preset ``name``: positions raised to ``max_positions`` (full attention over a
     long input), ``attn`` as ``attn_implementation`` (None: the library's default), every dropout set to
     ``dropout`` (None: the family's defaults); ``overrides`` are config keyword arguments and win."""
@@ -106,8 +131,13 @@ def config(name: str, *, max_positions: int | None = None, attn: str | None = "s
     positions = max(p.positions, max_positions or 0)
     kw: dict = {"vocab_size": p.vocab}
     if p.family in ("bert", "roberta"):
-        kw.update(hidden_size=p.hidden, num_hidden_layers=p.layers, num_attention_heads=p.heads,
-                  intermediate_size=p.ffn, max_position_embeddings=positions)  # fmt: skip
+        kw.update(
+            hidden_size=p.hidden,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            intermediate_size=p.ffn,
+            max_position_embeddings=positions,
+        )
         if dropout is not None:
             kw.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     elif p.family == "gpt2":
@@ -117,29 +147,52 @@ def config(name: str, *, max_positions: int | None = None, attn: str | None = "s
         if dropout is not None:
             kw.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     elif p.family == "opt":
-        kw.update(hidden_size=p.hidden, num_hidden_layers=p.layers, num_attention_heads=p.heads, ffn_dim=p.ffn,
-                  max_position_embeddings=positions, do_layer_norm_before=name != "opt-350m")  # fmt: skip
+        kw.update(
+            hidden_size=p.hidden,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            ffn_dim=p.ffn,
+            max_position_embeddings=positions,
+            do_layer_norm_before=name != "opt-350m",
+        )
         if dropout is not None:
             kw.update(dropout=dropout, attention_dropout=dropout)
     else:  # llama, qwen2, mistral
-        kw.update(hidden_size=p.hidden, num_hidden_layers=p.layers, num_attention_heads=p.heads,
-                  num_key_value_heads=p.kv_heads or p.heads, intermediate_size=p.ffn,
-                  max_position_embeddings=positions)  # fmt: skip
+        kw.update(
+            hidden_size=p.hidden,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            num_key_value_heads=p.kv_heads or p.heads,
+            intermediate_size=p.ffn,
+            max_position_embeddings=positions,
+        )
     if attn is not None:
         kw["attn_implementation"] = attn
     kw.update(p.extra)
     kw.update(overrides)
-    cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "gpt2": tf.GPT2Config, "opt": tf.OPTConfig,
-           "llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[p.family]  # fmt: skip
+    cls = {
+        "bert": tf.BertConfig,
+        "roberta": tf.RobertaConfig,
+        "gpt2": tf.GPT2Config,
+        "opt": tf.OPTConfig,
+        "llama": tf.LlamaConfig,
+        "qwen2": tf.Qwen2Config,
+        "mistral": tf.MistralConfig,
+    }[p.family]
     return cls(**kw)
 
 
 _CLASSES = {
-    ("bert", "bare"): "BertModel", ("bert", "cls"): "BertForSequenceClassification",
-    ("bert", "mlm"): "BertForMaskedLM", ("roberta", "cls"): "RobertaForSequenceClassification",
-    ("gpt2", "lm"): "GPT2LMHeadModel", ("opt", "lm"): "OPTForCausalLM", ("llama", "lm"): "LlamaForCausalLM",
-    ("qwen2", "lm"): "Qwen2ForCausalLM", ("mistral", "lm"): "MistralForCausalLM",
-}  # fmt: skip
+    ("bert", "bare"): "BertModel",
+    ("bert", "cls"): "BertForSequenceClassification",
+    ("bert", "mlm"): "BertForMaskedLM",
+    ("roberta", "cls"): "RobertaForSequenceClassification",
+    ("gpt2", "lm"): "GPT2LMHeadModel",
+    ("opt", "lm"): "OPTForCausalLM",
+    ("llama", "lm"): "LlamaForCausalLM",
+    ("qwen2", "lm"): "Qwen2ForCausalLM",
+    ("mistral", "lm"): "MistralForCausalLM",
+}
 
 
 def model(name: str, task: str = "lm", *, seed: int | None = 0, device=None, **config_kw):
@@ -154,8 +207,10 @@ def model(name: str, task: str = "lm", *, seed: int | None = 0, device=None, **c
     p = preset(name)
     key = (p.family, task)
     if key not in _CLASSES:
-        raise ValueError(f"model: preset {name!r} ({p.family}) has no {task!r} model; expected one of "
-                         f"{sorted(t for f, t in _CLASSES if f == p.family)}")  # fmt: skip
+        raise ValueError(
+            f"model: preset {name!r} ({p.family}) has no {task!r} model; expected one of "
+            f"{sorted(t for f, t in _CLASSES if f == p.family)}"
+        )
     cfg = config(name, **config_kw)
     if seed is not None:
         torch.manual_seed(seed)

@@ -15,17 +15,48 @@ from .common import machine_label, pyplot
 from .runner import Benchmark, Option
 
 CATEGORIES = ("attention", "matmul", "norms", "copies & cat", "mask", "other", "python overhead")
-ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "_fused_attention", "_flash_attention",
-                 "_efficient_attention")  # fmt: skip
+ATTENTION_OPS = (
+    "scaled_dot_product",
+    "flash_attention",
+    "efficient_attention",
+    "_fused_attention",
+    "_flash_attention",
+    "_efficient_attention",
+)
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::linear", "aten::bmm", "aten::matmul", "aten::baddbmm"}
 NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm", "aten::_fused_rms_norm"}
-COPY_OPS = {f"aten::{name}" for name in (
-    "copy_", "cat", "stack", "contiguous", "clone", "index", "index_select", "gather", "scatter", "scatter_",
-    "index_put", "index_put_", "_index_put_impl_", "to", "_to_copy", "slice_scatter", "select_scatter",
-    "masked_scatter", "index_copy")}  # fmt: skip
+COPY_OPS = {
+    f"aten::{name}"
+    for name in (
+        "copy_",
+        "cat",
+        "stack",
+        "contiguous",
+        "clone",
+        "index",
+        "index_select",
+        "gather",
+        "scatter",
+        "scatter_",
+        "index_put",
+        "index_put_",
+        "_index_put_impl_",
+        "to",
+        "_to_copy",
+        "slice_scatter",
+        "select_scatter",
+        "masked_scatter",
+        "index_copy",
+    )
+}
 MASK_FILES = ("transformers/masking_utils.py", "kernels/layout.py")
-ATTENTION_FRAMES = ("attention_forward", "sdpa_rmt_attention", "triton_attention.py", "sdpa_attention.py",
-                    "flex_attention.py")
+ATTENTION_FRAMES = (
+    "attention_forward",
+    "sdpa_rmt_attention",
+    "triton_attention.py",
+    "sdpa_attention.py",
+    "flex_attention.py",
+)
 ATTENTION_SCOPE = "rmt_fast::attention"  # record_function around rmt_fast.attention.run_backend while profiling
 TRITON_ATTENTION_KERNELS = ("_rmt_attn", "_rmt_dropout")  # name prefixes of the kernels in kernels/triton_kernels.py
 
@@ -94,8 +125,13 @@ def _classify(evt) -> tuple[str, bool]:
     if in_scope:
         return "attention", is_top
     cat = _category_of_op(top.name)
-    if in_attention_frame and top.name in ("aten::softmax", "aten::_softmax", "aten::bmm", "aten::matmul",
-                                           "aten::baddbmm"):  # fmt: skip
+    if in_attention_frame and top.name in (
+        "aten::softmax",
+        "aten::_softmax",
+        "aten::bmm",
+        "aten::matmul",
+        "aten::baddbmm",
+    ):
         cat = "attention"
     return cat, is_top
 
@@ -105,8 +141,11 @@ def _on_device(evt) -> bool:
 
 
 def _aten_events(events) -> list:
-    out = [e for e in events if e.name.startswith("aten::") and not getattr(e, "is_python_function", False)
-           and not _on_device(e)]  # fmt: skip
+    out = [
+        e
+        for e in events
+        if e.name.startswith("aten::") and not getattr(e, "is_python_function", False) and not _on_device(e)
+    ]
     return sorted(out, key=lambda e: (e.time_range.start, -e.time_range.end))
 
 
@@ -138,8 +177,11 @@ def analyse(stack_events, timing_events, wall_ms: float, n_segments: int, calls:
     labelled = [(e, *_classify(e)) for e in _aten_events(stack_events)]
     timed = _aten_events(timing_events) if timing_events is not None else []
     per_call = len(labelled)
-    matched = bool(timed) and len(timed) == calls * per_call and all(
-        t.name == labelled[i % per_call][0].name for i, t in enumerate(timed))
+    matched = (
+        bool(timed)
+        and len(timed) == calls * per_call
+        and all(t.name == labelled[i % per_call][0].name for i, t in enumerate(timed))
+    )
     if matched:
         pairs = [(t, labelled[i % per_call][1], labelled[i % per_call][2]) for i, t in enumerate(timed)]
         div = calls
@@ -247,15 +289,24 @@ def run(ctx) -> dict:
     for (backbone, label), r in results.items():
         for cat in CATEGORIES:
             top = cat != "python overhead"
-            row = dict(backbone=backbone, wrapper=label, category=cat, cpu_ms=round(r["cpu_ms"][cat], 3),
-                       ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2)
-                       if top else "",
-                       ops_per_segment=round(r["ops_per_segment"], 1), wall_ms_profiled=round(r["wall_ms_profiled"], 3),
-                       wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3))  # fmt: skip
+            row = dict(
+                backbone=backbone,
+                wrapper=label,
+                category=cat,
+                cpu_ms=round(r["cpu_ms"][cat], 3),
+                ops_per_segment_in_category=round(r["ops_per_segment_by_category"].get(cat, 0), 2) if top else "",
+                ops_per_segment=round(r["ops_per_segment"], 1),
+                wall_ms_profiled=round(r["wall_ms_profiled"], 3),
+                wall_ms_unprofiled=round(r["wall_ms_unprofiled"], 3),
+            )
             if cuda:
-                row.update(device_ms=round(r["device_ms"][cat], 3),
-                           kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
-                           if top else "", kernels_per_segment=round(r["kernels_per_segment"], 1))  # fmt: skip
+                row.update(
+                    device_ms=round(r["device_ms"][cat], 3),
+                    kernels_per_segment_in_category=round(r["kernels_per_segment_by_category"].get(cat, 0), 2)
+                    if top
+                    else "",
+                    kernels_per_segment=round(r["kernels_per_segment"], 1),
+                )
             rows.append(row)
     ctx.write_csv(rows)
     ctx.write_text(_markdown(results, s, cuda), "profile.md")
@@ -302,10 +353,12 @@ def _markdown(results: dict, s: ProfileSetup, cuda: bool) -> str:
         line("aten ops incl. nested per segment", "all_ops_per_segment", "{:.1f}")
         if cuda:
             line("device kernels per segment", "kernels_per_segment", "{:.1f}")
-        per_category = (("CPU ms", "cpu_ms", "{:.2f}", CATEGORIES, False),
-                        ("device ms", "device_ms", "{:.2f}", CATEGORIES[:-1], True),
-                        ("ops dispatched per segment", "ops_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], False),
-                        ("kernels per segment", "kernels_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], True))
+        per_category = (
+            ("CPU ms", "cpu_ms", "{:.2f}", CATEGORIES, False),
+            ("device ms", "device_ms", "{:.2f}", CATEGORIES[:-1], True),
+            ("ops dispatched per segment", "ops_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], False),
+            ("kernels per segment", "kernels_per_segment_by_category", "{:.1f}", CATEGORIES[:-1], True),
+        )
         for label, key, fmt, cats, gpu_only in per_category:
             for cat in cats if cuda or not gpu_only else ():
                 line(f"{label}: {cat}", key, fmt, cat)
@@ -368,5 +421,6 @@ def _plot(results: dict, s: ProfileSetup, cuda: bool):
     return fig
 
 
-BENCHMARK = Benchmark("profile", run=run, cpu_threads=1,
-                      options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),))
+BENCHMARK = Benchmark(
+    "profile", run=run, cpu_threads=1, options=(Option("--tiny", action="store_true", help="a seconds-long smoke run"),)
+)

@@ -75,8 +75,9 @@ BENCHMARKS: dict[str, str] = {
 # Run only when asked for by name: too long for `all` on a 2-core CPU (compare ~10 min, train-memory ~4 min,
 # eval-stream ~2 min), or GPU-only (cuda-graph, tune), or long on a GPU (train: bert-base and a 1B decoder), or
 # compiling for minutes (segment-breakdown).
-NOT_IN_ALL: frozenset[str] = frozenset({"train", "tune", "compare", "train-memory", "cuda-graph", "armt",
-                                        "eval-stream", "segment-breakdown"})
+NOT_IN_ALL: frozenset[str] = frozenset(
+    {"train", "tune", "compare", "train-memory", "cuda-graph", "armt", "eval-stream", "segment-breakdown"}
+)
 
 
 class OverBudget(Exception):
@@ -133,8 +134,9 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
 
 def timing_of(samples: list[float], cpu: list[float] | None = None) -> Timing:
     xs = sorted(samples)
-    return Timing(statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), len(xs),
-                  statistics.median(cpu) if cpu else None)  # fmt: skip
+    return Timing(
+        statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), len(xs), statistics.median(cpu) if cpu else None
+    )
 
 
 class Timer:
@@ -150,8 +152,9 @@ class Timer:
         if self.cuda:
             self.torch.cuda.synchronize()
 
-    def __call__(self, fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, inner: int = 1,
-                 clock: str = "device") -> Timing:  # fmt: skip
+    def __call__(
+        self, fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, inner: int = 1, clock: str = "device"
+    ) -> Timing:
         """``warmup`` untimed calls, then ``repeats`` samples of ``inner`` back-to-back calls each."""
         if clock not in ("device", "wall", "host"):
             raise ValueError(f"Timer: clock must be 'device', 'wall' or 'host', got {clock!r}")
@@ -185,8 +188,7 @@ class Timer:
         accumulate them into ``.grad``."""
         from triton.testing import do_bench
 
-        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
-                                 return_mode="median")  # fmt: skip
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median")
         return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, 0)
 
     def eager(self, fn: Callable[[], Any], *, target_ms: float = 5) -> Timing:
@@ -305,9 +307,17 @@ class Context:
         return None if fig is None else save_plot(fig, self.path(filename or f"{self.name}.png"))
 
     # --------------------------------------------------------------------------------------------- sweeps
-    def sweep(self, cases: Iterable[dict], measure: Callable[[Context, dict, dict], dict], *,
-              series: tuple[str, ...] = (), after_failure: str = "stop", desc: str | None = None,
-              sink: Callable[[list[dict]], Any] | None = None, keep_states: bool = False) -> list[dict]:  # fmt: skip
+    def sweep(
+        self,
+        cases: Iterable[dict],
+        measure: Callable[[Context, dict, dict], dict],
+        *,
+        series: tuple[str, ...] = (),
+        after_failure: str = "stop",
+        desc: str | None = None,
+        sink: Callable[[list[dict]], Any] | None = None,
+        keep_states: bool = False,
+    ) -> list[dict]:
         """Run ``measure(ctx, case, state)`` on every case under tqdm; one row per case (see the module
         docstring for the status words). ``sink(rows)`` after each case (e.g. rewrite the CSV, so that a run
         stopped from outside keeps what it measured). ``keep_states``: a series' state outlives the start of
@@ -328,8 +338,13 @@ class Context:
                     states.clear()
                     free_memory(self.cuda)
                 if self.clock() > self.deadline:
-                    rows.append({**case, "status": "over_budget",
-                                 "note": f"not run: the budget of {self.budget_s:g} s is spent"})  # fmt: skip
+                    rows.append(
+                        {
+                            **case,
+                            "status": "over_budget",
+                            "note": f"not run: the budget of {self.budget_s:g} s is spent",
+                        }
+                    )
                     continue
                 if key in failed and series:
                     if after_failure == "record":
@@ -382,8 +397,14 @@ def run_benchmark(bench: Benchmark, ctx: Context) -> dict:
 def _run(bench: Benchmark, ctx: Context) -> dict:
     if bench.run is not None:
         return bench.run(ctx) or {}
-    rows = ctx.sweep(bench.cases(ctx), bench.measure, series=bench.series, after_failure=bench.after_failure,
-                     sink=ctx.write_csv, keep_states=bench.keep_states)  # fmt: skip
+    rows = ctx.sweep(
+        bench.cases(ctx),
+        bench.measure,
+        series=bench.series,
+        after_failure=bench.after_failure,
+        sink=ctx.write_csv,
+        keep_states=bench.keep_states,
+    )
     summary, record = bench.summarize(ctx, rows) if bench.summarize else ({}, {})
     ctx.write_csv(rows)
     ctx.write_json({"summary": summary, **record})
@@ -394,14 +415,29 @@ def _run(bench: Benchmark, ctx: Context) -> dict:
     return summary
 
 
-def _context(bench: Benchmark, out_dir, quick: bool, options: argparse.Namespace, budget_s: float | None,
-             device, clock: Callable[[], float] = time.perf_counter) -> Context:  # fmt: skip
+def _context(
+    bench: Benchmark,
+    out_dir,
+    quick: bool,
+    options: argparse.Namespace,
+    budget_s: float | None,
+    device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Context:
     budget = budget_s if budget_s is not None else bench.budget_s
     return Context(bench.name, Path(out_dir), quick, budget, device, options, clock)
 
 
-def run(target, out_dir, quick: bool = False, *, budget_s: float | None = None, device=None,
-        clock: Callable[[], float] = time.perf_counter, **options) -> dict:  # fmt: skip
+def run(
+    target,
+    out_dir,
+    quick: bool = False,
+    *,
+    budget_s: float | None = None,
+    device=None,
+    clock: Callable[[], float] = time.perf_counter,
+    **options,
+) -> dict:
     """Run a benchmark from Python (tests, notebooks): ``target`` is a :class:`Benchmark` or its module;
     ``options`` are its declared options by their ``dest`` names (the others keep their defaults)."""
     bench = getattr(target, "BENCHMARK", target)
@@ -424,8 +460,15 @@ def load(name: str) -> Benchmark:
     return importlib.import_module(BENCHMARKS[name]).BENCHMARK
 
 
-def run_one(name: str, out_dir: Path, quick: bool, extra: list[str] | None = None, *, budget_s: float | None = None,
-            device: str | None = None) -> dict:  # fmt: skip
+def run_one(
+    name: str,
+    out_dir: Path,
+    quick: bool,
+    extra: list[str] | None = None,
+    *,
+    budget_s: float | None = None,
+    device: str | None = None,
+) -> dict:
     """Run benchmark ``name``; returns {'name', 'status', 'seconds', 'summary'}. Never raises, but for bad
     options (``extra``: the benchmark's own options, parsed against its ``Benchmark.options``)."""
     try:
@@ -473,8 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rmt-fast-bench", description="Benchmarks for rmt-fast.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}")
     for name in [*BENCHMARKS, "all"]:
-        p = sub.add_parser(name, help=f"every benchmark except {', '.join(sorted(NOT_IN_ALL))}" if name == "all"
-                           else f"{name} benchmark (its own options: rmt-fast-bench {name} --options)")  # fmt: skip
+        p = sub.add_parser(
+            name,
+            help=f"every benchmark except {', '.join(sorted(NOT_IN_ALL))}"
+            if name == "all"
+            else f"{name} benchmark (its own options: rmt-fast-bench {name} --options)",
+        )
         p.add_argument("--out", type=Path, default=None, help="output folder (default: results/<timestamp>)")
         p.add_argument("--quick", action="store_true", help="smaller, faster configuration")
         p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget; later cases: over_budget")

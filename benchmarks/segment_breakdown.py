@@ -20,11 +20,41 @@ from .runner import Benchmark, Option, Unavailable, names
 KINDS = ("matmul", "attention", "norm & elementwise", "copies & fills")
 VARIANTS = ("eager", "graphed", "graphed+compiled", "train", "train+compiled")
 DEFAULT_VARIANTS = ("eager", "graphed", "graphed+compiled", "train")
-MATMUL = ("addmm", "aten::mm", "bmm", "baddbmm", "linear", "matmul", "gemm", "cutlass", "xmma", "cublas", "sm90_",
-          "sm80_", "ampere_", "_mkl", "mkldnn", "triton_tem")  # fmt: skip
+MATMUL = (
+    "addmm",
+    "aten::mm",
+    "bmm",
+    "baddbmm",
+    "linear",
+    "matmul",
+    "gemm",
+    "cutlass",
+    "xmma",
+    "cublas",
+    "sm90_",
+    "sm80_",
+    "ampere_",
+    "_mkl",
+    "mkldnn",
+    "triton_tem",
+)
 ATTENTION = ("scaled_dot_product", "flash", "fmha", "attention", "_rmt_attn", "_rmt_dropout")
-COPIES = ("copy", "cat", "clone", "index", "gather", "scatter", "embedding", "fill", "zero", "memcpy", "memset",
-          "full", "ones", "stack")  # fmt: skip
+COPIES = (
+    "copy",
+    "cat",
+    "clone",
+    "index",
+    "gather",
+    "scatter",
+    "embedding",
+    "fill",
+    "zero",
+    "memcpy",
+    "memset",
+    "full",
+    "ones",
+    "stack",
+)
 # (layers, hidden, heads, ffn, vocab, positions, mem, dtype): bert-base's layer count on the CPU, so the
 # kernel count per segment is bert-base's; bert-base itself on a GPU
 CPU_MODEL = dict(layers=12, hidden=64, heads=2, ffn=256, vocab=1000, positions=64, mem=10, dtype="float32")
@@ -113,9 +143,13 @@ def measure(ctx, case: dict, state: dict) -> dict:
     ps = res["per_segment"]
     step, host = ps["ops_in"], ps["ops_out"]
     per_call = sum(res["per_call"]["ops_in"].values()) + sum(res["per_call"]["ops_out"].values())
-    row = dict(commit=res["commit"], kernels_per_segment=round(sum(step.values()), 2),
-               host_ops_per_segment=round(sum(host.values()), 2), per_call_ops=round(per_call, 2),
-               flops_per_segment=res["flops_per_segment"])  # fmt: skip
+    row = dict(
+        commit=res["commit"],
+        kernels_per_segment=round(sum(step.values()), 2),
+        host_ops_per_segment=round(sum(host.values()), 2),
+        per_call_ops=round(per_call, 2),
+        flops_per_segment=res["flops_per_segment"],
+    )
     kinds = by_kind(step)
     cpu_us = dict.fromkeys(KINDS, 0.0)
     for name, us in ps["op_us_in"].items():
@@ -140,8 +174,12 @@ def measure(ctx, case: dict, state: dict) -> dict:
 
 def summarize(ctx, rows):
     summary = {f"{r['tree']}/{r['variant']} kernels/segment": r.get("kernels_per_segment") for r in rows}
-    record = {"model": _model(ctx), "device": machine_label(), "trees": {k: v for k, v in ctx.trees.items()},
-              "differences": differences(rows)}  # fmt: skip
+    record = {
+        "model": _model(ctx),
+        "device": machine_label(),
+        "trees": {k: v for k, v in ctx.trees.items()},
+        "differences": differences(rows),
+    }
     return summary, record
 
 
@@ -157,29 +195,37 @@ def differences(rows) -> dict:
             continue
         a, b = json.loads(r["ops"]), json.loads(now["ops"])
         diff = {k: round(b.get(k, 0) - a.get(k, 0), 2) for k in set(a) | set(b) if b.get(k, 0) != a.get(k, 0)}
-        out[f"{r['variant']}: now - {r['tree']}"] = {"kernels": round(now["kernels_per_segment"]
-                                                                  - r["kernels_per_segment"], 2), "ops": diff}
+        out[f"{r['variant']}: now - {r['tree']}"] = {
+            "kernels": round(now["kernels_per_segment"] - r["kernels_per_segment"], 2),
+            "ops": diff,
+        }
     return out
 
 
 def markdown(ctx, rows, record) -> str:
     m = record["model"]
-    lines = [f"# One segment step, kernels by kind ({record['device']})", "",
-             f"FastRMT encoder segment: BERT, {m['layers']} layers, hidden {m['hidden']}, {m['positions']} positions "
-             f"(m = {m['mem']}), batch 1, {m['dtype']}, inference. *kernels* = top-level ops and generated kernels "
-             "inside the step (what a CUDA graph captures; views and allocations left out), per segment; "
-             "*host ops* = the runner's per-segment work outside the step; *per call* = work done once per "
-             "call (input checks, the segment plan).", "",
-             "| tree | commit | variant | kernels | " + " | ".join(KINDS) + " | host ops | per call | GFLOP |",
-             "|---|---|---|---:|" + "---:|" * len(KINDS) + "---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"# One segment step, kernels by kind ({record['device']})",
+        "",
+        f"FastRMT encoder segment: BERT, {m['layers']} layers, hidden {m['hidden']}, {m['positions']} positions "
+        f"(m = {m['mem']}), batch 1, {m['dtype']}, inference. *kernels* = top-level ops and generated kernels "
+        "inside the step (what a CUDA graph captures; views and allocations left out), per segment; "
+        "*host ops* = the runner's per-segment work outside the step; *per call* = work done once per "
+        "call (input checks, the segment plan).",
+        "",
+        "| tree | commit | variant | kernels | " + " | ".join(KINDS) + " | host ops | per call | GFLOP |",
+        "|---|---|---|---:|" + "---:|" * len(KINDS) + "---:|---:|---:|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['tree']} | | {r['variant']} | {r['status']}: {r.get('note', '')[:80]} |")
             continue
         gflop = "" if r["flops_per_segment"] is None else f"{r['flops_per_segment'] / 1e9:.3f}"
-        lines.append(f"| {r['tree']} | {r['commit']} | {r['variant']} | {r['kernels_per_segment']:g} | "
-                     + " | ".join(f"{r[f'kernels: {k}']:g}" for k in KINDS)
-                     + f" | {r['host_ops_per_segment']:g} | {r['per_call_ops']:g} | {gflop} |")  # fmt: skip
+        lines.append(
+            f"| {r['tree']} | {r['commit']} | {r['variant']} | {r['kernels_per_segment']:g} | "
+            + " | ".join(f"{r[f'kernels: {k}']:g}" for k in KINDS)
+            + f" | {r['host_ops_per_segment']:g} | {r['per_call_ops']:g} | {gflop} |"
+        )
     lines += ["", "Ops per segment inside the step:", ""]
     for r in rows:
         if r["status"] == "ok":
@@ -211,13 +257,24 @@ def plot(ctx, rows, record):
 
 
 BENCHMARK = Benchmark(
-    "segment_breakdown", cases=cases, measure=measure, summarize=summarize, plot=plot, markdown=markdown,
-    after_failure="continue", options=(
+    "segment_breakdown",
+    cases=cases,
+    measure=measure,
+    summarize=summarize,
+    plot=plot,
+    markdown=markdown,
+    after_failure="continue",
+    options=(
         Option("--tree", type=names, default=None, help="LABEL=PATH: also measure this checkout (comma-separated)"),
-        Option("--variants", type=names, default=None, help=f"some of {','.join(VARIANTS)} (default: "
-               f"{','.join(DEFAULT_VARIANTS)})"),
+        Option(
+            "--variants",
+            type=names,
+            default=None,
+            help=f"some of {','.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
+        ),
         Option("--layers", type=int, default=None, help="backbone layers (default: 12, bert-base's; 2 with --quick)"),
         Option("--segments", type=int, default=None, help="segments of the shorter profiled call (default 2)"),
         Option("--compile-options", default=None, help="compile_step of graphed+compiled, as JSON"),
         Option("--case-timeout-s", type=float, default=None, help="per-case limit (the probe process)"),
-    ))  # fmt: skip
+    ),
+)

@@ -46,20 +46,41 @@ class Setting:
 
     def record(self) -> dict:
         p = presets.preset(self.model)
-        return {**vars(self), "kind": self.kind, "layers": p.layers, "hidden": p.hidden, "heads": p.heads,
-                "kv_heads": p.kv_heads or p.heads, "ffn": p.ffn, "vocab": p.vocab}  # fmt: skip
+        return {
+            **vars(self),
+            "kind": self.kind,
+            "layers": p.layers,
+            "hidden": p.hidden,
+            "heads": p.heads,
+            "kv_heads": p.kv_heads or p.heads,
+            "ffn": p.ffn,
+            "vocab": p.vocab,
+        }
 
 
 QUICK = ("reference", "fast", "fast-ckpt", "full", "fast-compiled")  # fast-compiled last: it compiles longest
 SETTINGS: dict[str, Setting] = {
-    "a": Setting("a", "bert-base", 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7], target_segments=7,
-                 quick_methods=QUICK),
-    "b": Setting("b", "llama-1.2b", 16, 1024, 4, [1, 2, 4, 8, 16, 32], [8], target_segments=8, ckpt_segments=[64],
-                 quick_methods=QUICK),  # fmt: skip
-    "tiny-encoder": Setting("tiny-encoder", "bert-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2],
-                            compile_step={"backend": "aot_eager"}),  # fmt: skip
-    "tiny-decoder": Setting("tiny-decoder", "llama-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2],
-                            compile_step={"backend": "aot_eager"}),  # fmt: skip
+    "a": Setting(
+        "a", "bert-base", 10, 499, 32, [1, 2, 4, 7, 8, 16, 32], [1, 7], target_segments=7, quick_methods=QUICK
+    ),
+    "b": Setting(
+        "b",
+        "llama-1.2b",
+        16,
+        1024,
+        4,
+        [1, 2, 4, 8, 16, 32],
+        [8],
+        target_segments=8,
+        ckpt_segments=[64],
+        quick_methods=QUICK,
+    ),
+    "tiny-encoder": Setting(
+        "tiny-encoder", "bert-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2], compile_step={"backend": "aot_eager"}
+    ),
+    "tiny-decoder": Setting(
+        "tiny-decoder", "llama-train-tiny", 4, 32, 2, [1, 2, 4], [1, 2], compile_step={"backend": "aot_eager"}
+    ),
 }
 ALIASES = {"tiny": ["tiny-encoder", "tiny-decoder"]}
 
@@ -73,8 +94,15 @@ def _build(s: Setting, method: str, device, max_segments: int):
         model = presets.model(s.model, task, device=device, max_positions=max_segments * s.segment, **extra).train()
         return model, lambda ids, labels: model(input_ids=ids, labels=labels).loss
     model = presets.model(s.model, task, device=device, max_positions=s.positions, **extra).train()
-    kw = {} if method == "reference" else dict(attn_backend="auto", gradient_checkpointing=method == "fast-ckpt",
-                                               compile_step=s.compile_step if method == "fast-compiled" else False)
+    kw = (
+        {}
+        if method == "reference"
+        else dict(
+            attn_backend="auto",
+            gradient_checkpointing=method == "fast-ckpt",
+            compile_step=s.compile_step if method == "fast-compiled" else False,
+        )
+    )
     rmt = presets.rmt("reference" if method == "reference" else "fast", model, s.model, s.mem, s.segment, **kw)
     rmt = rmt.to(device)
     return rmt, lambda ids, labels: rmt(ids, labels=labels, return_logits=False).loss
@@ -85,8 +113,11 @@ def _inputs(s: Setting, n: int, device):
 
     vocab = presets.preset(s.model).vocab
     ids = presets.content_ids(s.batch, n * s.segment, vocab, seed=n, device=device)
-    labels = torch.randint(0, 2, (s.batch,), generator=torch.Generator().manual_seed(n)).to(device) \
-        if s.kind == "encoder" else ids
+    labels = (
+        torch.randint(0, 2, (s.batch,), generator=torch.Generator().manual_seed(n)).to(device)
+        if s.kind == "encoder"
+        else ids
+    )
     return ids, labels
 
 
@@ -128,17 +159,30 @@ def measure(ctx, case: dict, state: dict) -> dict:
     values = torch.stack(losses).float().cpu()
     if not torch.isfinite(values).all():
         raise FloatingPointError(f"loss not finite: {values.tolist()}")
-    row = dict(step_ms=1e3 * t.median_s, p20_step_ms=1e3 * t.p20_s, p80_step_ms=1e3 * t.p80_s,
-               tokens_per_s=case["tokens"] / t.median_s, peak_mb=peak_mb, base_mb=base_mb,
-               act_peak_mb=None if base_mb is None or peak_mb is None else peak_mb - base_mb, warmup_s=warm.median_s,
-               loss=float(values[-1]))  # fmt: skip
+    row = dict(
+        step_ms=1e3 * t.median_s,
+        p20_step_ms=1e3 * t.p20_s,
+        p80_step_ms=1e3 * t.p80_s,
+        tokens_per_s=case["tokens"] / t.median_s,
+        peak_mb=peak_mb,
+        base_mb=base_mb,
+        act_peak_mb=None if base_mb is None or peak_mb is None else peak_mb - base_mb,
+        warmup_s=warm.median_s,
+        loss=float(values[-1]),
+    )
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 # ------------------------------------------------------------------------------------------------ summary
 def _ok(rows, setting, method, n):
-    return next((r for r in rows if r["setting"] == setting and r["method"] == method and r["segments"] == n
-                 and r["status"] == "ok"), None)  # fmt: skip
+    return next(
+        (
+            r
+            for r in rows
+            if r["setting"] == setting and r["method"] == method and r["segments"] == n and r["status"] == "ok"
+        ),
+        None,
+    )
 
 
 def targets(rows, settings: list[Setting]) -> dict:
@@ -157,33 +201,45 @@ def targets(rows, settings: list[Setting]) -> dict:
                     entry[m] = None
                     continue
                 peak = r["peak_mb"]
-                entry[m] = dict(tokens_per_s=round(r["tokens_per_s"], 1), step_ms=r.get("step_ms"),
-                                peak_gb=None if peak is None else round(peak * 2**20 / 1e9, 2))  # fmt: skip
+                entry[m] = dict(
+                    tokens_per_s=round(r["tokens_per_s"], 1),
+                    step_ms=r.get("step_ms"),
+                    peak_gb=None if peak is None else round(peak * 2**20 / 1e9, 2),
+                )
                 if ref is None:
-                    entry[m].update(speedup=None, peak_ratio=None, activation_peak_ratio=None, meets_speedup=None,
-                                    meets_memory=None)  # fmt: skip
+                    entry[m].update(
+                        speedup=None, peak_ratio=None, activation_peak_ratio=None, meets_speedup=None, meets_memory=None
+                    )
                     continue
                 speed = r["tokens_per_s"] / ref["tokens_per_s"]
                 mem = r["peak_mb"] / ref["peak_mb"] if r["peak_mb"] and ref["peak_mb"] else None
-                act = (r["act_peak_mb"] / ref["act_peak_mb"] if r["act_peak_mb"] is not None and ref["act_peak_mb"]
-                       else None)  # fmt: skip
-                entry[m].update(speedup=round(speed, 3), peak_ratio=None if mem is None else round(mem, 3),
-                                activation_peak_ratio=None if act is None else round(act, 3),
-                                meets_speedup=speed >= SPEEDUP_TARGET,
-                                meets_memory=None if mem is None else mem <= MEMORY_TARGET)  # fmt: skip
+                act = (
+                    r["act_peak_mb"] / ref["act_peak_mb"]
+                    if r["act_peak_mb"] is not None and ref["act_peak_mb"]
+                    else None
+                )
+                entry[m].update(
+                    speedup=round(speed, 3),
+                    peak_ratio=None if mem is None else round(mem, 3),
+                    activation_peak_ratio=None if act is None else round(act, 3),
+                    meets_speedup=speed >= SPEEDUP_TARGET,
+                    meets_memory=None if mem is None else mem <= MEMORY_TARGET,
+                )
             measured = {m: e["tokens_per_s"] for m, e in entry.items() if e is not None}
             entry["recommended"] = max(measured, key=measured.get) if measured else None
             out[f"{s.name}@{n}"] = entry
         for n in s.ckpt_segments:
-            r = next((r for r in rows if r["setting"] == s.name and r["method"] == "fast-ckpt"
-                      and r["segments"] == n), None)  # fmt: skip
+            r = next(
+                (r for r in rows if r["setting"] == s.name and r["method"] == "fast-ckpt" and r["segments"] == n), None
+            )
             if r is not None:
                 peak = r["peak_mb"]
-                out[f"{s.name}@{n} fast-ckpt"] = dict(status=r["status"], peak_gb=None if peak is None else
-                                                      round(peak * 2**20 / 1e9, 2),
-                                                      fits_80GB=r["status"] == "ok" and peak is not None
-                                                      and peak * 2**20 <= CKPT_TARGET_BYTES,
-                                                      tokens_per_s=r.get("tokens_per_s"))  # fmt: skip
+                out[f"{s.name}@{n} fast-ckpt"] = dict(
+                    status=r["status"],
+                    peak_gb=None if peak is None else round(peak * 2**20 / 1e9, 2),
+                    fits_80GB=r["status"] == "ok" and peak is not None and peak * 2**20 <= CKPT_TARGET_BYTES,
+                    tokens_per_s=r.get("tokens_per_s"),
+                )
     return out
 
 
@@ -191,10 +247,13 @@ def _plot(rows, settings: list[Setting]):
     fig, axes = pyplot().subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
     for (ax_t, ax_m), s in zip(axes, settings):
         dims, mine = presets.preset(s.model), [r for r in rows if r["setting"] == s.name]
-        title = (f"({s.name}) {s.kind}, {dims.layers}L/{dims.hidden}d, {s.segment}+{s.mem} mem per segment, "
-                 f"batch {s.batch}")  # fmt: skip
-        for ax, y, ylabel in ((ax_t, "tokens_per_s", "tokens/s (training step)"),
-                              (ax_m, "peak_mb", "peak memory (MB)")):  # fmt: skip
+        title = (
+            f"({s.name}) {s.kind}, {dims.layers}L/{dims.hidden}d, {s.segment}+{s.mem} mem per segment, batch {s.batch}"
+        )
+        for ax, y, ylabel in (
+            (ax_t, "tokens_per_s", "tokens/s (training step)"),
+            (ax_m, "peak_mb", "peak memory (MB)"),
+        ):
             plot_lines(ax, mine, "segments", y, "method", ylog=False, xlabel="segments", ylabel=ylabel, title=title)
     fig.suptitle(f"RMT training: forward + backward + AdamW ({machine_label()})", fontsize=10)
     return fig
@@ -230,34 +289,60 @@ def run(ctx) -> dict:
     plan, cases = [], []
     ctx.max_points, ctx.plan_segments = {}, {}
     for s in chosen:
-        ms = [m for m in METHODS if (methods is None and (not quick or m in s.quick_methods))
-              or (methods is not None and m in methods)]  # fmt: skip
+        ms = [
+            m
+            for m in METHODS
+            if (methods is None and (not quick or m in s.quick_methods)) or (methods is not None and m in methods)
+        ]
         segs = segments if segments is not None else (s.quick_segments if quick else s.segments)
         plan.append((s, ms, segs))
         ctx.plan_segments[s.name] = segs
         for m in ms:
             points = list(segs) + ([n for n in s.ckpt_segments if n not in segs] if m == "fast-ckpt" else [])
             ctx.max_points[(s.name, m)] = max(points)
-            cases += [dict(setting=s.name, method=m, segments=n, batch=s.batch, tokens=s.batch * n * s.segment)
-                      for n in points]  # fmt: skip
+            cases += [
+                dict(setting=s.name, method=m, segments=n, batch=s.batch, tokens=s.batch * n * s.segment)
+                for n in points
+            ]
     rows = ctx.sweep(cases, measure, series=("setting", "method"), after_failure="record", sink=ctx.write_csv)
     count = {st: sum(r["status"] == st for r in rows) for st in ("ok", "oom", "over_budget", "error", "skipped")}
-    summary = {"device": machine_label(), "seconds": round(ctx.clock() - ctx.started, 1), "budget_s": ctx.budget_s,
-               "points": len(rows), **{f"{st}_points": c for st, c in count.items()}, "targets": targets(rows, chosen),
-               "ok": count["error"] == 0}  # fmt: skip
+    summary = {
+        "device": machine_label(),
+        "seconds": round(ctx.clock() - ctx.started, 1),
+        "budget_s": ctx.budget_s,
+        "points": len(rows),
+        **{f"{st}_points": c for st, c in count.items()},
+        "targets": targets(rows, chosen),
+        "ok": count["error"] == 0,
+    }
     ctx.write_csv(rows)
-    ctx.write_json({"summary": summary, "settings": [s.record() for s, _, _ in plan],
-                    "methods": {s.name: ms for s, ms, _ in plan}, "reps": ctx.reps,
-                    "precision": "bf16 autocast, fp32 weights" if cuda else "fp32", "rows": rows})  # fmt: skip
+    ctx.write_json(
+        {
+            "summary": summary,
+            "settings": [s.record() for s, _, _ in plan],
+            "methods": {s.name: ms for s, ms, _ in plan},
+            "reps": ctx.reps,
+            "precision": "bf16 autocast, fp32 weights" if cuda else "fp32",
+            "rows": rows,
+        }
+    )
     ctx.save_plot(_plot(rows, chosen))
     return summary
 
 
-BENCHMARK = Benchmark("train", run=run, options=(
-    Option("--setting", type=names, default=None, help="a, b, tiny (comma-separated; default: a,b on CUDA, tiny "
-           "on the CPU)"),
-    Option("--segments", type=ints, default=None, help="segment counts, e.g. 1,2,4,8"),
-    Option("--methods", type=names, default=None, help=f"some of {','.join(METHODS)}"),
-    Option("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)"),
-    Option("--fail-hook", default=None, help=argparse.SUPPRESS),  # tests: (setting, method, n) -> raise
-))  # fmt: skip
+BENCHMARK = Benchmark(
+    "train",
+    run=run,
+    options=(
+        Option(
+            "--setting",
+            type=names,
+            default=None,
+            help="a, b, tiny (comma-separated; default: a,b on CUDA, tiny on the CPU)",
+        ),
+        Option("--segments", type=ints, default=None, help="segment counts, e.g. 1,2,4,8"),
+        Option("--methods", type=names, default=None, help=f"some of {','.join(METHODS)}"),
+        Option("--reps", type=int, default=None, help="measured steps per point (after two warm-up steps)"),
+        Option("--fail-hook", default=None, help=argparse.SUPPRESS),  # tests: (setting, method, n) -> raise
+    ),
+)

@@ -18,8 +18,9 @@ def measure_point(n_segments: int, checkpointing: bool, cfg: dict, device: str) 
     import torch
 
     backbone = presets.model(cfg["model"], "lm", max_positions=cfg["segment_size"] + 2 * cfg["mem"], dropout=None)
-    rmt = presets.rmt("fast", backbone, cfg["model"], cfg["mem"], cfg["segment_size"],
-                      gradient_checkpointing=checkpointing).to(device)  # fmt: skip
+    rmt = presets.rmt(
+        "fast", backbone, cfg["model"], cfg["mem"], cfg["segment_size"], gradient_checkpointing=checkpointing
+    ).to(device)
     vocab = presets.preset(cfg["model"]).vocab
     ids = torch.randint(0, vocab, (cfg["batch"], n_segments * cfg["segment_size"]), device=device)
 
@@ -48,8 +49,12 @@ def measure_point(n_segments: int, checkpointing: bool, cfg: dict, device: str) 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = rmt(ids, labels=ids, return_logits=False).loss
     loss.backward()
-    return {"tokens": ids.numel() // cfg["batch"], "saved_activations_mb": sum(saved) / 2**20, "peak_mb": peak_mb,
-            "seconds": seconds}  # fmt: skip
+    return {
+        "tokens": ids.numel() // cfg["batch"],
+        "saved_activations_mb": sum(saved) / 2**20,
+        "peak_mb": peak_mb,
+        "seconds": seconds,
+    }
 
 
 def cases(ctx) -> list[dict]:
@@ -66,8 +71,11 @@ def measure(ctx, case: dict, state: dict) -> dict:
 
 
 def _points(rows, ckpt, key):
-    return sorted((r["segments"], r[key]) for r in rows
-                  if r["status"] == "ok" and r["checkpointing"] == ckpt and r.get(key) is not None)
+    return sorted(
+        (r["segments"], r[key])
+        for r in rows
+        if r["status"] == "ok" and r["checkpointing"] == ckpt and r.get(key) is not None
+    )
 
 
 def summarize(ctx, rows: list[dict]) -> tuple[dict, dict]:
@@ -86,12 +94,25 @@ def plot(ctx, rows, record):
     cfg, dims = ctx.cfg, presets.preset(ctx.cfg["model"])
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
     labels = {False: "full BPTT, activations kept", True: "per-segment checkpointing"}
-    for ax, key, ylabel in ((axes[0], "saved_activations_mb", "activations saved for backward (MB, exact)"),
-                            (axes[1], "peak_mb", "peak memory added by one step (MB)")):  # fmt: skip
-        plot_lines(ax, rows, "segments", key, "checkpointing", labels=labels, ylabel=ylabel,
-                   xlabel=f"segments ({cfg['segment_size']} tokens each)")  # fmt: skip
-    fig.suptitle(f"FastRMT training memory: GPT-2 {dims.layers}L/{dims.hidden}d, m={cfg['mem']}, "
-                 f"batch {cfg['batch']} ({machine_label()})", fontsize=9)  # fmt: skip
+    for ax, key, ylabel in (
+        (axes[0], "saved_activations_mb", "activations saved for backward (MB, exact)"),
+        (axes[1], "peak_mb", "peak memory added by one step (MB)"),
+    ):
+        plot_lines(
+            ax,
+            rows,
+            "segments",
+            key,
+            "checkpointing",
+            labels=labels,
+            ylabel=ylabel,
+            xlabel=f"segments ({cfg['segment_size']} tokens each)",
+        )
+    fig.suptitle(
+        f"FastRMT training memory: GPT-2 {dims.layers}L/{dims.hidden}d, m={cfg['mem']}, "
+        f"batch {cfg['batch']} ({machine_label()})",
+        fontsize=9,
+    )
     return fig
 
 

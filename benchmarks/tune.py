@@ -28,8 +28,9 @@ SWEEP_SHARE = 0.45  # phase 1 may use this fraction of the budget
 
 # ============================================================================================= measuring
 def _layout(c: tune_plan.Case, device):
-    return bench_layout(c.B, c.T, causal=c.causal, padded=c.padded, device=device, seed=c.B * 1000 + c.T,
-                        mem=tune_plan.MEM)
+    return bench_layout(
+        c.B, c.T, causal=c.causal, padded=c.padded, device=device, seed=c.B * 1000 + c.T, mem=tune_plan.MEM
+    )
 
 
 def _tensors(c: tune_plan.Case, device, seed: int = 0):
@@ -161,8 +162,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device,
-           then: list[dict] = ()):  # fmt: skip
+def _sweep(
+    quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Precompiler, device, then: list[dict] = ()
+):
     """Phase 1: ({(dtype, head_dim): {kind: config}}, the candidate rows, the precompile stats, the started
     ``then`` jobs: queued behind phase 1's own, compiled while phase 1 times)."""
     from tqdm.auto import tqdm
@@ -173,17 +175,30 @@ def _sweep(quick: bool, smem_limit: int, deadline: float, rep_ms: float, pre: Pr
             cands, _ = tune_plan.candidates(kind, d, quick, smem_limit)
             plan += [(d, kind, cfg) for cfg in cands]
     modes = {"fwd": ["fwd"], "dq": ["dq"], "dkdv": ["dkdv"]}
-    jobs = [dict(case=asdict(tune_plan.sweep_case(d, quick)), kind=kind, config=list(cfg), modes=modes[kind],
-                 device=str(device)) for d, kind, cfg in plan]  # fmt: skip
+    jobs = [
+        dict(
+            case=asdict(tune_plan.sweep_case(d, quick)),
+            kind=kind,
+            config=list(cfg),
+            modes=modes[kind],
+            device=str(device),
+        )
+        for d, kind, cfg in plan
+    ]
     started = pre.start(jobs)
     later = pre.start(list(then))
     pre_stats = pre.wait(started, deadline, "tune: compiling candidates")
     rows, best = [], {}
     for d, kind, cfg in tqdm(plan, desc="tune: configs", unit="config", disable=None):
         case = tune_plan.sweep_case(d, quick)
-        row = dict(phase="sweep", mode=kind, candidate="triton", config=tune_plan.cfg_text(cfg),
-                   heuristic=cfg == tune_plan.heuristic_config(kind, d, case.dtype),
-                   **tune_plan.case_cols(case))  # fmt: skip
+        row = dict(
+            phase="sweep",
+            mode=kind,
+            candidate="triton",
+            config=tune_plan.cfg_text(cfg),
+            heuristic=cfg == tune_plan.heuristic_config(kind, d, case.dtype),
+            **tune_plan.case_cols(case),
+        )
         if time.perf_counter() > deadline:
             rows.append({**row, "status": "over_budget", "note": "not run: the budget is spent"})
             continue
@@ -215,26 +230,42 @@ def _flex_jobs(quick: bool, device, race: tuple[str, ...] = backends.RACED) -> l
     runs, so they compile while it times."""
     if device.type != "cuda" or "flex" not in race:
         return []
-    return [dict(case=asdict(c), modes=["fwd", "fwd+bwd"], device=str(device), backends=["flex"])
-            for c in tune_plan.cases(quick)]  # fmt: skip
+    return [
+        dict(case=asdict(c), modes=["fwd", "fwd+bwd"], device=str(device), backends=["flex"])
+        for c in tune_plan.cases(quick)
+    ]
 
 
-def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Precompiler, device, flex=None,
-             race: tuple[str, ...] = backends.RACED):  # fmt: skip
+def _compare(
+    quick: bool,
+    configs: dict,
+    deadline: float,
+    rep_ms: float,
+    pre: Precompiler,
+    device,
+    flex=None,
+    race: tuple[str, ...] = backends.RACED,
+):
     """Phase 2: every backend of ``race`` (Triton with the tuned configs installed) on every case,
     forward and forward + backward, each timed graphed and eager. ``flex``: the started FlexAttention warm-up
     jobs (:func:`_flex_jobs`), waited for before the timing."""
     import torch
     from tqdm.auto import tqdm
 
-    launch_configs.set_launch_configs({(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items()
-                           for kind, cfg in kinds.items()})  # fmt: skip
+    launch_configs.set_launch_configs(
+        {(kind, d, getattr(torch, dt)): cfg for (dt, d), kinds in configs.items() for kind, cfg in kinds.items()}
+    )
     variants = sorted({(c.dtype, c.head_dim, c.causal, c.padded) for c in tune_plan.cases(quick)})
     warm_t = min(c.T for c in tune_plan.cases(quick))
-    jobs = [dict(case=asdict(tune_plan.Case(dt, d, 2, warm_t, causal, padded)), modes=["fwd", "fwd+bwd"],
-                 device=str(device),
-                 configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()})
-            for dt, d, causal, padded in variants]  # fmt: skip
+    jobs = [
+        dict(
+            case=asdict(tune_plan.Case(dt, d, 2, warm_t, causal, padded)),
+            modes=["fwd", "fwd+bwd"],
+            device=str(device),
+            configs={kind: list(cfg) for kind, cfg in configs.get((dt, d), {}).items()},
+        )
+        for dt, d, causal, padded in variants
+    ]
     pre_stats = pre.run(jobs, deadline, "tune: compiling variants")
     pre_stats["flex"] = pre.wait(flex if flex is not None else pre.start([]), deadline, "tune: compiling flex")
     rows = []
@@ -252,8 +283,9 @@ def _compare(quick: bool, configs: dict, deadline: float, rep_ms: float, pre: Pr
             continue
         for mode in ("fwd", "fwd+bwd"):
             for name in race:
-                row = dict(phase="compare", mode=mode, candidate=name, config="", heuristic="",
-                           **tune_plan.case_cols(c))  # fmt: skip
+                row = dict(
+                    phase="compare", mode=mode, candidate=name, config="", heuristic="", **tune_plan.case_cols(c)
+                )
                 if name == "triton":
                     kinds = configs.get((c.dtype, c.head_dim), {})
                     row["config"] = " / ".join(f"{k}={tune_plan.cfg_text(v)}" for k, v in kinds.items()) or "heuristic"
@@ -297,9 +329,12 @@ def hopper_paths() -> dict:
 def _plot(rows: list[dict], title: str):
     """Per case and measurement: the best stock backend's time over Triton's (above 1: Triton is faster)."""
     plt = pyplot()
-    panels = [("fwd", "graph_ms", "forward, CUDA graph (device time)"), ("fwd", "eager_ms", "forward, eager"),
-              ("fwd+bwd", "graph_ms", "forward + backward, CUDA graph (device time)"),
-              ("fwd+bwd", "eager_ms", "forward + backward, eager")]  # fmt: skip
+    panels = [
+        ("fwd", "graph_ms", "forward, CUDA graph (device time)"),
+        ("fwd", "eager_ms", "forward, eager"),
+        ("fwd+bwd", "graph_ms", "forward + backward, CUDA graph (device time)"),
+        ("fwd+bwd", "eager_ms", "forward + backward, eager"),
+    ]
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("label")))
     ok = {(r["label"], r["mode"], r["candidate"]): r for r in rows if r["status"] == "ok"}
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.22 * len(labels) + 2), 12), sharex=True)
@@ -357,18 +392,39 @@ def dry_run(out_dir: Path, quick: bool, arch: str | None = None, margin: float =
             for name in backends.RACED:
                 example_rows.append(dict(phase="compare", mode=mode, candidate=name, status="ok", **p))
     env = env_info()
-    prov = {"tool": "rmt-fast-bench tune --dry-run", "git_sha": env["git_sha"], "timestamp": env["timestamp"],
-            "note": "example of the format: nothing was measured; the runtime refuses unmeasured tables"}  # fmt: skip
+    prov = {
+        "tool": "rmt-fast-bench tune --dry-run",
+        "git_sha": env["git_sha"],
+        "timestamp": env["timestamp"],
+        "note": "example of the format: nothing was measured; the runtime refuses unmeasured tables",
+    }
     table = tune_plan.build_table(arch, [], configs, example_rows, margin, prov, measured=False)
     write_json(out_dir / f"{arch}.example.json", table)
     n_feasible = sum(r["feasible"] for r in cand_rows)
-    write_json(out_dir / "tune_plan.json", {"arch": arch, "smem_limit": smem, "quick": quick,
-                                            "candidates_feasible": n_feasible, "candidates_total": len(cand_rows),
-                                            "cases": plan, "hopper_paths": hopper_paths(), "env": env})  # fmt: skip
-    print(f"tune --dry-run ({arch}, shared memory limit {smem} B): {n_feasible} feasible of {len(cand_rows)} "
-          f"candidate configs, {len(plan)} cases -> {out_dir}")  # fmt: skip
-    return {"dry_run": True, "arch": arch, "candidates_feasible": n_feasible, "cases": len(plan),
-            "table": str(out_dir / f"{arch}.example.json")}  # fmt: skip
+    write_json(
+        out_dir / "tune_plan.json",
+        {
+            "arch": arch,
+            "smem_limit": smem,
+            "quick": quick,
+            "candidates_feasible": n_feasible,
+            "candidates_total": len(cand_rows),
+            "cases": plan,
+            "hopper_paths": hopper_paths(),
+            "env": env,
+        },
+    )
+    print(
+        f"tune --dry-run ({arch}, shared memory limit {smem} B): {n_feasible} feasible of {len(cand_rows)} "
+        f"candidate configs, {len(plan)} cases -> {out_dir}"
+    )
+    return {
+        "dry_run": True,
+        "arch": arch,
+        "candidates_feasible": n_feasible,
+        "cases": len(plan),
+        "table": str(out_dir / f"{arch}.example.json"),
+    }
 
 
 def run(ctx) -> dict:
@@ -387,13 +443,35 @@ def run(ctx) -> dict:
     if workers is None:
         workers = max(0, min(12, (os.cpu_count() or 2) - 2))
     device_info = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
-    return tune_on(torch.device("cuda", 0), ctx.out_dir, ctx.quick, arch=arch, smem=smem, device_info=device_info,
-                   budget_s=ctx.budget_s, workers=workers, margin=margin, rep_ms=ctx.option("rep_ms"),
-                   race=ctx.option("backends") or backends.RACED)  # fmt: skip
+    return tune_on(
+        torch.device("cuda", 0),
+        ctx.out_dir,
+        ctx.quick,
+        arch=arch,
+        smem=smem,
+        device_info=device_info,
+        budget_s=ctx.budget_s,
+        workers=workers,
+        margin=margin,
+        rep_ms=ctx.option("rep_ms"),
+        race=ctx.option("backends") or backends.RACED,
+    )
 
 
-def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_info: dict, budget_s: float,
-            workers: int, margin: float, rep_ms: float, race: tuple[str, ...] = backends.RACED) -> dict:  # fmt: skip
+def tune_on(
+    device,
+    out_dir: Path,
+    quick: bool,
+    *,
+    arch: str,
+    smem: int,
+    device_info: dict,
+    budget_s: float,
+    workers: int,
+    margin: float,
+    rep_ms: float,
+    race: tuple[str, ...] = backends.RACED,
+) -> dict:
     """Both phases on ``device`` and the outputs (``run`` calls it on CUDA; a CPU test, in the interpreter with
     stand-in timers)."""
     t_start = time.perf_counter()
@@ -403,37 +481,71 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     pre = Precompiler(workers)
     try:
         sweep_deadline = t_start + SWEEP_SHARE * budget_s
-        configs, sweep_rows, pre1, flex = _sweep(quick, smem, sweep_deadline, rep_ms, pre, device,
-                                                 then=_flex_jobs(quick, device, race))  # fmt: skip
+        configs, sweep_rows, pre1, flex = _sweep(
+            quick, smem, sweep_deadline, rep_ms, pre, device, then=_flex_jobs(quick, device, race)
+        )
         t_sweep = time.perf_counter() - t_start
         compare_rows, pre2 = _compare(quick, configs, deadline, rep_ms, pre, device, flex, race)
     finally:
         pre.close()
     n_cases = len(tune_plan.cases(quick))
-    measured_cases = len({(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"])
-                          for r in compare_rows if r["status"] == "ok"})  # fmt: skip
+    measured_cases = len(
+        {
+            (r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"])
+            for r in compare_rows
+            if r["status"] == "ok"
+        }
+    )
     complete = measured_cases == n_cases and not any(r["status"] == "over_budget" for r in sweep_rows)
     for r in compare_rows:
         r["label"] = tune_plan.Case(r["dtype"], r["head_dim"], r["B"], r["T"], r["causal"], r["padded"]).label()
     env = env_info()
-    env.update(**device_info, arch=arch, smem_limit=smem, hopper_paths=hopper_paths(), budget_s=budget_s,
-               quick=quick, workers=workers, backends=list(race),
-               margin=margin, rep_ms=rep_ms, seconds=round(time.perf_counter() - t_start, 1),
-               sweep_seconds=round(t_sweep, 1), precompile=[pre1, pre2], complete=complete,
-               cases_measured=measured_cases, cases_planned=n_cases)  # fmt: skip
-    prov = _provenance(env, dict(budget_s=budget_s, quick=quick, margin=margin,
-                                 configs_tuned_on=tune_plan.sweep_case(64, quick).label().replace("D64 ", "")),
-                       complete)  # fmt: skip
+    env.update(
+        **device_info,
+        arch=arch,
+        smem_limit=smem,
+        hopper_paths=hopper_paths(),
+        budget_s=budget_s,
+        quick=quick,
+        workers=workers,
+        backends=list(race),
+        margin=margin,
+        rep_ms=rep_ms,
+        seconds=round(time.perf_counter() - t_start, 1),
+        sweep_seconds=round(t_sweep, 1),
+        precompile=[pre1, pre2],
+        complete=complete,
+        cases_measured=measured_cases,
+        cases_planned=n_cases,
+    )
+    prov = _provenance(
+        env,
+        dict(
+            budget_s=budget_s,
+            quick=quick,
+            margin=margin,
+            configs_tuned_on=tune_plan.sweep_case(64, quick).label().replace("D64 ", ""),
+        ),
+        complete,
+    )
     table = tune_plan.build_table(arch, [env.get("gpu") or env["device_name"]], configs, compare_rows, margin, prov)
     dispatch.DispatchTable(table)  # validate what is written
     write_csv(out_dir / "tune.csv", sweep_rows + compare_rows)
     write_json(out_dir / f"{arch}.json", table)
     write_json(out_dir / "tune_env.json", env)
-    title = (f"Triton RMT attention vs the best stock backend, H={tune_plan.H} - {machine_label()} "
-             f"(torch {env['torch']}, triton {env['triton']})")  # fmt: skip
+    title = (
+        f"Triton RMT attention vs the best stock backend, H={tune_plan.H} - {machine_label()} "
+        f"(torch {env['torch']}, triton {env['triton']})"
+    )
     save_plot(_plot(compare_rows, title), out_dir / "tune.png")
-    summary = {"arch": arch, "seconds": env["seconds"], "complete": complete, "cases_measured": measured_cases,
-               "cases_planned": n_cases, "table": str(out_dir / f"{arch}.json")}  # fmt: skip
+    summary = {
+        "arch": arch,
+        "seconds": env["seconds"],
+        "complete": complete,
+        "cases_measured": measured_cases,
+        "cases_planned": n_cases,
+        "table": str(out_dir / f"{arch}.json"),
+    }
     for _, _, needs_grad, mode in tune_plan.MEASUREMENTS:
         sel = [e for e in table["entries"] if e["mode"] == mode and e["needs_grad"] == needs_grad]
         name = f"{mode} {'training' if needs_grad else 'inference'}"
@@ -442,13 +554,26 @@ def tune_on(device, out_dir: Path, quick: bool, *, arch: str, smem: int, device_
     return summary
 
 
-BENCHMARK = Benchmark("tune", run=run, budget_s=DEFAULT_BUDGET_S, options=(
-    Option("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table"),
-    Option("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)"),
-    Option("--margin", type=float, default=dispatch.DEFAULT_MARGIN,
-           help="Triton wins an entry only when faster than SDPA by this fraction"),
-    Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
-    Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
-    Option("--backends", type=backends.selected, default=None,
-           help=f"comma-separated backends to race (default: all of {','.join(backends.RACED)}; sdpa is required)"),
-))  # fmt: skip
+BENCHMARK = Benchmark(
+    "tune",
+    run=run,
+    budget_s=DEFAULT_BUDGET_S,
+    options=(
+        Option("--dry-run", action="store_true", help="enumerate candidates and cases, write an example table"),
+        Option("--workers", type=int, default=None, help="compile processes (default: CPUs - 2, at most 12)"),
+        Option(
+            "--margin",
+            type=float,
+            default=dispatch.DEFAULT_MARGIN,
+            help="Triton wins an entry only when faster than SDPA by this fraction",
+        ),
+        Option("--arch", default=None, help="--dry-run only: the architecture to plan for (default: sm90)"),
+        Option("--rep-ms", type=float, default=10.0, help="timing repetition target per measurement"),
+        Option(
+            "--backends",
+            type=backends.selected,
+            default=None,
+            help=f"comma-separated backends to race (default: all of {','.join(backends.RACED)}; sdpa is required)",
+        ),
+    ),
+)

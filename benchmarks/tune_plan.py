@@ -55,8 +55,10 @@ class Case:
 
     def label(self) -> str:
         short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(self.dtype, self.dtype)
-        return (f"{short} D{self.head_dim} B{self.B} T{self.T} "
-                f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}")  # fmt: skip
+        return (
+            f"{short} D{self.head_dim} B{self.B} T{self.T} "
+            f"{'causal' if self.causal else 'bidir'} {'padded' if self.padded else 'full'}"
+        )
 
 
 def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: int = 2) -> str | None:
@@ -98,8 +100,11 @@ def _static_records(path: str) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    return {(r["kind"], r["head_dim"], tuple(r["config"])): r for r in data.get("records", [])
-            if r["dtype"] == "fp16" and r.get("layout") == "causal+counts"}  # fmt: skip
+    return {
+        (r["kind"], r["head_dim"], tuple(r["config"])): r
+        for r in data.get("records", [])
+        if r["dtype"] == "fp16" and r.get("layout") == "causal+counts"
+    }
 
 
 def static_problem(kind: str, cfg: tuple, head_dim: int, smem_limit: int) -> str | None:
@@ -112,8 +117,9 @@ def static_problem(kind: str, cfg: tuple, head_dim: int, smem_limit: int) -> str
     return f"static report (sm_90): {'; '.join(found)}" if found else None
 
 
-def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int,
-               static: bool = True) -> tuple[list[tuple], list[dict]]:  # fmt: skip
+def candidates(
+    kind: str, head_dim: int, quick: bool, smem_limit: int, static: bool = True
+) -> tuple[list[tuple], list[dict]]:
     """(the configs to time, heuristic first; a row per grid point with its feasibility). ``static``: also drop
     the configs the committed static report (:data:`STATIC_REPORT`) flags."""
     grid = (QUICK_GRID if quick else GRID)[kind]
@@ -128,8 +134,16 @@ def candidates(kind: str, head_dim: int, quick: bool, smem_limit: int,
         reason = None if cfg == heuristic else infeasible(kind, cfg, head_dim, smem_limit)
         if reason is None and static and cfg != heuristic:
             reason = static_problem(kind, cfg, head_dim, smem_limit)
-        rows.append(dict(kind=kind, head_dim=head_dim, config=cfg_text(cfg), heuristic=cfg == heuristic,
-                         feasible=reason is None, reason=reason or ""))  # fmt: skip
+        rows.append(
+            dict(
+                kind=kind,
+                head_dim=head_dim,
+                config=cfg_text(cfg),
+                heuristic=cfg == heuristic,
+                feasible=reason is None,
+                reason=reason or "",
+            )
+        )
         if reason is None:
             keep.append(cfg)
     if heuristic in keep:
@@ -149,8 +163,15 @@ def cases(quick: bool) -> list[Case]:
     ts = (532,) if quick else (532, 1044)
     bs = (8, 1) if quick else (8, 32, 1)
     dts = DTYPES[:1] if quick else DTYPES
-    return [Case(dt, d, b, t, c, p) for t in ts for b in bs for d in HEAD_DIMS for dt in dts
-            for c in (True, False) for p in (True, False)]  # fmt: skip
+    return [
+        Case(dt, d, b, t, c, p)
+        for t in ts
+        for b in bs
+        for d in HEAD_DIMS
+        for dt in dts
+        for c in (True, False)
+        for p in (True, False)
+    ]
 
 
 def cfg_text(cfg) -> str:
@@ -161,12 +182,23 @@ def cfg_text(cfg) -> str:
 
 # ================================================================================================ table
 # (row mode, time column, needs_grad, table mode): the four entries each case gives
-MEASUREMENTS = (("fwd", "graph_ms", False, "graphed"), ("fwd", "eager_ms", False, "eager"),
-                ("fwd+bwd", "graph_ms", True, "graphed"), ("fwd+bwd", "eager_ms", True, "eager"))  # fmt: skip
+MEASUREMENTS = (
+    ("fwd", "graph_ms", False, "graphed"),
+    ("fwd", "eager_ms", False, "eager"),
+    ("fwd+bwd", "graph_ms", True, "graphed"),
+    ("fwd+bwd", "eager_ms", True, "eager"),
+)
 
 
-def build_table(arch: str, devices: list[str], configs: dict, compare_rows: list[dict], margin: float,
-                provenance: dict, measured: bool = True) -> dict:  # fmt: skip
+def build_table(
+    arch: str,
+    devices: list[str],
+    configs: dict,
+    compare_rows: list[dict],
+    margin: float,
+    provenance: dict,
+    measured: bool = True,
+) -> dict:
     """The dispatch table (file format of :mod:`rmt_fast.kernels.dispatch`) from phase 2's rows: one entry per
     shape class x measurement where SDPA has a number, naming the winner of the race by :func:`dispatch.choose`,
     with every raced backend's time in ``ms`` (None where it failed or could not run); an unmeasured example:
@@ -177,8 +209,7 @@ def build_table(arch: str, devices: list[str], configs: dict, compare_rows: list
         for mode_name, column, needs_grad, mode in MEASUREMENTS:
             if r["mode"] != mode_name:
                 continue
-            key = (r["dtype"], r["head_dim"], r["t_bucket"], r["bh_bucket"], r["causal"], r["padded"], needs_grad,
-                   mode)  # fmt: skip
+            key = (r["dtype"], r["head_dim"], r["t_bucket"], r["bh_bucket"], r["causal"], r["padded"], needs_grad, mode)
             value = r.get(column)
             times.setdefault(key, {})[r["candidate"]] = _round(value) if r["status"] == "ok" else None
             shape[key] = dict(B=r["B"], H=r["H"], T=r["T"])
@@ -187,13 +218,35 @@ def build_table(arch: str, devices: list[str], configs: dict, compare_rows: list
         if measured and got.get(dispatch.DEFAULT_BACKEND) is None:
             continue  # no SDPA number: nothing to compare against
         dt, d, t, bh, causal, padded, needs_grad, mode = key
-        entries.append(dict(dtype=dt, head_dim=d, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
-                            needs_grad=needs_grad, mode=mode, backend=dispatch.choose(got, margin), ms=got,
-                            **shape[key]))  # fmt: skip
-    cfg_list = [dict(dtype=dt, head_dim=d, **{k: list(v) for k, v in kinds.items()})
-                for (dt, d), kinds in sorted(configs.items())]  # fmt: skip
-    return dict(format=dispatch.FORMAT, arch=arch, measured=measured, devices=devices, margin=margin,
-                provenance=provenance, configs=cfg_list, entries=entries)  # fmt: skip
+        entries.append(
+            dict(
+                dtype=dt,
+                head_dim=d,
+                t_bucket=t,
+                bh_bucket=bh,
+                causal=causal,
+                padded=padded,
+                needs_grad=needs_grad,
+                mode=mode,
+                backend=dispatch.choose(got, margin),
+                ms=got,
+                **shape[key],
+            )
+        )
+    cfg_list = [
+        dict(dtype=dt, head_dim=d, **{k: list(v) for k, v in kinds.items()})
+        for (dt, d), kinds in sorted(configs.items())
+    ]
+    return dict(
+        format=dispatch.FORMAT,
+        arch=arch,
+        measured=measured,
+        devices=devices,
+        margin=margin,
+        provenance=provenance,
+        configs=cfg_list,
+        entries=entries,
+    )
 
 
 def _round(x):
@@ -202,5 +255,14 @@ def _round(x):
 
 def case_cols(c: Case) -> dict:
     cls = c.shape_class
-    return dict(dtype=c.dtype, head_dim=c.head_dim, B=c.B, H=H, T=c.T, causal=c.causal, padded=c.padded,
-                t_bucket=cls.t, bh_bucket=cls.bh)  # fmt: skip
+    return dict(
+        dtype=c.dtype,
+        head_dim=c.head_dim,
+        B=c.B,
+        H=H,
+        T=c.T,
+        causal=c.causal,
+        padded=c.padded,
+        t_bucket=cls.t,
+        bh_bucket=cls.bh,
+    )

@@ -48,8 +48,12 @@ N_SEGMENTS = 4
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder for memory_attention.png and .json")
-    p.add_argument("--model", default=None, help="a saved RMT (train_memory_task.py --save-model's DIR/model); "
-                   "without it a tiny Detect & Memorize model is trained first")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a saved RMT (train_memory_task.py --save-model's DIR/model); "
+        "without it a tiny Detect & Memorize model is trained first",
+    )
     p.add_argument("--task", choices=TASKS, default="detect", help="the task the model was trained on")
     p.add_argument("--train-budget", type=float, default=120.0, help="seconds of training without --model")
     p.add_argument("--seed", type=int, default=0, help="seed of the example search")
@@ -62,8 +66,19 @@ def load_or_train(args) -> FastRMT:
     import train_memory_task
 
     train_dir = os.path.join(args.out, "train")
-    train_memory_task.main(["--task", args.task, "--out", train_dir, "--save-model",
-                            "--time-budget", str(args.train_budget), "--eval-segments", "1,4,8"])  # fmt: skip
+    train_memory_task.main(
+        [
+            "--task",
+            args.task,
+            "--out",
+            train_dir,
+            "--save-model",
+            "--time-budget",
+            str(args.train_budget),
+            "--eval-segments",
+            "1,4,8",
+        ]
+    )
     return FastRMT.from_pretrained(os.path.join(train_dir, "model"))
 
 
@@ -123,9 +138,18 @@ def analyse(rmt: FastRMT, ex) -> tuple[dict, object]:
         layer, head = divmod(int(shares.argmax()), shares.shape[1])
         visible = int(seg.key_valid[0].sum())
         content = int((seg.source_positions[0] >= 0).sum())
-        facts.append(dict(span=[a, b], words=[VOCAB[i] for i in ex.input_ids[a:b]], segment=t,
-                          fact_share_write=_share(shares.max()), best_layer=layer, best_head=head,
-                          uniform_share=(b - a) / visible, uniform_share_content=(b - a) / content))  # fmt: skip
+        facts.append(
+            dict(
+                span=[a, b],
+                words=[VOCAB[i] for i in ex.input_ids[a:b]],
+                segment=t,
+                fact_share_write=_share(shares.max()),
+                best_layer=layer,
+                best_head=head,
+                uniform_share=(b - a) / visible,
+                uniform_share_content=(b - a) / content,
+            )
+        )
     last = segs[-1]
     reads = torch.stack([last.read_share(layer)[0] for layer in range(last.num_layers)])
     read_layer, read_head = divmod(int(reads.argmax()), reads.shape[1])
@@ -133,14 +157,20 @@ def analyse(rmt: FastRMT, ex) -> tuple[dict, object]:
     for t, seg in enumerate(segs):
         fact_keys = torch.stack([masks[t] for masks in fact_masks]).any(0)[None]
         memory_keys = torch.zeros_like(seg.key_valid)
-        memory_keys[:, seg.read_slots.start:seg.read_slots.stop] = True
+        memory_keys[:, seg.read_slots.start : seg.read_slots.stop] = True
         layers = []
         for layer in range(seg.num_layers):
             on_fact = seg.write_share(layer, fact_keys)[0]
             on_memory = seg.write_share(layer, memory_keys)[0]
-            layers.append(dict(layer=layer, fact_share_mean=_share(on_fact.mean()),
-                               fact_share_max=_share(on_fact.max()), memory_share_mean=_share(on_memory.mean()),
-                               memory_share_max=_share(on_memory.max())))  # fmt: skip
+            layers.append(
+                dict(
+                    layer=layer,
+                    fact_share_mean=_share(on_fact.mean()),
+                    fact_share_max=_share(on_fact.max()),
+                    memory_share_mean=_share(on_memory.mean()),
+                    memory_share_max=_share(on_memory.max()),
+                )
+            )
         per_segment.append(dict(segment=t, holds_fact=bool(fact_keys.any()), write=layers))
     first = facts[0]
     out = {
@@ -174,8 +204,9 @@ def _labels(seg) -> list[str]:
     for p, i in enumerate(seg.ids[0].tolist()):
         if i < 0:
             slot = p - (m_start if p in seg.read_slots else seg.write_slots.start)
-            labels.append(f"mem{slot}" + ("" if seg.read_slots == seg.write_slots
-                                          else (" r" if p in seg.read_slots else " w")))  # fmt: skip
+            labels.append(
+                f"mem{slot}" + ("" if seg.read_slots == seg.write_slots else (" r" if p in seg.read_slots else " w"))
+            )
         else:
             labels.append(VOCAB[i])
     return labels
@@ -192,14 +223,12 @@ def plot(path: str, stats: dict, result, ex):
     fact_segments = {f["segment"] for f in stats["facts"]}
     cols = 2
     rows = -(-len(segs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 6.2 * rows), squeeze=False,
-                             layout="constrained")  # fmt: skip
-    for ax in axes.flat[len(segs):]:
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 6.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(segs) :]:
         ax.axis("off")
     for t, (ax, seg) in enumerate(zip(axes.flat, segs)):
         last = t == len(segs) - 1
-        layer, head = (stats["read_layer"], stats["read_head"]) if last else (stats["write_layer"],
-                                                                              stats["write_head"])  # fmt: skip
+        layer, head = (stats["read_layer"], stats["read_head"]) if last else (stats["write_layer"], stats["write_head"])
         probs = seg.probs[layer][0, head].numpy()
         n = int(seg.key_valid[0].sum()) if result.kind == "encoder" else probs.shape[0]
         image = ax.imshow(probs[:n, :n], cmap="viridis", vmin=0, vmax=1)
@@ -222,33 +251,49 @@ def plot(path: str, stats: dict, result, ex):
         r0, r1 = seg.read_slots.start, seg.read_slots.stop
         if fact.any():
             where = fact.nonzero()[:, 0]
-            ax.add_patch(Rectangle((int(where.min()) - 0.5, w0 - 0.5), int(where.max()) - int(where.min()) + 1,
-                                   w1 - w0, fill=False, ec="red", lw=2))  # fmt: skip
+            ax.add_patch(
+                Rectangle(
+                    (int(where.min()) - 0.5, w0 - 0.5),
+                    int(where.max()) - int(where.min()) + 1,
+                    w1 - w0,
+                    fill=False,
+                    ec="red",
+                    lw=2,
+                )
+            )
         if last:
             q = seg.answer_position
             ax.add_patch(Rectangle((r0 - 0.5, q - 0.5), r1 - r0, 1, fill=False, ec="orange", lw=2))
             share = seg.read_share(layer)[0, head].item()
             what = "[CLS]" if result.kind == "encoder" else "the answering token"
-            title = (f"({'abcd'[t]}) segment {t + 1}: {what} reads memory to answer\n"
-                     f"{share:.0%} of its attention on memory")  # fmt: skip
+            title = (
+                f"({'abcd'[t]}) segment {t + 1}: {what} reads memory to answer\n{share:.0%} of its attention on memory"
+            )
         elif t in fact_segments:
             memo = stats["facts"][[f["segment"] for f in stats["facts"]].index(t)]
-            title = (f"({'abcd'[t]}) segment {t + 1}: the fact is written to memory\n"
-                     f"{memo['fact_share_write']:.0%} of the write slots' attention on the fact "
-                     f"(uniform {memo['uniform_share']:.0%})")  # fmt: skip
+            title = (
+                f"({'abcd'[t]}) segment {t + 1}: the fact is written to memory\n"
+                f"{memo['fact_share_write']:.0%} of the write slots' attention on the fact "
+                f"(uniform {memo['uniform_share']:.0%})"
+            )
         else:
             memory_keys = torch.zeros_like(seg.key_valid)
             memory_keys[:, r0:r1] = True
             share = seg.write_share(layer, memory_keys)[0, head].item()
-            title = (f"({'abcd'[t]}) segment {t + 1}: no fact, memory kept as is\n"
-                     f"{share:.0%} of the write slots' attention on memory")  # fmt: skip
+            title = (
+                f"({'abcd'[t]}) segment {t + 1}: no fact, memory kept as is\n"
+                f"{share:.0%} of the write slots' attention on memory"
+            )
         ax.set_title(f"{title}\nlayer {layer}, head {head}", fontsize=9)
         ax.set_xlabel("key position", fontsize=8)
         if t % cols == 0:
             ax.set_ylabel("query position", fontsize=8)
-    fig.suptitle(f"RMT memory operations, {stats['task']} ({result.kind}, m = {result.num_mem_tokens}): "
-                 f"answer {stats['answer']!r}, predicted {stats['predicted']!r}\nred = the fact, "
-                 "blue = memory slots", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"RMT memory operations, {stats['task']} ({result.kind}, m = {result.num_mem_tokens}): "
+        f"answer {stats['answer']!r}, predicted {stats['predicted']!r}\nred = the fact, "
+        "blue = memory slots",
+        fontsize=10,
+    )
     fig.colorbar(image, ax=axes, shrink=0.5, label="attention probability")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -261,14 +306,17 @@ def main(argv=None) -> dict:
     rmt = load_or_train(args)
     ex, correct = pick_example(rmt, args.task, args.seed)
     stats, result = analyse(rmt, ex)
-    stats.update(task=args.task, model=args.model or os.path.join(args.out, "train", "model"),
-                 answered_correctly=correct)  # fmt: skip
+    stats.update(
+        task=args.task, model=args.model or os.path.join(args.out, "train", "model"), answered_correctly=correct
+    )
     with open(os.path.join(args.out, "memory_attention.json"), "w") as f:
         json.dump(stats, f, indent=2)
     plot(os.path.join(args.out, "memory_attention.png"), stats, result, ex)
-    print(f"fact_share_write {stats['fact_share_write']:.3f} (uniform {stats['uniform_share']:.3f}, "
-          f"x{stats['fact_over_uniform']:.1f}), read_share {stats['read_share']:.3f}; wrote "
-          f"{os.path.join(args.out, 'memory_attention.png')} and memory_attention.json")  # fmt: skip
+    print(
+        f"fact_share_write {stats['fact_share_write']:.3f} (uniform {stats['uniform_share']:.3f}, "
+        f"x{stats['fact_over_uniform']:.1f}), read_share {stats['read_share']:.3f}; wrote "
+        f"{os.path.join(args.out, 'memory_attention.png')} and memory_attention.json"
+    )
     return stats
 
 

@@ -47,8 +47,9 @@ def main(argv=None):
     else:
         tiny = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1024, bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(tiny)
-    rmt = FastRMT(model, args.num_mem_tokens, args.segment_size,
-                  gradient_checkpointing=args.gradient_checkpointing).to(device)  # fmt: skip
+    rmt = FastRMT(model, args.num_mem_tokens, args.segment_size, gradient_checkpointing=args.gradient_checkpointing).to(
+        device
+    )
     ddp = DistributedDataParallel(rmt, device_ids=[local_rank] if cuda else None)
     opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
     vocab = model.config.vocab_size

@@ -65,14 +65,10 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="memorize")
     p.add_argument("--out", required=True, help="output folder for results.json and accuracy.png")
-    p.add_argument(
-        "--decoder", action="store_true", help="a decoder (GPT-2) RMT instead of a BERT encoder RMT"
-    )
+    p.add_argument("--decoder", action="store_true", help="a decoder (GPT-2) RMT instead of a BERT encoder RMT")
     p.add_argument(
         "--model",
         choices=("tiny", "bert-base"),
@@ -84,9 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-mem-tokens", type=int, default=4)
     p.add_argument("--curriculum", type=_ints, default=_ints("1,2,3,4"), help="numbers of segments, in order")
     p.add_argument("--eval-segments", type=_ints, default=_ints("1,2,4,8,16,32"))
-    p.add_argument(
-        "--steps-per-stage", type=int, default=1500, help="most optimizer steps per curriculum stage"
-    )
+    p.add_argument("--steps-per-stage", type=int, default=1500, help="most optimizer steps per curriculum stage")
     p.add_argument(
         "--final-steps",
         type=int,
@@ -103,8 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--advance-acc", type=float, default=0.98, help="validation accuracy that ends a stage")
     p.add_argument("--val-every", type=int, default=25, help="steps between validation checks")
     p.add_argument("--val-samples", type=int, default=200)
-    p.add_argument("--mix-shorter", type=float, default=0.25,
-                   help="fraction of batches drawn with fewer segments than the current stage")  # fmt: skip
+    p.add_argument(
+        "--mix-shorter",
+        type=float,
+        default=0.25,
+        help="fraction of batches drawn with fewer segments than the current stage",
+    )
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=100)
@@ -132,9 +130,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds of training; past it training stops and evaluation still runs (<= 0: no limit)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--save-model", action="store_true",
-                   help="also save the trained RMT to DIR/model (FastRMT.save_pretrained; load it with "
-                   "FastRMT.from_pretrained, e.g. for examples/memory_attention.py --model DIR/model)")  # fmt: skip
+    p.add_argument(
+        "--save-model",
+        action="store_true",
+        help="also save the trained RMT to DIR/model (FastRMT.save_pretrained; load it with "
+        "FastRMT.from_pretrained, e.g. for examples/memory_attention.py --model DIR/model)",
+    )
     return p.parse_args(argv)
 
 
@@ -164,24 +165,37 @@ def build_rmt(args) -> FastRMT:
         return FastRMT(model, m, size, bptt_depth=args.bptt_depth)
     positions = size + m + 3
     if args.model == "bert-base":
-        cfg = tf.BertConfig(vocab_size=VOCAB_SIZE, num_labels=NUM_ANSWERS, pad_token_id=PAD_ID,
-                            max_position_embeddings=max(512, positions))  # fmt: skip
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB_SIZE,
+            num_labels=NUM_ANSWERS,
+            pad_token_id=PAD_ID,
+            max_position_embeddings=max(512, positions),
+        )
     else:
-        cfg = tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                            num_attention_heads=args.heads, intermediate_size=2 * args.hidden,
-                            max_position_embeddings=positions, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0, num_labels=NUM_ANSWERS,
-                            pad_token_id=PAD_ID)  # fmt: skip
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            intermediate_size=2 * args.hidden,
+            max_position_embeddings=positions,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=NUM_ANSWERS,
+            pad_token_id=PAD_ID,
+        )
     model = tf.BertForSequenceClassification(cfg)
-    return FastRMT(model, m, size, bptt_depth=args.bptt_depth, cls_token_id=CLS_ID, sep_token_id=SEP_ID,
-                   pad_token_id=PAD_ID)  # fmt: skip
+    return FastRMT(
+        model, m, size, bptt_depth=args.bptt_depth, cls_token_id=CLS_ID, sep_token_id=SEP_ID, pad_token_id=PAD_ID
+    )
 
 
 _ANSWER_IDS: dict[str, torch.Tensor] = {}
 
 
-def loss_and_logits(rmt: FastRMT, ids: torch.Tensor, labels: torch.Tensor | None, with_loss: bool = True,
-                    memory_noise: float = 0.0):  # fmt: skip
+def loss_and_logits(
+    rmt: FastRMT, ids: torch.Tensor, labels: torch.Tensor | None, with_loss: bool = True, memory_noise: float = 0.0
+):
     """(loss or None, (B, NUM_ANSWERS) answer scores). Encoder: the classifier on the last segment.
     Decoder: the causal-LM loss on the answer token; scores = the answer words' logits before it.
 
@@ -193,11 +207,10 @@ def loss_and_logits(rmt: FastRMT, ids: torch.Tensor, labels: torch.Tensor | None
 
     def call(x, memory_state=None, last=True):
         if rmt.is_decoder:
-            return rmt(x, labels=lm_labels(x) if with_loss and last else None, memory_state=memory_state,
-                       return_logits=last)  # fmt: skip
-        return rmt(
-            x, labels=labels if with_loss and last else None, memory_state=memory_state, return_logits=last
-        )
+            return rmt(
+                x, labels=lm_labels(x) if with_loss and last else None, memory_state=memory_state, return_logits=last
+            )
+        return rmt(x, labels=labels if with_loss and last else None, memory_state=memory_state, return_logits=last)
 
     if memory_noise > 0:
         size = rmt.segment_size
@@ -245,8 +258,9 @@ def train(args, rmt, log) -> tuple[list[int], list[dict]]:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(args.curriculum) * args.steps_per_stage + args.final_steps, desc="train",
-                        dynamic_ncols=True)  # fmt: skip
+        progress = tqdm(
+            total=len(args.curriculum) * args.steps_per_stage + args.final_steps, desc="train", dynamic_ncols=True
+        )
     out_of_time = False
     plan = [(n, args.steps_per_stage, False) for n in args.curriculum]
     if args.final_steps > 0:
@@ -267,9 +281,7 @@ def train(args, rmt, log) -> tuple[list[int], list[dict]]:
                 n = rng.choice(shorter)
             else:
                 n = stage_n
-            ids, labels = make_batch(
-                args.task, args.batch_size, n, args.segment_size, rng, decoder=args.decoder
-            )
+            ids, labels = make_batch(args.task, args.batch_size, n, args.segment_size, rng, decoder=args.decoder)
             loss, _ = loss_and_logits(rmt, ids.to(device), labels.to(device), memory_noise=args.memory_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -297,8 +309,14 @@ def train(args, rmt, log) -> tuple[list[int], list[dict]]:
                     break
         if steps_run and steps_run % args.val_every:
             val_acc = accuracy(rmt, val_ids, val_labels, args.eval_batch_size)
-        entry = dict(segments=stage_n, final_mix=final, steps=steps_run, val_acc=val_acc, loss_ema=ema,
-                     elapsed_s=round(time.perf_counter() - start, 1))  # fmt: skip
+        entry = dict(
+            segments=stage_n,
+            final_mix=final,
+            steps=steps_run,
+            val_acc=val_acc,
+            loss_ema=ema,
+            elapsed_s=round(time.perf_counter() - start, 1),
+        )
         history.append(entry)
         log(f"stage {'mix' if final else stage_n}: {entry}")
         if steps_run and stage_n not in stages_done:
@@ -353,9 +371,11 @@ def main(argv=None) -> dict:
     rmt = build_rmt(args).to(args.device)
     n_params = sum(p.numel() for p in rmt.parameters())
     backbone = type(rmt.model).__name__
-    log(f"{args.task}: {backbone} ({args.model}, {n_params / 1e6:.2f} M parameters), segment_size="
+    log(
+        f"{args.task}: {backbone} ({args.model}, {n_params / 1e6:.2f} M parameters), segment_size="
         f"{args.segment_size}, num_mem_tokens={args.num_mem_tokens}, curriculum={args.curriculum}, "
-        f"threads={torch.get_num_threads()}")  # fmt: skip
+        f"threads={torch.get_num_threads()}"
+    )
     t0 = time.perf_counter()
     stages, history = train(args, rmt, log)
     train_time = time.perf_counter() - t0

@@ -100,8 +100,10 @@ class ShapeClass:
         return cls(t_bucket(tk), bh_bucket(batch_heads), bool(causal), bool(padded), int(tq) != int(tk))
 
     def describe(self) -> str:
-        return " ".join([self.t, self.bh, "causal" if self.causal else "bidirectional",
-                         "padded" if self.padded else "full"] + (["decode"] if self.decode else []))  # fmt: skip
+        return " ".join(
+            [self.t, self.bh, "causal" if self.causal else "bidirectional", "padded" if self.padded else "full"]
+            + (["decode"] if self.decode else [])
+        )
 
 
 class Decision(NamedTuple):
@@ -115,8 +117,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def _key(dtype, head_dim: int, cls: ShapeClass, needs_grad: bool, mode: str) -> tuple:
-    return (dtype_name(dtype), int(head_dim), cls.t, cls.bh, cls.causal, cls.padded, cls.decode, bool(needs_grad),
-            mode)  # fmt: skip
+    return (dtype_name(dtype), int(head_dim), cls.t, cls.bh, cls.causal, cls.padded, cls.decode, bool(needs_grad), mode)
 
 
 def _need(d: dict, field: str, kind, where: str):
@@ -131,8 +132,10 @@ def _need(d: dict, field: str, kind, where: str):
 def _config_tuple(value, where: str, kind: str) -> tuple:
     """A table's launch config: [BLOCK_M, BLOCK_N, num_warps, num_stages] or, with a kernel variant of ``kind``
     (``launch_configs.VARIANTS``), [..., "variant"]."""
-    ok = isinstance(value, (list, tuple)) and len(value) in (4, 5) and all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value[:4]
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) in (4, 5)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value[:4])
     )
     if ok and len(value) == 5:
         ok = value[4] in VARIANTS[kind]
@@ -152,8 +155,9 @@ class DispatchTable:
             raise ValueError(f"dispatch table {source}: expected a JSON object, got {type(data).__name__}")
         where = f"dispatch table {source}"
         if data.get("format") not in (FORMAT, FORMAT_V1):
-            raise ValueError(f"{where}: format must be {FORMAT!r} (or the previous {FORMAT_V1!r}), got "
-                             f"{data.get('format')!r}")  # fmt: skip
+            raise ValueError(
+                f"{where}: format must be {FORMAT!r} (or the previous {FORMAT_V1!r}), got {data.get('format')!r}"
+            )
         self.format = data["format"]
         backends = BACKENDS if self.format == FORMAT else BACKENDS_V1
         self.source = source
@@ -190,10 +194,12 @@ class DispatchTable:
                 raise ValueError(f"{where}: {w}.backend must be one of {backends} in {self.format}, got {backend!r}")
             if "ms" in e:
                 _check_times(e["ms"], f"{where}: {w}.ms")
-            cls = ShapeClass(t, bh, _need(e, "causal", bool, w), _need(e, "padded", bool, w),
-                             bool(e.get("decode", False)))  # fmt: skip
-            key = _key(_need(e, "dtype", str, w), _need(e, "head_dim", int, w), cls, _need(e, "needs_grad", bool, w),
-                       mode)  # fmt: skip
+            cls = ShapeClass(
+                t, bh, _need(e, "causal", bool, w), _need(e, "padded", bool, w), bool(e.get("decode", False))
+            )
+            key = _key(
+                _need(e, "dtype", str, w), _need(e, "head_dim", int, w), cls, _need(e, "needs_grad", bool, w), mode
+            )
             if key in self.entries:
                 raise ValueError(f"{where}: {w} repeats the case {key}")
             self.entries[key] = dict(e)
@@ -279,22 +285,32 @@ def _read_for_arch(arch: str) -> DispatchTable | None:
     path = Path(env) if env else table_path(arch)
     if not path.is_file():
         if env:
-            warnings.warn(f"rmt_fast: {ENV_TABLE}={env} is not a file; attn_backend='auto' uses SDPA",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"rmt_fast: {ENV_TABLE}={env} is not a file; attn_backend='auto' uses SDPA",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return None
     try:
         table = load_table(path)
     except (OSError, ValueError) as exc:
-        warnings.warn(f"rmt_fast: ignoring the dispatch table ({exc}); attn_backend='auto' uses SDPA",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"rmt_fast: ignoring the dispatch table ({exc}); attn_backend='auto' uses SDPA",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     if table.arch != arch:
-        warnings.warn(f"rmt_fast: the dispatch table {path} is for {table.arch}, this GPU is {arch}; ignoring it",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"rmt_fast: the dispatch table {path} is for {table.arch}, this GPU is {arch}; ignoring it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     if not table.measured:
-        warnings.warn(f"rmt_fast: the dispatch table {path} is an unmeasured example; ignoring it",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"rmt_fast: the dispatch table {path} is an unmeasured example; ignoring it", RuntimeWarning, stacklevel=3
+        )
         return None
     return table
 
@@ -388,8 +404,31 @@ def choose(times: dict[str, float | None], margin: float = DEFAULT_MARGIN) -> st
 
 
 __all__ = [
-    "FORMAT", "FORMAT_V1", "BACKENDS", "BACKENDS_V1", "DEFAULT_BACKEND", "SDPA_KERNELS",
-    "T_EDGES", "BH_EDGES", "T_BUCKETS", "BH_BUCKETS", "MODES", "KINDS", "ShapeClass", "Decision",
-    "DispatchTable", "load_table", "arch_of", "table_path", "table_for_device", "use_table", "reset_cache",
-    "decide", "choose", "preload", "t_bucket", "bh_bucket", "dtype_name",
-]  # fmt: skip
+    "FORMAT",
+    "FORMAT_V1",
+    "BACKENDS",
+    "BACKENDS_V1",
+    "DEFAULT_BACKEND",
+    "SDPA_KERNELS",
+    "T_EDGES",
+    "BH_EDGES",
+    "T_BUCKETS",
+    "BH_BUCKETS",
+    "MODES",
+    "KINDS",
+    "ShapeClass",
+    "Decision",
+    "DispatchTable",
+    "load_table",
+    "arch_of",
+    "table_path",
+    "table_for_device",
+    "use_table",
+    "reset_cache",
+    "decide",
+    "choose",
+    "preload",
+    "t_bucket",
+    "bh_bucket",
+    "dtype_name",
+]

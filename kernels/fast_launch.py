@@ -77,9 +77,31 @@ class FastLaunch:
     launch (same keyword arguments and grid: the caller keys it so); True when it launched, False when the
     caller must go through ``JITFunction.run``."""
 
-    __slots__ = ("fn", "driver", "drv", "device", "knobs", "knob_state", "grid", "launcher", "function", "packed",
-                 "name", "lazy_dict", "extra", "n_args", "tensors", "dtypes", "misaligned", "align_mask", "values",
-                 "value_vals", "dns", "dns_ranges", "all_aligned")  # fmt: skip
+    __slots__ = (
+        "fn",
+        "driver",
+        "drv",
+        "device",
+        "knobs",
+        "knob_state",
+        "grid",
+        "launcher",
+        "function",
+        "packed",
+        "name",
+        "lazy_dict",
+        "extra",
+        "n_args",
+        "tensors",
+        "dtypes",
+        "misaligned",
+        "align_mask",
+        "values",
+        "value_vals",
+        "dns",
+        "dns_ranges",
+        "all_aligned",
+    )
 
     def __call__(self, args: tuple) -> bool:
         try:
@@ -104,8 +126,11 @@ class FastLaunch:
             runtime = self.knobs.runtime
             enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
             # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
-            meta = None if enter is None else self.lazy_dict({"name": self.name, "function": self.function,
-                                                               "stream": stream})  # fmt: skip
+            meta = (
+                None
+                if enter is None
+                else self.lazy_dict({"name": self.name, "function": self.function, "stream": stream})
+            )
         except Exception:
             return False
         g0, g1, g2 = self.grid
@@ -117,8 +142,12 @@ def _knob_state(knobs, fn) -> tuple:
     """What ``JITFunction.run`` puts into the options besides the call's kwargs, and the 3.9 stages hook (a
     kernel compiled with it differs): a launch is fast only while this is what it was at the first launch."""
     c = knobs.compilation
-    return (fn.debug or knobs.runtime.debug, c.instrumentation_mode, getattr(c, "fpsan_homomorphic_casts", None),
-            getattr(knobs.runtime, "add_stages_inspection_hook", None))  # fmt: skip
+    return (
+        fn.debug or knobs.runtime.debug,
+        c.instrumentation_mode,
+        getattr(c, "fpsan_homomorphic_casts", None),
+        getattr(knobs.runtime, "add_stages_inspection_hook", None),
+    )
 
 
 def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict) -> FastLaunch | None:
@@ -151,7 +180,7 @@ def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
     if len(args) > len(params) or any(p.name in kwargs for p in params[: len(args)]):
         return None
     extra = []
-    for p in params[len(args):]:
+    for p in params[len(args) :]:
         if p.name in kwargs:
             extra.append(kwargs[p.name])
         elif p.has_default:

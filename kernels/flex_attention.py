@@ -59,8 +59,16 @@ def flex_block_mask(layout: SegmentLayout, batch: int, device: torch.device):
     return create_block_mask(layout.mask_mod(), batch, None, n, n, device=device)
 
 
-def flex_rmt_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, *, scale: float | None = None,
-                       dropout_p: float = 0.0, block_mask=None) -> Tensor:  # fmt: skip
+def flex_rmt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: SegmentLayout,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    block_mask=None,
+) -> Tensor:
     """q (B, Hq, T, D), k and v (B, Hkv, T, D) -> output (B, T, Hq, D), like ``sdpa_rmt_attention``.
     ``block_mask``: :func:`flex_block_mask` of this layout and batch (built here when None)."""
     reason = flex_supported(q, k, v, layout, dropout_p)

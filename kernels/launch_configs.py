@@ -101,8 +101,12 @@ class LaunchConfig:
     __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "variant", "kwargs")
 
     def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, variant: str = DEFAULT_VARIANT):
-        for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
-                            ("num_stages", num_stages)):  # fmt: skip
+        for name, value in (
+            ("BLOCK_M", block_m),
+            ("BLOCK_N", block_n),
+            ("num_warps", num_warps),
+            ("num_stages", num_stages),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LaunchConfig: {name} must be a positive int, got {value!r}")
         for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
@@ -121,9 +125,7 @@ class LaunchConfig:
             return cfg
         if isinstance(cfg, (tuple, list)) and len(cfg) in (4, 5):
             return cls(*cfg)
-        raise ValueError(
-            f"a launch config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]), got {cfg!r}"
-        )
+        raise ValueError(f"a launch config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]), got {cfg!r}")
 
     def as_tuple(self) -> tuple:
         """(BLOCK_M, BLOCK_N, num_warps, num_stages), with the variant as a fifth item when it is not the
@@ -226,8 +228,24 @@ class ShapePlan:
       apply), built by the launcher after the first launch of a cached plan.
     """
 
-    __slots__ = ("key", "dims", "dtype", "device", "fwd", "fwd_grid", "fwd_tail", "scale", "out_shape", "lse_shape",
-                 "delta_shape", "dq_shape", "dkv_shape", "bwd", "cached", "fast")  # fmt: skip
+    __slots__ = (
+        "key",
+        "dims",
+        "dtype",
+        "device",
+        "fwd",
+        "fwd_grid",
+        "fwd_tail",
+        "scale",
+        "out_shape",
+        "lse_shape",
+        "delta_shape",
+        "dq_shape",
+        "dkv_shape",
+        "bwd",
+        "cached",
+        "fast",
+    )
 
     def __init__(self, key, dims, dtype, device, fwd, fwd_grid, fwd_tail, scale, shapes, cached: bool):
         self.key, self.dims, self.dtype, self.device, self.cached = key, dims, dtype, device, cached
@@ -254,8 +272,13 @@ def set_launch_configs(table: dict | None) -> None:
     Validates every entry before changing anything."""
     new = {}
     for key, cfg in (table or {}).items():
-        if not (isinstance(key, tuple) and len(key) == 3 and key[0] in KINDS and isinstance(key[1], int)
-                and isinstance(key[2], torch.dtype)):  # fmt: skip
+        if not (
+            isinstance(key, tuple)
+            and len(key) == 3
+            and key[0] in KINDS
+            and isinstance(key[1], int)
+            and isinstance(key[2], torch.dtype)
+        ):
             raise ValueError(f"set_launch_configs: keys must be (kind in {KINDS}, head_dim: int, dtype), got {key!r}")
         new[key] = LaunchConfig.of(cfg)
         check_variant(key[0], new[key].variant)

@@ -54,8 +54,7 @@ class SegmentLayout:
             c = self.token_counts
             if not isinstance(c, Tensor) or c.ndim != 1 or c.dtype not in _INT_DTYPES:
                 raise ValueError(
-                    "SegmentLayout: token_counts must be a 1-D integer tensor of shape (batch,), "
-                    f"got {_describe(c)}"
+                    f"SegmentLayout: token_counts must be a 1-D integer tensor of shape (batch,), got {_describe(c)}"
                 )
         if self.token_starts is not None:
             s = self.token_starts
@@ -63,8 +62,7 @@ class SegmentLayout:
                 raise ValueError("SegmentLayout: token_starts needs token_counts (the ends of the visible runs)")
             if not isinstance(s, Tensor) or s.ndim != 1 or s.dtype not in _INT_DTYPES:
                 raise ValueError(
-                    "SegmentLayout: token_starts must be a 1-D integer tensor of shape (batch,), "
-                    f"got {_describe(s)}"
+                    f"SegmentLayout: token_starts must be a 1-D integer tensor of shape (batch,), got {_describe(s)}"
                 )
             if s.shape != self.token_counts.shape or s.device != self.token_counts.device:
                 raise ValueError(

@@ -57,8 +57,9 @@ def _sdpa_mask(q: Tensor, k: Tensor, layout: SegmentLayout, mask: Tensor | None 
     return None, layout.causal
 
 
-def sdpa_kernel_supported(name: str, q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout,
-                          dropout_p: float = 0.0) -> str | None:  # fmt: skip
+def sdpa_kernel_supported(
+    name: str, q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, dropout_p: float = 0.0
+) -> str | None:
     """Why the SDPA kernel ``name`` (``"sdpa_flash"``, ...) cannot run this call, or None. On CUDA: torch's own
     check (``torch.backends.cuda.can_use_*``) of the exact arguments :func:`sdpa_rmt_attention` passes. Elsewhere,
     and while torch.compile traces, nothing is checked (None): SDPA raises if the kernel cannot run."""
@@ -101,13 +102,25 @@ def sdpa_rmt_attention(
     attn_mask, is_causal = _sdpa_mask(q, k, layout, mask)
     if forced is None:
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
             enable_gqa=enable_gqa,
-        )  # fmt: skip
+        )
     else:
         with _force_kernel([forced]):
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
                 enable_gqa=enable_gqa,
-            )  # fmt: skip
+            )
     return out.transpose(1, 2)

@@ -86,12 +86,17 @@ class _Launch:
         self.jit = _fast.ENABLED and getattr(type(kernel), "run", None) is triton.runtime.jit.JITFunction.run
 
 
-_KERNEL_NAMES = {"fwd": "_rmt_attn_fwd_kernel", "dq": "_rmt_attn_bwd_dq_kernel",
-                 "dkdv": "_rmt_attn_bwd_dkdv_kernel", "pre": "_rmt_attn_bwd_preprocess_kernel"}  # fmt: skip
+_KERNEL_NAMES = {
+    "fwd": "_rmt_attn_fwd_kernel",
+    "dq": "_rmt_attn_bwd_dq_kernel",
+    "dkdv": "_rmt_attn_bwd_dkdv_kernel",
+    "pre": "_rmt_attn_bwd_preprocess_kernel",
+}
 
 
-def _plan(kind: str, D: int, dtype, device, causal: bool, padded: bool, has_starts: bool, dropout: bool,
-          i64: bool) -> _Launch:  # fmt: skip
+def _plan(
+    kind: str, D: int, dtype, device, causal: bool, padded: bool, has_starts: bool, dropout: bool, i64: bool
+) -> _Launch:
     """The launch of kernel ``kind`` for this variant (see :class:`_Launch`)."""
     key = _variant_key(kind, D, dtype, device, causal, padded, has_starts, dropout, i64)
     plan = _cfg.cached_plan(key)  # None while not caching (override block, interpreter)
@@ -108,9 +113,15 @@ def _new_plan(key: tuple, cfg: LaunchConfig | None = None) -> _Launch:
         _cfg.remember_plan(key, plan)
         return plan
     consts = {
-        "CAUSAL": causal, "PADDED": padded, "HAS_STARTS": has_starts, "DROPOUT": dropout, "DROP_I64": i64,
-        "BLOCK_D": block_d, "DOT_PREC": "ieee" if ieee else "tf32", "BOUNDARY_ONLY": boundary_only,
-    }  # fmt: skip
+        "CAUSAL": causal,
+        "PADDED": padded,
+        "HAS_STARTS": has_starts,
+        "DROPOUT": dropout,
+        "DROP_I64": i64,
+        "BLOCK_D": block_d,
+        "DOT_PREC": "ieee" if ieee else "tf32",
+        "BOUNDARY_ONLY": boundary_only,
+    }
     if cfg is None:
         fixed = _cfg.override_config(kind)
         if fixed is not None:  # used exactly, not cached
@@ -140,16 +151,39 @@ def _needs_i64(B: int, Hq: int, Tq: int, Tk: int) -> bool:
     return _FORCE_DROPOUT_I64 or B * Hq * Tq * Tk >= 2**31
 
 
-def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: int, num_tokens: int, causal: bool,
-                scale: float, dropout: bool, cache: bool = True) -> ShapePlan:  # fmt: skip
+def _shape_plan(
+    q: Tensor,
+    k: Tensor,
+    padded: bool,
+    has_starts: bool,
+    num_read: int,
+    num_tokens: int,
+    causal: bool,
+    scale: float,
+    dropout: bool,
+    cache: bool = True,
+) -> ShapePlan:
     """The :class:`~rmt_fast.kernels.launch_configs.ShapePlan` of a call: one key and one dict look-up once
     cached. ``cache=False`` (the custom ops, whose shapes may be symbolic) builds a fresh one. The key holds
     every input of the plan: shapes, dtype, device, the layout's integers, the scale, whether dropout is on, and
     the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks)."""
     dtype = q.dtype
-    key = (q.shape, k.shape, dtype, q.device, padded, has_starts, num_read, num_tokens, causal, scale, dropout,
-           dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32, _MASK_BOUNDARY_ONLY,
-           _FORCE_DROPOUT_I64)  # fmt: skip
+    key = (
+        q.shape,
+        k.shape,
+        dtype,
+        q.device,
+        padded,
+        has_starts,
+        num_read,
+        num_tokens,
+        causal,
+        scale,
+        dropout,
+        dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        _MASK_BOUNDARY_ONLY,
+        _FORCE_DROPOUT_I64,
+    )
     if cache:
         plan = _cfg.cached_shape_plan(key)  # None while not caching (override block, interpreter)
         if plan is not None:
@@ -161,10 +195,17 @@ def _shape_plan(q: Tensor, k: Tensor, padded: bool, has_starts: bool, num_read: 
     fwd = _plan("fwd", *variant)
     dims = (B, Hq, Hkv, Tq, Tk)
     plan = ShapePlan(
-        variant, dims, dtype, key[3], fwd, _grid("fwd", fwd, dims),
-        (Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E), scale,
-        ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)), cache,
-    )  # fmt: skip
+        variant,
+        dims,
+        dtype,
+        key[3],
+        fwd,
+        _grid("fwd", fwd, dims),
+        (Hq, Hq // Hkv, Tq, Tk, D, num_read, num_tokens, scale * _LOG2E),
+        scale,
+        ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)),
+        cache,
+    )
     if cache:
         _cfg.remember_shape_plan(key, plan)  # bounded: e.g. a decode loop makes a new Tq / Tk at every step
     return plan
@@ -265,14 +306,42 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
     if out is None:
         out = _empty(plan.out_shape, plan.dtype, plan.device)
     lse = _empty(plan.lse_shape, torch.float32, plan.device)
-    args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *plan.fwd_tail, dropout_p, seed)  # fmt: skip
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        starts,
+        counts,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *plan.fwd_tail,
+        dropout_p,
+        seed,
+    )
     _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
     return out, lse
 
 
-def _backward(q, k, v, out, lse, do, starts, counts, plan: ShapePlan, dropout_p: float, seed: int, need_dq: bool,
-              need_dkv: bool, wrap=None):  # fmt: skip
+def _backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    do,
+    starts,
+    counts,
+    plan: ShapePlan,
+    dropout_p: float,
+    seed: int,
+    need_dq: bool,
+    need_dkv: bool,
+    wrap=None,
+):
     """Launch the backward kernels: (dq, dk, dv) seen as (B, H, T, D) over (B, T, H, D) buffers (None for the
     ones not needed). The launches follow the kernel variants of the resolved configs (launch_configs.VARIANTS):
     dK/dV ``"fused"``: one launch; else the preprocess (unless every kernel that reads delta gets it otherwise:
@@ -295,8 +364,27 @@ def _backward(q, k, v, out, lse, do, starts, counts, plan: ShapePlan, dropout_p:
         dq = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
     if run_dq:
         strides, tail = dq_l[2]
-        args = (q, k, v, do, dq, lse, delta, out, starts, counts, *q.stride(), *k.stride(), *v.stride(),
-                *do.stride(), *strides, *out.stride(), *tail, dropout_p, seed)  # fmt: skip
+        args = (
+            q,
+            k,
+            v,
+            do,
+            dq,
+            lse,
+            delta,
+            out,
+            starts,
+            counts,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *do.stride(),
+            *strides,
+            *out.stride(),
+            *tail,
+            dropout_p,
+            seed,
+        )
         _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
         dk = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
@@ -306,9 +394,30 @@ def _backward(q, k, v, out, lse, do, starts, counts, plan: ShapePlan, dropout_p:
             dq_arg = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
         dq_arg = dk if dq_arg is None else dq_arg  # unused by the unfused kernel: any tensor of the dtype
         strides, tail = dkdv_l[2]
-        args = (q, k, v, do, dk, dv, lse, delta, out, dq_arg, starts, counts, *q.stride(), *k.stride(),
-                *v.stride(), *do.stride(), *strides, *out.stride(), *dq_arg.stride(), *tail, dropout_p,
-                seed)  # fmt: skip
+        args = (
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            out,
+            dq_arg,
+            starts,
+            counts,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *do.stride(),
+            *strides,
+            *out.stride(),
+            *dq_arg.stride(),
+            *tail,
+            dropout_p,
+            seed,
+        )
         _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
     return dq, dk, dv
 
@@ -339,8 +448,7 @@ class _RmtAttentionFn(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         starts, counts, plan, dropout_p, seed = ctx.call
         need = ctx.needs_input_grad
-        dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, plan, dropout_p, seed, need[0],
-                               need[1] or need[2])  # fmt: skip
+        dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, plan, dropout_p, seed, need[0], need[1] or need[2])
         return dq, dk if need[1] else None, dv if need[2] else None, None, None
 
 
@@ -361,19 +469,48 @@ def _register_ops():
     from torch.library import triton_op, wrap_triton
 
     @triton_op("rmt_fast::attn_fwd", mutates_args=())
-    def attn_fwd(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, counts: Tensor, padded: bool, has_starts: bool,
-                 num_read: int, num_tokens: int, causal: bool, scale: float, dropout_p: float,
-                 seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-        plan = _shape_plan(q, k, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p > 0.0,
-                           type(q) is Tensor)  # cached for real tensors only (traced shapes may be symbolic)
+    def attn_fwd(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        starts: Tensor,
+        counts: Tensor,
+        padded: bool,
+        has_starts: bool,
+        num_read: int,
+        num_tokens: int,
+        causal: bool,
+        scale: float,
+        dropout_p: float,
+        seed: int,
+    ) -> tuple[Tensor, Tensor]:
+        plan = _shape_plan(
+            q, k, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p > 0.0, type(q) is Tensor
+        )  # cached for real tensors only (traced shapes may be symbolic)
         return _forward(q, k, v, starts, counts, plan, dropout_p, seed, None, wrap_triton)
 
     @triton_op("rmt_fast::attn_bwd", mutates_args=())
-    def attn_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, starts: Tensor,
-                 counts: Tensor, padded: bool, has_starts: bool, num_read: int, num_tokens: int, causal: bool,
-                 scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        plan = _shape_plan(q, k, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p > 0.0,
-                           type(q) is Tensor)
+    def attn_bwd(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        do: Tensor,
+        starts: Tensor,
+        counts: Tensor,
+        padded: bool,
+        has_starts: bool,
+        num_read: int,
+        num_tokens: int,
+        causal: bool,
+        scale: float,
+        dropout_p: float,
+        seed: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        plan = _shape_plan(
+            q, k, padded, has_starts, num_read, num_tokens, causal, scale, dropout_p > 0.0, type(q) is Tensor
+        )
         return _backward(q, k, v, out, lse, do, starts, counts, plan, dropout_p, seed, True, True, wrap_triton)
 
     def setup_context(ctx, inputs, output):
@@ -534,8 +671,9 @@ def rmt_attention(
     if _OPS is not None and torch.compiler.is_compiling():
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _compiled_attention(q, k, v, out, starts, counts, meta)
-    plan = _shape_plan(q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale,
-                       dropout_p > 0.0)  # fmt: skip
+    plan = _shape_plan(
+        q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
+    )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         call = (starts, counts, plan, dropout_p, seed)
         if torch._C._are_functorch_transforms_active():
@@ -552,8 +690,15 @@ def rmt_attention_dropout_mask(B: int, Hq: int, Tq: int, Tk: int, p: float, seed
         return keep.bool()
     block = 16 if _cfg.interpreting() else 32
     _rmt_dropout_mask_kernel[(triton.cdiv(Tq, block), B * Hq)](
-        keep, Tq, Tk, float(p), int(seed), BLOCK_M=block, BLOCK_N=block, DROP_I64=_needs_i64(B, Hq, Tq, Tk),
-    )  # fmt: skip
+        keep,
+        Tq,
+        Tk,
+        float(p),
+        int(seed),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        DROP_I64=_needs_i64(B, Hq, Tq, Tk),
+    )
     return keep.bool()
 
 

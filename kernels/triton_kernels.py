@@ -42,9 +42,7 @@ def _dropout_row_offsets(bh, rows, Tq, Tk, DROP_I64: tl.constexpr):
 
 
 @triton.jit
-def _hidden_ranges(
-    STARTS, ENDS, b, num_read, num_tokens, Tk, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr
-):  # fmt: skip
+def _hidden_ranges(STARTS, ENDS, b, num_read, num_tokens, Tk, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr):
     """[lo1, hi1) and [lo2, hi2): the invisible key positions of batch row b.
 
     Its visible token run is [start, end) (start 0 without STARTS), both clamped to [0, num_tokens]: the token
@@ -98,9 +96,19 @@ def _key_visible(offs, lo1, hi1, lo2, hi2, HAS_STARTS: tl.constexpr):
 
 @triton.jit
 def _visible(
-    offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr,
-):  # fmt: skip
+    offs_m,
+    offs_n,
+    Tq,
+    Tk,
+    causal_shift,
+    lo1,
+    hi1,
+    lo2,
+    hi2,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_N) bool: query offs_m may attend key offs_n (both in range, causal, not hidden)."""
     vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
     if CAUSAL:
@@ -112,9 +120,19 @@ def _visible(
 
 @triton.jit
 def _block_needs_mask(
-    start_n, m_first, Tk, causal_shift, lo1, hi1, lo2, hi2,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    start_n,
+    m_first,
+    Tk,
+    causal_shift,
+    lo1,
+    hi1,
+    lo2,
+    hi2,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Whether some (query tile starting at m_first, key block at start_n) pair is invisible.
 
     Rows past Tq need no mask: their q / dO tiles load as zeros and their results are never stored.
@@ -131,9 +149,19 @@ def _block_needs_mask(
 
 @triton.jit
 def _visible_t(
-    offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr,
-):  # fmt: skip
+    offs_m,
+    offs_n,
+    Tq,
+    Tk,
+    causal_shift,
+    lo1,
+    hi1,
+    lo2,
+    hi2,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+):
     """(BLOCK_N, BLOCK_M) bool: the transpose of :func:`_visible`, built directly in key-major orientation."""
     vis = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
     if CAUSAL:
@@ -145,20 +173,50 @@ def _visible_t(
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, start, end,
-    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, lo1, hi1, lo2, hi2,
-    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
-):  # fmt: skip
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    start,
+    end,
+    m_first,
+    offs_m,
+    offs_d,
+    drop_row,
+    Tq,
+    Tk,
+    D: tl.constexpr,
+    causal_shift,
+    lo1,
+    hi1,
+    lo2,
+    hi2,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
+):
     d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Tk
         kt = tl.load(
             k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
-        )  # fmt: skip
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if BOUNDARY_ONLY:
             needs = _block_needs_mask(
@@ -179,8 +237,9 @@ def _fwd_inner(
             p = tl.where(keep, p, 0.0)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -188,16 +247,50 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_fwd_kernel(
-    Q, K, V, Out, LSE, STARTS, COUNTS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_om, stride_oh, stride_od,
-    Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    STARTS,
+    COUNTS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
+    Hq,
+    G,
+    Tq,
+    Tk,
+    D: tl.constexpr,
+    num_read,
+    num_tokens,
+    qk_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
+    DROP_I64: tl.constexpr,
+):
     # The heaviest (last, for causal) query tiles are scheduled first.
     qk_scale, dropout_p = _fp32(qk_scale), _fp32(dropout_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -212,8 +305,9 @@ def _rmt_attn_fwd_kernel(
     d_ok = offs_d < D
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
-    )  # fmt: skip
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -230,23 +324,113 @@ def _rmt_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives exp2(-inf) = 0
     if HAS_STARTS:  # without starts r1_end == 0: the first range is empty
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, 0, r1_end, pid_m * BLOCK_M,
-            offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-            CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
-        )  # fmt: skip
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            0,
+            r1_end,
+            pid_m * BLOCK_M,
+            offs_m,
+            offs_d,
+            drop_row,
+            Tq,
+            Tk,
+            D,
+            causal_shift,
+            lo1,
+            hi1,
+            lo2,
+            hi2,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            qk_scale,
+            dropout_p,
+            seed,
+            CAUSAL,
+            PADDED,
+            HAS_STARTS,
+            DROPOUT,
+            BLOCK_N,
+            DOT_PREC,
+            BOUNDARY_ONLY,
+        )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, r2_start, r2_end, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
-        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        r2_start,
+        r2_end,
+        pid_m * BLOCK_M,
+        offs_m,
+        offs_d,
+        drop_row,
+        Tq,
+        Tk,
+        D,
+        causal_shift,
+        lo1,
+        hi1,
+        lo2,
+        hi2,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        qk_scale,
+        dropout_p,
+        seed,
+        CAUSAL,
+        PADDED,
+        HAS_STARTS,
+        DROPOUT,
+        BLOCK_N,
+        DOT_PREC,
+        BOUNDARY_ONLY,
+    )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, r3_start, hi, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
-        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        r3_start,
+        hi,
+        pid_m * BLOCK_M,
+        offs_m,
+        offs_d,
+        drop_row,
+        Tq,
+        Tk,
+        D,
+        causal_shift,
+        lo1,
+        hi1,
+        lo2,
+        hi2,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        qk_scale,
+        dropout_p,
+        seed,
+        CAUSAL,
+        PADDED,
+        HAS_STARTS,
+        DROPOUT,
+        BLOCK_N,
+        DOT_PREC,
+        BOUNDARY_ONLY,
+    )
 
     empty = l_i == 0.0  # a query that sees no key at all: output 0, lse +inf (=> zero gradients)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -257,18 +441,30 @@ def _rmt_attn_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
     tl.store(
         Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
-    )  # fmt: skip
+        out.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
 def _rmt_attn_bwd_preprocess_kernel(
-    Out, DO, DELTA,
-    stride_ob, stride_om, stride_oh, stride_od,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    Hq, Tq, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Out,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
+    Hq,
+    Tq,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta[b, h, i] = sum_d O[b, i, h, d] * dO[b, i, h, d] in fp32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -280,35 +476,69 @@ def _rmt_attn_bwd_preprocess_kernel(
     mask = m_ok[:, None] & (offs_d[None, :] < D)
     o = tl.load(
         Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     do = tl.load(
         DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, start, end,
-    m_first, offs_m, offs_d, drop_row, Tq, Tk, D: tl.constexpr, causal_shift, lo1, hi1, lo2, hi2,
-    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY_ONLY: tl.constexpr,
-):  # fmt: skip
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    start,
+    end,
+    m_first,
+    offs_m,
+    offs_d,
+    drop_row,
+    Tq,
+    Tk,
+    D: tl.constexpr,
+    causal_shift,
+    lo1,
+    hi1,
+    lo2,
+    hi2,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
+):
     d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Tk
         k = tl.load(
             k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         vt = tl.load(
             v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
-        )  # fmt: skip
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if BOUNDARY_ONLY:
@@ -340,18 +570,67 @@ def _row_delta(o_base, do, offs_m, offs_d, md_ok, stride_om, stride_od):
 
 @triton.jit
 def _dq_block(
-    Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS, pid_m, b, h, hk, bh,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_ob, stride_om, stride_oh, stride_od,
-    Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr, DELTA_INLINE: tl.constexpr, STORE_DELTA: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    Out,
+    STARTS,
+    COUNTS,
+    pid_m,
+    b,
+    h,
+    hk,
+    bh,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
+    Tq,
+    Tk,
+    D: tl.constexpr,
+    num_read,
+    num_tokens,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
+    DROP_I64: tl.constexpr,
+    DELTA_INLINE: tl.constexpr,
+    STORE_DELTA: tl.constexpr,
+):
     """dQ of query block ``pid_m`` of query head ``h`` (batch ``b``, K/V head ``hk``, ``bh`` = b * Hq + h, int32
     for the dropout offsets). DELTA_INLINE: delta from the O and dO tiles (and, with STORE_DELTA, stored to
     DELTA for a dK/dV kernel launched after); else read from DELTA."""
@@ -361,12 +640,14 @@ def _dq_block(
     md_ok = m_ok[:, None] & (offs_d[None, :] < D)
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=md_ok, other=0.0,
-    )  # fmt: skip
+        mask=md_ok,
+        other=0.0,
+    )
     do = tl.load(
         DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=md_ok, other=0.0,
-    ).to(q.dtype)  # fmt: skip
+        mask=md_ok,
+        other=0.0,
+    ).to(q.dtype)
     row = bh.to(tl.int64) * Tq + offs_m
     lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
     if DELTA_INLINE:
@@ -389,44 +670,183 @@ def _dq_block(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_STARTS:
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, 0, r1_end, pid_m * BLOCK_M,
-            offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-            CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
-        )  # fmt: skip
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            0,
+            r1_end,
+            pid_m * BLOCK_M,
+            offs_m,
+            offs_d,
+            drop_row,
+            Tq,
+            Tk,
+            D,
+            causal_shift,
+            lo1,
+            hi1,
+            lo2,
+            hi2,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            qk_scale,
+            dropout_p,
+            seed,
+            CAUSAL,
+            PADDED,
+            HAS_STARTS,
+            DROPOUT,
+            BLOCK_N,
+            DOT_PREC,
+            BOUNDARY_ONLY,
+        )
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, r2_start, r2_end, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
-        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        r2_start,
+        r2_end,
+        pid_m * BLOCK_M,
+        offs_m,
+        offs_d,
+        drop_row,
+        Tq,
+        Tk,
+        D,
+        causal_shift,
+        lo1,
+        hi1,
+        lo2,
+        hi2,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        qk_scale,
+        dropout_p,
+        seed,
+        CAUSAL,
+        PADDED,
+        HAS_STARTS,
+        DROPOUT,
+        BLOCK_N,
+        DOT_PREC,
+        BOUNDARY_ONLY,
+    )
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, r3_start, hi, pid_m * BLOCK_M,
-        offs_m, offs_d, drop_row, Tq, Tk, D, causal_shift, lo1, hi1, lo2, hi2,
-        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, dropout_p, seed,
-        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_N, DOT_PREC, BOUNDARY_ONLY,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        r3_start,
+        hi,
+        pid_m * BLOCK_M,
+        offs_m,
+        offs_d,
+        drop_row,
+        Tq,
+        Tk,
+        D,
+        causal_shift,
+        lo1,
+        hi1,
+        lo2,
+        hi2,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        qk_scale,
+        dropout_p,
+        seed,
+        CAUSAL,
+        PADDED,
+        HAS_STARTS,
+        DROPOUT,
+        BLOCK_N,
+        DOT_PREC,
+        BOUNDARY_ONLY,
+    )
     dq = dq * sm_scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty), mask=md_ok,
-    )  # fmt: skip
+        dq.to(DQ.dtype.element_ty),
+        mask=md_ok,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_ob, stride_om, stride_oh, stride_od,
-    Hq, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr, DELTA_INLINE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    Out,
+    STARTS,
+    COUNTS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
+    Hq,
+    G,
+    Tq,
+    Tk,
+    D: tl.constexpr,
+    num_read,
+    num_tokens,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
+    DROP_I64: tl.constexpr,
+    DELTA_INLINE: tl.constexpr,
+):
     """One query block of one query head. DELTA_INLINE (variant "inline"): delta computed here and stored."""
     qk_scale, sm_scale, dropout_p = _fp32(qk_scale), _fp32(sm_scale), _fp32(dropout_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -434,32 +854,140 @@ def _rmt_attn_bwd_dq_kernel(
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     _dq_block(
-        Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS, pid_m, b, h, h // G, pid_bh,
-        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_dom, stride_doh, stride_dod,
-        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_ob, stride_om, stride_oh, stride_od,
-        Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-        CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, BOUNDARY_ONLY, DROP_I64,
-        DELTA_INLINE, True,
-    )  # fmt: skip
+        Q,
+        K,
+        V,
+        DO,
+        DQ,
+        LSE,
+        DELTA,
+        Out,
+        STARTS,
+        COUNTS,
+        pid_m,
+        b,
+        h,
+        h // G,
+        pid_bh,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_dob,
+        stride_dom,
+        stride_doh,
+        stride_dod,
+        stride_dqb,
+        stride_dqh,
+        stride_dqm,
+        stride_dqd,
+        stride_ob,
+        stride_om,
+        stride_oh,
+        stride_od,
+        Tq,
+        Tk,
+        D,
+        num_read,
+        num_tokens,
+        qk_scale,
+        sm_scale,
+        dropout_p,
+        seed,
+        CAUSAL,
+        PADDED,
+        HAS_STARTS,
+        DROPOUT,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        DOT_PREC,
+        BOUNDARY_ONLY,
+        DROP_I64,
+        DELTA_INLINE,
+        True,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, Out, DQ, STARTS, COUNTS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_ob, stride_om, stride_oh, stride_od,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Hkv, G, Tq, Tk, D: tl.constexpr, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-    CAUSAL: tl.constexpr, PADDED: tl.constexpr, HAS_STARTS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BOUNDARY_ONLY: tl.constexpr, DROP_I64: tl.constexpr, DELTA_INLINE: tl.constexpr, FUSED_DQ: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    Out,
+    DQ,
+    STARTS,
+    COUNTS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    Hq,
+    Hkv,
+    G,
+    Tq,
+    Tk,
+    D: tl.constexpr,
+    num_read,
+    num_tokens,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
+    DROP_I64: tl.constexpr,
+    DELTA_INLINE: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+):
     """One key block of one K/V head; loops over the G query heads of its group and their query blocks.
 
     Works in the transposed (key, query) orientation: s_t[n, m] = k[n] . q[m]. DELTA_INLINE (variants "inline",
@@ -483,12 +1011,14 @@ def _rmt_attn_bwd_dkdv_kernel(
     nd_ok = n_ok[:, None] & d_ok[None, :]
     k = tl.load(
         K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=nd_ok, other=0.0,
-    )  # fmt: skip
+        mask=nd_ok,
+        other=0.0,
+    )
     v = tl.load(
         V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=nd_ok, other=0.0,
-    )  # fmt: skip
+        mask=nd_ok,
+        other=0.0,
+    )
 
     causal_shift = Tk - Tq
     lo1, hi1, lo2, hi2 = _hidden_ranges(STARTS, COUNTS, b, num_read, num_tokens, Tk, PADDED, HAS_STARTS)
@@ -517,17 +1047,13 @@ def _rmt_attn_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Tq
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0
-            )
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
             do = tl.load(
                 do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0
             ).to(q.dtype)
             lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=float("inf"))
             if DELTA_INLINE:
-                delta = _row_delta(
-                    Out + b * stride_ob + h * stride_oh, do, offs_m, offs_d, md_ok, stride_om, stride_od
-                )  # fmt: skip
+                delta = _row_delta(Out + b * stride_ob + h * stride_oh, do, offs_m, offs_d, md_ok, stride_om, stride_od)
             else:
                 delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -542,9 +1068,7 @@ def _rmt_attn_bwd_dkdv_kernel(
                     )
                     pt = tl.where(vis_t, pt, 0.0)
             else:
-                vis_t = _visible_t(
-                    offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS
-                )
+                vis_t = _visible_t(offs_m, offs_n, Tq, Tk, causal_shift, lo1, hi1, lo2, hi2, CAUSAL, PADDED, HAS_STARTS)
                 pt = tl.where(vis_t, pt, 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if DROPOUT:
@@ -560,12 +1084,14 @@ def _rmt_attn_bwd_dkdv_kernel(
     dk = dk * sm_scale
     tl.store(
         DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty), mask=nd_ok,
-    )  # fmt: skip
+        dk.to(DK.dtype.element_ty),
+        mask=nd_ok,
+    )
     tl.store(
         DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty), mask=nd_ok,
-    )  # fmt: skip
+        dv.to(DV.dtype.element_ty),
+        mask=nd_ok,
+    )
     if FUSED_DQ:
         num_m = tl.cdiv(Tq, BLOCK_M)
         for j in range(pid_n, num_m, tl.num_programs(0)):
@@ -574,20 +1100,73 @@ def _rmt_attn_bwd_dkdv_kernel(
                 h = hk * G + g
                 bh32 = (pid_bh // Hkv) * Hq + (pid_bh % Hkv) * G + g
                 _dq_block(
-                    Q, K, V, DO, DQ, LSE, DELTA, Out, STARTS, COUNTS, pid_m, b, h, hk, bh32,
-                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_dom, stride_doh, stride_dod,
-                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_ob, stride_om, stride_oh, stride_od,
-                    Tq, Tk, D, num_read, num_tokens, qk_scale, sm_scale, dropout_p, seed,
-                    CAUSAL, PADDED, HAS_STARTS, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, BOUNDARY_ONLY,
-                    DROP_I64, True, False,
-                )  # fmt: skip
+                    Q,
+                    K,
+                    V,
+                    DO,
+                    DQ,
+                    LSE,
+                    DELTA,
+                    Out,
+                    STARTS,
+                    COUNTS,
+                    pid_m,
+                    b,
+                    h,
+                    hk,
+                    bh32,
+                    stride_qb,
+                    stride_qh,
+                    stride_qm,
+                    stride_qd,
+                    stride_kb,
+                    stride_kh,
+                    stride_kn,
+                    stride_kd,
+                    stride_vb,
+                    stride_vh,
+                    stride_vn,
+                    stride_vd,
+                    stride_dob,
+                    stride_dom,
+                    stride_doh,
+                    stride_dod,
+                    stride_dqb,
+                    stride_dqh,
+                    stride_dqm,
+                    stride_dqd,
+                    stride_ob,
+                    stride_om,
+                    stride_oh,
+                    stride_od,
+                    Tq,
+                    Tk,
+                    D,
+                    num_read,
+                    num_tokens,
+                    qk_scale,
+                    sm_scale,
+                    dropout_p,
+                    seed,
+                    CAUSAL,
+                    PADDED,
+                    HAS_STARTS,
+                    DROPOUT,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_D,
+                    DOT_PREC,
+                    BOUNDARY_ONLY,
+                    DROP_I64,
+                    True,
+                    False,
+                )
 
 
 @triton.jit(do_not_specialize=["seed"])  # seeds vary per call: no recompiles
 def _rmt_dropout_mask_kernel(
     OUT, Tq, Tk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_I64: tl.constexpr
-):  # fmt: skip
+):
     """The keep-mask the attention kernels use, materialised as (B, Hq, Tq, Tk) bool (a debug helper)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -598,4 +1177,3 @@ def _rmt_dropout_mask_kernel(
         offsets = drop_row + offs_n[None, :]
         keep = _keep_mask(seed, offsets, dropout_p)
         tl.store(OUT + offsets, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
-

@@ -28,8 +28,18 @@ if TYPE_CHECKING:  # the explicit imports; the run-time table below mirrors them
     from .reference import ReferenceRMT
     from .stream import DocumentStream, stream_documents
 
-__all__ = ["FastRMT", "ReferenceRMT", "RMTOutput", "SegmentLayout", "memory_detached_before", "FastARMT",
-           "ReferenceARMT", "ARMTMemoryState", "DocumentStream", "stream_documents"]
+__all__ = [
+    "FastRMT",
+    "ReferenceRMT",
+    "RMTOutput",
+    "SegmentLayout",
+    "memory_detached_before",
+    "FastARMT",
+    "ReferenceARMT",
+    "ARMTMemoryState",
+    "DocumentStream",
+    "stream_documents",
+]
 __version__ = "0.1.0"
 
 _LAZY = {

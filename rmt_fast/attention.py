@@ -78,8 +78,9 @@ class ActiveSegment:
         if key != self.mask_key:
             mask = self.layout.dense_mask(q_len=q_len, device=device)
             if dtype is not None:
-                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask.logical_not(),
-                                                                                        float("-inf"))
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(
+                    mask.logical_not(), float("-inf")
+                )
             self.mask, self.mask_key = mask, key
         return self.mask
 
@@ -215,9 +216,16 @@ def _auto_unsupported(backend: str, q, k, v, layout: SegmentLayout, dropout_p: f
 
 
 def choose_backend(
-    requested: str, q, k, v, layout: SegmentLayout, dropout_p: float, *, needs_grad: bool | None = None,
+    requested: str,
+    q,
+    k,
+    v,
+    layout: SegmentLayout,
+    dropout_p: float,
+    *,
+    needs_grad: bool | None = None,
     graphed: bool | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """The backend to run for this case (one of :data:`rmt_fast.kernels.dispatch.BACKENDS`); 'triton' never falls
     back silently.
 
@@ -240,10 +248,12 @@ def choose_backend(
         reason = "the inputs are not on a CUDA device"
     else:
         decision = dispatch.decide(
-            q, k, layout,
+            q,
+            k,
+            layout,
             needs_grad=_needs_grad(q, k, v) if needs_grad is None else needs_grad,
             graphed=_GRAPHED.get() if graphed is None else graphed,
-        )  # fmt: skip
+        )
         if decision.backend == "sdpa":
             reason = decision.reason
         else:
@@ -268,8 +278,19 @@ def run_backend(
     if segment is None:
         chosen = choose_backend(backend, q, k, v, layout, dropout_p, needs_grad=needs_grad)
     else:
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, needs_grad,
-               dropout_p)  # fmt: skip
+        key = (
+            q.shape,
+            k.shape,
+            v.shape,
+            q.dtype,
+            k.dtype,
+            v.dtype,
+            q.device,
+            k.device,
+            v.device,
+            needs_grad,
+            dropout_p,
+        )
         if key == segment.decision_key:
             chosen = segment.decision
         else:
@@ -288,15 +309,17 @@ def run_backend(
     mask = None
     if segment is not None and needs_mask(layout, q.shape[-2]):
         mask = segment.dense_mask(q.shape[-2], q.device, q.dtype)
-    return sdpa_rmt_attention(q, k, v, layout, scale=scale, dropout_p=dropout_p,
-                              sdpa_kernel=None if chosen == "sdpa" else chosen, mask=mask)  # fmt: skip
+    return sdpa_rmt_attention(
+        q, k, v, layout, scale=scale, dropout_p=dropout_p, sdpa_kernel=None if chosen == "sdpa" else chosen, mask=mask
+    )
 
 
 def rmt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     seg = _ACTIVE.get()
     if seg is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if attention_mask is not seg:
         raise RuntimeError(
             "rmt_fast: an RMT segment is running but this attention layer received a mask that was not built "

@@ -111,21 +111,33 @@ class RMTBase(nn.Module):
             raise ValueError(f"segment_alignment must be None, 'left' or 'right', got {segment_alignment!r}")
         config = model.config
         if info.kind == "encoder":
-            cls_token_id = cls_token_id if cls_token_id is not None else config_token_id(
-                config, "cls_token_id", "bos_token_id")  # fmt: skip
-            sep_token_id = sep_token_id if sep_token_id is not None else config_token_id(
-                config, "sep_token_id", "eos_token_id")  # fmt: skip
+            cls_token_id = (
+                cls_token_id if cls_token_id is not None else config_token_id(config, "cls_token_id", "bos_token_id")
+            )
+            sep_token_id = (
+                sep_token_id if sep_token_id is not None else config_token_id(config, "sep_token_id", "eos_token_id")
+            )
             pad_token_id = pad_token_id if pad_token_id is not None else config_token_id(config, "pad_token_id")
-            missing = [n for n, v in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
-                                      ("pad_token_id", pad_token_id)) if v is None]  # fmt: skip
+            missing = [
+                n
+                for n, v in (
+                    ("cls_token_id", cls_token_id),
+                    ("sep_token_id", sep_token_id),
+                    ("pad_token_id", pad_token_id),
+                )
+                if v is None
+            ]
             if missing:
                 raise ValueError(
                     f"an encoder RMT needs {', '.join(missing)}: pass them (e.g. from the tokenizer); "
                     f"{type(model).__name__}'s config does not define them"
                 )
             vocab = info.word_embeddings.num_embeddings
-            for name, value in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
-                                ("pad_token_id", pad_token_id)):  # fmt: skip
+            for name, value in (
+                ("cls_token_id", cls_token_id),
+                ("sep_token_id", sep_token_id),
+                ("pad_token_id", pad_token_id),
+            ):
                 if not isinstance(value, int) or not 0 <= value < vocab:
                     raise ValueError(f"{name} must be an id in the model's vocabulary [0, {vocab}), got {value!r}")
             input_size = segment_size + num_mem_tokens + 3
@@ -140,9 +152,19 @@ class RMTBase(nn.Module):
                 f"maximum positions ({info.max_positions})"
             )
         # --- then build
-        self.settings = RMTSettings(num_mem_tokens, segment_size, max_n_segments, bptt_depth, segment_alignment,
-                                    sum_loss, cls_token_id, sep_token_id, pad_token_id, attn_backend,
-                                    check_inputs)  # fmt: skip
+        self.settings = RMTSettings(
+            num_mem_tokens,
+            segment_size,
+            max_n_segments,
+            bptt_depth,
+            segment_alignment,
+            sum_loss,
+            cls_token_id,
+            sep_token_id,
+            pad_token_id,
+            attn_backend,
+            check_inputs,
+        )
         self.model = model
         self.kind = info.kind
         self.hidden_size = info.hidden_size
@@ -216,8 +238,10 @@ class RMTBase(nn.Module):
                     f"labels of shape {tuple(labels.shape)} do not match input_ids {tuple(input_ids.shape)}"
                 )
             if not self.is_decoder and not self._takes_labels:
-                raise ValueError(f"labels were given, but {type(self.model).__name__} has no head that takes labels: "
-                                 "drop them, or wrap a model with a head (e.g. *ForSequenceClassification)")
+                raise ValueError(
+                    f"labels were given, but {type(self.model).__name__} has no head that takes labels: "
+                    "drop them, or wrap a model with a head (e.g. *ForSequenceClassification)"
+                )
             if labels.device != device:
                 raise ValueError(f"labels is on {labels.device} but the model is on {device}")
         if labels_mask is not None:
@@ -250,8 +274,16 @@ class RMTBase(nn.Module):
             what = "token" if self.is_decoder else "class"
             raise ValueError(f"labels must be an int64 tensor of {what} ids (or -100), got dtype {labels.dtype}")
         if self.settings.check_inputs:
-            check_values(input_ids, self.word_embeddings.num_embeddings, attention_mask, labels, classes,
-                         labels_mask, memory_state, encoder_pad_id=pad_id)  # fmt: skip
+            check_values(
+                input_ids,
+                self.word_embeddings.num_embeddings,
+                attention_mask,
+                labels,
+                classes,
+                labels_mask,
+                memory_state,
+                encoder_pad_id=pad_id,
+            )
         elif pad_id is not None:
             check_encoder_mask(input_ids, attention_mask, pad_id)
         return b
@@ -287,21 +319,23 @@ class RMTBase(nn.Module):
                 if key == "memory_cell.memory":
                     memory = value
                 elif key.startswith(prefix):
-                    new_backbone[key[len(prefix):]] = value
+                    new_backbone[key[len(prefix) :]] = value
                 else:
                     unknown.append(key)
             # safetensors keeps one name of each tied weight (GPT-2's lm_head.weight / transformer.wte.weight)
             fill_tied(new_backbone, own, lambda name: prefix + name)
         else:
-            emb_key = next((k for k, v in own.items() if v is self.word_embeddings.weight
-                            or k.endswith("word_embeddings.weight")), None)  # fmt: skip
+            emb_key = next(
+                (k for k, v in own.items() if v is self.word_embeddings.weight or k.endswith("word_embeddings.weight")),
+                None,
+            )
             buffers = {"mem_token_ids", "cls_token", "sep_token"}
             prefix = "model." + peft_prefix
             for key, value in state_dict.items():
                 if key in buffers or key == "model.embeddings.weight":
                     continue
-                if key.startswith(prefix) and key[len(prefix):] in own:
-                    sub = key[len(prefix):]
+                if key.startswith(prefix) and key[len(prefix) :] in own:
+                    sub = key[len(prefix) :]
                     if sub == emb_key:
                         vocab = own[emb_key].shape[0]
                         if value.shape[0] != vocab + m:
@@ -347,8 +381,9 @@ class RMTBase(nn.Module):
             json.dump({"class": type(self).__name__, **asdict(self.settings), **extra}, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, save_directory: str | os.PathLike, base_model=None, is_trainable: bool = False,
-                        **model_kwargs):  # fmt: skip
+    def from_pretrained(
+        cls, save_directory: str | os.PathLike, base_model=None, is_trainable: bool = False, **model_kwargs
+    ):
         """Load what :meth:`save_pretrained` wrote; ``model_kwargs`` go to the backbone's ``from_pretrained``.
 
         A PEFT checkpoint (``dir/adapter``) holds no base weights: ``base_model`` is the transformers model the
@@ -369,7 +404,6 @@ class RMTBase(nn.Module):
         return rmt
 
 
-
 def load_backbone(save_directory, settings: dict, base_model, is_trainable: bool, model_kwargs: dict):
     """The backbone a checkpoint of :meth:`RMTBase.save_pretrained` holds, and whether it is a PEFT adapter.
 
@@ -382,8 +416,10 @@ def load_backbone(save_directory, settings: dict, base_model, is_trainable: bool
     if adapter is not None:
         return load_adapter(save_directory, base_model, backbone_class, is_trainable, model_kwargs), adapter
     if base_model is not None or is_trainable:
-        raise ValueError(f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
-                         "adapter; they apply to PEFT checkpoints only")  # fmt: skip
+        raise ValueError(
+            f"base_model / is_trainable: {save_directory} holds a full backbone, not a PEFT "
+            "adapter; they apply to PEFT checkpoints only"
+        )
     path = os.path.join(save_directory, BACKBONE_DIR)
     config = transformers.AutoConfig.from_pretrained(path)
     arch = (config.architectures or [None])[0]
@@ -391,6 +427,7 @@ def load_backbone(save_directory, settings: dict, base_model, is_trainable: bool
     if model_cls is None:
         raise ValueError(f"{path}: cannot find the model class {arch!r} in transformers")
     return model_cls.from_pretrained(path, **model_kwargs), adapter
+
 
 def _shape(x) -> str:
     if isinstance(x, Tensor):

@@ -39,8 +39,10 @@ def compile_options(compile_step, cuda_graph: bool = False) -> dict | None:
     elif isinstance(compile_step, dict):
         options = dict(compile_step)
     else:
-        raise ValueError("compile_step must be False, True or a dict of torch.compile keyword arguments, "
-                         f"got {type(compile_step).__name__}")  # fmt: skip
+        raise ValueError(
+            "compile_step must be False, True or a dict of torch.compile keyword arguments, "
+            f"got {type(compile_step).__name__}"
+        )
     if not all(isinstance(k, str) for k in options) or "model" in options:
         raise ValueError(f"compile_step: keys must be torch.compile keyword arguments, got {sorted(map(str, options))}")
     options.setdefault("dynamic", False)

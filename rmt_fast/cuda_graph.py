@@ -60,8 +60,15 @@ def capture_device(inputs: dict, device: torch.device | None = None) -> torch.de
 class StaticStep:
     """A step function over static input buffers: captured as a CUDA graph, or run eagerly."""
 
-    def __init__(self, fn: Callable[..., dict], inputs: dict[str, Tensor | None], capture: bool, warmup: int = 2,
-                 pool=None, device: torch.device | None = None):  # fmt: skip
+    def __init__(
+        self,
+        fn: Callable[..., dict],
+        inputs: dict[str, Tensor | None],
+        capture: bool,
+        warmup: int = 2,
+        pool=None,
+        device: torch.device | None = None,
+    ):
         """``pool``: a memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``; None: a private
         pool). Graphs sharing a pool must not need each other's outputs across replays: read (or clone) a
         step's outputs before the next replay of any graph in its pool. ``device``: where to capture (default:
@@ -112,8 +119,17 @@ class SegmentGraphRunner:
     def _key(self, kind: str, batch: int, *flags) -> tuple:
         rmt = self.rmt
         st = rmt.settings
-        return (kind, batch, rmt.memory.dtype, rmt.memory.device, id(rmt.model), st.num_mem_tokens,
-                st.segment_size, st.attn_backend, *flags)  # fmt: skip
+        return (
+            kind,
+            batch,
+            rmt.memory.dtype,
+            rmt.memory.device,
+            id(rmt.model),
+            st.num_mem_tokens,
+            st.segment_size,
+            st.attn_backend,
+            *flags,
+        )
 
     def _check_inference(self):
         if torch.is_grad_enabled():
@@ -144,8 +160,11 @@ class SegmentGraphRunner:
             if not capture:
                 raise
             if not self._warned:
-                warnings.warn(f"rmt_fast: CUDA-graph capture failed ({type(exc).__name__}: {exc}); running "
-                              "this shape eagerly", RuntimeWarning, stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    f"rmt_fast: CUDA-graph capture failed ({type(exc).__name__}: {exc}); running this shape eagerly",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 self._warned = True
             step = StaticStep(fn, inputs, capture=False)
         self.captures += int(step.graph is not None)
@@ -166,12 +185,13 @@ class SegmentGraphRunner:
         if step is None:
             device = input_ids.device
             static = DecoderStatic(b, rmt.num_mem_tokens, size, device)
-            inputs = dict(ids=torch.zeros(b, size, dtype=input_ids.dtype, device=device),
-                          counts=torch.full((b,), size, dtype=torch.int32, device=device),
-                          memory=memory.detach().clone(),
-                          targets=torch.full((b, size), -100, dtype=torch.long, device=device)
-                          if targets is not None else None,
-                          loss=torch.zeros((), dtype=torch.float32, device=device))  # fmt: skip
+            inputs = dict(
+                ids=torch.zeros(b, size, dtype=input_ids.dtype, device=device),
+                counts=torch.full((b,), size, dtype=torch.int32, device=device),
+                memory=memory.detach().clone(),
+                targets=torch.full((b, size), -100, dtype=torch.long, device=device) if targets is not None else None,
+                loss=torch.zeros((), dtype=torch.float32, device=device),
+            )
 
             def fn(ids, counts, memory, targets, loss):
                 logits, new_memory, part = rmt.decoder_step(ids, memory, counts, None, static, need_logits, targets)
@@ -186,17 +206,18 @@ class SegmentGraphRunner:
         io["loss"].zero_()
         logits = []
         for start, length in plan:
-            io["ids"][:, :length].copy_(input_ids[:, start:start + length])
+            io["ids"][:, :length].copy_(input_ids[:, start : start + length])
             io["counts"].fill_(length)
             if targets is not None:
                 io["targets"].fill_(-100)
-                io["targets"][:, :length].copy_(targets[:, start:start + length])
+                io["targets"][:, :length].copy_(targets[:, start : start + length])
             out = step()
             if return_logits:
                 logits.append(out["logits"][:, :length].clone())
         loss = io["loss"].clone() / denom if targets is not None else None
-        return RMTOutput(loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None,
-                         memory_state=io["memory"].clone())  # fmt: skip
+        return RMTOutput(
+            loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None, memory_state=io["memory"].clone()
+        )
 
     # ------------------------------------------------------------------------------------------- encoder
     def run_encoder(self, plan, memory, return_logits) -> RMTOutput:
@@ -211,9 +232,11 @@ class SegmentGraphRunner:
         width = rmt.input_size
         if step is None:
             device = memory.device
-            inputs = dict(ids=torch.zeros(b, width, dtype=torch.long, device=device),
-                          counts=torch.full((b,), width, dtype=torch.int32, device=device),
-                          memory=memory.detach().clone())  # fmt: skip
+            inputs = dict(
+                ids=torch.zeros(b, width, dtype=torch.long, device=device),
+                counts=torch.full((b,), width, dtype=torch.int32, device=device),
+                memory=memory.detach().clone(),
+            )
 
             def fn(ids, counts, memory):
                 out, new_memory = rmt.encoder_step(ids, memory, counts, None)

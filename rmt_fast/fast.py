@@ -43,13 +43,24 @@ class FastRMT(RMTBase):
       (:mod:`rmt_fast.fast_inference`). ``compile_step`` then holds that path's compile options.
     """
 
-    def __init__(self, model, num_mem_tokens: int, segment_size: int, *, gradient_checkpointing: bool = False,
-                 cuda_graph: bool = False, compile_step=False, fast_inference: bool = False, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        num_mem_tokens: int,
+        segment_size: int,
+        *,
+        gradient_checkpointing: bool = False,
+        cuda_graph: bool = False,
+        compile_step=False,
+        fast_inference: bool = False,
+        **kwargs,
+    ):
         if not isinstance(fast_inference, bool):
             raise ValueError(f"fast_inference must be True or False, got {fast_inference!r}")
         if fast_inference:  # the fast path's compile options: compile_step's, or inductor's defaults
-            fast_kwargs = compile_options(True if compile_step is None or compile_step is False else compile_step,
-                                          cuda_graph=True)  # fmt: skip
+            fast_kwargs = compile_options(
+                True if compile_step is None or compile_step is False else compile_step, cuda_graph=True
+            )
             compile_kwargs = None
         else:
             compile_kwargs = compile_options(compile_step, bool(cuda_graph))  # checked before anything is built
@@ -68,8 +79,10 @@ class FastRMT(RMTBase):
         model.set_attn_implementation(ATTN_NAME)
         if model.config._attn_implementation != ATTN_NAME:  # transformers only warns when it cannot switch
             model.set_attn_implementation(self._original_attn)
-            raise ValueError(f"model: {type(model).__name__} cannot switch its attention implementation to "
-                             f"{ATTN_NAME!r}, so FastRMT cannot give it the segment layout")  # fmt: skip
+            raise ValueError(
+                f"model: {type(model).__name__} cannot switch its attention implementation to "
+                f"{ATTN_NAME!r}, so FastRMT cannot give it the segment layout"
+            )
         self._last_hidden: Tensor | None = None
         self._plain_head = self.is_decoder and plain_head(model) is not None
         base = self._info.base_model
@@ -91,8 +104,15 @@ class FastRMT(RMTBase):
         return _WithAttn(self.model, self._original_attn)
 
     # ----------------------------------------------------------------------------------------------- api
-    def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
-                return_logits: bool = True) -> RMTOutput:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        labels_mask=None,
+        memory_state=None,
+        return_logits: bool = True,
+    ) -> RMTOutput:
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
         args = (input_ids, attention_mask, labels, labels_mask, memory_state, return_logits)
         if self._fast is None:
@@ -146,10 +166,10 @@ class FastRMT(RMTBase):
         embeds = self.word_embeddings(tail)
         inputs_embeds = embeds.new_empty(tail.shape[0], self.num_mem_tokens + tail.shape[1], embeds.shape[-1])
         inputs_embeds[:, : self.num_mem_tokens] = memory
-        inputs_embeds[:, self.num_mem_tokens:] = embeds
+        inputs_embeds[:, self.num_mem_tokens :] = embeds
         mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.int64, device=tail.device)
         if attention_mask is not None:
-            mask[:, self.num_mem_tokens:] = attention_mask[:, start:]
+            mask[:, self.num_mem_tokens :] = attention_mask[:, start:]
         return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
 
     # ------------------------------------------------------------------------------------------- decoder
@@ -168,8 +188,9 @@ class FastRMT(RMTBase):
             if memory_detached_before(t, n, self.settings.bptt_depth):
                 memory = memory.detach()
             ids, counts, seg_targets = static.segment(input_ids, targets, start, length)
-            seg_logits, memory, part = self._call(self.decoder_step, ids, memory, counts, visibility[t], static,
-                                                  return_logits, seg_targets)  # fmt: skip
+            seg_logits, memory, part = self._call(
+                self.decoder_step, ids, memory, counts, visibility[t], static, return_logits, seg_targets
+            )
             if part is not None:
                 loss_sum = part if loss_sum is None else loss_sum + part
             if return_logits:
@@ -194,11 +215,15 @@ class FastRMT(RMTBase):
         m, size = self.num_mem_tokens, ids.shape[1]
         buf = static.embeds_buffer(self.memory.dtype, self.hidden_size)
         buf[:, :m] = memory
-        buf[:, m:m + size] = self.word_embeddings(ids)
-        buf[:, m + size:] = memory
+        buf[:, m : m + size] = self.word_embeddings(ids)
+        buf[:, m + size :] = memory
         layout = static.layout(counts, token_mask)
-        kwargs = dict(inputs_embeds=buf, attention_mask=static.key_valid(layout), use_cache=False,
-                      position_ids=static.positions(counts))  # fmt: skip
+        kwargs = dict(
+            inputs_embeds=buf,
+            attention_mask=static.key_valid(layout),
+            use_cache=False,
+            position_ids=static.positions(counts),
+        )
         # Loss without logits (rmt_fast.loss): the head and cross-entropy chunk by chunk, logits never stored.
         head = self.model.get_output_embeddings() if self._plain_head else None
         chunked = targets is not None and not need_logits and wants_chunked_loss(ids.shape[0], size, head)
@@ -209,15 +234,16 @@ class FastRMT(RMTBase):
                 hidden = self._last_hidden
             else:
                 hidden = self._info.base_model(**kwargs).last_hidden_state
-                logits = self.model.get_output_embeddings()(hidden[:, m:m + size]) if need_logits else None
+                logits = self.model.get_output_embeddings()(hidden[:, m : m + size]) if need_logits else None
         self._last_hidden = None
         loss_sum = None
         if chunked:
-            loss_sum = linear_cross_entropy(hidden[:, m:m + size], head, targets)
+            loss_sum = linear_cross_entropy(hidden[:, m : m + size], head, targets)
         elif targets is not None:
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                       reduction="sum")  # fmt: skip
-        return logits, hidden[:, m + size:], loss_sum
+            loss_sum = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+        return logits, hidden[:, m + size :], loss_sum
 
     # ------------------------------------------------------------------------------------------- encoder
     def _encoder(self, input_ids, labels, memory_state, return_logits):
@@ -254,15 +280,16 @@ class FastRMT(RMTBase):
         """One segment: [CLS] [MEM]*m [SEP] tokens [SEP] [PAD]* -> (model output, new memory (B, m, d))."""
         m = self.num_mem_tokens
         embeds = self.word_embeddings(ids)
-        embeds[:, 1:1 + m] = memory
+        embeds[:, 1 : 1 + m] = memory
         layout = SegmentLayout(0, ids.shape[1], 0, False, token_counts=counts)
         key_valid = layout.key_valid()
         with active_segment(layout, self.settings.attn_backend):
-            out = self.model(inputs_embeds=embeds, attention_mask=key_valid, token_type_ids=torch.zeros_like(ids),
-                             labels=labels)  # fmt: skip
+            out = self.model(
+                inputs_embeds=embeds, attention_mask=key_valid, token_type_ids=torch.zeros_like(ids), labels=labels
+            )
         hidden = out.last_hidden_state if self._info.base_model is self.model else self._last_hidden
         self._last_hidden = None
-        return out, hidden[:, 1:1 + m]
+        return out, hidden[:, 1 : 1 + m]
 
 
 class _WithAttn:

@@ -65,8 +65,10 @@ class FastInference:
     def path(self) -> tuple[str, str | None]:
         """(the path this call takes, why it is not ``graphed+compiled`` or None)."""
         if torch.is_grad_enabled():
-            return EAGER, ("gradients are enabled (training, or a call outside torch.no_grad() / "
-                           "torch.inference_mode()): running the eager step")  # fmt: skip
+            return EAGER, (
+                "gradients are enabled (training, or a call outside torch.no_grad() / "
+                "torch.inference_mode()): running the eager step"
+            )
         device = self._rmt.memory.device
         if not graphs_supported(device):
             return EAGER, f"the model is on {device.type}: CUDA graphs need a CUDA device; running the eager step"

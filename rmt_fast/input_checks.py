@@ -101,7 +101,7 @@ def _run(checks: list[_Check]) -> None:
     host = torch.stack([v.to(torch.int64) for v in values]).tolist()  # the one host sync of the check
     at = 0
     for c in checks:
-        part = host[at:at + len(c.values)]
+        part = host[at : at + len(c.values)]
         at += len(c.values)
         if c.bad(part):
             raise ValueError(c.message())
@@ -117,8 +117,10 @@ def _ids_check(ids: Tensor, vocab: int) -> _Check:
 
     def message() -> str:
         r, p = _where((ids < 0) | (ids >= vocab))
-        return (f"input_ids holds {ids[r, p].item()} at row {r}, position {p}: expected token ids in the "
-                f"vocabulary [0, {vocab}) (the rows of the model's word embedding)")  # fmt: skip
+        return (
+            f"input_ids holds {ids[r, p].item()} at row {r}, position {p}: expected token ids in the "
+            f"vocabulary [0, {vocab}) (the rows of the model's word embedding)"
+        )
 
     return _Check([lo, hi], lambda v: v[0] < 0 or v[1] >= vocab, message)
 
@@ -130,8 +132,10 @@ def _labels_check(labels: Tensor, n: int, what: str) -> _Check:
     def message() -> str:
         where = _where(((labels < 0) | (labels >= n)) & ~ignored)
         place = f"row {where[0]}" + (f", position {where[1]}" if len(where) > 1 else "")
-        return (f"labels holds {labels[where].item()} at {place}: expected class ids in [0, {n}) ({what}) or "
-                f"the ignore index {IGNORE_INDEX}")  # fmt: skip
+        return (
+            f"labels holds {labels[where].item()} at {place}: expected class ids in [0, {n}) ({what}) or "
+            f"the ignore index {IGNORE_INDEX}"
+        )
 
     return _Check([lo, hi], lambda v: v[0] < 0 or v[1] >= n, message)
 
@@ -162,9 +166,11 @@ def _hidden_content_check(ids: Tensor, mask: Tensor, pad_id: int) -> _Check:
 
     def message() -> str:
         r, p = _where(hidden)
-        return (f"attention_mask masks non-pad tokens (row {r}, position {p}: id {ids[r, p].item()}), but an "
-                "encoder RMT derives its mask from the pad tokens (pad, CLS and SEP are dropped from input_ids): "
-                "replace masked tokens by the pad id")  # fmt: skip
+        return (
+            f"attention_mask masks non-pad tokens (row {r}, position {p}: id {ids[r, p].item()}), but an "
+            "encoder RMT derives its mask from the pad tokens (pad, CLS and SEP are dropped from input_ids): "
+            "replace masked tokens by the pad id"
+        )
 
     return _Check([hidden.any()], lambda v: v[0] != 0, message)
 
@@ -172,7 +178,9 @@ def _hidden_content_check(ids: Tensor, mask: Tensor, pad_id: int) -> _Check:
 def _finite_check(memory: Tensor) -> _Check:
     def message() -> str:
         r, s, f = _where(~torch.isfinite(memory))
-        return (f"memory_state holds {memory[r, s, f].item()} at row {r}, memory slot {s} (feature {f}): expected "
-                "finite values (NaN or inf would spread into every later segment and every later call's memory)")
+        return (
+            f"memory_state holds {memory[r, s, f].item()} at row {r}, memory slot {s} (feature {f}): expected "
+            "finite values (NaN or inf would spread into every later segment and every later call's memory)"
+        )
 
     return _Check([torch.isfinite(memory).all()], lambda v: v[0] == 0, message)

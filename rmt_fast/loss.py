@@ -48,8 +48,9 @@ def _chunk_loss(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | 
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
-def linear_cross_entropy(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_elements: int = CHUNK_ELEMENTS
-                         ) -> Tensor:  # fmt: skip
+def linear_cross_entropy(
+    hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_elements: int = CHUNK_ELEMENTS
+) -> Tensor:
     """Summed cross-entropy of ``head(hidden)`` (..., V) against ``targets`` (...), -100 ignored, without keeping
     more than one chunk of logits alive, in forward or backward."""
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -59,7 +60,7 @@ def linear_cross_entropy(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk
     grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
     total = None
     for start in range(0, h.shape[0], rows):
-        args = (h[start:start + rows], t[start:start + rows], head.weight, head.bias)
+        args = (h[start : start + rows], t[start : start + rows], head.weight, head.bias)
         part = checkpoint(_chunk_loss, *args, use_reentrant=False) if grad else _chunk_loss(*args)
         total = part if total is None else total + part
     return total

@@ -60,7 +60,7 @@ class SegmentAttention:
 
     def read(self, layer: int) -> Tensor:
         """(b, H, m): the answering token's attention on the read slots in ``layer``."""
-        return self.answer[layer][..., self.read_slots.start:self.read_slots.stop]
+        return self.answer[layer][..., self.read_slots.start : self.read_slots.stop]
 
     def read_share(self, layer: int) -> Tensor:
         """(b, H): the share of the answering token's attention that goes to the read slots."""
@@ -70,8 +70,10 @@ class SegmentAttention:
         """(b, H): the share of the write slots' attention mass on the key positions ``keys`` ((b, S) bool),
         averaged over the write slots (each slot's row sums to one)."""
         if keys.shape != self.key_valid.shape or keys.dtype != torch.bool:
-            raise ValueError(f"keys must be a bool tensor of shape {tuple(self.key_valid.shape)}, got "
-                             f"{keys.dtype} {tuple(keys.shape)}")  # fmt: skip
+            raise ValueError(
+                f"keys must be a bool tensor of shape {tuple(self.key_valid.shape)}, got "
+                f"{keys.dtype} {tuple(keys.shape)}"
+            )
         w = self.write[layer]
         return (w * keys[:, None, None, :].to(w.dtype)).sum(-1).mean(-1)
 
@@ -98,9 +100,15 @@ class MemoryAttention:
     logits: Tensor | None
 
 
-def memory_attention(rmt: RMTBase, input_ids: Tensor, attention_mask: Tensor | None = None,
-                     memory_state: Tensor | None = None, *, answer_token: int | None = None,
-                     full: bool = False) -> MemoryAttention:  # fmt: skip
+def memory_attention(
+    rmt: RMTBase,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    memory_state: Tensor | None = None,
+    *,
+    answer_token: int | None = None,
+    full: bool = False,
+) -> MemoryAttention:
     """Rerun ``rmt`` on ``input_ids`` through eager attention and return the attention of its memory operations.
 
     ``answer_token`` (decoders only): which token slot of each segment answers, an index into the segment's
@@ -148,15 +156,17 @@ def _eager(rmt: RMTBase):
 def _attentions(rmt: RMTBase, out) -> tuple[Tensor, ...]:
     attentions = getattr(out, "attentions", None)
     if not attentions or any(a is None for a in attentions):
-        raise ValueError(f"{type(rmt.model).__name__} returned no attention weights with output_attentions=True "
-                         "under eager attention")  # fmt: skip
+        raise ValueError(
+            f"{type(rmt.model).__name__} returned no attention weights with output_attentions=True "
+            "under eager attention"
+        )
     return attentions
 
 
 def _keep(attentions, write_slots: range, answer: int, full: bool):
     """The kept rows, in fp32 at least (fp16/bf16 weights are widened; fp64 stays fp64)."""
     wide = [a.to(torch.promote_types(a.dtype, torch.float32)) for a in attentions]
-    write = [a[:, :, write_slots.start:write_slots.stop].clone() for a in wide]
+    write = [a[:, :, write_slots.start : write_slots.stop].clone() for a in wide]
     answer_rows = [a[:, :, answer].clone() for a in wide]
     probs = [a.clone() for a in wide] if full else None
     return write, answer_rows, probs
@@ -168,28 +178,42 @@ def _decoder(rmt, input_ids, attention_mask, memory_state, answer_token, full) -
     device = input_ids.device
     memory = rmt.initial_memory(b, memory_state)
     segments, logits = [], []
-    for t, (start, n) in enumerate(decoder_plan(input_ids.shape[1], rmt.segment_size,
-                                                rmt.settings.segment_alignment)):  # fmt: skip
-        ids = input_ids[:, start:start + n]
+    for t, (start, n) in enumerate(decoder_plan(input_ids.shape[1], rmt.segment_size, rmt.settings.segment_alignment)):
+        ids = input_ids[:, start : start + n]
         embeds = torch.cat([memory, rmt.word_embeddings(ids), memory], dim=1)
         mask = torch.ones(b, 2 * m + n, dtype=torch.int64, device=device)
         if attention_mask is not None:
-            mask[:, m:m + n] = attention_mask[:, start:start + n]
-        out = rmt.model(inputs_embeds=embeds, attention_mask=mask, output_attentions=True,
-                        output_hidden_states=True, use_cache=False)  # fmt: skip
+            mask[:, m : m + n] = attention_mask[:, start : start + n]
+        out = rmt.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            output_attentions=True,
+            output_hidden_states=True,
+            use_cache=False,
+        )
         write_slots = range(m + n, 2 * m + n)
         answer = m + (answer_token % n)
         write, answer_rows, probs = _keep(_attentions(rmt, out), write_slots, answer, full)
         memory_ids = torch.full((b, m), -1, dtype=ids.dtype, device=device)
         none = torch.full((b, m), -1, dtype=torch.int64, device=device)
         columns = torch.arange(start, start + n, device=device).expand(b, n)
-        segments.append(SegmentAttention(
-            index=t, rows=None, ids=torch.cat([memory_ids, ids, memory_ids], 1), key_valid=mask.bool(),
-            source_positions=torch.cat([none, columns, none], 1), read_slots=range(0, m),
-            write_slots=write_slots, answer_position=answer, write=write, answer=answer_rows, probs=probs,
-        ))  # fmt: skip
-        logits.append(out.logits[:, m:m + n])
-        memory = out.hidden_states[-1][:, m + n:]
+        segments.append(
+            SegmentAttention(
+                index=t,
+                rows=None,
+                ids=torch.cat([memory_ids, ids, memory_ids], 1),
+                key_valid=mask.bool(),
+                source_positions=torch.cat([none, columns, none], 1),
+                read_slots=range(0, m),
+                write_slots=write_slots,
+                answer_position=answer,
+                write=write,
+                answer=answer_rows,
+                probs=probs,
+            )
+        )
+        logits.append(out.logits[:, m : m + n])
+        memory = out.hidden_states[-1][:, m + n :]
     return MemoryAttention("decoder", m, segments, memory, torch.cat(logits, 1))
 
 
@@ -204,21 +228,36 @@ def _encoder(rmt, input_ids, memory_state, full) -> MemoryAttention:
     for k, seg in enumerate(plan.segments):
         rows = seg.rows
         embeds = rmt.word_embeddings(seg.ids)
-        embeds[:, 1:1 + m] = memory if rows is None else memory[rows]
+        embeds[:, 1 : 1 + m] = memory if rows is None else memory[rows]
         positions = torch.arange(seg.ids.shape[1], device=seg.ids.device)
         valid = torch.ones_like(seg.ids, dtype=torch.bool) if seg.counts is None else positions < seg.counts[:, None]
-        out = rmt.model(inputs_embeds=embeds, attention_mask=valid.long(), token_type_ids=torch.zeros_like(seg.ids),
-                        output_attentions=True, output_hidden_states=True)  # fmt: skip
+        out = rmt.model(
+            inputs_embeds=embeds,
+            attention_mask=valid.long(),
+            token_type_ids=torch.zeros_like(seg.ids),
+            output_attentions=True,
+            output_hidden_states=True,
+        )
         write, answer_rows, probs = _keep(_attentions(rmt, out), slots, 0, full)
         ids = seg.ids.clone()
-        ids[:, 1:1 + m] = -1
+        ids[:, 1 : 1 + m] = -1
         src = sources[k] if rows is None else sources[k][rows]
-        segments.append(SegmentAttention(
-            index=plan.n_segments - len(plan.segments) + k, rows=rows, ids=ids, key_valid=valid,
-            source_positions=src, read_slots=slots, write_slots=slots, answer_position=0, write=write,
-            answer=answer_rows, probs=probs,
-        ))  # fmt: skip
-        new = out.hidden_states[-1][:, 1:1 + m]
+        segments.append(
+            SegmentAttention(
+                index=plan.n_segments - len(plan.segments) + k,
+                rows=rows,
+                ids=ids,
+                key_valid=valid,
+                source_positions=src,
+                read_slots=slots,
+                write_slots=slots,
+                answer_position=0,
+                write=write,
+                answer=answer_rows,
+                probs=probs,
+            )
+        )
+        new = out.hidden_states[-1][:, 1 : 1 + m]
         memory = new if rows is None else memory.index_put((rows,), new)
     logits = getattr(out, "logits", None)
     return MemoryAttention("encoder", m, segments, memory, out.last_hidden_state if logits is None else logits)
@@ -244,5 +283,5 @@ def _encoder_sources(rmt, input_ids: Tensor, n_segments: int) -> list[Tensor]:
         pieces = list(zip(bounds, bounds[1:]))
         first = n_segments - len(pieces)
         for j, (a, e) in enumerate(pieces):
-            out[first + j, r, 2 + m:2 + m + e - a] = columns[a:e]
+            out[first + j, r, 2 + m : 2 + m + e - a] = columns[a:e]
     return list(out.to(input_ids.device))

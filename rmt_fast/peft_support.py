@@ -91,12 +91,16 @@ def load_adapter(save_directory, base_model, backbone_class: str, is_trainable: 
             "base_model was given as a model, so load it with those arguments yourself"
         )
     if not isinstance(base_model, PreTrainedModel):
-        raise TypeError(f"base_model must be a transformers PreTrainedModel (without the adapter), a path or a hub "
-                        f"name, got {type(base_model).__name__}")  # fmt: skip
+        raise TypeError(
+            f"base_model must be a transformers PreTrainedModel (without the adapter), a path or a hub "
+            f"name, got {type(base_model).__name__}"
+        )
     injected = _adapter_layer(base_model)
     if injected is not None:
-        raise ValueError(f"base_model already holds peft adapter layers ({injected}); pass the base model without "
-                         "them (a fresh copy: peft injects the saved adapter into it)")  # fmt: skip
+        raise ValueError(
+            f"base_model already holds peft adapter layers ({injected}); pass the base model without "
+            "them (a fresh copy: peft injects the saved adapter into it)"
+        )
     if type(base_model).__name__ != backbone_class:
         raise ValueError(
             f"base_model: the adapter in {path} was trained on a {backbone_class}, got {type(base_model).__name__}"

@@ -36,8 +36,15 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, labels_mask: Tensor | None) -
 
 
 class ReferenceRMT(RMTBase):
-    def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
-                return_logits: bool = True) -> RMTOutput:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        labels_mask=None,
+        memory_state=None,
+        return_logits: bool = True,
+    ) -> RMTOutput:
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
         if self.is_decoder:
             return self._decoder(input_ids, attention_mask, labels, labels_mask, memory_state)
@@ -59,7 +66,7 @@ class ReferenceRMT(RMTBase):
         inputs_embeds = torch.cat(parts, dim=1)
         if mask is not None:
             full = torch.ones(inputs_embeds.shape[:2], dtype=torch.int64, device=ids.device)
-            full[:, m:m + mask.shape[1]] = mask
+            full[:, m : m + mask.shape[1]] = mask
             mask = full
         return inputs_embeds, mask
 
@@ -74,11 +81,12 @@ class ReferenceRMT(RMTBase):
             if memory_detached_before(t, n, self.settings.bptt_depth):
                 memory = memory.detach()
             inputs_embeds, mask = self._decoder_segment(memory, ids, mask)
-            out = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, output_hidden_states=True,
-                             use_cache=False)  # fmt: skip
+            out = self.model(
+                inputs_embeds=inputs_embeds, attention_mask=mask, output_hidden_states=True, use_cache=False
+            )
             length = ids.shape[1]
-            logits.append(out.logits[:, m:m + length])
-            memory = out.hidden_states[-1][:, m + length:]
+            logits.append(out.logits[:, m : m + length])
+            memory = out.hidden_states[-1][:, m + length :]
         full_logits = torch.cat(logits, dim=1)
         loss = None if labels is None else causal_lm_loss(full_logits, labels, labels_mask)
         return RMTOutput(loss=loss, logits=full_logits, memory_state=memory)
@@ -124,14 +132,14 @@ class ReferenceRMT(RMTBase):
         for a, b in zip(bounds, bounds[1:]):
             ids = torch.full((self.input_size,), fill, dtype=seq.dtype, device=seq.device)
             ids[0] = st.cls_token_id
-            ids[1:1 + m] = -1
+            ids[1 : 1 + m] = -1
             ids[1 + m] = st.sep_token_id
-            ids[2 + m:2 + m + b - a] = seq[a:b]
+            ids[2 + m : 2 + m + b - a] = seq[a:b]
             ids[2 + m + b - a] = st.sep_token_id
             seg_lab = None
             if lab is not None:
                 seg_lab = torch.full((self.input_size,), -100, dtype=lab.dtype, device=lab.device)
-                seg_lab[2 + m:2 + m + b - a] = lab[a:b]
+                seg_lab[2 + m : 2 + m + b - a] = lab[a:b]
             out.append((ids, seg_lab))
         return out
 
@@ -156,16 +164,21 @@ class ReferenceRMT(RMTBase):
             ids = torch.stack([p[t][0] for p in per_sample if p[t] is not None])
             attention_mask = (ids != st.pad_token_id).long()
             inputs_embeds = self.word_embeddings(ids.clamp(min=0))
-            inputs_embeds[:, 1:1 + m] = memory[rows]
+            inputs_embeds[:, 1 : 1 + m] = memory[rows]
             seg_labels = None
             if labels is not None:
-                seg_labels = (torch.stack([p[t][1] for p in per_sample if p[t] is not None])
-                              if token_labels else labels[rows])  # fmt: skip
-            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             token_type_ids=torch.zeros_like(ids), labels=seg_labels,
-                             output_hidden_states=True)  # fmt: skip
+                seg_labels = (
+                    torch.stack([p[t][1] for p in per_sample if p[t] is not None]) if token_labels else labels[rows]
+                )
+            out = self.model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                token_type_ids=torch.zeros_like(ids),
+                labels=seg_labels,
+                output_hidden_states=True,
+            )
             memory = memory.clone()
-            memory[rows] = out.hidden_states[-1][:, 1:1 + m]
+            memory[rows] = out.hidden_states[-1][:, 1 : 1 + m]
             if seg_labels is not None:
                 losses.append(out.loss)
         loss = None

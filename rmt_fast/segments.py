@@ -104,8 +104,9 @@ def encoder_plan(input_ids: Tensor, labels: Tensor | None, st, input_size: int, 
         active = [r for r in range(b) if t >= n - n_rows[r]]
         if not active:
             continue
-        full = all(_segment_length(lengths_host[r], n_rows[r], t - (n - n_rows[r]), size, right) == size
-                   for r in active)  # fmt: skip
+        full = all(
+            _segment_length(lengths_host[r], n_rows[r], t - (n - n_rows[r]), size, right) == size for r in active
+        )
         if labels is None:
             lab = None
         else:
@@ -143,11 +144,11 @@ class DecoderStatic:
     def segment(self, input_ids, targets, start: int, length: int):
         """A segment's inputs padded to the static width: ids, counts (None when full), targets."""
         pad = self.size - length
-        ids = F.pad(input_ids[:, start:start + length], (0, pad))
+        ids = F.pad(input_ids[:, start : start + length], (0, pad))
         counts = self.counts(length) if pad else None
         seg_targets = None
         if targets is not None:
-            seg_targets = F.pad(targets[:, start:start + length], (0, pad), value=-100)
+            seg_targets = F.pad(targets[:, start : start + length], (0, pad), value=-100)
         return ids, counts, seg_targets
 
     def mask_plan(self, attention_mask: Tensor | None, plan: list[tuple[int, int]]) -> list:
@@ -162,7 +163,7 @@ class DecoderStatic:
         """
         if attention_mask is None:
             return [None] * len(plan)
-        hidden_pad = torch.stack([F.pad(attention_mask[:, a:a + n].bool(), (0, self.size - n)) for a, n in plan])
+        hidden_pad = torch.stack([F.pad(attention_mask[:, a : a + n].bool(), (0, self.size - n)) for a, n in plan])
         starts, ends, holes = mask_runs(hidden_pad)  # (n, B): the padded tail is hidden, so ends <= length
         lengths = torch.tensor([n for _, n in plan], dtype=ends.dtype).to(ends.device, non_blocking=True)
         all_ones = ((starts == 0) & (ends == lengths[:, None])).all(1)  # with no holes: every token visible

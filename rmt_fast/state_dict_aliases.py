@@ -45,7 +45,9 @@ def fill_tied(loaded: dict[str, Tensor], own: dict, key_of) -> None:
             continue
         for other in present[1:]:
             if not same_values(loaded[present[0]], loaded[other]):
-                raise ValueError(f"state_dict: {key_of(present[0])} and {key_of(other)} are one tied tensor of the "
-                                 "backbone but hold different values")  # fmt: skip
+                raise ValueError(
+                    f"state_dict: {key_of(present[0])} and {key_of(other)} are one tied tensor of the "
+                    "backbone but hold different values"
+                )
         for name in names:
             loaded.setdefault(name, loaded[present[0]])

@@ -85,14 +85,25 @@ class DocumentStream:
     * ``use_tqdm``: a progress bar over the documents (utilisation in its postfix).
     """
 
-    def __init__(self, rmt, batch_size: int = 8, *, ordered: bool = True, admission: str = "longest_first",
-                 return_logits: bool = False, generate_kwargs: dict | None = None, cuda_graph: bool | None = None,
-                 on_error: str = "yield", use_tqdm: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        rmt,
+        batch_size: int = 8,
+        *,
+        ordered: bool = True,
+        admission: str = "longest_first",
+        return_logits: bool = False,
+        generate_kwargs: dict | None = None,
+        cuda_graph: bool | None = None,
+        on_error: str = "yield",
+        use_tqdm: bool = True,
+    ):
         from .base import RMTBase
 
         if not isinstance(rmt, RMTBase):
-            raise ValueError(f"rmt must be a FastRMT, ReferenceRMT, FastARMT or ReferenceARMT, "
-                             f"got {type(rmt).__name__}")
+            raise ValueError(
+                f"rmt must be a FastRMT, ReferenceRMT, FastARMT or ReferenceARMT, got {type(rmt).__name__}"
+            )
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int (the number of slots), got {batch_size!r}")
         for name, value in (("ordered", ordered), ("return_logits", return_logits), ("use_tqdm", use_tqdm)):
@@ -107,8 +118,10 @@ class DocumentStream:
         if generate_kwargs is not None and not isinstance(generate_kwargs, dict):
             raise ValueError(f"generate_kwargs must be None or a dict, got {type(generate_kwargs).__name__}")
         if not rmt.is_decoder and (return_logits or generate_kwargs is not None):
-            raise ValueError("return_logits / generate_kwargs are decoder options: an encoder's result holds the "
-                             "last segment's logits")  # fmt: skip
+            raise ValueError(
+                "return_logits / generate_kwargs are decoder options: an encoder's result holds the "
+                "last segment's logits"
+            )
         self.rmt, self.batch_size, self.ordered, self.admission = rmt, batch_size, ordered, admission
         self.return_logits, self.generate_kwargs, self.on_error = return_logits, generate_kwargs, on_error
         self.use_tqdm, self.cuda_graph = use_tqdm, cuda_graph
@@ -127,8 +140,10 @@ class DocumentStream:
             raise ValueError(f"cuda_graph=True: only FastRMT's stream step is captured, not {type(rmt).__name__}'s")
         if isinstance(rmt, FastARMT):
             if rmt.diagonal:
-                raise ValueError("a FastARMT stream runs the sequential schedule: build it with diagonal=False "
-                                 "(docs/stream.md says what the diagonal schedule would need)")  # fmt: skip
+                raise ValueError(
+                    "a FastARMT stream runs the sequential schedule: build it with diagonal=False "
+                    "(docs/stream.md says what the diagonal schedule would need)"
+                )
             from .stream_armt import ARMTSlotStep
 
             return ARMTSlotStep(rmt, self.batch_size, self.return_logits, self.generate_kwargs is not None)
@@ -236,8 +251,9 @@ class DocumentStream:
         if self.generate_kwargs is not None:
             start, _ = doc.segments[-1]
             mask = None if doc.attention_mask is None else doc.attention_mask[:, start:]
-            res.generated = self.rmt.generate(doc.ids[:, start:], attention_mask=mask,
-                                              memory_state=doc.memory_before_last, **self.generate_kwargs)  # fmt: skip
+            res.generated = self.rmt.generate(
+                doc.ids[:, start:], attention_mask=mask, memory_state=doc.memory_before_last, **self.generate_kwargs
+            )
         return res
 
 

@@ -32,18 +32,20 @@ class ARMTSlotStep:
         size, m = armt.segment_size, armt.num_mem_tokens
         self.slot = torch.arange(size + m, device=device)
         self.idle = torch.zeros(3 * size + 2, dtype=torch.int64, device=device)
-        self.idle[size:2 * size] = 1
-        self.idle[2 * size:3 * size] = -100
-        self.idle[3 * size:] = torch.tensor([size, 1])
+        self.idle[size : 2 * size] = 1
+        self.idle[2 * size : 3 * size] = -100
+        self.idle[3 * size :] = torch.tensor([size, 1])
         self._layers = None
 
     def _prepare(self):
         armt = self.armt
         if self._layers is None:
-            self._layers = StackedLayers(armt.model, armt.decoder_layers, armt.model.config.model_type,
-                                         armt.settings.attn_backend)  # fmt: skip
-            self._weights = tuple(torch.stack([getattr(p, name).weight for p in armt.assoc]) for name in
-                                  ("W_mq", "W_mk", "W_mv", "W_mb")) + (torch.stack([p.W_mb.bias for p in armt.assoc]),)
+            self._layers = StackedLayers(
+                armt.model, armt.decoder_layers, armt.model.config.model_type, armt.settings.attn_backend
+            )
+            self._weights = tuple(
+                torch.stack([getattr(p, name).weight for p in armt.assoc]) for name in ("W_mq", "W_mk", "W_mv", "W_mb")
+            ) + (torch.stack([p.W_mb.bias for p in armt.assoc]),)
         return self._layers, self._weights
 
     def run(self, work: list) -> None:
@@ -51,7 +53,7 @@ class ARMTSlotStep:
         size, m = armt.segment_size, armt.num_mem_tokens
         layers, weights = self._prepare()
         pack = torch.stack([self.idle if d is None else d.packs[d.step] for d in work])
-        ids, visible, targets = pack[:, :size], pack[:, size:2 * size].bool(), pack[:, 2 * size:3 * size]
+        ids, visible, targets = pack[:, :size], pack[:, size : 2 * size].bool(), pack[:, 2 * size : 3 * size]
         counts, first = pack[:, 3 * size], pack[:, 3 * size + 1].bool()
         entry = None
         if self.keep_entry_memory:
@@ -71,8 +73,9 @@ class ARMTSlotStep:
         first_arg = first.view(1, b, 1, 1, 1)
         x = x.unsqueeze(0)
         for layer in range(armt.n_layers):
-            x, a, zz = armt.cells(x, self.A[layer][None], self.z[layer][None], layer, layout, rope, first_arg, layers,
-                                  weights)  # fmt: skip
+            x, a, zz = armt.cells(
+                x, self.A[layer][None], self.z[layer][None], layer, layout, rope, first_arg, layers, weights
+            )
             self.A[layer], self.z[layer] = a[0], zz[0]
         norm = base.ln_f if self.gpt2 else base.norm
         logits = armt.model.get_output_embeddings()(norm(x[0, :, :size]))
@@ -87,10 +90,10 @@ class ARMTSlotStep:
             if doc.at_last:
                 doc.memory = self._row(self.A, self.z, s)
                 if entry is not None and doc.step > 0:
-                    doc.memory_before_last = ARMTMemoryState(entry[0][:, s:s + 1].clone(),
-                                                             entry[1][:, s:s + 1].clone())  # fmt: skip
+                    doc.memory_before_last = ARMTMemoryState(
+                        entry[0][:, s : s + 1].clone(), entry[1][:, s : s + 1].clone()
+                    )
 
     @staticmethod
     def _row(A, z, s: int) -> ARMTMemoryState:
-        return ARMTMemoryState(torch.stack([a[s:s + 1] for a in A]), torch.stack([c[s:s + 1] for c in z]))
-
+        return ARMTMemoryState(torch.stack([a[s : s + 1] for a in A]), torch.stack([c[s : s + 1] for c in z]))

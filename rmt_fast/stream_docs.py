@@ -122,7 +122,7 @@ def _plan(rmt, index: int, doc) -> Document:
     packs[0, width + 1] = 1
     lengths = [c - m - 3 for c in counts.tolist()]  # the one host sync of the planning
     segments = [(0, k) for k in lengths]
-    contents = [seg.ids[:, 2 + m:2 + m + k] for seg, k in zip(plan.segments, lengths)]  # views
+    contents = [seg.ids[:, 2 + m : 2 + m + k] for seg, k in zip(plan.segments, lengths)]  # views
     return Document(index, ids, batch.get("attention_mask"), segments, packs, contents=contents)
 
 
@@ -131,13 +131,13 @@ def _decoder_packs(doc: Document, size: int) -> Tensor:
     rows = []
     for t, (start, length) in enumerate(doc.segments):
         pad = size - length
-        ids = F.pad(doc.ids[0, start:start + length].to(torch.int64), (0, pad))
+        ids = F.pad(doc.ids[0, start : start + length].to(torch.int64), (0, pad))
         if doc.attention_mask is None:
             visible = torch.ones(length, dtype=torch.int64, device=ids.device)
         else:
-            visible = doc.attention_mask[0, start:start + length].to(torch.int64)
+            visible = doc.attention_mask[0, start : start + length].to(torch.int64)
         visible = F.pad(visible, (0, pad))
-        targets = F.pad(doc.targets[0, start:start + length], (0, pad), value=-100)
+        targets = F.pad(doc.targets[0, start : start + length], (0, pad), value=-100)
         tail = torch.tensor([length, int(t == 0)], dtype=torch.int64, device=ids.device)
         rows.append(torch.cat([ids, visible, targets, tail]))
     return torch.stack(rows)

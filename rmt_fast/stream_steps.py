@@ -29,8 +29,9 @@ from .segments import DecoderStatic
 
 def token_cross_entropy(logits, targets):
     """(B, L, V) logits, (B, L) targets -> (B, L) cross-entropy in float32 (0 where the target is -100)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="none").view(targets.shape)  # fmt: skip
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view(
+        targets.shape
+    )
 
 
 class FastSlotStep:
@@ -43,9 +44,9 @@ class FastSlotStep:
             size = rmt.segment_size
             self.width = 3 * size + 2
             idle = torch.zeros(self.width, dtype=torch.int64, device=device)
-            idle[size:2 * size] = 1  # every token slot visible, targets ignored, full count, reset
-            idle[2 * size:3 * size] = -100
-            idle[3 * size:] = torch.tensor([size, 1])
+            idle[size : 2 * size] = 1  # every token slot visible, targets ignored, full count, reset
+            idle[2 * size : 3 * size] = -100
+            idle[3 * size :] = torch.tensor([size, 1])
         else:
             self.width = rmt.input_size + 2
             idle = torch.zeros(self.width, dtype=torch.int64, device=device)
@@ -58,21 +59,25 @@ class FastSlotStep:
     def _build(self) -> StaticStep:
         rmt, b = self.rmt, self.batch
         device = rmt.memory.device
-        inputs = dict(pack=self.idle.expand(b, -1).clone(),
-                      memory=rmt.memory.detach().unsqueeze(0).expand(b, -1, -1).clone())  # fmt: skip
+        inputs = dict(
+            pack=self.idle.expand(b, -1).clone(), memory=rmt.memory.detach().unsqueeze(0).expand(b, -1, -1).clone()
+        )
         if rmt.is_decoder:
             size = rmt.segment_size
             static = DecoderStatic(b, rmt.num_mem_tokens, size, device)
 
             def fn(pack, memory):
-                ids, visible, targets = pack[:, :size], pack[:, size:2 * size].bool(), pack[:, 2 * size:3 * size]
+                ids, visible, targets = pack[:, :size], pack[:, size : 2 * size].bool(), pack[:, 2 * size : 3 * size]
                 counts, reset = pack[:, 3 * size].to(torch.int32), pack[:, 3 * size + 1].bool()
                 memory.copy_(torch.where(reset[:, None, None], rmt.memory.detach(), memory))  # refill: masked copy
                 entry = memory.clone() if self.keep_entry_memory else None
                 logits, new_memory, _ = rmt.decoder_step(ids, memory, counts, visible, static, True, None)
                 memory.copy_(new_memory)
-                return {"token_loss": token_cross_entropy(logits, targets), "entry": entry,
-                        "logits": logits if self.return_logits else None}  # fmt: skip
+                return {
+                    "token_loss": token_cross_entropy(logits, targets),
+                    "entry": entry,
+                    "logits": logits if self.return_logits else None,
+                }
         else:
             width = rmt.input_size
 
@@ -92,8 +97,11 @@ class FastSlotStep:
                 raise
             import warnings
 
-            warnings.warn(f"rmt_fast stream: CUDA-graph capture failed ({type(exc).__name__}: {exc}); running the "
-                          "step eagerly", RuntimeWarning, stacklevel=4)  # fmt: skip
+            warnings.warn(
+                f"rmt_fast stream: CUDA-graph capture failed ({type(exc).__name__}: {exc}); running the step eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             return StaticStep(fn, dict(pack=self.idle.expand(b, -1).clone(), memory=inputs["memory"]), False)
 
     @property
@@ -121,14 +129,14 @@ class FastSlotStep:
                 if logits is not None:
                     doc.logits.append(logits[s, :length])
                 if doc.at_last:
-                    doc.memory = io["memory"][s:s + 1].clone()
+                    doc.memory = io["memory"][s : s + 1].clone()
                     if entry is not None:
-                        doc.memory_before_last = entry[s:s + 1].clone()
+                        doc.memory_before_last = entry[s : s + 1].clone()
             return
         for s, doc in enumerate(work):
             if doc is not None and doc.at_last:
-                doc.memory = io["memory"][s:s + 1].clone()
-                doc.logits = [out["logits"][s:s + 1].clone()]
+                doc.memory = io["memory"][s : s + 1].clone()
+                doc.logits = [out["logits"][s : s + 1].clone()]
 
 
 class PerSlotStep:
@@ -149,9 +157,9 @@ class PerSlotStep:
                 doc.memory_before_last = doc.memory
             if rmt.is_decoder:
                 start, length = doc.segments[t]
-                mask = None if doc.attention_mask is None else doc.attention_mask[:, start:start + length]
-                out = rmt(doc.ids[:, start:start + length], attention_mask=mask, memory_state=doc.memory)
-                targets = doc.targets[:, start:start + length]
+                mask = None if doc.attention_mask is None else doc.attention_mask[:, start : start + length]
+                out = rmt(doc.ids[:, start : start + length], attention_mask=mask, memory_state=doc.memory)
+                targets = doc.targets[:, start : start + length]
                 doc.token_losses.append(token_cross_entropy(out.logits, targets)[0])
                 if self.return_logits:
                     doc.logits.append(out.logits[0])

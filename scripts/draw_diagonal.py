@@ -1,6 +1,6 @@
 """Draw the order in which FastARMT runs the (segment, layer) cells: sequential vs anti-diagonal.
 
-    python scripts/draw_diagonal.py [--out docs/armt_diagonal.png] [--segments 6] [--layers 4]
+python scripts/draw_diagonal.py [--out docs/armt_diagonal.png] [--segments 6] [--layers 4]
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def step_grid(steps, n_segments, n_layers):
 
 
 def draw(out: Path, n_segments: int, n_layers: int) -> Path:
-    orders = [("sequential: N x L = {} steps", schedule.sequential(n_segments, n_layers)),
-              ("diagonal: N + L - 1 = {} steps", schedule.diagonal(n_segments, n_layers))]
+    orders = [
+        ("sequential: N x L = {} steps", schedule.sequential(n_segments, n_layers)),
+        ("diagonal: N + L - 1 = {} steps", schedule.diagonal(n_segments, n_layers)),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, (title, steps) in zip(axes, orders):
         schedule.check_order(steps, n_segments, n_layers)

@@ -82,11 +82,15 @@ def main() -> None:
 
     paths = {}
     for name, (mod, _) in versions.items():
-        for call, fn in calls(lambda mod=mod: mod.rmt_attention(q, k, v, layout, check=False),
-                              lambda mod=mod: mod.rmt_attention(qg, kg, vg, layout, check=False)).items():
+        for call, fn in calls(
+            lambda mod=mod: mod.rmt_attention(q, k, v, layout, check=False),
+            lambda mod=mod: mod.rmt_attention(qg, kg, vg, layout, check=False),
+        ).items():
             paths[(name, call)] = fn
-    for call, fn in calls(lambda: sdpa_attention.sdpa_rmt_attention(q, k, v, layout),
-                          lambda: sdpa_attention.sdpa_rmt_attention(qg, kg, vg, layout)).items():
+    for call, fn in calls(
+        lambda: sdpa_attention.sdpa_rmt_attention(q, k, v, layout),
+        lambda: sdpa_attention.sdpa_rmt_attention(qg, kg, vg, layout),
+    ).items():
         paths[("sdpa", call)] = fn
 
     results = {}
@@ -110,18 +114,27 @@ def main() -> None:
             results[f"{mode} {name} {call}"] = {"min_us": round(min(s), 2), "median_us": round(statistics.median(s), 2)}
 
     cols = ["before", "after_run", "after", "sdpa"]
-    lines = [f"before = {args.before}; {args.rounds} rounds x {args.calls} calls; CPU us per call, median (min)", "",
-             "| stub | call | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]  # fmt: skip
+    lines = [
+        f"before = {args.before}; {args.rounds} rounds x {args.calls} calls; CPU us per call, median (min)",
+        "",
+        "| stub | call | " + " | ".join(cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
     for mode in ("plain", "triton"):
         for call in ("no_grad", "grad", "step"):
             cells = [results[f"{mode} {c} {call}"] for c in cols]
-            lines.append(f"| {mode} | {call} | "
-                         + " | ".join(f"{x['median_us']:.2f} ({x['min_us']:.2f})" for x in cells) + " |")  # fmt: skip
+            lines.append(
+                f"| {mode} | {call} | " + " | ".join(f"{x['median_us']:.2f} ({x['min_us']:.2f})" for x in cells) + " |"
+            )
     print("\n".join(lines))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ab.json").write_text(json.dumps({"before": args.before, "rounds": args.rounds,
-                                                      "calls": args.calls, "results": results}, indent=1) + "\n")
+        (args.out / "ab.json").write_text(
+            json.dumps(
+                {"before": args.before, "rounds": args.rounds, "calls": args.calls, "results": results}, indent=1
+            )
+            + "\n"
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -68,8 +68,10 @@ def problems(rec: dict) -> list[str]:
         return [f"compile error: {rec['error']}"]
     spilled = (rec.get("spill_stores") or 0) + (rec.get("spill_loads") or 0)
     if spilled or (rec.get("spill_stores") is None and rec.get("stack", 0) > 0):
-        out.append(f"register spills: {rec.get('spill_stores')} B stored, {rec.get('spill_loads')} B loaded, "
-                   f"{rec.get('stack')} B stack, {rec.get('regs')} registers")  # fmt: skip
+        out.append(
+            f"register spills: {rec.get('spill_stores')} B stored, {rec.get('spill_loads')} B loaded, "
+            f"{rec.get('stack')} B stack, {rec.get('regs')} registers"
+        )
     if rec["wgmma_expected"] and rec["wgmma"] == 0:
         out.append(f"no wgmma: {rec['mma_sync']} mma.sync")
     if rec.get("shared", 0) > SMEM_LIMIT:
@@ -85,9 +87,19 @@ def analyse(kind: str, dtype: str, head_dim: int, cfg, layout: str = "causal+cou
     from rmt_fast.kernels.launch_configs import LaunchConfig
 
     cfg = LaunchConfig.of(cfg)
-    rec = dict(kind=kind, variant=cfg.variant, dtype=dtype, head_dim=head_dim, layout=layout, block_m=cfg.block_m,
-               block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=list(cfg.as_tuple()),
-               wgmma_expected=wgmma_expected(dtype))  # fmt: skip
+    rec = dict(
+        kind=kind,
+        variant=cfg.variant,
+        dtype=dtype,
+        head_dim=head_dim,
+        layout=layout,
+        block_m=cfg.block_m,
+        block_n=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        config=list(cfg.as_tuple()),
+        wgmma_expected=wgmma_expected(dtype),
+    )
     t0 = time.perf_counter()
     log = io.StringIO()
     old = triton.knobs.nvidia.dump_ptxas_log
@@ -109,8 +121,9 @@ def analyse(kind: str, dtype: str, head_dim: int, cfg, layout: str = "causal+cou
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout  # fmt: skip
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     rec["regs"], rec["stack"] = (int(m.group(1)), int(m.group(2))) if m else (None, None)
@@ -119,8 +132,11 @@ def analyse(kind: str, dtype: str, head_dim: int, cfg, layout: str = "causal+cou
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     rec["spill_stores"], rec["spill_loads"] = (int(m.group(1)), int(m.group(2))) if m else (None, None)
     rec["problems"] = problems(rec)
-    rec["notes"] = [f"{rec['mma_sync']} dots on mma.sync beside {rec['wgmma']} wgmma"] if (
-        rec["wgmma_expected"] and rec["wgmma"] and rec["mma_sync"]) else []  # fmt: skip
+    rec["notes"] = (
+        [f"{rec['mma_sync']} dots on mma.sync beside {rec['wgmma']} wgmma"]
+        if (rec["wgmma_expected"] and rec["wgmma"] and rec["mma_sync"])
+        else []
+    )
     return rec
 
 
@@ -186,14 +202,21 @@ def _job(args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=("full", "quick", "heuristic"), default="full",
-                   help="the configs: tune's full or quick candidates, or the built-in defaults only")
+    p.add_argument(
+        "--grid",
+        choices=("full", "quick", "heuristic"),
+        default="full",
+        help="the configs: tune's full or quick candidates, or the built-in defaults only",
+    )
     p.add_argument("--dtypes", default="fp16")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "kernels" / "tuned" / "static"))
-    p.add_argument("--merge", action="store_true",
-                   help="keep the records of the existing report and replace or add only the ones compiled now")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the records of the existing report and replace or add only the ones compiled now",
+    )
     args = p.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -217,9 +240,17 @@ def main(argv=None) -> int:
         merged_into = [old["meta"], *old["meta"].get("merged_into", [])]  # the runs this one updates
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
-    meta = dict(arch=f"sm{ARCH}", args=argv_text, git_sha=sha.strip(), triton=triton.__version__, layouts=LAYOUTS,
-                smem_limit=SMEM_LIMIT, n=len(records), n_problems=sum(bool(r["problems"]) for r in records),
-                seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+    meta = dict(
+        arch=f"sm{ARCH}",
+        args=argv_text,
+        git_sha=sha.strip(),
+        triton=triton.__version__,
+        layouts=LAYOUTS,
+        smem_limit=SMEM_LIMIT,
+        n=len(records),
+        n_problems=sum(bool(r["problems"]) for r in records),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
     if args.merge and merged_into:
         meta["merged_into"] = [{k: v for k, v in m.items() if k != "merged_into"} for m in merged_into]
     out.mkdir(parents=True, exist_ok=True)

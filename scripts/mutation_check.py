@@ -31,25 +31,70 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (file, module, top-level names to mutate (None: every function and class), pytest selection)
 TARGETS = {
-    "segments": ("rmt_fast/segments.py", "rmt_fast.segments", None,
-                 ["tests/test_equivalence.py", "tests/test_attention_seam.py", "tests/test_errors.py",
-                  "tests/test_blind_spots.py", "tests/test_properties.py"]),
-    "bptt_rule": ("rmt_fast/base.py", "rmt_fast.base", ["memory_detached_before"],
-                  ["tests/test_reference.py", "tests/test_equivalence.py::test_bptt_depth_matches_reference",
-                   "tests/test_blind_spots.py", "tests/test_properties.py"]),
-    "input_checks": ("rmt_fast/input_checks.py", "rmt_fast.input_checks", None,
-                     ["tests/test_bad_input.py", "tests/test_errors.py", "tests/test_blind_spots.py",
-                      "tests/test_properties.py"]),
-    "layout": ("kernels/layout.py", "rmt_fast.kernels.layout", None,
-               ["tests/test_layout.py", "tests/test_layout_mask_mod.py", "tests/test_attention_seam.py",
-                "tests/test_layers.py", "tests/test_equivalence.py", "tests/test_blind_spots.py",
-                "tests/test_properties.py"]),
-}  # fmt: skip
+    "segments": (
+        "rmt_fast/segments.py",
+        "rmt_fast.segments",
+        None,
+        [
+            "tests/test_equivalence.py",
+            "tests/test_attention_seam.py",
+            "tests/test_errors.py",
+            "tests/test_blind_spots.py",
+            "tests/test_properties.py",
+        ],
+    ),
+    "bptt_rule": (
+        "rmt_fast/base.py",
+        "rmt_fast.base",
+        ["memory_detached_before"],
+        [
+            "tests/test_reference.py",
+            "tests/test_equivalence.py::test_bptt_depth_matches_reference",
+            "tests/test_blind_spots.py",
+            "tests/test_properties.py",
+        ],
+    ),
+    "input_checks": (
+        "rmt_fast/input_checks.py",
+        "rmt_fast.input_checks",
+        None,
+        ["tests/test_bad_input.py", "tests/test_errors.py", "tests/test_blind_spots.py", "tests/test_properties.py"],
+    ),
+    "layout": (
+        "kernels/layout.py",
+        "rmt_fast.kernels.layout",
+        None,
+        [
+            "tests/test_layout.py",
+            "tests/test_layout_mask_mod.py",
+            "tests/test_attention_seam.py",
+            "tests/test_layers.py",
+            "tests/test_equivalence.py",
+            "tests/test_blind_spots.py",
+            "tests/test_properties.py",
+        ],
+    ),
+}
 
-_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
-         ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.Add: ast.Sub,
-         ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult, ast.Mod: ast.FloorDiv,
-         ast.And: ast.Or, ast.Or: ast.And}  # fmt: skip
+_SWAP = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.FloorDiv,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.And: ast.Or,
+    ast.Or: ast.And,
+}
 
 
 @dataclass
@@ -109,8 +154,9 @@ def _parse(target):
     path, _, names, _ = TARGETS[target]
     tree = ast.parse((ROOT / path).read_text())
     skip = _skipped_nodes(tree)
-    stmts = [s for s in tree.body if isinstance(s, (ast.FunctionDef, ast.ClassDef))
-             and (names is None or s.name in names)]  # fmt: skip
+    stmts = [
+        s for s in tree.body if isinstance(s, (ast.FunctionDef, ast.ClassDef)) and (names is None or s.name in names)
+    ]
     return tree, stmts, skip
 
 
@@ -264,8 +310,10 @@ def main(argv=None):
         row["mutants"] += 1
         row[m.status.split()[0]] += 1
     for target, row in summary.items():
-        print(f"{target}: {row['mutants']} mutants, {row['killed']} killed, {row['survived']} survived, "
-              f"{row['error']} errors (the mutant could not be installed)")
+        print(
+            f"{target}: {row['mutants']} mutants, {row['killed']} killed, {row['survived']} survived, "
+            f"{row['error']} errors (the mutant could not be installed)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(m) for m in mutants], indent=1))
     return 0

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 # pytest with one torch thread (tests/conftest.py asks for two, which is slower on a shared CPU)
-ONE_THREAD = ("import sys, torch; torch.set_num_threads(1); torch.set_num_threads = lambda n: None; "
-              "import pytest; sys.exit(pytest.main(sys.argv[1:]))")
+ONE_THREAD = (
+    "import sys, torch; torch.set_num_threads(1); torch.set_num_threads = lambda n: None; "
+    "import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+)
 path, old, new = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-args = sys.argv[sys.argv.index("--") + 1:]
+args = sys.argv[sys.argv.index("--") + 1 :]
 text = path.read_text()
 if text.count(old) != 1:
     sys.exit(f"{path}: {old!r} occurs {text.count(old)} times, expected once")

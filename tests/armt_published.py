@@ -31,8 +31,9 @@ class DPFP(nn.Module):
 class AssociativeLayerWrapper(nn.Module):
     """The published layer wrapper's registrations (without ACT; ``gating=False``)."""
 
-    def __init__(self, layer, d_model, num_mem_tokens, d_mem, n_heads=1, correction=True, info=None,
-                 use_denom=True, gating=False):  # fmt: skip
+    def __init__(
+        self, layer, d_model, num_mem_tokens, d_mem, n_heads=1, correction=True, info=None, use_denom=True, gating=False
+    ):
         super().__init__()
         self.info = info
         self.seg_num = 0
@@ -61,8 +62,18 @@ class AssociativeMemoryCell(nn.Module):
     """The published memory cell's registrations: ``model``, then ``layers`` (the same ModuleList again), then
     the ``memory`` parameter."""
 
-    def __init__(self, base_model, num_mem_tokens, d_mem, layers_attr: str = "model.layers", wrap_pos=False,
-                 correction=True, n_heads=1, use_denom=True, gating=False):  # fmt: skip
+    def __init__(
+        self,
+        base_model,
+        num_mem_tokens,
+        d_mem,
+        layers_attr: str = "model.layers",
+        wrap_pos=False,
+        correction=True,
+        n_heads=1,
+        use_denom=True,
+        gating=False,
+    ):
         super().__init__()
         self.model = base_model
         self.num_mem_tokens = num_mem_tokens
@@ -74,8 +85,16 @@ class AssociativeMemoryCell(nn.Module):
         for attr in self.layers_attrs:
             self.layers = getattr(self.layers, attr)
         for i in range(len(self.layers)):
-            self.layers[i] = AssociativeLayerWrapper(self.layers[i], self.d_model, num_mem_tokens, d_mem, n_heads,
-                                                     correction, use_denom=use_denom, gating=gating)  # fmt: skip
+            self.layers[i] = AssociativeLayerWrapper(
+                self.layers[i],
+                self.d_model,
+                num_mem_tokens,
+                d_mem,
+                n_heads,
+                correction,
+                use_denom=use_denom,
+                gating=gating,
+            )
         self.create_memory(num_mem_tokens)
         self.wrap_pos = wrap_pos
 
@@ -83,8 +102,12 @@ class AssociativeMemoryCell(nn.Module):
         self.num_mem_tokens = num_mem_tokens
         embeddings = self.model.get_input_embeddings()
         memory_dim = getattr(self.model.config, "n_embd", self.model.config.hidden_size)
-        memory_weights = torch.randn((num_mem_tokens, memory_dim), device=embeddings.weight.data.device,
-                                     dtype=embeddings.weight.data.dtype) * embeddings.weight.data.std()  # fmt: skip
+        memory_weights = (
+            torch.randn(
+                (num_mem_tokens, memory_dim), device=embeddings.weight.data.device, dtype=embeddings.weight.data.dtype
+            )
+            * embeddings.weight.data.std()
+        )
         self.register_parameter("memory", nn.Parameter(memory_weights, requires_grad=True))
 
 
@@ -103,8 +126,15 @@ def published_wrapper(armt: ARMTBase) -> AssociativeRecurrentWrapper:
     backbone = copy.deepcopy(armt.peft_model if peft else armt.model)
     st = armt.armt_settings
     layers_attr = (PEFT_KEY_PREFIX if peft else "") + armt.layers_attr
-    cell = AssociativeMemoryCell(backbone, armt.num_mem_tokens, st.d_mem, layers_attr=layers_attr,
-                                 correction=st.correction, n_heads=st.n_heads, use_denom=st.use_denom)  # fmt: skip
+    cell = AssociativeMemoryCell(
+        backbone,
+        armt.num_mem_tokens,
+        st.d_mem,
+        layers_attr=layers_attr,
+        correction=st.correction,
+        n_heads=st.n_heads,
+        use_denom=st.use_denom,
+    )
     with torch.no_grad():
         cell.memory.copy_(armt.memory)
         for wrapped, params in zip(cell.layers, armt.assoc, strict=True):

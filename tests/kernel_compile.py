@@ -57,16 +57,25 @@ def compile_variant(kind: str, dtype: str, flags: dict, arch: int, floats: str, 
     returns Triton's compiled kernel (``asm["ptx"]``, ``asm["cubin"]``, ``metadata.shared``)."""
     fn = {"fwd": ta._rmt_attn_fwd_kernel, "dq": ta._rmt_attn_bwd_dq_kernel, "dkdv": ta._rmt_attn_bwd_dkdv_kernel}[kind]
     cfg = lc.heuristic_config(kind, head_dim, _DTYPES[dtype]) if cfg is None else lc.LaunchConfig.of(cfg)
-    consts = dict(flags, D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, DOT_PREC="ieee" if dtype == "fp32" else "tf32", BOUNDARY_ONLY=True,
-                  DROP_I64=False, **lc.variant_constexprs(kind, cfg.variant))  # fmt: skip
+    consts = dict(
+        flags,
+        D=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+        BOUNDARY_ONLY=True,
+        DROP_I64=False,
+        **lc.variant_constexprs(kind, cfg.variant),
+    )
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
     if missing:
         raise TypeError(f"{kind}: constexpr arguments with no value here: {missing}")
     src = ASTSource(fn, _signature(fn, dtype, floats, consts), consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})  # fmt: skip
+    return triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    )
 
 
 def variants(full: bool, dtypes: tuple[str, ...] | None = None):
@@ -83,8 +92,12 @@ def variants(full: bool, dtypes: tuple[str, ...] | None = None):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--floats", choices=("fp32", "fp64"), default="fp32",
-                   help="type of the float scalar arguments (fp64: what inductor passes)")
+    p.add_argument(
+        "--floats",
+        choices=("fp32", "fp64"),
+        default="fp32",
+        help="type of the float scalar arguments (fp64: what inductor passes)",
+    )
     p.add_argument("--full", action="store_true", help="bf16 too, and dropout with every mask mode")
     p.add_argument("--only", default=None, help="compile only these kernels, e.g. fwd,dq")
     p.add_argument("--dtypes", default=None, help="only these tensor dtypes, e.g. fp16,bf16")
@@ -101,8 +114,10 @@ def main(argv=None) -> int:
         except Exception as exc:  # report every failing variant, then fail
             failures += 1
             print(f"FAIL {kind} {dtype} {flags} floats={args.floats}: {type(exc).__name__}: {str(exc)[-800:]}")
-    print(f"compiled {n} variants for sm_{args.arch} ({args.floats} scalars) in {time.perf_counter() - t0:.1f}s, "
-          f"{failures} failed")  # fmt: skip
+    print(
+        f"compiled {n} variants for sm_{args.arch} ({args.floats} scalars) in {time.perf_counter() - t0:.1f}s, "
+        f"{failures} failed"
+    )
     return 1 if failures else 0
 
 

@@ -74,8 +74,9 @@ def _bound(tol_, dtype, got) -> float:
     return tol(dtype)
 
 
-def assert_close(got, want, *, tol: float | None = None, dtype: torch.dtype | None = None, floor: float = 0.0,
-                 name: str = "value") -> float:  # fmt: skip
+def assert_close(
+    got, want, *, tol: float | None = None, dtype: torch.dtype | None = None, floor: float = 0.0, name: str = "value"
+) -> float:
     """Assert ``||got - want|| / max(||want||, floor) <= bound``, in float64; return the error.
 
     The bound is ``tol`` if given, else ``TOL[dtype]``, else ``TOL[got.dtype]``. ``got`` and ``want`` are tensors

@@ -73,8 +73,9 @@ def test_labels_mask():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [dict(use_denom=False), dict(correction=False), dict(bptt_depth=0),
-                                     dict(bptt_depth=1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "options", [dict(use_denom=False), dict(correction=False), dict(bptt_depth=0), dict(bptt_depth=1)]
+)
 def test_options(options):
     ref, fast = pair("gpt2", n_heads=2, **options)
     x = ids(2, 30)
@@ -107,7 +108,7 @@ def test_fresh_armt_equals_backbone(cls, name):
     armt = cls(copy.deepcopy(model), 3, 8, d_mem=32, n_heads=2)
     x = ids(2, 21)
     out = armt(x)
-    want = torch.cat([model(x[:, a:a + 8]).logits for a in range(0, 21, 8)], dim=1)
+    want = torch.cat([model(x[:, a : a + 8]).logits for a in range(0, 21, 8)], dim=1)
     assert_close(out.logits, want, tol=1e-6, name="logits")
     assert out.memory_state.A.abs().max() == 0
 
@@ -175,7 +176,7 @@ def _published_state_dict(ref: ReferenceARMT) -> dict:
     out = {"memory_cell.memory": ref.memory.detach().clone()}
     for key, value in ref.model.state_dict().items():
         if key.startswith(layers + "."):
-            index, rest = key[len(layers) + 1:].split(".", 1)
+            index, rest = key[len(layers) + 1 :].split(".", 1)
             key = f"{layers}.{index}.layer.{rest}"
         out["memory_cell.model." + key] = value.clone()
     for key, value in ref.assoc.state_dict().items():

@@ -94,8 +94,11 @@ def test_state_is_carried_through_replays_and_reset_per_call():
             second = graphed(x[:, 16:], memory_state=first.memory_state)
             _same(eager(x[:, 16:], memory_state=eager(x[:, :16]).memory_state), second)
             # the diagonal groups the cells of one call differently from those of two: equal up to rounding
-            _same(whole, ARMTOutput(logits=torch.cat([first.logits, second.logits], 1),
-                                    memory_state=second.memory_state), exact=not diagonal)  # fmt: skip
+            _same(
+                whole,
+                ARMTOutput(logits=torch.cat([first.logits, second.logits], 1), memory_state=second.memory_state),
+                exact=not diagonal,
+            )
             assert second.memory_state.A.abs().sum(dim=(1, 2, 3, 4)).min() > 0  # every layer wrote
             _same(eager(x[:, 16:]), graphed(x[:, 16:]))  # fresh stream after the buffers held a state
 
@@ -291,8 +294,12 @@ def test_gpu_replay_equals_eager_bf16(diagonal):
         a, b = eager(x), graphed(x)
         c, d = eager(x, memory_state=a.memory_state), graphed(x, memory_state=b.memory_state)
     assert graphed._graphs.captures == _steps(graphed) > 0
-    pairs = {"logits": (a.logits, b.logits), "continued logits": (c.logits, d.logits),
-             "A": (c.memory_state.A, d.memory_state.A), "z": (c.memory_state.z, d.memory_state.z)}
+    pairs = {
+        "logits": (a.logits, b.logits),
+        "continued logits": (c.logits, d.logits),
+        "A": (c.memory_state.A, d.memory_state.A),
+        "z": (c.memory_state.z, d.memory_state.z),
+    }
     for name, (u, v) in pairs.items():
         # bf16 replay against bf16 eager through 10 segments of recurrence: twice the bf16 bound, as before
         assert_close(v, u, tol=2 * TOL[torch.bfloat16], name=name)

@@ -69,8 +69,9 @@ def test_diagonal_float64(name):
     mask = torch.ones_like(x)
     mask[0, :11] = 0
     mask[1, 20] = 0
-    assert_equivalent(seq, diag, dict(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)),
-                      tol=TOL[torch.float64])
+    assert_equivalent(
+        seq, diag, dict(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)), tol=TOL[torch.float64]
+    )
 
 
 @pytest.mark.parametrize("length", [5, 16, 19])  # fewer segments than layers, exactly 2, a short last one

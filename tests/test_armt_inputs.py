@@ -43,25 +43,30 @@ def test_memory_state_checks(armt):
         (ARMTMemoryState(good.A, good.z[:, :1]), r"memory_state.z must have shape \(2, 2, 1, 48\)"),
         (_state(armt, 1), r"memory_state.A must have shape"),
         (ARMTMemoryState(good.A.double(), good.z), "memory_state.A must have dtype torch.float32"),
-        (ARMTMemoryState(good.A, good.z.clone().index_fill_(3, torch.tensor([2]), float("nan"))),
-         "memory_state holds a non-finite value"),
+        (
+            ARMTMemoryState(good.A, good.z.clone().index_fill_(3, torch.tensor([2]), float("nan"))),
+            "memory_state holds a non-finite value",
+        ),
         (ARMTMemoryState(good.A.clone().fill_(float("inf")), good.z), "memory_state holds a non-finite value"),
-    ]  # fmt: skip
+    ]
     for state, match in cases:
         _expect_error(armt, lambda state=state: armt(x, memory_state=state), match)
     armt(x, memory_state=good)  # the good one runs
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(d_mem=0), "d_mem must be a positive int divisible by n_heads=1"),
-    (dict(d_mem=6, n_heads=4), "d_mem must be a positive int divisible by n_heads=4"),
-    (dict(d_mem=6, n_heads=3), "n_heads=3 must divide the model's hidden size 32"),
-    (dict(d_mem=8, n_heads=0), "n_heads must be a positive int"),
-    (dict(d_mem=8, use_denom=1), "use_denom must be True or False"),
-    (dict(d_mem=8, correction=None), "correction must be True or False"),
-    (dict(d_mem=8, bptt_depth=-2), "bptt_depth must be -1"),
-    (dict(d_mem=8, attn_backend="flash"), "attn_backend must be one of"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(d_mem=0), "d_mem must be a positive int divisible by n_heads=1"),
+        (dict(d_mem=6, n_heads=4), "d_mem must be a positive int divisible by n_heads=4"),
+        (dict(d_mem=6, n_heads=3), "n_heads=3 must divide the model's hidden size 32"),
+        (dict(d_mem=8, n_heads=0), "n_heads must be a positive int"),
+        (dict(d_mem=8, use_denom=1), "use_denom must be True or False"),
+        (dict(d_mem=8, correction=None), "correction must be True or False"),
+        (dict(d_mem=8, bptt_depth=-2), "bptt_depth must be -1"),
+        (dict(d_mem=8, attn_backend="flash"), "attn_backend must be one of"),
+    ],
+)
 @pytest.mark.parametrize("cls", WRAPPERS)
 def test_constructor_rejects(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -80,10 +85,12 @@ def test_constructor_rejects_models_and_sizes(cls):
 
 
 def test_fast_only_options():
-    for kwargs, match in ((dict(diagonal=1), "diagonal must be True or False"),
-                          (dict(cuda_graph="yes"), "cuda_graph must be True or False"),
-                          (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be True or False"),
-                          (dict(compile_step=3), "compile_step must be False, True or a dict")):  # fmt: skip
+    for kwargs, match in (
+        (dict(diagonal=1), "diagonal must be True or False"),
+        (dict(cuda_graph="yes"), "cuda_graph must be True or False"),
+        (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be True or False"),
+        (dict(compile_step=3), "compile_step must be False, True or a dict"),
+    ):
         with pytest.raises(ValueError, match=match):
             FastARMT(DECODERS["gpt2"](), 2, 6, d_mem=8, **kwargs)
     with pytest.raises(ValueError, match="sliding window of 4 positions"):

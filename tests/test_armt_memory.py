@@ -16,7 +16,7 @@ def _phi(x):  # DPFP, nu = 3, written out
 
 def _key(vec, w, h, n_heads):
     d = w.shape[0] // n_heads
-    f = _phi(w[h * d:(h + 1) * d] @ vec)
+    f = _phi(w[h * d : (h + 1) * d] @ vec)
     return f / f.norm().clamp(min=1e-12)
 
 
@@ -32,7 +32,7 @@ def hand_read(x, A, z, wq, n_heads, use_denom):
                 num = q @ A[b, h]
                 if use_denom:
                     num = num / (q @ z[b, h] + 1e-5)
-                out[b, s, h * dv:(h + 1) * dv] = out[b, s, h * dv:(h + 1) * dv] + num
+                out[b, s, h * dv : (h + 1) * dv] = out[b, s, h * dv : (h + 1) * dv] + num
     return out
 
 
@@ -47,7 +47,7 @@ def hand_write(hm, A, z, wk, wv, wb, bb, n_heads, use_denom, correction, first):
             for j in range(m_):
                 vec = hm[b, j]
                 k = _key(vec, wk, h, n_heads)
-                v = (wv @ vec)[h * dv:(h + 1) * dv]
+                v = (wv @ vec)[h * dv : (h + 1) * dv]
                 beta = torch.sigmoid(wb[h] @ vec + bb[h])
                 if first:
                     vbar, gamma = torch.zeros_like(v), 1.0
@@ -67,9 +67,16 @@ def hand_write(hm, A, z, wk, wv, wb, bb, n_heads, use_denom, correction, first):
     return torch.stack(A_rows), torch.stack(z_rows)
 
 
-@pytest.mark.parametrize("n_heads,use_denom,correction,first", [
-    (1, True, True, False), (2, True, True, False), (2, True, False, False), (2, False, True, False),
-    (2, True, True, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n_heads,use_denom,correction,first",
+    [
+        (1, True, True, False),
+        (2, True, True, False),
+        (2, True, False, False),
+        (2, False, True, False),
+        (2, True, True, True),
+    ],
+)
 def test_read_and_write_match_hand_written(n_heads, use_denom, correction, first):
     g = torch.Generator().manual_seed(0)
     B, S, m, D, d_mem = 2, 3, 2, 8, 4

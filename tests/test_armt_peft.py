@@ -91,8 +91,9 @@ def test_adapter_states_match_peft(state):
     ref, fast = _pair(llama, fast_kw={"diagonal": True, "gradient_checkpointing": state == "checkpointed"}, **cfg)
     if state == "two-adapters":
         for armt in (ref, fast):
-            armt.peft_model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"],
-                                                                  init_lora_weights=False))  # fmt: skip
+            armt.peft_model.add_adapter(
+                "second", peft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+            )
             armt.peft_model.base_model.set_adapter(["default", "second"])
         fast.load_state_dict(ref.state_dict())
     for armt in (ref, fast):
@@ -185,7 +186,7 @@ def test_load_reference_state_dict_over_a_peft_model():
     layers = "base_model.model.model.layers."
     for key, value in p.state_dict().items():
         if key.startswith(layers):
-            index, rest = key[len(layers):].split(".", 1)
+            index, rest = key[len(layers) :].split(".", 1)
             key = f"{layers}{index}.layer.{rest}"
         published["memory_cell.model." + key] = value
     for key, value in src.assoc.state_dict().items():
@@ -203,10 +204,13 @@ def test_load_reference_state_dict_over_a_peft_model():
 
 
 # ------------------------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("option, match", [
-    ({"use_dora": True}, "use_dora=True"),
-    ({"lora_bias": True}, "lora_bias=True"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({"use_dora": True}, "use_dora=True"),
+        ({"lora_bias": True}, "lora_bias=True"),
+    ],
+)
 def test_unsupported_lora_options_are_refused(option, match):
     _, p = _peft(llama, **option)
     with pytest.raises(ValueError, match=rf"layer 0's self_attn\.q_proj.*{match}"):
@@ -215,8 +219,9 @@ def test_unsupported_lora_options_are_refused(option, match):
 
 def test_non_lora_tuners_are_refused():
     torch.manual_seed(0)
-    p = peft.get_peft_model(llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
-                                                    feedforward_modules=["down_proj"]))  # fmt: skip
+    p = peft.get_peft_model(
+        llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     with pytest.raises(ValueError, match=r"layer 0's self_attn\.k_proj is a Linear, not a plain Linear or a peft"):
         FastARMT(p, 2, 8, d_mem=8)
 
@@ -233,8 +238,10 @@ def test_disabled_while_merged_is_refused_at_the_call():
 def test_bf16_base_with_fp32_adapter_matches_peft():
     """peft keeps LoRA weights in fp32 over a bf16 base: the term is computed in fp32 and cast back, as peft does."""
     torch.manual_seed(0)
-    p = peft.get_peft_model(llama().to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
-                                                                         init_lora_weights=False))  # fmt: skip
+    p = peft.get_peft_model(
+        llama().to(torch.bfloat16),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+    )
     assert {q.dtype for n, q in p.named_parameters() if "lora_" in n} == {torch.float32}
     ref = ReferenceARMT(copy.deepcopy(p), 3, 8, d_mem=32)
     randomize_memory(ref)

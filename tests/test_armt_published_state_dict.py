@@ -52,16 +52,18 @@ def _form(wrapper, form: str, layers: str, tmp_path) -> dict:
         save_model(wrapper, str(tmp_path / "model.safetensors"))
         return load_file(str(tmp_path / "model.safetensors"))
     if form == "only layers.*":  # and, of tied weights, the last name in sorted order
-        return _safetensors_keeping(sd, lambda g: next((k for k in g if k.startswith(ALIAS)), max(g)),
-                                    tmp_path / "layers.safetensors")  # fmt: skip
+        return _safetensors_keeping(
+            sd, lambda g: next((k for k in g if k.startswith(ALIAS)), max(g)), tmp_path / "layers.safetensors"
+        )
     assert form == "only model.*"  # and, of tied weights, the first name in sorted order
-    return _safetensors_keeping(sd, lambda g: next((k for k in g if k.startswith(layers)), min(g)),
-                                tmp_path / "model.safetensors")  # fmt: skip
+    return _safetensors_keeping(
+        sd, lambda g: next((k for k in g if k.startswith(layers)), min(g)), tmp_path / "model.safetensors"
+    )
 
 
 def _check_form(sd: dict, form: str, layers: str, full: dict) -> None:
     """The form holds what it claims: both names of every wrapped-layer tensor, or exactly one."""
-    pairs = [(layers + k[len(ALIAS):], k) for k in full if k.startswith(ALIAS)]
+    pairs = [(layers + k[len(ALIAS) :], k) for k in full if k.startswith(ALIAS)]
     assert pairs and any(k.endswith(".W_mb.bias") for _, k in pairs) and any(".layer." in k for _, k in pairs)
     present = [(a in sd, b in sd) for a, b in pairs]
     if form == "torch.save":
@@ -157,13 +159,16 @@ def test_names_of_one_tensor_that_differ_are_refused(case):
     _assert_unchanged(fast, before)
 
 
-@pytest.mark.parametrize("extra", [
-    ALIAS + "0.W_extra.weight",  # a parameter the published layer wrapper does not have
-    ALIAS + "2.W_mq.weight",  # a layer the model does not have (2 layers)
-    ALIAS + "0.layer.attn.extra.weight",  # a wrapped-layer key the decoder layer does not have
-    ALIAS + "first.W_mq.weight",  # no layer index
-    "memory_cell.other.weight",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ALIAS + "0.W_extra.weight",  # a parameter the published layer wrapper does not have
+        ALIAS + "2.W_mq.weight",  # a layer the model does not have (2 layers)
+        ALIAS + "0.layer.attn.extra.weight",  # a wrapped-layer key the decoder layer does not have
+        ALIAS + "first.W_mq.weight",  # no layer index
+        "memory_cell.other.weight",
+    ],
+)
 def test_unknown_keys_are_refused_by_name(extra):
     ref = build(ReferenceARMT, "gpt2", n_heads=2)
     sd = dict(published_wrapper(ref).state_dict())

@@ -48,11 +48,11 @@ def test_sdpa_gets_is_causal_or_a_layout_mask(monkeypatch):
     n_layers = 2
     assert len(seen) == 3 * n_layers
     assert all(mask is None and causal for mask, causal in seen[: 2 * n_layers])
-    for mask, causal in seen[2 * n_layers:]:  # one mask for the segment, in SDPA's additive form (0 / -inf)
+    for mask, causal in seen[2 * n_layers :]:  # one mask for the segment, in SDPA's additive form (0 / -inf)
         assert not causal and mask.dtype == torch.float32 and mask.shape == (1, 1, 10, 10)
         assert set(mask.unique().tolist()) == {0.0, float("-inf")}
         assert (mask[0, 0, -1] == 0).tolist() == [True] * 5 + [False] * 3 + [True] * 2
-    assert all(mask is seen[2 * n_layers][0] for mask, _ in seen[2 * n_layers:])
+    assert all(mask is seen[2 * n_layers][0] for mask, _ in seen[2 * n_layers :])
 
 
 def test_padding_and_causality_hold_in_fastrmt():
@@ -86,7 +86,9 @@ def test_kernels_never_import_transformers():
     import subprocess
     import sys
 
-    code = ("import sys, rmt_fast.kernels, rmt_fast.kernels.layout, rmt_fast.kernels.sdpa_attention; "
-            "print('transformers' in sys.modules)")
+    code = (
+        "import sys, rmt_fast.kernels, rmt_fast.kernels.layout, rmt_fast.kernels.sdpa_attention; "
+        "print('transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

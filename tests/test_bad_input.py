@@ -37,8 +37,10 @@ def test_decoder_forward_rejects(decoder, case):
     _expect_error(decoder, lambda: decoder(**inputs), match)
 
 
-@pytest.mark.parametrize("case", ["id >= vocab", "negative id", "batch size 0", "attention_mask 2s",
-                                  "attention_mask 0.5", "memory_state nan"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    ["id >= vocab", "negative id", "batch size 0", "attention_mask 2s", "attention_mask 0.5", "memory_state nan"],
+)
 def test_decoder_generate_rejects(decoder, case):
     inputs, match = DECODER_CASES[case]
     kw = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -79,8 +81,9 @@ def test_encoder_special_ids_are_dropped_not_errors(cls):
     torch.manual_seed(0)
     rmt = cls(bert_cls(), 2, 5, **ENC)
     content = _ids(1, 9)
-    noisy = torch.cat([content[:, :2], torch.tensor([[PAD, CLS]]), content[:, 2:7], torch.tensor([[SEP, PAD]]),
-                       content[:, 7:]], dim=1)  # fmt: skip
+    noisy = torch.cat(
+        [content[:, :2], torch.tensor([[PAD, CLS]]), content[:, 2:7], torch.tensor([[SEP, PAD]]), content[:, 7:]], dim=1
+    )
     a, b = rmt(content), rmt(noisy)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.memory_state, b.memory_state)
 
@@ -98,11 +101,17 @@ def test_encoder_special_ids_must_be_in_the_vocabulary(cls, name, value):
 
 def test_encoder_classification_labels(encoder):
     ids = _ids(t=8)
-    _expect_error(encoder, lambda: encoder(ids, labels=torch.tensor([0, 3])),
-                  r"labels holds 3 at row 1: expected class ids in \[0, 3\) \(num_labels\)")  # fmt: skip
+    _expect_error(
+        encoder,
+        lambda: encoder(ids, labels=torch.tensor([0, 3])),
+        r"labels holds 3 at row 1: expected class ids in \[0, 3\) \(num_labels\)",
+    )
     _expect_error(encoder, lambda: encoder(ids, labels=torch.tensor([-1, 0])), r"labels holds -1 at row 0")
-    _expect_error(encoder, lambda: encoder(ids, labels=torch.tensor([0, 1], dtype=torch.int32)),
-                  "labels must be an int64 tensor of class ids")  # fmt: skip
+    _expect_error(
+        encoder,
+        lambda: encoder(ids, labels=torch.tensor([0, 1], dtype=torch.int32)),
+        "labels must be an int64 tensor of class ids",
+    )
     assert torch.isfinite(encoder(ids, labels=torch.tensor([2, -100])).loss)
 
 
@@ -132,10 +141,16 @@ def test_encoder_masks_and_memory(encoder):
     ids = _with(_ids(t=8), (1, 7), PAD)
     mask = (ids != PAD).long()
     encoder(ids, attention_mask=mask)
-    _expect_error(encoder, lambda: encoder(ids, attention_mask=_with(mask, (0, 1), 2)),
-                  r"attention_mask holds 2 at row 0, position 1")  # fmt: skip
-    _expect_error(encoder, lambda: encoder(ids, attention_mask=_with(mask, (0, 1), 0)),
-                  r"attention_mask masks non-pad tokens \(row 0, position 1")  # fmt: skip
+    _expect_error(
+        encoder,
+        lambda: encoder(ids, attention_mask=_with(mask, (0, 1), 2)),
+        r"attention_mask holds 2 at row 0, position 1",
+    )
+    _expect_error(
+        encoder,
+        lambda: encoder(ids, attention_mask=_with(mask, (0, 1), 0)),
+        r"attention_mask masks non-pad tokens \(row 0, position 1",
+    )
     memory = _with(torch.zeros(2, 2, 32), (0, 1, 0), float("inf"))
     _expect_error(encoder, lambda: encoder(ids, memory_state=memory), r"memory_state holds inf at row 0, memory slot 1")
 
@@ -238,8 +253,11 @@ def test_cuda_context_survives_rejected_batch(cls):
         cpu_loss = rmt(cpu_ids, labels=cpu_ids).loss.item()
     rmt = rmt.cuda()
     ids = cpu_ids.cuda()
-    for bad in (dict(input_ids=_with(ids, (1, 5), 120)), dict(input_ids=_with(ids, (0, 0), -5)),
-                dict(input_ids=ids, labels=_with(ids, (0, 3), 120))):  # fmt: skip
+    for bad in (
+        dict(input_ids=_with(ids, (1, 5), 120)),
+        dict(input_ids=_with(ids, (0, 0), -5)),
+        dict(input_ids=ids, labels=_with(ids, (0, 3), 120)),
+    ):
         with pytest.raises(ValueError, match=r"holds (120|-5) at row"):
             rmt(**bad)
     out = rmt(ids, labels=ids)

@@ -32,11 +32,19 @@ def test_cases_cover_every_method_and_the_targets(tmp_path, monkeypatch):
 
 
 def test_ratios_come_from_rows_of_the_run():
-    rows = [dict(setting="s", method="sequential", tokens=64, status="ok", seconds=3.0),
-            dict(setting="s", method="diagonal", tokens=64, status="ok", seconds=1.0),
-            dict(setting="s", method="full", tokens=64, status="oom", seconds=None)]  # fmt: skip
-    got = armt.ratios(rows, [("a", "s", "sequential", "diagonal", 64, 2.0), ("b", "s", "full", "diagonal", 64, 3.0),
-                             ("c", "s", "sequential", "diagonal", 128, 1.0)])  # fmt: skip
+    rows = [
+        dict(setting="s", method="sequential", tokens=64, status="ok", seconds=3.0),
+        dict(setting="s", method="diagonal", tokens=64, status="ok", seconds=1.0),
+        dict(setting="s", method="full", tokens=64, status="oom", seconds=None),
+    ]
+    got = armt.ratios(
+        rows,
+        [
+            ("a", "s", "sequential", "diagonal", 64, 2.0),
+            ("b", "s", "full", "diagonal", 64, 3.0),
+            ("c", "s", "sequential", "diagonal", 128, 1.0),
+        ],
+    )
     assert got["a"] == {"ratio": 3.0, "target": 2.0, "met": True}
     assert got["b"]["ratio"] is None and got["c"]["ratio"] is None
 
@@ -56,9 +64,11 @@ def test_run_writes_csv_and_plot(tmp_path):
 
 
 def test_graphed_goals_come_from_rows_of_the_run():
-    rows = [dict(setting="s", method="sequential-graphed", tokens=32768, status="ok", seconds=0.5),
-            dict(setting="s", method="diagonal-graphed", tokens=32768, status="ok", seconds=0.2),
-            dict(setting="s", method="diagonal-graphed", tokens=131072, status="oom", seconds=None)]  # fmt: skip
+    rows = [
+        dict(setting="s", method="sequential-graphed", tokens=32768, status="ok", seconds=0.5),
+        dict(setting="s", method="diagonal-graphed", tokens=32768, status="ok", seconds=0.2),
+        dict(setting="s", method="diagonal-graphed", tokens=131072, status="oom", seconds=None),
+    ]
     got = armt.goals(rows, ["s"])
     assert got["s_sequential-graphed_32768"] == {"seconds": 0.5, "goal_s": 0.6, "met": True}
     assert got["s_diagonal-graphed_32768"]["met"] is False

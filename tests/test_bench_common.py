@@ -36,9 +36,14 @@ def test_attention_step_forward_runs_without_grad():
 
 
 def test_plot_lines_one_line_per_series_from_ok_rows():
-    rows = [dict(m="a", n=1, t=1.0, status="ok"), dict(m="a", n=4, t=3.0, status="ok"),
-            dict(m="a", n=2, t=2.0, status="ok"), dict(m="b", n=1, t=None, status="ok"),
-            dict(m="b", n=2, t=5.0, status="oom"), dict(m="c", n=1, t=7.0, status="ok")]  # fmt: skip
+    rows = [
+        dict(m="a", n=1, t=1.0, status="ok"),
+        dict(m="a", n=4, t=3.0, status="ok"),
+        dict(m="a", n=2, t=2.0, status="ok"),
+        dict(m="b", n=1, t=None, status="ok"),
+        dict(m="b", n=2, t=5.0, status="oom"),
+        dict(m="c", n=1, t=7.0, status="ok"),
+    ]
     fig, ax = pyplot().subplots()
     plot_lines(ax, rows, "n", "t", "m", labels={"c": "method c"}, xlabel="tokens")
     lines = ax.get_lines()

@@ -25,7 +25,7 @@ def test_settings_cpu_default_and_gpu_plan(tmp_path, monkeypatch):
 
 def test_rounds_interleave_methods_and_merge_by_median(tmp_path):
     cpu = eval_stream.cases(_ctx(tmp_path))
-    assert [c["method"] for c in cpu[:len(eval_stream.METHODS)]] == list(eval_stream.METHODS)
+    assert [c["method"] for c in cpu[: len(eval_stream.METHODS)]] == list(eval_stream.METHODS)
     assert [c["round"] for c in cpu] == sorted(c["round"] for c in cpu) and cpu[-1]["round"] == 2
     rows = [dict(method="stream", round=r, status="ok", docs_per_cpu_s=x, steps=7) for r, x in enumerate((3, 9, 4))]
     rows.append(dict(method="stream", round=3, status="error", docs_per_cpu_s=None))
@@ -50,10 +50,12 @@ def test_static_batches_and_their_steps():
 
 
 def test_targets_come_from_rows_of_the_run(tmp_path):
-    rows = [dict(method="stream", status="ok", docs_per_cpu_s=10.0, utilisation=0.97, steps_over_ideal=1.02),
-            dict(method="static-input-order", status="ok", docs_per_cpu_s=4.0),
-            dict(method="static-sorted", status="ok", docs_per_cpu_s=5.0),
-            dict(method="one-at-a-time", status="error")]  # fmt: skip
+    rows = [
+        dict(method="stream", status="ok", docs_per_cpu_s=10.0, utilisation=0.97, steps_over_ideal=1.02),
+        dict(method="static-input-order", status="ok", docs_per_cpu_s=4.0),
+        dict(method="static-sorted", status="ok", docs_per_cpu_s=5.0),
+        dict(method="one-at-a-time", status="error"),
+    ]
     got = eval_stream.targets(_ctx(tmp_path), rows)
     assert got["stream_over_best_static_docs_per_s"] == {"ratio": 2.0, "target": 0.95, "met": True}
     assert got["stream_over_one_at_a_time_docs_per_s"]["ratio"] is None

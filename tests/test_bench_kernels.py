@@ -16,8 +16,11 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 
 def test_kernels_sweep_in_the_interpreter(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "settings", lambda quick: [dict(dtype="float16", D=16, layout=layout, B=2, T=36)
-                                                            for layout in ("full", "padded")])  # fmt: skip
+    monkeypatch.setattr(
+        kernels,
+        "settings",
+        lambda quick: [dict(dtype="float16", D=16, layout=layout, B=2, T=36) for layout in ("full", "padded")],
+    )
     monkeypatch.setattr(kernels, "H", 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "cpu stand-in")
     ctx = runner.Context("kernels", tmp_path, quick=True, device="cpu")
@@ -33,7 +36,8 @@ def test_kernels_sweep_in_the_interpreter(monkeypatch, tmp_path):
         rows = ctx.sweep(kernels.cases(ctx), kernels.measure, series=kernels.BENCHMARK.series, after_failure="continue")
     status = {(r["method"], r["layout"], r["mode"]): r["status"] for r in rows}
     assert all(s in ("ok", "skipped", "unavailable") for s in status.values()), [
-        (r["method"], r["note"]) for r in rows if r["status"] not in ("ok", "skipped", "unavailable")]  # fmt: skip
+        (r["method"], r["note"]) for r in rows if r["status"] not in ("ok", "skipped", "unavailable")
+    ]
     for layout in ("full", "padded"):
         for mode in ("fwd", "fwd+bwd"):
             for method in ("triton", "sdpa", "sdpa_flash_nomask"):

@@ -54,8 +54,9 @@ def test_latency_tiny_writes_outputs(tmp_path):
 
 
 def test_latency_over_budget_is_a_row_not_a_crash(tmp_path):
-    summary = runner.run(latency, tmp_path, tiny=True, per_call_budget_s=1e-9,
-                         methods=["FastRMT (auto)", "Full attention (SDPA)"])  # fmt: skip
+    summary = runner.run(
+        latency, tmp_path, tiny=True, per_call_budget_s=1e-9, methods=["FastRMT (auto)", "Full attention (SDPA)"]
+    )
     rows = _rows(tmp_path / "latency.csv")
     assert [r["status"] for r in rows] == ["over_budget", "over_budget"]
     assert all(r["tokens"] == "128" for r in rows)
@@ -109,9 +110,7 @@ def test_latency_fit_slope():
 def test_profile_tiny_writes_outputs(tmp_path):
     summary = runner.run(profile, tmp_path, tiny=True)
     rows = _rows(tmp_path / "profile.csv")
-    assert {"backbone", "wrapper", "category", "cpu_ms", "ops_per_segment", "wall_ms_profiled"} <= set(
-        rows[0]
-    )
+    assert {"backbone", "wrapper", "category", "cpu_ms", "ops_per_segment", "wall_ms_profiled"} <= set(rows[0])
     assert {r["wrapper"] for r in rows} == {"ReferenceRMT", "FastRMT"}
     assert {r["category"] for r in rows} == set(profile.CATEGORIES)
     md = (tmp_path / "profile.md").read_text()

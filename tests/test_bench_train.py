@@ -19,8 +19,9 @@ def _read(out):
 
 def test_cli_tiny_default_writes_csv_json_png(tmp_path):
     out = tmp_path / "train"
-    code = cli.main(["train", "--out", str(out), "--quick", "--segments", "1,2", "--methods",
-                     "reference,fast,fast-compiled,full"])  # fmt: skip
+    code = cli.main(
+        ["train", "--out", str(out), "--quick", "--segments", "1,2", "--methods", "reference,fast,fast-compiled,full"]
+    )
     assert code == 0
     rows, doc = _read(out)
     assert (out / "train.png").stat().st_size > 0
@@ -45,12 +46,19 @@ def test_oom_is_a_row_and_the_sweep_goes_on(tmp_path):
         if method == "fast" and n == 2:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
 
-    summary = runner.run(train, tmp_path, setting=["tiny-decoder"], segments=[1, 2, 4], methods=["fast", "reference"],
-                         fail_hook=hook)  # fmt: skip
+    summary = runner.run(
+        train, tmp_path, setting=["tiny-decoder"], segments=[1, 2, 4], methods=["fast", "reference"], fail_hook=hook
+    )
     rows, _ = _read(tmp_path)
     status = {(r["method"], int(r["segments"])): r["status"] for r in rows}
-    assert status == {("reference", 1): "ok", ("reference", 2): "ok", ("reference", 4): "ok",
-                      ("fast", 1): "ok", ("fast", 2): "oom", ("fast", 4): "skipped"}  # fmt: skip
+    assert status == {
+        ("reference", 1): "ok",
+        ("reference", 2): "ok",
+        ("reference", 4): "ok",
+        ("fast", 1): "ok",
+        ("fast", 2): "oom",
+        ("fast", 4): "skipped",
+    }
     note = next(r["note"] for r in rows if r["method"] == "fast" and r["segments"] == "4")
     assert "not run: oom" in note and "segments=2" in note
     assert summary["oom_points"] == 1 and summary["skipped_points"] == 1 and summary["ok"]
@@ -63,8 +71,15 @@ def test_over_budget_points_are_rows(tmp_path):
         calls.append(None)
         return 0.0 if len(calls) <= 2 else 1e6
 
-    summary = runner.run(train, tmp_path, setting=["tiny-encoder"], segments=[1, 2], methods=["fast", "fast-ckpt"],
-                         budget_s=10.0, clock=clock)  # fmt: skip
+    summary = runner.run(
+        train,
+        tmp_path,
+        setting=["tiny-encoder"],
+        segments=[1, 2],
+        methods=["fast", "fast-ckpt"],
+        budget_s=10.0,
+        clock=clock,
+    )
     rows, _ = _read(tmp_path)
     assert [r["status"] for r in rows] == ["ok", "over_budget", "over_budget", "over_budget"]
     assert rows[1]["tokens_per_s"] == "" and summary["over_budget_points"] == 3 and summary["ok"]
@@ -93,11 +108,22 @@ def test_target_ratios():
     a, b = train.SETTINGS["a"], train.SETTINGS["b"]
 
     def row(setting, method, n, tps, peak, base, status="ok"):
-        return dict(setting=setting, method=method, segments=n, status=status, tokens_per_s=tps, peak_mb=peak,
-                    act_peak_mb=peak - base)  # fmt: skip
+        return dict(
+            setting=setting,
+            method=method,
+            segments=n,
+            status=status,
+            tokens_per_s=tps,
+            peak_mb=peak,
+            act_peak_mb=peak - base,
+        )
 
-    rows = [row("a", "reference", 7, 100.0, 4000.0, 1000.0), row("a", "fast", 7, 160.0, 1800.0, 1000.0),
-            row("a", "fast-ckpt", 7, 120.0, 1500.0, 1000.0), row("b", "fast-ckpt", 64, 1.0, 70000.0, 20000.0)]
+    rows = [
+        row("a", "reference", 7, 100.0, 4000.0, 1000.0),
+        row("a", "fast", 7, 160.0, 1800.0, 1000.0),
+        row("a", "fast-ckpt", 7, 120.0, 1500.0, 1000.0),
+        row("b", "fast-ckpt", 64, 1.0, 70000.0, 20000.0),
+    ]
     got = train.targets(rows, [a, b])
     fast = got["a@7"]["fast"]
     assert fast["speedup"] == 1.6 and fast["peak_ratio"] == 0.45 and fast["activation_peak_ratio"] == 0.267
@@ -114,13 +140,39 @@ def test_target_point_without_the_reference():
     """llama-1.2B at 8 segments: the reference runs out of memory; FastRMT's and the checkpointed variant's
     tokens/s and peak memory are still reported, and the faster FastRMT variant is the recommended one."""
     b = train.SETTINGS["b"]
-    rows = [dict(setting="b", method="reference", segments=8, status="oom"),
-            dict(setting="b", method="fast", segments=8, status="ok", tokens_per_s=38278.8, step_ms=856.0,
-                 peak_mb=85880.6, act_peak_mb=66954.2),
-            dict(setting="b", method="fast-ckpt", segments=8, status="ok", tokens_per_s=26468.6, step_ms=1238.0,
-                 peak_mb=29438.2, act_peak_mb=10504.2),
-            dict(setting="b", method="fast-compiled", segments=8, status="ok", tokens_per_s=41000.0, step_ms=799.2,
-                 peak_mb=80000.0, act_peak_mb=61000.0)]  # fmt: skip
+    rows = [
+        dict(setting="b", method="reference", segments=8, status="oom"),
+        dict(
+            setting="b",
+            method="fast",
+            segments=8,
+            status="ok",
+            tokens_per_s=38278.8,
+            step_ms=856.0,
+            peak_mb=85880.6,
+            act_peak_mb=66954.2,
+        ),
+        dict(
+            setting="b",
+            method="fast-ckpt",
+            segments=8,
+            status="ok",
+            tokens_per_s=26468.6,
+            step_ms=1238.0,
+            peak_mb=29438.2,
+            act_peak_mb=10504.2,
+        ),
+        dict(
+            setting="b",
+            method="fast-compiled",
+            segments=8,
+            status="ok",
+            tokens_per_s=41000.0,
+            step_ms=799.2,
+            peak_mb=80000.0,
+            act_peak_mb=61000.0,
+        ),
+    ]
     got = train.targets(rows, [b])["b@8"]
     assert got["fast"]["tokens_per_s"] == 38278.8 and got["fast"]["peak_gb"] == 90.05
     assert got["fast-ckpt"]["tokens_per_s"] == 26468.6 and got["fast-ckpt"]["peak_gb"] == 30.87
@@ -141,8 +193,10 @@ def test_million_summary_crossover():
     full = {4096: 0.004, 8192: 0.009, 16384: 0.028}  # 32768: out of memory
     rows = [dict(method="graphed", tokens=n, seconds=t, status="ok") for n, t in rmt.items()]
     rows += [dict(method="full (SDPA)", tokens=n, seconds=t, status="ok") for n, t in full.items()]
-    rows += [dict(method="full (SDPA)", tokens=32768, status="oom"),
-             dict(method="graphed+compiled", status="error: no compiler")]  # fmt: skip
+    rows += [
+        dict(method="full (SDPA)", tokens=32768, status="oom"),
+        dict(method="graphed+compiled", status="error: no compiler"),
+    ]
     got = _million_summary(rows, 2**20, lengths)
     assert got["seconds_graphed"] == 0.9 and got["meets_1s_graphed"] is True
     assert got["crossover_tokens_graphed"] == 8192 and got["meets_crossover_graphed"] is True

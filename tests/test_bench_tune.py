@@ -83,8 +83,14 @@ def test_candidate_filter():
 def _rows(case, mode, triton, sdpa, graph=None, status="ok"):
     out = []
     for name, eager in (("triton", triton), ("sdpa", sdpa)):
-        r = dict(phase="compare", mode=mode, candidate=name, status=status if name == "triton" else "ok",
-                 eager_ms=eager, **tune_plan.case_cols(case))  # fmt: skip
+        r = dict(
+            phase="compare",
+            mode=mode,
+            candidate=name,
+            status=status if name == "triton" else "ok",
+            eager_ms=eager,
+            **tune_plan.case_cols(case),
+        )
         if graph is not None:
             r["graph_ms"] = graph[0] if name == "triton" else graph[1]
         out.append(r)
@@ -94,10 +100,12 @@ def _rows(case, mode, triton, sdpa, graph=None, status="ok"):
 def test_table_from_measurements_picks_by_the_matching_measurement():
     a = tune_plan.Case("float16", 64, 8, 532, True, True)
     b = tune_plan.Case("bfloat16", 128, 32, 1044, False, False)
-    rows = (_rows(a, "fwd", triton=0.30, sdpa=0.10, graph=(0.05, 0.10))  # eager: host-bound Triton loses
-            + _rows(a, "fwd+bwd", triton=0.51, sdpa=0.52)  # within the margin: SDPA
-            + _rows(b, "fwd", triton=0.2, sdpa=0.4, graph=(0.2, 0.1))
-            + _rows(b, "fwd+bwd", triton=None, sdpa=0.9, status="error: OutOfResources"))  # fmt: skip
+    rows = (
+        _rows(a, "fwd", triton=0.30, sdpa=0.10, graph=(0.05, 0.10))  # eager: host-bound Triton loses
+        + _rows(a, "fwd+bwd", triton=0.51, sdpa=0.52)  # within the margin: SDPA
+        + _rows(b, "fwd", triton=0.2, sdpa=0.4, graph=(0.2, 0.1))
+        + _rows(b, "fwd+bwd", triton=None, sdpa=0.9, status="error: OutOfResources")
+    )
     configs = {("float16", 64): {"fwd": (128, 64, 4, 3)}}
     data = tune_plan.build_table("sm90", ["NVIDIA H200"], configs, rows, 0.03, {"git_sha": "abc"})
     table = dispatch.DispatchTable(data)
@@ -116,15 +124,23 @@ def test_table_from_measurements_picks_by_the_matching_measurement():
 
 def test_table_from_a_race_names_the_fastest_stock_backend_and_round_trips(tmp_path):
     a = tune_plan.Case("float16", 64, 8, 532, True, True)
-    times = {"triton": 0.30, "sdpa": 0.50, "sdpa_flash": None, "sdpa_efficient": 0.45, "sdpa_cudnn": 0.20,
-             "flex": 0.25}  # fmt: skip
+    times = {"triton": 0.30, "sdpa": 0.50, "sdpa_flash": None, "sdpa_efficient": 0.45, "sdpa_cudnn": 0.20, "flex": 0.25}
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         for name, ms in times.items():
             status = "ok" if ms is not None else "unavailable"
             graph = None if ms is None else (ms if mode == "fwd" else 3 * ms)
-            rows.append(dict(phase="compare", mode=mode, candidate=name, status=status, graph_ms=graph,
-                             eager_ms=None if ms is None else 1.0 - ms, **tune_plan.case_cols(a)))  # fmt: skip
+            rows.append(
+                dict(
+                    phase="compare",
+                    mode=mode,
+                    candidate=name,
+                    status=status,
+                    graph_ms=graph,
+                    eager_ms=None if ms is None else 1.0 - ms,
+                    **tune_plan.case_cols(a),
+                )
+            )
     data = tune_plan.build_table("sm90", ["NVIDIA H200"], {}, rows, 0.03, {"git_sha": "abc"})
     path = tmp_path / "sm90.json"
     tune.write_json(path, data)
@@ -197,9 +213,18 @@ def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch,
 
         monkeypatch.setattr(sdpa_attention, "_force_kernel", spy)
     try:
-        summary = tune.tune_on(torch.device("cpu"), tmp_path, True, arch="sm90", smem=101376,
-                               device_info={"gpu": "cpu stand-in"}, budget_s=600, workers=workers, margin=0.03,
-                               rep_ms=1.0)  # fmt: skip
+        summary = tune.tune_on(
+            torch.device("cpu"),
+            tmp_path,
+            True,
+            arch="sm90",
+            smem=101376,
+            device_info={"gpu": "cpu stand-in"},
+            budget_s=600,
+            workers=workers,
+            margin=0.03,
+            rep_ms=1.0,
+        )
     finally:
         launch_configs.set_launch_configs(None)
     assert summary["complete"] and summary["cases_measured"] == 2
@@ -214,8 +239,11 @@ def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch,
     assert len(race) == 2 * 2 * len(dispatch.BACKENDS)  # cases x modes x backends
     modes = ("fwd", "fwd+bwd")
     assert {(r["candidate"], r["mode"]) for r in race} == {(b, m) for b in dispatch.BACKENDS for m in modes}
-    cpu_cannot = {("flex", "fwd+bwd")} | ({("sdpa_efficient", m) for m in ("fwd", "fwd+bwd")}
-                                          | {("sdpa_cudnn", m) for m in ("fwd", "fwd+bwd")} if workers else set())
+    cpu_cannot = {("flex", "fwd+bwd")} | (
+        {("sdpa_efficient", m) for m in ("fwd", "fwd+bwd")} | {("sdpa_cudnn", m) for m in ("fwd", "fwd+bwd")}
+        if workers
+        else set()
+    )
     for r in race:
         if (r["candidate"], r["mode"]) in cpu_cannot:
             assert r["status"] == "unavailable" and r["note"], r
@@ -229,8 +257,9 @@ def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch,
     assert table.measured and table.format == dispatch.FORMAT
     assert set(table.configs) == {("float32", 16)} and len(table.configs[("float32", 16)]) == 3
     assert len(table.entries) == 2 * 4
-    assert all(set(e["ms"]) == set(dispatch.BACKENDS) and e["backend"] in dispatch.BACKENDS
-               for e in table.entries.values())  # fmt: skip
+    assert all(
+        set(e["ms"]) == set(dispatch.BACKENDS) and e["backend"] in dispatch.BACKENDS for e in table.entries.values()
+    )
     env = json.loads((tmp_path / "tune_env.json").read_text())
     assert env["gpu"] == "cpu stand-in" and env["git_sha"] and env["precompile"][0]["jobs"] == len(sweep)
     if workers:
@@ -245,8 +274,18 @@ def test_tune_pipeline_runs_end_to_end_in_the_interpreter(tmp_path, monkeypatch,
 @needs_interpreter
 def test_tune_stops_at_the_budget_and_writes_what_it_has(tmp_path, monkeypatch):
     _tiny(monkeypatch, [])
-    summary = tune.tune_on(torch.device("cpu"), tmp_path, True, arch="sm90", smem=101376, device_info={},
-                           budget_s=0.0, workers=0, margin=0.03, rep_ms=1.0)  # fmt: skip
+    summary = tune.tune_on(
+        torch.device("cpu"),
+        tmp_path,
+        True,
+        arch="sm90",
+        smem=101376,
+        device_info={},
+        budget_s=0.0,
+        workers=0,
+        margin=0.03,
+        rep_ms=1.0,
+    )
     assert summary["complete"] is False and summary["cases_measured"] == 0
     table = dispatch.load_table(tmp_path / "sm90.json")
     assert table.entries == {} and table.provenance["complete"] is False

@@ -38,8 +38,7 @@ def test_encoder_bptt_counts_only_the_segments_that_run(bptt_depth):
 @pytest.mark.parametrize("bptt_depth, max_n_segments", [(0, None), (1, 6), (2, None)])
 def test_encoder_bptt_depth_matches_reference(bptt_depth, max_n_segments):
     """Rows of 5, 3 and 1 segments (segments of 4): detaches in the middle of the longest row."""
-    ref, fast = pair(ENCODERS["bert_cls"], 2, 4, bptt_depth=bptt_depth, max_n_segments=max_n_segments,
-                     **BERT_IDS)  # fmt: skip
+    ref, fast = pair(ENCODERS["bert_cls"], 2, 4, bptt_depth=bptt_depth, max_n_segments=max_n_segments, **BERT_IDS)
     ids = _ids(3, 20)
     ids[1, 12:] = PAD
     ids[2, 3:] = PAD
@@ -100,11 +99,11 @@ def test_decoder_bptt_reaches_the_hand_written_hops(cls, bptt_depth):
     ids = torch.stack([torch.arange(s * 10 + 5, s * 10 + 5 + size) for s in range(n)]).reshape(1, -1)
     for j in range(n):
         labels = torch.full_like(ids, -100)
-        labels[:, j * size + 1:(j + 1) * size] = ids[:, j * size + 1:(j + 1) * size]  # loss inside segment j
+        labels[:, j * size + 1 : (j + 1) * size] = ids[:, j * size + 1 : (j + 1) * size]  # loss inside segment j
         rmt.zero_grad(set_to_none=True)
         rmt(ids, labels=labels).loss.backward()
         emb = rmt.word_embeddings.weight.grad
-        reached = [emb[ids[0, i * size:(i + 1) * size]].abs().sum().item() > 0 for i in range(j)]
+        reached = [emb[ids[0, i * size : (i + 1) * size]].abs().sum().item() > 0 for i in range(j)]
         first = j - HOPS[bptt_depth][j]
         assert reached == [i >= first for i in range(j)], (j, reached)
         memory_reached = rmt.memory.grad is not None and rmt.memory.grad.abs().sum().item() > 0
@@ -124,7 +123,7 @@ def test_encoder_bptt_reaches_the_hand_written_hops(cls, bptt_depth):
     rmt.zero_grad(set_to_none=True)
     rmt(ids, labels=torch.tensor([1])).loss.backward()
     emb = rmt.word_embeddings.weight.grad
-    reached = [emb[ids[0, i * size:(i + 1) * size]].abs().sum().item() > 0 for i in range(n)]
+    reached = [emb[ids[0, i * size : (i + 1) * size]].abs().sum().item() > 0 for i in range(n)]
     hops = {-1: 3, 0: 0, 1: 1, 2: 2, 3: 3}[bptt_depth]
     assert reached == [i >= n - 1 - hops for i in range(n)], reached
     assert (rmt.memory.grad is not None and rmt.memory.grad.abs().sum().item() > 0) == (hops == n - 1)
@@ -214,10 +213,18 @@ def test_decoder_mask_hiding_the_first_token_of_every_row(name):
 
 
 # ------------------------------------------------------------------------------------------ mask_runs
-@pytest.mark.parametrize("row, start, end, holes", [
-    ([0, 1, 1, 0], 1, 3, False), ([1, 0, 1, 1], 0, 4, True), ([0, 0, 0, 0], 0, 0, False),
-    ([1, 1, 1, 1], 0, 4, False), ([0, 0, 0, 1], 3, 4, False), ([1, 0, 0, 0], 0, 1, False),
-    ([0, 1, 0, 1], 1, 4, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "row, start, end, holes",
+    [
+        ([0, 1, 1, 0], 1, 3, False),
+        ([1, 0, 1, 1], 0, 4, True),
+        ([0, 0, 0, 0], 0, 0, False),
+        ([1, 1, 1, 1], 0, 4, False),
+        ([0, 0, 0, 1], 3, 4, False),
+        ([1, 0, 0, 0], 0, 1, False),
+        ([0, 1, 0, 1], 1, 4, True),
+    ],
+)
 def test_mask_runs_hand_written(row, start, end, holes):
     """A wrong 'holes' verdict would only move a mask from the kernel to SDPA, which equivalence cannot see."""
     from rmt_fast.kernels.layout import mask_runs

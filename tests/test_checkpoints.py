@@ -35,8 +35,11 @@ def test_load_published_decoder_checkpoint(cls):
     rmt.load_reference_state_dict(state)
     assert torch.equal(rmt.memory, state["memory_cell.memory"])
     own = rmt.model.state_dict()
-    assert all(torch.equal(own[k[len("memory_cell.model."):]], v) for k, v in state.items()
-               if k.startswith("memory_cell.model."))
+    assert all(
+        torch.equal(own[k[len("memory_cell.model.") :]], v)
+        for k, v in state.items()
+        if k.startswith("memory_cell.model.")
+    )
 
 
 @pytest.mark.parametrize("keep", ["lm_head.weight", "transformer.wte.weight"])
@@ -75,14 +78,19 @@ def test_loaded_checkpoints_agree_between_wrappers():
     assert_close(fast(ids).logits, ref(ids).logits, tol=1e-6, name="logits")  # one checkpoint: tighter than fp32's
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda s: s.update({"memory_cell.extra": torch.zeros(1)}), "unknown keys"),
-    (lambda s: s.pop("memory_cell.memory"), "missing keys"),
-    (lambda s: s.pop("memory_cell.model.transformer.ln_f.weight"), "missing keys"),
-    (lambda s: s.update({"memory_cell.model.lm_head.weight": s["memory_cell.model.lm_head.weight"] + 1}),
-     "tied tensor"),
-    (lambda s: s.update({"memory_cell.memory": torch.zeros(4, 32)}), "memory has shape"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda s: s.update({"memory_cell.extra": torch.zeros(1)}), "unknown keys"),
+        (lambda s: s.pop("memory_cell.memory"), "missing keys"),
+        (lambda s: s.pop("memory_cell.model.transformer.ln_f.weight"), "missing keys"),
+        (
+            lambda s: s.update({"memory_cell.model.lm_head.weight": s["memory_cell.model.lm_head.weight"] + 1}),
+            "tied tensor",
+        ),
+        (lambda s: s.update({"memory_cell.memory": torch.zeros(4, 32)}), "memory has shape"),
+    ],
+)
 def test_bad_decoder_checkpoint_is_a_clear_error(mutate, match):
     state = _published_decoder_state()
     mutate(state)

@@ -28,8 +28,9 @@ def _fwd_bwd(rmt, ids, mask):
     rmt.zero_grad(set_to_none=True)
     out = rmt(ids, attention_mask=mask, labels=ids)
     (out.loss + out.memory_state.float().square().mean()).backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in rmt.named_parameters()
-             if p.grad is not None}  # fmt: skip
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in rmt.named_parameters() if p.grad is not None
+    }
     return out, grads
 
 
@@ -166,10 +167,17 @@ def test_compiled_kernel_op_equals_eager_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     B, Hq, Hkv, T, D = 3, 8, 2, 200, 64
     q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.float16, generator=g).transpose(1, 2)
-    k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.float16, generator=g).transpose(1, 2)
-            for _ in range(2))  # fmt: skip
-    layout = SegmentLayout(8, 184, 8, True, token_starts=torch.tensor([0, 30, 90], device="cuda"),
-                           token_counts=torch.tensor([184, 120, 90], device="cuda"))  # fmt: skip
+    k, v = (
+        torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.float16, generator=g).transpose(1, 2) for _ in range(2)
+    )
+    layout = SegmentLayout(
+        8,
+        184,
+        8,
+        True,
+        token_starts=torch.tensor([0, 30, 90], device="cuda"),
+        token_counts=torch.tensor([184, 120, 90], device="cuda"),
+    )
 
     def f(q, k, v):
         return ra.rmt_attention(q, k, v, layout, check=False)

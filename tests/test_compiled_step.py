@@ -127,9 +127,12 @@ def test_options_and_bad_values():
     assert compile_options({"mode": "max-autotune"}, cuda_graph=True)["mode"] == "max-autotune-no-cudagraphs"
     assert "mode" not in compile_options({"mode": "reduce-overhead", "dynamic": True}, cuda_graph=True)
     model = gpt2()
-    for bad, match in (("yes", "compile_step must be"), ({"mode": "fastest"}, "torch.compile rejects"),
-                       ({"backend": "no-such-backend"}, "torch.compile rejects"),
-                       ({"fullgraph": True, "bogus": 1}, "torch.compile rejects")):  # fmt: skip
+    for bad, match in (
+        ("yes", "compile_step must be"),
+        ({"mode": "fastest"}, "torch.compile rejects"),
+        ({"backend": "no-such-backend"}, "torch.compile rejects"),
+        ({"fullgraph": True, "bogus": 1}, "torch.compile rejects"),
+    ):
         with pytest.raises(ValueError, match=match):
             FastRMT(model, 3, 6, compile_step=bad)
         assert model.config._attn_implementation != seam.ATTN_NAME  # nothing touched before the error
@@ -194,9 +197,12 @@ def _errors_against_float64(factory, kw, device, dtype, options_by_name):
     for name, model in models.items():
         got = run(model, inputs)
         params = dict(model.named_parameters())
-        errors[name] = dict(memory=rel_err(got.memory_state, want.memory_state),
-                            logits=rel_err(got.logits, want.logits), loss=rel_err(got.loss, want.loss),
-                            grad=max(rel_err(params[n].grad, g) for n, g in grads64.items()))  # fmt: skip
+        errors[name] = dict(
+            memory=rel_err(got.memory_state, want.memory_state),
+            logits=rel_err(got.logits, want.logits),
+            loss=rel_err(got.loss, want.loss),
+            grad=max(rel_err(params[n].grad, g) for n, g in grads64.items()),
+        )
     return errors
 
 
@@ -234,16 +240,24 @@ def test_compiled_step_on_cuda_auto_backend(factory, kw):
         _assert_within_eager(errors, "inductor")
     except AssertionError:  # the diagnosis: is the traced graph wrong too, or only inductor's code?
         torch._dynamo.reset()
-        traced = _errors_against_float64(factory, kw, "cuda", torch.float16,
-                                         {"aot_eager": {"backend": "aot_eager", "dynamic": False}})  # fmt: skip
-        raise AssertionError(f"inductor {errors['inductor']}, aot_eager {traced['aot_eager']}, eager fp16 "
-                             f"{errors['eager']} (relative errors against float64)") from None
+        traced = _errors_against_float64(
+            factory, kw, "cuda", torch.float16, {"aot_eager": {"backend": "aot_eager", "dynamic": False}}
+        )
+        raise AssertionError(
+            f"inductor {errors['inductor']}, aot_eager {traced['aot_eager']}, eager fp16 "
+            f"{errors['eager']} (relative errors against float64)"
+        ) from None
 
 
-@pytest.mark.parametrize("device,dtype", [pytest.param("cpu", torch.bfloat16),
-                                          pytest.param("cuda", torch.float16, marks=pytest.mark.gpu),
-                                          pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)],
-                         ids=["cpu-bf16", "cuda-fp16", "cuda-fp32"])  # fmt: skip
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        pytest.param("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.float16, marks=pytest.mark.gpu),
+        pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+    ],
+    ids=["cpu-bf16", "cuda-fp16", "cuda-fp32"],
+)
 def test_compiled_sdpa_with_the_padded_segment_mask(device, dtype):
     """The one attention call of a padded segment, alone: SDPA with the layout's boolean mask (70 keys, not a
     multiple of 8; broadcast over heads) under inductor equals eager, against float64. Isolates inductor's

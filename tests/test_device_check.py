@@ -31,11 +31,17 @@ def _run(tmp_path, total_s: int, scale: int = 1):
     alone can take most of a GPU step's limit: the dry run checks that every step runs, not its time)."""
     out, res = tmp_path / "out", tmp_path / "res" / "run"
     out.mkdir()
-    env = dict(os.environ, OUT=str(out), TOTAL_S=str(total_s), DEVICE_CHECK_SKIP_INSTALL="1",
-               DEVICE_CHECK_LIMIT_SCALE=str(scale))  # fmt: skip
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        TOTAL_S=str(total_s),
+        DEVICE_CHECK_SKIP_INSTALL="1",
+        DEVICE_CHECK_LIMIT_SCALE=str(scale),
+    )
     env.pop("TRITON_INTERPRET", None)  # as on the GPU machine: the inner pytest decides for itself
-    done = subprocess.run(["bash", str(SCRIPT), str(res)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(res)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = (res / "summary.txt").read_text()
     status = {}
@@ -69,8 +75,9 @@ def test_a_selection_runs_only_the_named_steps(tmp_path):
     out.mkdir()
     env = dict(os.environ, OUT=str(out), DEVICE_CHECK_SKIP_INSTALL="1", DEVICE_CHECK_STEPS="host_overhead,latency")
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run(["bash", str(SCRIPT), str(res)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(res)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ran = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("=== ")]
     assert ran == ["latency", "host_overhead"], done.stdout[-2000:]

@@ -24,15 +24,45 @@ HAS_KERNEL = (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") ==
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="needs triton (CUDA or TRITON_INTERPRET=1)")
 
 
-def _entry(dtype="float16", head_dim=64, t="T<=768", bh="BH<=192", causal=True, padded=False, needs_grad=False,
-           mode="eager", backend="triton", **extra):  # fmt: skip
-    return dict(dtype=dtype, head_dim=head_dim, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
-                needs_grad=needs_grad, mode=mode, backend=backend, triton_ms=0.1, sdpa_ms=0.2, **extra)  # fmt: skip
+def _entry(
+    dtype="float16",
+    head_dim=64,
+    t="T<=768",
+    bh="BH<=192",
+    causal=True,
+    padded=False,
+    needs_grad=False,
+    mode="eager",
+    backend="triton",
+    **extra,
+):
+    return dict(
+        dtype=dtype,
+        head_dim=head_dim,
+        t_bucket=t,
+        bh_bucket=bh,
+        causal=causal,
+        padded=padded,
+        needs_grad=needs_grad,
+        mode=mode,
+        backend=backend,
+        triton_ms=0.1,
+        sdpa_ms=0.2,
+        **extra,
+    )
 
 
 def _table(entries, configs=(), arch="sm90", measured=True):
-    return dict(format=dispatch.FORMAT, arch=arch, measured=measured, devices=["fake"], margin=0.03,
-                provenance={"tool": "tests"}, configs=list(configs), entries=list(entries))  # fmt: skip
+    return dict(
+        format=dispatch.FORMAT,
+        arch=arch,
+        measured=measured,
+        devices=["fake"],
+        margin=0.03,
+        provenance={"tool": "tests"},
+        configs=list(configs),
+        entries=list(entries),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +77,25 @@ def _clean_state():
 # ------------------------------------------------------------------------------------------------ buckets
 def test_buckets():
     assert [dispatch.t_bucket(t) for t in (16, 532, 768, 769, 1044, 2068, 3072, 4096, 10**6)] == [
-        "T<=768", "T<=768", "T<=768", "T<=1536", "T<=1536", "T<=3072", "T<=3072", "T>3072", "T>3072"]  # fmt: skip
+        "T<=768",
+        "T<=768",
+        "T<=768",
+        "T<=1536",
+        "T<=1536",
+        "T<=3072",
+        "T<=3072",
+        "T>3072",
+        "T>3072",
+    ]
     assert [dispatch.bh_bucket(b * 12) for b in (1, 2, 4, 6, 8, 16, 32)] == [
-        "BH<=24", "BH<=24", "BH<=72", "BH<=72", "BH<=192", "BH<=192", "BH>192"]  # fmt: skip
+        "BH<=24",
+        "BH<=24",
+        "BH<=72",
+        "BH<=72",
+        "BH<=192",
+        "BH<=192",
+        "BH>192",
+    ]
     assert dispatch.T_BUCKETS == ("T<=768", "T<=1536", "T<=3072", "T>3072")
     cls = dispatch.ShapeClass.of(1, 532, 96, True, False)
     assert cls.decode and cls.t == "T<=768" and "decode" in cls.describe()
@@ -58,12 +104,17 @@ def test_buckets():
 # ------------------------------------------------------------------------------------------------- lookup
 def test_lookup_against_a_fake_table():
     configs = [dict(dtype="float16", head_dim=64, fwd=[128, 64, 4, 3], dq=[64, 32, 4, 2], dkdv=[32, 128, 8, 2])]
-    table = dispatch.DispatchTable(_table([
-        _entry(),  # inference, eager: triton
-        _entry(mode="graphed", backend="sdpa"),
-        _entry(needs_grad=True, backend="sdpa"),
-        _entry(padded=True, bh="BH>192"),
-    ], configs))  # fmt: skip
+    table = dispatch.DispatchTable(
+        _table(
+            [
+                _entry(),  # inference, eager: triton
+                _entry(mode="graphed", backend="sdpa"),
+                _entry(needs_grad=True, backend="sdpa"),
+                _entry(padded=True, bh="BH>192"),
+            ],
+            configs,
+        )
+    )
     cls = dispatch.ShapeClass.of(532, 532, 8 * 12, True, False)
     d = table.lookup(torch.float16, 64, cls, needs_grad=False, graphed=False)
     assert d.backend == "triton" and d.configs["fwd"] == (128, 64, 4, 3) and "triton measured fastest" in d.reason
@@ -115,8 +166,10 @@ def test_choose_races_every_backend():
         (lambda t: t["entries"][0].update(mode="compiled"), "mode must be one of"),
         (lambda t: t["entries"][0].update(backend="xformers"), "backend must be one of"),
         (lambda t: t["entries"][0].update(backend="sdpa_"), "backend must be one of"),
-        (lambda t: t.update(format="rmt-fast-dispatch/1") or t["entries"][0].update(backend="sdpa_cudnn"),
-         r"backend must be one of \('triton', 'sdpa'\) in rmt-fast-dispatch/1"),
+        (
+            lambda t: t.update(format="rmt-fast-dispatch/1") or t["entries"][0].update(backend="sdpa_cudnn"),
+            r"backend must be one of \('triton', 'sdpa'\) in rmt-fast-dispatch/1",
+        ),
         (lambda t: t["entries"][0].update(ms={"triton": 0.1, "cudnn": 0.2}), r"ms names the backend 'cudnn'"),
         (lambda t: t["entries"][0].update(ms={"sdpa_flash": "fast"}), r"ms.sdpa_flash must be a number"),
         (lambda t: t["entries"][0].update(ms=[0.1]), r"entries\[0\].ms must be an object"),
@@ -162,8 +215,12 @@ def test_the_committed_table_check_accepts_a_good_table_and_refuses_bad_ones(tmp
     good["provenance"] = {"tool": "tests", "git_sha": "0123abc"}
     (tmp_path / "sm90.json").write_text(json.dumps(good))
     _check_committable(tmp_path / "sm90.json")
-    for name, change in (("sm90", dict(measured=False)), ("sm80", {}), ("sm90", dict(provenance={})),
-                         ("sm90", dict(devices=[]))):  # fmt: skip
+    for name, change in (
+        ("sm90", dict(measured=False)),
+        ("sm80", {}),
+        ("sm90", dict(provenance={})),
+        ("sm90", dict(devices=[])),
+    ):
         (tmp_path / f"{name}.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(AssertionError):
             _check_committable(tmp_path / f"{name}.json")
@@ -193,8 +250,12 @@ def _qkv(b=2, h=4, t=10, d=16, dtype=torch.float32):
 
 def _small_entries(**kw):
     base = dict(dtype="float32", head_dim=16, t="T<=768", bh="BH<=24")
-    return [_entry(**{**base, "causal": c, "padded": p, "needs_grad": g, **kw})
-            for c in (True, False) for p in (True, False) for g in (True, False)]  # fmt: skip
+    return [
+        _entry(**{**base, "causal": c, "padded": p, "needs_grad": g, **kw})
+        for c in (True, False)
+        for p in (True, False)
+        for g in (True, False)
+    ]
 
 
 def test_auto_on_cpu_is_sdpa_whatever_the_table():
@@ -230,9 +291,11 @@ def test_graphed_and_grad_flags_pick_their_measurements(monkeypatch):
     monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
     q, k, v = _qkv()
     layout = SegmentLayout(2, 6, 2, True)
-    entries = [_entry(dtype="float32", head_dim=16, bh="BH<=24", mode="graphed"),
-               _entry(dtype="float32", head_dim=16, bh="BH<=24", mode="eager", backend="sdpa"),
-               _entry(dtype="float32", head_dim=16, bh="BH<=24", needs_grad=True)]  # fmt: skip
+    entries = [
+        _entry(dtype="float32", head_dim=16, bh="BH<=24", mode="graphed"),
+        _entry(dtype="float32", head_dim=16, bh="BH<=24", mode="eager", backend="sdpa"),
+        _entry(dtype="float32", head_dim=16, bh="BH<=24", needs_grad=True),
+    ]
     with dispatch.use_table(_table(entries)):
         assert seam.choose_backend("auto", q, k, v, layout, 0.0) == "sdpa"
         with seam.graphed_step():
@@ -255,8 +318,18 @@ def test_table_installs_its_launch_configs(monkeypatch):
 
 # ------------------------------------------------------------------------------------------- end to end
 def _gpt2_d16():
-    cfg = tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = tf.GPT2Config(
+        n_layer=3,
+        n_embd=64,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return tf.GPT2LMHeadModel(cfg)
 
 
@@ -309,7 +382,8 @@ def test_training_decision_uses_the_grad_entries(monkeypatch):
     rmt = FastRMT(_gpt2_d16(), 2, 6, attn_backend="auto")
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     entries = [e for e in _small_entries() if not e["needs_grad"]] + [
-        e for e in _small_entries(backend="sdpa") if e["needs_grad"]]  # fmt: skip
+        e for e in _small_entries(backend="sdpa") if e["needs_grad"]
+    ]
     with dispatch.use_table(_table(entries)):
         rmt(ids, labels=ids).loss.backward()
         assert used == []  # training: SDPA measured faster
@@ -332,22 +406,47 @@ def test_kernels_benchmark_reports_auto_choice_and_targets(tmp_path):
     assert len(kernels.settings(True)) == 2 * 2 * 2 * 3
 
     def row(method, mode, ms, layout="full", B=8, T=532, host_ms=None):
-        return dict(method=method, mode=mode, ms=ms, tflops=1.0, status="ok", dtype="float16", D=64, layout=layout,
-                    B=B, T=T, auto_choice="sdpa", auto_choice_graphed="", host_ms=host_ms)  # fmt: skip
+        return dict(
+            method=method,
+            mode=mode,
+            ms=ms,
+            tflops=1.0,
+            status="ok",
+            dtype="float16",
+            D=64,
+            layout=layout,
+            B=B,
+            T=T,
+            auto_choice="sdpa",
+            auto_choice_graphed="",
+            host_ms=host_ms,
+        )
 
-    rows = [row("triton", "fwd", 0.10), row("sdpa_flash_nomask", "fwd", 0.08),
-            row("triton", "fwd+bwd", 0.30, host_ms=0.6), row("sdpa_flash_nomask", "fwd+bwd", 0.28),
-            row("sdpa", "fwd+bwd", 0.28, host_ms=0.3), row("sdpa_cudnn", "fwd+bwd", 0.24),
-            row("flex", "fwd+bwd", 0.25), row("xformers", "fwd+bwd", 0.1),  # xformers is no baseline
-            row("triton", "fwd", 0.03, "padded"), row("sdpa", "fwd", 0.07, "padded"),
-            row("flex", "fwd", 0.05, "padded"),
-            row("triton", "fwd", 0.10, B=1, T=4096), row("sdpa_flash_nomask", "fwd", 0.09, B=1, T=4096)]  # fmt: skip
+    rows = [
+        row("triton", "fwd", 0.10),
+        row("sdpa_flash_nomask", "fwd", 0.08),
+        row("triton", "fwd+bwd", 0.30, host_ms=0.6),
+        row("sdpa_flash_nomask", "fwd+bwd", 0.28),
+        row("sdpa", "fwd+bwd", 0.28, host_ms=0.3),
+        row("sdpa_cudnn", "fwd+bwd", 0.24),
+        row("flex", "fwd+bwd", 0.25),
+        row("xformers", "fwd+bwd", 0.1),  # xformers is no baseline
+        row("triton", "fwd", 0.03, "padded"),
+        row("sdpa", "fwd", 0.07, "padded"),
+        row("flex", "fwd", 0.05, "padded"),
+        row("triton", "fwd", 0.10, B=1, T=4096),
+        row("sdpa_flash_nomask", "fwd", 0.09, B=1, T=4096),
+    ]
     got = {(c["target"][:12], c["mode"], c["T"]): (c["speedup"], c["met"]) for c in kernels.targets(rows)}
-    assert got == {("forward >= 1", "fwd", 532): (0.8, False), ("forward + ba", "fwd+bwd", 532): (0.933, True),
-                   ("padded >= 2x", "fwd", 532): (2.333, True), ("forward >= 0", "fwd", 4096): (0.9, True),
-                   ("device fwd+b", "fwd+bwd", 532): (0.8, False),  # against cuDNN's 0.24
-                   ("device fwd >", "fwd", 532): (1.667, False),  # padded: against Flex's 0.05, needs 2x
-                   ("host fwd+bwd", "fwd+bwd", 532): (0.5, False)}  # fmt: skip
+    assert got == {
+        ("forward >= 1", "fwd", 532): (0.8, False),
+        ("forward + ba", "fwd+bwd", 532): (0.933, True),
+        ("padded >= 2x", "fwd", 532): (2.333, True),
+        ("forward >= 0", "fwd", 4096): (0.9, True),
+        ("device fwd+b", "fwd+bwd", 532): (0.8, False),  # against cuDNN's 0.24
+        ("device fwd >", "fwd", 532): (1.667, False),  # padded: against Flex's 0.05, needs 2x
+        ("host fwd+bwd", "fwd+bwd", 532): (0.5, False),
+    }
     from rmt_fast.bench.common import save_plot
 
     save_plot(kernels.plot(None, rows, {"env": {"torch": "x", "triton": "y"}}), tmp_path / "k.png")
@@ -380,8 +479,10 @@ def test_profile_counts_triton_kernels_and_launcher_as_attention():
     scope = _Evt(profile.ATTENTION_SCOPE, 0, 300)  # 300 us in the backend call
     empty = _Evt("aten::empty", 10, 30, parent=scope)  # 20 us of it in an aten op
     mm = _Evt("aten::mm", 400, 450, kernels=[Kernel("gemm", 0, 40.0)])
-    kern = [_Evt("_rmt_attn_fwd_kernel", 500, 560, device_type="DeviceType.CUDA"),
-            _Evt("gemm", 400, 440, device_type="DeviceType.CUDA")]  # fmt: skip
+    kern = [
+        _Evt("_rmt_attn_fwd_kernel", 500, 560, device_type="DeviceType.CUDA"),
+        _Evt("gemm", 400, 440, device_type="DeviceType.CUDA"),
+    ]
     events = [scope, empty, mm, *kern]
     assert profile._classify(empty) == ("attention", True)
     assert profile._triton_kernels(events) == (0.06, 1)
@@ -420,8 +521,20 @@ def _spy_kernel(monkeypatch):
 
 def _gpu_entries(mode="eager", backend="triton", needs_grad=False):
     # gpt2_d16 on CUDA, fp16, batch 2, segment 6 + 2 x 2 memory: T = 10, B x H = 8
-    return [_entry(dtype="float16", head_dim=16, t="T<=768", bh="BH<=24", causal=True, padded=p,
-                   needs_grad=needs_grad, mode=mode, backend=backend) for p in (True, False)]  # fmt: skip
+    return [
+        _entry(
+            dtype="float16",
+            head_dim=16,
+            t="T<=768",
+            bh="BH<=24",
+            causal=True,
+            padded=p,
+            needs_grad=needs_grad,
+            mode=mode,
+            backend=backend,
+        )
+        for p in (True, False)
+    ]
 
 
 @pytest.mark.gpu

@@ -29,21 +29,54 @@ from rmt_fast.kernels.layout import SegmentLayout
 MODES = [(False, False), (True, False), (False, True), (True, True)]  # (needs_grad, graphed)
 
 
-def _entry(backend, *, needs_grad=False, mode="eager", causal=True, padded=False, dtype="float32", head_dim=16,
-           t="T<=768", bh="BH<=24", **extra):  # fmt: skip
-    return dict(dtype=dtype, head_dim=head_dim, t_bucket=t, bh_bucket=bh, causal=causal, padded=padded,
-                needs_grad=needs_grad, mode=mode, backend=backend, **extra)  # fmt: skip
+def _entry(
+    backend,
+    *,
+    needs_grad=False,
+    mode="eager",
+    causal=True,
+    padded=False,
+    dtype="float32",
+    head_dim=16,
+    t="T<=768",
+    bh="BH<=24",
+    **extra,
+):
+    return dict(
+        dtype=dtype,
+        head_dim=head_dim,
+        t_bucket=t,
+        bh_bucket=bh,
+        causal=causal,
+        padded=padded,
+        needs_grad=needs_grad,
+        mode=mode,
+        backend=backend,
+        **extra,
+    )
 
 
 def _table(entries, fmt=dispatch.FORMAT):
-    return dict(format=fmt, arch="sm90", measured=True, devices=["fake"], margin=0.03,
-                provenance={"tool": "tests", "git_sha": "0"}, configs=[], entries=list(entries))  # fmt: skip
+    return dict(
+        format=fmt,
+        arch="sm90",
+        measured=True,
+        devices=["fake"],
+        margin=0.03,
+        provenance={"tool": "tests", "git_sha": "0"},
+        configs=[],
+        entries=list(entries),
+    )
 
 
 def _every_case(backend, **kw):
     """The same backend for every small float32 case (causal or not, padded or not, each mode)."""
-    return [_entry(backend, causal=c, padded=p, needs_grad=g, mode="graphed" if gr else "eager", **kw)
-            for c in (True, False) for p in (True, False) for g, gr in MODES]  # fmt: skip
+    return [
+        _entry(backend, causal=c, padded=p, needs_grad=g, mode="graphed" if gr else "eager", **kw)
+        for c in (True, False)
+        for p in (True, False)
+        for g, gr in MODES
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -78,14 +111,19 @@ def _qkv(b=2, h=4, hkv=4, t=12, d=16, seed=0):
 
 def _layout(causal=True, padded=False):
     counts = torch.tensor([8, 5], dtype=torch.int32) if padded else None
-    return SegmentLayout(2, 8, 2, True, token_counts=counts) if causal else SegmentLayout(0, 12, 0, False,
-                                                                                           token_counts=counts)
+    return (
+        SegmentLayout(2, 8, 2, True, token_counts=counts)
+        if causal
+        else SegmentLayout(0, 12, 0, False, token_counts=counts)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ format
 def test_previous_format_still_loads_and_its_sdpa_means_sdpa_choosing(tmp_path):
-    old = _table([_entry("triton", triton_ms=0.1, sdpa_ms=0.2),
-                  _entry("sdpa", needs_grad=True, triton_ms=0.3, sdpa_ms=0.2)], fmt="rmt-fast-dispatch/1")  # fmt: skip
+    old = _table(
+        [_entry("triton", triton_ms=0.1, sdpa_ms=0.2), _entry("sdpa", needs_grad=True, triton_ms=0.3, sdpa_ms=0.2)],
+        fmt="rmt-fast-dispatch/1",
+    )
     path = tmp_path / "sm90.json"
     path.write_text(json.dumps(old))
     table = dispatch.load_table(path)
@@ -102,8 +140,13 @@ def test_previous_format_still_loads_and_its_sdpa_means_sdpa_choosing(tmp_path):
 
 def test_the_format_round_trips(tmp_path):
     times = {"triton": 0.4, "sdpa": 0.5, "sdpa_flash": 0.45, "sdpa_efficient": None, "sdpa_cudnn": 0.3, "flex": 0.6}
-    data = _table([_entry("sdpa_cudnn", ms=times), _entry("flex", mode="graphed", ms={"flex": 0.1, "sdpa": 0.2}),
-                   _entry("sdpa", needs_grad=True, ms={"sdpa": 0.2})])  # fmt: skip
+    data = _table(
+        [
+            _entry("sdpa_cudnn", ms=times),
+            _entry("flex", mode="graphed", ms={"flex": 0.1, "sdpa": 0.2}),
+            _entry("sdpa", needs_grad=True, ms={"sdpa": 0.2}),
+        ]
+    )
     data["configs"] = [dict(dtype="float32", head_dim=16, fwd=[32, 16, 4, 2])]
     table = dispatch.DispatchTable(data)
     path = tmp_path / "sm90.json"
@@ -126,8 +169,16 @@ def test_auto_runs_the_named_sdpa_kernel_and_equals_the_reference(forced, name, 
     q, k, v = _qkv(hkv=2)  # grouped-query heads: enable_gqa passes through
     mode = "graphed" if graphed else "eager"
     # the case's own entry names `name`; every other mode names plain SDPA
-    entries = [_entry(name if (g, gr) == (needs_grad, graphed) else "sdpa", needs_grad=g, causal=causal,
-                      padded=padded, mode="graphed" if gr else "eager") for g, gr in MODES]  # fmt: skip
+    entries = [
+        _entry(
+            name if (g, gr) == (needs_grad, graphed) else "sdpa",
+            needs_grad=g,
+            causal=causal,
+            padded=padded,
+            mode="graphed" if gr else "eager",
+        )
+        for g, gr in MODES
+    ]
     qg, kg, vg = (t.clone().requires_grad_(needs_grad) for t in (q, k, v))
     with dispatch.use_table(_table(entries)), seam.graphed_step(graphed):
         out = seam.run_backend("auto", qg, kg, vg, layout, scale=None, dropout_p=0.0)
@@ -212,8 +263,18 @@ def test_auto_runs_flex_where_the_table_names_it(monkeypatch, caplog):
 
 
 def _gpt2():
-    cfg = tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = tf.GPT2Config(
+        n_layer=3,
+        n_embd=64,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return tf.GPT2LMHeadModel(cfg)
 
 
@@ -225,7 +286,8 @@ def test_fastrmt_training_runs_the_tables_sdpa_kernel(forced):
     plain.load_state_dict(auto.state_dict())
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))  # 2 segments
     entries = [e for e in _every_case("sdpa_efficient", dtype="float32") if e["needs_grad"]] + [
-        e for e in _every_case("sdpa_flash") if not e["needs_grad"]]  # fmt: skip
+        e for e in _every_case("sdpa_flash") if not e["needs_grad"]
+    ]
     with dispatch.use_table(_table(entries)):
         a = auto(ids, labels=ids)
         a.loss.backward()
@@ -263,8 +325,21 @@ def test_the_named_backend_traces_into_one_compiled_graph(forced, name):
 # ------------------------------------------------------------------------------------------------- GPU
 def _gpu_table(name):
     # _gpt2_d64 on CUDA, fp16, batch 2, segment 60 + 2 x 2 memory: T = 64, B x H = 8
-    return _table([_entry(name, dtype="float16", head_dim=64, causal=True, padded=p, needs_grad=g,
-                          mode="graphed" if gr else "eager") for p in (True, False) for g, gr in MODES])  # fmt: skip
+    return _table(
+        [
+            _entry(
+                name,
+                dtype="float16",
+                head_dim=64,
+                causal=True,
+                padded=p,
+                needs_grad=g,
+                mode="graphed" if gr else "eager",
+            )
+            for p in (True, False)
+            for g, gr in MODES
+        ]
+    )
 
 
 def _spy_backend(monkeypatch, name):
@@ -291,8 +366,18 @@ def _spy_backend(monkeypatch, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "triton"])
 def test_gpu_auto_runs_the_named_backend_eager_graphed_and_in_training(monkeypatch, name):
-    cfg = tf.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=128, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = tf.GPT2Config(
+        n_layer=2,
+        n_embd=256,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(cfg)
     ids = torch.randint(3, VOCAB, (2, 120), generator=torch.Generator().manual_seed(4)).cuda()  # 2 segments

@@ -61,8 +61,9 @@ def test_encoder_matches_reference(name):
 @pytest.mark.parametrize("sum_loss", [False, True])
 @pytest.mark.parametrize("max_n_segments", [None, 6])
 def test_encoder_sum_loss_and_empty_segments(sum_loss, max_n_segments):
-    ref, fast = pair(ENCODERS["bert_cls"], 2, 5, cls_token_id=1, sep_token_id=2, sum_loss=sum_loss,
-                     max_n_segments=max_n_segments)
+    ref, fast = pair(
+        ENCODERS["bert_cls"], 2, 5, cls_token_id=1, sep_token_id=2, sum_loss=sum_loss, max_n_segments=max_n_segments
+    )
     ids = _ids(3, 23)
     ids[0, 6:] = PAD  # 2 segments against 5
     ids[1, 0] = 1  # a CLS and SEP inside the input are dropped, as in the reference

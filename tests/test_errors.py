@@ -24,16 +24,19 @@ def _unchanged(model, before):
 
 
 @pytest.mark.parametrize("cls", WRAPPERS)
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((3, 0), {}, "segment_size"),
-    ((3, -4), {}, "segment_size"),
-    ((-1, 8), {}, "num_mem_tokens"),
-    ((3, 8), {"bptt_depth": -2}, "bptt_depth"),
-    ((3, 8), {"max_n_segments": 0}, "max_n_segments"),
-    ((3, 8), {"segment_alignment": "middle"}, "segment_alignment"),
-    ((3, 8), {"attn_backend": "flash"}, "attn_backend"),
-    ((3, 200), {}, "maximum positions"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((3, 0), {}, "segment_size"),
+        ((3, -4), {}, "segment_size"),
+        ((-1, 8), {}, "num_mem_tokens"),
+        ((3, 8), {"bptt_depth": -2}, "bptt_depth"),
+        ((3, 8), {"max_n_segments": 0}, "max_n_segments"),
+        ((3, 8), {"segment_alignment": "middle"}, "segment_alignment"),
+        ((3, 8), {"attn_backend": "flash"}, "attn_backend"),
+        ((3, 200), {}, "maximum positions"),
+    ],
+)
 def test_bad_constructor_arguments(cls, args, kwargs, match):
     model = gpt2()
     before = _state(model)
@@ -59,8 +62,9 @@ class NoInterfaceGPT2(tf.GPT2LMHeadModel):
 def test_unsupported_models(cls):
     with pytest.raises(TypeError, match="PreTrainedModel"):
         cls(torch.nn.Linear(4, 4), 2, 8)
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                                                   vocab_size=32))
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, vocab_size=32)
+    )
     with pytest.raises(ValueError, match="encoder-decoder"):
         cls(t5, 2, 8)
     legacy = NoInterfaceGPT2(gpt2().config)

@@ -91,20 +91,32 @@ def _step(q, k, v, layout, seed, dropout_p):
     torch.autograd.grad(out, (q, k, v), g)
 
 
-layouts = st.fixed_dictionaries({
-    "orders": st.tuples(*[st.sampled_from(["bhtd", "bthd"])] * 3),
-    "offsets": st.tuples(*[st.sampled_from([0, 0, 1, 8])] * 3),
-    "pads": st.tuples(*[st.sampled_from([0, 0, 1, 15])] * 3),
-    "seed": st.sampled_from([0, 1, 16, 12345, 2**31 - 1, 2**31, 2**40]),
-})  # fmt: skip
-cases = st.fixed_dictionaries({
-    "B": st.integers(1, 2), "H": st.sampled_from([1, 2, 3]), "D": st.sampled_from([16, 32]),
-    "T": st.integers(1, 40), "dtype": st.sampled_from([torch.float16, torch.float32]),
-    "runs": st.sampled_from(["none", "counts", "starts"]), "dropout": st.booleans(),
-    "first": layouts, "change": st.sampled_from(["none", "orders", "offsets", "pads", "seed"]),
-    "which": st.integers(0, 2), "order": st.sampled_from(["bhtd", "bthd"]), "offset": st.sampled_from([0, 1, 8]),
-    "pad": st.sampled_from([0, 1, 15]), "seed": st.sampled_from([3, 2**31 - 1, 2**31, 2**40]),
-})  # fmt: skip
+layouts = st.fixed_dictionaries(
+    {
+        "orders": st.tuples(*[st.sampled_from(["bhtd", "bthd"])] * 3),
+        "offsets": st.tuples(*[st.sampled_from([0, 0, 1, 8])] * 3),
+        "pads": st.tuples(*[st.sampled_from([0, 0, 1, 15])] * 3),
+        "seed": st.sampled_from([0, 1, 16, 12345, 2**31 - 1, 2**31, 2**40]),
+    }
+)
+cases = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 2),
+        "H": st.sampled_from([1, 2, 3]),
+        "D": st.sampled_from([16, 32]),
+        "T": st.integers(1, 40),
+        "dtype": st.sampled_from([torch.float16, torch.float32]),
+        "runs": st.sampled_from(["none", "counts", "starts"]),
+        "dropout": st.booleans(),
+        "first": layouts,
+        "change": st.sampled_from(["none", "orders", "offsets", "pads", "seed"]),
+        "which": st.integers(0, 2),
+        "order": st.sampled_from(["bhtd", "bthd"]),
+        "offset": st.sampled_from([0, 1, 8]),
+        "pad": st.sampled_from([0, 1, 15]),
+        "seed": st.sampled_from([3, 2**31 - 1, 2**31, 2**40]),
+    }
+)
 
 
 def _then(case) -> dict:
@@ -120,8 +132,13 @@ def _then(case) -> dict:
     return then
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the test clears what it relies on
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)  # the test clears what it relies on
 @given(case=cases)
 def test_fast_launch_makes_the_call_triton_run_makes(rig, case):
     """A first call (through run) builds the fast launches; a second call, of the same shapes but other strides,
@@ -132,14 +149,22 @@ def test_fast_launch_makes_the_call_triton_run_makes(rig, case):
     m = 1 if T > 2 else 0
     counts = torch.tensor([T - 2 * m, max(T - 2 * m - 3, 0)][:B], dtype=torch.int32)
     starts = torch.tensor([min(1, T - 2 * m), 0][:B], dtype=torch.int32)
-    layout = SegmentLayout(m, T - 2 * m, m, True, token_counts=None if case["runs"] == "none" else counts,
-                           token_starts=starts if case["runs"] == "starts" else None)  # fmt: skip
+    layout = SegmentLayout(
+        m,
+        T - 2 * m,
+        m,
+        True,
+        token_counts=None if case["runs"] == "none" else counts,
+        token_starts=starts if case["runs"] == "starts" else None,
+    )
     dropout_p = 0.25 if case["dropout"] else 0.0
     qkv, case["then"] = {}, _then(case)
     for name in ("first", "then"):
         c = case[name]
-        qkv[name] = [_view((B, H, T, D), case["dtype"], o, off, pad).requires_grad_()
-                     for o, off, pad in zip(c["orders"], c["offsets"], c["pads"])]  # fmt: skip
+        qkv[name] = [
+            _view((B, H, T, D), case["dtype"], o, off, pad).requires_grad_()
+            for o, off, pad in zip(c["orders"], c["offsets"], c["pads"])
+        ]
     lc.clear_launch_cache()
     _step(*qkv["first"], layout, case["first"]["seed"], dropout_p)  # through run; builds the fast launches
     plan = next(iter(lc.cache_snapshot().shape_plans.values()))
@@ -179,10 +204,14 @@ def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
     cases = {
         "misaligned q": (_view(q.shape, q.dtype, "bhtd", 1, 0), k, v),
         "odd strides": (q, _view(k.shape, k.dtype, "bthd", 0, 1), v),
-        "stride 1 becomes 16": (q, k, _view(v.shape, v.dtype, "bhtd", 0, 0).transpose(2, 3).contiguous()
-                                .transpose(2, 3)),  # fmt: skip
+        "stride 1 becomes 16": (
+            q,
+            k,
+            _view(v.shape, v.dtype, "bhtd", 0, 0).transpose(2, 3).contiguous().transpose(2, 3),
+        ),
     }
     for name, qkv in cases.items():
+
         def call(qkv=qkv):
             return ta.rmt_attention(*(t.detach() for t in qkv), layout, check=False)
 
@@ -200,8 +229,9 @@ def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
         assert ran == (["_rmt_attn_fwd_kernel"] if through_run else []), dtype
     # the seed's range only: 2**31 takes an i64 argument, 12345 and 1 specialise as 7 did (do_not_specialize)
     for seed, through_run in ((7, True), (12345, False), (1, False), (2**31, True), (7, True), (2**31 - 1, False)):
-        _, ran = _fast_then_run(rec, runs, lambda seed=seed: ta.rmt_attention(q, k, v, layout, check=False,
-                                                                                seed=seed, dropout_p=0.5))  # fmt: skip
+        _, ran = _fast_then_run(
+            rec, runs, lambda seed=seed: ta.rmt_attention(q, k, v, layout, check=False, seed=seed, dropout_p=0.5)
+        )
         assert ran == (["_rmt_attn_fwd_kernel"] if through_run else []), seed
 
 

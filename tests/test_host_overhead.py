@@ -41,8 +41,13 @@ def test_launch_plans_are_built_once_per_variant(compiled_path):
     ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, False), check=False)  # another variant
     assert len(lc.cache_snapshot().plans) == 2
     with lc.override_configs(fwd=(16, 16, 2, 1)):  # the override neither reads nor fills the cache
-        ta.rmt_attention(q, k, v, SegmentLayout(2, 16, 2, True, token_starts=torch.tensor([1, 0]),
-                                                 token_counts=torch.tensor([3, 16])), check=False)  # fmt: skip
+        ta.rmt_attention(
+            q,
+            k,
+            v,
+            SegmentLayout(2, 16, 2, True, token_starts=torch.tensor([1, 0]), token_counts=torch.tensor([3, 16])),
+            check=False,
+        )
     assert len(lc.cache_snapshot().plans) == 2
     lc.clear_launch_cache()
     assert lc.cache_snapshot() == ({}, {}, {})
@@ -100,7 +105,8 @@ def test_host_overhead_benchmark_runs(tmp_path):
         paths += ["triton_op_grad", "triton_op_step"]
     modes = ("stub", "stub_triton", "stub_triton_run")
     assert {(r["mode"], r["case"], r["path"]) for r in stub} == {
-        (m, c, p) for m in modes for c in ("full", "counts", "runs") for p in paths}  # fmt: skip
+        (m, c, p) for m in modes for c in ("full", "counts", "runs") for p in paths
+    }
     assert all(r["host_us"] > 0 and r["cpu_us"] >= 0 for r in stub)
     assert len(data["summary"]) == 27 and summary["rows"] == len(data["rows"])
     assert {s["call"] for s in data["summary"]} == {"no_grad", "grad", "step"}

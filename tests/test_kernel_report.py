@@ -58,8 +58,14 @@ def test_no_config_tune_may_pick_spills_or_misses_wgmma():
 
 
 def test_candidates_drop_what_the_report_flags(monkeypatch, tmp_path):
-    rec = dict(kind="dq", head_dim=64, dtype="fp16", layout="causal+counts", config=[64, 32, 8, 2, "inline"],
-               problems=["register spills: 8 B stored, 8 B loaded, 16 B stack, 255 registers"])  # fmt: skip
+    rec = dict(
+        kind="dq",
+        head_dim=64,
+        dtype="fp16",
+        layout="causal+counts",
+        config=[64, 32, 8, 2, "inline"],
+        problems=["register spills: 8 B stored, 8 B loaded, 16 B stack, 255 registers"],
+    )
     report = {"records": [rec, {**rec, "config": [64, 32, 8, 3, "inline"], "problems": ["no wgmma: 4 mma.sync"]}]}
     path = tmp_path / "sm90.json"
     path.write_text(json.dumps(report))
@@ -73,8 +79,7 @@ def test_candidates_drop_what_the_report_flags(monkeypatch, tmp_path):
 
 
 def test_problem_rules():
-    ok = dict(wgmma_expected=True, wgmma=12, mma_sync=0, regs=200, stack=0, spill_stores=0, spill_loads=0,
-              shared=40960)  # fmt: skip
+    ok = dict(wgmma_expected=True, wgmma=12, mma_sync=0, regs=200, stack=0, spill_stores=0, spill_loads=0, shared=40960)
     assert kernel_report.problems(ok) == []
     assert "register spills" in kernel_report.problems({**ok, "spill_stores": 4})[0]
     assert "register spills" in kernel_report.problems({**ok, "spill_stores": None, "stack": 64})[0]

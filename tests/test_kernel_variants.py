@@ -164,8 +164,9 @@ def _table(configs: dict) -> dict:
 def test_dispatch_table_carries_variants_and_old_tables_load():
     old = dispatch.DispatchTable(_table({"dtype": "float16", "head_dim": 64, "dq": [128, 32, 4, 3]}))
     assert old.configs[("float16", 64)]["dq"] == (128, 32, 4, 3)
-    new = dispatch.DispatchTable(_table({"dtype": "float16", "head_dim": 64, "dq": [128, 32, 4, 3, "inline"],
-                                         "dkdv": [32, 128, 8, 3, "fused"]}))  # fmt: skip
+    new = dispatch.DispatchTable(
+        _table({"dtype": "float16", "head_dim": 64, "dq": [128, 32, 4, 3, "inline"], "dkdv": [32, 128, 8, 3, "fused"]})
+    )
     assert new.configs[("float16", 64)]["dkdv"] == (32, 128, 8, 3, "fused")
     assert new.launch_configs()[("dkdv", 64, torch.float16)] == (32, 128, 8, 3, "fused")
     for bad in ([128, 32, 4, 3, "fused"], [128, 32, 4, 3, "bogus"], [128, 32, 4, 3, 1]):

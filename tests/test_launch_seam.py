@@ -50,8 +50,12 @@ def private_uses(source: str) -> list[str]:
             func = node.func
             name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
             arg = node.args[1]
-            if name in _PATCHERS and _is_module_ref(node.args[0], aliases) and isinstance(arg, ast.Constant) \
-                    and _private(arg.value):  # fmt: skip
+            if (
+                name in _PATCHERS
+                and _is_module_ref(node.args[0], aliases)
+                and isinstance(arg, ast.Constant)
+                and _private(arg.value)
+            ):
                 found.append(f"line {node.lineno}: {name}(..., {arg.value!r})")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "launch_configs._" in node.value:
             found.append(f"line {node.lineno}: {node.value!r}")
@@ -71,23 +75,29 @@ def test_no_file_outside_launch_configs_uses_its_private_names():
     assert not offenders, f"use launch_configs' public functions instead: {offenders}"
 
 
-@pytest.mark.parametrize("source", [
-    "from rmt_fast.kernels import launch_configs as lc\nlc._PLANS.get(1)",
-    "from . import launch_configs as _cfg\nif _cfg._INTERPRET: pass",
-    "from rmt_fast.kernels import launch_configs\nlaunch_configs._SHAPE_PLANS.clear()",
-    "import rmt_fast.kernels.launch_configs as m\nm._CONFIG_CACHE[1] = 2",
-    "def f(mp, tune_plan):\n    mp.setattr(tune_plan.launch_configs, '_INTERPRET', False)",
-    "from rmt_fast.kernels import launch_configs as lc\ndef f(mp):\n    mp.setattr(lc, '_INTERPRET_BLOCKS', (16, 16))",
-    "from .launch_configs import _OVERRIDE",
-    "def f(mp):\n    mp.setattr('rmt_fast.kernels.launch_configs._INTERPRET', False)",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from rmt_fast.kernels import launch_configs as lc\nlc._PLANS.get(1)",
+        "from . import launch_configs as _cfg\nif _cfg._INTERPRET: pass",
+        "from rmt_fast.kernels import launch_configs\nlaunch_configs._SHAPE_PLANS.clear()",
+        "import rmt_fast.kernels.launch_configs as m\nm._CONFIG_CACHE[1] = 2",
+        "def f(mp, tune_plan):\n    mp.setattr(tune_plan.launch_configs, '_INTERPRET', False)",
+        "from rmt_fast.kernels import launch_configs as lc\n"
+        "def f(mp):\n    mp.setattr(lc, '_INTERPRET_BLOCKS', (16, 16))",
+        "from .launch_configs import _OVERRIDE",
+        "def f(mp):\n    mp.setattr('rmt_fast.kernels.launch_configs._INTERPRET', False)",
+    ],
+)
 def test_the_seam_check_catches_each_way_in(source):
     assert private_uses(source)
 
 
 def test_the_seam_check_passes_public_names_and_other_modules():
-    source = ("from rmt_fast.kernels import launch_configs as lc, dispatch\nlc.cached_plan(1)\n"
-              "lc.MAX_SHAPE_PLANS\ndispatch._OVERRIDE\nsetattr(lc, 'MAX_SHAPE_PLANS', 3)\nx._PLANS")  # fmt: skip
+    source = (
+        "from rmt_fast.kernels import launch_configs as lc, dispatch\nlc.cached_plan(1)\n"
+        "lc.MAX_SHAPE_PLANS\ndispatch._OVERRIDE\nsetattr(lc, 'MAX_SHAPE_PLANS', 3)\nx._PLANS"
+    )
     assert private_uses(source) == []
 
 

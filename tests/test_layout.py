@@ -48,8 +48,9 @@ def layouts(draw):
         return SegmentLayout(read, tokens, write, causal), dict(read=read, tokens=tokens, write=write, causal=causal)
     if kind == "mask":
         mask = [[draw(st.booleans()) for _ in range(tokens)] for _ in range(batch)]
-        layout = SegmentLayout(read, tokens, write, causal, token_mask=torch.tensor(mask, dtype=torch.bool).view(
-            batch, tokens))  # fmt: skip
+        layout = SegmentLayout(
+            read, tokens, write, causal, token_mask=torch.tensor(mask, dtype=torch.bool).view(batch, tokens)
+        )
         return layout, dict(read=read, tokens=tokens, write=write, causal=causal, token_mask=mask)
     counts = torch.tensor(ends, dtype=dtype)
     if kind == "counts":
@@ -57,8 +58,9 @@ def layouts(draw):
         layout = SegmentLayout(read, tokens, write, causal, token_counts=counts)
     else:
         runs = list(zip(starts, ends, strict=True))
-        layout = SegmentLayout(read, tokens, write, causal, token_counts=counts,
-                               token_starts=torch.tensor(starts, dtype=dtype))  # fmt: skip
+        layout = SegmentLayout(
+            read, tokens, write, causal, token_counts=counts, token_starts=torch.tensor(starts, dtype=dtype)
+        )
     return layout, dict(read=read, tokens=tokens, write=write, causal=causal, runs=runs)
 
 
@@ -103,8 +105,12 @@ def test_key_valid_moves_to_the_device_asked_for():
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
-@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=7), min_size=1, max_size=4).filter(
-    lambda rows: len({len(r) for r in rows}) == 1), st.booleans())  # fmt: skip
+@given(
+    st.lists(st.lists(st.booleans(), min_size=1, max_size=7), min_size=1, max_size=4).filter(
+        lambda rows: len({len(r) for r in rows}) == 1
+    ),
+    st.booleans(),
+)
 def test_mask_runs_follows_its_definition(rows, as_int):
     mask = torch.tensor(rows, dtype=torch.long if as_int else torch.bool)
     starts, ends, holes = mask_runs(mask)
@@ -167,8 +173,9 @@ def test_every_integer_dtype_is_accepted(dtype):
 @pytest.mark.parametrize("sizes", [(0, 1, 0), (1, 0, 0), (0, 0, 1), (3, 0, 2)])
 def test_the_smallest_segments_are_accepted(sizes):
     layout = SegmentLayout(*sizes, True)
-    assert layout.seq_len == sum(sizes) and torch.equal(layout.dense_mask()[0, 0], torch.ones(
-        sum(sizes), sum(sizes), dtype=torch.bool).tril())  # fmt: skip
+    assert layout.seq_len == sum(sizes) and torch.equal(
+        layout.dense_mask()[0, 0], torch.ones(sum(sizes), sum(sizes), dtype=torch.bool).tril()
+    )
 
 
 def test_a_layout_is_frozen_and_compared_by_identity():

@@ -29,8 +29,10 @@ def _grid_mask(layout: SegmentLayout, batch: int) -> torch.Tensor:
         lambda c: (SegmentLayout(0, 7, 0, c, token_counts=COUNTS), 3),
         lambda c: (SegmentLayout(2, 7, 3, c, token_counts=COUNTS, token_starts=STARTS), 3),
         lambda c: (SegmentLayout(2, 7, 2, c, token_counts=torch.tensor([9, -1, 4]), token_starts=STARTS), 3),
-        lambda c: (SegmentLayout(2, 7, 2, c, token_mask=torch.rand(3, 7, generator=torch.Generator().manual_seed(0))
-                                 > 0.4), 3),
+        lambda c: (
+            SegmentLayout(2, 7, 2, c, token_mask=torch.rand(3, 7, generator=torch.Generator().manual_seed(0)) > 0.4),
+            3,
+        ),
     ],
     ids=["plain", "no-memory", "counts", "encoder-counts", "runs", "runs-clamped", "token-mask"],
 )
@@ -49,8 +51,10 @@ def test_flex_attention_with_the_layouts_block_mask_equals_sdpa_with_its_dense_m
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.4
-    for layout in (SegmentLayout(2, 7, 2, causal, token_mask=mask),
-                   SegmentLayout(2, 7, 3, causal, token_counts=COUNTS, token_starts=STARTS)):  # fmt: skip
+    for layout in (
+        SegmentLayout(2, 7, 2, causal, token_mask=mask),
+        SegmentLayout(2, 7, 3, causal, token_counts=COUNTS, token_starts=STARTS),
+    ):
         T = layout.seq_len
         block = create_block_mask(layout.mask_mod(), 3, None, T, T, device="cpu", BLOCK_SIZE=4)
         q, k, v = (torch.randn(3, 2, T, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))

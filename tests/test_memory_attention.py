@@ -75,24 +75,32 @@ def test_layer0_matches_a_float64_recomputation(kind):
     with torch.no_grad():
         memory_in = [fast.memory.expand(2, -1, -1), fast(ids[:, :SIZE]).memory_state]
         for t in (0, 1):
-            tokens = ids[:, t * SIZE:(t + 1) * SIZE]
+            tokens = ids[:, t * SIZE : (t + 1) * SIZE]
             mem = memory_in[t]
             if kind == "decoder":
                 embeds = torch.cat([mem, fast.word_embeddings(tokens), mem], 1)
                 want = _layer0_gpt2(fast.model, embeds)
             else:
                 b = tokens.shape[0]
-                seg = torch.cat([torch.full((b, 1), models.CLS), torch.zeros(b, M, dtype=torch.long),
-                                 torch.full((b, 1), models.SEP), tokens, torch.full((b, 1), models.SEP)], 1)
+                seg = torch.cat(
+                    [
+                        torch.full((b, 1), models.CLS),
+                        torch.zeros(b, M, dtype=torch.long),
+                        torch.full((b, 1), models.SEP),
+                        tokens,
+                        torch.full((b, 1), models.SEP),
+                    ],
+                    1,
+                )
                 embeds = fast.word_embeddings(seg)
-                embeds[:, 1:1 + M] = mem
+                embeds[:, 1 : 1 + M] = mem
                 want = _layer0_bert(fast.model, embeds)
             seg_att = result.segments[t]
             got = seg_att.probs[0]
             assert got.dtype == torch.float64
             assert_close(got, want, dtype=torch.float64, name=f"probabilities, segment {t}")
             w = seg_att.write_slots
-            assert_close(seg_att.write[0], want[:, :, w.start:w.stop], dtype=torch.float64, name="write rows")
+            assert_close(seg_att.write[0], want[:, :, w.start : w.stop], dtype=torch.float64, name="write rows")
             assert_close(seg_att.answer[0], want[:, :, seg_att.answer_position], dtype=torch.float64, name="answer")
 
 
@@ -108,7 +116,7 @@ def test_slots_and_answer_positions(kind):
         else:
             assert seg.read_slots == seg.write_slots == range(1, 1 + M)
             assert seg.answer_position == 0 and (seg.ids[:, 0] == models.CLS).all()
-            assert (seg.ids[:, 1:1 + M] == -1).all()
+            assert (seg.ids[:, 1 : 1 + M] == -1).all()
     dec = memory_attention(fast, _ids(), answer_token=-2) if kind == "decoder" else None
     if dec is not None:
         assert dec.segments[0].answer_position == M + SIZE - 2
@@ -123,7 +131,7 @@ def test_rows_sum_to_one_over_the_visible_keys(kind):
     if kind == "decoder":
         ids = ids[:, :-2]  # a short last segment
     else:
-        ids[1, :SIZE + 2] = models.PAD  # row 1: two segments, the first of them short
+        ids[1, : SIZE + 2] = models.PAD  # row 1: two segments, the first of them short
     result = memory_attention(fast, ids, full=True)
     assert len(result.segments) == 3
     if kind == "encoder":
@@ -224,7 +232,7 @@ def test_committed_model_writes_the_fact_to_memory():
     checked = 0
     while checked < 20:
         ex = make_example("detect", 4, size, rng, return_example=True)
-        (a, b), = ex.fact_spans
+        ((a, b),) = ex.fact_spans
         t = a // size
         if t != (b - 1) // size:
             continue
@@ -235,10 +243,10 @@ def test_committed_model_writes_the_fact_to_memory():
         cols = torch.arange(2 + m + a - t * size, 2 + m + b - t * size)
         assert (seg.ids[0, cols] == torch.tensor(ex.input_ids[a:b])).all()
         visible = int(seg.key_valid[0].sum())
-        best = max(p[0, :, 1:1 + m][..., cols].sum(-1).mean(-1).max().item() for p in seg.probs)
+        best = max(p[0, :, 1 : 1 + m][..., cols].sum(-1).mean(-1).max().item() for p in seg.probs)
         assert best >= 2 * (b - a) / visible, (best, (b - a) / visible)
         last = result.segments[-1]
-        assert max(p[0, :, 0, 1:1 + m].sum(-1).max().item() for p in last.probs) > 0.5
+        assert max(p[0, :, 0, 1 : 1 + m].sum(-1).max().item() for p in last.probs) > 0.5
 
 
 def test_example_script_writes_figure_and_json(tmp_path):
@@ -254,5 +262,6 @@ def test_example_script_writes_figure_and_json(tmp_path):
     assert saved["facts"][0]["segment"] == 0 and saved["answered_correctly"]
     # uniform_share: the fact's tokens over the segment's visible positions (content + [CLS], memory, 2 [SEP])
     fact = saved["facts"][0]
-    assert saved["uniform_share"] == pytest.approx((fact["span"][1] - fact["span"][0]) /
-                                                   (saved["segment_size"] + saved["num_mem_tokens"] + 3))
+    assert saved["uniform_share"] == pytest.approx(
+        (fact["span"][1] - fact["span"][0]) / (saved["segment_size"] + saved["num_mem_tokens"] + 3)
+    )

@@ -27,13 +27,15 @@ def _lora(factory, seed=0):
     torch.manual_seed(seed)
     base = factory()
     if factory is gpt2:
-        cfg = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0,
-                              init_lora_weights=False)  # fmt: skip
+        cfg = peft.LoraConfig(
+            r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0, init_lora_weights=False
+        )
     elif factory is llama:
         cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
     else:  # SEQ_CLS: peft trains the classifier head too (modules_to_save)
-        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], lora_dropout=0.0,
-                              init_lora_weights=False)  # fmt: skip
+        cfg = peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False
+        )
     return base, peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -133,10 +135,13 @@ def test_chunked_loss_through_the_adapter(monkeypatch):
             assert_close(q.grad, grads[n], dtype=torch.float32, name=n)
 
 
-@pytest.mark.parametrize("option", [
-    pytest.param(dict(cuda_graph=True), id="cuda_graph"),
-    pytest.param(dict(compile_step={"backend": "aot_eager"}), id="compile_step", marks=pytest.mark.slow),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        pytest.param(dict(cuda_graph=True), id="cuda_graph"),
+        pytest.param(dict(compile_step={"backend": "aot_eager"}), id="compile_step", marks=pytest.mark.slow),
+    ],
+)
 def test_graph_and_compiled_steps_through_the_adapter(option):
     """cuda_graph on the CPU runs the static-buffer logic without capture; compile_step traces the LoRA layers."""
     torch._dynamo.reset()
@@ -154,8 +159,11 @@ def test_graph_and_compiled_steps_through_the_adapter(option):
 
 
 # ------------------------------------------------------------------------------------------------- training
-@pytest.mark.parametrize("factory, kw", [(gpt2, {}), (llama, dict(gradient_checkpointing=True)), (bert_cls, ENC)],
-                         ids=["gpt2", "llama-ckpt", "bert_cls"])  # fmt: skip
+@pytest.mark.parametrize(
+    "factory, kw",
+    [(gpt2, {}), (llama, dict(gradient_checkpointing=True)), (bert_cls, ENC)],
+    ids=["gpt2", "llama-ckpt", "bert_cls"],
+)
 def test_training_moves_only_the_adapter_and_the_memory(factory, kw):
     _, p = _lora(factory)
     flags = {n: q.requires_grad for n, q in p.get_base_model().named_parameters()}
@@ -252,11 +260,13 @@ def test_load_published_peft_encoder_checkpoint(cls):
     torch.manual_seed(5)
     published = bert_cls()
     published.resize_token_embeddings(VOCAB + 2)
-    p = peft.get_peft_model(published, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"],
-                                                       init_lora_weights=False))  # fmt: skip
+    p = peft.get_peft_model(
+        published, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"], init_lora_weights=False)
+    )
     state = {f"model.{k}": v for k, v in p.state_dict().items()}
-    state.update(mem_token_ids=torch.arange(VOCAB, VOCAB + 2), cls_token=torch.tensor([CLS]),
-                 sep_token=torch.tensor([SEP]))  # fmt: skip
+    state.update(
+        mem_token_ids=torch.arange(VOCAB, VOCAB + 2), cls_token=torch.tensor([CLS]), sep_token=torch.tensor([SEP])
+    )
     own = peft.get_peft_model(bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
     rmt = cls(own, 2, 5, **ENC)
     rmt.load_reference_state_dict(state)
@@ -274,8 +284,9 @@ class NoInterfaceGPT2(tf.GPT2LMHeadModel):
 
 @pytest.mark.parametrize("cls", WRAPPERS)
 def test_unsupported_backbones_inside_peft_get_todays_errors(cls):
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                                                   vocab_size=32))  # fmt: skip
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, vocab_size=32)
+    )
     lora = dict(r=2, target_modules=["q", "v"], lora_dropout=0.0)
     with pytest.raises(ValueError, match="encoder-decoder"):
         cls(peft.get_peft_model(t5, peft.LoraConfig(**lora)), 2, 8)

@@ -23,8 +23,13 @@ from rmt_fast.segments import decoder_plan
 
 FACTORIES = {"gpt2": gpt2, "llama": llama, "bert_cls": bert_cls, "bert_mlm": bert_mlm}
 SCALE = float(os.environ.get("RMT_PROPERTY_SCALE", "1"))
-PROPERTY = settings(derandomize=True, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+PROPERTY = settings(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +77,17 @@ def decoder_cases(draw, min_segments=1):
     alignment = draw(st.sampled_from(["left", "right"]))
     n = len(decoder_plan(length, size, alignment))
     extra = draw(st.sampled_from([None, 0, 2]))
-    case = dict(name=draw(st.sampled_from(["gpt2", "llama"])), size=size, m=m, length=length, alignment=alignment,
-                max_n_segments=None if extra is None else n + extra, bptt_depth=draw(st.integers(-1, 3)),
-                return_logits=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))  # fmt: skip
+    case = dict(
+        name=draw(st.sampled_from(["gpt2", "llama"])),
+        size=size,
+        m=m,
+        length=length,
+        alignment=alignment,
+        max_n_segments=None if extra is None else n + extra,
+        bptt_depth=draw(st.integers(-1, 3)),
+        return_logits=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
     # Per-row padding (left or right), at least two visible tokens; memory slots keep every query's row
     # non-empty, so padding needs m >= 1.
     pads = [(draw(st.sampled_from(["left", "right"])), draw(st.integers(0, length - 2))) for _ in range(b)]
@@ -102,8 +115,14 @@ def _decoder_inputs(case):
 @settings(PROPERTY, max_examples=int(60 * SCALE))
 @given(case=decoder_cases())
 def test_decoder_fast_equals_reference(backbones, case):
-    ref, fast = _pair(backbones[case["name"]], case["m"], case["size"], segment_alignment=case["alignment"],
-                      max_n_segments=case["max_n_segments"], bptt_depth=case["bptt_depth"])  # fmt: skip
+    ref, fast = _pair(
+        backbones[case["name"]],
+        case["m"],
+        case["size"],
+        segment_alignment=case["alignment"],
+        max_n_segments=case["max_n_segments"],
+        bptt_depth=case["bptt_depth"],
+    )
     _assert_same(ref, fast, _decoder_inputs(case), case["return_logits"])
 
 
@@ -136,12 +155,22 @@ def encoder_cases(draw):
     width = draw(st.integers((n_seg - 1) * size + 1, n_seg * size))
     rows = [width] + [draw(st.integers(1, width)) for _ in range(b - 1)]  # content tokens per row
     rows = draw(st.permutations(rows))
-    return dict(name=draw(st.sampled_from(["bert_cls", "bert_mlm"])), size=size, m=draw(st.integers(0, 3)), b=b,
-                width=width, rows=rows, pad_side=draw(st.sampled_from(["left", "right"])),
-                specials=draw(st.booleans()), alignment=draw(st.sampled_from(["left", "right"])),
-                max_n_segments=draw(st.sampled_from([None, 1, 2, 5])), bptt_depth=draw(st.integers(-1, 3)),
-                sum_loss=draw(st.booleans()), return_logits=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**16)))  # fmt: skip
+    return dict(
+        name=draw(st.sampled_from(["bert_cls", "bert_mlm"])),
+        size=size,
+        m=draw(st.integers(0, 3)),
+        b=b,
+        width=width,
+        rows=rows,
+        pad_side=draw(st.sampled_from(["left", "right"])),
+        specials=draw(st.booleans()),
+        alignment=draw(st.sampled_from(["left", "right"])),
+        max_n_segments=draw(st.sampled_from([None, 1, 2, 5])),
+        bptt_depth=draw(st.integers(-1, 3)),
+        sum_loss=draw(st.booleans()),
+        return_logits=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _encoder_inputs(case):
@@ -155,7 +184,7 @@ def _encoder_inputs(case):
         if case["pad_side"] == "right":
             ids[row, :count] = content
         else:
-            ids[row, case["width"] - count:] = content
+            ids[row, case["width"] - count :] = content
     if case["name"] == "bert_cls":
         labels = torch.randint(0, 3, (case["b"],), generator=g)
     else:  # every content token labelled, so no segment has an empty loss
@@ -166,7 +195,15 @@ def _encoder_inputs(case):
 @settings(PROPERTY, max_examples=int(50 * SCALE))
 @given(case=encoder_cases())
 def test_encoder_fast_equals_reference(backbones, case):
-    ref, fast = _pair(backbones[case["name"]], case["m"], case["size"], cls_token_id=CLS, sep_token_id=SEP,
-                      segment_alignment=case["alignment"], max_n_segments=case["max_n_segments"],
-                      bptt_depth=case["bptt_depth"], sum_loss=case["sum_loss"])  # fmt: skip
+    ref, fast = _pair(
+        backbones[case["name"]],
+        case["m"],
+        case["size"],
+        cls_token_id=CLS,
+        sep_token_id=SEP,
+        segment_alignment=case["alignment"],
+        max_n_segments=case["max_n_segments"],
+        bptt_depth=case["bptt_depth"],
+        sum_loss=case["sum_loss"],
+    )
     _assert_same(ref, fast, _encoder_inputs(case), case["return_logits"])

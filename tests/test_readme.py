@@ -51,14 +51,25 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 def run_block(source: str, name: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     """Run ``source`` in a fresh interpreter (cwd: the repository root, one thread per library)."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, name], input=source, capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=TIMEOUT_S)  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "2"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, name],
+        input=source,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=TIMEOUT_S,
+    )
     stats = None
     for line in proc.stderr.splitlines():
         if line.startswith(_STATS):
-            stats = json.loads(line[len(_STATS):])
+            stats = json.loads(line[len(_STATS) :])
     return proc, stats
 
 
@@ -99,8 +110,10 @@ def test_readme_block_runs(name, line, source):
 def test_harness_finds_indented_blocks_and_reports_failures():
     """The extraction and the runner themselves: a failing block fails, a good one passes, the gpu marker is
     recognised, blocks nested in a list are dedented."""
-    text = ("intro\n```python\nx = 1\nprint(x)\n```\n- item\n  ```python\n  y = undefined_name\n  ```\n"
-            "```bash\necho no\n```\n```python\n# gpu-only\nimport torch\n```\n")  # fmt: skip
+    text = (
+        "intro\n```python\nx = 1\nprint(x)\n```\n- item\n  ```python\n  y = undefined_name\n  ```\n"
+        "```bash\necho no\n```\n```python\n# gpu-only\nimport torch\n```\n"
+    )
     blocks = python_blocks(text)
     assert [line for line, _ in blocks] == [2, 7, 13]
     assert blocks[1][1] == "y = undefined_name\n"

@@ -102,18 +102,19 @@ def test_bptt_depth_reaches_exactly_the_intended_segments(bptt_depth):
     emb = rmt.model.get_input_embeddings().weight
     for j in range(n):
         labels = torch.full_like(ids, -100)
-        labels[:, j * size + 1:(j + 1) * size] = ids[:, j * size + 1:(j + 1) * size]
+        labels[:, j * size + 1 : (j + 1) * size] = ids[:, j * size + 1 : (j + 1) * size]
         rmt.zero_grad(set_to_none=True)
         rmt(ids, labels=labels).loss.backward()
         for i in range(j):
-            reached = emb.grad[ids[0, i * size:(i + 1) * size]].abs().sum().item() > 0
+            reached = emb.grad[ids[0, i * size : (i + 1) * size]].abs().sum().item() > 0
             hops = j - i
             cut = any(memory_detached_before(t, n, bptt_depth) for t in range(i + 1, j + 1))
             assert reached == (not cut), (i, j)
             if bptt_depth >= 0:
                 assert not reached or hops <= bptt_depth
         assert (rmt.memory.grad is not None and rmt.memory.grad.abs().sum() > 0) == (
-            not any(memory_detached_before(t, n, bptt_depth) for t in range(1, j + 1)))
+            not any(memory_detached_before(t, n, bptt_depth) for t in range(1, j + 1))
+        )
 
 
 def test_bptt_rule_examples():
@@ -152,8 +153,12 @@ def test_encoder_memory_init_is_a_new_embedding_row():
 def test_encoder_segmentation_layout_and_mask():
     rmt = _encoder(max_n_segments=3)
     calls = Calls(rmt.model)
-    ids = torch.tensor([[CLS] + list(range(10, 22)) + [SEP],  # 12 content tokens: segments of 2, 5, 5
-                        list(range(30, 37)) + [PAD] * 7])  # 7 content tokens: empty, 2, 5
+    ids = torch.tensor(
+        [
+            [CLS] + list(range(10, 22)) + [SEP],  # 12 content tokens: segments of 2, 5, 5
+            list(range(30, 37)) + [PAD] * 7,
+        ]
+    )  # 7 content tokens: empty, 2, 5
     rmt(ids, labels=torch.tensor([0, 1]))
     batch = [kw["inputs_embeds"].shape[0] for kw in calls.kwargs]
     assert batch == [1, 2, 2]  # the short row skips its empty first segment

@@ -47,7 +47,6 @@ rmt_attention_dropout_mask = ta.rmt_attention_dropout_mask
 rmt_attention_supported = ta.rmt_attention_supported
 
 
-
 @pytest.fixture(autouse=True)
 def _poison_buffers(monkeypatch):
     """Every kernel-written buffer (lse, delta, dq, dk, dv, default out) starts as NaN: gaps show."""
@@ -121,9 +120,16 @@ def test_gqa_groups(hkv):
 
 @pytest.mark.parametrize(
     "D,dtype",
-    [(16, torch.float32), (64, torch.float32), (80, torch.float32), (80, torch.float16), (96, torch.float16),
-     (128, torch.float32), (256, torch.float16)],
-)  # fmt: skip
+    [
+        (16, torch.float32),
+        (64, torch.float32),
+        (80, torch.float32),
+        (80, torch.float16),
+        (96, torch.float16),
+        (128, torch.float32),
+        (256, torch.float16),
+    ],
+)
 def test_head_dims(D, dtype):
     layout = SegmentLayout(3, 13, 3, True, token_counts=torch.tensor([9]))
     q, k, v = make_qkv(1, 2, 1, 19, 19, D, dtype, seed=D)
@@ -204,8 +210,9 @@ def test_visible_runs_out_of_range_are_clamped():
     starts = torch.tensor([-4, 2, 9, 6])
     ends = torch.tensor([3, 40, 12, 1])
     layout = SegmentLayout(1, 9, 1, False, token_counts=ends, token_starts=starts)
-    ref_layout = SegmentLayout(1, 9, 1, False, token_counts=torch.tensor([3, 9, 9, 0]),
-                               token_starts=torch.tensor([0, 2, 9, 0]))  # fmt: skip
+    ref_layout = SegmentLayout(
+        1, 9, 1, False, token_counts=torch.tensor([3, 9, 9, 0]), token_starts=torch.tensor([0, 2, 9, 0])
+    )
     q, k, v = make_qkv(4, 2, 2, 11, 11, 16, torch.float32)
     grad_out = torch.randn(4, 11, 2, 16)
     got = run_kernel(q, k, v, layout, grad_out)
@@ -230,14 +237,16 @@ def test_visible_runs_equal_the_same_token_mask_through_the_reference():
 
 
 def test_mask_runs():
-    mask = torch.tensor([
-        [0, 0, 1, 1, 1, 0],  # a run in the middle
-        [1, 1, 1, 1, 1, 1],  # all ones
-        [0, 0, 0, 0, 0, 0],  # nothing visible
-        [1, 0, 1, 0, 0, 0],  # a hole
-        [0, 0, 0, 0, 0, 1],  # the last only
-        [1, 1, 0, 0, 0, 0],  # right padding
-    ])  # fmt: skip
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 0],  # a run in the middle
+            [1, 1, 1, 1, 1, 1],  # all ones
+            [0, 0, 0, 0, 0, 0],  # nothing visible
+            [1, 0, 1, 0, 0, 0],  # a hole
+            [0, 0, 0, 0, 0, 1],  # the last only
+            [1, 1, 0, 0, 0, 0],  # right padding
+        ]
+    )
     starts, ends, holes = mask_runs(mask)
     assert starts.tolist() == [2, 0, 0, 0, 5, 0]
     assert ends.tolist() == [5, 6, 0, 3, 6, 2]
@@ -365,9 +374,13 @@ def test_dropout_matches_reference_with_kernel_mask(causal):
     keep = rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu")
     assert keep.dtype == torch.bool and keep.shape == (B, Hq, T, T)
     check_against_reference(
-        q, k, v, layout,
-        kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        layout,
+        kernel_kw={"dropout_p": p, "seed": seed},
+        ref_kw={"dropout_mask": keep, "dropout_p": p},
+    )
 
 
 def test_dropout_decode_and_gqa_offsets():
@@ -376,9 +389,13 @@ def test_dropout_decode_and_gqa_offsets():
     q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=12)
     keep = rmt_attention_dropout_mask(B, Hq, Tq, Tk, p, seed, "cpu")
     check_against_reference(
-        q, k, v, layout,
-        kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        layout,
+        kernel_kw={"dropout_p": p, "seed": seed},
+        ref_kw={"dropout_mask": keep, "dropout_p": p},
+    )
 
 
 @pytest.mark.parametrize("i64", [False, True], ids=["offsets-i32", "offsets-i64"])
@@ -393,9 +410,13 @@ def test_dropout_offset_width_gives_the_same_stream(i64, monkeypatch):
     assert torch.equal(keep, rmt_attention_dropout_mask(B, Hq, T, T, p, seed, "cpu"))
     monkeypatch.setattr(ta, "_FORCE_DROPOUT_I64", i64)
     check_against_reference(
-        q, k, v, layout,
-        kernel_kw={"dropout_p": p, "seed": seed}, ref_kw={"dropout_mask": keep, "dropout_p": p},
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        layout,
+        kernel_kw={"dropout_p": p, "seed": seed},
+        ref_kw={"dropout_mask": keep, "dropout_p": p},
+    )
 
 
 def test_dropout_keep_rate():
@@ -455,7 +476,7 @@ def _good(**over):
         ),
         ({"q": torch.randn(1, 4, 9, 16)}, "more than k"),
     ],
-)  # fmt: skip
+)
 def test_bad_inputs_raise(over, match):
     args = _good(**over)
     assert rmt_attention_supported(args["q"], args["k"], args["v"], args["layout"]) is not None
@@ -502,8 +523,11 @@ class _Recorder:
 
 def _record_launches(monkeypatch):
     log = []
-    for kind, name in (("fwd", "_rmt_attn_fwd_kernel"), ("dq", "_rmt_attn_bwd_dq_kernel"),
-                       ("dkdv", "_rmt_attn_bwd_dkdv_kernel")):  # fmt: skip
+    for kind, name in (
+        ("fwd", "_rmt_attn_fwd_kernel"),
+        ("dq", "_rmt_attn_bwd_dq_kernel"),
+        ("dkdv", "_rmt_attn_bwd_dkdv_kernel"),
+    ):
         monkeypatch.setattr(ta, name, _Recorder(getattr(ta, name), log, kind))
     return log
 

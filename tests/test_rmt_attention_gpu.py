@@ -90,10 +90,14 @@ def test_visible_runs_532(dtype, causal):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     "dq_cfg,dkdv_cfg",
-    [((128, 32, 4, 3, "inline"), (32, 128, 8, 3)), ((128, 32, 4, 3), (64, 64, 8, 3, "inline")),
-     ((128, 32, 4, 3), (64, 64, 8, 2, "fused")), ((128, 32, 4, 3), (32, 128, 8, 3, "fused"))],
+    [
+        ((128, 32, 4, 3, "inline"), (32, 128, 8, 3)),
+        ((128, 32, 4, 3), (64, 64, 8, 3, "inline")),
+        ((128, 32, 4, 3), (64, 64, 8, 2, "fused")),
+        ((128, 32, 4, 3), (32, 128, 8, 3, "fused")),
+    ],
     ids=["dq-inline", "dkdv-inline", "fused-64x64", "fused-32x128"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_backward_variants_532(dtype, dq_cfg, dkdv_cfg, causal):
     """Every backward variant (launch_configs.VARIANTS) compiled and run on the GPU, padded by token runs, GQA."""
@@ -114,18 +118,14 @@ def test_head_dims_fp16(D):
     layout = SegmentLayout(4, 200, 4, True, token_counts=torch.tensor([150, 200], device=DEV))
     q, k, v = qkv_views(2, layout.seq_len, 4, 4, D, torch.float16, seed=D)
     grad_out = torch.randn(2, layout.seq_len, 4, D, device=DEV, dtype=torch.float16)
-    compare(
-        kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), torch.float16
-    )
+    compare(kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), torch.float16)
 
 
 def test_fp32_ieee():
     layout = SegmentLayout(10, 300, 10, True, token_counts=torch.tensor([300, 17], device=DEV))
     q, k, v = qkv_views(2, layout.seq_len, 4, 2, 64, torch.float32)
     grad_out = torch.randn(2, layout.seq_len, 4, 64, device=DEV)
-    compare(
-        kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), torch.float32
-    )
+    compare(kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), torch.float32)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -145,9 +145,7 @@ def test_decode(tq):
     q, k, v = qkv_views(2, layout.seq_len, 8, 2, 128, torch.float16, seed=tq)
     q = q[:, :, -tq:]
     grad_out = torch.randn(2, tq, 8, 128, device=DEV, dtype=torch.float16)
-    compare(
-        kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), torch.float16
-    )
+    compare(kernel_fwd_bwd(q, k, v, layout, grad_out), reference_fwd_bwd(q, k, v, layout, grad_out), torch.float16)
 
 
 def test_repeated_runs_bit_identical():

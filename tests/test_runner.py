@@ -43,8 +43,17 @@ def test_status_words_and_series(tmp_path):
     cases = _cases({"a": ["ok", "oom", "ok"], "b": ["ok", "boom", "ok"], "c": ["slow", "ok"], "d": ["missing", "ok"]})
     rows = ctx.sweep(cases, _measure, series=("method",), after_failure="record")
     assert [(r["method"], r["status"]) for r in rows] == [
-        ("a", "ok"), ("a", "oom"), ("a", "skipped"), ("b", "ok"), ("b", "error"), ("b", "skipped"),
-        ("c", "over_budget"), ("c", "skipped"), ("d", "unavailable"), ("d", "ok")]  # fmt: skip
+        ("a", "ok"),
+        ("a", "oom"),
+        ("a", "skipped"),
+        ("b", "ok"),
+        ("b", "error"),
+        ("b", "skipped"),
+        ("c", "over_budget"),
+        ("c", "skipped"),
+        ("d", "unavailable"),
+        ("d", "ok"),
+    ]
     assert rows[1]["note"].startswith("OutOfMemoryError") and "boom" in rows[4]["note"]
     assert rows[2]["note"] == "not run: oom at x=oom"
     assert [r["value"] for r in rows if r["status"] == "ok"] == [10, 10, 20]  # state: one dict per series
@@ -94,8 +103,14 @@ def test_declared_benchmark_writes_its_files_and_parses_its_options(tmp_path, mo
     def summarize(ctx, rows):
         return {"ok": True, "n": len(rows)}, {"config": {"scale": ctx.option("scale")}}
 
-    bench = Benchmark("toy", cases, _measure, summarize=summarize, markdown=lambda ctx, rows, rec: "# toy\n",
-                      options=(Option("--scale", type=int, default=1),))  # fmt: skip
+    bench = Benchmark(
+        "toy",
+        cases,
+        _measure,
+        summarize=summarize,
+        markdown=lambda ctx, rows, rec: "# toy\n",
+        options=(Option("--scale", type=int, default=1),),
+    )
     module = _module("toy_bench")
     module.BENCHMARK = bench
     monkeypatch.setitem(sys.modules, "toy_bench", module)
@@ -103,8 +118,14 @@ def test_declared_benchmark_writes_its_files_and_parses_its_options(tmp_path, mo
     res = runner.run_one("toy", tmp_path, quick=True, extra=["--scale", "3"], device="cpu")
     assert res["status"] == "ok" and res["summary"] == {"ok": True, "n": 1}
     with open(tmp_path / "toy.csv") as fh:
-        assert next(csv.DictReader(fh)) == {"method": "m", "x": "ok", "scale": "3", "value": "10", "status": "ok",
-                                            "note": ""}  # fmt: skip
+        assert next(csv.DictReader(fh)) == {
+            "method": "m",
+            "x": "ok",
+            "scale": "3",
+            "value": "10",
+            "status": "ok",
+            "note": "",
+        }
     doc = json.loads((tmp_path / "toy.json").read_text())
     assert doc["config"] == {"scale": 3} and doc["summary"]["n"] == 1 and doc["env"]["git_sha"]
     assert (tmp_path / "toy.md").read_text() == "# toy\n"
@@ -133,8 +154,9 @@ def test_over_budget_keeps_the_measured_row(tmp_path):
     def measure(ctx, case, state):
         raise OverBudget("measured 2 s > 1 s", {"seconds": 2.0})
 
-    rows = runner.Context("t", tmp_path, device="cpu").sweep([dict(method="a", n=1), dict(method="a", n=2)], measure,
-                                                             series=("method",))  # fmt: skip
+    rows = runner.Context("t", tmp_path, device="cpu").sweep(
+        [dict(method="a", n=1), dict(method="a", n=2)], measure, series=("method",)
+    )
     assert rows == [{"method": "a", "n": 1, "seconds": 2.0, "status": "over_budget", "note": "measured 2 s > 1 s"}]
 
 

@@ -49,8 +49,11 @@ def test_graphed_segment_builds_its_mask_once(monkeypatch, kind):
         eager_out = eager(ids)
         assert calls == []  # full segments: SDPA without a mask
         with monkeypatch.context() as m:  # every layer builds its own mask, as before
-            m.setattr(ActiveSegment, "dense_mask", lambda self, q_len, device, dtype=None:
-                      self.layout.dense_mask(q_len, device))  # fmt: skip
+            m.setattr(
+                ActiveSegment,
+                "dense_mask",
+                lambda self, q_len, device, dtype=None: self.layout.dense_mask(q_len, device),
+            )
             per_layer = graphed(ids)
         assert len(calls) == 9  # 3 segments x 3 layers
         got = graphed(ids)
@@ -64,17 +67,27 @@ def test_kernel_kinds():
     from rmt_fast.bench.segment_breakdown import by_kind, kind_of
 
     expect = {
-        "aten::linear": "matmul", "aten::addmm": "matmul", "sm90_xmma_gemm_f16f16_f16f32": "matmul",
-        "triton_tem_fused_addmm_0": "matmul", "ampere_fp16_s16816gemm_fp16_128x128": "matmul",
-        "aten::scaled_dot_product_attention": "attention", "fmha_cutlassF_f16_aligned_64x64_rf_sm80": "attention",
-        "_rmt_attn_fwd_kernel": "attention", "pytorch_flash::flash_fwd_kernel": "attention",
-        "aten::layer_norm": "norm & elementwise", "aten::gelu": "norm & elementwise", "aten::add": "norm & elementwise",
+        "aten::linear": "matmul",
+        "aten::addmm": "matmul",
+        "sm90_xmma_gemm_f16f16_f16f32": "matmul",
+        "triton_tem_fused_addmm_0": "matmul",
+        "ampere_fp16_s16816gemm_fp16_128x128": "matmul",
+        "aten::scaled_dot_product_attention": "attention",
+        "fmha_cutlassF_f16_aligned_64x64_rf_sm80": "attention",
+        "_rmt_attn_fwd_kernel": "attention",
+        "pytorch_flash::flash_fwd_kernel": "attention",
+        "aten::layer_norm": "norm & elementwise",
+        "aten::gelu": "norm & elementwise",
+        "aten::add": "norm & elementwise",
         "graph_0_cpp_fused__scaled_dot_product_flash_attention_for_cpu_arange_lt_1": "norm & elementwise",
         "triton_per_fused_add_native_layer_norm_3": "norm & elementwise",
-        "aten::copy_": "copies & fills", "aten::cat": "copies & fills", "aten::embedding": "copies & fills",
-        "aten::new_ones": "copies & fills", "Memcpy HtoD (Pageable -> Device)": "copies & fills",
+        "aten::copy_": "copies & fills",
+        "aten::cat": "copies & fills",
+        "aten::embedding": "copies & fills",
+        "aten::new_ones": "copies & fills",
+        "Memcpy HtoD (Pageable -> Device)": "copies & fills",
         "CatArrayBatchedCopy": "copies & fills",
-    }  # fmt: skip
+    }
     assert {name: kind_of(name) for name in expect} == expect
     assert by_kind({"aten::linear": 2.0, "aten::gelu": 1.0})["matmul"] == 2.0
 
@@ -96,8 +109,9 @@ def test_breakdown_counts_and_flops_on_the_cpu(tmp_path):
     the layer's products; the graphed step adds a fixed number of mask and copy kernels per segment."""
     from rmt_fast.bench import runner, segment_breakdown
 
-    summary = runner.run(segment_breakdown, tmp_path, quick=True, variants=["eager", "graphed"], layers=1,
-                         segments=1, device="cpu")  # fmt: skip
+    summary = runner.run(
+        segment_breakdown, tmp_path, quick=True, variants=["eager", "graphed"], layers=1, segments=1, device="cpu"
+    )
     with open(tmp_path / "segment_breakdown.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"eager", "graphed"} and all(r["status"] == "ok" for r in rows.values())
@@ -122,16 +136,25 @@ def test_count_events_top_level_scope_and_device():
     from rmt_fast.bench import breakdown_probe as bp
 
     def ev(name, parent=None, device="CPU", us=1.0):
-        e = E(name=name, cpu_parent=parent, device_type=device, cpu_time_total=us,
-              time_range=E(elapsed_us=lambda: 2.0))  # fmt: skip
+        e = E(name=name, cpu_parent=parent, device_type=device, cpu_time_total=us, time_range=E(elapsed_us=lambda: 2.0))
         return e
 
     scope = ev(bp.STEP_SCOPE)
     linear = ev("aten::linear", scope, us=5.0)
     to = ev("aten::to", scope)
-    events = [scope, linear, ev("aten::addmm", linear), ev("aten::view", scope), to, ev("aten::_to_copy", to),
-              ev("graph_0_cpp_fused_gelu_1", scope), ev("aten::copy_"), ev("aten::fill_"),
-              ev("sm90_xmma_gemm", device="DeviceType.CUDA"), ev("Memcpy DtoD", device="DeviceType.CUDA")]
+    events = [
+        scope,
+        linear,
+        ev("aten::addmm", linear),
+        ev("aten::view", scope),
+        to,
+        ev("aten::_to_copy", to),
+        ev("graph_0_cpp_fused_gelu_1", scope),
+        ev("aten::copy_"),
+        ev("aten::fill_"),
+        ev("sm90_xmma_gemm", device="DeviceType.CUDA"),
+        ev("Memcpy DtoD", device="DeviceType.CUDA"),
+    ]
     got = bp._count_events(events, cuda=False)
     assert dict(got["ops_in"]) == {"aten::linear": 1, "aten::_to_copy": 1, "graph_0_cpp_fused_gelu_1": 1}
     assert dict(got["ops_out"]) == {"aten::copy_": 1, "aten::fill_": 1} and got["op_us_in"]["aten::linear"] == 5.0

@@ -30,8 +30,14 @@ def _run(code: str, *, pythonpath: list[str] | None = None, timeout: float = 240
         env["PYTHONPATH"] = os.pathsep.join(pythonpath)
     env.setdefault("OMP_NUM_THREADS", "1")
     prelude = f"import sys\nsys.path.insert(0, {ROOT!r})\n"
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -59,11 +65,14 @@ def test_installed_regular_package_wins_over_the_root_folder(tmp_path, name):
     site = tmp_path / "site"
     (site / name).mkdir(parents=True)
     (site / name / "__init__.py").write_text("STAND_IN = True\n")
-    got = _run(f"""
+    got = _run(
+        f"""
         import json, {name}
         print(json.dumps({{"file": getattr({name}, "__file__", None), "stand_in": getattr({name}, "STAND_IN", False),
                           "path0": sys.path[0]}}))
-    """, pythonpath=[str(site)])  # fmt: skip
+    """,
+        pythonpath=[str(site)],
+    )
     assert got["path0"] == ROOT
     assert got["stand_in"] is True and got["file"] == str(site / name / "__init__.py"), got
 
@@ -77,7 +86,7 @@ def test_the_package_still_imports_its_kernels_and_benchmarks_from_the_root():
         from rmt_fast import SegmentLayout
         print(json.dumps({"rmt_fast": rmt_fast.__file__, "layout": layout.__file__, "runner": runner.__file__,
                           "same": SegmentLayout is layout.SegmentLayout}))
-    """)  # fmt: skip
+    """)
     assert got["rmt_fast"] == os.path.join(ROOT, "rmt_fast", "__init__.py")
     assert os.path.realpath(got["layout"]) == os.path.join(ROOT, "kernels", "layout.py")
     assert os.path.realpath(got["runner"]) == os.path.join(ROOT, "benchmarks", "runner.py")
@@ -115,7 +124,8 @@ def test_without_hugging_face_kernels_the_root_folder_is_not_taken_for_it():
     """Where `kernels` is not installed (transformers 5.17, the GPU machine), the root's kernels/ is at most a
     namespace portion that transformers does not take for the package: is_kernels_available() is False and FastRMT
     runs. The installed package, if any, is hidden from both the import system and the metadata lookup."""
-    got = _run(textwrap.dedent("""
+    got = _run(
+        textwrap.dedent("""
         import importlib.metadata, importlib.machinery, os
         root = sys.path[0]
         class HideInstalled:  # `kernels` resolves only against the repository root, as if not installed
@@ -132,7 +142,9 @@ def test_without_hugging_face_kernels_the_root_folder_is_not_taken_for_it():
             return _version(name)
         importlib.metadata.version = version
         importlib.metadata.packages_distributions = lambda: {}
-    """) + textwrap.dedent(_FORWARD).replace("import transformers.integrations.hub_kernels", ""))  # fmt: skip
+    """)
+        + textwrap.dedent(_FORWARD).replace("import transformers.integrations.hub_kernels", "")
+    )
     assert got["available"] is False and got["kernels"] is None, got  # a namespace portion has no __file__
     assert got["loss"] > 0
 
@@ -147,18 +159,54 @@ def _example_argvs(tmp: str) -> dict[str, list[str]]:
     model = os.path.join(ROOT, "examples", "results", "memory_attention", "model")
     return {
         "memory_attention.py": ["--out", os.path.join(tmp, "ma"), "--model", model],
-        "train_memory_task.py": ["--task", "memorize", "--out", os.path.join(tmp, "tm"), "--curriculum", "1,2",
-                                 "--eval-segments", "2", "--steps-per-stage", "1", "--final-steps", "1",
-                                 "--val-every", "1", "--val-samples", "4", "--eval-samples", "4", "--batch-size",
-                                 "2", "--hidden", "32", "--layers", "1", "--segment-size", "16", "--no-progress"],
-        "train_lm_ddp.py": ["--steps", "1", "--segments", "2", "--segment-size", "8", "--num-mem-tokens", "2",
-                            "--batch-size", "1"],
-    }  # fmt: skip
+        "train_memory_task.py": [
+            "--task",
+            "memorize",
+            "--out",
+            os.path.join(tmp, "tm"),
+            "--curriculum",
+            "1,2",
+            "--eval-segments",
+            "2",
+            "--steps-per-stage",
+            "1",
+            "--final-steps",
+            "1",
+            "--val-every",
+            "1",
+            "--val-samples",
+            "4",
+            "--eval-samples",
+            "4",
+            "--batch-size",
+            "2",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--segment-size",
+            "16",
+            "--no-progress",
+        ],
+        "train_lm_ddp.py": [
+            "--steps",
+            "1",
+            "--segments",
+            "2",
+            "--segment-size",
+            "8",
+            "--num-mem-tokens",
+            "2",
+            "--batch-size",
+            "1",
+        ],
+    }
 
 
 def test_every_example_is_covered():
-    assert sorted(_example_argvs("x")) == sorted(f for f in os.listdir(os.path.join(ROOT, "examples"))
-                                                 if f.endswith(".py"))  # fmt: skip
+    assert sorted(_example_argvs("x")) == sorted(
+        f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")
+    )
 
 
 @pytest.mark.slow
@@ -171,9 +219,14 @@ def test_example_scripts_run_from_the_root_beside_hugging_face_kernels(tmp_path,
         pytest.skip("Hugging Face's `kernels` is not installed")
     path = os.path.join(ROOT, "examples", script)
     argv = [path, *_example_argvs(str(tmp_path))[script]]
-    env_setup = (f"os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', "
-                 f"MASTER_PORT='{_free_port()}')" if script == "train_lm_ddp.py" else "pass")  # fmt: skip
-    got = _run(f"""
+    env_setup = (
+        f"os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', "
+        f"MASTER_PORT='{_free_port()}')"
+        if script == "train_lm_ddp.py"
+        else "pass"
+    )
+    got = _run(
+        f"""
         import json, os, runpy
         {env_setup}
         sys.path[0] = os.path.dirname({path!r})  # as `python examples/X.py` sets it
@@ -181,5 +234,7 @@ def test_example_scripts_run_from_the_root_beside_hugging_face_kernels(tmp_path,
         runpy.run_path({path!r}, run_name="__main__")
         import kernels, transformers.integrations.hub_kernels
         print(json.dumps({{"kernels": kernels.__file__}}))
-    """, timeout=420)  # fmt: skip
+    """,
+        timeout=420,
+    )
     assert got["kernels"] == hf, got

@@ -38,8 +38,9 @@ def _alone_decoder(rmt, doc, generate=False):
 
 
 def check_decoder(rmt, docs, batch_size, generate=False, **kw):
-    results = DocumentStream(rmt, batch_size, use_tqdm=False, return_logits=True,
-                             generate_kwargs=GEN if generate else None, **kw).run(docs)  # fmt: skip
+    results = DocumentStream(
+        rmt, batch_size, use_tqdm=False, return_logits=True, generate_kwargs=GEN if generate else None, **kw
+    ).run(docs)
     assert [r.index for r in results] == list(range(len(docs)))
     for doc, res in zip(docs, results):
         assert res.error is None, res.error
@@ -90,9 +91,15 @@ def _decoder_mix():
 
 
 # ------------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("factory, kind", [(gpt2, "fast"), pytest.param(llama, "fast", marks=pytest.mark.slow),
-                                           pytest.param(gpt2, "reference", marks=pytest.mark.slow),
-                                           pytest.param(llama, "reference", marks=pytest.mark.slow)])  # fmt: skip
+@pytest.mark.parametrize(
+    "factory, kind",
+    [
+        (gpt2, "fast"),
+        pytest.param(llama, "fast", marks=pytest.mark.slow),
+        pytest.param(gpt2, "reference", marks=pytest.mark.slow),
+        pytest.param(llama, "reference", marks=pytest.mark.slow),
+    ],
+)
 def test_decoder_results_equal_each_document_alone(factory, kind):
     ref, fast = pair(factory, 3, 6)
     rmt = (fast if kind == "fast" else ref).eval()
@@ -105,13 +112,21 @@ def test_decoder_alignment_and_more_slots_than_documents(alignment):
     check_decoder(fast.eval(), _docs([7, 13, 2]), 8, admission="input")
 
 
-ENCODER_CASES = [(f, k, kw) for f in (bert_cls, bert_bare) for k in ("fast", "reference")
-                 for kw in ({}, {"segment_alignment": "left"}, {"max_n_segments": 3})]  # fmt: skip
+ENCODER_CASES = [
+    (f, k, kw)
+    for f in (bert_cls, bert_bare)
+    for k in ("fast", "reference")
+    for kw in ({}, {"segment_alignment": "left"}, {"max_n_segments": 3})
+]
 
 
-@pytest.mark.parametrize("factory, kind, kw", [c if c[:2] in ((bert_cls, "fast"), (bert_bare, "reference"))
-                                               else pytest.param(*c, marks=pytest.mark.slow)
-                                               for c in ENCODER_CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "factory, kind, kw",
+    [
+        c if c[:2] in ((bert_cls, "fast"), (bert_bare, "reference")) else pytest.param(*c, marks=pytest.mark.slow)
+        for c in ENCODER_CASES
+    ],
+)
 def test_encoder_results_equal_each_document_alone(factory, kind, kw):
     ref, fast = pair(factory, 2, 5, cls_token_id=CLS, sep_token_id=SEP, **kw)
     rmt = (fast if kind == "fast" else ref).eval()
@@ -122,9 +137,15 @@ def test_encoder_results_equal_each_document_alone(factory, kind, kw):
     check_encoder(rmt, docs[:2], 5)  # more slots than documents
 
 
-@pytest.mark.parametrize("name, kind", [("llama", "fast"), pytest.param("gpt2", "fast", marks=pytest.mark.slow),
-                                        pytest.param("gpt2", "reference", marks=pytest.mark.slow),
-                                        pytest.param("llama", "reference", marks=pytest.mark.slow)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("llama", "fast"),
+        pytest.param("gpt2", "fast", marks=pytest.mark.slow),
+        pytest.param("gpt2", "reference", marks=pytest.mark.slow),
+        pytest.param("llama", "reference", marks=pytest.mark.slow),
+    ],
+)
 def test_armt_sequential_results_equal_each_document_alone(name, kind):
     ref, fast = armt_helpers.pair(name)
     rmt = (fast if kind == "fast" else ref).eval()
@@ -140,15 +161,23 @@ def test_armt_diagonal_is_refused():
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=st.lists(st.integers(1, 25), min_size=1, max_size=7), batch=st.integers(1, 5),
-       admission=st.sampled_from(["input", "longest_first"]), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    lengths=st.lists(st.integers(1, 25), min_size=1, max_size=7),
+    batch=st.integers(1, 5),
+    admission=st.sampled_from(["input", "longest_first"]),
+    seed=st.integers(0, 2**16),
+)
 def test_hypothesis_length_mixes_decoder(lengths, batch, admission, seed):
     check_decoder(_GPT2, _docs(lengths, seed), batch, admission=admission)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=st.lists(st.integers(1, 25), min_size=1, max_size=7), batch=st.integers(1, 5),
-       admission=st.sampled_from(["input", "longest_first"]), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    lengths=st.lists(st.integers(1, 25), min_size=1, max_size=7),
+    batch=st.integers(1, 5),
+    admission=st.sampled_from(["input", "longest_first"]),
+    seed=st.integers(0, 2**16),
+)
 def test_hypothesis_length_mixes_encoder(lengths, batch, admission, seed):
     check_encoder(_BERT, _docs(lengths, seed), batch, admission=admission)
 
@@ -190,8 +219,13 @@ def test_progress_bar_and_caller_grad_mode(capsys):
 # ------------------------------------------------------------------------------------------ bad input
 def test_a_bad_document_is_named_and_the_others_go_on():
     good = _docs([7, 12, 4])
-    bad = {1: torch.tensor([3, 4, VOCAB]), 3: torch.zeros(2, 3, dtype=torch.long), 4: [],
-           5: {"input_ids": good[0], "mask": good[0]}, 6: torch.tensor([1.5, 2.0])}  # fmt: skip
+    bad = {
+        1: torch.tensor([3, 4, VOCAB]),
+        3: torch.zeros(2, 3, dtype=torch.long),
+        4: [],
+        5: {"input_ids": good[0], "mask": good[0]},
+        6: torch.tensor([1.5, 2.0]),
+    }
     docs = [good[0], bad[1], good[1], bad[3], bad[4], bad[5], bad[6], good[2]]
     results = DocumentStream(_GPT2, 2, use_tqdm=False).run(docs)
     assert [r.index for r in results] == list(range(8))
@@ -217,10 +251,17 @@ def test_bad_documents_for_encoders_and_length_limits():
     assert "document 0:" in str(res[0].error) and "no content tokens" in str(res[0].error) and res[1].error is None
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"batch_size": 0}, "batch_size"), ({"ordered": 1}, "ordered"), ({"admission": "random"}, "admission"),
-    ({"on_error": "skip"}, "on_error"), ({"generate_kwargs": 3}, "generate_kwargs"),
-    ({"cuda_graph": "yes"}, "cuda_graph")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"ordered": 1}, "ordered"),
+        ({"admission": "random"}, "admission"),
+        ({"on_error": "skip"}, "on_error"),
+        ({"generate_kwargs": 3}, "generate_kwargs"),
+        ({"cuda_graph": "yes"}, "cuda_graph"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DocumentStream(_GPT2, **kwargs)

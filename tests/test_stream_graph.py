@@ -19,8 +19,10 @@ def _docs(lengths, seed=3):
 
 def _wrappers():
     torch.manual_seed(0)
-    return {"decoder": pair(gpt2, 2, 5)[1].eval(),
-            "encoder": pair(bert_cls, 2, 5, cls_token_id=CLS, sep_token_id=SEP)[1].eval()}  # fmt: skip
+    return {
+        "decoder": pair(gpt2, 2, 5)[1].eval(),
+        "encoder": pair(bert_cls, 2, 5, cls_token_id=CLS, sep_token_id=SEP)[1].eval(),
+    }
 
 
 WRAPPERS = _wrappers()

@@ -146,8 +146,9 @@ def test_distributed_gloo_two_processes_match_single_process(tmp_path, worker):
     ids = _ids(4, 20)
     rmt(ids, labels=ids).loss.backward()
     expected = {n: p.grad for n, p in rmt.named_parameters()}
-    ctx = mp.start_processes(worker, args=(2, _free_port(), rmt.state_dict(), ids, str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        worker, args=(2, _free_port(), rmt.state_dict(), ids, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):  # raises if a worker failed
         if time.monotonic() > deadline:
@@ -177,9 +178,17 @@ def test_hf_trainer_trains_fastrmt(tmp_path):
     torch.manual_seed(0)
     rmt = FastRMT(gpt2(), 2, 6)
     before = rmt.memory.detach().clone()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                             logging_steps=1, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=rmt, args=args, train_dataset=_Rows(_ids(6, 20)))
     result = trainer.train()
     assert result.global_step == 3 and result.training_loss > 0

@@ -55,17 +55,31 @@ def _get(module, dotted: str):
 class ARMTBase(RMTBase):
     DECODER_MEMORY_SLOTS = 1  # [tokens | m memory tokens]
 
-    def __init__(self, model, num_mem_tokens: int, segment_size: int, *, d_mem: int, n_heads: int = 1,
-                 use_denom: bool = True, correction: bool = True, bptt_depth: int = -1, attn_backend: str = "auto",
-                 check_inputs: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        num_mem_tokens: int,
+        segment_size: int,
+        *,
+        d_mem: int,
+        n_heads: int = 1,
+        use_denom: bool = True,
+        correction: bool = True,
+        bptt_depth: int = -1,
+        attn_backend: str = "auto",
+        check_inputs: bool = True,
+    ):
         # --- every check first: nothing is touched before an error
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in FAMILIES:
-            raise ValueError(f"model: ARMT supports the decoders {sorted(FAMILIES)} (GPT-2 and the Llama family), "
-                             f"got {type(model).__name__} (model_type {model_type!r})")  # fmt: skip
+            raise ValueError(
+                f"model: ARMT supports the decoders {sorted(FAMILIES)} (GPT-2 and the Llama family), "
+                f"got {type(model).__name__} (model_type {model_type!r})"
+            )
         if not isinstance(num_mem_tokens, int) or isinstance(num_mem_tokens, bool) or num_mem_tokens < 1:
-            raise ValueError(f"num_mem_tokens must be an int >= 1 (ARMT writes from its memory tokens), "
-                             f"got {num_mem_tokens!r}")  # fmt: skip
+            raise ValueError(
+                f"num_mem_tokens must be an int >= 1 (ARMT writes from its memory tokens), got {num_mem_tokens!r}"
+            )
         if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
             raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
         if not isinstance(d_mem, int) or isinstance(d_mem, bool) or d_mem < 1 or d_mem % n_heads:
@@ -73,8 +87,14 @@ class ARMTBase(RMTBase):
         for name, value in (("use_denom", use_denom), ("correction", correction)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        super().__init__(model, num_mem_tokens, segment_size, bptt_depth=bptt_depth, attn_backend=attn_backend,
-                         check_inputs=check_inputs)  # fmt: skip
+        super().__init__(
+            model,
+            num_mem_tokens,
+            segment_size,
+            bptt_depth=bptt_depth,
+            attn_backend=attn_backend,
+            check_inputs=check_inputs,
+        )
         if self.hidden_size % n_heads:
             raise ValueError(f"n_heads={n_heads} must divide the model's hidden size {self.hidden_size}")
         # --- then build
@@ -83,8 +103,9 @@ class ARMTBase(RMTBase):
         self.layers_attr = FAMILIES[model_type]
         layers = self.decoder_layers
         weight = self.word_embeddings.weight
-        self.assoc = nn.ModuleList(AssocParams(self.hidden_size, d_mem, n_heads, dtype=weight.dtype,
-                                               device=weight.device) for _ in layers)  # fmt: skip
+        self.assoc = nn.ModuleList(
+            AssocParams(self.hidden_size, d_mem, n_heads, dtype=weight.dtype, device=weight.device) for _ in layers
+        )
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -113,15 +134,20 @@ class ARMTBase(RMTBase):
         b = super()._check_inputs(input_ids, attention_mask, labels, labels_mask, None)
         if memory_state is not None:
             if not isinstance(memory_state, ARMTMemoryState):
-                raise ValueError("memory_state must be an ARMTMemoryState (out.memory_state of an earlier call), "
-                                 f"got {type(memory_state).__name__}")  # fmt: skip
+                raise ValueError(
+                    "memory_state must be an ARMTMemoryState (out.memory_state of an earlier call), "
+                    f"got {type(memory_state).__name__}"
+                )
             sh, L = self.mem_shape, self.n_layers
             device, dtype = self.memory.device, self.memory.dtype
-            for name, t, want in (("A", memory_state.A, (L, b, sh.n_heads, sh.d_key, sh.d_value)),
-                                  ("z", memory_state.z, (L, b, sh.n_heads, sh.d_key))):  # fmt: skip
+            for name, t, want in (
+                ("A", memory_state.A, (L, b, sh.n_heads, sh.d_key, sh.d_value)),
+                ("z", memory_state.z, (L, b, sh.n_heads, sh.d_key)),
+            ):
                 if not isinstance(t, Tensor) or tuple(t.shape) != want:
-                    raise ValueError(f"memory_state.{name} must have shape {want} (layers, batch, heads, ...), "
-                                     f"got {_shape(t)}")  # fmt: skip
+                    raise ValueError(
+                        f"memory_state.{name} must have shape {want} (layers, batch, heads, ...), got {_shape(t)}"
+                    )
                 if t.dtype != dtype:
                     raise ValueError(f"memory_state.{name} must have dtype {dtype}, got {t.dtype}")
                 if t.device != device:
@@ -131,8 +157,10 @@ class ARMTBase(RMTBase):
                 try:
                     _run(checks)
                 except ValueError:
-                    raise ValueError("memory_state holds a non-finite value (NaN or inf): it would spread into "
-                                     "every later segment and call") from None  # fmt: skip
+                    raise ValueError(
+                        "memory_state holds a non-finite value (NaN or inf): it would spread into "
+                        "every later segment and call"
+                    ) from None
         return b
 
     # ---------------------------------------------------------------------------------------- checkpoints
@@ -148,8 +176,15 @@ class ARMTBase(RMTBase):
         missing one (``strict``) or a wrong shape raise a ValueError before anything is loaded
         (:mod:`.state_dict`)."""
         prefix = "memory_cell.model." + (PEFT_KEY_PREFIX if self.peft_model is not None else "")
-        parts = split_published(state_dict, self.model.state_dict(), self.assoc.state_dict(),
-                                tuple(self.memory.shape), prefix, self.layers_attr, strict)  # fmt: skip
+        parts = split_published(
+            state_dict,
+            self.model.state_dict(),
+            self.assoc.state_dict(),
+            tuple(self.memory.shape),
+            prefix,
+            self.layers_attr,
+            strict,
+        )
         self.model.load_state_dict(parts.backbone, strict=strict)
         self.assoc.load_state_dict(parts.assoc, strict=strict)
         if parts.memory is not None:
@@ -171,19 +206,35 @@ class ARMTBase(RMTBase):
         else:
             self._backbone_for_saving().save_pretrained(os.path.join(save_directory, BACKBONE_DIR), **kwargs)
         torch.save(self.memory.detach().cpu(), os.path.join(save_directory, RMT_MEMORY_NAME))
-        torch.save({k: v.detach().cpu() for k, v in self.assoc.state_dict().items()},
-                   os.path.join(save_directory, ARMT_LAYERS_NAME))  # fmt: skip
+        torch.save(
+            {k: v.detach().cpu() for k, v in self.assoc.state_dict().items()},
+            os.path.join(save_directory, ARMT_LAYERS_NAME),
+        )
         st = self.settings
-        config = {"class": type(self).__name__, "num_mem_tokens": st.num_mem_tokens,
-                  "segment_size": st.segment_size, "bptt_depth": st.bptt_depth, "attn_backend": st.attn_backend,
-                  "check_inputs": st.check_inputs, **asdict(self.armt_settings),
-                  **self._schedule_settings(), **extra}  # fmt: skip
+        config = {
+            "class": type(self).__name__,
+            "num_mem_tokens": st.num_mem_tokens,
+            "segment_size": st.segment_size,
+            "bptt_depth": st.bptt_depth,
+            "attn_backend": st.attn_backend,
+            "check_inputs": st.check_inputs,
+            **asdict(self.armt_settings),
+            **self._schedule_settings(),
+            **extra,
+        }
         with open(os.path.join(save_directory, RMT_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, save_directory: str | os.PathLike, *, model_kwargs: dict | None = None,
-                        base_model=None, is_trainable: bool = False, **overrides):  # fmt: skip
+    def from_pretrained(
+        cls,
+        save_directory: str | os.PathLike,
+        *,
+        model_kwargs: dict | None = None,
+        base_model=None,
+        is_trainable: bool = False,
+        **overrides,
+    ):
         """Load a saved ARMT; ``overrides`` replace saved settings (e.g. ``diagonal=True``: a schedule, so any
         checkpoint loads under either), ``model_kwargs`` go to the backbone's ``from_pretrained``.
 

@@ -45,22 +45,50 @@ class FastARMT(ARMTBase):
       or per distinct diagonal step; under autograd it is refused with an error (inference only, as FastRMT's).
     """
 
-    def __init__(self, model, num_mem_tokens: int, segment_size: int, *, d_mem: int, n_heads: int = 1,
-                 use_denom: bool = True, correction: bool = True, diagonal: bool = False, bptt_depth: int = -1,
-                 attn_backend: str = "auto", gradient_checkpointing: bool = False, cuda_graph: bool = False,
-                 compile_step=False, check_inputs: bool = True):  # fmt: skip
-        for name, value in (("diagonal", diagonal), ("gradient_checkpointing", gradient_checkpointing),
-                            ("cuda_graph", cuda_graph)):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        num_mem_tokens: int,
+        segment_size: int,
+        *,
+        d_mem: int,
+        n_heads: int = 1,
+        use_denom: bool = True,
+        correction: bool = True,
+        diagonal: bool = False,
+        bptt_depth: int = -1,
+        attn_backend: str = "auto",
+        gradient_checkpointing: bool = False,
+        cuda_graph: bool = False,
+        compile_step=False,
+        check_inputs: bool = True,
+    ):
+        for name, value in (
+            ("diagonal", diagonal),
+            ("gradient_checkpointing", gradient_checkpointing),
+            ("cuda_graph", cuda_graph),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         compile_kwargs = compile_options(compile_step, cuda_graph)
-        super().__init__(model, num_mem_tokens, segment_size, d_mem=d_mem, n_heads=n_heads, use_denom=use_denom,
-                         correction=correction, bptt_depth=bptt_depth, attn_backend=attn_backend,
-                         check_inputs=check_inputs)  # fmt: skip
+        super().__init__(
+            model,
+            num_mem_tokens,
+            segment_size,
+            d_mem=d_mem,
+            n_heads=n_heads,
+            use_denom=use_denom,
+            correction=correction,
+            bptt_depth=bptt_depth,
+            attn_backend=attn_backend,
+            check_inputs=check_inputs,
+        )
         check_supported(self.model, self.decoder_layers, self.model.config.model_type, self.input_size)
         if plain_head(self.model) is None:
-            raise ValueError(f"model: {type(self.model).__name__}'s logits are not a plain linear head over the last "
-                             "hidden state (logit scaling or soft-capping is not supported by FastARMT)")
+            raise ValueError(
+                f"model: {type(self.model).__name__}'s logits are not a plain linear head over the last "
+                "hidden state (logit scaling or soft-capping is not supported by FastARMT)"
+            )
         preload_backend(attn_backend)
         self.diagonal = diagonal
         self.gradient_checkpointing = gradient_checkpointing
@@ -72,8 +100,15 @@ class FastARMT(ARMTBase):
         return {"diagonal": self.diagonal, "gradient_checkpointing": self.gradient_checkpointing}
 
     # ----------------------------------------------------------------------------------------------- api
-    def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
-                return_logits: bool = True) -> ARMTOutput:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        labels_mask=None,
+        memory_state=None,
+        return_logits: bool = True,
+    ) -> ARMTOutput:
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
         return self._run(input_ids, attention_mask, labels, labels_mask, memory_state, return_logits)
 
@@ -130,7 +165,7 @@ class FastARMT(ARMTBase):
             if l0 + g_n == L:  # the top cell's segment left the last layer
                 s = segs[-1]
                 start, length = plan.segments[s]
-                seg_targets = None if targets is None else targets[:, start:start + length]
+                seg_targets = None if targets is None else targets[:, start : start + length]
                 seg_logits, part = self._finish(y[-1], length, seg_targets, return_logits)
                 logits[s] = seg_logits
                 if part is not None:
@@ -143,10 +178,12 @@ class FastARMT(ARMTBase):
     def stacked_weights(self) -> tuple[StackedLayers, tuple[Tensor, ...]]:
         """The layers' weights and the memory projections (W_mq, W_mk, W_mv, W_mb, W_mb's bias), each stacked
         over the layers."""
-        layers = StackedLayers(self.model, self.decoder_layers, self.model.config.model_type,
-                               self.settings.attn_backend)  # fmt: skip
-        weights = tuple(torch.stack([getattr(p, name).weight for p in self.assoc]) for name in
-                        ("W_mq", "W_mk", "W_mv", "W_mb")) + (torch.stack([p.W_mb.bias for p in self.assoc]),)
+        layers = StackedLayers(
+            self.model, self.decoder_layers, self.model.config.model_type, self.settings.attn_backend
+        )
+        weights = tuple(
+            torch.stack([getattr(p, name).weight for p in self.assoc]) for name in ("W_mq", "W_mk", "W_mv", "W_mb")
+        ) + (torch.stack([p.W_mb.bias for p in self.assoc]),)
         return layers, weights
 
     def _cells_fn(self):
@@ -159,11 +196,11 @@ class FastARMT(ARMTBase):
     def cells(self, x, A, z, l0, layout, rope, first, layers: StackedLayers, weights):
         """One schedule step: G cells, cell g running layer l0 + g. x (G, B, S, D), A (G, B, H, dk, dv),
         z (G, B, H, dk) -> the layers' outputs and the new A, z."""
-        w_q, w_k, w_v, w_b, b_b = (w[l0:l0 + x.shape[0]] for w in weights)
+        w_q, w_k, w_v, w_b, b_b = (w[l0 : l0 + x.shape[0]] for w in weights)
         if first is not True:  # a stream's first segment has no memory to read
             x = read(x, A, z, w_q, self.mem_shape)
         y = layers.step(x, l0, layout, rope)
-        A, z = write(y[:, :, self.segment_size:], A, z, w_k, w_v, w_b, b_b, self.mem_shape, first)
+        A, z = write(y[:, :, self.segment_size :], A, z, w_k, w_v, w_b, b_b, self.mem_shape, first)
         return y, A, z
 
     def _embed(self, ids: Tensor, positions: Tensor, gpt2: bool) -> Tensor:
@@ -188,8 +225,9 @@ class FastARMT(ARMTBase):
         logits = head(hidden)
         part = None
         if seg_targets is not None:
-            part = F.cross_entropy(upcast(logits).flatten(0, 1), seg_targets.flatten(), ignore_index=-100,
-                                   reduction="sum")  # fmt: skip
+            part = F.cross_entropy(
+                upcast(logits).flatten(0, 1), seg_targets.flatten(), ignore_index=-100, reduction="sum"
+            )
         return (logits if return_logits else None), part
 
 
@@ -209,7 +247,7 @@ class _Carry:
 
     def hidden(self, lo: int, hi: int) -> Tensor:
         """The last step's outputs of layers lo - 1 .. hi - 2 (the inputs of layers lo .. hi - 1)."""
-        return self.y[lo - 1 - self.l0:hi - 1 - self.l0]
+        return self.y[lo - 1 - self.l0 : hi - 1 - self.l0]
 
     def state(self, l0: int, segs: list[int], cuts: list[bool]) -> tuple[Tensor, Tensor]:
         """(G, ...) A and z entering the cells of layers l0 .. l0 + G - 1 (segments ``segs``)."""
@@ -218,14 +256,17 @@ class _Carry:
             a = [self.A[l0 + g].detach() if cuts[s] else self.A[l0 + g] for g, s in enumerate(segs)]
             zs = [self.z[l0 + g].detach() if cuts[s] else self.z[l0 + g] for g, s in enumerate(segs)]
             return _stack(a), _stack(zs)
-        have = 0 if self.a is None or not self.l0 <= l0 < self.l0 + self.a.shape[0] else \
-            min(g_n, self.l0 + self.a.shape[0] - l0)  # layers the last step's outputs hold  # fmt: skip
+        have = (
+            0
+            if self.a is None or not self.l0 <= l0 < self.l0 + self.a.shape[0]
+            else min(g_n, self.l0 + self.a.shape[0] - l0)
+        )  # layers the last step's outputs hold
         if have == 0:
-            return _stack(self.A[l0:l0 + g_n]), _stack(self.z[l0:l0 + g_n])
-        a, zs = self.a[l0 - self.l0:l0 - self.l0 + have], self.zs[l0 - self.l0:l0 - self.l0 + have]
+            return _stack(self.A[l0 : l0 + g_n]), _stack(self.z[l0 : l0 + g_n])
+        a, zs = self.a[l0 - self.l0 : l0 - self.l0 + have], self.zs[l0 - self.l0 : l0 - self.l0 + have]
         if have < g_n:  # layers entering: their current state
-            a = torch.cat([a, torch.stack(self.A[l0 + have:l0 + g_n])])
-            zs = torch.cat([zs, torch.stack(self.z[l0 + have:l0 + g_n])])
+            a = torch.cat([a, torch.stack(self.A[l0 + have : l0 + g_n])])
+            zs = torch.cat([zs, torch.stack(self.z[l0 + have : l0 + g_n])])
         return a, zs
 
     def update(self, l0: int, y: Tensor, a: Tensor, zs: Tensor) -> None:

@@ -70,8 +70,11 @@ class _Group:
         with torch.inference_mode(False):  # buffers any later call may update in place
             state = armt.mem_shape.zeros(L, batch, weight.dtype, weight.device)
             self.A, self.z = state.A, state.z
-            self.X = torch.zeros(L, batch, size + m, weight.shape[-1], dtype=weight.dtype, device=weight.device) \
-                if diagonal else None  # fmt: skip
+            self.X = (
+                torch.zeros(L, batch, size + m, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+                if diagonal
+                else None
+            )
         self.pool = torch.cuda.graph_pool_handle() if weight.is_cuda else None
         self.steps: dict[tuple, StaticStep] = {}
 
@@ -85,12 +88,14 @@ class _Group:
 
 
 class ARMTGraphRunner:
-    def __init__(self, armt, capture: bool | None = None, max_graphs: int | None = None,
-                 max_groups: int = DEFAULT_MAX_GROUPS):  # fmt: skip
+    def __init__(
+        self, armt, capture: bool | None = None, max_graphs: int | None = None, max_groups: int = DEFAULT_MAX_GROUPS
+    ):
         self.armt = armt
         self.capture = capture
-        self.max_graphs = default_max_graphs(armt.n_layers) if max_graphs is None else _positive("max_graphs",
-                                                                                                 max_graphs)
+        self.max_graphs = (
+            default_max_graphs(armt.n_layers) if max_graphs is None else _positive("max_graphs", max_graphs)
+        )
         self.max_groups = _positive("max_groups", max_groups)
         self.groups: dict[tuple, _Group] = {}  # insertion order = least recently used first
         self.captures = self.evictions = self.overflows = 0
@@ -171,8 +176,12 @@ class ARMTGraphRunner:
             self.captures += 1
         except Exception as exc:  # capture can fail on ops that sync or allocate dynamically
             if not self._warned:
-                warnings.warn(f"rmt_fast: CUDA-graph capture of a FastARMT step failed ({type(exc).__name__}: "
-                              f"{exc}); running this step eagerly", RuntimeWarning, stacklevel=5)  # fmt: skip
+                warnings.warn(
+                    f"rmt_fast: CUDA-graph capture of a FastARMT step failed ({type(exc).__name__}: "
+                    f"{exc}); running this step eagerly",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
                 self._warned = True
             step = StaticStep(fn, inputs, capture=False)
         finally:
@@ -213,8 +222,11 @@ class ARMTGraphRunner:
         finally:
             self._in_use = set()
         loss = loss_sum / denom if loss_sum is not None else None
-        return ARMTOutput(loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None,
-                          memory_state=ARMTMemoryState(group.A.clone(), group.z.clone()))  # fmt: skip
+        return ARMTOutput(
+            loss=loss,
+            logits=torch.cat(logits, dim=1) if return_logits else None,
+            memory_state=ARMTMemoryState(group.A.clone(), group.z.clone()),
+        )
 
     def _replay(self, group, plan, subs, first, targets, return_logits, layers, weights):
         """Run one graph's sub-steps (the L cells of a segment, or one diagonal step): returns the finished
@@ -227,19 +239,23 @@ class ARMTGraphRunner:
         finishes = l0_last + len(segs_last) == L
         fin_seg = segs_last[-1] if finishes else None
         fin_len = plan.segments[fin_seg][1] if finishes else None
-        key = tuple((l0, tuple(plan.segments[s][1] for s in segs), tuple(first and s == 0 for s in segs))
-                    for l0, segs in subs)  # fmt: skip
+        key = tuple(
+            (l0, tuple(plan.segments[s][1] for s in segs), tuple(first and s == 0 for s in segs)) for l0, segs in subs
+        )
         if finishes:
             key += (("finish", return_logits, targets is not None),)
         ids = plan.segment_ids(segs_first[0]) if embeds else None
         seg_targets = None
         if finishes and targets is not None:
             start = plan.segments[fin_seg][0]
-            seg_targets = targets[:, start:start + fin_len]
+            seg_targets = targets[:, start : start + fin_len]
+
         def make():
             with torch.inference_mode(False):  # static inputs any later call may update in place
-                inputs = {"ids": None if ids is None else ids.clone(),
-                          "targets": None if seg_targets is None else seg_targets.clone()}  # fmt: skip
+                inputs = {
+                    "ids": None if ids is None else ids.clone(),
+                    "targets": None if seg_targets is None else seg_targets.clone(),
+                }
             return self._step_fn(group, plan, subs, first, fin_len, return_logits, layers, weights), inputs
 
         step = self._step(group, key, make)
@@ -280,14 +296,14 @@ class ARMTGraphRunner:
                 elif y is not None:  # the sub-step before ran layer l0 - 1 of this segment (sequential)
                     x = y
                 else:
-                    x = X[l0:l0 + g_n]
-                a, z = A[l0:l0 + g_n], Z[l0:l0 + g_n]
+                    x = X[l0 : l0 + g_n]
+                a, z = A[l0 : l0 + g_n], Z[l0 : l0 + g_n]
                 y, a_new, z_new = cells(x, a, z, l0, layout, rope, first_arg, layers, weights)
                 a.copy_(a_new)
                 z.copy_(z_new)
                 top = l0 + g_n == L
                 if X is not None and g_n > top:  # the diagonal: hand the outputs to the next step's cells
-                    X[l0 + 1:l0 + g_n + 1 - top].copy_(y[:g_n - top])
+                    X[l0 + 1 : l0 + g_n + 1 - top].copy_(y[: g_n - top])
                 if top:
                     out["logits"], out["part"] = armt._finish(y[-1], fin_len, targets, return_logits)
             return out

@@ -20,8 +20,9 @@ class LayerMemory:
 
 
 @contextlib.contextmanager
-def memory_hooks(layers, assoc, shape: MemoryShape, mem: LayerMemory, *, reads: bool,
-                 write_slots: int | None) -> Iterator[None]:  # fmt: skip
+def memory_hooks(
+    layers, assoc, shape: MemoryShape, mem: LayerMemory, *, reads: bool, write_slots: int | None
+) -> Iterator[None]:
     """Hooks on every decoder layer while the block runs: a read of ``mem`` before the layer (if ``reads``),
     and a write from the layer's outputs at the last ``write_slots`` positions after it (if not None)."""
     handles = []
@@ -32,8 +33,7 @@ def memory_hooks(layers, assoc, shape: MemoryShape, mem: LayerMemory, *, reads: 
             if args:
                 return (read(args[0], mem.A[index], mem.z[index], p.W_mq.weight, shape), *args[1:]), kwargs
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = read(kwargs["hidden_states"], mem.A[index], mem.z[index], p.W_mq.weight,
-                                           shape)  # fmt: skip
+            kwargs["hidden_states"] = read(kwargs["hidden_states"], mem.A[index], mem.z[index], p.W_mq.weight, shape)
             return args, kwargs
 
         return hook
@@ -42,8 +42,17 @@ def memory_hooks(layers, assoc, shape: MemoryShape, mem: LayerMemory, *, reads: 
         def hook(module, args, output):
             hidden = output if isinstance(output, Tensor) else output[0]
             p = assoc[index]
-            mem.A[index], mem.z[index] = write(hidden[:, -write_slots:], mem.A[index], mem.z[index], p.W_mk.weight,
-                                               p.W_mv.weight, p.W_mb.weight, p.W_mb.bias, shape, mem.first)
+            mem.A[index], mem.z[index] = write(
+                hidden[:, -write_slots:],
+                mem.A[index],
+                mem.z[index],
+                p.W_mk.weight,
+                p.W_mv.weight,
+                p.W_mb.weight,
+                p.W_mb.bias,
+                shape,
+                mem.first,
+            )
             return output
 
         return hook

@@ -24,8 +24,12 @@ from .lora import StackedLoRA, _active_terms, base_projection
 
 _GPT2_PARAMS = {"ln1_w": "ln_1.weight", "ln1_b": "ln_1.bias", "ln2_w": "ln_2.weight", "ln2_b": "ln_2.bias"}
 _GPT2_PROJ = {"qkv": ("attn.c_attn",), "o": ("attn.c_proj",), "up": ("mlp.c_fc",), "down": ("mlp.c_proj",)}
-_LLAMA_PROJ = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-               "up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}  # fmt: skip
+_LLAMA_PROJ = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
 _LLAMA_LAYERS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "mistral": "MistralDecoderLayer"}
 
 
@@ -35,8 +39,9 @@ def check_supported(model, layers, model_type: str, seq_len: int) -> None:
     want = "GPT2Block" if model_type == "gpt2" else _LLAMA_LAYERS[model_type]
     for layer in layers:
         if type(layer).__name__ != want:
-            raise ValueError(f"model: FastARMT expects {want} layers in a {model_type} model, got "
-                             f"{type(layer).__name__}")  # fmt: skip
+            raise ValueError(
+                f"model: FastARMT expects {want} layers in a {model_type} model, got {type(layer).__name__}"
+            )
     _check_plain_projections(layers, model_type)
     if model_type == "gpt2":
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
@@ -50,8 +55,10 @@ def check_supported(model, layers, model_type: str, seq_len: int) -> None:
     if model_type == "qwen2":
         uses_window = any(t == "sliding_attention" for t in layer_types)
     if uses_window and window is not None and window < seq_len:
-        raise ValueError(f"model: a sliding window of {window} positions is shorter than an ARMT segment "
-                         f"(segment_size + num_mem_tokens = {seq_len}); FastARMT needs full attention per segment")
+        raise ValueError(
+            f"model: a sliding window of {window} positions is shorter than an ARMT segment "
+            f"(segment_size + num_mem_tokens = {seq_len}); FastARMT needs full attention per segment"
+        )
 
 
 def _projection_modules(model_type: str):
@@ -117,12 +124,16 @@ class StackedLayers:
     def _stack_projections(self, layers, model_type: str, w: dict) -> None:
         """Each projection's base weights (concatenated parts, as (in, out)) and biases, and its LoRA terms."""
         table, kind = _projection_modules(model_type)
-        modules = {name: [[(path, layer.get_submodule(path)) for path in paths] for layer in layers]
-                   for name, paths in table.items()}  # fmt: skip
+        modules = {
+            name: [[(path, layer.get_submodule(path)) for path in paths] for layer in layers]
+            for name, paths in table.items()
+        }
         sizes = {}
         for name, per_layer in modules.items():
-            bases = [[base_projection(m, kind, f"layer {i}'s {path}") for path, m in parts]
-                     for i, parts in enumerate(per_layer)]  # fmt: skip
+            bases = [
+                [base_projection(m, kind, f"layer {i}'s {path}") for path, m in parts]
+                for i, parts in enumerate(per_layer)
+            ]
             if self.gpt2:  # Conv1D: weight (in, out)
                 w[name + "_w"] = _stack([parts[0].weight for parts in bases])
                 sizes[name] = [bases[0][0].weight.shape[1]]
@@ -144,8 +155,9 @@ class StackedLayers:
     def _norm(self, x: Tensor, name: str, sl: slice) -> Tensor:
         weight = self.w[name + "_w"][sl].unsqueeze(1)
         if self.gpt2:
-            return torch.addcmul(self.w[name + "_b"][sl].unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=self.eps),
-                                 weight)  # fmt: skip
+            return torch.addcmul(
+                self.w[name + "_b"][sl].unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=self.eps), weight
+            )
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -173,8 +185,9 @@ class StackedLayers:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         p = self.attn_p if self.training else 0.0
-        attn = run_backend(self.backend, q, k, v, layout, scale=self.scaling, dropout_p=p,
-                           segment=ActiveSegment(layout, self.backend))  # fmt: skip
+        attn = run_backend(
+            self.backend, q, k, v, layout, scale=self.scaling, dropout_p=p, segment=ActiveSegment(layout, self.backend)
+        )
         attn = attn.reshape(g, b * s, hq * dh)
         flat = flat + self._dropout(self._linear(attn, "o", sl), self.resid_p)
         h = self._norm(flat, "ln2", sl)

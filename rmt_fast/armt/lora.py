@@ -32,12 +32,16 @@ def base_projection(module: nn.Module, kind: type, where: str) -> nn.Module:
     if lora_cls is not None and type(module) is lora_cls:
         base = module.get_base_layer()
         if type(base) is not kind:
-            raise ValueError(f"model: {where} is a LoRA layer over a {type(base).__name__}, not a plain "
-                             f"{kind.__name__} (quantized base layers are not supported by FastARMT)")  # fmt: skip
+            raise ValueError(
+                f"model: {where} is a LoRA layer over a {type(base).__name__}, not a plain "
+                f"{kind.__name__} (quantized base layers are not supported by FastARMT)"
+            )
         return base
-    raise ValueError(f"model: {where} is a {type(module).__name__}, not a plain {kind.__name__} or a peft LoRA "
-                     "layer over one: FastARMT's batched layers reproduce LoRA only (merge other adapters first: "
-                     "merge_and_unload())")  # fmt: skip
+    raise ValueError(
+        f"model: {where} is a {type(module).__name__}, not a plain {kind.__name__} or a peft LoRA "
+        "layer over one: FastARMT's batched layers reproduce LoRA only (merge other adapters first: "
+        "merge_and_unload())"
+    )
 
 
 def _active_terms(module: nn.Module, where: str) -> list[str]:
@@ -47,8 +51,10 @@ def _active_terms(module: nn.Module, where: str) -> list[str]:
         return []
     if module.disable_adapters:
         if module.merged:
-            raise ValueError(f"model: {where} has adapters disabled while {module.merged_adapters} are merged "
-                             "into its weight (peft would unmerge them in forward); call unmerge_adapter() first")
+            raise ValueError(
+                f"model: {where} has adapters disabled while {module.merged_adapters} are merged "
+                "into its weight (peft would unmerge them in forward); call unmerge_adapter() first"
+            )
         return []
     if module.merged:
         return []
@@ -58,11 +64,15 @@ def _active_terms(module: nn.Module, where: str) -> list[str]:
             continue
         if name in getattr(module, "lora_variant", {}):
             option = "use_dora=True (DoRA)" if module.use_dora.get(name, False) else "a LoRA variant"
-            raise ValueError(f"model: {where}'s adapter {name!r} uses {option}, which FastARMT does not reproduce "
-                             "(merge it first: merge_and_unload())")  # fmt: skip
+            raise ValueError(
+                f"model: {where}'s adapter {name!r} uses {option}, which FastARMT does not reproduce "
+                "(merge it first: merge_and_unload())"
+            )
         if getattr(module, "lora_bias", {}).get(name, False) or module.lora_B[name].bias is not None:
-            raise ValueError(f"model: {where}'s adapter {name!r} uses lora_bias=True, which FastARMT does not "
-                             "reproduce (merge it first: merge_and_unload())")  # fmt: skip
+            raise ValueError(
+                f"model: {where}'s adapter {name!r} uses lora_bias=True, which FastARMT does not "
+                "reproduce (merge it first: merge_and_unload())"
+            )
         names.append(name)
     return names
 
@@ -81,8 +91,9 @@ class StackedLoRA:
     ``projections``: name -> per layer, the list of (path, module) whose outputs the projection concatenates
     (e.g. q, k, v), with their output widths ``sizes[name]``."""
 
-    def __init__(self, projections: dict[str, list[list[tuple[str, nn.Module]]]], sizes: dict[str, list[int]],
-                 training: bool):  # fmt: skip
+    def __init__(
+        self, projections: dict[str, list[list[tuple[str, nn.Module]]]], sizes: dict[str, list[int]], training: bool
+    ):
         self.training = training
         self.sizes = sizes
         self.terms: dict[str, list] = {}
@@ -94,8 +105,12 @@ class StackedLoRA:
                     path, module = parts[j]
                     where = f"layer {i}'s {path}"
                     for name in _active_terms(module, where):
-                        entry = (module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
-                                 _dropout_p(module.lora_dropout[name], where))  # fmt: skip
+                        entry = (
+                            module.lora_A[name].weight,
+                            module.lora_B[name].weight,
+                            module.scaling[name],
+                            _dropout_p(module.lora_dropout[name], where),
+                        )
                         found.setdefault(name, [None] * len(per_layer))[i] = entry
                 for name, entries in found.items():
                     terms.append((j, *self._stack(entries, name)))
@@ -109,8 +124,10 @@ class StackedLoRA:
         a0, b0 = present[0][0], present[0][1]
         scales, ps = {s for _, _, s, _ in present}, {p for _, _, _, p in present}
         if len(ps) > 1:
-            raise ValueError(f"model: adapter {name!r} has LoRA dropout {sorted(ps)} in different layers; FastARMT "
-                             "needs one lora_dropout per adapter")  # fmt: skip
+            raise ValueError(
+                f"model: adapter {name!r} has LoRA dropout {sorted(ps)} in different layers; FastARMT "
+                "needs one lora_dropout per adapter"
+            )
         a_t, b_t, scale = [], [], []
         for e in entries:
             if e is None:

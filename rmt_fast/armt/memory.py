@@ -71,8 +71,10 @@ class MemoryShape:
 
     def zeros(self, n_layers: int, batch: int, dtype, device) -> ARMTMemoryState:
         h, dk, dv = self.n_heads, self.d_key, self.d_value
-        return ARMTMemoryState(torch.zeros(n_layers, batch, h, dk, dv, dtype=dtype, device=device),
-                               torch.zeros(n_layers, batch, h, dk, dtype=dtype, device=device))  # fmt: skip
+        return ARMTMemoryState(
+            torch.zeros(n_layers, batch, h, dk, dv, dtype=dtype, device=device),
+            torch.zeros(n_layers, batch, h, dk, dtype=dtype, device=device),
+        )
 
 
 def upcast(t: Tensor) -> Tensor:
@@ -88,7 +90,7 @@ def dpfp(x: Tensor) -> Tensor:
     x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
     n = x.shape[-1]
     xx = torch.cat([x, x], dim=-1)
-    return torch.cat([x * xx[..., n - j:2 * n - j] for j in range(1, NU + 1)], dim=-1)
+    return torch.cat([x * xx[..., n - j : 2 * n - j] for j in range(1, NU + 1)], dim=-1)
 
 
 def _project(x: Tensor, weight: Tensor) -> Tensor:
@@ -128,8 +130,17 @@ def read(x: Tensor, A: Tensor, z: Tensor, w_q: Tensor, shape: MemoryShape) -> Te
     return x + _from_heads(num)
 
 
-def write(h: Tensor, A: Tensor, z: Tensor, w_k: Tensor, w_v: Tensor, w_b: Tensor, b_b: Tensor,
-          shape: MemoryShape, first: Tensor | bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+def write(
+    h: Tensor,
+    A: Tensor,
+    z: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    w_b: Tensor,
+    b_b: Tensor,
+    shape: MemoryShape,
+    first: Tensor | bool,
+) -> tuple[Tensor, Tensor]:
     """The new (A, z) after writing the memory-position outputs h (..., B, m, D).
 
     ``first``: True (a bool) when every cell is a stream's first segment; or a bool tensor broadcastable to

@@ -30,8 +30,16 @@ def first_segment_arg(first: bool, segs, device) -> bool | Tensor:
 
 
 class CallPlan:
-    def __init__(self, input_ids: Tensor, attention_mask: Tensor | None, segments: list[tuple[int, int]],
-                 size: int, m: int, rotary=None, dtype=None):  # fmt: skip
+    def __init__(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        segments: list[tuple[int, int]],
+        size: int,
+        m: int,
+        rotary=None,
+        dtype=None,
+    ):
         self.ids, self.segments, self.size, self.m = input_ids, segments, size, m
         self.batch = input_ids.shape[0]
         device = input_ids.device
@@ -62,7 +70,7 @@ class CallPlan:
                     ends = torch.full((b,), length, dtype=torch.int32, device=self.device)
                     out.append(("run", torch.zeros_like(ends), ends))
             return out
-        padded = torch.stack([F.pad(attention_mask[:, a:a + n].bool(), (0, size - n)) for a, n in self.segments])
+        padded = torch.stack([F.pad(attention_mask[:, a : a + n].bool(), (0, size - n)) for a, n in self.segments])
         starts, ends, holes = mask_runs(padded)
         full = (starts == 0) & (ends == size)
         flags = torch.stack([holes.any(1), full.all(1)], 1).tolist()  # the one host sync
@@ -79,7 +87,7 @@ class CallPlan:
     # ---------------------------------------------------------------------------------------- per segment
     def segment_ids(self, s: int) -> Tensor:
         start, length = self.segments[s]
-        return F.pad(self.ids[:, start:start + length], (0, self.size - length))
+        return F.pad(self.ids[:, start : start + length], (0, self.size - length))
 
     def positions(self, s: int) -> Tensor:
         """(1, S) position ids of segment s's slots."""

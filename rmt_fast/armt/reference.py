@@ -27,8 +27,15 @@ from .memory import ARMTMemoryState
 
 
 class ReferenceARMT(ARMTBase):
-    def forward(self, input_ids, attention_mask=None, labels=None, labels_mask=None, memory_state=None,
-                return_logits: bool = True) -> ARMTOutput:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        labels_mask=None,
+        memory_state=None,
+        return_logits: bool = True,
+    ) -> ARMTOutput:
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory_state)
         return self._run(input_ids, attention_mask, labels, labels_mask, memory_state)
 
@@ -50,11 +57,17 @@ class ReferenceARMT(ARMTBase):
             if memory_detached_before(t, n, self.settings.bptt_depth):
                 mem.A = [a.detach() for a in mem.A]
                 mem.z = [c.detach() for c in mem.z]
-            ids = input_ids[:, start:start + length]
-            mask = None if attention_mask is None else attention_mask[:, start:start + length]
+            ids = input_ids[:, start : start + length]
+            mask = None if attention_mask is None else attention_mask[:, start : start + length]
             embeds, mask = self._segment_inputs(ids, mask)
-            with memory_hooks(self.decoder_layers, self.assoc, self.mem_shape, mem, reads=not mem.first,
-                              write_slots=self.num_mem_tokens):  # fmt: skip
+            with memory_hooks(
+                self.decoder_layers,
+                self.assoc,
+                self.mem_shape,
+                mem,
+                reads=not mem.first,
+                write_slots=self.num_mem_tokens,
+            ):
                 out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
             mem.first = False
             logits.append(out.logits[:, :length])
@@ -72,8 +85,13 @@ class ReferenceARMT(ARMTBase):
         if start > 0:
             head_mask = None if attention_mask is None else attention_mask[:, :start]
             memory_state = self._run(input_ids[:, :start], head_mask, None, None, memory_state).memory_state
-        return generate_with_memory(self, input_ids[:, start:], None if attention_mask is None
-                                    else attention_mask[:, start:], memory_state, generate_kwargs)  # fmt: skip
+        return generate_with_memory(
+            self,
+            input_ids[:, start:],
+            None if attention_mask is None else attention_mask[:, start:],
+            memory_state,
+            generate_kwargs,
+        )
 
 
 def generate_with_memory(armt: ARMTBase, ids, mask, memory_state, generate_kwargs):

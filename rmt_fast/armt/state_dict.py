@@ -41,8 +41,15 @@ class PublishedParts:
     memory: Tensor | None
 
 
-def split_published(state_dict: dict, own_backbone: dict, own_assoc: dict, memory_shape: tuple, prefix: str,
-                    layers_attr: str, strict: bool = True) -> PublishedParts:  # fmt: skip
+def split_published(
+    state_dict: dict,
+    own_backbone: dict,
+    own_assoc: dict,
+    memory_shape: tuple,
+    prefix: str,
+    layers_attr: str,
+    strict: bool = True,
+) -> PublishedParts:
     """Sort ``state_dict`` (the published wrapper's) into our parts; raise a ValueError, before anything is
     loaded, for an unknown key, a missing one (``strict``), two names of one tensor holding different values, or
     a shape that differs from ours. ``prefix``: the backbone's keys in the published dict
@@ -91,16 +98,16 @@ def _target(key: str, prefix: str, layers_attr: str, own_backbone: dict, own_ass
     layers_prefix = prefix + layers_attr + "."
     for head in (layers_prefix, ALIAS_PREFIX):
         if key.startswith(head):
-            index, _, rest = key[len(head):].partition(".")
+            index, _, rest = key[len(head) :].partition(".")
             if not index.isdigit():
                 break  # e.g. the alias prefix followed by no layer index: unknown
             if rest.startswith("layer."):
-                name = f"{layers_attr}.{index}.{rest[len('layer.'):]}"
+                name = f"{layers_attr}.{index}.{rest[len('layer.') :]}"
                 return ("backbone", name) if name in own_backbone else None
             name = f"{index}.{rest}"
             return ("assoc", name) if name in own_assoc else None
-    if key.startswith(prefix) and not key.startswith(layers_prefix) and key[len(prefix):] in own_backbone:
-        return "backbone", key[len(prefix):]
+    if key.startswith(prefix) and not key.startswith(layers_prefix) and key[len(prefix) :] in own_backbone:
+        return "backbone", key[len(prefix) :]
     return None
 
 
@@ -108,10 +115,12 @@ def _check_same(named: list[tuple[str, Tensor]], what: str) -> None:
     key, value = named[0]
     for other, v in named[1:]:
         if not same_values(value, v):
-            raise ValueError(f"state_dict: {key} and {other} both name {what} (the published cell registers each "
-                             "wrapped layer twice; tied weights share one tensor) but hold different values "
-                             f"({_describe(value)} vs {_describe(v)}); a consistent checkpoint holds one tensor "
-                             "under both names")  # fmt: skip
+            raise ValueError(
+                f"state_dict: {key} and {other} both name {what} (the published cell registers each "
+                "wrapped layer twice; tied weights share one tensor) but hold different values "
+                f"({_describe(value)} vs {_describe(v)}); a consistent checkpoint holds one tensor "
+                "under both names"
+            )
 
 
 def _describe(t: Tensor) -> str:

@@ -48,21 +48,62 @@ FUNCTION_WORDS = ("the", ".")
 QUESTION_WORDS = ("where", "is", "?")
 # Filler: never a person, place, object, fact verb or question word ("the" and "." are shared function words).
 DISTRACTOR_WORDS = (
-    "a", "old", "small", "bright", "dark", "quiet", "river", "tree", "bird", "dog", "cat", "sun", "rain",
-    "wind", "sky", "stone", "song", "night", "morning", "sang", "slept", "ran", "fell", "shone", "waited",
-    "slowly", "loudly", "softly", "and", "but", "near", "over", "under", "with", "green", "blue", "red",
-    "cold", "warm", "long",
-)  # fmt: skip
-
-FACT_CONTENT_WORDS = tuple(
-    sorted({*PEOPLE, *PLACES, *OBJECTS, *(w for v in MOVE_VERBS + TAKE_VERBS for w in v)})
+    "a",
+    "old",
+    "small",
+    "bright",
+    "dark",
+    "quiet",
+    "river",
+    "tree",
+    "bird",
+    "dog",
+    "cat",
+    "sun",
+    "rain",
+    "wind",
+    "sky",
+    "stone",
+    "song",
+    "night",
+    "morning",
+    "sang",
+    "slept",
+    "ran",
+    "fell",
+    "shone",
+    "waited",
+    "slowly",
+    "loudly",
+    "softly",
+    "and",
+    "but",
+    "near",
+    "over",
+    "under",
+    "with",
+    "green",
+    "blue",
+    "red",
+    "cold",
+    "warm",
+    "long",
 )
+
+FACT_CONTENT_WORDS = tuple(sorted({*PEOPLE, *PLACES, *OBJECTS, *(w for v in MOVE_VERBS + TAKE_VERBS for w in v)}))
 
 
 def _build_vocab() -> tuple[str, ...]:
     words: list[str] = list(SPECIAL_TOKENS)
-    for w in (*PEOPLE, *PLACES, *OBJECTS, *(x for v in MOVE_VERBS + TAKE_VERBS for x in v), *FUNCTION_WORDS,
-              *QUESTION_WORDS, *DISTRACTOR_WORDS):  # fmt: skip
+    for w in (
+        *PEOPLE,
+        *PLACES,
+        *OBJECTS,
+        *(x for v in MOVE_VERBS + TAKE_VERBS for x in v),
+        *FUNCTION_WORDS,
+        *QUESTION_WORDS,
+        *DISTRACTOR_WORDS,
+    ):
         if w not in words:
             words.append(w)
     return tuple(words)
@@ -134,8 +175,15 @@ class Example:
     text: str = ""
 
 
-def make_example(task: str, n_segments: int, segment_size: int, rng: random.Random, *, decoder: bool = False,
-                 return_example: bool = False):  # fmt: skip
+def make_example(
+    task: str,
+    n_segments: int,
+    segment_size: int,
+    rng: random.Random,
+    *,
+    decoder: bool = False,
+    return_example: bool = False,
+):
     """One example of ``task`` filling ``n_segments * segment_size`` tokens. Returns (input_ids, label), or
     the full :class:`Example` with ``return_example=True``. ``decoder=True`` makes the last token the answer
     word (the question ends one token earlier)."""
@@ -205,8 +253,9 @@ class MemoryTaskDataset(Dataset):
     Items are ``(input_ids LongTensor (n_segments * segment_size,), label LongTensor ())``; with
     ``decoder=True`` also the causal-LM ``labels`` (-100 everywhere but the final answer token)."""
 
-    def __init__(self, task: str, n_samples: int, n_segments: int, segment_size: int, seed: int = 0,
-                 decoder: bool = False):  # fmt: skip
+    def __init__(
+        self, task: str, n_samples: int, n_segments: int, segment_size: int, seed: int = 0, decoder: bool = False
+    ):
         rng = random.Random(f"{task}/{n_segments}/{segment_size}/{seed}/{int(decoder)}")
         self.task, self.n_segments, self.segment_size, self.decoder = task, n_segments, segment_size, decoder
         pairs = [make_example(task, n_segments, segment_size, rng, decoder=decoder) for _ in range(n_samples)]
@@ -229,8 +278,9 @@ def lm_labels(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def make_batch(task: str, batch_size: int, n_segments: int, segment_size: int, rng: random.Random,
-               decoder: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def make_batch(
+    task: str, batch_size: int, n_segments: int, segment_size: int, rng: random.Random, decoder: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids (B, n_segments * segment_size), labels (B,)) of fresh examples drawn from ``rng``."""
     pairs = [make_example(task, n_segments, segment_size, rng, decoder=decoder) for _ in range(batch_size)]
     ids = torch.tensor([p[0] for p in pairs], dtype=torch.long)
