@@ -18,4 +18,4 @@ bench:
 	rmt-fast-bench all --out results
 
 device-dry-run:  # benchmarks/device_check.sh on the CPU, as CI does
-	python -m pytest -q tests/test_device_check.py
+	python -m pytest -q tests/bench/test_device_check.py

@@ -18,7 +18,7 @@
 # them has run on a GPU yet).
 #
 # Adding a step: one line `step NAME LIMIT_S COMMAND...` where its value puts it; keep the sum of the limits
-# within TOTAL_S (tests/test_device_check.py checks it) and write outputs under "$RES/NAME". Left out to make
+# within TOTAL_S (tests/bench/test_device_check.py checks it) and write outputs under "$RES/NAME". Left out to make
 # room (one line each to add back, from the reserve): `kernels --quick` (45 s), `host-overhead --quick` (20 s),
 # `input-checks --quick` (20 s), `profile --quick` (30 s).
 set -u
@@ -76,7 +76,7 @@ step() {  # step NAME LIMIT_S CMD...
     $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|numpy|pytest) "
 } >"$RES/env.txt"
 
-# The CPU dry run (tests/test_device_check.py) takes the tiny models where a benchmark has them, and a 5 s
+# The CPU dry run (tests/bench/test_device_check.py) takes the tiny models where a benchmark has them, and a 5 s
 # --budget-s: it checks that every step runs, not what it measures.
 budget() { if [ "$gpu" = nogpu ]; then echo 5; else echo "$1"; fi; }
 TINY=""
@@ -93,8 +93,8 @@ BD_VARIANTS="--variants eager,graphed,graphed+compiled"
 # offline, no dependency resolution (the CPU dry run skips it)
 [ -z "${DEVICE_CHECK_SKIP_INSTALL:-}" ] && step install 15  $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 # correctness first: the GPU tests (cold Triton compiles), then those that compile with torch.compile
-step tests         140  $GPU_TESTS --ignore=tests/test_compile.py --ignore=tests/test_compiled_step.py
-step compile_tests  50  $GPU_TESTS tests/test_compile.py tests/test_compiled_step.py
+step tests         140  $GPU_TESTS --ignore=tests/runtime/test_compile.py --ignore=tests/runtime/test_compiled_step.py
+step compile_tests  50  $GPU_TESTS tests/runtime/test_compile.py tests/runtime/test_compiled_step.py
 # the measured dispatch table, every backend raced (16 quick cases); every later step runs with it (exported below)
 step tune          100  $PY -m rmt_fast.bench.cli tune --quick --budget-s $(budget 80) --out "$RES/tune"
 TABLE=$(ls "$RES"/tune/sm*.json 2>/dev/null | grep -v example | head -n1)

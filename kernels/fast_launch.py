@@ -22,7 +22,7 @@ integer range; tensors must keep their dtype and their 16-byte alignment (where 
 
 Only for the Triton versions whose ``run`` was read (:data:`VERIFIED_VERSIONS`); elsewhere :func:`build` returns
 None. Any exception while building or checking means no fast launch (never a failed call).
-``tests/test_fast_launch.py`` records the low-level call of both paths with a fake driver and compares them.
+``tests/kernels/test_fast_launch.py`` records the low-level call of both paths with a fake driver and compares them.
 """
 
 from __future__ import annotations

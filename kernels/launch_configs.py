@@ -29,7 +29,7 @@ scalar arguments of the forward and the backward), cached per shape key and clea
 (``clear_launch_cache``).
 
 The caches' interface (for :mod:`rmt_fast.kernels.triton_attention`; nothing outside this module touches its
-underscore names, ``tests/test_launch_seam.py`` checks it):
+underscore names, ``tests/kernels/test_launch_seam.py`` checks it):
 
 * ``cached_config(key)``, ``cached_plan(key)``, ``cached_shape_plan(key)``: the cached configuration, launch or
   ShapePlan, or None; always None while caching is off (an :func:`override_configs` block, the interpreter). On

@@ -9,8 +9,8 @@ Layers, each importing only the ones above it:
 The public names are imported explicitly below, for editors, type checkers and readers; at run time they load
 on first use (PEP 562), so that ``import rmt_fast`` costs about 2 ms instead of the 1.8 s of importing
 transformers, and ``import rmt_fast.kernels`` (the kernel layer, which the Python import system reaches through
-this file) never imports transformers. ``_LAZY`` is the same list, name by name; tests/test_layers.py checks that
-the two agree and that every name resolves.
+this file) never imports transformers. ``_LAZY`` is the same list, name by name; tests/project/test_layers.py checks
+that the two agree and that every name resolves.
 """
 
 from __future__ import annotations

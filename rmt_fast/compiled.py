@@ -18,7 +18,7 @@ broadcast parameter) and the later ones share one compiled graph.
 Graph breaks: none of rmt-fast's own. :mod:`rmt_fast.attention` keeps the active segment in a per-thread holder
 that dynamo traces (a ContextVar would break the graph at every attention call), the Triton module and the
 dispatch table are resolved by FastRMT's constructor, and the once-only fall-back log is skipped while tracing,
-so the whole step is one graph (``fullgraph=True`` holds: tests/test_compiled_step.py). Dynamo keeps at most
+so the whole step is one graph (``fullgraph=True`` holds: tests/runtime/test_compiled_step.py). Dynamo keeps at most
 ``recompile_limit`` (8) variants per step; each FastRMT step has two (full and padded last segment) per grad
 mode and batch size.
 """

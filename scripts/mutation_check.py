@@ -8,7 +8,7 @@ timeout). A mutant is *killed* when the tests fail, *survives* when they pass. N
 source files are never changed. Error messages (``raise`` statements) and annotations are not mutated.
 
     python scripts/mutation_check.py                      # every target, the full selection
-    python scripts/mutation_check.py --target segments --exclude tests/test_blind_spots.py --json out.json
+    python scripts/mutation_check.py --target segments --exclude tests/runtime/test_blind_spots.py --json out.json
     python scripts/mutation_check.py --rerun out.json     # only the survivors of an earlier run
 
 Run on a CPU with one thread (torch.set_num_threads(1) is forced: on a shared CPU, two threads per tiny op
@@ -36,11 +36,11 @@ TARGETS = {
         "rmt_fast.segments",
         None,
         [
-            "tests/test_equivalence.py",
-            "tests/test_attention_seam.py",
-            "tests/test_errors.py",
-            "tests/test_blind_spots.py",
-            "tests/test_properties.py",
+            "tests/runtime/test_equivalence.py",
+            "tests/runtime/test_attention_seam.py",
+            "tests/runtime/test_errors.py",
+            "tests/runtime/test_blind_spots.py",
+            "tests/runtime/test_properties.py",
         ],
     ),
     "bptt_rule": (
@@ -48,30 +48,35 @@ TARGETS = {
         "rmt_fast.base",
         ["memory_detached_before"],
         [
-            "tests/test_reference.py",
-            "tests/test_equivalence.py::test_bptt_depth_matches_reference",
-            "tests/test_blind_spots.py",
-            "tests/test_properties.py",
+            "tests/runtime/test_reference.py",
+            "tests/runtime/test_equivalence.py::test_bptt_depth_matches_reference",
+            "tests/runtime/test_blind_spots.py",
+            "tests/runtime/test_properties.py",
         ],
     ),
     "input_checks": (
         "rmt_fast/input_checks.py",
         "rmt_fast.input_checks",
         None,
-        ["tests/test_bad_input.py", "tests/test_errors.py", "tests/test_blind_spots.py", "tests/test_properties.py"],
+        [
+            "tests/runtime/test_bad_input.py",
+            "tests/runtime/test_errors.py",
+            "tests/runtime/test_blind_spots.py",
+            "tests/runtime/test_properties.py",
+        ],
     ),
     "layout": (
         "kernels/layout.py",
         "rmt_fast.kernels.layout",
         None,
         [
-            "tests/test_layout.py",
-            "tests/test_layout_mask_mod.py",
-            "tests/test_attention_seam.py",
-            "tests/test_layers.py",
-            "tests/test_equivalence.py",
-            "tests/test_blind_spots.py",
-            "tests/test_properties.py",
+            "tests/kernels/test_layout.py",
+            "tests/kernels/test_layout_mask_mod.py",
+            "tests/runtime/test_attention_seam.py",
+            "tests/project/test_layers.py",
+            "tests/runtime/test_equivalence.py",
+            "tests/runtime/test_blind_spots.py",
+            "tests/runtime/test_properties.py",
         ],
     ),
 }

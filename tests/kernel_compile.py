@@ -5,7 +5,7 @@ kernel does not have, shared-memory or register overflows at the launch configur
 
     python tests/kernel_compile.py [--arch 90] [--floats fp32|fp64] [--full]
 
-Run it without TRITON_INTERPRET (tests/test_kernel_compile.py runs it in a subprocess). Prints one line per
+Run it without TRITON_INTERPRET (tests/kernels/test_kernel_compile.py runs it in a subprocess). Prints one line per
 failure and a last line "compiled N variants for sm_XX"; exit status 1 on any failure.
 """
 

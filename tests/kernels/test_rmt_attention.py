@@ -17,7 +17,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # On a GPU machine the interpreter would leak into the whole pytest process; the GPU file covers it.
     pytest.skip(
         "interpreter tests run on CPU-only machines (or with TRITON_INTERPRET=1 set by the caller); "
-        "tests/test_rmt_attention_gpu.py covers the GPU",
+        "tests/kernels/test_rmt_attention_gpu.py covers the GPU",
         allow_module_level=True,
     )
 os.environ["TRITON_INTERPRET"] = "1"
@@ -47,16 +47,8 @@ rmt_attention_dropout_mask = ta.rmt_attention_dropout_mask
 rmt_attention_supported = ta.rmt_attention_supported
 
 
-@pytest.fixture(autouse=True)
-def _poison_buffers(monkeypatch):
-    """Every kernel-written buffer (lse, delta, dq, dk, dv, default out) starts as NaN: gaps show."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ta, "_empty", nan_empty)
-    with lc.interpreter_mode(blocks=(16, 16)):
-        yield
+# Every kernel-written buffer starts as NaN, interpreter blocks 16 x 16 (tests/kernels/conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_buffers")
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=0):
@@ -597,3 +589,8 @@ def test_check_false_skips_validation_and_gives_the_same_result():
     finally:
         ta._problem = real
     assert calls == []
+
+
+def test_kernel_buffers_start_as_nan():
+    """The poison fixture is in force here (a kernel that skips a slot leaves NaN)."""
+    assert torch.isnan(ta._empty((3,), torch.float32, "cpu")).all()

@@ -13,7 +13,7 @@ import torch
 
 from rmt_fast.kernels import launch_configs as lc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEAM = ROOT / "kernels" / "launch_configs.py"
 _PATCHERS = {"setattr", "getattr", "delattr", "hasattr"}  # also monkeypatch.setattr / .delattr
 

@@ -1,7 +1,7 @@
 """Every ```python block of README.md and docs/*.md runs as written, each in a fresh Python process.
 
 A block whose first line is ``# gpu-only`` is skipped without CUDA. Each block's run time and peak resident
-memory are measured in its process; ``python tests/test_readme.py`` prints them as a table.
+memory are measured in its process; ``python tests/project/test_readme.py`` prints them as a table.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
 DOCS = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 GPU_ONLY = "# gpu-only"

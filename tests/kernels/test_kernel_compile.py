@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 
 
 def _ptxas_available() -> bool:

@@ -14,7 +14,7 @@ import pytest
 
 from rmt_fast.bench import tune_plan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import kernel_report  # noqa: E402
 

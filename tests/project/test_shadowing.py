@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT_FOLDERS = ("kernels", "benchmarks", "tests", "examples", "scripts", "docs")
 
 

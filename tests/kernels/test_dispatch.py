@@ -65,13 +65,7 @@ def _table(entries, configs=(), arch="sm90", measured=True):
     )
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-    dispatch.reset_cache()
-    seam._FALLBACK_LOGGED.clear()
-    yield
-    dispatch.reset_cache()
-    launch_configs.set_launch_configs(None)
+pytestmark = pytest.mark.usefixtures("clean_dispatch_state")  # tests/kernels/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ buckets

@@ -19,7 +19,7 @@ from numerics import assert_close
 from rmt_fast import FastRMT
 from rmt_fast.memory_attention import memory_attention
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMITTED = os.path.join(ROOT, "examples", "results", "memory_attention", "model")
 M, SIZE = 3, 5
 

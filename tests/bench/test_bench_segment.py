@@ -1,8 +1,8 @@
 """pytest-benchmark microbenchmarks, run only when asked for (``--benchmark-only``); the models are presets.
 
-    pytest tests/test_bench_segment.py --benchmark-only -q
-    pytest tests/test_bench_segment.py --benchmark-only --benchmark-autosave     # saves into .benchmarks/
-    pytest tests/test_bench_segment.py --benchmark-only --benchmark-compare      # against the last saved run
+    pytest tests/bench/test_bench_segment.py --benchmark-only -q
+    pytest tests/bench/test_bench_segment.py --benchmark-only --benchmark-autosave     # saves into .benchmarks/
+    pytest tests/bench/test_bench_segment.py --benchmark-only --benchmark-compare      # against the last saved run
 
 * ``segment-gpt2`` / ``segment-bert``: one forward of a one-segment input through FastRMT and ReferenceRMT
   (the ``gpt2-cpu`` / ``bert-cpu`` presets, 128 positions, CPU, ``no_grad``, one torch thread);

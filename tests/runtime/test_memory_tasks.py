@@ -10,7 +10,7 @@ import torch
 
 from rmt_fast.tasks import memory_tasks as mt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 24
 
 

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rmt_fast import FastRMT
 from rmt_fast import attention as seam
-from rmt_fast.kernels import dispatch, launch_configs, sdpa_attention
+from rmt_fast.kernels import dispatch, sdpa_attention
 from rmt_fast.kernels.float64_reference import dense_rmt_attention_reference
 from rmt_fast.kernels.layout import SegmentLayout
 
@@ -80,13 +80,9 @@ def _every_case(backend, **kw):
 
 
 @pytest.fixture(autouse=True)
-def _clean_state(monkeypatch):
-    dispatch.reset_cache()
-    seam._FALLBACK_LOGGED.clear()
-    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)  # 'auto' consults the table as on CUDA
-    yield
-    dispatch.reset_cache()
-    launch_configs.set_launch_configs(None)
+def _auto_as_on_cuda(clean_dispatch_state, monkeypatch):
+    """A clean dispatch state (tests/kernels/conftest.py), and 'auto' consults the table as on CUDA."""
+    monkeypatch.setattr(seam, "_auto_device_ok", lambda q: True)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
 TOTAL_S = 540
 GUARD_S = 60  # the guard test's total: compile_tests (50 s) fits from the start, tests and tune do not
