@@ -21,7 +21,9 @@ whose float64 norm is over 1e-3). The :func:`verdict` classifies the numbers:
 * ``"eager-nonfinite"``: the eager run itself has NaN / infinity against float64 (overflow of the dtype);
 * ``"compile-bug:<run>"``: a compiled run beyond the bound (NaN included), ``<run>`` the first that fails in
   the order ``dynamo`` (tracing) -> ``aot_eager`` (AOT autograd) -> ``inductor`` (inductor's code), then the
-  forced-kernel runs (``"compile-bug:inductor+sdpa_efficient"``: only that kernel under inductor).
+  forced-kernel runs (``"compile-bug:inductor+sdpa_efficient"``: only that kernel under inductor);
+  ``"compile-error:<run>"`` where, in that order, a compiled run raised instead (a forced kernel that cannot
+  take the case is only listed in the explanation).
 
 Caveat: a decoder's float64 loss goes through ``logits.float()`` (FastRMT computes its cross-entropy in float32),
 so that loss is compared at float32 precision.
@@ -222,10 +224,12 @@ def verdict(result: dict, factor: float = FACTOR) -> tuple[str, str]:
         if bad:
             failing[name] = bad
     crashed = sorted(n for n, e in variants.items() if "error" in e)
+    for backend in BACKENDS:  # the first stage that fails, plain kernels before forced ones
+        if backend in failing:
+            return f"compile-bug:{backend}", f"{backend} beyond the bound: {failing[backend]}"
+        if backend in crashed:
+            return f"compile-error:{backend}", f"{backend} did not run: {variants[backend]['error'][:300]}"
     if failing:
-        for backend in BACKENDS:  # the first stage that fails, plain kernels before forced ones
-            if backend in failing:
-                return f"compile-bug:{backend}", f"{backend} beyond the bound: {failing[backend]}"
         name = sorted(failing)[0]
         return f"compile-bug:{name}", f"{name} beyond the bound: {failing[name]}"
     direct = result.get("compiled_vs_eager", {})

@@ -75,6 +75,14 @@ def test_verdict_catches_one_segment_and_nan():
     assert diag.verdict(_result(eager=eager, inductor=nan))[0] == "compile-bug:inductor"
 
 
+def test_verdict_compile_error_when_a_compiled_run_raises():
+    eager = _errors(1e-3)
+    res = _result(eager=eager, dynamo=eager, aot_eager=dict(error="TorchRuntimeError: x"), inductor=_errors(0.5))
+    assert diag.verdict(res)[0] == "compile-error:aot_eager"
+    res = _result(eager=eager, dynamo=dict(error="InterpreterError: y"))
+    assert diag.verdict(res)[0] == "compile-error:dynamo"
+
+
 def test_verdict_eager_nonfinite():
     res = _result(eager=_errors(float("inf")), inductor=_errors(float("nan")))
     assert diag.verdict(res)[0] == "eager-nonfinite"
