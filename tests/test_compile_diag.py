@@ -144,3 +144,26 @@ def test_command_line(tmp_path):
     res = json.loads(out.read_text())
     assert res["verdict"] == "ok" and res["dtype"] == "bfloat16" and "grad" not in res["variants"]["dynamo"]
     assert "bert_cls cpu bfloat16" in done.stdout
+
+
+def _drop_sdpa_masks(graph):
+    """A planted inductor-only bug (a post-grad pass: inductor runs it, aot_eager does not): every forward SDPA
+    call loses its attention mask."""
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op == "call_function" and "scaled_dot_product" in name and "backward" not in name:
+            if "attn_mask" in node.kwargs:
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+
+
+@pytest.mark.slow
+def test_diagnose_names_inductor_for_an_inductor_only_bug():
+    """With the planted post-grad pass, Dynamo alone and aot_eager stay within the bound and inductor does not:
+    verdict compile-bug:inductor, flagged from the padded segment (llama's last) on."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(post_grad_custom_post_pass=_drop_sdpa_masks):
+        res = diag.diagnose("llama", "cpu", torch.float32, grad=False)
+    assert res["verdict"] == "compile-bug:inductor", diag.table(res)
+    bad = diag.failures(res["variants"]["inductor"], res["variants"]["eager"], torch.float32)
+    assert "segment 2 memory" in bad and "segment 0 memory" not in bad, bad
