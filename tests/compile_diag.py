@@ -7,8 +7,8 @@ segments, one short), the step runs
 * compiled (``torch.compile`` of the step, :class:`rmt_fast.compiled.CompiledStep`) under each name of ``backends``:
   ``"dynamo"`` (``backend="eager"``: Dynamo's graph run as is), ``"aot_eager"`` (plus AOT autograd,
   functionalisation and decompositions) and ``"inductor"`` (plus inductor's code),
-* optionally with one SDPA kernel forced (``torch.nn.attention.sdpa_kernel``), eager and inductor alike
-  (``"eager+sdpa_math"``, ``"inductor+sdpa_math"``, ...),
+* optionally with one SDPA kernel forced inside the step (as the dispatch table's ``"sdpa_<kernel>"`` entries
+  force it), eager and inductor alike (``"eager+sdpa_math"``, ``"inductor+sdpa_math"``, ...),
 
 and every low-precision run's relative error ``||x - ref|| / ||ref||`` against float64 is recorded per segment
 (memory and logits), for the outputs (memory, logits, loss) and the largest over the parameter gradients (those
@@ -38,6 +38,7 @@ From the command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -60,7 +61,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BACKENDS = ("dynamo", "aot_eager", "inductor")  # run names; "dynamo" is torch.compile(backend="eager")
 COMPILE_BACKEND = {"dynamo": "eager", "aot_eager": "aot_eager", "inductor": "inductor"}
-KERNELS = ("sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+SDPA_KERNELS = ("sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 ENCODER_KW = dict(cls_token_id=CLS, sep_token_id=SEP)
 MODELS = {"llama": (llama, {}), "gpt2": (gpt2, {}), "bert_cls": (bert_cls, ENCODER_KW)}
 FACTOR = 4.0  # a compiled run may be this many times as far from float64 as eager is
@@ -107,10 +108,30 @@ class _Recorder:
         return out
 
 
+@contextlib.contextmanager
+def _forced(kernel: str | None):
+    """Every attention call of the step runs SDPA with ``kernel`` alone, as the dispatch table's ``"sdpa_<kernel>"``
+    entries do: the seam's backend choice returns it, so :func:`~rmt_fast.kernels.sdpa_attention.sdpa_rmt_attention`
+    enters ``torch.nn.attention.sdpa_kernel`` inside the step, where torch.compile traces it (the context entered
+    around a compiled call was measured to change nothing under inductor on the CPU)."""
+    if kernel is None:
+        yield
+        return
+    import rmt_fast.attention as seam
+
+    if kernel not in SDPA_KERNELS:
+        raise ValueError(f"kernel must be one of {SDPA_KERNELS}, got {kernel!r}")
+    real = seam.choose_backend
+    seam.choose_backend = lambda *args, **kwargs: kernel
+    try:
+        yield
+    finally:
+        seam.choose_backend = real
+
+
 def _run_variant(base, inputs, dtype, options: dict | None, kernel: str | None, grad: bool) -> dict:
     """One run: ``base`` copied to ``dtype``, its step compiled with ``options`` (None: eager), under ``kernel``."""
     from rmt_fast.compiled import CompiledStep
-    from rmt_fast.kernels.sdpa_attention import SDPA_KERNELS
 
     model = copy.deepcopy(base).to(dtype)
     if dtype == torch.float64 and model.settings.attn_backend == "triton":
@@ -122,11 +143,8 @@ def _run_variant(base, inputs, dtype, options: dict | None, kernel: str | None, 
     rec = _Recorder(getattr(model, step))
     setattr(model, step, rec)
     t0 = time.perf_counter()
-    if kernel is None:
+    with _forced(kernel):
         out = run(model, inputs, grad=grad)
-    else:
-        with torch.nn.attention.sdpa_kernel([SDPA_KERNELS[kernel]]):
-            out = run(model, inputs, grad=grad)
     seconds = time.perf_counter() - t0
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return dict(
@@ -341,7 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     p.add_argument("--model", default="bert_cls", help="llama, gpt2, bert_cls (optionally @hdN)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated torch.compile backends")
-    p.add_argument("--kernels", default="", help=f"comma-separated SDPA kernels to force too: {','.join(KERNELS)}")
+    p.add_argument("--kernels", default="", help=f"comma-separated SDPA kernels to force too: {','.join(SDPA_KERNELS)}")
     p.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "triton"))
     p.add_argument("--no-grad", action="store_true", help="forward only")
     p.add_argument("--out", default=None, help="the JSON file (default: print only)")
