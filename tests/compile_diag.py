@@ -174,9 +174,9 @@ def _errors(got: dict, want: dict, grad_names) -> dict:
         logits=_err(got["out"]["logits"], want["out"]["logits"]),
         loss=_err(got["out"]["loss"], want["out"]["loss"]),
     )
-    if grad_names:
+    if grad_names:  # a gradient missing where float64 has one counts as NaN
         worst = max(((_err(got["grads"].get(n), want["grads"][n]), n) for n in grad_names), key=_nan_first)
-        e["grad"], e["grad_worst"] = worst
+        e["grad"], e["grad_worst"] = (float("nan") if worst[0] is None else worst[0]), worst[1]
     return e
 
 
