@@ -12,12 +12,16 @@ segments, one short), the step runs
 
 and every low-precision run's relative error ``||x - ref|| / ||ref||`` against float64 is recorded per segment
 (memory and logits), for the outputs (memory, logits, loss) and the largest over the parameter gradients (those
-whose float64 norm is over 1e-3). The :func:`verdict` classifies the numbers:
+whose float64 norm is over 1e-3); the memory parameter's gradient is recorded whatever its norm
+(``memory_grad``), and each compiled run is also compared with eager directly (``compiled_vs_eager``: final
+memory, the memory gradient, the worst gradient), as is each eager run with a kernel forced (``eager_vs_eager``:
+how far two eager runs in the same dtype fall apart). The :func:`verdict` classifies the numbers:
 
 * ``"ok"``: every compiled run within ``bound = max(factor * eager_err, TOL[dtype])`` of float64, quantity by
-  quantity and segment by segment, and compiled within ``TOL[dtype]`` of eager (final memory);
+  quantity and segment by segment, and compiled within ``TOL[dtype]`` of eager;
 * ``"<dtype>-effect"`` (``"fp16-effect"``, ...): every compiled run within the bound, but compiled and eager
-  differ by more than ``TOL[dtype]``: the mismatch is the low precision's (both are that far from float64);
+  differ by more than ``TOL[dtype]`` (final memory, memory gradient or worst gradient): the mismatch is the low
+  precision's (both are that far from float64);
 * ``"eager-nonfinite"``: the eager run itself has NaN / infinity against float64 (overflow of the dtype);
 * ``"compile-bug:<run>"``: a compiled run beyond the bound (NaN included), ``<run>`` the first that fails in
   the order ``dynamo`` (tracing) -> ``aot_eager`` (AOT autograd) -> ``inductor`` (inductor's code), then the
@@ -129,7 +133,7 @@ def _forced(kernel: str | None):
         seam.choose_backend = real
 
 
-def _run_variant(base, inputs, dtype, options: dict | None, kernel: str | None, grad: bool) -> dict:
+def run_variant(base, inputs, dtype, options: dict | None, kernel: str | None, grad: bool) -> dict:
     """One run: ``base`` copied to ``dtype``, its step compiled with ``options`` (None: eager), under ``kernel``."""
     from rmt_fast.compiled import CompiledStep
 
@@ -177,7 +181,23 @@ def _errors(got: dict, want: dict, grad_names) -> dict:
     if grad_names:  # a gradient missing where float64 has one counts as NaN
         worst = max(((_err(got["grads"].get(n), want["grads"][n]), n) for n in grad_names), key=_nan_first)
         e["grad"], e["grad_worst"] = (float("nan") if worst[0] is None else worst[0]), worst[1]
+    if "memory" in want["grads"]:  # the memory parameter's gradient, whatever its norm (recorded, not judged)
+        e["memory_grad"] = _err(got["grads"].get("memory"), want["grads"]["memory"])
     return e
+
+
+def _apart(got: dict, eager: dict, grad_names) -> dict:
+    """Compiled against eager directly (what the first CUDA test compared): final memory, the memory parameter's
+    gradient, and the worst gradient over those whose eager norm is over 1e-3 (that test's selection)."""
+    d = dict(memory=_err(got["out"]["memory"], eager["out"]["memory"]))
+    if "memory" in eager["grads"]:
+        d["memory_grad"] = _err(got["grads"].get("memory"), eager["grads"]["memory"])
+    names = [n for n, g in eager["grads"].items() if g.float().norm() > GRAD_FLOOR]
+    if names:
+        d["grad"], d["grad_worst"] = max(
+            ((_err(got["grads"].get(n), eager["grads"][n]), n) for n in names), key=_nan_first
+        )
+    return d
 
 
 def _nan_first(pair):
@@ -250,16 +270,19 @@ def verdict(result: dict, factor: float = FACTOR) -> tuple[str, str]:
     if failing:
         name = sorted(failing)[0]
         return f"compile-bug:{name}", f"{name} beyond the bound: {failing[name]}"
-    direct = result.get("compiled_vs_eager", {})
-    apart = {n: e for n, e in direct.items() if e is not None and not e <= TOL[dtype]}
+    apart = [
+        (v, f"{name} {key}")
+        for name, direct in result.get("compiled_vs_eager", {}).items()
+        for key, v in direct.items()
+        if key in ("memory", "memory_grad", "grad") and v is not None and not v <= TOL[dtype]
+    ]
     note = f"; runs that did not complete: {crashed}" if crashed else ""
     if apart:
-        worst = max(apart.values())
+        worst, where = max(apart)
         return (
             f"{SHORT[dtype]}-effect",
             f"every compiled run within max({factor:g} x eager's error, {TOL[dtype]:g}) of float64, yet compiled "
-            f"and eager differ by up to {worst:.3g} (final memory): the {result['dtype']} rounding, not the compiler"
-            + note,
+            f"and eager differ by up to {worst:.3g} ({where}): the {result['dtype']} rounding, not the compiler" + note,
         )
     return "ok", f"every compiled run within max({factor:g} x eager's error, {TOL[dtype]:g}) of float64" + note
 
@@ -282,7 +305,7 @@ def diagnose(
     ``out``: a JSON file written after every run (verdict ``"incomplete"`` until the last), so that a run stopped
     from outside leaves what it measured."""
     base, inputs = build(model, device, attn_backend=attn_backend)
-    runs = {"float64": _run_variant(base, inputs, torch.float64, None, None, grad)}
+    runs = {"float64": run_variant(base, inputs, torch.float64, None, None, grad)}
     ref = runs["float64"]
     grad_names = sorted(n for n, g in ref["grads"].items() if g.norm() > GRAD_FLOOR)
     result = dict(
@@ -296,6 +319,7 @@ def diagnose(
         segments=None,
         variants=dict(reuse["variants"]) if reuse else {},
         compiled_vs_eager=dict(reuse.get("compiled_vs_eager", {})) if reuse else {},
+        eager_vs_eager=dict(reuse.get("eager_vs_eager", {})) if reuse else {},
     )
     if device != "cpu" and torch.cuda.is_available():
         result["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -308,7 +332,7 @@ def diagnose(
             continue
         options = None if backend is None else {"backend": COMPILE_BACKEND[backend], "dynamic": False}
         try:
-            got = _run_variant(base, inputs, dtype, options, kernel, grad)
+            got = run_variant(base, inputs, dtype, options, kernel, grad)
         except Exception as exc:  # a forced kernel that cannot take the case, a compile error: recorded
             result["variants"][name] = dict(error=f"{type(exc).__name__}: {str(exc)[:400]}")
             continue
@@ -320,7 +344,9 @@ def diagnose(
         result["segments"] = len(got["memory"])
         if backend is not None and "eager" in runs:
             partner = runs.get(variant_name(None, kernel), runs["eager"])
-            result["compiled_vs_eager"][name] = _err(got["out"]["memory"], partner["out"]["memory"])
+            result["compiled_vs_eager"][name] = _apart(got, partner, grad_names)
+        elif kernel is not None and "eager" in runs:  # the control: two eager runs, one SDPA kernel apart
+            result["eager_vs_eager"][name] = _apart(got, runs["eager"], grad_names)
         if out is not None:
             write(dict(result, verdict="incomplete", explanation=f"stopped after {name}"), out)
     result["verdict"], result["explanation"] = verdict(result, factor)
@@ -337,20 +363,29 @@ def write(result: dict, path) -> Path:
 
 
 def table(result: dict) -> str:
-    """The result as text: one line per run, errors against float64."""
+    """The result as text: one line per run, errors against float64 (``mem grad``: the memory parameter's
+    gradient; ``vs eager``: that gradient against eager's, the first CUDA test's failing quantity)."""
+    cols = (*QUANTITIES, "memory_grad")
     lines = [
         f"{result['model']} {result['device']} {result['dtype']} (attn_backend={result['attn_backend']}): "
         f"{result['verdict']}: {result['explanation']}",
-        f"{'run':<28} {'memory':>10} {'logits':>10} {'loss':>10} {'grad':>10}  per-segment memory",
+        f"{'run':<24} {'memory':>9} {'logits':>9} {'loss':>9} {'grad':>9} {'mem grad':>9} {'vs eager':>9}"
+        "  per-segment memory",
     ]
     for name, e in result["variants"].items():
         if "error" in e:
-            lines.append(f"{name:<28} {e['error'][:90]}")
+            lines.append(f"{name:<24} {e['error'][:90]}")
             continue
-        cells = " ".join(f"{e.get(k, float('nan')) or 0:10.3g}" for k in QUANTITIES)
+        cells = " ".join(_cell(e.get(k)) for k in cols)
+        direct = {**result["compiled_vs_eager"], **result.get("eager_vs_eager", {})}.get(name, {})
+        direct = _cell(direct.get("memory_grad"))
         seg = ", ".join(f"{v:.3g}" for v in e["segments"]["memory"])
-        lines.append(f"{name:<28} {cells}  [{seg}]")
+        lines.append(f"{name:<24} {cells} {direct}  [{seg}]")
     return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    return f"{'-':>9}" if v is None else f"{v:9.3g}"
 
 
 def main(argv=None) -> int:

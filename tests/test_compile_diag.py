@@ -34,7 +34,7 @@ def _result(dtype="float16", apart=None, **variants):
     return dict(
         dtype=dtype,
         variants=variants,
-        compiled_vs_eager={n: (apart if apart is not None else 0.0) for n in names},
+        compiled_vs_eager={n: dict(memory=apart if apart is not None else 0.0) for n in names},
     )
 
 
@@ -129,7 +129,7 @@ def test_diagnose_on_cpu_end_to_end(tmp_path):
         e = res["variants"][name]
         assert len(e["segments"]["memory"]) == 3 and all(v <= 1e-5 for v in e["segments"]["memory"]), e
         assert e["grad"] <= 1e-4 and math.isfinite(e["loss"]), e
-    assert res["compiled_vs_eager"]["dynamo"] <= 1e-5
+    assert all(v <= 1e-5 for k, v in res["compiled_vs_eager"]["dynamo"].items() if k != "grad_worst")
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
 
 

@@ -231,8 +231,30 @@ def test_the_float64_check_catches_a_planted_compile_bug(monkeypatch, backend):
     assert result["verdict"] == f"compile-bug:{backend}", diag.table(result)
 
 
+def test_the_h200_mismatch_is_fp16_noise_in_the_memory_gradient():
+    """The first CUDA test's failure on the H200 ('AssertionError: memory', 0.0714 llama and 1.656 bert_cls
+    against 0.03) was its gradient check, compiled vs eager, of the parameter named ``memory`` (the test at 72a01e2:
+    ``assert rel(p.grad, grads[n].grad) <= 3e-2, n``), not the final memory. bert_cls's memory gradient is noise in
+    fp16: its float64 norm is 6.5e-5, eager fp16 is 15.5 times that far from it, and two eager fp16 runs one SDPA
+    kernel apart differ by 0.33 in it (measured, CPU): far over 0.03, no compiler involved."""
+    res = diag.diagnose("bert_cls", "cpu", torch.float16, backends=(), kernels=("sdpa_math",))
+    assert res["variants"]["eager"]["memory_grad"] > 1, diag.table(res)
+    assert res["eager_vs_eager"]["eager+sdpa_math"]["memory_grad"] > 0.03, diag.table(res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "bert_cls"])
+def test_the_h200_mismatch_reproduces_on_cpu_as_fp16_rounding(model):
+    """On the CPU, inductor vs eager fp16 differ in the memory gradient by 0.047 (llama) and 1.33 (bert_cls),
+    like the H200's 0.0714 and 1.656: the first CUDA test's 0.03 fails here too. Against float64 the compiled run
+    is as far off as eager (memory gradient: llama 0.046 vs 0.052, bert_cls 20.9 vs 15.5): fp16-effect."""
+    result, bad = _compiled_against_float64(model, "cpu", torch.float16)
+    assert result["compiled_vs_eager"]["inductor"]["memory_grad"] > 0.03, diag.table(result)
+    assert not bad and result["verdict"] == "fp16-effect", diag.table(result)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", ["bert_cls", "llama"])  # bert_cls first: the larger H200 mismatch (1.656)
+@pytest.mark.parametrize("model", ["bert_cls", "llama"])
 def test_compiled_step_on_cuda_auto_backend(model, tmp_path):
     """fp16 on CUDA with the auto backend: eager and compiled (inductor) FastRMT each against a float64 run of
     the same weights on the same GPU; every quantity of the compiled run (memory, logits, loss, worst gradient,
@@ -240,12 +262,19 @@ def test_compiled_step_on_cuda_auto_backend(model, tmp_path):
     with RMT_FAST_COMPILE_DIAG=1) tests/compile_diag.py adds Dynamo alone, aot_eager and the SDPA kernels
     forced, and writes its JSON (verdict: fp16-effect, compile-bug:<stage>, ...) to $RMT_FAST_DIAG_DIR
     (benchmarks/device_check.sh: the results folder's compile_diag/) or the test's tmp_path, after every run (the
-    compile_tests step's 50 s limit may stop it: the stages come first, the forced kernels last)."""
+    compile_tests step's 50 s limit may stop it: the stages come first, the forced kernels last). With
+    $RMT_FAST_DIAG_DIR set, a passing run writes its eager and inductor numbers there too (no extra runs).
+
+    The first version of this test compared compiled with eager directly and failed on the H200 in the memory
+    parameter's gradient (0.0714 llama, 1.656 bert_cls, bound 0.03): fp16 noise, which the CPU reproduces
+    (test_the_h200_mismatch_reproduces_on_cpu_as_fp16_rounding)."""
     result, bad = _compiled_against_float64(model, "cuda", torch.float16)
+    out = Path(os.environ.get("RMT_FAST_DIAG_DIR") or tmp_path) / f"compile_diag-{model}-float16.json"
     if bad or os.environ.get("RMT_FAST_COMPILE_DIAG") == "1":
-        out = Path(os.environ.get("RMT_FAST_DIAG_DIR") or tmp_path) / f"compile_diag-{model}-float16.json"
         result = diag.diagnose(model, "cuda", torch.float16, kernels=CUDA_DIAG_KERNELS, reuse=result, out=out)
         print(diag.table(result), f"\n-> {out}")
+    elif os.environ.get("RMT_FAST_DIAG_DIR"):
+        diag.write(result, out)
     assert not bad, f"{bad}\n{diag.table(result)}"
 
 
