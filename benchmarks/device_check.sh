@@ -94,6 +94,8 @@ BD_VARIANTS="--variants eager,graphed,graphed+compiled"
 [ -z "${DEVICE_CHECK_SKIP_INSTALL:-}" ] && step install 15  $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 # correctness first: the GPU tests (cold Triton compiles), then those that compile with torch.compile
 step tests         140  $GPU_TESTS --ignore=tests/runtime/test_compile.py --ignore=tests/runtime/test_compiled_step.py
+# (a failing compiled-step test writes tests/compile_diag.py's JSON, errors against float64, into compile_diag/)
+export RMT_FAST_DIAG_DIR="$RES/compile_diag"
 step compile_tests  50  $GPU_TESTS tests/runtime/test_compile.py tests/runtime/test_compiled_step.py
 # the measured dispatch table, every backend raced (16 quick cases); every later step runs with it (exported below)
 step tune          100  $PY -m rmt_fast.bench.cli tune --quick --budget-s $(budget 80) --out "$RES/tune"

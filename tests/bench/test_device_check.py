@@ -69,6 +69,14 @@ def test_steps_in_order_of_value_within_the_total():
     assert re.search(r"TOTAL=\$\{TOTAL_S:-540\}", SCRIPT.read_text())
 
 
+def test_compile_tests_write_their_diagnosis_into_the_results():
+    """The compiled-step GPU test writes tests/compile_diag.py's JSON into $RMT_FAST_DIAG_DIR: set, under the results
+    folder (so it is packed), before the compile_tests step."""
+    text = SCRIPT.read_text()
+    export = text.index('export RMT_FAST_DIAG_DIR="$RES/compile_diag"')
+    assert export < text.index("step compile_tests"), "RMT_FAST_DIAG_DIR must be set before the compile tests"
+
+
 def test_a_selection_runs_only_the_named_steps(tmp_path):
     """DEVICE_CHECK_STEPS (the second call) runs exactly the named steps, in script order."""
     out, res = tmp_path / "out", tmp_path / "res"
