@@ -43,6 +43,8 @@ File order: launch plans, launchers, the autograd Function, the custom ops, the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from torch import Tensor
@@ -206,9 +208,45 @@ def _shape_plan(
         ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)),
         cache,
     )
+    _plan_buffers(plan)
     if cache:
         _cfg.remember_shape_plan(key, plan)  # bounded: e.g. a decode loop makes a new Tq / Tk at every step
     return plan
+
+
+def _plan_buffers(plan: ShapePlan) -> None:
+    """The plan's allocators (``new_out``, ``new_lse``), ``fwd_rest`` and ``hook``. A cached plan, with the
+    default :func:`_empty`, allocates each buffer with ``torch.empty_like`` of a one-element template expanded to
+    the buffer's shape (it gives a contiguous tensor of that shape: checked here; one C call through
+    ``functools.partial``, without ``torch.empty``'s keyword arguments); an uncached plan (symbolic shapes under
+    torch.compile, the interpreter) or a test's :func:`_empty` goes through :func:`_empty`."""
+    plan.fwd_rest = (*_contiguous_strides(plan.out_shape), *plan.fwd_tail)
+    hook = _empty if _empty is not _EMPTY or not plan.cached else None
+    plan.hook = hook
+    if hook is None:
+        plan.new_out = _like(plan.out_shape, plan.dtype, plan.device)
+        plan.new_lse = _like(plan.lse_shape, torch.float32, plan.device)
+    else:
+        plan.new_out = functools.partial(_empty, plan.out_shape, plan.dtype, plan.device)
+        plan.new_lse = functools.partial(_empty, plan.lse_shape, torch.float32, plan.device)
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    """The strides ``torch.empty(shape)`` gives (a size-0 dimension counts as 1, as torch counts it)."""
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _like(shape: tuple, dtype, device):
+    """An argument-free allocator of a contiguous ``shape`` buffer (see :func:`_plan_buffers`)."""
+    new = functools.partial(torch.empty_like, torch.empty((), dtype=dtype, device=device).expand(shape))
+    t = new()
+    if tuple(t.shape) == tuple(shape) and t.is_contiguous() and t.dtype == dtype:
+        return new
+    return functools.partial(torch.empty, shape, dtype=dtype, device=device)
 
 
 def _grid(kind: str, launch: _Launch, dims: tuple) -> tuple:
@@ -220,10 +258,10 @@ def _grid(kind: str, launch: _Launch, dims: tuple) -> tuple:
 
 
 def _backward_launches(plan: ShapePlan) -> tuple:
-    """((launch, grid, tail) of the preprocess, dQ and dK/dV kernels) of ``plan``, built at its first backward and
-    kept on the plan. The preprocess tail: its scalars; the dQ and dK/dV tails: (the strides of the gradient
-    buffers the backward allocates, fixed by their shapes; the scalars after the strides, before
-    ``dropout_p, seed``)."""
+    """((launch, grid, tail) of the preprocess, dQ and dK/dV kernels, then the schedule) of ``plan``, built at its
+    first backward and kept on the plan. The preprocess tail: its scalars; the dQ and dK/dV tails: (the strides of
+    the gradient buffers the backward allocates, fixed by their shapes; the scalars after the strides, before
+    ``dropout_p, seed``). The schedule: (dK/dV is ``"fused"``, dQ's variant, dK/dV is ``"fa2"``)."""
     D = plan.key[0]
     B, Hq, Hkv, Tq, Tk = plan.dims
     G, num_read, num_tokens, scale_log2 = plan.fwd_tail[1], plan.fwd_tail[5], plan.fwd_tail[6], plan.fwd_tail[7]
@@ -237,6 +275,7 @@ def _backward_launches(plan: ShapePlan) -> tuple:
         (pre, _grid("pre", pre, plan.dims), (Hq, Tq, D)),
         (dq, _grid("dq", dq, plan.dims), (dq_strides, (Hq, G, *common))),
         (dkdv, _grid("dkdv", dkdv, plan.dims), ((*dkv_strides, *dkv_strides), (Hq, Hkv, G, *common))),
+        (dkdv.cfg.variant == "fused", dq.cfg.variant, dkdv.cfg.variant == "fa2"),
     )
     plan.bwd = bwd
     return bwd
@@ -284,8 +323,13 @@ def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind:
 
 
 def _empty(shape, dtype, device) -> Tensor:
-    """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison it)."""
+    """Every buffer the kernels fully overwrite is allocated here or, in a cached plan built while this is the
+    module's own function, alike by the plan (tests monkeypatch it to poison the buffers: a plan built while it
+    is patched allocates through it)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_EMPTY = _empty
 
 
 # ============================================================================================== launchers
@@ -303,25 +347,16 @@ def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, boo
 def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: int, out, wrap=None):
     """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). ``plan`` from :func:`_shape_plan`;
     ``starts`` / ``counts`` are any tensor when unused."""
-    if out is None:
-        out = _empty(plan.out_shape, plan.dtype, plan.device)
-    lse = _empty(plan.lse_shape, torch.float32, plan.device)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        starts,
-        counts,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *plan.fwd_tail,
-        dropout_p,
-        seed,
-    )
+    lse = plan.new_lse()
+    if out is None and wrap is None:
+        out = plan.new_out()
+        rest = plan.fwd_rest  # its strides are the plan's
+    elif out is None:  # the custom op (shapes may be symbolic): read the strides
+        out = plan.new_out()
+        rest = (*out.stride(), *plan.fwd_tail)
+    else:
+        rest = (*out.stride(), *plan.fwd_tail)
+    args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *rest, dropout_p, seed)
     _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
     return out, lse
 
@@ -345,25 +380,34 @@ def _backward(
     """Launch the backward kernels: (dq, dk, dv) seen as (B, H, T, D) over (B, T, H, D) buffers (None for the
     ones not needed). The launches follow the kernel variants of the resolved configs (launch_configs.VARIANTS):
     dK/dV ``"fused"``: one launch; else the preprocess (unless every kernel that reads delta gets it otherwise:
-    an ``"inline"`` dQ computes and stores it, an ``"inline"`` dK/dV computes its own), dQ, then dK/dV."""
-    pre, dq_l, dkdv_l = plan.bwd or _backward_launches(plan)
-    device = plan.device
-    fused = need_dkv and dkdv_l[0].cfg.variant == "fused"
+    an ``"inline"`` dQ computes and stores it, an ``"inline"`` dK/dV computes its own), dQ, then dK/dV.
+
+    Buffers: a cached plan without an allocation hook (``plan.hook``) allocates each with one C call where the plan's
+    shapes and strides fix it (``new_empty_strided`` of q for the gradients, ``empty_like`` of lse for delta and
+    of dK for dV: the dtype, device, shape and strides :func:`_empty` and a transpose would give)."""
+    pre, dq_l, dkdv_l, (fused_variant, dq_variant, dkdv_fa2) = plan.bwd or _backward_launches(plan)
+    fused = need_dkv and fused_variant
     run_dq = need_dq and not fused
-    dq_writes_delta = run_dq and dq_l[0].cfg.variant == "inline"
-    needs_pre = not fused and (
-        (run_dq and dq_l[0].cfg.variant == "fa2")
-        or (need_dkv and dkdv_l[0].cfg.variant == "fa2" and not dq_writes_delta)
-    )
-    delta = _empty(plan.delta_shape, torch.float32, device) if needs_pre or dq_writes_delta else lse  # lse: unread
+    dq_writes_delta = run_dq and dq_variant == "inline"
+    needs_pre = not fused and ((run_dq and dq_variant == "fa2") or (need_dkv and dkdv_fa2 and not dq_writes_delta))
+    hook = plan.hook if wrap is None else _empty
+    if not (needs_pre or dq_writes_delta):
+        delta = lse  # unread
+    elif hook is None:
+        delta = torch.empty_like(lse)
+    else:
+        delta = hook(plan.delta_shape, torch.float32, plan.device)
     if needs_pre:
         _run(pre[0], pre[1], (out, do, delta, *out.stride(), *do.stride(), *pre[2]), wrap, plan, "pre")
     dq = dk = dv = None
+    dq_strides, dq_tail = dq_l[2]
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
-        dq = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
+        if hook is None:
+            dq = q.new_empty_strided(q.shape, dq_strides)
+        else:
+            dq = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
     if run_dq:
-        strides, tail = dq_l[2]
         args = (
             q,
             k,
@@ -379,21 +423,31 @@ def _backward(
             *k.stride(),
             *v.stride(),
             *do.stride(),
-            *strides,
+            *dq_strides,
             *out.stride(),
-            *tail,
+            *dq_tail,
             dropout_p,
             seed,
         )
         _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
-        dk = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
-        dv = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
+        dkv_strides, dkv_tail = dkdv_l[2]
+        if hook is None:
+            dk = q.new_empty_strided(k.shape, dkv_strides[:4])
+            dv = torch.empty_like(dk)
+        else:
+            dk = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
+            dv = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
         dq_arg = dq
         if fused and dq_arg is None:  # the fused kernel always writes dQ: a scratch buffer, dropped
-            dq_arg = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
-        dq_arg = dk if dq_arg is None else dq_arg  # unused by the unfused kernel: any tensor of the dtype
-        strides, tail = dkdv_l[2]
+            if hook is None:
+                dq_arg = q.new_empty_strided(q.shape, dq_strides)
+            else:
+                dq_arg = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
+        if dq_arg is None:  # unused by the unfused kernel: any tensor of the dtype, with dK's strides
+            dq_arg, dq_arg_strides = dk, dkv_strides[:4]
+        else:
+            dq_arg_strides = dq_strides
         args = (
             q,
             k,
@@ -411,10 +465,10 @@ def _backward(
             *k.stride(),
             *v.stride(),
             *do.stride(),
-            *strides,
+            *dkv_strides,
             *out.stride(),
-            *dq_arg.stride(),
-            *tail,
+            *dq_arg_strides,
+            *dkv_tail,
             dropout_p,
             seed,
         )
@@ -425,7 +479,9 @@ def _backward(
 # ================================================================================= autograd Function
 class _RmtAttentionFn(torch.autograd.Function):
     """Autograd in eager mode. ``call`` = (starts, counts, plan, dropout_p, seed): one argument, as every
-    argument of ``apply`` costs host time; ``starts`` / ``counts`` never need a gradient.
+    argument of ``apply`` costs host time; ``starts`` / ``counts`` never need a gradient. A call with ``out``
+    goes through :class:`_RmtAttentionOutFn` (``out`` an input of ``apply``, marked dirty), so this one takes
+    q, k, v and ``call`` only.
 
     Applied through :data:`_APPLY`, the C ``apply`` without ``Function.apply``'s Python wrapper (whose pytree
     pass over the arguments for functorch costs about as much as the rest of the call); under a functorch
@@ -434,11 +490,8 @@ class _RmtAttentionFn(torch.autograd.Function):
     this, so the custom ops serve torch.compile only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, out, call):
-        starts, counts, plan, dropout_p, seed = call
-        o, lse = _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)
-        if out is not None:
-            ctx.mark_dirty(out)
+    def forward(ctx, q, k, v, call):
+        o, lse = _forward(q, k, v, call[0], call[1], call[2], call[3], call[4], None)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.call = call
         return o
@@ -449,12 +502,29 @@ class _RmtAttentionFn(torch.autograd.Function):
         starts, counts, plan, dropout_p, seed = ctx.call
         need = ctx.needs_input_grad
         dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, plan, dropout_p, seed, need[0], need[1] or need[2])
-        return dq, dk if need[1] else None, dv if need[2] else None, None, None
+        return dq, dk if need[1] else None, dv if need[2] else None, None
 
 
-# torch's C ``apply`` bound to the Function (a private API: the Python ``apply`` where a torch lacks it).
+class _RmtAttentionOutFn(_RmtAttentionFn):
+    """:class:`_RmtAttentionFn` for a call with ``out`` (an input here, marked dirty: autograd rebases it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, call):
+        o, lse = _forward(q, k, v, call[0], call[1], call[2], call[3], call[4], out)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.call = call
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return (*_RmtAttentionFn.backward(ctx, do), None)
+
+
+# torch's C ``apply`` bound to the Functions (a private API: the Python ``apply`` where a torch lacks it).
 _C_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
 _APPLY = _RmtAttentionFn.apply if _C_APPLY is None else _C_APPLY.__get__(None, _RmtAttentionFn)
+_APPLY_OUT = _RmtAttentionOutFn.apply if _C_APPLY is None else _C_APPLY.__get__(None, _RmtAttentionOutFn)
 
 
 # ============================================================================ torch.compile: custom ops
@@ -677,8 +747,10 @@ def rmt_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         call = (starts, counts, plan, dropout_p, seed)
         if torch._C._are_functorch_transforms_active():
-            return _RmtAttentionFn.apply(q, k, v, out, call)
-        return _APPLY(q, k, v, out, call)
+            if out is None:
+                return _RmtAttentionFn.apply(q, k, v, call)
+            return _RmtAttentionOutFn.apply(q, k, v, out, call)
+        return _APPLY(q, k, v, call) if out is None else _APPLY_OUT(q, k, v, out, call)
     return _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)[0]
 
 
