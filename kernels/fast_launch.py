@@ -18,7 +18,10 @@ low-level call. A call whose arguments would specialise otherwise, a changed opt
 returns False: the caller goes through ``JITFunction.run``. The check is conservative: the non-tensor arguments
 must be equal to the first launch's (the call sites give each position one type: strides and plan scalars are
 ints, ``dropout_p`` a float, the seed an int), except ``do_not_specialize`` ones, which must keep their type and
-integer range; tensors must keep their dtype and their 16-byte alignment (where Triton specialises on it).
+integer range; tensors must keep their dtype and their 16-byte alignment (where Triton specialises on it). A
+caller may name ``trusted`` positions whose arguments it guarantees to be as at the first launch (a non-tensor
+equal, a tensor of the same dtype and 16-byte aligned: the scalars a cached launch plan holds, the buffers it
+allocates itself); those are not checked again.
 
 Only for the Triton versions whose ``run`` was read (:data:`VERIFIED_VERSIONS`); elsewhere :func:`build` returns
 None. Any exception while building or checking means no fast launch (never a failed call).
@@ -107,7 +110,15 @@ class FastLaunch:
         try:
             if len(args) != self.n_args or self.driver.active is not self.drv or self.fn.pre_run_hooks:
                 return False
-            if _knob_state(self.knobs, self.fn) != self.knob_state or self.values(args) != self.value_vals:
+            knobs = self.knobs
+            c = knobs.compilation
+            runtime = knobs.runtime
+            if (  # _knob_state, inline
+                self.fn.debug or runtime.debug,
+                c.instrumentation_mode,
+                getattr(c, "fpsan_homomorphic_casts", None),
+                getattr(runtime, "add_stages_inspection_hook", None),
+            ) != self.knob_state or self.values(args) != self.value_vals:
                 return False
             tensors = self.tensors(args)
             if list(map(_dtype, tensors)) != self.dtypes:
@@ -123,7 +134,6 @@ class FastLaunch:
             if self.drv.get_current_device() != self.device:
                 return False
             stream = self.drv.get_current_stream(self.device)
-            runtime = self.knobs.runtime
             enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
             # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
             meta = (
@@ -150,17 +160,19 @@ def _knob_state(knobs, fn) -> tuple:
     )
 
 
-def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict) -> FastLaunch | None:
+def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict, trusted=()) -> FastLaunch | None:
     """A :class:`FastLaunch` of jit function ``fn`` from its launch ``fn.run(*args, grid=grid, warmup=False,
     **kwargs)`` that returned ``kernel``, or None where the fast launch does not apply (another Triton version, a
-    stand-in kernel, hooks or launch metadata in use, a kernel that reads globals) or anything fails."""
+    stand-in kernel, hooks or launch metadata in use, a kernel that reads globals) or anything fails.
+    ``trusted``: positions of ``args`` the caller guarantees at every later launch (see the module docstring);
+    never a ``do_not_specialize`` one."""
     try:
-        return _build(fn, kernel, grid, args, kwargs)
+        return _build(fn, kernel, grid, args, kwargs, frozenset(trusted))
     except Exception:
         return None
 
 
-def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
+def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()) -> FastLaunch | None:
     from triton import knobs
     from triton.compiler.compiler import CompiledKernel, LazyDict
     from triton.runtime.driver import driver
@@ -192,15 +204,20 @@ def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
         if isinstance(a, torch.Tensor):
             if type(a) is not torch.Tensor:
                 return None  # a subclass may answer data_ptr / dtype otherwise
+            if i in trusted:
+                if not p.do_not_specialize and not p.do_not_specialize_on_alignment and a.data_ptr() & 15:
+                    return None  # not what the caller promised
+                continue
             tensors.append(i)
             if not p.do_not_specialize and not p.do_not_specialize_on_alignment:
                 aligned.append(i)
         elif p.do_not_specialize and not p.is_constexpr:
-            if _int_range(a) is None:
+            if _int_range(a) is None or i in trusted:
                 return None
             dns.append(i)
         elif type(a) in (int, float, bool, str) or a is None:
-            values.append(i)
+            if i not in trusted:
+                values.append(i)
         else:
             return None
     self = FastLaunch()

@@ -302,7 +302,23 @@ def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind:
         _run_stepping_down(exc, launch, args, plan, kind)
         return
     if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
-        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs)
+        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs, _trusted(kind, plan))
+
+
+def _trusted(kind: str, plan: ShapePlan) -> tuple:
+    """The positions of kernel ``kind``'s launch arguments that the plan fixes (see :func:`_forward`,
+    :func:`_backward`): the buffers it allocates (its dtypes, freshly allocated: 16-byte aligned), the strides it
+    gives them and its scalar tails; the fast launch does not check them again (``fast_launch.build``). An
+    allocation hook (:func:`_empty` patched) must allocate as :func:`_empty` does (fresh buffers of the dtype)."""
+    if kind == "fwd":  # q k v out lse starts counts, q k v out strides, the tail
+        return (4, *range(23, 23 + len(plan.fwd_tail)))
+    pre, dq, dkdv, _ = plan.bwd
+    if kind == "pre":  # out do delta, out do strides, the tail
+        return (2, *range(11, 11 + len(pre[2])))
+    if kind == "dq":  # q k v do dq lse delta out starts counts, q k v do dq out strides, the tail
+        return (4, 5, 6, *range(26, 30), *range(34, 34 + len(dq[2][1])))
+    # q k v do dk dv lse delta out dq starts counts, q k v do dk dv out dq strides, the tail
+    return (4, 5, 6, 7, 9, *range(28, 36), *range(44, 44 + len(dkdv[2][1])))
 
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
