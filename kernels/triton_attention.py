@@ -168,7 +168,8 @@ def _shape_plan(
     """The :class:`~rmt_fast.kernels.launch_configs.ShapePlan` of a call: one key and one dict look-up once
     cached. ``cache=False`` (the custom ops, whose shapes may be symbolic) builds a fresh one. The key holds
     every input of the plan: shapes, dtype, device, the layout's integers, the scale, whether dropout is on, and
-    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks)."""
+    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks). :func:`rmt_attention`
+    builds the same key inline (and calls this on a miss)."""
     dtype = q.dtype
     key = (
         q.shape,
@@ -413,8 +414,10 @@ def _backward(
         delta = torch.empty_like(lse)
     else:
         delta = hook(plan.delta_shape, torch.float32, plan.device)
+    out_s, do_s = out.stride(), do.stride()
     if needs_pre:
-        _run(pre[0], pre[1], (out, do, delta, *out.stride(), *do.stride(), *pre[2]), wrap, plan, "pre")
+        _run(pre[0], pre[1], (out, do, delta, *out_s, *do_s, *pre[2]), wrap, plan, "pre")
+    qkv_s = (*q.stride(), *k.stride(), *v.stride())
     dq = dk = dv = None
     dq_strides, dq_tail = dq_l[2]
     if need_dq:
@@ -435,12 +438,10 @@ def _backward(
             out,
             starts,
             counts,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *do.stride(),
+            *qkv_s,
+            *do_s,
             *dq_strides,
-            *out.stride(),
+            *out_s,
             *dq_tail,
             dropout_p,
             seed,
@@ -477,12 +478,10 @@ def _backward(
             dq_arg,
             starts,
             counts,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *do.stride(),
+            *qkv_s,
+            *do_s,
             *dkv_strides,
-            *out.stride(),
+            *out_s,
             *dq_arg_strides,
             *dkv_tail,
             dropout_p,
@@ -753,13 +752,40 @@ def rmt_attention(
         seed = int(seed)
     else:
         seed = 0
-    starts, counts, padded, has_starts = _runs_arg(layout, q)
+    counts = layout.token_counts  # _runs_arg, inline
+    if counts is None:
+        starts, counts, padded, has_starts = q, q, False, False
+    else:
+        starts = layout.token_starts
+        if starts is None:
+            starts, padded, has_starts = q, True, False
+        else:
+            padded = has_starts = True
     if _OPS is not None and torch.compiler.is_compiling():
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _compiled_attention(q, k, v, out, starts, counts, meta)
-    plan = _shape_plan(
-        q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
+    dtype = q.dtype
+    key = (  # _shape_plan's key, inline (a hit costs this tuple and one dict look-up)
+        q.shape,
+        k.shape,
+        dtype,
+        q.device,
+        padded,
+        has_starts,
+        layout.num_read,
+        layout.num_tokens,
+        layout.causal,
+        scale,
+        dropout_p > 0.0,
+        dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        _MASK_BOUNDARY_ONLY,
+        _FORCE_DROPOUT_I64,
     )
+    plan = _cfg.cached_shape_plan(key)  # None while not caching, or on a miss
+    if plan is None:
+        plan = _shape_plan(
+            q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
+        )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         call = (starts, counts, plan, dropout_p, seed)
         if torch._C._are_functorch_transforms_active():
