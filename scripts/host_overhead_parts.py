@@ -1,6 +1,6 @@
 """Where the host time of one attention call goes, on ``host-overhead``'s stubs (the ``full`` case): the grad call
-(the forward of inputs that require grad) of the Triton path and of SDPA's, and the pieces each is made of, each
-timed alone.
+(the forward of inputs that require grad) and the step (forward + ``autograd.grad``) of the Triton path and of
+SDPA's, and the pieces they are made of, each timed alone (the Triton backward's body: its node's ``apply``).
 
     python scripts/host_overhead_parts.py --rounds 30 --calls 2000
 
@@ -64,8 +64,10 @@ _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 def rows(mode: str) -> dict:
     q, k, v, layout = ho.cases("cpu")["full"]
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    ra.rmt_attention(qg, kg, vg, layout, check=False)  # builds the plan (and, in the triton stub, the fast launch)
-    ra.rmt_attention(qg, kg, vg, layout, check=False)
+    g_out = torch.ones(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+    for _ in range(2):  # builds the plan (and, in the triton stub, the fast launches)
+        torch.autograd.grad(ra.rmt_attention(qg, kg, vg, layout, check=False), (qg, kg, vg), g_out)
+    node = ra.rmt_attention(qg, kg, vg, layout, check=False).grad_fn
     plan = next(iter(lc.cache_snapshot().shape_plans.values()))
     starts = counts = q
     args = (q, k, v, plan.new_out(), plan.new_lse(), starts, counts, *q.stride(), *k.stride(), *v.stride())
@@ -80,6 +82,15 @@ def rows(mode: str) -> dict:
         "Triton no_grad call": lambda: ra.rmt_attention(q, k, v, layout, check=False),
         "SDPA grad call (sdpa_rmt_attention)": lambda: sdpa_attention.sdpa_rmt_attention(qg, kg, vg, layout),
         "SDPA no_grad call": lambda: sdpa_attention.sdpa_rmt_attention(q, k, v, layout),
+        "Triton step": lambda: torch.autograd.grad(
+            ra.rmt_attention(qg, kg, vg, layout, check=False), (qg, kg, vg), g_out
+        ),
+        "SDPA step": lambda: torch.autograd.grad(
+            sdpa_attention.sdpa_rmt_attention(qg, kg, vg, layout), (qg, kg, vg), g_out, allow_unused=True
+        ),
+        "piece: the Triton backward's body (its node's apply)": lambda: node.apply(g_out),
+        "piece: allocation of delta (empty_like(lse))": lambda: torch.empty_like(args[4]),
+        "piece: allocation of dQ (q.new_empty_strided)": lambda: q.new_empty_strided(q.shape, plan.bwd[1][2][0]),
         "piece: C apply, bare node + 1 allocation": lambda: bare(qg, kg, vg, plan.new_out),
         "piece: C apply, 2 allocations, 5 saved, ctx.call": lambda: saving(qg, kg, vg, plan.new_out),
         "piece: allocation of out (plan.new_out)": plan.new_out,
