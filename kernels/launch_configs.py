@@ -224,7 +224,7 @@ class ShapePlan:
     * ``bwd``: None, or (launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels;
     * ``key``: the kernel variant key without its kind (for the launches' out-of-resources step-down);
       ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache;
-    * ``fast``: kernel kind -> its :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (or None where it does not
+    * ``fast``: kernel kind -> its fast launch (:func:`~rmt_fast.kernels.fast_launch.build`; None where it does not
       apply), built by the launcher after the first launch of a cached plan;
     * ``new_out``, ``new_lse``: argument-free callables that allocate the forward's output and lse buffers;
       ``fwd_rest``: the forward's arguments after q, k and v's strides for an output from ``new_out`` (its strides,

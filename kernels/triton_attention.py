@@ -29,7 +29,7 @@ Host time per call: the shapes, dtype, device and layout of a call select a cach
 forward and, from the first backward on, of the backward), so that a call only reads its tensors' strides,
 allocates its outputs and launches; in eager mode autograd goes through :class:`_RmtAttentionFn`'s C ``apply``.
 After a cached plan's first launch of a kernel through Triton's ``JITFunction.run``, later launches whose
-arguments specialise alike go through the plan's :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (the low-level
+arguments specialise alike go through the plan's fast launch (:func:`~rmt_fast.kernels.fast_launch.build`: the low-level
 launcher, without ``run``'s binding, specialisation and cache key); the launch caches are read and filled only
 through :mod:`~rmt_fast.kernels.launch_configs`' public functions.
 

@@ -106,7 +106,7 @@ def rows(mode: str) -> dict:
         "piece: q.transpose(1, 2), grad (1 view node)": lambda: qg.transpose(1, 2),
     }
     if fast is not None:
-        out["piece: the fast launch alone (FastLaunch)"] = lambda: fast(args)
+        out["piece: the fast launch alone (fast_launch.build's)"] = lambda: fast(args)
     return out
 
 
