@@ -12,13 +12,16 @@ launch metadata and the call ``kernel.run(grid0, grid1, grid2, stream, kernel.fu
 launch_metadata, launch_enter_hook, launch_exit_hook, *bound_args.values())``. About 12 us per launch on a CPU of
 the benchmark machine (``host-overhead``'s ``triton`` stub), several launches per training step.
 
-:class:`FastLaunch` is built from one real launch (its arguments and the kernel ``run`` returned) and, at a later
-launch, checks that everything the cache key and the launch depend on is as it was, then makes the same
-low-level call. A call whose arguments would specialise otherwise, a changed option knob, device, driver, hook,
-returns False: the caller goes through ``JITFunction.run``. The check is conservative: the non-tensor arguments
-must be equal to the first launch's (the call sites give each position one type: strides and plan scalars are
-ints, ``dropout_p`` a float, the seed an int), except ``do_not_specialize`` ones, which must keep their type and
-integer range; tensors must keep their dtype and their 16-byte alignment (where Triton specialises on it).
+A fast launch (:func:`build`: a closure over what it checks, its locals) is built from one real launch (its
+arguments and the kernel ``run`` returned) and, at a later launch, checks that everything the cache key and the
+launch depend on is as it was, then makes the same low-level call. A call whose arguments would specialise
+otherwise, a changed option knob, device, driver, hook, returns False: the caller goes through ``JITFunction.run``.
+The check is conservative: the non-tensor arguments must be equal to the first launch's (the call sites give each
+position one type: strides and plan scalars are ints, ``dropout_p`` a float, the seed an int), except
+``do_not_specialize`` ones, which must keep their type and integer range; tensors must keep their dtype and their
+16-byte alignment (where Triton specialises on it). A caller may name ``trusted`` positions whose arguments it
+guarantees to be as at the first launch (a non-tensor equal, a tensor of the same dtype and 16-byte aligned: the
+scalars a cached launch plan holds, the buffers it allocates itself); those are not checked again.
 
 Only for the Triton versions whose ``run`` was read (:data:`VERIFIED_VERSIONS`); elsewhere :func:`build` returns
 None. Any exception while building or checking means no fast launch (never a failed call).
@@ -27,7 +30,6 @@ None. Any exception while building or checking means no fast launch (never a fai
 
 from __future__ import annotations
 
-import functools
 import operator
 
 import torch
@@ -43,12 +45,6 @@ def supported(version: str) -> bool:
 
 # False turns every fast launch off (A/B timing, debugging); read when a launch plan is built.
 ENABLED = supported(triton.__version__)
-
-_dtype = operator.attrgetter("dtype")
-_data_ptr = torch.Tensor.data_ptr
-_low4 = (15).__and__
-_or = operator.or_
-_reduce = functools.reduce
 
 
 def _int_range(v) -> str | None:
@@ -72,70 +68,19 @@ def _getter(positions: list[int]):
     return operator.itemgetter(*positions)
 
 
-class FastLaunch:
-    """One kernel's launch as ``JITFunction.run`` resolved it: call it with the positional arguments of a later
-    launch (same keyword arguments and grid: the caller keys it so); True when it launched, False when the
-    caller must go through ``JITFunction.run``."""
-
-    __slots__ = (
-        "fn",
-        "driver",
-        "drv",
-        "device",
-        "knobs",
-        "knob_state",
-        "grid",
-        "launcher",
-        "function",
-        "packed",
-        "name",
-        "lazy_dict",
-        "extra",
-        "n_args",
-        "tensors",
-        "dtypes",
-        "misaligned",
-        "align_mask",
-        "values",
-        "value_vals",
-        "dns",
-        "dns_ranges",
-        "all_aligned",
-    )
-
-    def __call__(self, args: tuple) -> bool:
-        try:
-            if len(args) != self.n_args or self.driver.active is not self.drv or self.fn.pre_run_hooks:
-                return False
-            if _knob_state(self.knobs, self.fn) != self.knob_state or self.values(args) != self.value_vals:
-                return False
-            tensors = self.tensors(args)
-            if list(map(_dtype, tensors)) != self.dtypes:
-                return False
-            if self.all_aligned:  # the usual case: one OR of the pointers
-                if _reduce(_or, map(_data_ptr, self.align_mask(args)), 0) & 15:
-                    return False
-            elif tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args))))) != self.misaligned:
-                return False
-            for i, kind in zip(self.dns, self.dns_ranges):
-                if _int_range(args[i]) != kind:
-                    return False
-            if self.drv.get_current_device() != self.device:
-                return False
-            stream = self.drv.get_current_stream(self.device)
-            runtime = self.knobs.runtime
-            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-            # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
-            meta = (
-                None
-                if enter is None
-                else self.lazy_dict({"name": self.name, "function": self.function, "stream": stream})
-            )
-        except Exception:
-            return False
-        g0, g1, g2 = self.grid
-        self.launcher(g0, g1, g2, stream, self.function, self.packed, meta, enter, leave, *args, *self.extra)
-        return True
+def _tensor_check(tensors: list[int], dtypes: list, aligned: list[int], misaligned: tuple):
+    """``args`` -> whether the tensors at ``tensors`` have ``dtypes`` and those at ``aligned`` the 16-byte
+    alignment (``misaligned``: the low four bits nonzero) they had: one generated expression (``a[i].dtype is
+    Dn``, one OR of the pointers when all were aligned), cheaper than mapping getters over the positions. The
+    source holds only the positions (ints) and names bound to the dtypes."""
+    parts = []
+    if aligned and not any(misaligned):
+        parts.append("not (" + " | ".join(f"a[{i}].data_ptr()" for i in aligned) + ") & 15")
+    else:
+        parts += [f"(a[{i}].data_ptr() & 15 != 0) is {bool(m)}" for i, m in zip(aligned, misaligned)]
+    parts += [f"a[{i}].dtype is D{n}" for n, i in enumerate(tensors)]
+    env = {f"D{n}": d for n, d in enumerate(dtypes)}
+    return eval("lambda a: " + (" and ".join(parts) or "True"), env)  # noqa: S307  (generated from ints only)
 
 
 def _knob_state(knobs, fn) -> tuple:
@@ -150,17 +95,20 @@ def _knob_state(knobs, fn) -> tuple:
     )
 
 
-def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict) -> FastLaunch | None:
-    """A :class:`FastLaunch` of jit function ``fn`` from its launch ``fn.run(*args, grid=grid, warmup=False,
+def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict, trusted=()):
+    """The fast launch (a function: ``args`` -> True when it launched, False when the caller must go through
+    ``JITFunction.run``) of jit function ``fn`` from its launch ``fn.run(*args, grid=grid, warmup=False,
     **kwargs)`` that returned ``kernel``, or None where the fast launch does not apply (another Triton version, a
-    stand-in kernel, hooks or launch metadata in use, a kernel that reads globals) or anything fails."""
+    stand-in kernel, hooks or launch metadata in use, a kernel that reads globals) or anything fails.
+    ``trusted``: positions of ``args`` the caller guarantees at every later launch (see the module docstring);
+    never a ``do_not_specialize`` one."""
     try:
-        return _build(fn, kernel, grid, args, kwargs)
+        return _build(fn, kernel, grid, args, kwargs, frozenset(trusted))
     except Exception:
         return None
 
 
-def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
+def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()):
     from triton import knobs
     from triton.compiler.compiler import CompiledKernel, LazyDict
     from triton.runtime.driver import driver
@@ -192,32 +140,65 @@ def _build(fn, kernel, grid, args, kwargs) -> FastLaunch | None:
         if isinstance(a, torch.Tensor):
             if type(a) is not torch.Tensor:
                 return None  # a subclass may answer data_ptr / dtype otherwise
+            if i in trusted:
+                if not p.do_not_specialize and not p.do_not_specialize_on_alignment and a.data_ptr() & 15:
+                    return None  # not what the caller promised
+                continue
             tensors.append(i)
             if not p.do_not_specialize and not p.do_not_specialize_on_alignment:
                 aligned.append(i)
         elif p.do_not_specialize and not p.is_constexpr:
-            if _int_range(a) is None:
+            if _int_range(a) is None or i in trusted:
                 return None
             dns.append(i)
         elif type(a) in (int, float, bool, str) or a is None:
-            values.append(i)
+            if i not in trusted:
+                values.append(i)
         else:
             return None
-    self = FastLaunch()
-    self.fn, self.driver, self.drv, self.knobs = fn, driver, driver.active, knobs
-    self.device = self.drv.get_current_device()
-    self.knob_state = _knob_state(knobs, fn)
-    self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-    self.launcher = kernel.run
-    self.function, self.packed, self.name = kernel.function, kernel.packed_metadata, kernel.name
-    self.lazy_dict = LazyDict
-    self.extra, self.n_args = tuple(extra), len(args)
-    self.tensors = _getter(tensors)
-    self.dtypes = list(map(_dtype, self.tensors(args)))
-    self.align_mask = _getter(aligned)
-    self.misaligned = tuple(map(bool, map(_low4, map(_data_ptr, self.align_mask(args)))))
-    self.all_aligned = not any(self.misaligned)
-    self.values = _getter(values)
-    self.value_vals = self.values(args)
-    self.dns, self.dns_ranges = tuple(dns), tuple(_int_range(args[i]) for i in dns)
-    return self
+    drv = driver.active
+    device = drv.get_current_device()
+    knob_state = _knob_state(knobs, fn)
+    g0, g1, g2 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    launcher, function, packed, name = kernel.run, kernel.function, kernel.packed_metadata, kernel.name
+    extra, n_args = tuple(extra), len(args)
+    misaligned = tuple(bool(args[i].data_ptr() & 15) for i in aligned)
+    tensors_ok = _tensor_check(tensors, [args[i].dtype for i in tensors], aligned, misaligned)
+    if not tensors_ok(args):
+        return None
+    values = _getter(values)
+    value_vals = values(args)
+    dns = tuple((i, _int_range(args[i])) for i in dns)
+    comp, runtime = knobs.compilation, knobs.runtime
+
+    def fast_launch(args: tuple) -> bool:
+        """This kernel's launch with ``args`` (the keyword arguments and grid of the first launch: the caller keys
+        it so) as ``JITFunction.run`` would make it; False (nothing launched) when ``run`` must make it."""
+        try:
+            if len(args) != n_args or driver.active is not drv or fn.pre_run_hooks:
+                return False
+            if (  # _knob_state, inline
+                fn.debug or runtime.debug,
+                comp.instrumentation_mode,
+                getattr(comp, "fpsan_homomorphic_casts", None),
+                getattr(runtime, "add_stages_inspection_hook", None),
+            ) != knob_state or values(args) != value_vals:
+                return False
+            if not tensors_ok(args):
+                return False
+            for i, kind in dns:
+                a = args[i]
+                if not (kind == "i32" and type(a) is int and -2147483648 <= a <= 2147483647) and _int_range(a) != kind:
+                    return False
+            if drv.get_current_device() != device:
+                return False
+            stream = drv.get_current_stream(device)
+            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+            # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
+            meta = None if enter is None else LazyDict({"name": name, "function": function, "stream": stream})
+        except Exception:
+            return False
+        launcher(g0, g1, g2, stream, function, packed, meta, enter, leave, *args, *extra)
+        return True
+
+    return fast_launch

@@ -224,8 +224,12 @@ class ShapePlan:
     * ``bwd``: None, or (launch, grid, scalar tail) of the preprocess, dQ and dK/dV kernels;
     * ``key``: the kernel variant key without its kind (for the launches' out-of-resources step-down);
       ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache;
-    * ``fast``: kernel kind -> its :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (or None where it does not
-      apply), built by the launcher after the first launch of a cached plan.
+    * ``fast``: kernel kind -> its fast launch (:func:`~rmt_fast.kernels.fast_launch.build`; None where it does not
+      apply), built by the launcher after the first launch of a cached plan;
+    * ``new_out``, ``new_lse``: argument-free callables that allocate the forward's output and lse buffers;
+      ``fwd_rest``: the forward's arguments after q, k and v's strides for an output from ``new_out`` (its strides,
+      then ``fwd_tail``); ``hook``: the allocation hook the plan was built with (None: the plan allocates by
+      itself, as ``new_out`` does).
     """
 
     __slots__ = (
@@ -245,6 +249,10 @@ class ShapePlan:
         "bwd",
         "cached",
         "fast",
+        "new_out",
+        "new_lse",
+        "fwd_rest",
+        "hook",
     )
 
     def __init__(self, key, dims, dtype, device, fwd, fwd_grid, fwd_tail, scale, shapes, cached: bool):
@@ -253,6 +261,7 @@ class ShapePlan:
         self.out_shape, self.lse_shape, self.delta_shape, self.dq_shape, self.dkv_shape = shapes
         self.bwd = None
         self.fast = {}
+        self.new_out = self.new_lse = self.fwd_rest = self.hook = None
 
 
 def launch_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:

@@ -29,7 +29,7 @@ Host time per call: the shapes, dtype, device and layout of a call select a cach
 forward and, from the first backward on, of the backward), so that a call only reads its tensors' strides,
 allocates its outputs and launches; in eager mode autograd goes through :class:`_RmtAttentionFn`'s C ``apply``.
 After a cached plan's first launch of a kernel through Triton's ``JITFunction.run``, later launches whose
-arguments specialise alike go through the plan's :class:`~rmt_fast.kernels.fast_launch.FastLaunch` (the low-level
+arguments specialise alike go through the plan's fast launch (:func:`~rmt_fast.kernels.fast_launch.build`: the low-level
 launcher, without ``run``'s binding, specialisation and cache key); the launch caches are read and filled only
 through :mod:`~rmt_fast.kernels.launch_configs`' public functions.
 
@@ -42,6 +42,8 @@ File order: launch plans, launchers, the autograd Function, the custom ops, the 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -166,7 +168,8 @@ def _shape_plan(
     """The :class:`~rmt_fast.kernels.launch_configs.ShapePlan` of a call: one key and one dict look-up once
     cached. ``cache=False`` (the custom ops, whose shapes may be symbolic) builds a fresh one. The key holds
     every input of the plan: shapes, dtype, device, the layout's integers, the scale, whether dropout is on, and
-    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks)."""
+    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks). :func:`rmt_attention`
+    builds the same key inline (and calls this on a miss)."""
     dtype = q.dtype
     key = (
         q.shape,
@@ -206,9 +209,45 @@ def _shape_plan(
         ((B, Tq, Hq, D), (B, Hq, Tq), (B, Hq, Tq), (B, Tq, Hq, D), (B, Tk, Hkv, D)),
         cache,
     )
+    _plan_buffers(plan)
     if cache:
         _cfg.remember_shape_plan(key, plan)  # bounded: e.g. a decode loop makes a new Tq / Tk at every step
     return plan
+
+
+def _plan_buffers(plan: ShapePlan) -> None:
+    """The plan's allocators (``new_out``, ``new_lse``), ``fwd_rest`` and ``hook``. A cached plan, with the
+    default :func:`_empty`, allocates each buffer with ``torch.empty_like`` of a one-element template expanded to
+    the buffer's shape (it gives a contiguous tensor of that shape: checked here; one C call through
+    ``functools.partial``, without ``torch.empty``'s keyword arguments); an uncached plan (symbolic shapes under
+    torch.compile, the interpreter) or a test's :func:`_empty` goes through :func:`_empty`."""
+    plan.fwd_rest = (*_contiguous_strides(plan.out_shape), *plan.fwd_tail)
+    hook = _empty if _empty is not _EMPTY or not plan.cached else None
+    plan.hook = hook
+    if hook is None:
+        plan.new_out = _like(plan.out_shape, plan.dtype, plan.device)
+        plan.new_lse = _like(plan.lse_shape, torch.float32, plan.device)
+    else:
+        plan.new_out = functools.partial(_empty, plan.out_shape, plan.dtype, plan.device)
+        plan.new_lse = functools.partial(_empty, plan.lse_shape, torch.float32, plan.device)
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    """The strides ``torch.empty(shape)`` gives (a size-0 dimension counts as 1, as torch counts it)."""
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _like(shape: tuple, dtype, device):
+    """An argument-free allocator of a contiguous ``shape`` buffer (see :func:`_plan_buffers`)."""
+    new = functools.partial(torch.empty_like, torch.empty((), dtype=dtype, device=device).expand(shape))
+    t = new()
+    if tuple(t.shape) == tuple(shape) and t.is_contiguous() and t.dtype == dtype:
+        return new
+    return functools.partial(torch.empty, shape, dtype=dtype, device=device)
 
 
 def _grid(kind: str, launch: _Launch, dims: tuple) -> tuple:
@@ -220,10 +259,10 @@ def _grid(kind: str, launch: _Launch, dims: tuple) -> tuple:
 
 
 def _backward_launches(plan: ShapePlan) -> tuple:
-    """((launch, grid, tail) of the preprocess, dQ and dK/dV kernels) of ``plan``, built at its first backward and
-    kept on the plan. The preprocess tail: its scalars; the dQ and dK/dV tails: (the strides of the gradient
-    buffers the backward allocates, fixed by their shapes; the scalars after the strides, before
-    ``dropout_p, seed``)."""
+    """((launch, grid, tail) of the preprocess, dQ and dK/dV kernels, then the schedule) of ``plan``, built at its
+    first backward and kept on the plan. The preprocess tail: its scalars; the dQ and dK/dV tails: (the strides of
+    the gradient buffers the backward allocates, fixed by their shapes; the scalars after the strides, before
+    ``dropout_p, seed``). The schedule: (dK/dV is ``"fused"``, dQ's variant, dK/dV is ``"fa2"``)."""
     D = plan.key[0]
     B, Hq, Hkv, Tq, Tk = plan.dims
     G, num_read, num_tokens, scale_log2 = plan.fwd_tail[1], plan.fwd_tail[5], plan.fwd_tail[6], plan.fwd_tail[7]
@@ -237,6 +276,7 @@ def _backward_launches(plan: ShapePlan) -> tuple:
         (pre, _grid("pre", pre, plan.dims), (Hq, Tq, D)),
         (dq, _grid("dq", dq, plan.dims), (dq_strides, (Hq, G, *common))),
         (dkdv, _grid("dkdv", dkdv, plan.dims), ((*dkv_strides, *dkv_strides), (Hq, Hkv, G, *common))),
+        (dkdv.cfg.variant == "fused", dq.cfg.variant, dkdv.cfg.variant == "fa2"),
     )
     plan.bwd = bwd
     return bwd
@@ -263,7 +303,23 @@ def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind:
         _run_stepping_down(exc, launch, args, plan, kind)
         return
     if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
-        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs)
+        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs, _trusted(kind, plan))
+
+
+def _trusted(kind: str, plan: ShapePlan) -> tuple:
+    """The positions of kernel ``kind``'s launch arguments that the plan fixes (see :func:`_forward`,
+    :func:`_backward`): the buffers it allocates (its dtypes, freshly allocated: 16-byte aligned), the strides it
+    gives them and its scalar tails; the fast launch does not check them again (``fast_launch.build``). An
+    allocation hook (:func:`_empty` patched) must allocate as :func:`_empty` does (fresh buffers of the dtype)."""
+    if kind == "fwd":  # q k v out lse starts counts, q k v out strides, the tail
+        return (4, *range(23, 23 + len(plan.fwd_tail)))
+    pre, dq, dkdv, _ = plan.bwd
+    if kind == "pre":  # out do delta, out do strides, the tail
+        return (2, *range(11, 11 + len(pre[2])))
+    if kind == "dq":  # q k v do dq lse delta out starts counts, q k v do dq out strides, the tail
+        return (4, 5, 6, *range(26, 30), *range(34, 34 + len(dq[2][1])))
+    # q k v do dk dv lse delta out dq starts counts, q k v do dk dv out dq strides, the tail
+    return (4, 5, 6, 7, 9, *range(28, 36), *range(44, 44 + len(dkdv[2][1])))
 
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
@@ -284,8 +340,13 @@ def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind:
 
 
 def _empty(shape, dtype, device) -> Tensor:
-    """Every buffer the kernels fully overwrite is allocated here (tests monkeypatch it to poison it)."""
+    """Every buffer the kernels fully overwrite is allocated here or, in a cached plan built while this is the
+    module's own function, alike by the plan (tests monkeypatch it to poison the buffers: a plan built while it
+    is patched allocates through it)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_EMPTY = _empty
 
 
 # ============================================================================================== launchers
@@ -303,25 +364,16 @@ def _runs_arg(layout: SegmentLayout, dummy: Tensor) -> tuple[Tensor, Tensor, boo
 def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: int, out, wrap=None):
     """Launch the forward kernel: (out (B, Tq, Hq, D), lse (B, Hq, Tq) fp32). ``plan`` from :func:`_shape_plan`;
     ``starts`` / ``counts`` are any tensor when unused."""
-    if out is None:
-        out = _empty(plan.out_shape, plan.dtype, plan.device)
-    lse = _empty(plan.lse_shape, torch.float32, plan.device)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        starts,
-        counts,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *plan.fwd_tail,
-        dropout_p,
-        seed,
-    )
+    lse = plan.new_lse()
+    if out is None and wrap is None:
+        out = plan.new_out()
+        rest = plan.fwd_rest  # its strides are the plan's
+    elif out is None:  # the custom op (shapes may be symbolic): read the strides
+        out = plan.new_out()
+        rest = (*out.stride(), *plan.fwd_tail)
+    else:
+        rest = (*out.stride(), *plan.fwd_tail)
+    args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *rest, dropout_p, seed)
     _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
     return out, lse
 
@@ -345,25 +397,36 @@ def _backward(
     """Launch the backward kernels: (dq, dk, dv) seen as (B, H, T, D) over (B, T, H, D) buffers (None for the
     ones not needed). The launches follow the kernel variants of the resolved configs (launch_configs.VARIANTS):
     dK/dV ``"fused"``: one launch; else the preprocess (unless every kernel that reads delta gets it otherwise:
-    an ``"inline"`` dQ computes and stores it, an ``"inline"`` dK/dV computes its own), dQ, then dK/dV."""
-    pre, dq_l, dkdv_l = plan.bwd or _backward_launches(plan)
-    device = plan.device
-    fused = need_dkv and dkdv_l[0].cfg.variant == "fused"
+    an ``"inline"`` dQ computes and stores it, an ``"inline"`` dK/dV computes its own), dQ, then dK/dV.
+
+    Buffers: a cached plan without an allocation hook (``plan.hook``) allocates each with one C call where the plan's
+    shapes and strides fix it (``new_empty_strided`` of q for the gradients, ``empty_like`` of lse for delta and
+    of dK for dV: the dtype, device, shape and strides :func:`_empty` and a transpose would give)."""
+    pre, dq_l, dkdv_l, (fused_variant, dq_variant, dkdv_fa2) = plan.bwd or _backward_launches(plan)
+    fused = need_dkv and fused_variant
     run_dq = need_dq and not fused
-    dq_writes_delta = run_dq and dq_l[0].cfg.variant == "inline"
-    needs_pre = not fused and (
-        (run_dq and dq_l[0].cfg.variant == "fa2")
-        or (need_dkv and dkdv_l[0].cfg.variant == "fa2" and not dq_writes_delta)
-    )
-    delta = _empty(plan.delta_shape, torch.float32, device) if needs_pre or dq_writes_delta else lse  # lse: unread
+    dq_writes_delta = run_dq and dq_variant == "inline"
+    needs_pre = not fused and ((run_dq and dq_variant == "fa2") or (need_dkv and dkdv_fa2 and not dq_writes_delta))
+    hook = plan.hook if wrap is None else _empty
+    if not (needs_pre or dq_writes_delta):
+        delta = lse  # unread
+    elif hook is None:
+        delta = torch.empty_like(lse)
+    else:
+        delta = hook(plan.delta_shape, torch.float32, plan.device)
+    out_s, do_s = out.stride(), do.stride()
     if needs_pre:
-        _run(pre[0], pre[1], (out, do, delta, *out.stride(), *do.stride(), *pre[2]), wrap, plan, "pre")
+        _run(pre[0], pre[1], (out, do, delta, *out_s, *do_s, *pre[2]), wrap, plan, "pre")
+    qkv_s = (*q.stride(), *k.stride(), *v.stride())
     dq = dk = dv = None
+    dq_strides, dq_tail = dq_l[2]
     if need_dq:
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
-        dq = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
+        if hook is None:
+            dq = q.new_empty_strided(q.shape, dq_strides)
+        else:
+            dq = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
     if run_dq:
-        strides, tail = dq_l[2]
         args = (
             q,
             k,
@@ -375,25 +438,33 @@ def _backward(
             out,
             starts,
             counts,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *do.stride(),
-            *strides,
-            *out.stride(),
-            *tail,
+            *qkv_s,
+            *do_s,
+            *dq_strides,
+            *out_s,
+            *dq_tail,
             dropout_p,
             seed,
         )
         _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
-        dk = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
-        dv = _empty(plan.dkv_shape, plan.dtype, device).transpose(1, 2)
+        dkv_strides, dkv_tail = dkdv_l[2]
+        if hook is None:
+            dk = q.new_empty_strided(k.shape, dkv_strides[:4])
+            dv = torch.empty_like(dk)
+        else:
+            dk = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
+            dv = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
         dq_arg = dq
         if fused and dq_arg is None:  # the fused kernel always writes dQ: a scratch buffer, dropped
-            dq_arg = _empty(plan.dq_shape, plan.dtype, device).transpose(1, 2)
-        dq_arg = dk if dq_arg is None else dq_arg  # unused by the unfused kernel: any tensor of the dtype
-        strides, tail = dkdv_l[2]
+            if hook is None:
+                dq_arg = q.new_empty_strided(q.shape, dq_strides)
+            else:
+                dq_arg = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
+        if dq_arg is None:  # unused by the unfused kernel: any tensor of the dtype, with dK's strides
+            dq_arg, dq_arg_strides = dk, dkv_strides[:4]
+        else:
+            dq_arg_strides = dq_strides
         args = (
             q,
             k,
@@ -407,14 +478,12 @@ def _backward(
             dq_arg,
             starts,
             counts,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *do.stride(),
-            *strides,
-            *out.stride(),
-            *dq_arg.stride(),
-            *tail,
+            *qkv_s,
+            *do_s,
+            *dkv_strides,
+            *out_s,
+            *dq_arg_strides,
+            *dkv_tail,
             dropout_p,
             seed,
         )
@@ -425,7 +494,9 @@ def _backward(
 # ================================================================================= autograd Function
 class _RmtAttentionFn(torch.autograd.Function):
     """Autograd in eager mode. ``call`` = (starts, counts, plan, dropout_p, seed): one argument, as every
-    argument of ``apply`` costs host time; ``starts`` / ``counts`` never need a gradient.
+    argument of ``apply`` costs host time; ``starts`` / ``counts`` never need a gradient. A call with ``out``
+    goes through :class:`_RmtAttentionOutFn` (``out`` an input of ``apply``, marked dirty), so this one takes
+    q, k, v and ``call`` only.
 
     Applied through :data:`_APPLY`, the C ``apply`` without ``Function.apply``'s Python wrapper (whose pytree
     pass over the arguments for functorch costs about as much as the rest of the call); under a functorch
@@ -434,11 +505,8 @@ class _RmtAttentionFn(torch.autograd.Function):
     this, so the custom ops serve torch.compile only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, out, call):
-        starts, counts, plan, dropout_p, seed = call
-        o, lse = _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)
-        if out is not None:
-            ctx.mark_dirty(out)
+    def forward(ctx, q, k, v, call):
+        o, lse = _forward(q, k, v, call[0], call[1], call[2], call[3], call[4], None)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.call = call
         return o
@@ -449,12 +517,29 @@ class _RmtAttentionFn(torch.autograd.Function):
         starts, counts, plan, dropout_p, seed = ctx.call
         need = ctx.needs_input_grad
         dq, dk, dv = _backward(q, k, v, o, lse, do, starts, counts, plan, dropout_p, seed, need[0], need[1] or need[2])
-        return dq, dk if need[1] else None, dv if need[2] else None, None, None
+        return dq, dk if need[1] else None, dv if need[2] else None, None
 
 
-# torch's C ``apply`` bound to the Function (a private API: the Python ``apply`` where a torch lacks it).
+class _RmtAttentionOutFn(_RmtAttentionFn):
+    """:class:`_RmtAttentionFn` for a call with ``out`` (an input here, marked dirty: autograd rebases it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, call):
+        o, lse = _forward(q, k, v, call[0], call[1], call[2], call[3], call[4], out)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.call = call
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return (*_RmtAttentionFn.backward(ctx, do), None)
+
+
+# torch's C ``apply`` bound to the Functions (a private API: the Python ``apply`` where a torch lacks it).
 _C_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
 _APPLY = _RmtAttentionFn.apply if _C_APPLY is None else _C_APPLY.__get__(None, _RmtAttentionFn)
+_APPLY_OUT = _RmtAttentionOutFn.apply if _C_APPLY is None else _C_APPLY.__get__(None, _RmtAttentionOutFn)
 
 
 # ============================================================================ torch.compile: custom ops
@@ -667,18 +752,47 @@ def rmt_attention(
         seed = int(seed)
     else:
         seed = 0
-    starts, counts, padded, has_starts = _runs_arg(layout, q)
+    counts = layout.token_counts  # _runs_arg, inline
+    if counts is None:
+        starts, counts, padded, has_starts = q, q, False, False
+    else:
+        starts = layout.token_starts
+        if starts is None:
+            starts, padded, has_starts = q, True, False
+        else:
+            padded = has_starts = True
     if _OPS is not None and torch.compiler.is_compiling():
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _compiled_attention(q, k, v, out, starts, counts, meta)
-    plan = _shape_plan(
-        q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
+    dtype = q.dtype
+    key = (  # _shape_plan's key, inline (a hit costs this tuple and one dict look-up)
+        q.shape,
+        k.shape,
+        dtype,
+        q.device,
+        padded,
+        has_starts,
+        layout.num_read,
+        layout.num_tokens,
+        layout.causal,
+        scale,
+        dropout_p > 0.0,
+        dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        _MASK_BOUNDARY_ONLY,
+        _FORCE_DROPOUT_I64,
     )
+    plan = _cfg.cached_shape_plan(key)  # None while not caching, or on a miss
+    if plan is None:
+        plan = _shape_plan(
+            q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
+        )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         call = (starts, counts, plan, dropout_p, seed)
         if torch._C._are_functorch_transforms_active():
-            return _RmtAttentionFn.apply(q, k, v, out, call)
-        return _APPLY(q, k, v, out, call)
+            if out is None:
+                return _RmtAttentionFn.apply(q, k, v, call)
+            return _RmtAttentionOutFn.apply(q, k, v, out, call)
+        return _APPLY(q, k, v, call) if out is None else _APPLY_OUT(q, k, v, out, call)
     return _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)[0]
 
 

@@ -238,3 +238,51 @@ def test_shape_plan_cache_is_bounded(compiled_path, monkeypatch):
     for tq in range(1, 8):  # a decode-like loop: a new query length each call
         ta.rmt_attention(torch.randn(1, 2, tq, 16), k, v, layout, check=False)
         assert 1 <= len(lc.cache_snapshot().shape_plans) <= 3
+
+
+def _meta(x):
+    """A launch argument with its tensors by (shape, strides, dtype, device): what the plan's allocators fix."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.stride(), x.dtype, x.device)
+    return x
+
+
+@pytest.mark.parametrize("variants", [("fa2", "fa2"), ("inline", "fa2"), ("fa2", "inline"), ("fa2", "fused")])
+@pytest.mark.parametrize("need", ["all", "q", "kv"])
+def test_plan_allocated_buffers_are_what_empty_gives(compiled_path, monkeypatch, variants, need):
+    """A cached plan allocates its buffers itself (empty_like of a template, new_empty_strided, empty_like of
+    lse and dK); every launch gets the same arguments as through :func:`_empty` and a transpose, but for the
+    buffers' addresses; and a plan built while ``_empty`` is patched allocates through it."""
+    names = ("_rmt_attn_fwd_kernel", "_rmt_attn_bwd_preprocess_kernel", "_rmt_attn_bwd_dq_kernel")
+    recs = _record(*names, "_rmt_attn_bwd_dkdv_kernel")
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 12, 20, 32
+    q = torch.randn(B, Tq, Hq, D, dtype=torch.float16).transpose(1, 2).requires_grad_(need in ("all", "q"))
+    k, v = (torch.randn(B, Hkv, Tk, D, dtype=torch.float16).requires_grad_(need != "q") for _ in range(2))
+    layout = SegmentLayout(2, 16, 2, True, token_counts=torch.tensor([3, 16]))
+    dq_cfg, dkdv_cfg = (16, 16, 4, 1, variants[0]), (16, 16, 4, 1, variants[1])
+    lc.set_launch_configs({("dq", D, torch.float16): dq_cfg, ("dkdv", D, torch.float16): dkdv_cfg})
+    allocated = []
+
+    def counting_empty(shape, dtype, device):
+        allocated.append(tuple(shape))
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    try:
+        launches = []
+        for hooked in (False, True):
+            lc.clear_launch_cache()
+            if hooked:
+                monkeypatch.setattr(ta, "_empty", counting_empty)
+            for _ in range(2):  # the plan's first call, then a cached one
+                out = ta.rmt_attention(q, k, v, layout, check=False)
+                grads = torch.autograd.grad(out, [t for t in (q, k, v) if t.requires_grad], torch.ones_like(out))
+                assert all(g.shape == t.shape for g, t in zip(grads, [t for t in (q, k, v) if t.requires_grad]))
+            plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+            assert (plan.hook is not None) == hooked
+            launches.append({n: [tuple(map(_meta, a)) + (g, kw) for a, g, kw in r.launches] for n, r in recs.items()})
+            for r in recs.values():
+                r.launches.clear()
+        assert launches[0] == launches[1] and sum(map(len, launches[0].values())) >= 4
+        assert allocated  # the hooked plan went through _empty
+    finally:
+        lc.set_launch_configs(None)
