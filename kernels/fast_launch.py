@@ -169,7 +169,7 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()):
     values = _getter(values)
     value_vals = values(args)
     dns = tuple((i, _int_range(args[i])) for i in dns)
-    comp, runtime = knobs.compilation, knobs.runtime
+    runtime = knobs.runtime
 
     def fast_launch(args: tuple) -> bool:
         """This kernel's launch with ``args`` (the keyword arguments and grid of the first launch: the caller keys
@@ -177,12 +177,7 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()):
         try:
             if len(args) != n_args or driver.active is not drv or fn.pre_run_hooks:
                 return False
-            if (  # _knob_state, inline
-                fn.debug or runtime.debug,
-                comp.instrumentation_mode,
-                getattr(comp, "fpsan_homomorphic_casts", None),
-                getattr(runtime, "add_stages_inspection_hook", None),
-            ) != knob_state or values(args) != value_vals:
+            if _knob_state(knobs, fn) != knob_state or values(args) != value_vals:
                 return False
             if not tensors_ok(args):
                 return False

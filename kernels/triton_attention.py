@@ -168,8 +168,7 @@ def _shape_plan(
     """The :class:`~rmt_fast.kernels.launch_configs.ShapePlan` of a call: one key and one dict look-up once
     cached. ``cache=False`` (the custom ops, whose shapes may be symbolic) builds a fresh one. The key holds
     every input of the plan: shapes, dtype, device, the layout's integers, the scale, whether dropout is on, and
-    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks). :func:`rmt_attention`
-    builds the same key inline (and calls this on a miss)."""
+    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks)."""
     dtype = q.dtype
     key = (
         q.shape,
@@ -368,10 +367,8 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
     if out is None and wrap is None:
         out = plan.new_out()
         rest = plan.fwd_rest  # its strides are the plan's
-    elif out is None:  # the custom op (shapes may be symbolic): read the strides
-        out = plan.new_out()
-        rest = (*out.stride(), *plan.fwd_tail)
-    else:
+    else:  # a caller's out, or the custom op's (shapes may be symbolic): read the strides
+        out = plan.new_out() if out is None else out
         rest = (*out.stride(), *plan.fwd_tail)
     args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *rest, dropout_p, seed)
     _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
@@ -418,14 +415,15 @@ def _backward(
     if needs_pre:
         _run(pre[0], pre[1], (out, do, delta, *out_s, *do_s, *pre[2]), wrap, plan, "pre")
     qkv_s = (*q.stride(), *k.stride(), *v.stride())
-    dq = dk = dv = None
+    dq = dk = dv = dq_buf = None
     dq_strides, dq_tail = dq_l[2]
-    if need_dq:
+    if need_dq or fused:  # the fused kernel always writes dQ: without need_dq, a scratch buffer, dropped
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
         if hook is None:
-            dq = q.new_empty_strided(q.shape, dq_strides)
+            dq_buf = q.new_empty_strided(q.shape, dq_strides)
         else:
-            dq = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
+            dq_buf = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
+        dq = dq_buf if need_dq else None
     if run_dq:
         args = (
             q,
@@ -455,16 +453,10 @@ def _backward(
         else:
             dk = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
             dv = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
-        dq_arg = dq
-        if fused and dq_arg is None:  # the fused kernel always writes dQ: a scratch buffer, dropped
-            if hook is None:
-                dq_arg = q.new_empty_strided(q.shape, dq_strides)
-            else:
-                dq_arg = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
-        if dq_arg is None:  # unused by the unfused kernel: any tensor of the dtype, with dK's strides
+        if dq_buf is None:  # unused by the unfused kernel: any tensor of the dtype, with dK's strides
             dq_arg, dq_arg_strides = dk, dkv_strides[:4]
         else:
-            dq_arg_strides = dq_strides
+            dq_arg, dq_arg_strides = dq_buf, dq_strides
         args = (
             q,
             k,
@@ -752,40 +744,13 @@ def rmt_attention(
         seed = int(seed)
     else:
         seed = 0
-    counts = layout.token_counts  # _runs_arg, inline
-    if counts is None:
-        starts, counts, padded, has_starts = q, q, False, False
-    else:
-        starts = layout.token_starts
-        if starts is None:
-            starts, padded, has_starts = q, True, False
-        else:
-            padded = has_starts = True
+    starts, counts, padded, has_starts = _runs_arg(layout, q)
     if _OPS is not None and torch.compiler.is_compiling():
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _compiled_attention(q, k, v, out, starts, counts, meta)
-    dtype = q.dtype
-    key = (  # _shape_plan's key, inline (a hit costs this tuple and one dict look-up)
-        q.shape,
-        k.shape,
-        dtype,
-        q.device,
-        padded,
-        has_starts,
-        layout.num_read,
-        layout.num_tokens,
-        layout.causal,
-        scale,
-        dropout_p > 0.0,
-        dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-        _MASK_BOUNDARY_ONLY,
-        _FORCE_DROPOUT_I64,
+    plan = _shape_plan(
+        q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
     )
-    plan = _cfg.cached_shape_plan(key)  # None while not caching, or on a miss
-    if plan is None:
-        plan = _shape_plan(
-            q, k, padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p > 0.0
-        )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         call = (starts, counts, plan, dropout_p, seed)
         if torch._C._are_functorch_transforms_active():

@@ -13,12 +13,10 @@ order of magnitude of each cost, not a sum. Prints a Markdown table; ``--out`` w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiled path: plans cached
@@ -96,8 +94,8 @@ def rows(mode: str) -> dict:
         "piece: allocation of out (plan.new_out)": plan.new_out,
         "piece: allocation of lse (plan.new_lse)": plan.new_lse,
         "piece: torch.empty of out": lambda: torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device),
-        "piece: shape key + plan look-up": lambda: lc.cached_shape_plan(
-            (q.shape, k.shape, q.dtype, q.device, False, False, 16, 512, True, 0.125, False, False, True, False)
+        "piece: shape key + plan look-up (_shape_plan, a hit)": lambda: ra._shape_plan(
+            q, k, False, False, 16, 512, True, 0.125, False
         ),
         "piece: _forward (allocations + launch)": lambda: ra._forward(q, k, v, starts, counts, plan, 0.0, 0, None),
         "piece: the launch (_run)": lambda: ra._run(launch, plan.fwd_grid, args, None, plan, "fwd"),
@@ -120,18 +118,7 @@ def main() -> None:
     for mode in ("plain", "triton"):
         with ho.stubs(mode):
             fns = rows(mode)
-            samples = {name: [] for name in fns}
-            for r in range(args.rounds):
-                for name, fn in fns.items():
-                    ctx = torch.no_grad() if "no_grad" in name else contextlib.nullcontext()
-                    with ctx:
-                        if r == 0:
-                            for _ in range(10):
-                                fn()
-                        t = time.process_time()
-                        for _ in range(args.calls):
-                            fn()
-                        samples[name].append((time.process_time() - t) / args.calls * 1e6)
+            samples = ho.interleaved_cpu_us(fns, args.rounds, args.calls, 10, lambda name: "no_grad" in name)
         for name, s in samples.items():
             results[f"{mode}|{name}"] = {"median_us": round(statistics.median(s), 2), "min_us": round(min(s), 2)}
     lines = [
