@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,25 @@ def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> lis
                     }
                 )
     return rows
+
+
+def interleaved_cpu_us(fns: dict, rounds: int, calls: int, warmup: int, no_grad) -> dict:
+    """Process CPU time per call in µs of each of ``fns`` (key -> argument-free callable), ``rounds`` rounds in
+    which every function runs ``calls`` times in turn (so a load change on a shared machine hits each alike;
+    ``warmup`` untimed calls before its first round); ``no_grad(key)``: whether to call it under
+    ``torch.no_grad()``. Returns key -> the rounds' samples. For the A/B and pieces scripts in scripts/."""
+    samples = {key: [] for key in fns}
+    for r in range(rounds):
+        for key, fn in fns.items():
+            with torch.no_grad() if no_grad(key) else contextlib.nullcontext():
+                if r == 0:
+                    for _ in range(warmup):
+                        fn()
+                t = time.process_time()
+                for _ in range(calls):
+                    fn()
+                samples[key].append((time.process_time() - t) / calls * 1e6)
+    return samples
 
 
 def measure_cuda(timer: Timer, n: int, repeats: int, fast: bool = True) -> list[dict]:

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiled path: plans cached, real JITFunctions
@@ -98,18 +97,7 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             for mod, cfg in versions.values():
                 stack.enter_context(ho.stubs(mode, module=mod, cfg=cfg))
-            samples = {key: [] for key in paths}
-            for r in range(args.rounds):
-                for (name, call), fn in paths.items():
-                    ctx = torch.no_grad() if call == "no_grad" else contextlib.nullcontext()
-                    with ctx:
-                        if r == 0:
-                            for _ in range(3):
-                                fn()
-                        t = time.process_time()
-                        for _ in range(args.calls):
-                            fn()
-                        samples[(name, call)].append((time.process_time() - t) / args.calls * 1e6)
+            samples = ho.interleaved_cpu_us(paths, args.rounds, args.calls, 3, lambda key: key[1] == "no_grad")
         for (name, call), s in samples.items():
             results[f"{mode} {name} {call}"] = {"min_us": round(min(s), 2), "median_us": round(statistics.median(s), 2)}
 
