@@ -70,17 +70,10 @@ def assert_same_run(a, b, tol=TOL[torch.float32]):
         assert_close(b.loss, a.loss, tol=tol, floor=1.0, name="loss")  # |b - a| <= tol * max(1, |a|)
 
 
-def assert_grads_equal(ref, fast, tol=TOL[torch.float32]):
-    """Every parameter gradient of ``fast`` equals ``ref``'s (``models.assert_grads_equal``: relative to the larger
-    of its norm and 1e-3 x the norm of all gradients together; a gradient that is a sum of cancelling terms, the
-    memory gates' bias, carries the rounding of its terms, not of its small sum)."""
-    models.assert_grads_equal(ref, fast, tol)
-
-
 def assert_equivalent(ref, fast, inputs, tol=TOL[torch.float32], grad=True):
     a, b = run(ref, inputs, grad), run(fast, inputs, grad)
     assert_same_run(a, b, tol)
     if grad:
-        assert_grads_equal(ref, fast, tol)
+        models.assert_grads_equal(ref, fast, tol)
         assert any(p.grad is not None and p.grad.abs().max() > 0 for p in fast.assoc.parameters())
     return a, b

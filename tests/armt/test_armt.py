@@ -7,7 +7,6 @@ import pytest
 import torch
 from armt_helpers import (
     assert_equivalent,
-    assert_grads_equal,
     assert_same_run,
     build,
     ids,
@@ -15,7 +14,7 @@ from armt_helpers import (
     randomize_memory,
     run,
 )
-from models import DECODERS
+from models import DECODERS, assert_grads_equal
 from numerics import TOL, assert_close, assert_differs
 
 from rmt_fast import ARMTMemoryState, FastARMT, ReferenceARMT

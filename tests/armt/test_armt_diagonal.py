@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from armt_helpers import assert_equivalent, assert_grads_equal, build, ids, pair, randomize_memory
-from models import DECODERS
+from armt_helpers import assert_equivalent, build, ids, pair, randomize_memory
+from models import DECODERS, assert_grads_equal
 from numerics import TOL, assert_close
 
 from rmt_fast import FastARMT, ReferenceARMT

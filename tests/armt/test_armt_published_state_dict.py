@@ -14,9 +14,9 @@ import io
 
 import pytest
 import torch
-from armt_helpers import assert_grads_equal, assert_same_run, build, ids, run
+from armt_helpers import assert_same_run, build, ids, run
 from armt_published import published_wrapper
-from models import DECODERS
+from models import DECODERS, assert_grads_equal
 from numerics import assert_close, assert_differs
 from safetensors.torch import load_file, save_file, save_model
 
