@@ -68,18 +68,25 @@ def _getter(positions: list[int]):
     return operator.itemgetter(*positions)
 
 
-def _tensor_check(tensors: list[int], dtypes: list, aligned: list[int], misaligned: tuple):
-    """``args`` -> whether the tensors at ``tensors`` have ``dtypes`` and those at ``aligned`` the 16-byte
-    alignment (``misaligned``: the low four bits nonzero) they had: one generated expression (``a[i].dtype is
-    Dn``, one OR of the pointers when all were aligned), cheaper than mapping getters over the positions. The
-    source holds only the positions (ints) and names bound to the dtypes."""
+def _arg_check(tensors: list[int], dtypes: list, aligned: list[int], misaligned: tuple, dns: tuple):
+    """``args`` -> whether the tensors at ``tensors`` have ``dtypes``, those at ``aligned`` the 16-byte alignment
+    (``misaligned``: the low four bits nonzero) they had, and the ``do_not_specialize`` ints at ``dns`` ((position,
+    range) pairs) the integer range they had: one generated expression (``a[i].dtype is Dn``, one OR of the
+    pointers when all were aligned, an i32 range as two comparisons), cheaper than mapping getters over the
+    positions. The source holds only the positions (ints) and names bound to the dtypes and to :func:`_int_range`."""
     parts = []
     if aligned and not any(misaligned):
         parts.append("not (" + " | ".join(f"a[{i}].data_ptr()" for i in aligned) + ") & 15")
     else:
         parts += [f"(a[{i}].data_ptr() & 15 != 0) is {bool(m)}" for i, m in zip(aligned, misaligned)]
     parts += [f"a[{i}].dtype is D{n}" for n, i in enumerate(tensors)]
+    for i, kind in dns:
+        if kind == "i32":
+            parts.append(f"type(a[{i}]) is int and -2147483648 <= a[{i}] <= 2147483647")
+        else:
+            parts.append(f"R(a[{i}]) == {kind!r}")
     env = {f"D{n}": d for n, d in enumerate(dtypes)}
+    env["R"] = _int_range
     return eval("lambda a: " + (" and ".join(parts) or "True"), env)  # noqa: S307  (generated from ints only)
 
 
@@ -95,20 +102,21 @@ def _knob_state(knobs, fn) -> tuple:
     )
 
 
-def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict, trusted=()):
+def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict, trusted=(), typed=()):
     """The fast launch (a function: ``args`` -> True when it launched, False when the caller must go through
     ``JITFunction.run``) of jit function ``fn`` from its launch ``fn.run(*args, grid=grid, warmup=False,
     **kwargs)`` that returned ``kernel``, or None where the fast launch does not apply (another Triton version, a
     stand-in kernel, hooks or launch metadata in use, a kernel that reads globals) or anything fails.
     ``trusted``: positions of ``args`` the caller guarantees at every later launch (see the module docstring);
-    never a ``do_not_specialize`` one."""
+    never a ``do_not_specialize`` one. ``typed``: positions of tensors whose dtype the caller guarantees (its
+    launch plan's dtype); their alignment is still checked."""
     try:
-        return _build(fn, kernel, grid, args, kwargs, frozenset(trusted))
+        return _build(fn, kernel, grid, args, kwargs, frozenset(trusted), frozenset(typed))
     except Exception:
         return None
 
 
-def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()):
+def _build(fn, kernel, grid, args, kwargs, trusted=frozenset(), typed=frozenset()):
     from triton import knobs
     from triton.compiler.compiler import CompiledKernel, LazyDict
     from triton.runtime.driver import driver
@@ -140,12 +148,14 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()):
         if isinstance(a, torch.Tensor):
             if type(a) is not torch.Tensor:
                 return None  # a subclass may answer data_ptr / dtype otherwise
+            specialises = not p.do_not_specialize and not p.do_not_specialize_on_alignment
             if i in trusted:
-                if not p.do_not_specialize and not p.do_not_specialize_on_alignment and a.data_ptr() & 15:
+                if specialises and a.data_ptr() & 15:
                     return None  # not what the caller promised
                 continue
-            tensors.append(i)
-            if not p.do_not_specialize and not p.do_not_specialize_on_alignment:
+            if i not in typed:
+                tensors.append(i)
+            if specialises:
                 aligned.append(i)
         elif p.do_not_specialize and not p.is_constexpr:
             if _int_range(a) is None or i in trusted:
@@ -158,34 +168,35 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset()):
             return None
     drv = driver.active
     device = drv.get_current_device()
-    knob_state = _knob_state(knobs, fn)
+    debug, instrumentation, fpsan, _ = _knob_state(knobs, fn)
+    has_fpsan = hasattr(knobs.compilation, "fpsan_homomorphic_casts")  # Triton 3.9
+    has_stages = hasattr(knobs.runtime, "add_stages_inspection_hook")  # Triton 3.9 (None here: checked above)
     g0, g1, g2 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     launcher, function, packed, name = kernel.run, kernel.function, kernel.packed_metadata, kernel.name
     extra, n_args = tuple(extra), len(args)
     misaligned = tuple(bool(args[i].data_ptr() & 15) for i in aligned)
-    tensors_ok = _tensor_check(tensors, [args[i].dtype for i in tensors], aligned, misaligned)
-    if not tensors_ok(args):
+    dns = tuple((i, _int_range(args[i])) for i in dns)
+    args_ok = _arg_check(tensors, [args[i].dtype for i in tensors], aligned, misaligned, dns)
+    if not args_ok(args):
         return None
     values = _getter(values)
     value_vals = values(args)
-    dns = tuple((i, _int_range(args[i])) for i in dns)
-    runtime = knobs.runtime
 
     def fast_launch(args: tuple) -> bool:
         """This kernel's launch with ``args`` (the keyword arguments and grid of the first launch: the caller keys
-        it so) as ``JITFunction.run`` would make it; False (nothing launched) when ``run`` must make it."""
+        it so) as ``JITFunction.run`` would make it; False (nothing launched) when ``run`` must make it. The
+        option knobs are :func:`_knob_state`'s, read inline (one call fewer per launch)."""
         try:
             if len(args) != n_args or driver.active is not drv or fn.pre_run_hooks:
                 return False
-            if _knob_state(knobs, fn) != knob_state or values(args) != value_vals:
+            compilation, runtime = knobs.compilation, knobs.runtime
+            if (fn.debug or runtime.debug) != debug or compilation.instrumentation_mode != instrumentation:
                 return False
-            if not tensors_ok(args):
+            if has_fpsan and compilation.fpsan_homomorphic_casts != fpsan:
                 return False
-            for i, kind in dns:
-                a = args[i]
-                if not (kind == "i32" and type(a) is int and -2147483648 <= a <= 2147483647) and _int_range(a) != kind:
-                    return False
-            if drv.get_current_device() != device:
+            if has_stages and runtime.add_stages_inspection_hook is not None:
+                return False
+            if values(args) != value_vals or not args_ok(args) or drv.get_current_device() != device:
                 return False
             stream = drv.get_current_stream(device)
             enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook

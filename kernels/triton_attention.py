@@ -282,17 +282,15 @@ def _backward_launches(plan: ShapePlan) -> tuple:
 
 
 def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> None:
-    """Launch ``launch`` on ``grid``: through the plan's fast launch of this kernel where it has one and the
-    arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`), else through
-    ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch). A launch that fails to
+    """Launch ``launch`` on ``grid`` through ``JITFunction.run``, after which a cached plan builds its fast launch of
+    this kernel from this launch (:mod:`~rmt_fast.kernels.fast_launch`). The callers try the plan's fast launch
+    first (``plan.fast.get(kind)``: where it has one and the arguments specialise as at its first launch, it
+    launches and ``_run`` is not called; an uncached plan, the custom ops' included, has none). A launch that fails to
     compile for lack of shared memory or registers steps the configuration down (and the caches remember it),
     unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
     inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
     if wrap is not None:
         wrap(launch.kernel)[grid](*args, **launch.kwargs)
-        return
-    fast = plan.fast.get(kind)
-    if fast is not None and fast(args):
         return
     try:
         kernel = launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
@@ -301,24 +299,29 @@ def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind:
             raise
         _run_stepping_down(exc, launch, args, plan, kind)
         return
+    fast = plan.fast.get(kind)
     if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
-        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs, _trusted(kind, plan))
+        trusted, typed = _trusted(kind, plan)
+        plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs, trusted, typed)
 
 
-def _trusted(kind: str, plan: ShapePlan) -> tuple:
-    """The positions of kernel ``kind``'s launch arguments that the plan fixes (see :func:`_forward`,
-    :func:`_backward`): the buffers it allocates (its dtypes, freshly allocated: 16-byte aligned), the strides it
-    gives them and its scalar tails; the fast launch does not check them again (``fast_launch.build``). An
+def _trusted(kind: str, plan: ShapePlan) -> tuple[tuple, tuple]:
+    """(trusted, typed) positions of kernel ``kind``'s launch arguments for its fast launch (``fast_launch.build``).
+    Trusted, not checked again: what the plan fixes (see :func:`_forward`, :func:`_backward`): the buffers it
+    allocates (its dtypes, freshly allocated: 16-byte aligned), the strides it gives them and its scalar tails.
+    Typed, only their alignment checked: q, k, v, out and dO, whose dtype is the plan's (q's dtype is in its key;
+    k, v and a caller's ``out`` share it, which :func:`rmt_attention` checks or its ``check=False`` caller
+    promises; autograd casts dO to the output's dtype). ``starts`` / ``counts`` keep their dtype check. An
     allocation hook (:func:`_empty` patched) must allocate as :func:`_empty` does (fresh buffers of the dtype)."""
     if kind == "fwd":  # q k v out lse starts counts, q k v out strides, the tail
-        return (4, *range(23, 23 + len(plan.fwd_tail)))
+        return (4, *range(23, 23 + len(plan.fwd_tail))), (0, 1, 2, 3)
     pre, dq, dkdv, _ = plan.bwd
     if kind == "pre":  # out do delta, out do strides, the tail
-        return (2, *range(11, 11 + len(pre[2])))
+        return (2, *range(11, 11 + len(pre[2]))), (0, 1)
     if kind == "dq":  # q k v do dq lse delta out starts counts, q k v do dq out strides, the tail
-        return (4, 5, 6, *range(26, 30), *range(34, 34 + len(dq[2][1])))
+        return (4, 5, 6, *range(26, 30), *range(34, 34 + len(dq[2][1]))), (0, 1, 2, 3, 7)
     # q k v do dk dv lse delta out dq starts counts, q k v do dk dv out dq strides, the tail
-    return (4, 5, 6, 7, 9, *range(28, 36), *range(44, 44 + len(dkdv[2][1])))
+    return (4, 5, 6, 7, 9, *range(28, 36), *range(44, 44 + len(dkdv[2][1]))), (0, 1, 2, 3, 8)
 
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
@@ -371,7 +374,9 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
         out = plan.new_out() if out is None else out
         rest = (*out.stride(), *plan.fwd_tail)
     args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *rest, dropout_p, seed)
-    _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
+    fast = plan.fast.get("fwd")
+    if fast is None or not fast(args):
+        _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
     return out, lse
 
 
@@ -413,7 +418,10 @@ def _backward(
         delta = hook(plan.delta_shape, torch.float32, plan.device)
     out_s, do_s = out.stride(), do.stride()
     if needs_pre:
-        _run(pre[0], pre[1], (out, do, delta, *out_s, *do_s, *pre[2]), wrap, plan, "pre")
+        args = (out, do, delta, *out_s, *do_s, *pre[2])
+        fast = plan.fast.get("pre")
+        if fast is None or not fast(args):
+            _run(pre[0], pre[1], args, wrap, plan, "pre")
     qkv_s = (*q.stride(), *k.stride(), *v.stride())
     dq = dk = dv = dq_buf = None
     dq_strides, dq_tail = dq_l[2]
@@ -444,7 +452,9 @@ def _backward(
             dropout_p,
             seed,
         )
-        _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
+        fast = plan.fast.get("dq")
+        if fast is None or not fast(args):
+            _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
         dkv_strides, dkv_tail = dkdv_l[2]
         if hook is None:
@@ -479,7 +489,9 @@ def _backward(
             dropout_p,
             seed,
         )
-        _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
+        fast = plan.fast.get("dkdv")
+        if fast is None or not fast(args):
+            _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
     return dq, dk, dv
 
 

@@ -304,3 +304,26 @@ def test_stand_in_kernels_and_uncached_plans_get_no_fast_launch(rig):
             _, ran = _fast_then_run(rec, runs, lambda: ta.rmt_attention(q, k, v, layout, check=False))
             assert ran == ["_rmt_attn_fwd_kernel"]
     assert fast_launch.build(host_overhead._StubKernel(ta._rmt_attn_fwd_kernel), object(), (1, 1), (), {}) is None
+
+
+def test_the_gradient_reaching_the_backward_launches_has_the_plans_dtype(rig):
+    """The backward's fast launches trust dO's dtype (``_trusted``'s typed positions): autograd casts a gradient
+    of another dtype to the output's before the node runs. A float32 dO for a float16 output reaches every
+    backward launch as float16, and the fast path makes the calls ``run`` makes."""
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    out = ta.rmt_attention(q, k, v, layout, check=False)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out, dtype=torch.float32))
+    fast, ran = rec.take(), list(runs)
+    assert ran == [] and len(fast) == 4  # forward, preprocess, dQ, dK/dV: all fast
+    positions = (None, 9 + 1, 9 + 3, 9 + 3)  # dO: the 2nd launch argument of the preprocess, the 4th of dQ, dK/dV
+
+    def cast_fresh(calls):  # the cast dO is a fresh buffer at each backward: compare it by dtype
+        return [c if p is None else (*c[:p], c[p][2], *c[p + 1 :]) for c, p in zip(calls, positions)]
+
+    assert all(c[p][2] is torch.float16 for c, p in zip(fast[1:], positions[1:]))
+    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+    plan.fast.clear()
+    runs.clear()
+    out = ta.rmt_attention(q, k, v, layout, check=False)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out, dtype=torch.float32))
+    assert len(runs) == 4 and cast_fresh(rec.take()) == cast_fresh(fast)
