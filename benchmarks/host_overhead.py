@@ -185,12 +185,15 @@ def stubs(mode: str = "plain", module=ra, cfg=launch_configs, launcher=_no_launc
             cfg.clear_launch_cache()
 
 
-def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16) -> dict:
+def cases(device, B=2, H=12, m=16, size=512, D=64, dtype=torch.float16, pad=100, start=37) -> dict:
+    """The decoder layout ``[m read | size tokens | m write]``, case -> (q, k, v, layout): ``full``, ``counts``
+    (every row's tokens end ``pad`` before the segment's end) and ``runs`` (the same ends, row 0's run begins at
+    token ``start``: a left-padded row)."""
     g = torch.Generator().manual_seed(0)
     T = 2 * m + size
     q, k, v = (torch.randn(B, T, H, D, generator=g).to(dtype).to(device).transpose(1, 2) for _ in range(3))
-    counts = torch.full((B,), size - 100, dtype=torch.int32, device=device)
-    starts = torch.tensor([37, 0][:B] + [0] * max(0, B - 2), dtype=torch.int32, device=device)
+    counts = torch.full((B,), size - pad, dtype=torch.int32, device=device)
+    starts = torch.tensor([start, 0][:B] + [0] * max(0, B - 2), dtype=torch.int32, device=device)
     return {
         "full": (q, k, v, SegmentLayout(m, size, m, True)),
         "counts": (q, k, v, SegmentLayout(m, size, m, True, token_counts=counts)),
@@ -220,9 +223,14 @@ def _op_call(q, k, v, layout):
     return lambda: op(q, k, v, starts, counts, *meta)[0]
 
 
-def _paths(q, k, v, layout) -> dict:
+def _grad_inputs(q, k, v) -> tuple:
+    """(q, k, v) as leaves that require grad, and the output's gradient (ones, in the output's (B, T, H, D))."""
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    g_out = torch.ones(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+    return qg, kg, vg, torch.ones(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+
+
+def _paths(q, k, v, layout) -> dict:
+    qg, kg, vg, g_out = _grad_inputs(q, k, v)
     triton_grad = lambda: ra.rmt_attention(qg, kg, vg, layout, check=False)  # noqa: E731
     sdpa_grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout)  # noqa: E731
     paths = {
