@@ -14,6 +14,7 @@ from rmt_fast.bench import host_overhead, runner  # noqa: E402
 from rmt_fast.kernels import launch_configs as lc
 from rmt_fast.kernels import triton_attention as ta
 from rmt_fast.kernels.layout import SegmentLayout  # noqa: E402
+from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
 
 
 @pytest.fixture
@@ -101,6 +102,7 @@ def test_host_overhead_benchmark_runs(tmp_path):
     data = json.loads((tmp_path / "host_overhead.json").read_text())
     stub = [r for r in data["rows"] if r["mode"].startswith("stub")]
     paths = ["triton", "sdpa", "triton_grad", "sdpa_grad", "triton_step", "sdpa_step", "validate_once_per_segment"]
+    paths += ["sdpa_real", "sdpa_real_grad", "sdpa_real_step"]
     if ta._OPS is not None:  # the custom ops are registered outside the interpreter only
         paths += ["triton_op_grad", "triton_op_step"]
     modes = ("stub", "stub_triton", "stub_triton_run")
@@ -110,8 +112,71 @@ def test_host_overhead_benchmark_runs(tmp_path):
     assert all(r["host_us"] > 0 and r["cpu_us"] >= 0 for r in stub)
     assert len(data["summary"]) == 27 and summary["rows"] == len(data["rows"])
     assert {s["call"] for s in data["summary"]} == {"no_grad", "grad", "step"}
+    stub_summary = [s for s in data["summary"] if s["mode"].startswith("stub")]
+    assert all(s["sdpa_real_us"] > 0 and isinstance(s["at_or_below_real_sdpa"], bool) for s in stub_summary)
     assert isinstance(summary["grad_at_or_below_sdpa"], bool)
-    assert "Triton - SDPA" in (tmp_path / "host_overhead.md").read_text()
+    assert isinstance(summary["grad_at_or_below_real_sdpa"], bool)
+    table = (tmp_path / "host_overhead.md").read_text()
+    assert "Triton - SDPA" in table and "| real SDPA us | <= real SDPA |" in table
+
+
+def test_sdpa_real_paths_time_the_real_op(monkeypatch):
+    """The ``sdpa_real`` paths reach the real SDPA (the one in place before the stubs), at the tiny shape only,
+    and its result is SDPA's, not a view of q; the other SDPA paths still get the stub; F's SDPA is restored."""
+    real = F.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, **kw):
+        out = real(q, k, v, **kw)
+        seen.append((q.shape[-1], out.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()))
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    host_overhead.measure_stub(runner.Timer(torch.device("cpu")), n=2, repeats=2)
+    assert F.scaled_dot_product_attention is spy
+    # 3 cases x 3 paths (one SDPA call each; the step's backward calls none) x (1 warm-up + 2 rounds of 2 calls)
+    assert len(seen) == 3 * 3 * 5
+    assert all(d == host_overhead.TINY["D"] and not view for d, view in seen)
+    tiny = host_overhead.cases("cpu", **host_overhead.TINY)
+    with host_overhead.stubs(), host_overhead._sdpa_for("sdpa_real", real):
+        out = host_overhead._sdpa_real_paths(*tiny["runs"])["sdpa_real"]()
+    assert F.scaled_dot_product_attention is spy
+    torch.testing.assert_close(out, sdpa_rmt_attention(*tiny["runs"]), rtol=0, atol=0)
+
+
+def test_summary_compares_with_both_sdpa_baselines():
+    rows = [
+        {"mode": "stub", "case": "full", "path": path, "host_us": 99.0, "cpu_us": us}
+        for path, us in {
+            "triton": 5.0,
+            "sdpa": 3.0,
+            "sdpa_real": 6.0,
+            "triton_grad": 7.7,
+            "sdpa_grad": 4.3,
+            "sdpa_real_grad": 7.7,
+            "triton_step": 39.8,
+            "sdpa_step": 20.0,
+            "sdpa_real_step": 32.6,
+        }.items()
+    ]
+    rows += [
+        {"mode": "cuda", "case": "full", "path": path, "host_us": us, "device_us": 1.0}
+        for path, us in {"triton_grad": 20.0, "sdpa_grad": 30.0}.items()
+    ]
+    by = {(s["mode"], s["call"]): s for s in host_overhead.summarize(rows)}
+    assert [(s["sdpa_us"], s["at_or_below_sdpa"]) for s in by.values()] == [
+        (3.0, False),
+        (4.3, False),
+        (20.0, False),
+        (30.0, True),
+    ]
+    assert [(s["sdpa_real_us"], s["at_or_below_real_sdpa"]) for s in by.values()] == [
+        (6.0, True),
+        (7.7, True),  # equal counts as at or below
+        (32.6, False),
+        (None, None),  # cuda: its SDPA is the real op, no sdpa_real path
+    ]
+    assert by[("stub", "step")]["diff_us"] == 19.8
 
 
 class _Recorder:
