@@ -30,7 +30,7 @@ from triton.runtime.jit import JITFunction
 from rmt_fast.kernels import fast_launch, launch_configs
 from rmt_fast.kernels import triton_attention as ra
 from rmt_fast.kernels.layout import SegmentLayout
-from rmt_fast.kernels.sdpa_attention import sdpa_rmt_attention
+from rmt_fast.kernels.sdpa_attention import needs_mask, sdpa_rmt_attention
 
 from .common import machine_label
 from .runner import Benchmark, Timer
@@ -243,18 +243,33 @@ def _grad_inputs(q, k, v) -> tuple:
     return qg, kg, vg, torch.ones(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
 
 
+def segment_mask(q: Tensor, layout: SegmentLayout) -> Tensor | None:
+    """The mask the runtime hands every SDPA layer of a segment (None where the layout needs none): built once per
+    segment by :class:`~rmt_fast.attention.ActiveSegment` (in SDPA's additive form) and reused by every layer, so a
+    per-layer SDPA call does not build it. Timed on its own as ``sdpa_mask_once_per_segment``."""
+    from rmt_fast.attention import ActiveSegment  # the runtime's own (imports transformers: only when measuring)
+
+    if not needs_mask(layout, q.shape[-2]):
+        return None
+    return ActiveSegment(layout, "sdpa").dense_mask(q.shape[-2], q.device, q.dtype)
+
+
 def _paths(q, k, v, layout) -> dict:
+    """The timed calls of one case: each backend's per-layer call as the runtime makes it (no_grad, grad, step; SDPA
+    with the segment's mask built beforehand) and the work the runtime does once per segment."""
     qg, kg, vg, g_out = _grad_inputs(q, k, v)
+    mask = segment_mask(q, layout)
     triton_grad = lambda: ra.rmt_attention(qg, kg, vg, layout, check=False)  # noqa: E731
-    sdpa_grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout)  # noqa: E731
+    sdpa_grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout, mask=mask)  # noqa: E731
     paths = {
         "triton": lambda: ra.rmt_attention(q, k, v, layout, check=False),
-        "sdpa": lambda: sdpa_rmt_attention(q, k, v, layout),
+        "sdpa": lambda: sdpa_rmt_attention(q, k, v, layout, mask=mask),
         "triton_grad": triton_grad,
         "sdpa_grad": sdpa_grad,
         "triton_step": _step(triton_grad, (qg, kg, vg), g_out),
         "sdpa_step": _step(sdpa_grad, (qg, kg, vg), g_out),
         "validate_once_per_segment": lambda: ra.rmt_attention_supported(q, k, v, layout),
+        "sdpa_mask_once_per_segment": lambda: segment_mask(q, layout),
     }
     op = _op_call(qg, kg, vg, layout)
     if op is not None:
@@ -267,9 +282,10 @@ def _sdpa_real_paths(q, k, v, layout) -> dict:
     """``sdpa_real``, ``sdpa_real_grad``, ``sdpa_real_step``: :func:`sdpa_rmt_attention`'s three calls, to be timed
     with the real SDPA in place (:func:`_sdpa_for`) on a :data:`TINY` case."""
     qg, kg, vg, g_out = _grad_inputs(q, k, v)
-    grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout)  # noqa: E731
+    mask = segment_mask(q, layout)
+    grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout, mask=mask)  # noqa: E731
     return {
-        "sdpa_real": lambda: sdpa_rmt_attention(q, k, v, layout),
+        "sdpa_real": lambda: sdpa_rmt_attention(q, k, v, layout, mask=mask),
         "sdpa_real_grad": grad,
         "sdpa_real_step": _step(grad, (qg, kg, vg), g_out),
     }
@@ -292,8 +308,23 @@ def _sdpa_for(path: str, real_sdpa):
 
 
 def _grad_ctx(path: str):
-    no_grad = ("triton", "sdpa", "sdpa_real", "validate_once_per_segment")
+    no_grad = ("triton", "sdpa", "sdpa_real", "validate_once_per_segment", "sdpa_mask_once_per_segment")
     return torch.no_grad() if path in no_grad else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's CPU ops on the calling thread alone inside the block (``torch.set_num_threads(1)``, restored on
+    exit). The stubs' CPU times are process CPU times: with a second intra-op thread, the real SDPA's CPU kernel
+    runs on it even at a few tokens, and an idle OpenMP worker spinning after a parallel region is charged to
+    whichever path runs next (measured: a stubbed Triton grad call 8.1 us of the calling thread's time, 17.6 us
+    of the process's)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> list[dict]:
@@ -301,11 +332,11 @@ def measure_stub(timer: Timer, n: int, repeats: int, mode: str = "plain") -> lis
     change on a shared machine hits every path alike); per path the median over the rounds of the wall time
     (``host_us``) and of the process CPU time (``cpu_us``) per call. ``mode``: the :func:`stubs` mode. Beside
     each case's paths, the ``sdpa_real`` paths: the SDPA path with the real ``F.scaled_dot_product_attention`` (the
-    one in place before the stubs) on the case's :data:`TINY` twin."""
+    one in place before the stubs) on the case's :data:`TINY` twin. One intra-op thread (:func:`one_thread`)."""
     rows = []
     real_sdpa = F.scaled_dot_product_attention
     tiny = cases("cpu", **TINY)
-    with stubs(mode):
+    with one_thread(), stubs(mode):
         for case, (q, k, v, layout) in cases("cpu").items():
             paths = _paths(q, k, v, layout) | _sdpa_real_paths(*tiny[case])
             wall = {path: [] for path in paths}
@@ -333,18 +364,20 @@ def interleaved_cpu_us(fns: dict, rounds: int, calls: int, warmup: int, no_grad)
     """Process CPU time per call in µs of each of ``fns`` (key -> argument-free callable), ``rounds`` rounds in
     which every function runs ``calls`` times in turn (so a load change on a shared machine hits each alike;
     ``warmup`` untimed calls before its first round); ``no_grad(key)``: whether to call it under
-    ``torch.no_grad()``. Returns key -> the rounds' samples. For the A/B and pieces scripts in scripts/."""
+    ``torch.no_grad()``. One intra-op thread (:func:`one_thread`). Returns key -> the rounds' samples. For the A/B
+    and pieces scripts in scripts/."""
     samples = {key: [] for key in fns}
-    for r in range(rounds):
-        for key, fn in fns.items():
-            with torch.no_grad() if no_grad(key) else contextlib.nullcontext():
-                if r == 0:
-                    for _ in range(warmup):
+    with one_thread():
+        for r in range(rounds):
+            for key, fn in fns.items():
+                with torch.no_grad() if no_grad(key) else contextlib.nullcontext():
+                    if r == 0:
+                        for _ in range(warmup):
+                            fn()
+                    t = time.process_time()
+                    for _ in range(calls):
                         fn()
-                t = time.process_time()
-                for _ in range(calls):
-                    fn()
-                samples[key].append((time.process_time() - t) / calls * 1e6)
+                    samples[key].append((time.process_time() - t) / calls * 1e6)
     return samples
 
 

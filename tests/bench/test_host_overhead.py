@@ -102,7 +102,7 @@ def test_host_overhead_benchmark_runs(tmp_path):
     data = json.loads((tmp_path / "host_overhead.json").read_text())
     stub = [r for r in data["rows"] if r["mode"].startswith("stub")]
     paths = ["triton", "sdpa", "triton_grad", "sdpa_grad", "triton_step", "sdpa_step", "validate_once_per_segment"]
-    paths += ["sdpa_real", "sdpa_real_grad", "sdpa_real_step"]
+    paths += ["sdpa_mask_once_per_segment", "sdpa_real", "sdpa_real_grad", "sdpa_real_step"]
     if ta._OPS is not None:  # the custom ops are registered outside the interpreter only
         paths += ["triton_op_grad", "triton_op_step"]
     modes = ("stub", "stub_triton", "stub_triton_run")
@@ -142,6 +142,59 @@ def test_sdpa_real_paths_time_the_real_op(monkeypatch):
         out = host_overhead._sdpa_real_paths(*tiny["runs"])["sdpa_real"]()
     assert F.scaled_dot_product_attention is spy
     torch.testing.assert_close(out, sdpa_rmt_attention(*tiny["runs"]), rtol=0, atol=0)
+
+
+def test_sdpa_per_layer_calls_get_the_segments_mask_built_once(monkeypatch):
+    """The SDPA path's per-layer calls are timed as the runtime makes them: with the segment's mask built once
+    beforehand (``ActiveSegment.dense_mask``, SDPA's additive form), so no per-layer call builds a mask; building it
+    is its own path, ``sdpa_mask_once_per_segment``. The full case needs none."""
+    built = []
+    real_dense = SegmentLayout.dense_mask
+    monkeypatch.setattr(SegmentLayout, "dense_mask", lambda self, **kw: built.append(1) or real_dense(self, **kw))
+    masks = []
+    with host_overhead.stubs():
+        stub = F.scaled_dot_product_attention
+        monkeypatch.setattr(
+            F, "scaled_dot_product_attention", lambda *a, **kw: masks.append(kw["attn_mask"]) or stub(*a, **kw)
+        )
+        for case, (q, k, v, layout) in host_overhead.cases("cpu").items():
+            built.clear()
+            masks.clear()
+            paths = host_overhead._paths(q, k, v, layout)
+            assert len(built) == (0 if case == "full" else 1), case  # _paths builds it once
+            for path in ("sdpa", "sdpa_grad", "sdpa_step"):
+                with host_overhead._grad_ctx(path):
+                    paths[path]()
+            assert len(built) == (0 if case == "full" else 1), case  # and no per-layer call builds another
+            assert len(masks) == 3 and all(m is masks[0] for m in masks), case
+            if case == "full":
+                assert masks[0] is None and paths["sdpa_mask_once_per_segment"]() is None
+                continue
+            assert masks[0].dtype == q.dtype  # the additive form
+            torch.testing.assert_close(paths["sdpa_mask_once_per_segment"](), masks[0], rtol=0, atol=0)
+            assert len(built) == 2
+
+
+def test_stub_timings_run_on_one_intra_op_thread():
+    """Process CPU time charges every thread to the timed path: the stubs time with one intra-op thread and
+    restore the count after."""
+    before = torch.get_num_threads()
+    seen = []
+
+    class Timed:
+        median_s = cpu_s = 1e-6
+
+    def timer(fn, **kw):
+        seen.append(torch.get_num_threads())
+        return Timed()
+
+    torch.set_num_threads(2)
+    try:
+        host_overhead.measure_stub(timer, n=1, repeats=1)
+        host_overhead.interleaved_cpu_us({"x": lambda: seen.append(torch.get_num_threads())}, 1, 1, 0, lambda k: 1)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_summary_compares_with_both_sdpa_baselines():
