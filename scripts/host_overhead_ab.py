@@ -1,16 +1,17 @@
-"""A/B of the Triton path's host time in one process: this checkout's kernels against another commit's, both
-imported side by side (the other from ``git archive REV kernels`` under another package name), on
-``host-overhead``'s stubs.
+"""A/B of the Triton path's host time in one process: this checkout's kernels against another commit's, both imported
+side by side (the other from ``git archive REV kernels`` under another package name), on ``host-overhead``'s stubs.
 
     python scripts/host_overhead_ab.py --before 6a3440c --rounds 60 --calls 200 --out DIR
 
 Versions: ``before`` (the commit), ``after_run`` (this checkout with the fast launch off: a second copy of its
 kernels whose ``fast_launch.ENABLED`` is False) and ``after``; SDPA's path (stubbed) beside them. Stubs: ``plain``
-(kernel ``run`` a no-op: our Python only) and ``triton`` (Triton's own ``JITFunction.run``, or the fast launch,
-up to a no-op low-level launch, with a fake driver). Calls: ``no_grad``, ``grad`` (inputs require grad),
-``step`` (forward + ``autograd.grad``), the ``full`` case of host-overhead (B = 2, 12 heads, T = 544, D = 64,
-fp16). Each round times ``--calls`` back-to-back calls of every (version, call) in turn; per call the process CPU
-time, min and median over the rounds. Writes ``ab.json`` and prints a Markdown table.
+(kernel ``run`` a no-op: our Python only) and ``triton`` (Triton's own ``JITFunction.run``, or the fast launch, up
+to a no-op low-level launch, with a fake driver); ``sdpa`` is SDPA's path with the view stub, ``sdpa_real`` the real
+SDPA op at host-overhead's tiny shape (``TINY``, no stubs: SDPA's own host path with a negligible compute). Calls:
+``no_grad``, ``grad`` (inputs require grad), ``step`` (forward + ``autograd.grad``), the ``full`` case of host-
+overhead (B = 2, 12 heads, T = 544, D = 64, fp16). Each round times ``--calls`` back-to-back calls of every
+(version, call) in turn; per call the process CPU time, min and median over the rounds. Writes ``ab.json`` and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -100,8 +101,20 @@ def main() -> None:
             samples = ho.interleaved_cpu_us(paths, args.rounds, args.calls, 3, lambda key: key[1] == "no_grad")
         for (name, call), s in samples.items():
             results[f"{mode} {name} {call}"] = {"min_us": round(min(s), 2), "median_us": round(statistics.median(s), 2)}
+    # the real SDPA op at host-overhead's tiny shape (no stubs in place), the same column for both stub modes
+    real = ho._sdpa_real_paths(*ho.cases("cpu", **ho.TINY)["full"])
+    real = {
+        call: real["sdpa_real" + suffix] for call, suffix in (("no_grad", ""), ("grad", "_grad"), ("step", "_step"))
+    }
+    samples = ho.interleaved_cpu_us(real, args.rounds, args.calls, 3, lambda call: call == "no_grad")
+    for call, s in samples.items():
+        for mode in ("plain", "triton"):
+            results[f"{mode} sdpa_real {call}"] = {
+                "min_us": round(min(s), 2),
+                "median_us": round(statistics.median(s), 2),
+            }
 
-    cols = ["before", "after_run", "after", "sdpa"]
+    cols = ["before", "after_run", "after", "sdpa", "sdpa_real"]
     lines = [
         f"before = {args.before}; {args.rounds} rounds x {args.calls} calls; CPU us per call, median (min)",
         "",
