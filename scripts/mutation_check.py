@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import os
 import signal
@@ -64,6 +65,12 @@ TARGETS = {
             "tests/runtime/test_blind_spots.py",
             "tests/runtime/test_properties.py",
         ],
+    ),
+    "fast_launch": (
+        "kernels/fast_launch.py",
+        "rmt_fast.kernels.fast_launch",
+        None,
+        ["tests/kernels/test_fast_launch.py"],
     ),
     "layout": (
         "kernels/layout.py",
@@ -209,7 +216,7 @@ def _replace_child(root, old, new):
 def _install(target, index):
     """In this (child) process: run the mutated statement in its module and rebind every reference to it."""
     path, module_name, _, _ = TARGETS[target]
-    module = sys.modules[module_name]
+    module = importlib.import_module(module_name)  # the warm process may not have imported it yet
     stmt = _mutated_statement(target, index)
     old = module.__dict__[stmt.name]
     code = compile(ast.fix_missing_locations(ast.Module(body=[stmt], type_ignores=[])), str(ROOT / path), "exec")

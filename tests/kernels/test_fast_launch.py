@@ -327,3 +327,31 @@ def test_the_gradient_reaching_the_backward_launches_has_the_plans_dtype(rig):
     out = ta.rmt_attention(q, k, v, layout, check=False)
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out, dtype=torch.float32))
     assert len(runs) == 4 and cast_fresh(rec.take()) == cast_fresh(fast)
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        (0, "i32"),
+        (-(2**31), "i32"),
+        (2**31 - 1, "i32"),
+        (2**31, "i64"),
+        (-(2**31) - 1, "i64"),
+        (-(2**63), "i64"),
+        (2**63 - 1, "i64"),
+        (2**63, "u64"),
+        (-(2**63) - 1, "u64"),
+        (True, None),
+        (1.0, None),
+    ],
+)
+def test_int_range_matches_tritons_boundaries(value, kind):
+    """Triton's int argument types by range (``native_specialize_impl``), at each boundary; not an int -> None."""
+    assert fast_launch._int_range(value) == kind
+
+
+def test_getter_returns_a_tuple_for_any_number_of_positions():
+    args = ("a", "b", "c")
+    assert fast_launch._getter([])(args) == ()
+    assert fast_launch._getter([1])(args) == ("b",)
+    assert fast_launch._getter([0, 2])(args) == ("a", "c")
