@@ -29,3 +29,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_REAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_left_as_found():
+    """Every test leaves ``F.scaled_dot_product_attention`` as the session found it: a stub or spy left behind
+    (e.g. a monkeypatch made inside ``host_overhead.stubs()``, whose teardown restores the stub) silently breaks
+    every later SDPA test in that worker; this fails the test that leaked it instead."""
+    yield
+    leaked = torch.nn.functional.scaled_dot_product_attention
+    if leaked is not _REAL_SDPA:
+        torch.nn.functional.scaled_dot_product_attention = _REAL_SDPA
+        pytest.fail(f"this test left F.scaled_dot_product_attention replaced by {leaked!r}")

@@ -152,27 +152,35 @@ def test_sdpa_per_layer_calls_get_the_segments_mask_built_once(monkeypatch):
     real_dense = SegmentLayout.dense_mask
     monkeypatch.setattr(SegmentLayout, "dense_mask", lambda self, **kw: built.append(1) or real_dense(self, **kw))
     masks = []
+    real_sdpa = F.scaled_dot_product_attention
     with host_overhead.stubs():
         stub = F.scaled_dot_product_attention
-        monkeypatch.setattr(
-            F, "scaled_dot_product_attention", lambda *a, **kw: masks.append(kw["attn_mask"]) or stub(*a, **kw)
-        )
-        for case, (q, k, v, layout) in host_overhead.cases("cpu").items():
-            built.clear()
-            masks.clear()
-            paths = host_overhead._paths(q, k, v, layout)
-            assert len(built) == (0 if case == "full" else 1), case  # _paths builds it once
-            for path in ("sdpa", "sdpa_grad", "sdpa_step"):
-                with host_overhead._grad_ctx(path):
-                    paths[path]()
-            assert len(built) == (0 if case == "full" else 1), case  # and no per-layer call builds another
-            assert len(masks) == 3 and all(m is masks[0] for m in masks), case
-            if case == "full":
-                assert masks[0] is None and paths["sdpa_mask_once_per_segment"]() is None
-                continue
-            assert masks[0].dtype == q.dtype  # the additive form
-            torch.testing.assert_close(paths["sdpa_mask_once_per_segment"](), masks[0], rtol=0, atol=0)
-            assert len(built) == 2
+        # not monkeypatch: its teardown would put back the stub, which ``stubs`` replaces with the real op on exit
+        F.scaled_dot_product_attention = lambda *a, **kw: masks.append(kw["attn_mask"]) or stub(*a, **kw)
+        try:
+            _check_masks(masks, built)
+        finally:
+            F.scaled_dot_product_attention = stub
+    assert F.scaled_dot_product_attention is real_sdpa
+
+
+def _check_masks(masks: list, built: list) -> None:
+    for case, (q, k, v, layout) in host_overhead.cases("cpu").items():
+        built.clear()
+        masks.clear()
+        paths = host_overhead._paths(q, k, v, layout)
+        assert len(built) == (0 if case == "full" else 1), case  # _paths builds it once
+        for path in ("sdpa", "sdpa_grad", "sdpa_step"):
+            with host_overhead._grad_ctx(path):
+                paths[path]()
+        assert len(built) == (0 if case == "full" else 1), case  # and no per-layer call builds another
+        assert len(masks) == 3 and all(m is masks[0] for m in masks), case
+        if case == "full":
+            assert masks[0] is None and paths["sdpa_mask_once_per_segment"]() is None
+            continue
+        assert masks[0].dtype == q.dtype  # the additive form
+        torch.testing.assert_close(paths["sdpa_mask_once_per_segment"](), masks[0], rtol=0, atol=0)
+        assert len(built) == 2
 
 
 def test_stub_timings_run_on_one_intra_op_thread():
