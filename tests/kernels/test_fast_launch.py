@@ -355,3 +355,82 @@ def test_getter_returns_a_tuple_for_any_number_of_positions():
     assert fast_launch._getter([])(args) == ()
     assert fast_launch._getter([1])(args) == ("b",)
     assert fast_launch._getter([0, 2])(args) == ("a", "c")
+
+
+def _first_build(rig, monkeypatch) -> tuple:
+    """The arguments of the forward's first ``fast_launch.build`` call: (fn, kernel, grid, args, kwargs, trusted,
+    typed)."""
+    seen = []
+    real_build = fast_launch.build
+
+    def recording(fn, kernel, grid, args, kwargs, trusted=(), typed=()):
+        seen.append((fn, kernel, grid, args, kwargs, tuple(trusted), tuple(typed)))
+        return real_build(fn, kernel, grid, args, kwargs, trusted, typed)
+
+    monkeypatch.setattr(fast_launch, "build", recording)
+    _setup(rig)
+    return seen[0]
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_build_gives_up_on_each_case_it_cannot_vouch_for(rig, monkeypatch):
+    """One disqualifying input per guard of ``build``: each alone makes it return None (run launches instead)."""
+    fn, kernel, grid, args, kwargs, trusted, typed = _first_build(rig, monkeypatch)
+    assert fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed) is not None  # the unchanged call
+    q = args[0]
+    misaligned = _view(q.shape, q.dtype, "bhtd", 1, 0)
+    cases = {
+        "no kernel": dict(kernel=None),
+        "callable grid": dict(grid=lambda meta: (1, 1)),
+        "empty grid": dict(grid=()),
+        "4-D grid": dict(grid=(1, 1, 1, 1)),
+        "more args than parameters": dict(args=args + (0,) * (len(fn.params) - len(args) + 1)),
+        "a parameter given twice": dict(kwargs={**kwargs, fn.params[0].name: 0}),
+        "debug option": dict(kwargs={**kwargs, "debug": True}),
+        "tensor subclass": dict(args=(q.as_subclass(_Sub), *args[1:])),
+        "unsupported argument type": dict(args=(*args[:7], [1], *args[8:])),
+        "trusted tensor misaligned": dict(args=(*args[:4], misaligned, *args[5:])),
+        "do_not_specialize position trusted": dict(trusted=(*trusted, len(args) - 1)),
+    }
+    for name, change in cases.items():
+        call = dict(kernel=kernel, grid=grid, args=args, kwargs=kwargs, trusted=trusted, typed=typed) | change
+        built = fast_launch.build(
+            fn, call["kernel"], call["grid"], call["args"], call["kwargs"], call["trusted"], call["typed"]
+        )
+        assert built is None, name
+    # a pre-run hook, a launch_metadata function or a stages hook at build time
+    for attr, value in (("pre_run_hooks", [lambda *a, **k: None]), ("launch_metadata", lambda *a: {})):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fn, attr, value)
+            assert fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed) is None, attr
+    if hasattr(knobs.runtime, "add_stages_inspection_hook"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(knobs.runtime, "add_stages_inspection_hook", lambda: ("k", "h"))
+            assert fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed) is None
+
+
+def test_a_fast_launch_checks_each_argument_kind(rig, monkeypatch):
+    """The built launch refuses (returns False, launches nothing) a call whose one argument differs in a way the
+    specialisation sees: a misaligned q, another dtype of token counts, a changed stride, a seed out of i32."""
+    rec, runs = rig
+    fn, kernel, grid, args, kwargs, trusted, typed = _first_build(rig, monkeypatch)
+    fast = fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed)
+    rec.take()
+    assert fast(args) is True and len(rec.take()) == 1
+    q = args[0]
+    refused = {
+        "misaligned q": (_view(q.shape, q.dtype, "bhtd", 1, 0), *args[1:]),
+        "counts of another dtype": (
+            *args[:6],
+            args[6].to(torch.float32) if args[6].dtype != torch.float32 else args[6].half(),
+            *args[7:],
+        ),
+        "a stride changed": (*args[:7], args[7] + 1, *args[8:]),
+        "seed beyond i32": (*args[:-1], 2**31),
+        "one argument fewer": args[:-1],
+    }
+    for name, changed in refused.items():
+        assert fast(changed) is False and rec.take() == [], name
