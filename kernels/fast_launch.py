@@ -168,9 +168,7 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset(), typed=frozenset(
             return None
     drv = driver.active
     device = drv.get_current_device()
-    debug, instrumentation, fpsan, _ = _knob_state(knobs, fn)
-    has_fpsan = hasattr(knobs.compilation, "fpsan_homomorphic_casts")  # Triton 3.9
-    has_stages = hasattr(knobs.runtime, "add_stages_inspection_hook")  # Triton 3.9 (None here: checked above)
+    knob_state = _knob_state(knobs, fn)
     g0, g1, g2 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     launcher, function, packed, name = kernel.run, kernel.function, kernel.packed_metadata, kernel.name
     extra, n_args = tuple(extra), len(args)
@@ -184,21 +182,16 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset(), typed=frozenset(
 
     def fast_launch(args: tuple) -> bool:
         """This kernel's launch with ``args`` (the keyword arguments and grid of the first launch: the caller keys
-        it so) as ``JITFunction.run`` would make it; False (nothing launched) when ``run`` must make it. The
-        option knobs are :func:`_knob_state`'s, read inline (one call fewer per launch)."""
+        it so) as ``JITFunction.run`` would make it; False (nothing launched) when ``run`` must make it."""
         try:
             if len(args) != n_args or driver.active is not drv or fn.pre_run_hooks:
                 return False
-            compilation, runtime = knobs.compilation, knobs.runtime
-            if (fn.debug or runtime.debug) != debug or compilation.instrumentation_mode != instrumentation:
+            if _knob_state(knobs, fn) != knob_state or values(args) != value_vals:
                 return False
-            if has_fpsan and compilation.fpsan_homomorphic_casts != fpsan:
-                return False
-            if has_stages and runtime.add_stages_inspection_hook is not None:
-                return False
-            if values(args) != value_vals or not args_ok(args) or drv.get_current_device() != device:
+            if not args_ok(args) or drv.get_current_device() != device:
                 return False
             stream = drv.get_current_stream(device)
+            runtime = knobs.runtime
             enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
             # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
             meta = None if enter is None else LazyDict({"name": name, "function": function, "stream": stream})

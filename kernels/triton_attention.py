@@ -282,15 +282,17 @@ def _backward_launches(plan: ShapePlan) -> tuple:
 
 
 def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> None:
-    """Launch ``launch`` on ``grid`` through ``JITFunction.run``, after which a cached plan builds its fast launch of
-    this kernel from this launch (:mod:`~rmt_fast.kernels.fast_launch`). The callers try the plan's fast launch
-    first (``plan.fast.get(kind)``: where it has one and the arguments specialise as at its first launch, it
-    launches and ``_run`` is not called; an uncached plan, the custom ops' included, has none). A launch that fails to
+    """Launch ``launch`` on ``grid``: through the plan's fast launch of this kernel where it has one and the
+    arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`), else through
+    ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch). A launch that fails to
     compile for lack of shared memory or registers steps the configuration down (and the caches remember it),
     unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
     inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
     if wrap is not None:
         wrap(launch.kernel)[grid](*args, **launch.kwargs)
+        return
+    fast = plan.fast.get(kind)
+    if fast is not None and fast(args):
         return
     try:
         kernel = launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
@@ -299,7 +301,6 @@ def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind:
             raise
         _run_stepping_down(exc, launch, args, plan, kind)
         return
-    fast = plan.fast.get(kind)
     if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
         trusted, typed = _trusted(kind, plan)
         plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs, trusted, typed)
@@ -374,9 +375,7 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
         out = plan.new_out() if out is None else out
         rest = (*out.stride(), *plan.fwd_tail)
     args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *rest, dropout_p, seed)
-    fast = plan.fast.get("fwd")
-    if fast is None or not fast(args):
-        _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
+    _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
     return out, lse
 
 
@@ -418,10 +417,7 @@ def _backward(
         delta = hook(plan.delta_shape, torch.float32, plan.device)
     out_s, do_s = out.stride(), do.stride()
     if needs_pre:
-        args = (out, do, delta, *out_s, *do_s, *pre[2])
-        fast = plan.fast.get("pre")
-        if fast is None or not fast(args):
-            _run(pre[0], pre[1], args, wrap, plan, "pre")
+        _run(pre[0], pre[1], (out, do, delta, *out_s, *do_s, *pre[2]), wrap, plan, "pre")
     qkv_s = (*q.stride(), *k.stride(), *v.stride())
     dq = dk = dv = dq_buf = None
     dq_strides, dq_tail = dq_l[2]
@@ -452,9 +448,7 @@ def _backward(
             dropout_p,
             seed,
         )
-        fast = plan.fast.get("dq")
-        if fast is None or not fast(args):
-            _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
+        _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
     if need_dkv:
         dkv_strides, dkv_tail = dkdv_l[2]
         if hook is None:
@@ -489,9 +483,7 @@ def _backward(
             dropout_p,
             seed,
         )
-        fast = plan.fast.get("dkdv")
-        if fast is None or not fast(args):
-            _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
+        _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
     return dq, dk, dv
 
 

@@ -112,9 +112,7 @@ def rows(mode: str) -> dict:
             q, k, False, False, 16, 512, True, 0.125, False
         ),
         "piece: _forward (allocations + launch)": lambda: ra._forward(q, k, v, starts, counts, plan, 0.0, 0, None),
-        "piece: the launch (the plan's fast launch, else _run)": lambda: (
-            (fast is not None and fast(args)) or ra._run(launch, plan.fwd_grid, args, None, plan, "fwd")
-        ),
+        "piece: the launch (_run)": lambda: ra._run(launch, plan.fwd_grid, args, None, plan, "fwd"),
         "piece: SDPA stub + transpose, grad (2 view nodes)": lambda: sdpa(qg, kg, vg, is_causal=True).transpose(1, 2),
         "piece: q.view(q.shape), grad (1 view node)": lambda: qg.view(qg.shape),
         "piece: q.transpose(1, 2), grad (1 view node)": lambda: qg.transpose(1, 2),
