@@ -260,16 +260,12 @@ def _paths(q, k, v, layout) -> dict:
     """The timed calls of one case: each backend's per-layer call as the runtime makes it (no_grad, grad, step; SDPA
     with the segment's mask built beforehand) and the work the runtime does once per segment."""
     qg, kg, vg, g_out = _grad_inputs(q, k, v)
-    mask = segment_mask(q, layout)
     triton_grad = lambda: ra.rmt_attention(qg, kg, vg, layout, check=False)  # noqa: E731
-    sdpa_grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout, mask=mask)  # noqa: E731
     paths = {
         "triton": lambda: ra.rmt_attention(q, k, v, layout, check=False),
-        "sdpa": lambda: sdpa_rmt_attention(q, k, v, layout, mask=mask),
         "triton_grad": triton_grad,
-        "sdpa_grad": sdpa_grad,
         "triton_step": _step(triton_grad, (qg, kg, vg), g_out),
-        "sdpa_step": _step(sdpa_grad, (qg, kg, vg), g_out),
+        **_sdpa_paths("sdpa", q, k, v, layout, (qg, kg, vg, g_out)),
         "validate_once_per_segment": lambda: ra.rmt_attention_supported(q, k, v, layout),
         "sdpa_mask_once_per_segment": lambda: segment_mask(q, layout),
     }
@@ -280,17 +276,24 @@ def _paths(q, k, v, layout) -> dict:
     return paths
 
 
-def _sdpa_real_paths(q, k, v, layout) -> dict:
-    """``sdpa_real``, ``sdpa_real_grad``, ``sdpa_real_step``: :func:`sdpa_rmt_attention`'s three calls, to be timed
-    with the real SDPA in place (:func:`_sdpa_for`) on a :data:`TINY` case."""
-    qg, kg, vg, g_out = _grad_inputs(q, k, v)
+def _sdpa_paths(name: str, q, k, v, layout, grad_inputs: tuple) -> dict:
+    """``name``, ``name_grad``, ``name_step``: :func:`sdpa_rmt_attention`'s no_grad call, grad call and step as the
+    runtime makes them, with the segment's mask built beforehand (:func:`segment_mask`); ``grad_inputs``: from
+    :func:`_grad_inputs`."""
+    qg, kg, vg, g_out = grad_inputs
     mask = segment_mask(q, layout)
     grad = lambda: sdpa_rmt_attention(qg, kg, vg, layout, mask=mask)  # noqa: E731
     return {
-        "sdpa_real": lambda: sdpa_rmt_attention(q, k, v, layout, mask=mask),
-        "sdpa_real_grad": grad,
-        "sdpa_real_step": _step(grad, (qg, kg, vg), g_out),
+        name: lambda: sdpa_rmt_attention(q, k, v, layout, mask=mask),
+        f"{name}_grad": grad,
+        f"{name}_step": _step(grad, (qg, kg, vg), g_out),
     }
+
+
+def _sdpa_real_paths(q, k, v, layout) -> dict:
+    """``sdpa_real``, ``sdpa_real_grad``, ``sdpa_real_step``: the SDPA path's three calls, to be timed with the real
+    SDPA in place (:func:`_sdpa_for`) on a :data:`TINY` case."""
+    return _sdpa_paths("sdpa_real", q, k, v, layout, _grad_inputs(q, k, v))
 
 
 @contextlib.contextmanager

@@ -55,6 +55,11 @@ def _package(tmp: Path, name: str, source: Path | None, rev: str | None):
     return importlib.import_module(f"{name}.triton_attention"), importlib.import_module(f"{name}.launch_configs")
 
 
+def _stats(samples: list) -> dict:
+    """The rounds' samples (CPU us per call) as the table shows them: min and median."""
+    return {"min_us": round(min(samples), 2), "median_us": round(statistics.median(samples), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="main", help="the commit to compare with (default: main)")
@@ -100,7 +105,7 @@ def main() -> None:
                 stack.enter_context(ho.stubs(mode, module=mod, cfg=cfg))
             samples = ho.interleaved_cpu_us(paths, args.rounds, args.calls, 3, lambda key: key[1] == "no_grad")
         for (name, call), s in samples.items():
-            results[f"{mode} {name} {call}"] = {"min_us": round(min(s), 2), "median_us": round(statistics.median(s), 2)}
+            results[f"{mode} {name} {call}"] = _stats(s)
     # the real SDPA op at host-overhead's tiny shape (no stubs in place), the same column for both stub modes
     real = ho._sdpa_real_paths(*ho.cases("cpu", **ho.TINY)["full"])
     real = {
@@ -109,10 +114,7 @@ def main() -> None:
     samples = ho.interleaved_cpu_us(real, args.rounds, args.calls, 3, lambda call: call == "no_grad")
     for call, s in samples.items():
         for mode in ("plain", "triton"):
-            results[f"{mode} sdpa_real {call}"] = {
-                "min_us": round(min(s), 2),
-                "median_us": round(statistics.median(s), 2),
-            }
+            results[f"{mode} sdpa_real {call}"] = _stats(s)
 
     cols = ["before", "after_run", "after", "sdpa", "sdpa_real"]
     lines = [

@@ -66,9 +66,6 @@ class _Floor(_Saving):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
-
-
 def rows(mode: str) -> dict:
     q, k, v, layout = ho.cases("cpu")["full"]
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -82,9 +79,9 @@ def rows(mode: str) -> dict:
     args += (*plan.fwd_rest, 0.0, 0)
     launch = plan.fwd
     fast = plan.fast.get("fwd")
-    bare = _C_APPLY.__get__(None, _Bare)
-    saving = _C_APPLY.__get__(None, _Saving)
-    floor = _C_APPLY.__get__(None, _Floor)
+    bare = ra._C_APPLY.__get__(None, _Bare)  # the C apply, bound as triton_attention binds its Function
+    saving = ra._C_APPLY.__get__(None, _Saving)
+    floor = ra._C_APPLY.__get__(None, _Floor)
     sdpa = F.scaled_dot_product_attention  # the stub inside the block
     out = {
         "Triton grad call (rmt_attention)": lambda: ra.rmt_attention(qg, kg, vg, layout, check=False),
