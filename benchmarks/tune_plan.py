@@ -84,11 +84,11 @@ def infeasible(kind: str, cfg: tuple, head_dim: int, smem_limit: int, itemsize: 
 
 
 def heuristic_config(kind: str, head_dim: int, dtype_name: str) -> tuple | None:
-    """The kernel's own default for this kernel, head dim and dtype (None without triton)."""
+    """The kernel's own default for this kernel, head dim and dtype (None without triton): (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), with its variant as a fifth item where it is not the default one (dQ: "inline")."""
     import torch
 
-    cfg = launch_configs.heuristic_config(kind, head_dim, getattr(torch, dtype_name))  # the built-in one
-    return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+    return launch_configs.heuristic_config(kind, head_dim, getattr(torch, dtype_name)).as_tuple()  # the built-in
 
 
 STATIC_REPORT = dispatch.TUNED_DIR / "static" / "sm90.json"  # scripts/kernel_report.py: compiled offline

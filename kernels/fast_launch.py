@@ -23,6 +23,17 @@ position one type: strides and plan scalars are ints, ``dropout_p`` a float, the
 guarantees to be as at the first launch (a non-tensor equal, a tensor of the same dtype and 16-byte aligned: the
 scalars a cached launch plan holds, the buffers it allocates itself); those are not checked again.
 
+Launch hooks: where both are idle (None, or Triton 3.9's default, an empty hook chain: calling it calls nothing),
+the launch passes None for them and for the launch metadata (which only hooks read) instead of building a
+``LazyDict`` per launch as ``run`` does; a set hook gets its metadata as from ``run``.
+
+A call that makes several launches in a row checks what ``run`` reads besides the arguments once for all of them:
+:func:`environment` of their fast launches gives the current stream while driver, device, knobs, the kernels'
+``debug`` and pre-run hooks are as at their build and no hook is set, and each launch's ``raw`` then launches
+unchecked. Its arguments are the caller's to vouch for (``triton_attention`` compares a call signature: the
+strides, alignment and dtypes the launches' own checks read, taken at a call where every launch's own check
+passed).
+
 Only for the Triton versions whose ``run`` was read (:data:`VERIFIED_VERSIONS`); elsewhere :func:`build` returns
 None. Any exception while building or checking means no fast launch (never a failed call).
 ``tests/kernels/test_fast_launch.py`` records the low-level call of both paths with a fake driver and compares them.
@@ -34,8 +45,11 @@ import operator
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime.driver import driver
 
 VERIFIED_VERSIONS = ("3.6.", "3.9.")
+_HookChain = getattr(triton.knobs, "HookChain", None)
 
 
 def supported(version: str) -> bool:
@@ -90,12 +104,18 @@ def _arg_check(tensors: list[int], dtypes: list, aligned: list[int], misaligned:
     return eval("lambda a: " + (" and ".join(parts) or "True"), env)  # noqa: S307  (generated from ints only)
 
 
-def _knob_state(knobs, fn) -> tuple:
-    """What ``JITFunction.run`` puts into the options besides the call's kwargs, and the 3.9 stages hook (a
-    kernel compiled with it differs): a launch is fast only while this is what it was at the first launch."""
+def _idle(hook) -> bool:
+    """Whether a launch hook does nothing: None, or a hook chain (Triton 3.9's default) with no hook in it."""
+    return hook is None or (type(hook) is _HookChain and not hook.calls)
+
+
+def _knob_state(knobs) -> tuple:
+    """What ``JITFunction.run`` puts into the options besides the call's kwargs (``debug`` is the kernel's own
+    ``debug`` or this knob: the kernel's is compared apart), and the 3.9 stages hook (a kernel compiled with it
+    differs): a launch is fast only while this is what it was at the first launch."""
     c = knobs.compilation
     return (
-        fn.debug or knobs.runtime.debug,
+        knobs.runtime.debug,
         c.instrumentation_mode,
         getattr(c, "fpsan_homomorphic_casts", None),
         getattr(knobs.runtime, "add_stages_inspection_hook", None),
@@ -117,9 +137,7 @@ def build(fn, kernel, grid: tuple, args: tuple, kwargs: dict, trusted=(), typed=
 
 
 def _build(fn, kernel, grid, args, kwargs, trusted=frozenset(), typed=frozenset()):
-    from triton import knobs
     from triton.compiler.compiler import CompiledKernel, LazyDict
-    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     if not ENABLED or kernel is None or callable(grid) or not 1 <= len(grid) <= 3:
@@ -168,7 +186,7 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset(), typed=frozenset(
             return None
     drv = driver.active
     device = drv.get_current_device()
-    knob_state = _knob_state(knobs, fn)
+    knob_state, debug = _knob_state(knobs), fn.debug
     g0, g1, g2 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     launcher, function, packed, name = kernel.run, kernel.function, kernel.packed_metadata, kernel.name
     extra, n_args = tuple(extra), len(args)
@@ -186,18 +204,70 @@ def _build(fn, kernel, grid, args, kwargs, trusted=frozenset(), typed=frozenset(
         try:
             if len(args) != n_args or driver.active is not drv or fn.pre_run_hooks:
                 return False
-            if _knob_state(knobs, fn) != knob_state or values(args) != value_vals:
+            if fn.debug != debug or _knob_state(knobs) != knob_state or values(args) != value_vals:
                 return False
             if not args_ok(args) or drv.get_current_device() != device:
                 return False
             stream = drv.get_current_stream(device)
             runtime = knobs.runtime
             enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-            # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
-            meta = None if enter is None else LazyDict({"name": name, "function": function, "stream": stream})
+            if _idle(enter) and _idle(leave):
+                enter = leave = meta = None
+            else:  # CompiledKernel.launch_metadata (3.6, 3.9) for a kernel without a launch_metadata function
+                meta = None if enter is None else LazyDict({"name": name, "function": function, "stream": stream})
         except Exception:
             return False
         launcher(g0, g1, g2, stream, function, packed, meta, enter, leave, *args, *extra)
         return True
 
+    def raw(stream, args: tuple) -> None:
+        """The launch with ``args`` on ``stream``, unchecked: for a caller that got ``stream`` from
+        :func:`environment` and vouches that ``args`` specialise as this launch's first ones did."""
+        launcher(g0, g1, g2, stream, function, packed, None, None, None, *args, *extra)
+
+    fast_launch.raw, fast_launch.state = raw, (drv, device, knob_state, fn, debug)
     return fast_launch
+
+
+def environment(launches) -> object:
+    """For fast launches (from :func:`build`) that a call makes back to back: one check, for all of them, of what
+    ``JITFunction.run`` reads besides the arguments, in place of each launch's own: a function returning the
+    current stream while the active driver, the device, the option knobs, each kernel's ``debug`` and pre-run
+    hooks are as when the launches were built and no launch hook is set (the launches' ``raw`` then pass no
+    metadata and no hooks, as an idle hook chain does nothing), else None. None where the launches were built
+    in different states (or one is None). The arguments are not checked: the caller checks what they derive
+    from (:mod:`~rmt_fast.kernels.triton_attention`'s call signatures)."""
+    try:
+        states = [f.state for f in launches]
+    except AttributeError:
+        return None
+    drv, device, knob_state = states[0][:3]
+    if any(s[0] is not drv or s[1:3] != (device, knob_state) for s in states):
+        return None
+    kernels = {id(s[3]): (s[3], s[4]) for s in states}  # (fn, its debug), each kernel once
+    kernels = tuple(kernels.values())
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if not (_idle(enter) and _idle(leave)):
+        return None
+    no_enter, no_leave = enter is None, leave is None
+
+    def stream():
+        try:
+            if driver.active is not drv or _knob_state(knobs) != knob_state:
+                return None
+            for fn, debug in kernels:
+                if fn.pre_run_hooks or fn.debug != debug:
+                    return None
+            runtime = knobs.runtime  # the hook chains as they were, still empty (a hook is added into them)
+            if runtime.launch_enter_hook is not enter or runtime.launch_exit_hook is not leave:
+                return None
+            if not (no_enter or not enter.calls) or not (no_leave or not leave.calls):
+                return None
+            if drv.get_current_device() != device:
+                return None
+            return drv.get_current_stream(device)
+        except Exception:
+            return None
+
+    return stream

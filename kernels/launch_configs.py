@@ -178,16 +178,27 @@ _CONFIGS = {
 }
 
 
+# The built-in table's kernel variants (kinds not named: DEFAULT_VARIANT). dQ "inline": the dQ kernel computes
+# delta from the O and dO tiles it is given and stores it for the dK/dV kernel, in place of the preprocess launch:
+# the same reads of dO, one read of O, one launch fewer per backward (a host-time cost on every step: a launch
+# is the largest piece of the backward's host time, host-overhead). Static report (kernels/tuned/static/sm90.md,
+# sm_90, fp16, causal + padded by counts and by runs): at this table's dQ tiles the inline kernel has no spill
+# and the same wgmma count as "fa2" (head dim 64: 247 registers vs 195-210; 128: 246-255 vs 244); neither
+# variant's backward is timed on a GPU yet (issue 24). A measured table picks the variant per case.
+_DEFAULT_VARIANTS = {"dq": "inline"}
+
+
 def heuristic_config(kind: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """Per-kernel launch configuration from the head dim and dtype: a table look-up, no autotuning, no sync.
 
     kind: "fwd", "dq" or "dkdv"; BLOCK_M always tiles queries and BLOCK_N keys.
     """
+    variant = _DEFAULT_VARIANTS.get(kind, DEFAULT_VARIANT)
     if interpreting():
-        return LaunchConfig(*_INTERPRET_BLOCKS, 4, 1)
+        return LaunchConfig(*_INTERPRET_BLOCKS, 4, 1, variant)
     d = next_pow2(head_dim)
     table = _CONFIGS[(kind, dtype == torch.float32)]
-    return LaunchConfig(*table[0 if d <= 64 else 1 if d <= 128 else 2])
+    return LaunchConfig(*table[0 if d <= 64 else 1 if d <= 128 else 2], variant)
 
 
 # Configurations supplied by set_launch_configs: (kind, head_dim, dtype) -> LaunchConfig.
@@ -225,7 +236,9 @@ class ShapePlan:
     * ``key``: the kernel variant key without its kind (for the launches' out-of-resources step-down);
       ``dims``: (B, Hq, Hkv, Tq, Tk); ``scale``: the softmax scale; ``cached``: whether it is in the cache;
     * ``fast``: kernel kind -> its fast launch (:func:`~rmt_fast.kernels.fast_launch.build`; None where it does not
-      apply), built by the launcher after the first launch of a cached plan;
+      apply), built by the launcher after the first launch of a cached plan; ``groups``: ``"fwd"`` or (need dQ,
+      need dK/dV) -> (call signature, environment check, kind -> unchecked launch), made by the launcher at a
+      call whose launches were all fast (``triton_attention``'s module docstring);
     * ``new_out``, ``new_lse``: argument-free callables that allocate the forward's output and lse buffers;
       ``fwd_rest``: the forward's arguments after q, k and v's strides for an output from ``new_out`` (its strides,
       then ``fwd_tail``); ``hook``: the allocation hook the plan was built with (None: the plan allocates by
@@ -249,6 +262,7 @@ class ShapePlan:
         "bwd",
         "cached",
         "fast",
+        "groups",
         "new_out",
         "new_lse",
         "fwd_rest",
@@ -260,7 +274,7 @@ class ShapePlan:
         self.fwd, self.fwd_grid, self.fwd_tail, self.scale = fwd, fwd_grid, fwd_tail, scale
         self.out_shape, self.lse_shape, self.delta_shape, self.dq_shape, self.dkv_shape = shapes
         self.bwd = None
-        self.fast = {}
+        self.fast, self.groups = {}, {}
         self.new_out = self.new_lse = self.fwd_rest = self.hook = None
 
 

@@ -33,6 +33,16 @@ arguments specialise alike go through the plan's fast launch (:func:`~rmt_fast.k
 launcher, without ``run``'s binding, specialisation and cache key); the launch caches are read and filled only
 through :mod:`~rmt_fast.kernels.launch_configs`' public functions.
 
+Groups: the forward, and the backward per (need dQ, need dK/dV), keep a **group** (``ShapePlan.groups``) made at a
+call whose launches all went through their fast launches: that call's signature (the strides of q, k, v, dO and
+a caller's out, whether all their pointers and the token runs' are 16-byte aligned, the token runs' dtypes,
+dropout_p, whether the seed is an i32), one environment check (:func:`~rmt_fast.kernels.fast_launch.environment`)
+and the launches' unchecked ``raw``. A later call with the same signature checks it once and launches every kernel
+raw; any other goes through the launches one by one as above. Everything else a launch gets is the plan's
+(scalars, buffer strides) or a buffer the plan allocates (its dtype, fresh: aligned); q, k, v, out and dO have the
+plan's dtype (see :func:`_trusted`). ``tests/kernels/test_fast_launch.py`` plants a change in each part of the
+signature and checks that the call then launches what ``run`` alone launches.
+
 Test hooks on this module: ``_empty`` (every buffer the kernels overwrite; tests pre-fill it with NaN), the
 kernels by name (``_rmt_attn_fwd_kernel``... are looked up here at each new launch plan),
 ``_MASK_BOUNDARY_ONLY`` and ``_FORCE_DROPOUT_I64``; the interpreter's block sizes are set with
@@ -281,29 +291,31 @@ def _backward_launches(plan: ShapePlan) -> tuple:
     return bwd
 
 
-def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> None:
+def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind: str) -> bool:
     """Launch ``launch`` on ``grid``: through the plan's fast launch of this kernel where it has one and the
-    arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`), else through
-    ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch). A launch that fails to
-    compile for lack of shared memory or registers steps the configuration down (and the caches remember it),
+    arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`; returns True), else
+    through ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch; returns False).
+    A launch that fails to compile for lack of shared memory or registers steps the configuration down (and the
+    caches remember it),
     unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
     inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
     if wrap is not None:
         wrap(launch.kernel)[grid](*args, **launch.kwargs)
-        return
+        return False
     fast = plan.fast.get(kind)
     if fast is not None and fast(args):
-        return
+        return True
     try:
         kernel = launch.run(*args, grid=grid, warmup=False, **launch.kwargs)
     except triton.runtime.errors.OutOfResources as exc:
         if launch.fixed:
             raise
         _run_stepping_down(exc, launch, args, plan, kind)
-        return
+        return False
     if launch.jit and plan.cached and (fast is not None or kind not in plan.fast):  # new, or no longer matching
         trusted, typed = _trusted(kind, plan)
         plan.fast[kind] = _fast.build(launch.kernel, kernel, grid, args, launch.kwargs, trusted, typed)
+    return False
 
 
 def _trusted(kind: str, plan: ShapePlan) -> tuple[tuple, tuple]:
@@ -323,6 +335,17 @@ def _trusted(kind: str, plan: ShapePlan) -> tuple[tuple, tuple]:
         return (4, 5, 6, *range(26, 30), *range(34, 34 + len(dq[2][1]))), (0, 1, 2, 3, 7)
     # q k v do dk dv lse delta out dq starts counts, q k v do dk dv out dq strides, the tail
     return (4, 5, 6, 7, 9, *range(28, 36), *range(44, 44 + len(dkdv[2][1]))), (0, 1, 2, 3, 8)
+
+
+def _group(plan: ShapePlan, needs: tuple, sig: tuple, kinds: list) -> None:
+    """Keep on ``plan`` the group of its ``kinds`` launches for a call with ``needs`` at call signature ``sig``
+    (every one of them just went through its fast launch at that signature: each accepted the arguments that
+    signature gives): (sig, the environment check of :func:`~rmt_fast.kernels.fast_launch.environment`, kind ->
+    unchecked launch). No group where the launches' environments differ."""
+    launches = [plan.fast[kind] for kind in kinds]
+    env = _fast.environment(launches)
+    if env is not None:
+        plan.groups[needs] = (sig, env, {kind: f.raw for kind, f in zip(kinds, launches)})
 
 
 def _run_stepping_down(exc, launch: _Launch, args: tuple, plan: ShapePlan, kind: str) -> None:
@@ -370,12 +393,34 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
     lse = plan.new_lse()
     if out is None and wrap is None:
         out = plan.new_out()
-        rest = plan.fwd_rest  # its strides are the plan's
+        out_s, rest = None, plan.fwd_rest  # its strides are the plan's
     else:  # a caller's out, or the custom op's (shapes may be symbolic): read the strides
         out = plan.new_out() if out is None else out
-        rest = (*out.stride(), *plan.fwd_tail)
-    args = (q, k, v, out, lse, starts, counts, *q.stride(), *k.stride(), *v.stride(), *rest, dropout_p, seed)
-    _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
+        out_s = out.stride()
+        rest = (*out_s, *plan.fwd_tail)
+    qkv_s = (*q.stride(), *k.stride(), *v.stride())
+    args = (q, k, v, out, lse, starts, counts, *qkv_s, *rest, dropout_p, seed)
+    if wrap is not None or not (plan.cached and plan.fwd.jit):
+        _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
+        return out, lse
+    sig = (  # see _backward
+        qkv_s,
+        out_s,
+        dropout_p,
+        -2147483648 <= seed <= 2147483647,
+        starts.dtype,
+        counts.dtype,
+        not (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15
+        and (counts is q or not (starts.data_ptr() | counts.data_ptr()) & 15),  # q: no token runs (_runs_arg)
+    )
+    group = plan.groups.get("fwd")
+    if group is not None and group[0] == sig:
+        stream = group[1]()
+        if stream is not None:
+            group[2]["fwd"](stream, args)
+            return out, lse
+    if _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd") and sig[-1]:
+        _group(plan, "fwd", sig, ["fwd"])
     return out, lse
 
 
@@ -409,22 +454,45 @@ def _backward(
     dq_writes_delta = run_dq and dq_variant == "inline"
     needs_pre = not fused and ((run_dq and dq_variant == "fa2") or (need_dkv and dkdv_fa2 and not dq_writes_delta))
     hook = plan.hook if wrap is None else _empty
+    out_s, do_s = out.stride(), do.stride()
+    qkv_s = (*q.stride(), *k.stride(), *v.stride())
+    # One check for all the launches (see _call_signature): the plan's group for these needs, when this call's
+    # signature is the one the group was made at, launches unchecked on the stream its environment check gives.
+    sig = stream = None
+    if wrap is None and plan.cached and dkdv_l[0].jit:
+        sig = (
+            qkv_s,
+            do_s,
+            out_s,
+            dropout_p,
+            -2147483648 <= seed <= 2147483647,
+            starts.dtype,
+            counts.dtype,
+            not (q.data_ptr() | k.data_ptr() | v.data_ptr() | do.data_ptr() | out.data_ptr()) & 15
+            and (counts is q or not (starts.data_ptr() | counts.data_ptr()) & 15),
+        )
+        group = plan.groups.get((need_dq, need_dkv))
+        if group is not None and group[0] == sig:
+            stream = group[1]()
+    fast = stream is not None  # every launch so far went through a fast launch (or the group)
     if not (needs_pre or dq_writes_delta):
         delta = lse  # unread
     elif hook is None:
         delta = torch.empty_like(lse)
     else:
         delta = hook(plan.delta_shape, torch.float32, plan.device)
-    out_s, do_s = out.stride(), do.stride()
     if needs_pre:
-        _run(pre[0], pre[1], (out, do, delta, *out_s, *do_s, *pre[2]), wrap, plan, "pre")
-    qkv_s = (*q.stride(), *k.stride(), *v.stride())
+        args = (out, do, delta, *out_s, *do_s, *pre[2])
+        if stream is None:
+            fast = _run(pre[0], pre[1], args, wrap, plan, "pre")
+        else:
+            group[2]["pre"](stream, args)
     dq = dk = dv = dq_buf = None
     dq_strides, dq_tail = dq_l[2]
     if need_dq or fused:  # the fused kernel always writes dQ: without need_dq, a scratch buffer, dropped
         # Gradients in the (B, T, H, D) memory layout of the typical projection outputs, seen as (B, H, T, D).
-        if hook is None:
-            dq_buf = q.new_empty_strided(q.shape, dq_strides)
+        if hook is None:  # empty_like keeps the strides of a dense q: these ones when q has them
+            dq_buf = torch.empty_like(q) if qkv_s[:4] == dq_strides else q.new_empty_strided(q.shape, dq_strides)
         else:
             dq_buf = hook(plan.dq_shape, plan.dtype, plan.device).transpose(1, 2)
         dq = dq_buf if need_dq else None
@@ -448,11 +516,14 @@ def _backward(
             dropout_p,
             seed,
         )
-        _run(dq_l[0], dq_l[1], args, wrap, plan, "dq")
+        if stream is None:
+            fast = _run(dq_l[0], dq_l[1], args, wrap, plan, "dq") and (fast or not needs_pre)
+        else:
+            group[2]["dq"](stream, args)
     if need_dkv:
         dkv_strides, dkv_tail = dkdv_l[2]
         if hook is None:
-            dk = q.new_empty_strided(k.shape, dkv_strides[:4])
+            dk = torch.empty_like(k) if qkv_s[4:8] == dkv_strides[:4] else q.new_empty_strided(k.shape, dkv_strides[:4])
             dv = torch.empty_like(dk)
         else:
             dk = hook(plan.dkv_shape, plan.dtype, plan.device).transpose(1, 2)
@@ -483,7 +554,13 @@ def _backward(
             dropout_p,
             seed,
         )
-        _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv")
+        if stream is None:
+            fast = _run(dkdv_l[0], dkdv_l[1], args, wrap, plan, "dkdv") and (fast or not (needs_pre or run_dq))
+        else:
+            group[2]["dkdv"](stream, args)
+    if stream is None and fast and sig[-1]:  # every launch was fast at this signature: group them
+        kinds = [kind for kind, ran in (("pre", needs_pre), ("dq", run_dq), ("dkdv", need_dkv)) if ran]
+        _group(plan, (need_dq, need_dkv), sig, kinds)
     return dq, dk, dv
 
 
@@ -502,7 +579,7 @@ class _RmtAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, call):
-        o, lse = _forward(q, k, v, call[0], call[1], call[2], call[3], call[4], None)
+        o, lse = _forward(q, k, v, *call, None)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.call = call
         return o
@@ -521,7 +598,7 @@ class _RmtAttentionOutFn(_RmtAttentionFn):
 
     @staticmethod
     def forward(ctx, q, k, v, out, call):
-        o, lse = _forward(q, k, v, call[0], call[1], call[2], call[3], call[4], out)
+        o, lse = _forward(q, k, v, *call, out)
         ctx.mark_dirty(out)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.call = call
@@ -717,7 +794,8 @@ def rmt_attention(
     segment (a decode step). ``scale`` defaults to D ** -0.5. ``dropout_p > 0`` applies inverted attention
     dropout from the Philox stream of ``seed`` (drawn from torch's CPU generator when None); see
     :func:`rmt_attention_dropout_mask`. ``out`` (B, Tq, Hq, D), when given, receives the result and is
-    returned. Differentiable with respect to q, k and v.
+    returned (written in place; with grad, a view of another tensor gets a copy of the result instead: autograd
+    cannot rebase a custom Function's output onto a view). Differentiable with respect to q, k and v.
 
     Padding comes from ``layout.token_counts`` only (clamped to [0, num_tokens] in the kernel); a
     ``token_mask`` layout is refused (use :func:`rmt_attention_supported` to route it to SDPA). A query that
@@ -757,11 +835,11 @@ def rmt_attention(
     )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         call = (starts, counts, plan, dropout_p, seed)
-        if torch._C._are_functorch_transforms_active():
-            if out is None:
-                return _RmtAttentionFn.apply(q, k, v, call)
-            return _RmtAttentionOutFn.apply(q, k, v, out, call)
-        return _APPLY(q, k, v, call) if out is None else _APPLY_OUT(q, k, v, out, call)
+        functorch = torch._C._are_functorch_transforms_active()  # then Function.apply's wrapper must run
+        if out is None or out._base is not None:  # autograd fails (an internal assert) to rebase a dirty view
+            o = _RmtAttentionFn.apply(q, k, v, call) if functorch else _APPLY(q, k, v, call)
+            return o if out is None else out.copy_(o)
+        return _RmtAttentionOutFn.apply(q, k, v, out, call) if functorch else _APPLY_OUT(q, k, v, out, call)
     return _forward(q, k, v, starts, counts, plan, dropout_p, seed, out)[0]
 
 

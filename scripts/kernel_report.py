@@ -149,7 +149,7 @@ def plan(grid: str, dtypes: tuple[str, ...], head_dims: tuple[int, ...]) -> list
     for dtype in dtypes:
         for d in head_dims:
             for kind in _KINDS:
-                base = tune_plan.heuristic_config(kind, d, {"fp16": "float16", "bf16": "bfloat16"}[dtype])
+                base = tune_plan.heuristic_config(kind, d, {"fp16": "float16", "bf16": "bfloat16"}[dtype])[:4]
                 defaults = [base if v == "fa2" else (*base, v) for v in tune_plan.VARIANT_GRID[kind]]
                 cands = defaults
                 if grid != "heuristic":

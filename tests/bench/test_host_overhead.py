@@ -331,8 +331,10 @@ def test_backward_launches_are_planned_once_per_shape(compiled_path):
     plan = next(iter(shape_plans.values()))
     assert plan.bwd is not None and len(shape_plans) == 1
     pre, dq_rec, dkdv_rec = recs.values()
-    assert [len(r.launches) for r in recs.values()] == [2, 2, 2]
-    for r, block, heads in ((pre, "BLOCK_M", Hq), (dq_rec, "BLOCK_M", Hq), (dkdv_rec, "BLOCK_N", Hkv)):
+    # the default dQ variant ("inline") stores delta itself: no preprocess launch
+    assert lc.launch_config("dq", D, q.dtype).variant == "inline"
+    assert [len(r.launches) for r in recs.values()] == [0, 2, 2]
+    for r, block, heads in ((dq_rec, "BLOCK_M", Hq), (dkdv_rec, "BLOCK_N", Hkv)):
         assert r.launches[0][1] == r.launches[1][1] == (-(-T // r.launches[0][2][block]), B * heads)
     # the gradients' strides are the plan's, and are what the launches got
     (a, _, _), (b, _, _) = dq_rec.launches[1], dkdv_rec.launches[1]

@@ -34,11 +34,21 @@ def _canon(x):
     return x
 
 
+def _idle(hook) -> bool:
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
 class Recorder:
+    """The low-level launcher: records each call's arguments (:func:`_canon`). Where both launch hooks are idle
+    (None, or Triton 3.9's default: an empty hook chain, which calls nothing), the launch metadata (read by hooks
+    only) and the hooks are recorded as None: what a call with idle hooks does does not depend on them."""
+
     def __init__(self):
         self.calls = []
 
     def __call__(self, *args):
+        if _idle(args[7]) and _idle(args[8]):
+            args = (*args[:6], None, None, None, *args[9:])
         self.calls.append(tuple(_canon(a) for a in args))
 
     def take(self) -> list:
@@ -169,17 +179,30 @@ def test_fast_launch_makes_the_call_triton_run_makes(rig, case):
     _step(*qkv["first"], layout, case["first"]["seed"], dropout_p)  # through run; builds the fast launches
     plan = next(iter(lc.cache_snapshot().shape_plans.values()))
     assert set(plan.fast) >= {"fwd", "dq", "dkdv"} and all(f is not None for f in plan.fast.values())
+    assert plan.groups == {}  # a group is made from launches that were all fast
     rec.take()
     runs.clear()
     _step(*qkv["then"], layout, case["then"]["seed"], dropout_p)
     fast, fast_runs = rec.take(), list(runs)
-    if case["then"] == case["first"] and (case["dropout"] or case["first"]["seed"] == case["then"]["seed"]):
+    same = case["then"] == case["first"] and (case["dropout"] or case["first"]["seed"] == case["then"]["seed"])
+    if same:
         assert fast_runs == [], "the same specialisation should launch through the fast path only"
-    plan.fast.clear()  # and again, through Triton's run alone (same kernels, same buffers)
+    _step(*qkv["then"], layout, case["then"]["seed"], dropout_p)  # through the groups the last call made
+    grouped, grouped_runs = rec.take(), list(runs)
+    aligned = all(off * qkv["first"][0].element_size() % 16 == 0 for off in case["first"]["offsets"])
+    if same and aligned:  # a group holds aligned calls only (one OR of the pointers checks them)
+        assert set(plan.groups) == {"fwd", (True, True)} and grouped_runs == fast_runs == []
+    _through_run(plan)  # and again, through Triton's run alone (same kernels, same buffers)
     runs.clear()
     _step(*qkv["then"], layout, case["then"]["seed"], dropout_p)
     assert len(runs) == len(fast) >= 3
-    assert rec.take() == fast
+    assert rec.take() == fast == grouped
+
+
+def _through_run(plan) -> None:
+    """Forget ``plan``'s fast launches and groups: its next launches go through Triton's run."""
+    plan.fast.clear()
+    plan.groups.clear()
 
 
 def _setup(rig, dtype=torch.float16, seed=7):
@@ -191,6 +214,20 @@ def _setup(rig, dtype=torch.float16, seed=7):
     rec.take()
     runs.clear()
     return rec, runs, (q, k, v, layout)
+
+
+def _grouped_setup(rig):
+    """``_setup`` and a second step: every launch fast, so the plan holds its forward and backward groups."""
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    _step(q, k, v, layout, 7, 0.0)
+    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+    assert set(plan.groups) == {"fwd", (True, True)} and runs == []
+    rec.take()
+    return rec, runs, (q, k, v, layout), plan
+
+
+def _bwd_runs(runs) -> list:
+    return sorted(name for name in runs if "bwd" in name)
 
 
 def _fast_then_run(rec, runs, call):
@@ -218,7 +255,7 @@ def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
         calls, ran = _fast_then_run(rec, runs, call)
         assert ran == ["_rmt_attn_fwd_kernel"], name  # not the fast launch of the other specialisation
         plan = next(iter(lc.cache_snapshot().shape_plans.values()))
-        plan.fast.clear()
+        _through_run(plan)
         again, _ = _fast_then_run(rec, runs, call)
         assert calls == again, name
         _fast_then_run(rec, runs, lambda: ta.rmt_attention(q.detach(), k.detach(), v.detach(), layout, check=False))
@@ -227,8 +264,14 @@ def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
         padded = SegmentLayout(2, 36, 2, True, token_counts=torch.tensor([5, 36], dtype=dtype))
         _, ran = _fast_then_run(rec, runs, lambda padded=padded: ta.rmt_attention(q, k, v, padded, check=False))
         assert ran == (["_rmt_attn_fwd_kernel"] if through_run else []), dtype
-    # the seed's range only: 2**31 takes an i64 argument, 12345 and 1 specialise as 7 did (do_not_specialize)
-    for seed, through_run in ((7, True), (12345, False), (1, False), (2**31, True), (7, True), (2**31 - 1, False)):
+    # the seed's range only: 2**31 takes an i64 argument, 12345 and 1 specialise as 7 did (do_not_specialize).
+    # The fast launch rebuilt at 2**31 refuses 7; the group made at 12345 (an i32 seed) still takes it.
+    steps = [(7, True), (12345, False), (1, False), (2**31, True), (7, False), (2**31 - 1, False)]
+    steps += [(2**31, False), ("forget groups", None), (7, True)]
+    for seed, through_run in steps:
+        if seed == "forget groups":
+            next(iter(lc.cache_snapshot().shape_plans.values())).groups.clear()
+            continue
         _, ran = _fast_then_run(
             rec, runs, lambda seed=seed: ta.rmt_attention(q, k, v, layout, check=False, seed=seed, dropout_p=0.5)
         )
@@ -242,9 +285,14 @@ def test_the_same_specialisation_stays_on_the_fast_path(rig):
     assert ran == []
 
 
-@pytest.mark.parametrize("change", ["debug", "instrumentation", "enter hook", "pre-run hook", "driver", "device"])
+_ENV_CHANGES = ["debug", "instrumentation", "enter hook", "hook function", "hook added", "pre-run hook", "driver"]
+
+
+@pytest.mark.parametrize("change", [*_ENV_CHANGES, "device"])
 def test_option_hook_and_device_changes_fall_back_to_run(rig, monkeypatch, change):
-    rec, runs, (q, k, v, layout) = _setup(rig)
+    """With the plan's fast launches and groups made, a change of what Triton's run reads besides the arguments
+    sends the call to run (the group's environment check, then the fast launch's own, give up)."""
+    rec, runs, (q, k, v, layout), plan = _grouped_setup(rig)
 
     def call():
         return ta.rmt_attention(q.detach(), k.detach(), v.detach(), layout, check=False)
@@ -255,6 +303,13 @@ def test_option_hook_and_device_changes_fall_back_to_run(rig, monkeypatch, chang
         monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "consan")
     elif change == "enter hook":
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)  # launch metadata then None
+    elif change == "hook function":  # a hook in place of the chain: it gets the launch metadata
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", _a_hook)
+    elif change == "hook added":  # a hook in the chain (Triton 3.9; on 3.6 the default hook is None)
+        chain = knobs.runtime.launch_exit_hook
+        if chain is None:
+            pytest.skip("no hook chain in this Triton")
+        monkeypatch.setattr(chain, "calls", [_a_hook])  # the chain's own list is restored afterwards
     elif change == "pre-run hook":
         monkeypatch.setattr(ta._rmt_attn_fwd_kernel, "pre_run_hooks", [lambda *a, **k: None])
     elif change == "driver":
@@ -267,7 +322,17 @@ def test_option_hook_and_device_changes_fall_back_to_run(rig, monkeypatch, chang
     if change == "enter hook":  # nothing in the cache key: the fast launch passes None metadata as run does
         assert ran == [] and calls[0][6] is None and calls[0][7] is None
         return
+    if change.startswith("hook"):  # nothing in the cache key: the fast launch passes the hook its metadata
+        plan.groups.clear()
+        plan.fast.clear()
+        again, _ = _fast_then_run(rec, runs, call)
+        assert ran == [] and calls == again and calls[0][6][0] == "LazyDict", calls[0][6:9]
+        return
     assert ran == ["_rmt_attn_fwd_kernel"]
+
+
+def _a_hook(metadata) -> None:
+    return None
 
 
 def test_a_failing_fast_launch_setup_or_check_never_fails_the_call(rig):
@@ -314,19 +379,23 @@ def test_the_gradient_reaching_the_backward_launches_has_the_plans_dtype(rig):
     out = ta.rmt_attention(q, k, v, layout, check=False)
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out, dtype=torch.float32))
     fast, ran = rec.take(), list(runs)
-    assert ran == [] and len(fast) == 4  # forward, preprocess, dQ, dK/dV: all fast
-    positions = (None, 9 + 1, 9 + 3, 9 + 3)  # dO: the 2nd launch argument of the preprocess, the 4th of dQ, dK/dV
+    assert ran == [] and len(fast) == 3  # forward, dQ (storing delta: the "inline" default), dK/dV: all fast
+    positions = (None, 9 + 3, 9 + 3)  # dO: the 4th launch argument of dQ and of dK/dV
 
     def cast_fresh(calls):  # the cast dO is a fresh buffer at each backward: compare it by dtype
         return [c if p is None else (*c[:p], c[p][2], *c[p + 1 :]) for c, p in zip(calls, positions)]
 
     assert all(c[p][2] is torch.float16 for c, p in zip(fast[1:], positions[1:]))
     plan = next(iter(lc.cache_snapshot().shape_plans.values()))
-    plan.fast.clear()
-    runs.clear()
+    out = ta.rmt_attention(q, k, v, layout, check=False)  # again, through the groups
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out, dtype=torch.float32))
+    assert set(plan.groups) == {"fwd", (True, True)} and runs == []
+    grouped = rec.take()
+    assert all(c[p][2] is torch.float16 for c, p in zip(grouped[1:], positions[1:]))
+    _through_run(plan)
     out = ta.rmt_attention(q, k, v, layout, check=False)
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out, dtype=torch.float32))
-    assert len(runs) == 4 and cast_fresh(rec.take()) == cast_fresh(fast)
+    assert len(runs) == 3 and cast_fresh(rec.take()) == cast_fresh(fast) == cast_fresh(grouped)
 
 
 @pytest.mark.parametrize(
@@ -434,3 +503,87 @@ def test_a_fast_launch_checks_each_argument_kind(rig, monkeypatch):
     }
     for name, changed in refused.items():
         assert fast(changed) is False and rec.take() == [], name
+
+
+_SIGNATURE_CHANGES = [
+    "q misaligned",
+    "k misaligned",
+    "v misaligned",
+    "k strides",
+    "v stride 1 is 16",
+    "dO misaligned",
+    "dO strides",
+    "counts int64",
+    "counts misaligned",
+    "dropout_p",
+    "seed i64",
+    "out",
+    "out misaligned",
+]
+
+
+@pytest.mark.parametrize("change", _SIGNATURE_CHANGES)
+def test_a_group_launches_only_calls_of_the_signature_it_was_made_at(rig, change):
+    """A group launches unchecked: a call whose signature differs in any part (q, k, v's alignment or strides,
+    dO's, the token counts' dtype or alignment, dropout_p's value, the seed's integer range, a caller's ``out``)
+    goes through the launches' own checks, here through Triton's run; and its calls are those of run alone."""
+    rec, runs, (q, k, v, layout), plan = _grouped_setup(rig)
+    kw = dict(check=False)
+    g = torch.ones(2, 40, 2, 32, dtype=q.dtype)
+    if change.endswith(" misaligned") and change[0] in "qkv":  # one element in: 2 bytes off 16
+        new = _view(q.shape, q.dtype, "bhtd", 1, 0).requires_grad_()
+        q, k, v = (new if name == change[0] else t for name, t in zip("qkv", (q, k, v)))
+    elif change == "k strides":
+        k = _view(k.shape, k.dtype, "bthd", 0, 1).requires_grad_()
+    elif change == "v stride 1 is 16":
+        v = _view(v.shape, v.dtype, "bhtd", 0, 0).transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    elif change == "counts misaligned":
+        layout = SegmentLayout(2, 36, 2, True, token_counts=torch.tensor([0, 5, 36], dtype=torch.int32)[1:])
+        for _ in range(2):  # first aligned int32 counts: a new plan, fast launches, groups
+            aligned = SegmentLayout(2, 36, 2, True, token_counts=torch.tensor([5, 36], dtype=torch.int32))
+            torch.autograd.grad(ta.rmt_attention(q, k, v, aligned, **kw), (q, k, v), g)
+        rec.take()
+        runs.clear()
+    elif change == "dO misaligned":
+        g = torch.ones(2 * 40 * 2 * 32 + 1, dtype=q.dtype)[1:].view(2, 40, 2, 32)
+    elif change == "dO strides":
+        g = torch.ones(2, 2, 40, 32, dtype=q.dtype).transpose(1, 2)
+    elif change == "counts int64":
+        layout = SegmentLayout(2, 36, 2, True, token_counts=torch.tensor([5, 36]))
+        g2 = torch.ones_like(g)  # first the same step with int32 counts: a new plan, fast launches, groups
+        for _ in range(2):
+            int32 = SegmentLayout(2, 36, 2, True, token_counts=torch.tensor([5, 36], dtype=torch.int32))
+            torch.autograd.grad(ta.rmt_attention(q, k, v, int32, **kw), (q, k, v), g2)
+        rec.take()
+        runs.clear()
+        plan = next(p for p in lc.cache_snapshot().shape_plans.values() if p.key[4])  # the padded plan
+        assert set(plan.groups) == {"fwd", (True, True)}
+    elif change == "dropout_p":
+        kw.update(dropout_p=0.25, seed=7)
+        for p in (0.5, 0.5):  # a dropout plan with groups made at p = 0.5
+            torch.autograd.grad(ta.rmt_attention(q, k, v, layout, check=False, dropout_p=p, seed=7), (q, k, v), g)
+        rec.take()
+        runs.clear()
+    elif change == "seed i64":
+        kw.update(dropout_p=0.5, seed=2**31)
+        for _ in range(2):
+            torch.autograd.grad(ta.rmt_attention(q, k, v, layout, check=False, dropout_p=0.5, seed=7), (q, k, v), g)
+        rec.take()
+        runs.clear()
+    elif change == "out":
+        # not a view (a view gets a copy of a fresh result), with the strides of a (B, H, T, D) buffer
+        kw.update(out=torch.empty_strided((2, 40, 2, 32), (2 * 40 * 32, 32, 40 * 32, 1), dtype=q.dtype))
+    elif change == "out misaligned":  # the plan's strides, 2 bytes off 16 (its detached alias is not a view)
+        kw.update(out=torch.empty(2 * 40 * 2 * 32 + 1, dtype=q.dtype)[1:].view(2, 40, 2, 32))
+
+    def call():  # each call writes a fresh alias of ``out`` (the buffer's history stays out of the next call)
+        out = ta.rmt_attention(q, k, v, layout, **{**kw, "out": kw["out"].detach()} if "out" in kw else kw)
+        torch.autograd.grad(out, (q, k, v), g)
+
+    calls, ran = _fast_then_run(rec, runs, call)
+    assert _bwd_runs(ran) == ["_rmt_attn_bwd_dkdv_kernel", "_rmt_attn_bwd_dq_kernel"], change
+    assert ("_rmt_attn_fwd_kernel" in ran) == (not change.startswith("dO")), change
+    for p in lc.cache_snapshot().shape_plans.values():
+        _through_run(p)
+    again, ran = _fast_then_run(rec, runs, call)
+    assert len(ran) == 3 and calls == again, change

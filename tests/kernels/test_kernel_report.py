@@ -98,7 +98,7 @@ def test_planted_bad_configs_are_caught_and_the_defaults_are_clean(tmp_path):
         "import json, sys; sys.path.insert(0, 'scripts'); import kernel_report as k; from rmt_fast.bench import "
         "tune_plan as t; print(json.dumps([k.analyse('dkdv', 'fp16', 128, (64, 128, 4, 3)), "
         "k.analyse('fwd', 'fp16', 64, (16, 16, 4, 1)), "
-        "k.analyse('dq', 'fp16', 64, (*t.heuristic_config('dq', 64, 'float16'), 'inline'))]))"
+        "k.analyse('dq', 'fp16', 64, t.heuristic_config('dq', 64, 'float16'))]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
@@ -107,4 +107,5 @@ def test_planted_bad_configs_are_caught_and_the_defaults_are_clean(tmp_path):
     spills, tiny, default = json.loads(done.stdout.strip().splitlines()[-1])
     assert spills["spill_stores"] > 0 and any("register spills" in p for p in spills["problems"]), spills
     assert tiny["wgmma"] == 0 and any("no wgmma" in p for p in tiny["problems"]), tiny
-    assert default["problems"] == [] and default["wgmma"] > 0 and default["regs"] <= 255, default
+    assert default["variant"] == "inline" and default["problems"] == [] and default["wgmma"] > 0, default
+    assert default["regs"] <= 255, default

@@ -347,6 +347,27 @@ def test_output_layout_and_gradient_layout():
     assert q.grad.shape == q.shape and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_an_out_that_is_a_view_receives_the_result_and_gradients_flow(dtype):
+    """``out`` a strided view into a bigger buffer (with grad: autograd cannot rebase a Function's dirty view, the
+    result is copied in): the buffer holds the output, the rest of it is untouched, gradients match the float64
+    reference, and the buffer's own graph reaches q, k, v."""
+    layout = SegmentLayout(2, 9, 2, True, token_counts=torch.tensor([5, 9]))
+    q, k, v = make_qkv(2, 4, 2, 13, 13, 16, dtype)
+    B, Hq, T, D = q.shape
+    base = torch.full((B, T, Hq + 1, D), float("nan"), dtype=dtype)
+    out = base[:, :, 1:]  # (B, T, Hq, D), not contiguous
+    grad_out = torch.randn(B, T, Hq, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = rmt_attention(qg, kg, vg, layout, out=out)
+    assert o is out and o.grad_fn is not None
+    torch.autograd.backward(base[:, :, 1:], grad_out)  # through the buffer's own history
+    want = run_reference(q, k, v, layout, grad_out)
+    assert torch.isnan(base[:, :, 0]).all()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out.detach(), qg.grad, kg.grad, vg.grad), want):
+        assert_close(a, b, tol=TOL[dtype] if name == "out" else grad_tol(dtype), name=name)
+
+
 def test_no_grad_inference_and_default_out():
     layout = SegmentLayout(2, 9, 2, True, token_counts=torch.tensor([3]))
     q, k, v = make_qkv(1, 2, 2, 13, 13, 16, torch.float32)

@@ -96,7 +96,8 @@ _DRY_RUN = textwrap.dedent(
         clones = [line.split("tensors_to_clone = ")[1].split("]")[0] + "]"
                   for line in code.splitlines() if "tensors_to_clone" in line]
         print(clones)
-        assert clones == ["['Out', 'LSE']", "['DELTA']", "['DQ']", "['DK', 'DV']"], clones
+        # forward; dQ storing delta (the default "inline" dQ: no preprocess launch); dK/dV
+        assert clones == ["['Out', 'LSE']", "['DQ', 'DELTA']", "['DK', 'DV']"], clones
         assert not [w for w in warnings if "assuming every input is mutated" in w], warnings
         raise SystemExit(e.code)
     raise SystemExit(4)
@@ -106,9 +107,9 @@ _DRY_RUN = textwrap.dedent(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below compiles for real")
 def test_triton_ops_trace_through_torch_compile_dry_run():
-    """Without a GPU: torch.compile traces rmt_attention into the custom ops and decomposes them into the four
-    kernel launches (forward; backward preprocess, dq, dk/dv), each mutating only its own outputs. Compiling
-    and running the kernels needs a GPU (the test below)."""
+    """Without a GPU: torch.compile traces rmt_attention into the custom ops and decomposes them into the three
+    kernel launches of the default variants (forward; backward dq storing delta, dk/dv), each mutating only its
+    own outputs. Compiling and running the kernels needs a GPU (the test below)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _DRY_RUN], env=env, capture_output=True, text=True, timeout=300)
