@@ -398,20 +398,21 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
         out = plan.new_out() if out is None else out
         out_s = out.stride()
         rest = (*out_s, *plan.fwd_tail)
-    qkv_s = (*q.stride(), *k.stride(), *v.stride())
-    args = (q, k, v, out, lse, starts, counts, *qkv_s, *rest, dropout_p, seed)
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    args = (q, k, v, out, lse, starts, counts, *qs, *ks, *vs, *rest, dropout_p, seed)
     if wrap is not None or not (plan.cached and plan.fwd.jit):
         _run(plan.fwd, plan.fwd_grid, args, wrap, plan, "fwd")
         return out, lse
     sig = (  # see _backward
-        qkv_s,
+        qs,
+        ks,
+        vs,
         out_s,
         dropout_p,
         -2147483648 <= seed <= 2147483647,
-        starts.dtype,
-        counts.dtype,
+        None if counts is q else (starts.dtype, counts.dtype),  # q: no token runs (_runs_arg)
         not (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15
-        and (counts is q or not (starts.data_ptr() | counts.data_ptr()) & 15),  # q: no token runs (_runs_arg)
+        and (counts is q or not (starts.data_ptr() | counts.data_ptr()) & 15),
     )
     group = plan.groups.get("fwd")
     if group is not None and group[0] == sig:
@@ -466,8 +467,7 @@ def _backward(
             out_s,
             dropout_p,
             -2147483648 <= seed <= 2147483647,
-            starts.dtype,
-            counts.dtype,
+            None if counts is q else (starts.dtype, counts.dtype),
             not (q.data_ptr() | k.data_ptr() | v.data_ptr() | do.data_ptr() | out.data_ptr()) & 15
             and (counts is q or not (starts.data_ptr() | counts.data_ptr()) & 15),
         )
@@ -818,7 +818,7 @@ def rmt_attention(
                 raise ValueError(f"out must be {q.dtype} on {q.device}, got {out.dtype} on {out.device}")
             if out.requires_grad:
                 raise ValueError("out must not require grad")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
         if seed is None:
