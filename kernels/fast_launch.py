@@ -242,8 +242,8 @@ def environment(launches) -> object:
     except AttributeError:
         return None
     drv, device, knob_state = states[0][:3]
-    if any(s[0] is not drv or s[1:3] != (device, knob_state) for s in states):
-        return None
+    if any(s[0] is not drv or s[1:3] != (device, knob_state) for s in states) or driver._active is not drv:
+        return None  # (``driver.active`` is a property that sets ``_active``: the check reads the field)
     kernels = {id(s[3]): (s[3], s[4]) for s in states}  # (fn, its debug), each kernel once
     kernels = tuple(kernels.values())
     runtime = knobs.runtime
@@ -254,7 +254,7 @@ def environment(launches) -> object:
 
     def stream():
         try:
-            if driver.active is not drv or _knob_state(knobs) != knob_state:
+            if driver._active is not drv or _knob_state(knobs) != knob_state:
                 return None
             for fn, debug in kernels:
                 if fn.pre_run_hooks or fn.debug != debug:

@@ -6,8 +6,9 @@ side by side (the other from ``git archive REV kernels`` under another package n
 Versions: ``before`` (the commit), ``after_run`` (this checkout with the fast launch off: a second copy of its
 kernels whose ``fast_launch.ENABLED`` is False) and ``after``; SDPA's path (stubbed) beside them. Stubs: ``plain``
 (kernel ``run`` a no-op: our Python only) and ``triton`` (Triton's own ``JITFunction.run``, or the fast launch, up
-to a no-op low-level launch, with a fake driver); ``sdpa`` is SDPA's path with the view stub, ``sdpa_real`` the real
-SDPA op at host-overhead's tiny shape (``TINY``, no stubs: SDPA's own host path with a negligible compute). Calls:
+to a no-op low-level launch, with a fake driver); ``sdpa`` is SDPA's path with the view stub; ``sdpa_real`` the real
+SDPA op at host-overhead's tiny shape (``TINY``, no stubs: SDPA's own host path with a negligible compute) and
+``after_tiny`` this checkout's Triton path at the same shape (host-overhead's same-shape comparison). Calls:
 ``no_grad``, ``grad`` (inputs require grad), ``step`` (forward + ``autograd.grad``), the ``full`` case of host-
 overhead (B = 2, 12 heads, T = 544, D = 64, fp16). Each round times ``--calls`` back-to-back calls of every
 (version, call) in turn; per call the process CPU time, min and median over the rounds. Writes ``ab.json`` and
@@ -98,25 +99,31 @@ def main() -> None:
     ).items():
         paths[("sdpa", call)] = fn
 
+    # host-overhead's same-shape comparison (TINY): this checkout's Triton path and the real SDPA op (in place
+    # around its own calls only), interleaved with the rest
+    tiny = ho._tiny_paths(*ho.cases("cpu", **ho.TINY)["full"])
+    for name, prefix in (("after_tiny", "triton_tiny"), ("sdpa_real", "sdpa_real")):
+        for call, suffix in (("no_grad", ""), ("grad", "_grad"), ("step", "_step")):
+            paths[(name, call)] = tiny[prefix + suffix]
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
     results = {}
     for mode in ("plain", "triton"):
         with contextlib.ExitStack() as stack:
             for mod, cfg in versions.values():
                 stack.enter_context(ho.stubs(mode, module=mod, cfg=cfg))
-            samples = ho.interleaved_cpu_us(paths, args.rounds, args.calls, 3, lambda key: key[1] == "no_grad")
+            samples = ho.interleaved_cpu_us(
+                paths,
+                args.rounds,
+                args.calls,
+                3,
+                lambda key: key[1] == "no_grad",
+                around=lambda key: ho._sdpa_for(key[0], real_sdpa),
+            )
         for (name, call), s in samples.items():
             results[f"{mode} {name} {call}"] = _stats(s)
-    # the real SDPA op at host-overhead's tiny shape (no stubs in place), the same column for both stub modes
-    real = ho._sdpa_real_paths(*ho.cases("cpu", **ho.TINY)["full"])
-    real = {
-        call: real["sdpa_real" + suffix] for call, suffix in (("no_grad", ""), ("grad", "_grad"), ("step", "_step"))
-    }
-    samples = ho.interleaved_cpu_us(real, args.rounds, args.calls, 3, lambda call: call == "no_grad")
-    for call, s in samples.items():
-        for mode in ("plain", "triton"):
-            results[f"{mode} sdpa_real {call}"] = _stats(s)
 
-    cols = ["before", "after_run", "after", "sdpa", "sdpa_real"]
+    cols = ["before", "after_run", "after", "sdpa", "after_tiny", "sdpa_real"]
     lines = [
         f"before = {args.before}; {args.rounds} rounds x {args.calls} calls; CPU us per call, median (min)",
         "",

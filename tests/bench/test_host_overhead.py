@@ -3,6 +3,7 @@ host-overhead benchmark (it runs; its numbers are reported, not asserted)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -103,6 +104,7 @@ def test_host_overhead_benchmark_runs(tmp_path):
     stub = [r for r in data["rows"] if r["mode"].startswith("stub")]
     paths = ["triton", "sdpa", "triton_grad", "sdpa_grad", "triton_step", "sdpa_step", "validate_once_per_segment"]
     paths += ["sdpa_mask_once_per_segment", "sdpa_real", "sdpa_real_grad", "sdpa_real_step"]
+    paths += ["triton_tiny", "triton_tiny_grad", "triton_tiny_step"]
     if ta._OPS is not None:  # the custom ops are registered outside the interpreter only
         paths += ["triton_op_grad", "triton_op_step"]
     modes = ("stub", "stub_triton", "stub_triton_run")
@@ -114,10 +116,11 @@ def test_host_overhead_benchmark_runs(tmp_path):
     assert {s["call"] for s in data["summary"]} == {"no_grad", "grad", "step"}
     stub_summary = [s for s in data["summary"] if s["mode"].startswith("stub")]
     assert all(s["sdpa_real_us"] > 0 and isinstance(s["at_or_below_real_sdpa"], bool) for s in stub_summary)
+    assert all(s["triton_tiny_us"] > 0 for s in stub_summary)
     assert isinstance(summary["grad_at_or_below_sdpa"], bool)
     assert isinstance(summary["grad_at_or_below_real_sdpa"], bool)
     table = (tmp_path / "host_overhead.md").read_text()
-    assert "Triton - SDPA" in table and "| real SDPA us | <= real SDPA |" in table
+    assert "Triton - SDPA" in table and "| Triton us (tiny) | real SDPA us (tiny) | <= real SDPA |" in table
 
 
 def test_sdpa_real_paths_time_the_real_op(monkeypatch):
@@ -139,9 +142,34 @@ def test_sdpa_real_paths_time_the_real_op(monkeypatch):
     assert all(d == host_overhead.TINY["D"] and not view for d, view in seen)
     tiny = host_overhead.cases("cpu", **host_overhead.TINY)
     with host_overhead.stubs(), host_overhead._sdpa_for("sdpa_real", real):
-        out = host_overhead._sdpa_real_paths(*tiny["runs"])["sdpa_real"]()
+        out = host_overhead._tiny_paths(*tiny["runs"])["sdpa_real"]()
     assert F.scaled_dot_product_attention is spy
     torch.testing.assert_close(out, sdpa_rmt_attention(*tiny["runs"]), rtol=0, atol=0)
+
+
+def test_the_same_shape_comparison_runs_the_triton_path_at_the_tiny_shape(monkeypatch):
+    """``triton_tiny*`` call rmt_attention (its kernels stubbed) on the same tiny problem as the real SDPA op, a
+    head dim the Triton path takes; the full-shape ``triton*`` paths on the case itself."""
+    seen = []
+    real = host_overhead.ra.rmt_attention
+
+    def spy(q, k, v, layout, **kw):
+        seen.append((tuple(q.shape), q.requires_grad))
+        return real(q, k, v, layout, **kw)
+
+    monkeypatch.setattr(host_overhead.ra, "rmt_attention", spy)
+    tiny = host_overhead.cases("cpu", **host_overhead.TINY)["counts"]
+    full = host_overhead.cases("cpu")["counts"]
+    assert host_overhead.TINY["D"] >= ta._MIN_HEAD_DIM
+    with host_overhead.stubs():
+        for name, fn in host_overhead._tiny_paths(*tiny).items():
+            if name.startswith("triton_tiny"):
+                with torch.no_grad() if name == "triton_tiny" else contextlib.nullcontext():
+                    fn()
+        host_overhead._paths(*full)["triton_grad"]()
+    assert seen == [(tuple(tiny[0].shape), False), (tuple(tiny[0].shape), True), (tuple(tiny[0].shape), True)] + [
+        (tuple(full[0].shape), True)
+    ]
 
 
 def test_sdpa_per_layer_calls_get_the_segments_mask_built_once(monkeypatch):
@@ -218,6 +246,9 @@ def test_summary_compares_with_both_sdpa_baselines():
             "triton_step": 39.8,
             "sdpa_step": 20.0,
             "sdpa_real_step": 32.6,
+            "triton_tiny": 99.0,  # the same-shape comparison: the tiny Triton path against the real op
+            "triton_tiny_grad": 7.7,
+            "triton_tiny_step": 30.0,
         }.items()
     ]
     rows += [
@@ -231,11 +262,11 @@ def test_summary_compares_with_both_sdpa_baselines():
         (20.0, False),
         (30.0, True),
     ]
-    assert [(s["sdpa_real_us"], s["at_or_below_real_sdpa"]) for s in by.values()] == [
-        (6.0, True),
-        (7.7, True),  # equal counts as at or below
-        (32.6, False),
-        (None, None),  # cuda: its SDPA is the real op, no sdpa_real path
+    assert [(s["sdpa_real_us"], s["triton_tiny_us"], s["at_or_below_real_sdpa"]) for s in by.values()] == [
+        (6.0, 99.0, False),  # the full-shape Triton time (5.0) is not the one compared
+        (7.7, 7.7, True),  # equal counts as at or below
+        (32.6, 30.0, True),  # 39.8 at the full shape
+        (None, None, None),  # cuda: its SDPA is the real op, no sdpa_real path
     ]
     assert by[("stub", "step")]["diff_us"] == 19.8
 
