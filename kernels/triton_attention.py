@@ -296,9 +296,9 @@ def _run(launch: _Launch, grid: tuple, args: tuple, wrap, plan: ShapePlan, kind:
     arguments specialise as at its first launch (:mod:`~rmt_fast.kernels.fast_launch`; returns True), else
     through ``JITFunction.run`` (after which a cached plan builds its fast launch from this launch; returns False).
     A launch that fails to compile for lack of shared memory or registers steps the configuration down (and the
-    caches remember it),
-    unless the configuration was fixed by :func:`override_configs`. ``wrap`` (``torch.library.wrap_triton``,
-    inside the custom ops) makes the launch visible to torch.compile; the compiler then compiles the kernel."""
+    caches remember it), unless the configuration was fixed by :func:`override_configs`. ``wrap``
+    (``torch.library.wrap_triton``, inside the custom ops) makes the launch visible to torch.compile; the compiler
+    then compiles the kernel."""
     if wrap is not None:
         wrap(launch.kernel)[grid](*args, **launch.kwargs)
         return False
@@ -457,8 +457,8 @@ def _backward(
     hook = plan.hook if wrap is None else _empty
     out_s, do_s = out.stride(), do.stride()
     qkv_s = (*q.stride(), *k.stride(), *v.stride())
-    # One check for all the launches (see _call_signature): the plan's group for these needs, when this call's
-    # signature is the one the group was made at, launches unchecked on the stream its environment check gives.
+    # One check for all the launches (the module docstring's groups): the plan's group for these needs, when this
+    # call's signature is the one the group was made at, launches unchecked on the stream its environment gives.
     sig = stream = None
     if wrap is None and plan.cached and dkdv_l[0].jit:
         sig = (
