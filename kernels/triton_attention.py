@@ -171,14 +171,15 @@ def _shape_plan(
     num_read: int,
     num_tokens: int,
     causal: bool,
-    scale: float,
+    scale: float | None,
     dropout: bool,
     cache: bool = True,
 ) -> ShapePlan:
     """The :class:`~rmt_fast.kernels.launch_configs.ShapePlan` of a call: one key and one dict look-up once
     cached. ``cache=False`` (the custom ops, whose shapes may be symbolic) builds a fresh one. The key holds
     every input of the plan: shapes, dtype, device, the layout's integers, the scale, whether dropout is on, and
-    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks)."""
+    the globals the kernel variant reads (torch's TF32 policy for fp32, the two test hooks). ``scale`` None: the
+    default ``D ** -0.5``, computed here on a miss (a call that names no scale reads no head dim)."""
     dtype = q.dtype
     key = (
         q.shape,
@@ -203,6 +204,8 @@ def _shape_plan(
         cache = _cfg.caching()
     B, Hq, Tq, D = key[0]
     Hkv, Tk = key[1][1], key[1][2]
+    if scale is None:
+        scale = D**-0.5
     variant = (D, dtype, key[3], causal, padded, has_starts, dropout, _needs_i64(B, Hq, Tq, Tk))
     fwd = _plan("fwd", *variant)
     dims = (B, Hq, Hkv, Tq, Tk)
@@ -411,7 +414,8 @@ def _forward(q, k, v, starts, counts, plan: ShapePlan, dropout_p: float, seed: i
         dropout_p,
         -2147483648 <= seed <= 2147483647,
         None if counts is q else (starts.dtype, counts.dtype),  # q: no token runs (_runs_arg)
-        not (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15
+        # (an out the plan allocated is fresh: aligned)
+        not (q.data_ptr() | k.data_ptr() | v.data_ptr() | (0 if out_s is None else out.data_ptr())) & 15
         and (counts is q or not (starts.data_ptr() | counts.data_ptr()) & 15),
     )
     group = plan.groups.get("fwd")
@@ -686,6 +690,8 @@ def _register_ops():
 
 
 _OPS = None
+# Bound once (a module attribute look-up less per call); torch.compile folds the function itself, by identity.
+_is_compiling = torch.compiler.is_compiling
 if not _cfg.interpreting() and hasattr(torch.library, "triton_op"):
     _OPS = _register_ops()
 
@@ -818,7 +824,8 @@ def rmt_attention(
                 raise ValueError(f"out must be {q.dtype} on {q.device}, got {out.dtype} on {out.device}")
             if out.requires_grad:
                 raise ValueError("out must not require grad")
-    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    if scale is not None:
+        scale = float(scale)
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
         if seed is None:
@@ -827,7 +834,8 @@ def rmt_attention(
     else:
         seed = 0
     starts, counts, padded, has_starts = _runs_arg(layout, q)
-    if _OPS is not None and torch.compiler.is_compiling():
+    if _OPS is not None and _is_compiling():
+        scale = q.size(-1) ** -0.5 if scale is None else scale
         meta = (padded, has_starts, layout.num_read, layout.num_tokens, layout.causal, scale, dropout_p, seed)
         return _compiled_attention(q, k, v, out, starts, counts, meta)
     plan = _shape_plan(

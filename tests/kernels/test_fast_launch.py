@@ -335,6 +335,21 @@ def _a_hook(metadata) -> None:
     return None
 
 
+@pytest.mark.parametrize("mode", ["", "fpsan"])
+def test_the_fp_sanitizer_flag_counts_under_an_instrumentation_mode_only(rig, monkeypatch, mode):
+    """Triton 3.9's ``fpsan_homomorphic_casts`` reaches the compiled code only through a sanitizing instrumentation
+    mode: with none, a change of it keeps the fast path (the check skips its environment look-up); under one, the
+    call goes to run."""
+    if not hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        pytest.skip("no fp-sanitizer flag in this Triton")
+    monkeypatch.setattr(knobs.compilation, "instrumentation_mode", mode)
+    rec, runs, (q, k, v, layout), plan = _grouped_setup(rig)
+    monkeypatch.setenv("TRITON_FPSAN_HOMOMORPHIC_CASTS", "1")
+    call = lambda: ta.rmt_attention(q.detach(), k.detach(), v.detach(), layout, check=False)  # noqa: E731
+    _, ran = _fast_then_run(rec, runs, call)
+    assert ran == ([] if mode == "" else ["_rmt_attn_fwd_kernel"])
+
+
 def test_a_failing_fast_launch_setup_or_check_never_fails_the_call(rig):
     rec, runs, (q, k, v, layout) = _setup(rig)
 
