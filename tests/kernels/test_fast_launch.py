@@ -602,3 +602,33 @@ def test_a_group_launches_only_calls_of_the_signature_it_was_made_at(rig, change
         _through_run(p)
     again, ran = _fast_then_run(rec, runs, call)
     assert len(ran) == 3 and calls == again, change
+
+
+_TAILS = {"Hq", "G", "Tq", "Tk", "D", "num_read", "num_tokens", "qk_scale"}
+_STRIDES = {n: {f"stride_{n}{d}" for d in "bhmd"} for n in ("dq",)} | {
+    n: {f"stride_{n}{d}" for d in "bhnd"} for n in ("dk", "dv")
+}
+# kind -> (the kernel parameters the fast launch trusts, those whose dtype only it trusts): named here by hand, so
+# that a kernel signature change that moves a position under _trusted's counted ranges fails this test
+_TRUSTED_NAMES = {
+    "fwd": ({"LSE"} | _TAILS, {"Q", "K", "V", "Out"}),
+    "pre": ({"DELTA", "Hq", "Tq", "D"}, {"Out", "DO"}),
+    "dq": ({"DQ", "LSE", "DELTA", "sm_scale"} | _STRIDES["dq"] | _TAILS, {"Q", "K", "V", "DO", "Out"}),
+    "dkdv": (
+        {"DK", "DV", "LSE", "DELTA", "DQ", "Hkv", "sm_scale"} | _STRIDES["dk"] | _STRIDES["dv"] | _TAILS,
+        {"Q", "K", "V", "DO", "Out"},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TRUSTED_NAMES))
+def test_the_trusted_positions_are_the_plans_buffers_strides_and_scalars(rig, kind):
+    """``_trusted`` counts positions; each must name a buffer the plan allocates, its strides or the plan's scalars
+    (trusted), or q, k, v, out, dO (dtype trusted): never a caller's tensor, a stride of one, the token runs,
+    dropout_p or the seed."""
+    _setup(rig)
+    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+    names = [p.name for p in getattr(ta, ta._KERNEL_NAMES[kind]).params]
+    trusted, typed = ta._trusted(kind, plan)
+    assert ({names[i] for i in trusted}, {names[i] for i in typed}) == _TRUSTED_NAMES[kind]
+    assert len(set(trusted)) == len(trusted) and len(set(typed)) == len(typed)
