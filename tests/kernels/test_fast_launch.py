@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 from triton import knobs  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from rmt_fast.bench import host_overhead  # noqa: E402
@@ -313,8 +314,6 @@ def test_option_hook_and_device_changes_fall_back_to_run(rig, monkeypatch, chang
     elif change == "pre-run hook":
         monkeypatch.setattr(ta._rmt_attn_fwd_kernel, "pre_run_hooks", [lambda *a, **k: None])
     elif change == "driver":
-        from triton.runtime.driver import driver
-
         monkeypatch.setattr(driver, "_active", host_overhead.FakeDriver())
     elif change == "device":
         monkeypatch.setattr(host_overhead.FakeDriver, "get_current_device", lambda self: 1)
@@ -496,6 +495,33 @@ def test_build_gives_up_on_each_case_it_cannot_vouch_for(rig, monkeypatch):
             assert fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed) is None
 
 
+def test_build_refuses_a_kernel_it_does_not_know_how_to_describe(rig, monkeypatch):
+    """A compiled kernel whose class makes its own launch metadata, or one compiled from another function."""
+    fn, kernel, grid, args, kwargs, trusted, typed = _first_build(rig, monkeypatch)
+
+    class _OwnMetadata(type(kernel)):
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+    other = object.__new__(_OwnMetadata)
+    other.__dict__.update(kernel.__dict__)
+    assert fast_launch.build(fn, other, grid, args, kwargs, trusted, typed) is None
+    monkeypatch.setattr(kernel, "src", type("Src", (), {"fn": ta._rmt_attn_bwd_dq_kernel})())
+    assert fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed) is None
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_fast_launch_passes_the_grid_as_three_dimensions(rig, monkeypatch, dims):
+    """Triton's launcher takes three grid sizes: a 1-D or 2-D grid is padded with ones, as ``run`` pads it."""
+    rec, runs = rig
+    fn, kernel, grid, args, kwargs, trusted, typed = _first_build(rig, monkeypatch)
+    grid = (5, 7, 3)[:dims]
+    fast = fast_launch.build(fn, kernel, grid, args, kwargs, trusted, typed)
+    rec.take()
+    assert fast(args) is True
+    assert rec.take()[0][:3] == ((5, 7, 3)[:dims] + (1, 1))[:3]
+
+
 def test_a_fast_launch_checks_each_argument_kind(rig, monkeypatch):
     """The built launch refuses (returns False, launches nothing) a call whose one argument differs in a way the
     specialisation sees: a misaligned q, another dtype of token counts, a changed stride, a seed out of i32."""
@@ -632,3 +658,67 @@ def test_the_trusted_positions_are_the_plans_buffers_strides_and_scalars(rig, ki
     trusted, typed = ta._trusted(kind, plan)
     assert ({names[i] for i in trusted}, {names[i] for i in typed}) == _TRUSTED_NAMES[kind]
     assert len(set(trusted)) == len(trusted) and len(set(typed)) == len(typed)
+
+
+class _Driver(host_overhead.FakeDriver):
+    def get_current_stream(self, device):
+        return ("stream", device)
+
+
+def _launch_of(drv, fn, device=0):
+    """A stand-in for a fast launch (fast_launch.build's) as ``environment`` reads it: its ``state``."""
+
+    def launch(args):
+        return True
+
+    launch.state = (drv, device, fast_launch._knob_state(knobs), fn, fn.debug)
+    return launch
+
+
+def _kernel(debug=False):
+    return type("Kernel", (), {"pre_run_hooks": [], "debug": debug})()
+
+
+def test_environment_refuses_launches_built_apart_or_another_active_driver(monkeypatch):
+    """``environment`` gives a group's check only for launches built in one state, under the active driver."""
+    drv = _Driver()
+    monkeypatch.setattr(driver, "_active", drv)
+    a, b = _kernel(), _kernel()
+    assert fast_launch.environment([_launch_of(drv, a), _launch_of(drv, b)])() == ("stream", 0)
+    assert fast_launch.environment([_launch_of(drv, a), _launch_of(drv, b, device=1)]) is None
+    assert fast_launch.environment([_launch_of(drv, a), _launch_of(_Driver(), b)]) is None  # same device and knobs
+    assert fast_launch.environment([_launch_of(drv, a), lambda args: True]) is None  # no state: not a fast launch
+    launches = [_launch_of(drv, a), _launch_of(drv, b)]
+    monkeypatch.setattr(driver, "_active", _Driver())
+    assert fast_launch.environment(launches) is None
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("change", ["debug", "pre-run hook"])
+def test_environment_watches_every_kernel_of_the_group(monkeypatch, which, change):
+    """The check covers each kernel of the group (both, with the same debug and knobs: none stands for another)."""
+    drv = _Driver()
+    monkeypatch.setattr(driver, "_active", drv)
+    kernels = [_kernel(), _kernel()]
+    stream = fast_launch.environment([_launch_of(drv, k) for k in kernels])
+    assert stream() == ("stream", 0)
+    if change == "debug":
+        kernels[which].debug = True
+    else:
+        kernels[which].pre_run_hooks = [_a_hook]
+    assert stream() is None
+
+
+@pytest.mark.parametrize("chain", ["launch_enter_hook", "launch_exit_hook"])
+def test_environment_needs_both_hook_chains_idle_and_sees_a_hook_added_to_either(monkeypatch, chain):
+    if getattr(knobs.runtime, chain) is None:
+        pytest.skip("no hook chain in this Triton")
+    drv = _Driver()
+    monkeypatch.setattr(driver, "_active", drv)
+    launches = [_launch_of(drv, _kernel())]
+    stream = fast_launch.environment(launches)
+    with monkeypatch.context() as m:
+        m.setattr(getattr(knobs.runtime, chain), "calls", [_a_hook])
+        assert fast_launch.environment(launches) is None  # one chain busy at the group's making: no group
+        assert stream() is None  # a hook added after it: the check fails
+    assert stream() == ("stream", 0)
