@@ -72,6 +72,12 @@ TARGETS = {
         None,
         ["tests/kernels/test_fast_launch.py"],
     ),
+    "launchers": (
+        "kernels/triton_attention.py",
+        "rmt_fast.kernels.triton_attention",
+        ["_shape_plan", "_trusted", "_group", "_forward", "_backward", "_RmtAttentionFn", "rmt_attention"],
+        ["tests/kernels/test_fast_launch.py", "tests/kernels/test_kernel_variants.py"],
+    ),
     "layout": (
         "kernels/layout.py",
         "rmt_fast.kernels.layout",

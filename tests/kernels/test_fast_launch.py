@@ -722,3 +722,23 @@ def test_environment_needs_both_hook_chains_idle_and_sees_a_hook_added_to_either
         assert fast_launch.environment(launches) is None  # one chain busy at the group's making: no group
         assert stream() is None  # a hook added after it: the check fails
     assert stream() == ("stream", 0)
+
+
+def test_float32_follows_torchs_tf32_policy_at_every_call(rig):
+    """fp32 dots are exact IEEE unless torch allows TF32: a change of the policy between two calls of one shape
+    gets a plan (and a compile) of the other precision, not the cached one."""
+    rec, runs = rig
+    q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))
+    layout = SegmentLayout(2, 16, 2, True)
+    lc.clear_launch_cache()
+    matmul = torch.backends.cuda.matmul  # its flags are not plain attributes: restored by hand
+    before = matmul.allow_tf32
+    try:
+        for allow in (False, True, False):
+            matmul.allow_tf32 = allow
+            ta.rmt_attention(q, k, v, layout, check=False)
+    finally:
+        matmul.allow_tf32 = before
+    plans = list(lc.cache_snapshot().shape_plans.values())
+    assert [p.fwd.kwargs["DOT_PREC"] for p in plans] == ["ieee", "tf32"]
+    assert runs == ["_rmt_attn_fwd_kernel"] * 2  # each plan's first launch (the third call: the fast launch)
