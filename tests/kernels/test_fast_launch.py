@@ -269,6 +269,8 @@ def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
     # The fast launch rebuilt at 2**31 refuses 7; the group made at 12345 (an i32 seed) still takes it.
     steps = [(7, True), (12345, False), (1, False), (2**31, True), (7, False), (2**31 - 1, False)]
     steps += [(2**31, False), ("forget groups", None), (7, True)]
+    # the i32 range's lower end: a group made at 7 takes -2**31, not -2**31 - 1 (an i64 argument)
+    steps += [(7, False), (-(2**31), False), (-(2**31) - 1, True)]
     for seed, through_run in steps:
         if seed == "forget groups":
             next(iter(lc.cache_snapshot().shape_plans.values())).groups.clear()
@@ -277,6 +279,20 @@ def test_a_changed_specialisation_falls_back_to_run_and_matches(rig):
             rec, runs, lambda seed=seed: ta.rmt_attention(q, k, v, layout, check=False, seed=seed, dropout_p=0.5)
         )
         assert ran == (["_rmt_attn_fwd_kernel"] if through_run else []), seed
+
+
+def test_no_group_is_made_at_a_misaligned_call(rig):
+    """The signature holds one flag for the alignment of all pointers: a group made where q is misaligned would
+    take a call where k is instead, whose launch specialises otherwise. No group is made there."""
+    rec, runs, (q, k, v, layout) = _setup(rig)
+    q_off = _view(q.shape, q.dtype, "bhtd", 1, 0).requires_grad_()
+    for _ in range(3):  # through run, then the fast launches rebuilt at this specialisation
+        _step(q_off, k, v, layout, 7, 0.0)
+    plan = next(iter(lc.cache_snapshot().shape_plans.values()))
+    assert plan.groups == {}
+    k_off = _view(k.shape, k.dtype, "bhtd", 1, 0).requires_grad_()
+    _, ran = _fast_then_run(rec, runs, lambda: _step(q, k_off, v, layout, 7, 0.0))
+    assert "_rmt_attn_fwd_kernel" in ran
 
 
 def test_the_same_specialisation_stays_on_the_fast_path(rig):
@@ -558,6 +574,7 @@ _SIGNATURE_CHANGES = [
     "counts misaligned",
     "dropout_p",
     "seed i64",
+    "seed i64 below",
     "out",
     "out misaligned",
 ]
@@ -605,8 +622,8 @@ def test_a_group_launches_only_calls_of_the_signature_it_was_made_at(rig, change
             torch.autograd.grad(ta.rmt_attention(q, k, v, layout, check=False, dropout_p=p, seed=7), (q, k, v), g)
         rec.take()
         runs.clear()
-    elif change == "seed i64":
-        kw.update(dropout_p=0.5, seed=2**31)
+    elif change.startswith("seed i64"):  # above the i32 range, or below it
+        kw.update(dropout_p=0.5, seed=2**31 if change == "seed i64" else -(2**31) - 1)
         for _ in range(2):
             torch.autograd.grad(ta.rmt_attention(q, k, v, layout, check=False, dropout_p=0.5, seed=7), (q, k, v), g)
         rec.take()
