@@ -648,8 +648,10 @@ def test_a_group_launches_only_calls_of_the_signature_it_was_made_at(rig, change
 
 
 _TAILS = {"Hq", "G", "Tq", "Tk", "D", "num_read", "num_tokens", "qk_scale"}
-_STRIDES = {n: {f"stride_{n}{d}" for d in "bhmd"} for n in ("dq",)} | {
-    n: {f"stride_{n}{d}" for d in "bhnd"} for n in ("dk", "dv")
+_STRIDES = {  # dQ runs over query positions (m), dK / dV over key positions (n)
+    "dq": {f"stride_dq{d}" for d in "bhmd"},
+    "dk": {f"stride_dk{d}" for d in "bhnd"},
+    "dv": {f"stride_dv{d}" for d in "bhnd"},
 }
 # kind -> (the kernel parameters the fast launch trusts, those whose dtype only it trusts): named here by hand, so
 # that a kernel signature change that moves a position under _trusted's counted ranges fails this test
